@@ -1,0 +1,144 @@
+//! Wires the parts together: state hub, providers, route compiler, listeners, shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::http::endpoint::EndpointRegistry;
+use crate::http::proxy::Proxy;
+use crate::http::router::RouteTable;
+use crate::http::server;
+use crate::metrics::Metrics;
+use crate::provider::file::{self, RoutesError};
+use crate::readiness::Readiness;
+use crate::state::StateHub;
+use crate::whoami;
+
+/// The routes of the bundled example: `whoami.localhost` to the built-in whoami backend.
+pub const EXAMPLE_ROUTES: &str = include_str!("../../config/routes.example.toml");
+/// Where the bundled example runs the whoami backend (the example routes point there).
+pub const EXAMPLE_WHOAMI: &str = "127.0.0.1:8001";
+
+/// Where the routes come from (Docker discovery joins these in a later release).
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The routes file from `file.path`, watched.
+    File(PathBuf),
+    /// The bundled example (whoami), for a first run or a machine without providers.
+    Example,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} for {what}: {source} (is another program using it? pick another address with the flag or setting shown in `meshgate --help`)")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("routes file: {0}")]
+    Routes(#[from] RoutesError),
+    #[error("bundled example routes are broken: {0}")]
+    Example(RoutesError),
+}
+
+/// A running agent; dropping it does not stop it, call [`RunningAgent::shutdown`].
+pub struct RunningAgent {
+    pub http_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub hub: Arc<StateHub>,
+    pub metrics: Arc<Metrics>,
+    pub proxy: Arc<Proxy>,
+    shutdown: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    /// Stops accepting, lets in-flight requests finish (up to `proxy.shutdown_grace`), stops
+    /// the rest.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        let _ = self.http.await;
+        for task in self.background {
+            task.abort();
+        }
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// Starts every part. Returns once the listeners are bound and the first routes compiled.
+pub async fn start(cfg: Config, source: Source) -> Result<RunningAgent, StartError> {
+    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, whoami: whoami_cfg, log: _ } = cfg;
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(StateHub::new());
+    let readiness = Arc::new(Readiness::default());
+    let mut background = Vec::new();
+
+    let whoami_listen = match (&source, whoami_cfg.listen) {
+        (_, Some(addr)) => Some(addr),
+        (Source::Example, None) => Some(EXAMPLE_WHOAMI.parse().expect("valid address")),
+        (Source::File(_), None) => None,
+    };
+    if let Some(addr) = whoami_listen {
+        let listener = bind("the whoami demo backend", addr).await?;
+        tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "whoami demo backend listening");
+        background.push(tokio::spawn(whoami::serve(listener, "whoami".into())));
+    }
+
+    let http_listener = bind("HTTP", proxy_cfg.http_listen).await?;
+    let http_addr = http_listener.local_addr().expect("bound socket has an address");
+    let admin_listener = bind("the admin endpoints", admin_cfg.listen).await?;
+    let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
+
+    match source {
+        Source::File(path) => {
+            let watcher = file::load_and_watch(path.clone(), file_cfg.poll_interval, hub.clone(), metrics.clone())?;
+            readiness.set(file::NAME, true, format!("watching {}", path.display()));
+            background.push(watcher);
+        }
+        Source::Example => {
+            let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example")
+                .map_err(StartError::Example)?;
+            hub.publish("example", state);
+            readiness.set("example", true, "bundled example routes (whoami.localhost)");
+        }
+    }
+
+    let proxy = Arc::new(Proxy::new(proxy_cfg.clone(), metrics.clone(), http_addr.port()));
+    let registry = Arc::new(EndpointRegistry::new(metrics.backend_up.clone()));
+    let default_host = proxy_cfg.default_host.clone();
+    let compile = {
+        let (hub, proxy, metrics) = (hub.clone(), proxy.clone(), metrics.clone());
+        move || {
+            let snapshot = hub.load();
+            let table = RouteTable::compile(&snapshot.state, snapshot.generation, default_host.as_deref(), &registry, &metrics);
+            proxy.table.store(Arc::new(table));
+            registry.prune();
+            metrics.state_generation.set(snapshot.generation as i64);
+        }
+    };
+    // Compile once now so the listener never serves an empty table after start returns.
+    let mut changes = hub.subscribe();
+    changes.mark_unchanged();
+    compile();
+    background.push(tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            compile();
+        }
+    }));
+
+    readiness.set("http", true, format!("listening on {http_addr}"));
+    let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness };
+    background.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let http = tokio::spawn(server::serve(http_listener, proxy.clone(), proxy_cfg, shutdown_rx));
+    tracing::info!(http = %http_addr, admin = %admin_addr, "meshgate is serving");
+    Ok(RunningAgent { http_addr, admin_addr, hub, metrics, proxy, shutdown, http, background })
+}

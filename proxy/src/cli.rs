@@ -1,0 +1,160 @@
+//! Command-line flags. Every setting of the config file has a flag and a `MESHGATE_*`
+//! environment variable; a flag beats the variable, which beats the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::IpNet;
+
+use crate::config::{Config, LogFormat};
+
+const ABOUT: &str = "Routing mesh and reverse proxy for Docker and Docker Swarm nodes";
+
+const LONG_ABOUT: &str = "\
+meshgate routes HTTP requests to your services by host name, following the routes you
+describe in a routes file (and, in later releases, the containers and Swarm tasks it
+discovers). Run one agent per node.
+
+With no --config and no --routes it serves the bundled example: whoami.localhost is routed
+to a built-in demo backend, so you can try it at once.";
+
+const EXAMPLES: &str = "\
+Examples:
+  Try it (no Docker needed):
+    meshgate --http-listen 127.0.0.1:8080
+    curl -H 'Host: whoami.localhost' http://127.0.0.1:8080/
+
+  Serve your own routes, reloaded when the file changes:
+    meshgate --routes /etc/meshgate/routes.toml
+
+  Everything from a config file, one setting overridden:
+    MESHGATE_LOG_FORMAT=json meshgate --config /etc/meshgate/meshgate.toml
+
+  Check a config and routes file without starting:
+    meshgate --config meshgate.toml --check
+
+Admin endpoints (default 127.0.0.1:9090): / (status page), /metrics, /healthz, /readyz,
+/api/state. Documentation: README.md, section \"Configuration reference\".";
+
+#[derive(Debug, Parser)]
+#[command(name = "meshgate", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
+pub struct Cli {
+    /// Config file (TOML). Without it, built-in defaults apply.
+    #[arg(short, long, env = "MESHGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Serve the bundled example (whoami.localhost to the built-in whoami backend), even if
+    /// a routes file is configured.
+    #[arg(long)]
+    pub example: bool,
+
+    /// Validate the config (and routes file) and exit: 0 if valid, 1 with the reason if not.
+    #[arg(long)]
+    pub check: bool,
+
+    /// Print the effective configuration (file + environment + flags) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+/// One optional override per config key.
+#[derive(Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// [proxy.http_listen] Address of the plain-HTTP listener [default: 0.0.0.0:80]
+    #[arg(long, env = "MESHGATE_HTTP_LISTEN", value_name = "ADDR", help_heading = "Proxy")]
+    pub http_listen: Option<SocketAddr>,
+    /// [proxy.trusted_networks] Comma-separated networks whose X-Forwarded-* headers are kept
+    #[arg(long, env = "MESHGATE_TRUSTED_NETWORKS", value_name = "CIDR,...", value_delimiter = ',', help_heading = "Proxy")]
+    pub trusted_networks: Option<Vec<IpNet>>,
+    /// [proxy.default_host] Host that answers requests for unknown hosts (else 404)
+    #[arg(long, env = "MESHGATE_DEFAULT_HOST", value_name = "HOST", help_heading = "Proxy")]
+    pub default_host: Option<String>,
+    /// [proxy.connect_timeout] Time to connect to a task [default: 2s]
+    #[arg(long, env = "MESHGATE_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
+    pub connect_timeout: Option<Duration>,
+    /// [proxy.request_head_timeout] Time a client has to send a request head [default: 10s]
+    #[arg(long, env = "MESHGATE_REQUEST_HEAD_TIMEOUT", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
+    pub request_head_timeout: Option<Duration>,
+    /// [proxy.idle_timeout] Idle client connections are closed after this [default: 60s]
+    #[arg(long, env = "MESHGATE_IDLE_TIMEOUT", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
+    pub idle_timeout: Option<Duration>,
+    /// [proxy.upstream_response_timeout] Time a task has to start its response [default: 60s]
+    #[arg(long, env = "MESHGATE_UPSTREAM_RESPONSE_TIMEOUT", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
+    pub upstream_response_timeout: Option<Duration>,
+    /// [proxy.shutdown_grace] Time in-flight requests get on SIGTERM [default: 30s]
+    #[arg(long, env = "MESHGATE_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
+    pub shutdown_grace: Option<Duration>,
+    /// [proxy.max_header_bytes] Largest request head; larger gets 431 [default: 32768]
+    #[arg(long, env = "MESHGATE_MAX_HEADER_BYTES", value_name = "BYTES", help_heading = "Proxy")]
+    pub max_header_bytes: Option<usize>,
+    /// [proxy.max_headers] Most header fields per request; more gets 431 [default: 100]
+    #[arg(long, env = "MESHGATE_MAX_HEADERS", value_name = "N", help_heading = "Proxy")]
+    pub max_headers: Option<usize>,
+    /// [proxy.eject_base] First ejection of a failing task [default: 1s]
+    #[arg(long, env = "MESHGATE_EJECT_BASE", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
+    pub eject_base: Option<Duration>,
+    /// [proxy.eject_max] Longest ejection of a failing task [default: 30s]
+    #[arg(long, env = "MESHGATE_EJECT_MAX", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
+    pub eject_max: Option<Duration>,
+
+    /// [admin.listen] Address of the admin endpoints [default: 127.0.0.1:9090]
+    #[arg(long, env = "MESHGATE_ADMIN_LISTEN", value_name = "ADDR", help_heading = "Admin")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// [file.path] Routes file to serve and watch
+    #[arg(long, env = "MESHGATE_ROUTES", value_name = "FILE", help_heading = "Routes file")]
+    pub routes: Option<PathBuf>,
+    /// [file.poll_interval] How often the routes file is checked [default: 200ms]
+    #[arg(long, env = "MESHGATE_ROUTES_POLL_INTERVAL", value_name = "DURATION", value_parser = duration, help_heading = "Routes file")]
+    pub routes_poll_interval: Option<Duration>,
+
+    /// [whoami.listen] Run the whoami demo backend on this address
+    #[arg(long, env = "MESHGATE_WHOAMI_LISTEN", value_name = "ADDR", help_heading = "Demo")]
+    pub whoami_listen: Option<SocketAddr>,
+
+    /// [log.format] human or json [default: human]
+    #[arg(long, env = "MESHGATE_LOG_FORMAT", value_name = "FORMAT", help_heading = "Logging")]
+    pub log_format: Option<LogFormat>,
+    /// [log.level] Filter such as `info` or `meshgate=debug` [default: info]
+    #[arg(long, env = "MESHGATE_LOG_LEVEL", value_name = "FILTER", help_heading = "Logging")]
+    pub log_level: Option<String>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 500ms, 2s or 1m)"))
+}
+
+impl Overrides {
+    /// Applies every override that was given.
+    pub fn apply(self, c: &mut Config) {
+        fn set<T>(slot: &mut T, value: Option<T>) {
+            if let Some(v) = value {
+                *slot = v;
+            }
+        }
+        let p = &mut c.proxy;
+        set(&mut p.http_listen, self.http_listen);
+        set(&mut p.trusted_networks, self.trusted_networks);
+        set(&mut p.default_host, self.default_host.map(Some));
+        set(&mut p.connect_timeout, self.connect_timeout);
+        set(&mut p.request_head_timeout, self.request_head_timeout);
+        set(&mut p.idle_timeout, self.idle_timeout);
+        set(&mut p.upstream_response_timeout, self.upstream_response_timeout);
+        set(&mut p.shutdown_grace, self.shutdown_grace);
+        set(&mut p.max_header_bytes, self.max_header_bytes);
+        set(&mut p.max_headers, self.max_headers);
+        set(&mut p.eject_base, self.eject_base);
+        set(&mut p.eject_max, self.eject_max);
+        set(&mut c.admin.listen, self.admin_listen);
+        set(&mut c.file.path, self.routes.map(Some));
+        set(&mut c.file.poll_interval, self.routes_poll_interval);
+        set(&mut c.whoami.listen, self.whoami_listen.map(Some));
+        set(&mut c.log.format, self.log_format);
+        set(&mut c.log.level, self.log_level);
+    }
+}

@@ -1,0 +1,248 @@
+//! The agent's configuration: one typed tree read from TOML, then overridden by
+//! `MESHGATE_*` environment variables and command-line flags (see [`crate::cli`]).
+//!
+//! Every section rejects unknown keys, so a typo is an error at start, not a silent default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub file: FileProviderConfig,
+    pub whoami: WhoamiConfig,
+    pub log: LogConfig,
+}
+
+/// The HTTP reverse proxy.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address the plain-HTTP listener binds.
+    pub http_listen: SocketAddr,
+    /// Clients whose `X-Forwarded-*` and `X-Real-IP` headers are kept (e.g. a load balancer
+    /// in front of the nodes). From anyone else those headers are replaced.
+    pub trusted_networks: Vec<IpNet>,
+    /// Requests for a host no route claims are served as if they asked for this host
+    /// (nginx-proxy's `DEFAULT_HOST`). Unset: they get a 404 from the proxy.
+    pub default_host: Option<String>,
+    /// Time to establish a TCP connection to a task before it counts as down.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time a client has to send a complete request head once it started (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub request_head_timeout: Duration,
+    /// A client connection with no request in flight for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time a task has to send the response head once the request is sent.
+    #[serde(with = "humantime_serde")]
+    pub upstream_response_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Largest request head accepted; bigger heads get 431.
+    pub max_header_bytes: usize,
+    /// Most header fields accepted in one request; more get 431.
+    pub max_headers: usize,
+    /// First ejection of a task that refused a connection or timed out; doubles on each
+    /// failure in a row up to `eject_max`.
+    #[serde(with = "humantime_serde")]
+    pub eject_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub eject_max: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
+            trusted_networks: Vec::new(),
+            default_host: None,
+            connect_timeout: Duration::from_secs(2),
+            request_head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            upstream_response_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The admin listener: metrics, health, state.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address for `/metrics`, `/healthz`, `/readyz`, `/api/state` and the status page.
+    /// Keep it private: it shows every route and task.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+    }
+}
+
+/// The file provider: services and routes from a watched TOML file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileProviderConfig {
+    /// The routes file. Unset: the file provider is off.
+    pub path: Option<PathBuf>,
+    /// How often the file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for FileProviderConfig {
+    fn default() -> Self {
+        Self { path: None, poll_interval: Duration::from_millis(200) }
+    }
+}
+
+/// The built-in `whoami` demo backend.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WhoamiConfig {
+    /// Address the demo backend binds. Unset: it does not run.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `meshgate=debug,info`. `RUST_LOG` wins if set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// A configuration problem, worded for the person who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}, line {line}: {message}")]
+    Parse { path: PathBuf, line: usize, message: String },
+    #[error("invalid setting `{key}` = {value}: {expected}")]
+    Invalid { key: &'static str, value: String, expected: &'static str },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: line_of(&text, e.span().map_or(0, |s| s.start)),
+            message: e.message().to_owned(),
+        })
+    }
+
+    /// Parses config text (no validation beyond types and unknown keys).
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.proxy;
+        let positive = [
+            ("proxy.connect_timeout", p.connect_timeout),
+            ("proxy.request_head_timeout", p.request_head_timeout),
+            ("proxy.idle_timeout", p.idle_timeout),
+            ("proxy.upstream_response_timeout", p.upstream_response_timeout),
+            ("proxy.eject_base", p.eject_base),
+            ("file.poll_interval", self.file.poll_interval),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid { key, value: "0s".into(), expected: "a duration above zero, e.g. \"2s\" or \"500ms\"" });
+            }
+        }
+        if p.eject_max < p.eject_base {
+            return Err(ConfigError::Invalid {
+                key: "proxy.eject_max",
+                value: humantime::format_duration(p.eject_max).to_string(),
+                expected: "a duration at least as long as proxy.eject_base",
+            });
+        }
+        if p.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid {
+                key: "proxy.max_header_bytes",
+                value: p.max_header_bytes.to_string(),
+                expected: "at least 8192 bytes",
+            });
+        }
+        if p.max_headers == 0 {
+            return Err(ConfigError::Invalid { key: "proxy.max_headers", value: "0".into(), expected: "at least 1" });
+        }
+        if let Some(host) = &p.default_host {
+            crate::state::HostPattern::parse(host).map_err(|_| ConfigError::Invalid {
+                key: "proxy.default_host",
+                value: host.clone(),
+                expected: "a host name such as `www.example.com`",
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The 1-based line of a byte offset, for error messages.
+#[must_use]
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let err = Config::from_toml("[proxy]\nconect_timeout = \"1s\"\n").unwrap_err();
+        assert!(err.message().contains("conect_timeout"), "{err}");
+        assert_eq!(line_of("[proxy]\nconect_timeout = \"1s\"\n", err.span().unwrap().start), 2);
+    }
+
+    #[test]
+    fn durations_and_defaults() {
+        let c = Config::from_toml("[proxy]\nconnect_timeout = \"250ms\"\n").unwrap();
+        assert_eq!(c.proxy.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let c = Config::from_toml("[proxy]\neject_base = \"10s\"\neject_max = \"1s\"\n").unwrap();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("proxy.eject_max"), "{msg}");
+    }
+}

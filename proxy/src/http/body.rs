@@ -1,0 +1,108 @@
+//! The response body the proxy hands to hyper: a streamed upstream body or a short local one,
+//! plus a guard that ends the request's accounting when hyper drops the body (fully sent or
+//! aborted). Streaming keeps back-pressure end to end: a frame is pulled from the task only
+//! when the client side is ready for it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use prometheus::IntGauge;
+
+use super::endpoint::Endpoint;
+use super::server::ConnActivity;
+
+enum Kind {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+pub struct ProxyBody {
+    kind: Kind,
+    /// Held, never read: dropping it ends the request's accounting.
+    #[allow(dead_code)]
+    guard: Option<RequestGuard>,
+}
+
+impl ProxyBody {
+    #[must_use]
+    pub fn local(text: impl Into<Bytes>) -> Self {
+        Self { kind: Kind::Local(Some(text.into())), guard: None }
+    }
+
+    #[must_use]
+    pub fn upstream(body: Incoming, guard: RequestGuard) -> Self {
+        Self { kind: Kind::Upstream(body), guard: Some(guard) }
+    }
+
+    /// Ties the request's accounting to this body.
+    #[must_use]
+    pub fn with_guard(mut self, guard: RequestGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.kind {
+            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Local(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream(body) => body.size_hint(),
+            Kind::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// Counts a request as in flight (globally, on its client connection and on its endpoint)
+/// from the moment its head arrives until its response body is done.
+pub struct RequestGuard {
+    conn: Arc<ConnActivity>,
+    in_flight: IntGauge,
+    endpoint: Option<Arc<Endpoint>>,
+}
+
+impl RequestGuard {
+    #[must_use]
+    pub fn new(conn: Arc<ConnActivity>, in_flight: &IntGauge) -> Self {
+        conn.request_started();
+        in_flight.inc();
+        Self { conn, in_flight: in_flight.clone(), endpoint: None }
+    }
+
+    /// Moves the request's endpoint accounting to `endpoint` (on the first try or a retry).
+    pub fn set_endpoint(&mut self, endpoint: &Arc<Endpoint>) {
+        endpoint.begin();
+        if let Some(old) = self.endpoint.replace(endpoint.clone()) {
+            old.end();
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if let Some(e) = &self.endpoint {
+            e.end();
+        }
+        self.in_flight.dec();
+        self.conn.request_finished();
+    }
+}

@@ -1,0 +1,7 @@
+//! The HTTP reverse proxy: listener, route table, endpoints and the request path.
+
+pub mod body;
+pub mod endpoint;
+pub mod proxy;
+pub mod router;
+pub mod server;

@@ -1,0 +1,364 @@
+//! The request path: route lookup, header rewriting, endpoint choice with one retry on a
+//! failed connect, upstream exchange with timeouts, upgrades, and error responses.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+
+use super::body::{ProxyBody, RequestGuard};
+use super::endpoint::{ConnectError, Endpoint, Sender};
+use super::router::{Route, RouteTable};
+use super::server::ConnActivity;
+use crate::config::ProxyConfig;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::state::UpstreamProtocol;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What went wrong, and so what the client is told.
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("service has no task to send the request to")]
+    NoTask,
+    #[error("{0}")]
+    Connect(ConnectError),
+    #[error("task sent no response head within {0:?}")]
+    ResponseTimeout(Duration),
+    #[error("upstream exchange failed: {0}")]
+    Upstream(hyper::Error),
+}
+
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NoTask => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect(ConnectError::Timeout(_)) | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// The reverse proxy: a route table swapped in whole by the state consumer, and the
+/// settings the request path needs.
+pub struct Proxy {
+    pub table: ArcSwap<RouteTable>,
+    cfg: ProxyConfig,
+    metrics: Arc<Metrics>,
+    unrouted: RouteMetrics,
+    /// The listener's port, for `X-Forwarded-Port`.
+    port: HeaderValue,
+}
+
+impl Proxy {
+    #[must_use]
+    pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>, listen_port: u16) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            unrouted: metrics.route("none"),
+            cfg,
+            metrics,
+            port: HeaderValue::from(listen_port),
+        }
+    }
+
+    /// Serves one request. Never fails: errors become 4xx/5xx responses.
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr, conn: Arc<ConnActivity>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        if req.version() == Version::HTTP_2 {
+            conn.mark_http2();
+        }
+        let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight);
+        let route = {
+            let table = self.table.load();
+            table.lookup(request_host(&req).unwrap_or(""), req.uri().path()).cloned()
+        };
+        let Some(route) = route else {
+            let host = request_host(&req).unwrap_or("").to_owned();
+            let resp = local(StatusCode::NOT_FOUND, format!("meshgate: no route for host `{host}`\n"));
+            self.unrouted.observe(resp.status(), started.elapsed().as_secs_f64());
+            return resp.map(|b| b.with_guard(guard));
+        };
+
+        let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        prepare_request(&mut req, peer.ip(), &self.port, route.protocol, client_upgrade.is_some(), &self.cfg.trusted_networks);
+
+        let resp = match self.exchange(&route, req, &mut guard).await {
+            Ok((mut resp, endpoint)) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client) = client_upgrade {
+                        tunnel(client, hyper::upgrade::on(&mut resp), route.clone(), endpoint);
+                    }
+                } else {
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                }
+                resp.map(|body| ProxyBody::upstream(body, guard))
+            }
+            Err((error, endpoint)) => {
+                let status = error.status();
+                let task = endpoint.as_ref().map_or("-", |e| &*e.task);
+                let addr = endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default();
+                tracing::warn!(route = %route.name, service = %route.service, task, addr, %status, "{error}");
+                local(status, format!("meshgate: {}\n", status.canonical_reason().unwrap_or("error"))).map(|b| b.with_guard(guard))
+            }
+        };
+        route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
+        resp
+    }
+
+    /// Sends the request to one endpoint; when the connect fails (nothing was sent), ejects
+    /// that endpoint and tries once more on another.
+    async fn exchange(
+        &self,
+        route: &Route,
+        mut req: Request<Incoming>,
+        guard: &mut RequestGuard,
+    ) -> Result<(Response<Incoming>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
+        let mut failed: Option<Arc<Endpoint>> = None;
+        let mut last_error = ProxyError::NoTask;
+        for _ in 0..2 {
+            let Some(endpoint) = route.pick(failed.as_ref()) else { break };
+            guard.set_endpoint(&endpoint);
+            match self.send(&endpoint, req).await {
+                Ok(resp) => {
+                    endpoint.record_success();
+                    return Ok((resp, endpoint));
+                }
+                Err(Failure::NotSent(error, back)) => {
+                    let ejected = endpoint.record_failure(self.cfg.eject_base, self.cfg.eject_max);
+                    tracing::warn!(route = %route.name, service = %route.service, task = %endpoint.task, addr = %endpoint.addr,
+                        ejected_for = ?ejected, "{error}; trying another task");
+                    req = *back;
+                    last_error = ProxyError::Connect(error);
+                    failed = Some(endpoint);
+                }
+                Err(Failure::Sent(error)) => return Err((error, Some(endpoint))),
+            }
+        }
+        Err((last_error, failed))
+    }
+
+    /// One request on one endpoint. A pooled connection that turns out closed before the
+    /// request was written is replaced by a fresh one transparently.
+    async fn send(&self, endpoint: &Arc<Endpoint>, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
+        let timeout = self.cfg.upstream_response_timeout;
+        loop {
+            let sender = match endpoint.checkout(self.cfg.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => return Err(Failure::NotSent(e, Box::new(req))),
+            };
+            let result = match sender {
+                Sender::H1 { mut sender, reused } => {
+                    match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
+                        Err(_) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
+                        Ok(Ok(resp)) => {
+                            endpoint.recycle(sender);
+                            Ok(resp)
+                        }
+                        Ok(Err(mut e)) => match e.take_message() {
+                            Some(back) if reused => {
+                                req = back;
+                                continue;
+                            }
+                            _ => Err(e.into_error()),
+                        },
+                    }
+                }
+                Sender::H2(mut sender) => match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
+                    Err(_) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
+                    Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
+                },
+            };
+            return result.map_err(|e| Failure::Sent(ProxyError::Upstream(e)));
+        }
+    }
+}
+
+enum Failure {
+    /// Nothing reached the task: the request comes back for a retry elsewhere.
+    NotSent(ConnectError, Box<Request<Incoming>>),
+    Sent(ProxyError),
+}
+
+fn local(status: StatusCode, text: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::local(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+/// The host the client asked for: `Host`, or the `:authority` of an HTTP/2 request.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
+}
+
+/// An HTTP/1.1 `Connection: upgrade` request with an `Upgrade` header (WebSocket and co).
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1) and those named in `Connection`.
+/// For an upgrade, `Connection: upgrade` and `Upgrade` stay.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        // gRPC needs it end to end, and it is the one TE value HTTP/2 allows.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Turns the client's request into the one the task gets: hop-by-hop headers out,
+/// forwarding headers in, `Host` kept, URI and version for the upstream protocol.
+fn prepare_request(
+    req: &mut Request<Incoming>,
+    client: IpAddr,
+    port: &HeaderValue,
+    protocol: UpstreamProtocol,
+    upgrade: bool,
+    trusted: &[IpNet],
+) {
+    let host = request_host(req).and_then(|h| HeaderValue::from_str(h).ok());
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+
+    let trusted = trusted.iter().any(|n| n.contains(&client));
+    let client_value = HeaderValue::from_str(&client.to_string()).expect("an IP is a valid header");
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if trusted => HeaderValue::from_str(&format!("{prior}, {client}")).unwrap_or(client_value.clone()),
+        _ => client_value.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    let keep_or = |headers: &mut HeaderMap, name: &HeaderName, value: Option<HeaderValue>| {
+        if !(trusted && headers.contains_key(name)) {
+            match value {
+                Some(v) => headers.insert(name.clone(), v),
+                None => headers.remove(name),
+            };
+        }
+    };
+    keep_or(headers, &X_REAL_IP, Some(client_value));
+    keep_or(headers, &X_FORWARDED_PROTO, Some(HeaderValue::from_static("http")));
+    keep_or(headers, &X_FORWARDED_HOST, host.clone());
+    keep_or(headers, &X_FORWARDED_PORT, Some(port.clone()));
+
+    let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
+    match protocol {
+        UpstreamProtocol::H2c => {
+            // HTTP/2 carries the host as :authority.
+            req.headers_mut().remove(header::HOST);
+            let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_2;
+        }
+        UpstreamProtocol::Http | UpstreamProtocol::Https => {
+            if let Some(h) = host {
+                req.headers_mut().insert(header::HOST, h);
+            }
+            if let Ok(uri) = path.parse() {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
+}
+
+/// Joins the client's and the task's upgraded connections and copies bytes both ways.
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, route: Arc<Route>, endpoint: Arc<Endpoint>) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(route = %route.name, task = %endpoint.task, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(route = %route.name, task = %endpoint.task, error = %e, "upgraded connection ended with an error");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_connection_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+    }
+}

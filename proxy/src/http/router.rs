@@ -1,0 +1,332 @@
+//! The compiled routing table: host and path to a route and its endpoints.
+//!
+//! Built from a [`MeshState`] off the request path and swapped in whole. Lookup order
+//! follows nginx: an exact host, then `*.suffix` wildcards (longest first), then `prefix.*`
+//! wildcards (longest first), then the default host; within a host, the longest path prefix.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::endpoint::{Endpoint, EndpointRegistry};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::state::{Health, HostPattern, MeshState, UpstreamProtocol};
+
+/// One HTTP route with its healthy endpoints.
+pub struct Route {
+    /// `host/path` of the route's first host: the label in logs and metrics.
+    pub name: String,
+    pub service: String,
+    pub path: String,
+    pub protocol: UpstreamProtocol,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    /// Power of two choices on in-flight requests among endpoints that are not ejected
+    /// (all of them if every one is ejected: better a try than a certain 503), never
+    /// `exclude` (the endpoint that just failed).
+    #[must_use]
+    pub fn pick(&self, exclude: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
+        let allowed = |e: &&Arc<Endpoint>| exclude.is_none_or(|x| !Arc::ptr_eq(x, e));
+        let healthy = self.endpoints.iter().filter(allowed).filter(|e| !e.is_ejected()).count();
+        let candidates = || {
+            self.endpoints.iter().filter(allowed).filter(move |e| healthy == 0 || !e.is_ejected())
+        };
+        let n = if healthy > 0 { healthy } else { candidates().count() };
+        match n {
+            0 => None,
+            1 => candidates().next().cloned(),
+            _ => {
+                let i = fastrand::usize(..n);
+                let mut j = fastrand::usize(..n - 1);
+                if j >= i {
+                    j += 1;
+                }
+                let a = candidates().nth(i)?;
+                let b = candidates().nth(j)?;
+                Some(if b.in_flight() < a.in_flight() { b } else { a }.clone())
+            }
+        }
+    }
+}
+
+/// Two services claimed the same host and path; the first by name keeps it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Conflict {
+    pub host: String,
+    pub path: String,
+    pub kept: String,
+    pub ignored: String,
+}
+
+#[derive(Default)]
+struct HostRoutes(Vec<Arc<Route>>);
+
+impl HostRoutes {
+    fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.0.iter().find(|r| path.starts_with(r.path.as_str()))
+    }
+}
+
+#[derive(Default)]
+pub struct RouteTable {
+    exact: HashMap<String, HostRoutes>,
+    /// `.example.com` for `*.example.com`, longest first.
+    suffix: Vec<(String, HostRoutes)>,
+    /// `example.` for `example.*`, longest first.
+    prefix: Vec<(String, HostRoutes)>,
+    default_host: Option<String>,
+    pub conflicts: Vec<Conflict>,
+    pub generation: u64,
+}
+
+impl RouteTable {
+    /// Compiles a state. Services are taken in name order so conflicts resolve the same
+    /// way on every node and every reload.
+    #[must_use]
+    pub fn compile(
+        state: &MeshState,
+        generation: u64,
+        default_host: Option<&str>,
+        registry: &EndpointRegistry,
+        metrics: &Metrics,
+    ) -> Self {
+        let mut by_pattern: HashMap<HostPattern, Vec<Arc<Route>>> = HashMap::new();
+        let mut conflicts = Vec::new();
+        let mut services: Vec<_> = state.services.iter().collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        for svc in services {
+            for http in &svc.http {
+                let endpoints = svc
+                    .tasks
+                    .iter()
+                    .filter(|t| t.health != Health::Unhealthy)
+                    .map(|t| registry.get(t.socket_addr(http.port), http.protocol, &svc.name, &t.id, &t.node))
+                    .collect();
+                let name = format!("{}{}", http.hosts[0], http.path);
+                let route = Arc::new(Route {
+                    metrics: metrics.route(&name),
+                    name,
+                    service: svc.name.clone(),
+                    path: http.path.clone(),
+                    protocol: http.protocol,
+                    endpoints,
+                });
+                for host in &http.hosts {
+                    let routes = by_pattern.entry(host.clone()).or_default();
+                    if let Some(kept) = routes.iter().find(|r| r.path == http.path) {
+                        conflicts.push(Conflict {
+                            host: host.to_string(),
+                            path: http.path.clone(),
+                            kept: kept.service.clone(),
+                            ignored: svc.name.clone(),
+                        });
+                        continue;
+                    }
+                    routes.push(route.clone());
+                }
+            }
+        }
+        for c in &conflicts {
+            tracing::warn!(host = %c.host, path = %c.path, kept = %c.kept, ignored = %c.ignored,
+                "two services claim the same host and path; the first by name keeps it");
+        }
+        let mut table = Self {
+            default_host: default_host.map(str::to_ascii_lowercase),
+            conflicts,
+            generation,
+            ..Self::default()
+        };
+        for (pattern, mut routes) in by_pattern {
+            routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+            let routes = HostRoutes(routes);
+            match pattern {
+                HostPattern::Exact(h) => {
+                    table.exact.insert(h, routes);
+                }
+                HostPattern::Suffix(s) => table.suffix.push((s, routes)),
+                HostPattern::Prefix(p) => table.prefix.push((p, routes)),
+            }
+        }
+        table.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        table.prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        table
+    }
+
+    /// Every (host pattern, route) pair, for `/api/state` and the status page.
+    pub fn routes(&self) -> impl Iterator<Item = (String, &Arc<Route>)> {
+        let exact = self.exact.iter().map(|(h, r)| (h.clone(), r));
+        let suffix = self.suffix.iter().map(|(s, r)| (format!("*{s}"), r));
+        let prefix = self.prefix.iter().map(|(p, r)| (format!("{p}*"), r));
+        exact.chain(suffix).chain(prefix).flat_map(|(host, routes)| routes.0.iter().map(move |r| (host.clone(), r)))
+    }
+
+    /// The route for a request. `host` is the raw `Host` value (any case, maybe a port).
+    #[must_use]
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        let host = normalise_host(host);
+        self.lookup_host(&host, path).or_else(|| {
+            let default = self.default_host.as_deref()?;
+            self.lookup_host(default, path)
+        })
+    }
+
+    fn lookup_host(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        if let Some(route) = self.exact.get(host).and_then(|r| r.find(path)) {
+            return Some(route);
+        }
+        let suffix = self.suffix.iter().filter(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()));
+        let prefix = self.prefix.iter().filter(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()));
+        suffix.chain(prefix).find_map(|(_, r)| r.find(path))
+    }
+}
+
+/// Lower-cases a `Host` value and strips the port and a trailing dot, without allocating
+/// in the common (already lower-case) case.
+#[must_use]
+pub fn normalise_host(raw: &str) -> std::borrow::Cow<'_, str> {
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // IPv6 literal: keep the brackets' content.
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => raw,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{HttpRoute, Service, Task, TlsWish};
+
+    fn svc(name: &str, hosts: &[&str], path: &str, tasks: usize) -> Service {
+        Service {
+            name: name.into(),
+            stack: None,
+            provider: "test".into(),
+            tasks: (0..tasks)
+                .map(|i| Task {
+                    id: format!("{name}.{i}"),
+                    address: [127, 0, 0, 1].into(),
+                    port: Some(10_000 + i as u16),
+                    node: "n".into(),
+                    health: Health::Unknown,
+                })
+                .collect(),
+            http: vec![HttpRoute {
+                hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+                path: path.into(),
+                port: 80,
+                protocol: UpstreamProtocol::Http,
+                tls: TlsWish::None,
+            }],
+            l4: vec![],
+        }
+    }
+
+    fn table(services: Vec<Service>, default: Option<&str>) -> RouteTable {
+        let m = Metrics::new();
+        let reg = EndpointRegistry::new(m.backend_up.clone());
+        RouteTable::compile(&MeshState { services }, 1, default, &reg, &m)
+    }
+
+    fn svc_of<'a>(t: &'a RouteTable, host: &str, path: &str) -> Option<&'a str> {
+        t.lookup(host, path).map(|r| r.service.as_str())
+    }
+
+    #[test]
+    fn exact_before_wildcards_and_longest_suffix_first() {
+        let t = table(
+            vec![
+                svc("exact", &["a.example.com"], "/", 1),
+                svc("wild", &["*.example.com"], "/", 1),
+                svc("deeper", &["*.b.example.com"], "/", 1),
+                svc("pre", &["example.*"], "/", 1),
+            ],
+            None,
+        );
+        assert_eq!(svc_of(&t, "A.Example.Com:8080", "/x"), Some("exact"));
+        assert_eq!(svc_of(&t, "z.example.com", "/"), Some("wild"));
+        assert_eq!(svc_of(&t, "x.b.example.com.", "/"), Some("deeper"));
+        assert_eq!(svc_of(&t, "example.com", "/"), Some("pre"));
+        assert_eq!(svc_of(&t, "example.org", "/"), Some("pre"));
+        assert_eq!(svc_of(&t, "other.net", "/"), None);
+        assert_eq!(svc_of(&t, "[::1]:80", "/"), None);
+    }
+
+    #[test]
+    fn longest_path_prefix_wins_and_falls_through_to_wildcards() {
+        let t = table(
+            vec![
+                svc("api", &["a.test"], "/api", 1),
+                svc("apiv2", &["a.test"], "/api/v2", 1),
+                svc("wild", &["*.test"], "/", 1),
+            ],
+            None,
+        );
+        assert_eq!(svc_of(&t, "a.test", "/api/v2/x"), Some("apiv2"));
+        assert_eq!(svc_of(&t, "a.test", "/api/v1"), Some("api"));
+        assert_eq!(svc_of(&t, "a.test", "/"), Some("wild"));
+    }
+
+    #[test]
+    fn default_host_catches_unknown_hosts() {
+        let t = table(vec![svc("web", &["www.test"], "/", 1)], Some("www.test"));
+        assert_eq!(svc_of(&t, "nobody.test", "/"), Some("web"));
+    }
+
+    #[test]
+    fn conflicts_keep_the_first_service_by_name() {
+        let t = table(vec![svc("zeta", &["c.test"], "/", 1), svc("alpha", &["c.test"], "/", 1)], None);
+        assert_eq!(svc_of(&t, "c.test", "/"), Some("alpha"));
+        assert_eq!(t.conflicts.len(), 1);
+        assert_eq!(t.conflicts[0].ignored, "zeta");
+    }
+
+    #[test]
+    fn p2c_spreads_and_skips_excluded() {
+        let t = table(vec![svc("web", &["w.test"], "/", 3)], None);
+        let route = t.lookup("w.test", "/").unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(route.pick(None).unwrap().addr);
+        }
+        assert_eq!(seen.len(), 3);
+        let first = route.endpoints[0].clone();
+        for _ in 0..50 {
+            assert!(!Arc::ptr_eq(&route.pick(Some(&first)).unwrap(), &first));
+        }
+        // A busy endpoint loses every comparison it takes part in.
+        for _ in 0..10 {
+            first.begin();
+        }
+        let picks = (0..300).filter(|_| Arc::ptr_eq(&route.pick(None).unwrap(), &first)).count();
+        assert_eq!(picks, 0);
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_unless_all_are() {
+        let t = table(vec![svc("web", &["w.test"], "/", 2)], None);
+        let route = t.lookup("w.test", "/").unwrap();
+        let (a, b) = (&route.endpoints[0], &route.endpoints[1]);
+        a.record_failure(std::time::Duration::from_secs(60), std::time::Duration::from_secs(60));
+        for _ in 0..50 {
+            assert!(Arc::ptr_eq(&route.pick(None).unwrap(), b));
+        }
+        b.record_failure(std::time::Duration::from_secs(60), std::time::Duration::from_secs(60));
+        assert!(route.pick(None).is_some(), "all ejected: still try one");
+        a.record_success();
+        assert!(!a.is_ejected());
+    }
+}

@@ -1,0 +1,240 @@
+//! The client-facing listener: accepts connections, speaks HTTP/1.1 and h2c (prior
+//! knowledge) through hyper's auto builder, enforces the request-head and idle timeouts,
+//! and drains on shutdown.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::proxy::Proxy;
+use crate::config::ProxyConfig;
+
+/// What one client connection is doing, for the head and idle timeouts.
+///
+/// hyper's own `header_read_timeout` also closes idle keep-alive connections, so one knob
+/// would serve two purposes; tracking this ourselves keeps them apart (like nginx's
+/// `client_header_timeout` and `keepalive_timeout`) and covers HTTP/2 too.
+pub struct ConnActivity {
+    origin: Instant,
+    /// Requests whose response is not finished.
+    active: AtomicUsize,
+    /// When the connection last became idle (ms on `origin`'s clock, +1).
+    idle_since: AtomicU64,
+    /// When the first byte of a request head arrived on an idle HTTP/1 connection; 0: none.
+    head_since: AtomicU64,
+    /// HTTP/2 connections have no head-by-head timing (pings and settings are not requests).
+    http2: AtomicBool,
+}
+
+impl ConnActivity {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(1),
+            head_since: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn request_started(&self) {
+        self.head_since.store(0, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn request_finished(&self) {
+        if self.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_since.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn mark_http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
+    }
+
+    fn bytes_received(&self) {
+        if self.active.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+            && !self.http2.load(Ordering::Relaxed)
+        {
+            self.head_since.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// What the connection's watcher should do now.
+    fn verdict(&self, head_timeout: Duration, idle_timeout: Duration) -> Verdict {
+        let now = self.now();
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != 0 && now.saturating_sub(head) >= head_timeout.as_millis() as u64 {
+            return Verdict::HeadTimeout;
+        }
+        if head == 0
+            && self.active.load(Ordering::Relaxed) == 0
+            && now.saturating_sub(self.idle_since.load(Ordering::Relaxed)) >= idle_timeout.as_millis() as u64
+        {
+            return Verdict::Idle;
+        }
+        Verdict::Fine
+    }
+}
+
+enum Verdict {
+    Fine,
+    HeadTimeout,
+    Idle,
+}
+
+/// A TCP stream that tells its [`ConnActivity`] when bytes arrive.
+struct TrackedIo {
+    inner: TcpStream,
+    activity: Arc<ConnActivity>,
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_received();
+        }
+        res
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Builds the hyper connection builder once, from the config.
+fn builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .keep_alive(true)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_headers(cfg.max_headers)
+        .header_read_timeout(None);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    b
+}
+
+/// Serves `listener` until `shutdown` turns true, then stops accepting and gives in-flight
+/// requests up to `cfg.shutdown_grace` to finish.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, cfg: ProxyConfig, mut shutdown: watch::Receiver<bool>) {
+    let builder = Arc::new(builder(&cfg));
+    let stop = shutdown.clone();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                connections.spawn(serve_connection(stream, peer, proxy.clone(), builder.clone(), cfg.clone(), stop.clone()));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    let open = connections.len();
+    tracing::info!(open_connections = open, grace = ?cfg.shutdown_grace, "HTTP listener closed; draining");
+    let drained = tokio::time::timeout(cfg.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(cut = connections.len(), "shutdown grace over; closing the remaining connections");
+        connections.shutdown().await;
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    cfg: ProxyConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(ConnActivity::new());
+    let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let proxy = proxy.clone();
+            let activity = activity.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, activity).await) }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let check_every = cfg.request_head_timeout.min(cfg.idle_timeout) / 2;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = tokio::time::sleep(check_every) => match activity.verdict(cfg.request_head_timeout, cfg.idle_timeout) {
+                Verdict::Fine => {}
+                Verdict::HeadTimeout => {
+                    tracing::debug!(%peer, "request head not received in time; closing");
+                    return;
+                }
+                Verdict::Idle if draining => return,
+                Verdict::Idle => {
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+            },
+            () = stopped(&mut shutdown), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,16 @@
+//! meshgate: a routing mesh and reverse proxy agent for Docker and Docker Swarm nodes.
+//!
+//! Data flows one way: providers publish [`state::MeshState`] snapshots into the
+//! [`state::StateHub`]; consumers (the HTTP route table today) compile their own view from
+//! the newest snapshot and swap it in atomically. See `ARCHITECTURE.md` in the shared docs.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod provider;
+pub mod readiness;
+pub mod state;
+pub mod whoami;

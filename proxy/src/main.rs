@@ -1,0 +1,102 @@
+//! The `meshgate` binary: parse flags and config, start logging, run the agent until a
+//! signal, drain. All logic lives in the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use meshgate::agent::{self, Source};
+use meshgate::cli::Cli;
+use meshgate::config::{Config, LogFormat};
+use meshgate::provider::file;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: Cli) -> anyhow::Result<(Config, bool, bool, bool)> {
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    cli.overrides.apply(&mut config);
+    config.validate()?;
+    Ok((config, cli.example, cli.check, cli.print_config))
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Which routes to serve, and why, in one line for the log.
+fn choose_source(config: &Config, example: bool) -> (Source, String) {
+    match (&config.file.path, example) {
+        (Some(path), false) => (Source::File(path.clone()), format!("serving routes from {}", path.display())),
+        (_, true) => (Source::Example, "serving the bundled example (asked for with --example)".into()),
+        (None, false) => {
+            let docker = std::path::Path::new("/var/run/docker.sock").exists();
+            let why = if docker {
+                "no routes file given, and Docker discovery is not in this release yet"
+            } else {
+                "no routes file given and no Docker socket at /var/run/docker.sock"
+            };
+            (
+                Source::Example,
+                format!("{why}: serving the bundled example, whoami.localhost -> built-in whoami on {}", agent::EXAMPLE_WHOAMI),
+            )
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let (config, example, check, print_config) = load_config(cli)?;
+    if print_config {
+        print!("{}", toml::to_string_pretty(&config).context("cannot print the config")?);
+        return Ok(());
+    }
+    if check {
+        if let Some(path) = &config.file.path {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read routes file {}", path.display()))?;
+            let state = file::parse(path, &text, file::NAME)?;
+            println!("config ok; routes file ok: {} services", state.services.len());
+        } else {
+            println!("config ok");
+        }
+        return Ok(());
+    }
+    init_logging(&config);
+    let (source, why) = choose_source(&config, example);
+    tracing::info!("{why}");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let agent = agent::start(config, source).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, finishing requests in flight");
+        agent.shutdown().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

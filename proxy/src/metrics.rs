@@ -1,0 +1,116 @@
+//! Prometheus metrics, named `meshgate_<area>_<what>_<unit>`.
+//!
+//! Per-route handles are resolved once when the route table is compiled (see
+//! [`RouteMetrics`]), so the request path only touches atomics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub http_in_flight: IntGauge,
+    pub backend_up: IntGaugeVec,
+    pub state_generation: IntGauge,
+    pub provider_reloads: IntCounterVec,
+    pub provider_reload_rejected: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new("meshgate_http_requests_total", "HTTP requests answered, by route and status class (2xx, 4xx, ...)."),
+            &["route", "class"],
+        )
+        .expect("valid metric");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("meshgate_http_request_duration_seconds", "Time from request head received to response head sent, by route.")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["route"],
+        )
+        .expect("valid metric");
+        let http_in_flight = IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.").expect("valid metric");
+        let backend_up = IntGaugeVec::new(
+            Opts::new("meshgate_backend_up", "1 while a task takes traffic, 0 while it is ejected after connect failures."),
+            &["service", "task", "address"],
+        )
+        .expect("valid metric");
+        let state_generation = IntGauge::new("meshgate_state_generation", "Generation of the routing state in force.").expect("valid metric");
+        let provider_reloads = IntCounterVec::new(
+            Opts::new("meshgate_provider_reloads_total", "States accepted from a provider."),
+            &["provider"],
+        )
+        .expect("valid metric");
+        let provider_reload_rejected = IntCounterVec::new(
+            Opts::new("meshgate_provider_reload_rejected_total", "Provider updates rejected as invalid (the previous state stays)."),
+            &["provider"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_duration.clone()),
+            Box::new(http_in_flight.clone()),
+            Box::new(backend_up.clone()),
+            Box::new(state_generation.clone()),
+            Box::new(provider_reloads.clone()),
+            Box::new(provider_reload_rejected.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            http_in_flight,
+            backend_up,
+            state_generation,
+            provider_reloads,
+            provider_reload_rejected,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    #[must_use]
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        out
+    }
+
+    /// Resolves the label handles of one route.
+    #[must_use]
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let class = |c: &str| self.http_requests.with_label_values(&[route, c]);
+        RouteMetrics {
+            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            duration: self.http_duration.with_label_values(&[route]),
+        }
+    }
+}
+
+/// A route's counters, resolved once per compile.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, status: http::StatusCode, seconds: f64) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}

@@ -1,0 +1,3 @@
+//! Providers: sources of [`crate::state::MeshState`]. Each one only publishes to the hub.
+
+pub mod file;

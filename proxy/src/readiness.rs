@@ -1,0 +1,32 @@
+//! Named readiness components behind `/readyz` (providers, listeners, later the BPF mesh).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub detail: String,
+}
+
+#[derive(Default)]
+pub struct Readiness {
+    components: Mutex<BTreeMap<String, Status>>,
+}
+
+impl Readiness {
+    pub fn set(&self, component: &str, ready: bool, detail: impl Into<String>) {
+        self.components
+            .lock()
+            .expect("readiness lock")
+            .insert(component.to_owned(), Status { ready, detail: detail.into() });
+    }
+
+    /// All components, and whether every one is ready.
+    pub fn report(&self) -> (bool, BTreeMap<String, Status>) {
+        let map = self.components.lock().expect("readiness lock").clone();
+        (map.values().all(|s| s.ready), map)
+    }
+}

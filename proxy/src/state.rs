@@ -1,0 +1,271 @@
+//! The routing model: what every provider produces and every consumer compiles from.
+//!
+//! A [`MeshState`] is plain, immutable data. Providers hand complete states to the
+//! [`StateHub`]; the hub merges the newest state of every provider into one [`Snapshot`],
+//! swaps it in atomically and bumps a generation on a `watch` channel. Consumers (the HTTP
+//! router, later the BPF map sync and the DNS zone) wait on that channel and derive their own
+//! compiled view from [`StateHub::load`]. Nothing ever reaches back into a provider.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// Everything one provider (or the merge of all of them) knows about the node's services.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MeshState {
+    pub services: Vec<Service>,
+}
+
+/// A service: a name, the tasks that serve it and the ways it is exposed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    /// The Swarm stack (or Compose project) the service belongs to, if any.
+    pub stack: Option<String>,
+    /// Which provider described it (`file`, `docker`, `example`).
+    pub provider: String,
+    pub tasks: Vec<Task>,
+    pub http: Vec<HttpRoute>,
+    pub l4: Vec<PublishedPort>,
+}
+
+/// One running instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Task {
+    pub id: String,
+    pub address: IpAddr,
+    /// Overrides the route's target port for this task (the file provider allows it so
+    /// several tasks can share one address, e.g. on loopback).
+    pub port: Option<u16>,
+    pub node: String,
+    pub health: Health,
+}
+
+impl Task {
+    /// Where a route with target port `port` reaches this task.
+    #[must_use]
+    pub fn socket_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.address, self.port.unwrap_or(port))
+    }
+}
+
+/// Health as the provider sees it. Only `Unhealthy` tasks are kept out of routing;
+/// a task without a health check is `Unknown` and is routed (as Docker does).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    #[default]
+    Unknown,
+}
+
+/// How the proxy exposes a service over HTTP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HttpRoute {
+    pub hosts: Vec<HostPattern>,
+    /// Path prefix, always starting with `/`; the longest matching prefix wins.
+    pub path: String,
+    /// The port on each task that the proxy connects to.
+    pub port: u16,
+    pub protocol: UpstreamProtocol,
+    pub tls: TlsWish,
+}
+
+/// A host name a route answers to, already lower-cased and validated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostPattern {
+    /// `app.example.com`
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`: any name ending with it.
+    Suffix(String),
+    /// `example.*`, stored as `example.`: any name starting with it.
+    Prefix(String),
+}
+
+impl HostPattern {
+    /// Parses a host pattern as users write it (`app.example.com`, `*.example.com`, `example.*`).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let host = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+        if host.is_empty() {
+            return Err("empty host name".into());
+        }
+        let (pattern, name) = if let Some(rest) = host.strip_prefix("*.") {
+            (Self::Suffix(format!(".{rest}")), rest)
+        } else if let Some(rest) = host.strip_suffix(".*") {
+            (Self::Prefix(format!("{rest}.")), rest)
+        } else {
+            (Self::Exact(host.clone()), host.as_str())
+        };
+        let valid_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.len() > 253 || !name.split('.').all(valid_label) {
+            return Err(format!(
+                "`{raw}` is not a valid host name (letters, digits, `-` and `.`; a wildcard only as `*.domain` or `name.*`)"
+            ));
+        }
+        Ok(pattern)
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(h) => f.write_str(h),
+            Self::Suffix(s) => write!(f, "*{s}"),
+            Self::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+impl Serialize for HostPattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// How the proxy talks to a task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http,
+    /// HTTP/1.1 over TLS (not yet supported by the proxy: answered with 502).
+    Https,
+    /// HTTP/2 without TLS (prior knowledge).
+    H2c,
+}
+
+/// Whether the route wants a certificate (consumed by the ACME work).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum TlsWish {
+    #[default]
+    None,
+    Acme {
+        email: Option<String>,
+    },
+}
+
+/// An L4 port published on every node (consumed by the eBPF mesh).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PublishedPort {
+    pub protocol: L4Protocol,
+    pub published: u16,
+    pub target: u16,
+    /// Only tasks on the receiving node serve it, so the client address is always kept.
+    pub local_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L4Protocol {
+    Tcp,
+    Udp,
+}
+
+/// The merged state at one point in time.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Bumped on every publish; 0 means nothing was published yet.
+    pub generation: u64,
+    pub state: MeshState,
+}
+
+/// Holds the newest state of each provider and publishes their merge.
+///
+/// `publish` is the only writer; it holds a lock while merging so two providers can never
+/// interleave a load-modify-store. Readers never take that lock.
+pub struct StateHub {
+    current: ArcSwap<Snapshot>,
+    per_provider: Mutex<BTreeMap<String, MeshState>>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for StateHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StateHub {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            per_provider: Mutex::new(BTreeMap::new()),
+            generation: watch::channel(0).0,
+        }
+    }
+
+    /// Replaces `provider`'s state and publishes the merge of all providers.
+    /// Returns the new generation.
+    pub fn publish(&self, provider: &str, state: MeshState) -> u64 {
+        let mut slots = self.per_provider.lock().expect("state hub lock poisoned");
+        slots.insert(provider.to_owned(), state);
+        let merged = MeshState {
+            services: slots.values().flat_map(|s| s.services.iter().cloned()).collect(),
+        };
+        let generation = self.current.load().generation + 1;
+        self.current.store(Arc::new(Snapshot { generation, state: merged }));
+        self.generation.send_replace(generation);
+        generation
+    }
+
+    /// The newest snapshot.
+    #[must_use]
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// A receiver that wakes on every new generation.
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns_parse_and_normalise() {
+        assert_eq!(HostPattern::parse("App.Example.COM."), Ok(HostPattern::Exact("app.example.com".into())));
+        assert_eq!(HostPattern::parse("*.example.com"), Ok(HostPattern::Suffix(".example.com".into())));
+        assert_eq!(HostPattern::parse("example.*"), Ok(HostPattern::Prefix("example.".into())));
+        for bad in ["", "a..b", "*", "a.*.b", "exa mple.com", "*.", "-/x"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn publish_merges_providers_and_bumps_generation() {
+        let hub = StateHub::new();
+        let mut rx = hub.subscribe();
+        let svc = |name: &str| Service {
+            name: name.into(),
+            stack: None,
+            provider: "t".into(),
+            tasks: vec![],
+            http: vec![],
+            l4: vec![],
+        };
+        assert_eq!(hub.publish("a", MeshState { services: vec![svc("one")] }), 1);
+        assert_eq!(hub.publish("b", MeshState { services: vec![svc("two")] }), 2);
+        assert_eq!(hub.publish("a", MeshState { services: vec![svc("three")] }), 3);
+        let names: Vec<_> = hub.load().state.services.iter().map(|s| s.name.clone()).collect();
+        assert_eq!(names, ["three", "two"]);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 3);
+    }
+}
