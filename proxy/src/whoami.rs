@@ -19,21 +19,28 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// Serves `listener` forever (until the task is dropped).
+/// Serves `listener` until the returned future is dropped; dropping it also closes every
+/// open connection (so a test can kill a "task" for real).
 pub async fn serve(listener: TcpListener, name: String) {
     let name: Arc<str> = name.into();
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
-        let _ = stream.set_nodelay(true);
-        let name = name.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| answer(req, peer, name.clone()));
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let name = name.clone();
+                let builder = builder.clone();
+                connections.spawn(async move {
+                    let svc = service_fn(move |req| answer(req, peer, name.clone()));
+                    let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
     }
 }
 
@@ -41,7 +48,8 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn answer(req: Request<Incoming>, peer: SocketAddr, name: Arc<str>) -> Result<Response<Body>, Infallible> {
+/// Answers one request (public so tests can wrap it with their own accounting).
+pub async fn answer(req: Request<Incoming>, peer: SocketAddr, name: Arc<str>) -> Result<Response<Body>, Infallible> {
     if let Some(wait) = query_param(&req, "wait").and_then(|w| humantime::parse_duration(w).ok()) {
         tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
     }

@@ -1,1 +1,11 @@
+//! meshgate's integration tests: real sockets, real backends, real clients (hyper and curl),
+//! the real binary where signals and files matter. One binary, one module per area.
 
+mod harness;
+
+mod admin;
+mod lifecycle;
+mod limits;
+mod resilience;
+mod routing;
+mod streaming;

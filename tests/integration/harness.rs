@@ -1,0 +1,294 @@
+//! A small fluent harness: backends that can be killed for real, an in-process agent on
+//! ephemeral ports, the agent binary as a child process, and HTTP clients.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate::agent::{self, RunningAgent, Source};
+use meshgate::config::Config;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Polls `check` until it returns true or `deadline` passes (then panics with `what`).
+pub async fn eventually(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A whoami backend on an ephemeral loopback port that counts requests and can be killed.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    started: Arc<AtomicUsize>,
+    finished: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (name, started, finished) = (Arc::<str>::from(name), started.clone(), finished.clone());
+            tokio::spawn(async move {
+                let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
+                // Dropping the JoinSet (when this task is aborted) closes every connection.
+                let mut conns = tokio::task::JoinSet::new();
+                loop {
+                    let (stream, peer) = listener.accept().await.unwrap();
+                    let (name, started, finished, builder) = (name.clone(), started.clone(), finished.clone(), builder.clone());
+                    conns.spawn(async move {
+                        let svc = service_fn(move |req| {
+                            let (name, started, finished) = (name.clone(), started.clone(), finished.clone());
+                            async move {
+                                started.fetch_add(1, Ordering::SeqCst);
+                                let resp = meshgate::whoami::answer(req, peer, name).await;
+                                finished.fetch_add(1, Ordering::SeqCst);
+                                resp
+                            }
+                        });
+                        let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+                    });
+                    while conns.try_join_next().is_some() {}
+                }
+            })
+        };
+        Self { addr, name: name.into(), started, finished, task }
+    }
+
+    /// Requests received and not yet answered.
+    pub fn held(&self) -> usize {
+        self.started.load(Ordering::SeqCst) - self.finished.load(Ordering::SeqCst)
+    }
+
+    pub fn served(&self) -> usize {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    /// Kills the backend: the listener and every connection close. Returns how many
+    /// requests it was holding at that moment.
+    pub async fn kill(self) -> usize {
+        self.task.abort();
+        let Self { task, started, finished, .. } = self;
+        let _ = task.await;
+        started.load(Ordering::SeqCst) - finished.load(Ordering::SeqCst)
+    }
+}
+
+/// TOML for one service in the routes file.
+pub fn service(name: &str, hosts: &[&str], path: &str, tasks: &[&Backend]) -> String {
+    service_with(name, hosts, path, "http", &tasks.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>())
+}
+
+pub fn service_with(name: &str, hosts: &[&str], path: &str, protocol: &str, addrs: &[String]) -> String {
+    let tasks: Vec<String> = addrs.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "[[services]]\nname = \"{name}\"\ntasks = [{}]\n[[services.http]]\nhosts = [{}]\npath = \"{path}\"\nport = 1\nprotocol = \"{protocol}\"\n\n",
+        tasks.join(", "),
+        hosts.join(", ")
+    )
+}
+
+/// An agent running in this process on ephemeral ports, fed by a routes file.
+pub struct Mesh {
+    pub agent: RunningAgent,
+    pub routes: PathBuf,
+    _dir: tempfile::TempDir,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A test config: ephemeral ports, fast polling, short timeouts.
+pub fn test_config() -> Config {
+    let mut cfg = Config::default();
+    cfg.proxy.http_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.file.poll_interval = Duration::from_millis(50);
+    cfg.proxy.shutdown_grace = Duration::from_secs(5);
+    cfg
+}
+
+impl Mesh {
+    pub async fn start(routes: &str) -> Self {
+        Self::start_with(routes, |_| {}).await
+    }
+
+    pub async fn start_with(routes: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, routes).unwrap();
+        let mut cfg = test_config();
+        cfg.file.path = Some(path.clone());
+        tweak(&mut cfg);
+        cfg.validate().unwrap();
+        let agent = agent::start(cfg, Source::File(path.clone())).await.expect("agent starts");
+        Self { agent, routes: path, _dir: dir, client: Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.agent.http_addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.agent.admin_addr)
+    }
+
+    /// Replaces the routes file the way editors and config tools do (write, then rename).
+    pub fn write_routes(&self, text: &str) {
+        let tmp = self.routes.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.routes).unwrap();
+    }
+
+    /// GET with a `Host` header over a pooled HTTP/1.1 client.
+    pub async fn get(&self, host: &str, path: &str) -> (StatusCode, String) {
+        let req = Request::get(self.url(path)).header("host", host).body(Full::default()).unwrap();
+        send(&self.client, req).await
+    }
+
+    pub fn client(&self) -> &Client<HttpConnector, Full<Bytes>> {
+        &self.client
+    }
+}
+
+/// Sends a request and reads the whole answer; a transport error is a 599 with the error.
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> (StatusCode, String) {
+    match client.request(req).await {
+        Ok(resp) => {
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        Err(e) => (StatusCode::from_u16(599).unwrap(), format!("client error: {e:?}")),
+    }
+}
+
+/// The `Name:` line of a whoami answer.
+pub fn name_of(body: &str) -> &str {
+    body.lines().find_map(|l| l.strip_prefix("Name: ")).unwrap_or("")
+}
+
+/// A header line (lower-case name) of a whoami answer.
+pub fn header_of<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+}
+
+/// The agent binary as a child process with JSON logs on stderr.
+pub struct Binary {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Binary {
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+            .args(["--log-format", "json"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("meshgate binary runs");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, log: Vec::new() }
+    }
+
+    /// Waits for a log line containing `needle`; returns it parsed as JSON.
+    pub fn wait_for_log(&mut self, needle: &str, deadline: Duration) -> serde_json::Value {
+        let start = Instant::now();
+        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            return serde_json::from_str(line).unwrap_or_default();
+        }
+        loop {
+            let left = deadline.checked_sub(start.elapsed()).unwrap_or_else(|| {
+                panic!("no log line with {needle:?} within {deadline:?}; log so far:\n{}", self.log.join("\n"))
+            });
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return serde_json::from_str(&line).unwrap_or_default();
+                    }
+                }
+                Err(_) => panic!("no log line with {needle:?} within {deadline:?}; log so far:\n{}", self.log.join("\n")),
+            }
+        }
+    }
+
+    /// The HTTP and admin addresses, from the "meshgate is serving" line.
+    pub fn addresses(&mut self) -> (SocketAddr, SocketAddr) {
+        let line = self.wait_for_log("meshgate is serving", Duration::from_secs(10));
+        (line["http"].as_str().unwrap().parse().unwrap(), line["admin"].as_str().unwrap().parse().unwrap())
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY-free: `kill` via the command line keeps this crate free of unsafe code.
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (panics after `deadline`).
+    pub fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.try_recv() {
+                    self.log.push(line);
+                }
+                return status;
+            }
+            assert!(start.elapsed() < deadline, "meshgate did not exit within {deadline:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl with `args`; returns (exit ok, stdout).
+/// (Async: the agent under test runs on the same runtime.)
+pub async fn curl(args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new("curl").args(["-sS", "--max-time", "20"]).args(args).output().await.expect("curl is installed (the README's test command installs it)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
