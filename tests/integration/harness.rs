@@ -40,6 +40,11 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Self {
+        Self::start_with_delay(name, Duration::ZERO).await
+    }
+
+    /// A backend that holds every request for `delay` before answering.
+    pub async fn start_with_delay(name: &str, delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let started = Arc::new(AtomicUsize::new(0));
@@ -58,6 +63,7 @@ impl Backend {
                             let (name, started, finished) = (name.clone(), started.clone(), finished.clone());
                             async move {
                                 started.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(delay).await;
                                 let resp = meshgate::whoami::answer(req, peer, name).await;
                                 finished.fetch_add(1, Ordering::SeqCst);
                                 resp
