@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -32,7 +31,6 @@ pub async fn eventually(what: &str, deadline: Duration, mut check: impl AsyncFnM
 /// A whoami backend on an ephemeral loopback port that counts requests and can be killed.
 pub struct Backend {
     pub addr: SocketAddr,
-    pub name: String,
     started: Arc<AtomicUsize>,
     finished: Arc<AtomicUsize>,
     task: JoinHandle<()>,
@@ -75,7 +73,7 @@ impl Backend {
                 }
             })
         };
-        Self { addr, name: name.into(), started, finished, task }
+        Self { addr, started, finished, task }
     }
 
     /// Requests received and not yet answered.
@@ -115,7 +113,6 @@ pub fn service_with(name: &str, hosts: &[&str], path: &str, protocol: &str, addr
 /// An agent running in this process on ephemeral ports, fed by a routes file.
 pub struct Mesh {
     pub agent: RunningAgent,
-    pub routes: PathBuf,
     _dir: tempfile::TempDir,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -143,8 +140,8 @@ impl Mesh {
         cfg.file.path = Some(path.clone());
         tweak(&mut cfg);
         cfg.validate().unwrap();
-        let agent = agent::start(cfg, Source::File(path.clone())).await.expect("agent starts");
-        Self { agent, routes: path, _dir: dir, client: Client::builder(TokioExecutor::new()).build_http() }
+        let agent = agent::start(cfg, Source::File(path)).await.expect("agent starts");
+        Self { agent, _dir: dir, client: Client::builder(TokioExecutor::new()).build_http() }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -153,13 +150,6 @@ impl Mesh {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.agent.admin_addr)
-    }
-
-    /// Replaces the routes file the way editors and config tools do (write, then rename).
-    pub fn write_routes(&self, text: &str) {
-        let tmp = self.routes.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.routes).unwrap();
     }
 
     /// GET with a `Host` header over a pooled HTTP/1.1 client.
@@ -178,7 +168,7 @@ pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full
     match client.request(req).await {
         Ok(resp) => {
             let status = resp.status();
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = resp.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
             (status, String::from_utf8_lossy(&body).into_owned())
         }
         Err(e) => (StatusCode::from_u16(599).unwrap(), format!("client error: {e:?}")),

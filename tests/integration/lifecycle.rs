@@ -1,1 +1,157 @@
-//! lifecycle
+//! The binary as users run it: the bundled example, routes file edits, signals, bad input.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::harness::{curl, eventually, name_of, send, service, Backend, Binary};
+
+fn spawn_with_routes(routes: &std::path::Path) -> Binary {
+    Binary::spawn(&[
+        "--routes",
+        routes.to_str().unwrap(),
+        "--routes-poll-interval",
+        "50ms",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+}
+
+#[tokio::test]
+async fn the_bundled_example_serves_whoami_with_no_config_at_all() {
+    let mut agent = Binary::spawn(&["--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    let line = agent.wait_for_log("serving the bundled example", Duration::from_secs(10));
+    assert!(line["message"].as_str().unwrap().contains("whoami.localhost"), "{line}");
+    let (http, admin) = agent.addresses();
+    let (ok, out) = curl(&["-H", "Host: whoami.localhost", &format!("http://{http}/")]).await;
+    assert!(ok && name_of(&out) == "whoami", "{out}");
+    let (ok, out) = curl(&[&format!("http://{admin}/readyz")]).await;
+    assert!(ok && out.contains("\"ready\": true"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_file_edits_apply_live_and_broken_edits_keep_the_old_routes() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, service("web", &["web.test"], "/", &[&a])).unwrap();
+    let mut agent = spawn_with_routes(&routes);
+    let (http, admin) = agent.addresses();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let get = move |client: Client<_, Full<bytes::Bytes>>, host: &'static str| async move {
+        let req = Request::get(format!("http://{http}/")).header("host", host).body(Full::default()).unwrap();
+        send(&client, req).await
+    };
+
+    // Load on web.test during every edit.
+    let (stop, failed, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (client, stop, failed, ok) = (client.clone(), stop.clone(), failed.clone(), ok.clone());
+        load.spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let (status, _) = get(client.clone(), "web.test").await;
+                if status == StatusCode::OK { ok.fetch_add(1, Ordering::SeqCst) } else { failed.fetch_add(1, Ordering::SeqCst) };
+            }
+        });
+    }
+
+    // A valid edit: web.test moves to `b`, new.test appears. Applied well within a second.
+    let edited = [service("web", &["web.test"], "/", &[&b]), service("new", &["new.test"], "/", &[&a])].concat();
+    let tmp = routes.with_extension("tmp");
+    std::fs::write(&tmp, &edited).unwrap();
+    std::fs::rename(&tmp, &routes).unwrap();
+    let edited_at = Instant::now();
+    eventually("the edit is served", Duration::from_secs(5), async || get(client.clone(), "new.test").await.0 == StatusCode::OK).await;
+    let took = edited_at.elapsed();
+    println!("routes edit applied in {took:?}");
+    eventually("web.test follows the edit", Duration::from_secs(5), async || name_of(&get(client.clone(), "web.test").await.1) == "b").await;
+
+    // A broken edit (line 3 has a bad address): one log line with file, line and problem.
+    let broken = "[[services]]\nname = \"web\"\ntasks = [{ address = \"not-an-ip\" }]\n";
+    std::fs::write(&tmp, broken).unwrap();
+    std::fs::rename(&tmp, &routes).unwrap();
+    let line = agent.wait_for_log("routes file rejected", Duration::from_secs(5));
+    let message = line["message"].as_str().unwrap();
+    assert!(message.contains(routes.to_str().unwrap()) && message.contains("line 3") && message.contains("not-an-ip"), "{message}");
+    let (status, body) = get(client.clone(), "web.test").await;
+    assert_eq!((status, name_of(&body)), (StatusCode::OK, "b"), "the routes in force stay");
+    let (_, metrics) = curl(&[&format!("http://{admin}/metrics")]).await;
+    assert!(metrics.contains("meshgate_provider_reload_rejected_total{provider=\"file\"} 1"), "{metrics}");
+    assert!(metrics.contains("meshgate_provider_reloads_total{provider=\"file\"} 2"), "{metrics}");
+
+    stop.store(true, Ordering::SeqCst);
+    while load.join_next().await.is_some() {}
+    assert!(ok.load(Ordering::SeqCst) > 0);
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no request failed across the edits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_finishes_requests_in_flight() {
+    let slow = Backend::start_with_delay("slow", Duration::from_millis(1500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, service("slow", &["slow.test"], "/", &[&slow])).unwrap();
+    let mut agent = spawn_with_routes(&routes);
+    let (http, _) = agent.addresses();
+
+    let in_flight = tokio::spawn(async move {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+        send(&client, Request::get(format!("http://{http}/")).header("host", "slow.test").body(Full::default()).unwrap()).await
+    });
+    eventually("the request reached the task", Duration::from_secs(5), async || slow.held() == 1).await;
+    agent.signal(15);
+    agent.wait_for_log("draining", Duration::from_secs(5));
+    // New connections are refused while the old request is still running.
+    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "the listener is closed during the drain");
+    assert_eq!(slow.held(), 1, "the request is still in flight");
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!((status, name_of(&body)), (StatusCode::OK, "slow"), "the in-flight request finished");
+    let exit = agent.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "clean exit after the drain: {exit:?}");
+}
+
+#[tokio::test]
+async fn bad_settings_are_refused_with_the_key_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("meshgate.toml");
+    std::fs::write(&config, "[proxy]\nhttp_listen = \"127.0.0.1:0\"\nconect_timeout = \"1s\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).args(["--config", config.to_str().unwrap(), "--check"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("line 3") && err.contains("conect_timeout") && err.contains("connect_timeout"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).args(["--connect-timeout", "soon"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--connect-timeout") && err.contains("500ms"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).env("MESHGATE_EJECT_BASE", "0s").arg("--check").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("proxy.eject_base"), "{err}");
+
+    // A port already taken: the error names the address and the way out.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["--example", "--http-listen", &addr, "--admin-listen", "127.0.0.1:0", "--whoami-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&addr) && err.contains("--help"), "{err}");
+}
+
+#[test]
+fn help_teaches_with_examples_and_env_vars() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in ["Examples:", "curl -H 'Host: whoami.localhost'", "MESHGATE_HTTP_LISTEN", "[proxy.connect_timeout]", "/metrics"] {
+        assert!(help.contains(needle), "--help should mention {needle}:\n{help}");
+    }
+}

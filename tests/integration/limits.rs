@@ -1,1 +1,89 @@
-//! limits
+//! Timeouts and limits on the client side: slowloris, idle keep-alive, header limits.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{service, Backend, Mesh};
+
+/// Reads until the peer closes; returns what was read and when it closed.
+async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> (String, Instant) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), Instant::now()),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("connection still open after {deadline:?}; read so far: {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off_even_when_it_trickles() {
+    let web = Backend::start("web").await;
+    let mesh = Mesh::start_with(&service("web", &["s.test"], "/", &[&web]), |c| {
+        c.proxy.request_head_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+    let started = Instant::now();
+    // One header line every 100 ms: each write is "activity", but the head never completes.
+    let mut closed = false;
+    for i in 0..40 {
+        if stream.write_all(format!("GET / HTTP/1.1\r\nX-{i}: y\r\n").as_bytes()).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), stream.read(&mut probe)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a trickling request head must be cut off");
+    assert!(started.elapsed() < Duration::from_secs(3), "cut off near the 400ms head timeout, not at the end of the trickle");
+    assert_eq!(web.served(), 0);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_but_busy_ones_are_not() {
+    let web = Backend::start("web").await;
+    let mesh = Mesh::start_with(&service("web", &["i.test"], "/", &[&web]), |c| {
+        c.proxy.idle_timeout = Duration::from_millis(300);
+        c.proxy.request_head_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+    // A response that takes longer than the idle timeout is not cut: the connection is busy.
+    stream.write_all(b"GET /?wait=700ms HTTP/1.1\r\nHost: i.test\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "busy connection survives the idle timeout");
+    // Then, idle, it is closed.
+    let (rest, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(!rest.contains("HTTP/1.1"), "nothing else was sent: {rest}");
+}
+
+#[tokio::test]
+async fn oversized_or_too_many_headers_get_431() {
+    let web = Backend::start("web").await;
+    let mesh = Mesh::start_with(&service("web", &["l.test"], "/", &[&web]), |c| {
+        c.proxy.max_header_bytes = 8192;
+        c.proxy.max_headers = 20;
+    })
+    .await;
+    let big = format!("GET / HTTP/1.1\r\nHost: l.test\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    let headers = |n: usize| "X-Filler: v\r\n".repeat(n);
+    let many = format!("GET / HTTP/1.1\r\nHost: l.test\r\n{}\r\n", headers(30));
+    let fine = format!("GET / HTTP/1.1\r\nHost: l.test\r\nConnection: close\r\n{}\r\n", headers(10));
+    for (what, request, status) in [("a 20 kB header", &big, "431"), ("30 headers", &many, "431"), ("10 headers", &fine, "200")] {
+        let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{what}: expected {status}, got {answer:?}");
+    }
+    assert_eq!(web.served(), 1, "only the acceptable request reached the task");
+}
