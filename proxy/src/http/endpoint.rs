@@ -163,18 +163,27 @@ impl Endpoint {
 
     /// Puts an HTTP/1.1 connection back in the pool once its response has been read.
     pub fn recycle(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+        // A response whose body came with its head leaves the connection ready at once.
+        if sender.is_ready() {
+            self.park(sender);
+            return;
+        }
         let endpoint: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
                 return;
             }
             if let Some(endpoint) = endpoint.upgrade() {
-                let mut idle = endpoint.idle.lock().expect("pool lock");
-                if idle.len() < MAX_IDLE_PER_TASK {
-                    idle.push((sender, Instant::now()));
-                }
+                endpoint.park(sender);
             }
         });
+    }
+
+    fn park(&self, sender: http1::SendRequest<Incoming>) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < MAX_IDLE_PER_TASK {
+            idle.push((sender, Instant::now()));
+        }
     }
 }
 

@@ -1,7 +1,6 @@
 //! The request path: route lookup, header rewriting, endpoint choice with one retry on a
 //! failed connect, upstream exchange with timeouts, upgrades, and error responses.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use ipnet::IpNet;
 
 use super::body::{ProxyBody, RequestGuard};
 use super::endpoint::{ConnectError, Endpoint, Sender};
@@ -75,11 +73,13 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: errors become 4xx/5xx responses.
-    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr, conn: Arc<ConnActivity>) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: Arc<ConnActivity>) -> Response<ProxyBody> {
         let started = Instant::now();
         if req.version() == Version::HTTP_2 {
             conn.mark_http2();
         }
+        let upgrade = is_upgrade(&req);
+        prepare_request(&mut req, &conn, &self.port, upgrade);
         let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight);
         let route = {
             let table = self.table.load();
@@ -92,8 +92,8 @@ impl Proxy {
             return resp.map(|b| b.with_guard(guard));
         };
 
-        let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-        prepare_request(&mut req, peer.ip(), &self.port, route.protocol, client_upgrade.is_some(), &self.cfg.trusted_networks);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        set_upstream_form(&mut req, route.protocol);
 
         let resp = match self.exchange(&route, req, &mut guard).await {
             Ok((mut resp, endpoint)) => {
@@ -227,15 +227,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1) and those named in `Connection`.
 /// For an upgrade, `Connection: upgrade` and `Upgrade` stay.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> =
-        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
-        }
-    }
-    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
+    const HOP_BY_HOP: [&HeaderName; 9] = [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
@@ -244,8 +236,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         &header::TE,
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
+        &header::UPGRADE,
+    ];
+    // One pass over the (few) names present; most requests carry none of these.
+    if !upgrade && !headers.keys().any(|k| HOP_BY_HOP.contains(&k)) {
+        return;
+    }
+    let named: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP[..8] {
+        headers.remove(*name);
     }
     if te_trailers {
         // gRPC needs it end to end, and it is the one TE value HTTP/2 allows.
@@ -258,28 +264,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Turns the client's request into the one the task gets: hop-by-hop headers out,
-/// forwarding headers in, `Host` kept, URI and version for the upstream protocol.
-fn prepare_request(
-    req: &mut Request<Incoming>,
-    client: IpAddr,
-    port: &HeaderValue,
-    protocol: UpstreamProtocol,
-    upgrade: bool,
-    trusted: &[IpNet],
-) {
-    let host = request_host(req).and_then(|h| HeaderValue::from_str(h).ok());
+/// Turns the client's request into the one a task gets: hop-by-hop headers out,
+/// forwarding headers in, `Host` kept (an HTTP/2 client's `:authority` becomes `Host`).
+fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, port: &HeaderValue, upgrade: bool) {
+    let host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
 
-    let trusted = trusted.iter().any(|n| n.contains(&client));
-    let client_value = HeaderValue::from_str(&client.to_string()).expect("an IP is a valid header");
+    let trusted = client.trusted;
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if trusted => HeaderValue::from_str(&format!("{prior}, {client}")).unwrap_or(client_value.clone()),
-        _ => client_value.clone(),
+        Some(prior) if trusted => HeaderValue::from_str(&format!("{prior}, {}", client.client_ip))
+            .unwrap_or_else(|_| client.client_ip_header.clone()),
+        _ => client.client_ip_header.clone(),
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-    let keep_or = |headers: &mut HeaderMap, name: &HeaderName, value: Option<HeaderValue>| {
+    let mut keep_or = |name: &HeaderName, value: Option<HeaderValue>| {
         if !(trusted && headers.contains_key(name)) {
             match value {
                 Some(v) => headers.insert(name.clone(), v),
@@ -287,28 +288,34 @@ fn prepare_request(
             };
         }
     };
-    keep_or(headers, &X_REAL_IP, Some(client_value));
-    keep_or(headers, &X_FORWARDED_PROTO, Some(HeaderValue::from_static("http")));
-    keep_or(headers, &X_FORWARDED_HOST, host.clone());
-    keep_or(headers, &X_FORWARDED_PORT, Some(port.clone()));
+    keep_or(&X_REAL_IP, Some(client.client_ip_header.clone()));
+    keep_or(&X_FORWARDED_PROTO, Some(HeaderValue::from_static("http")));
+    keep_or(&X_FORWARDED_HOST, host.clone());
+    keep_or(&X_FORWARDED_PORT, Some(port.clone()));
+    if let Some(host) = host {
+        headers.insert(header::HOST, host);
+    }
+}
 
-    let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
+/// Sets the URI form and version the task's protocol needs: origin-form over HTTP/1.1, or
+/// an absolute URI (scheme + `:authority` from `Host`) over HTTP/2.
+fn set_upstream_form(req: &mut Request<Incoming>, protocol: UpstreamProtocol) {
     match protocol {
         UpstreamProtocol::H2c => {
-            // HTTP/2 carries the host as :authority.
-            req.headers_mut().remove(header::HOST);
+            let host = req.headers_mut().remove(header::HOST);
             let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
             if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
                 *req.uri_mut() = uri;
             }
             *req.version_mut() = Version::HTTP_2;
         }
         UpstreamProtocol::Http | UpstreamProtocol::Https => {
-            if let Some(h) = host {
-                req.headers_mut().insert(header::HOST, h);
-            }
-            if let Ok(uri) = path.parse() {
-                *req.uri_mut() = uri;
+            if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+                let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+                if let Ok(uri) = path.parse() {
+                    *req.uri_mut() = uri;
+                }
             }
             *req.version_mut() = Version::HTTP_11;
         }

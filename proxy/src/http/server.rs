@@ -4,14 +4,16 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
 use hyper::service::service_fn;
+use ipnet::IpNet;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,6 +30,11 @@ use crate::config::ProxyConfig;
 /// would serve two purposes; tracking this ourselves keeps them apart (like nginx's
 /// `client_header_timeout` and `keepalive_timeout`) and covers HTTP/2 too.
 pub struct ConnActivity {
+    /// The client's address, and the same as a header value (made once per connection).
+    pub client_ip: IpAddr,
+    pub client_ip_header: HeaderValue,
+    /// Whether the client is in `proxy.trusted_networks`.
+    pub trusted: bool,
     origin: Instant,
     /// Requests whose response is not finished.
     active: AtomicUsize,
@@ -40,8 +47,11 @@ pub struct ConnActivity {
 }
 
 impl ConnActivity {
-    fn new() -> Self {
+    fn new(client_ip: IpAddr, trusted: &[IpNet]) -> Self {
         Self {
+            client_ip,
+            client_ip_header: HeaderValue::from_str(&client_ip.to_string()).expect("an IP is a valid header value"),
+            trusted: trusted.iter().any(|n| n.contains(&client_ip)),
             origin: Instant::now(),
             active: AtomicUsize::new(0),
             idle_since: AtomicU64::new(1),
@@ -197,14 +207,14 @@ async fn serve_connection(
     cfg: ProxyConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let activity = Arc::new(ConnActivity::new());
+    let activity = Arc::new(ConnActivity::new(peer.ip(), &cfg.trusted_networks));
     let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
             let proxy = proxy.clone();
             let activity = activity.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, activity).await) }
+            async move { Ok::<_, Infallible>(proxy.handle(req, activity).await) }
         })
     };
     let conn = builder.serve_connection_with_upgrades(io, service);

@@ -1,0 +1,239 @@
+"""Runs the proxy benchmark; see proxy.sh. Writes the proxy section of bench/RESULTS.md.
+
+Fairness rules: every proxy gets one worker (nginx worker_processes 1, HAProxy nbthread 1,
+meshgate TOKIO_WORKER_THREADS=1) pinned to CPU 0; the backend (nginx answering a fixed 2-byte
+body) and the load generator share CPU 1; logging is off everywhere; every proxy keeps
+upstream connections alive and sets X-Forwarded-For/X-Real-IP; rounds are interleaved so
+machine noise hits all proxies alike.
+"""
+
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
+RATE = int(os.environ.get("RATE", "4000"))
+CONNS = [16, 256]
+BACKEND_PORT, PORTS = 18000, {"meshgate": 18081, "nginx": 18082, "haproxy": 18083}
+HOST = "bench.local"
+TICKS = os.sysconf("SC_CLK_TCK")
+PROXY_CPU, LOAD_CPU = "0", "1"
+
+tmp = tempfile.mkdtemp(prefix="meshgate-bench-")
+
+
+def write(name, text):
+    path = os.path.join(tmp, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def nginx_conf(body):
+    return f"""daemon off; worker_processes 1; pid {tmp}/nginx-{abs(hash(body))}.pid; error_log stderr crit;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {tmp}; proxy_temp_path {tmp};
+fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp}; {body} }}"""
+
+
+BACKEND = nginx_conf(f"server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 'ok'; }} }}")
+NGINX = nginx_conf(f"""upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
+server {{ listen 127.0.0.1:{PORTS['nginx']}; location / {{ proxy_pass http://be; proxy_http_version 1.1;
+proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr;
+proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""")
+HAPROXY = f"""global
+  nbthread 1
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy']}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{BACKEND_PORT}
+"""
+ROUTES = f"""[[services]]
+name = "bench"
+tasks = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]
+[[services.http]]
+hosts = ["{HOST}"]
+port = {BACKEND_PORT}
+"""
+
+
+def start(cmd, cpu, env=None):
+    full = ["taskset", "-c", cpu] + cmd
+    return subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+
+
+def group_pids(proc):
+    out = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def cpu_seconds(proc):
+    total = 0
+    for pid in group_pids(proc):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            pass
+    return total / TICKS
+
+
+def rss_kib(proc, field):
+    total = 0
+    for pid in group_pids(proc):
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def wait_ready(port):
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": HOST})
+            if urllib.request.urlopen(req, timeout=1).read() == b"ok":
+                return
+        except Exception:
+            time.sleep(0.1)
+    sys.exit(f"port {port} did not answer 'ok' in time")
+
+
+def ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(port, conns):
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{SECONDS}s", "--latency",
+                          "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    lat = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "total": total, "p50": lat["50"], "p99": lat["99"],
+            "errors": int(errors.group(1)) if errors else 0, "socket": sock.group(1) if sock else ""}
+
+
+def run_rate(port):
+    clients = 16
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-c", str(clients), f"--rps={RATE // clients}",
+                          "-D", str(SECONDS), "-H", f":authority: {HOST}", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True).stdout
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done", out).group(1))
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    return {"total": done, "mean": ms(mean.group(1), mean.group(2))}
+
+
+def main():
+    exe = os.path.join(ROOT, "target", "release", "meshgate")
+    backend = start(["nginx", "-c", write("backend.conf", BACKEND)], LOAD_CPU)
+    procs = {
+        "meshgate": start([exe, "--routes", write("routes.toml", ROUTES), "--http-listen", f"127.0.0.1:{PORTS['meshgate']}",
+                           "--admin-listen", "127.0.0.1:19090", "--log-level", "warn"], PROXY_CPU, {"TOKIO_WORKER_THREADS": "1"}),
+        "nginx": start(["nginx", "-c", write("nginx.conf", NGINX)], PROXY_CPU),
+        "haproxy": start(["haproxy", "-f", write("haproxy.cfg", HAPROXY)], PROXY_CPU),
+    }
+    try:
+        time.sleep(0.5)
+        for name, port in PORTS.items():
+            wait_ready(port)
+        idle = {name: rss_kib(p, "VmRSS") for name, p in procs.items()}
+        results = {name: {c: [] for c in CONNS + ["rate"]} for name in procs}
+        for rnd in range(ROUNDS):
+            for name, proc in procs.items():
+                for conns in CONNS:
+                    before = cpu_seconds(proc)
+                    r = run_wrk(PORTS[name], conns)
+                    r["cpu_per_100k"] = (cpu_seconds(proc) - before) / r["total"] * 100_000
+                    results[name][conns].append(r)
+                    print(f"round {rnd + 1} {name:8} c={conns:<3} {r['rps']:>9.0f} req/s p50 {r['p50']:.2f} ms "
+                          f"p99 {r['p99']:.2f} ms cpu/100k {r['cpu_per_100k']:.2f}s errors {r['errors']} {r['socket']}", flush=True)
+                before = cpu_seconds(proc)
+                r = run_rate(PORTS[name])
+                r["cpu_per_100k"] = (cpu_seconds(proc) - before) / r["total"] * 100_000
+                results[name]["rate"].append(r)
+                print(f"round {rnd + 1} {name:8} rate={RATE}/s mean {r['mean']:.2f} ms cpu/100k {r['cpu_per_100k']:.2f}s", flush=True)
+        peak = {name: rss_kib(p, "VmHWM") for name, p in procs.items()}
+        report(results, idle, peak)
+    finally:
+        for p in list(procs.values()) + [backend]:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def med(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def report(results, idle, peak):
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    versions = {
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
+    }
+    lines = [
+        "## HTTP proxy: meshgate vs nginx vs HAProxy",
+        "",
+        f"Made by `bench/proxy.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}, RATE={RATE}) on {time.strftime('%Y-%m-%d')}, "
+        f"2 cores ({cpu}); {versions['nginx']}; {versions['haproxy']}. Medians of {ROUNDS} interleaved rounds.",
+        "Each proxy: one worker pinned to CPU 0, logging off, upstream keep-alive, X-Forwarded-For set. "
+        "Backend (nginx `return 200 'ok'`) and load generator on CPU 1. "
+        "Peak: `wrk -t1 -cN -d10s --latency`. Fixed rate: `h2load --h1 -c16 --rps=RATE/16`.",
+        "",
+        "| proxy | conns | req/s | vs nginx | p50 ms | p99 ms | CPU s / 100k req | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for conns in CONNS:
+        base = med(results["nginx"][conns], "rps")
+        for name in results:
+            runs = results[name][conns]
+            lines.append(f"| {name} | {conns} | {med(runs, 'rps'):.0f} | {med(runs, 'rps') / base:.2f} | {med(runs, 'p50'):.2f} | "
+                         f"{med(runs, 'p99'):.2f} | {med(runs, 'cpu_per_100k'):.2f} | {sum(r['errors'] for r in runs)} |")
+    lines += ["", f"Fixed offered rate, {RATE} req/s over 16 keep-alive connections:", "",
+              "| proxy | mean latency ms | CPU s / 100k req | vs nginx | idle RSS MiB | peak RSS MiB |", "|---|---|---|---|---|---|"]
+    base = med(results["nginx"]["rate"], "cpu_per_100k")
+    for name in results:
+        runs = results[name]["rate"]
+        lines.append(f"| {name} | {med(runs, 'mean'):.2f} | {med(runs, 'cpu_per_100k'):.2f} | {med(runs, 'cpu_per_100k') / base:.2f} | "
+                     f"{idle[name] / 1024:.1f} | {peak[name] / 1024:.1f} |")
+    section = "\n".join(lines) + "\n"
+    path = os.path.join(ROOT, "bench", "RESULTS.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\nEach section names the command that made it.\n\n"
+    start = text.find("## HTTP proxy:")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text += "\n" + section
+    open(path, "w").write(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
