@@ -44,6 +44,8 @@ pub struct Task {
     pub port: Option<u16>,
     pub node: String,
     pub health: Health,
+    /// The network `address` belongs to, when the provider knows it.
+    pub network: Option<String>,
 }
 
 impl Task {
@@ -54,15 +56,25 @@ impl Task {
     }
 }
 
-/// Health as the provider sees it. Only `Unhealthy` tasks are kept out of routing;
-/// a task without a health check is `Unknown` and is routed (as Docker does).
+/// Health as the provider sees it. `Unhealthy` and `Starting` tasks are kept out of
+/// routing; a task without a health check is `Unknown` and is routed (as Docker does).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Healthy,
     Unhealthy,
+    /// Has a health check that has not passed yet.
+    Starting,
     #[default]
     Unknown,
+}
+
+impl Health {
+    /// Whether a task in this state takes traffic.
+    #[must_use]
+    pub fn routable(self) -> bool {
+        matches!(self, Self::Healthy | Self::Unknown)
+    }
 }
 
 /// How the proxy exposes a service over HTTP.
@@ -75,6 +87,28 @@ pub struct HttpRoute {
     pub port: u16,
     pub protocol: UpstreamProtocol,
     pub tls: TlsWish,
+    /// Replaces the matched path prefix before the request goes to the task
+    /// (nginx-proxy's `VIRTUAL_DEST`): path `/api` with rewrite `/` sends `/api/x` as `/x`.
+    pub rewrite: Option<String>,
+    /// What plain HTTP does once the host has a certificate (consumed by the TLS work).
+    pub https_method: HttpsMethod,
+    /// `Strict-Transport-Security` value to send over HTTPS; `None` sends none.
+    pub hsts: Option<String>,
+}
+
+/// nginx-proxy's `HTTPS_METHOD`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpsMethod {
+    /// Plain HTTP is redirected to HTTPS once a certificate exists.
+    #[default]
+    Redirect,
+    /// Both are served.
+    Noredirect,
+    /// Only HTTPS is served.
+    Nohttp,
+    /// Only plain HTTP is served.
+    Nohttps,
 }
 
 /// A host name a route answers to, already lower-cased and validated.
@@ -86,11 +120,17 @@ pub enum HostPattern {
     Suffix(String),
     /// `example.*`, stored as `example.`: any name starting with it.
     Prefix(String),
+    /// A regular expression matched against the whole lower-case host (nginx-proxy's
+    /// `~regex`, Traefik's `HostRegexp`), checked after the wildcards.
+    Regex(String),
 }
 
 impl HostPattern {
     /// Parses a host pattern as users write it (`app.example.com`, `*.example.com`, `example.*`).
     pub fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(re) = raw.trim().strip_prefix('~') {
+            return Self::regex(re);
+        }
         let host = raw.trim().trim_end_matches('.').to_ascii_lowercase();
         if host.is_empty() {
             return Err("empty host name".into());
@@ -116,12 +156,22 @@ impl HostPattern {
     }
 }
 
+impl HostPattern {
+    /// A host regex, anchored at both ends if it is not already.
+    pub fn regex(re: &str) -> Result<Self, String> {
+        let anchored = format!("^(?:{})$", re.trim_start_matches('^').trim_end_matches('$'));
+        regex::Regex::new(&anchored).map_err(|e| format!("`{re}` is not a valid regular expression: {e}"))?;
+        Ok(Self::Regex(anchored))
+    }
+}
+
 impl fmt::Display for HostPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Exact(h) => f.write_str(h),
             Self::Suffix(s) => write!(f, "*{s}"),
             Self::Prefix(p) => write!(f, "{p}*"),
+            Self::Regex(r) => write!(f, "~{r}"),
         }
     }
 }
@@ -243,6 +293,8 @@ mod tests {
         assert_eq!(HostPattern::parse("App.Example.COM."), Ok(HostPattern::Exact("app.example.com".into())));
         assert_eq!(HostPattern::parse("*.example.com"), Ok(HostPattern::Suffix(".example.com".into())));
         assert_eq!(HostPattern::parse("example.*"), Ok(HostPattern::Prefix("example.".into())));
+        assert_eq!(HostPattern::parse("~^a[0-9]+\\.test$"), Ok(HostPattern::Regex("^(?:a[0-9]+\\.test)$".into())));
+        assert!(HostPattern::parse("~(unclosed").is_err());
         for bad in ["", "a..b", "*", "a.*.b", "exa mple.com", "*.", "-/x"] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?} should be rejected");
         }

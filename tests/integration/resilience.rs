@@ -11,10 +11,19 @@ use tokio::task::JoinSet;
 use crate::harness::{eventually, name_of, service, service_with, Backend, Mesh};
 
 /// Counts of a load run.
-#[derive(Default)]
 struct Tally {
     ok: AtomicUsize,
     failed: AtomicUsize,
+    /// Workers waiting at the gate (between two requests).
+    parked: AtomicUsize,
+    /// While false, workers finish their request and wait before sending the next.
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self { ok: AtomicUsize::new(0), failed: AtomicUsize::new(0), parked: AtomicUsize::new(0), gate: tokio::sync::watch::channel(true).0 }
+    }
 }
 
 /// `workers` clients sending `path` back to back until `stop` is set.
@@ -23,7 +32,13 @@ fn load(mesh: &Arc<Mesh>, host: &'static str, path: &'static str, workers: usize
     for _ in 0..workers {
         let (mesh, stop, tally) = (mesh.clone(), stop.clone(), tally.clone());
         set.spawn(async move {
+            let mut gate = tally.gate.subscribe();
             while !stop.load(Ordering::SeqCst) {
+                if !*gate.borrow() {
+                    tally.parked.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    tally.parked.fetch_sub(1, Ordering::SeqCst);
+                }
                 let (status, body) = mesh.get(host, path).await;
                 if status == StatusCode::OK {
                     tally.ok.fetch_add(1, Ordering::SeqCst);
@@ -40,7 +55,7 @@ fn load(mesh: &Arc<Mesh>, host: &'static str, path: &'static str, workers: usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_task_fails_only_the_requests_it_was_holding() {
     // `slow` holds every request for an hour; `fast` answers after 20 ms. Power of two
-    // choices on in-flight counts parks half the workers on `slow` and keeps the others
+    // choices on in-flight counts soon has half the workers stuck on `slow` and the others
     // busy on `fast`.
     let slow = Backend::start_with_delay("slow", Duration::from_secs(3600)).await;
     let fast = Backend::start_with_delay("fast", Duration::from_millis(20)).await;
@@ -48,17 +63,22 @@ async fn a_killed_task_fails_only_the_requests_it_was_holding() {
     let (stop, tally) = (Arc::new(AtomicBool::new(false)), Arc::new(Tally::default()));
     let workers = 8;
     let mut set = load(&mesh, "k.test", "/", workers, &stop, &tally);
-    // Once `slow` holds half the workers, `fast` has fewer in flight whenever a worker picks
-    // (the picking worker is not among them), so every new request goes to `fast`: nothing
-    // more is on its way to `slow`, and the count below is exact.
-    eventually("slow holds half the workers", Duration::from_secs(20), async || slow.held() >= workers / 2).await;
-    eventually("fast is serving", Duration::from_secs(20), async || fast.served() > 20).await;
+    eventually("slow holds requests and fast serves", Duration::from_secs(20), async || slow.held() >= 2 && fast.served() >= 20).await;
+    // Close the gate: the workers not stuck on `slow` finish their request and wait. Once
+    // every worker is either parked or held by `slow`, nothing is on its way to any task,
+    // so the count below is exact.
+    tally.gate.send_replace(false);
+    eventually("every worker parked or held", Duration::from_secs(20), async || {
+        tally.parked.load(Ordering::SeqCst) + slow.held() == workers && fast.held() == 0
+    })
+    .await;
     let held = slow.kill().await;
+    tally.gate.send_replace(true);
     let ok_at_kill = tally.ok.load(Ordering::SeqCst);
     eventually("load goes on after the kill", Duration::from_secs(20), async || tally.ok.load(Ordering::SeqCst) > ok_at_kill + 100).await;
     stop.store(true, Ordering::SeqCst);
     while set.join_next().await.is_some() {}
-    assert!(held >= workers / 2);
+    assert!(held >= 2);
     assert_eq!(tally.failed.load(Ordering::SeqCst), held, "exactly the requests the killed task held fail");
 
     // New requests never go to the dead task: connects to it are refused, retried on

@@ -93,7 +93,7 @@ impl Proxy {
         };
 
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        set_upstream_form(&mut req, route.protocol);
+        set_upstream_form(&mut req, &route);
 
         let resp = match self.exchange(&route, req, &mut guard).await {
             Ok((mut resp, endpoint)) => {
@@ -299,21 +299,22 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, port: &He
 
 /// Sets the URI form and version the task's protocol needs: origin-form over HTTP/1.1, or
 /// an absolute URI (scheme + `:authority` from `Host`) over HTTP/2.
-fn set_upstream_form(req: &mut Request<Incoming>, protocol: UpstreamProtocol) {
-    match protocol {
+fn set_upstream_form(req: &mut Request<Incoming>, route: &Route) {
+    match route.protocol {
         UpstreamProtocol::H2c => {
             let host = req.headers_mut().remove(header::HOST);
             let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("localhost");
             let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
-            if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
+            let path = route.upstream_path(path);
+            if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path.as_ref()).build() {
                 *req.uri_mut() = uri;
             }
             *req.version_mut() = Version::HTTP_2;
         }
         UpstreamProtocol::Http | UpstreamProtocol::Https => {
-            if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            if req.uri().scheme().is_some() || req.uri().authority().is_some() || route.rewrite.is_some() {
                 let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
-                if let Ok(uri) = path.parse() {
+                if let Ok(uri) = route.upstream_path(path).parse() {
                     *req.uri_mut() = uri;
                 }
             }

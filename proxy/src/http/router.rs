@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::endpoint::{Endpoint, EndpointRegistry};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::state::{Health, HostPattern, MeshState, UpstreamProtocol};
+use crate::state::{HostPattern, MeshState, UpstreamProtocol};
 
 /// One HTTP route with its healthy endpoints.
 pub struct Route {
@@ -19,12 +19,27 @@ pub struct Route {
     pub name: String,
     pub service: String,
     pub path: String,
+    /// Replacement for the matched path prefix (`VIRTUAL_DEST`).
+    pub rewrite: Option<String>,
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub metrics: RouteMetrics,
 }
 
 impl Route {
+    /// The path and query the task gets: the matched prefix replaced by `rewrite`, if set.
+    #[must_use]
+    pub fn upstream_path<'a>(&self, path_and_query: &'a str) -> std::borrow::Cow<'a, str> {
+        let Some(dest) = &self.rewrite else { return path_and_query.into() };
+        let rest = path_and_query.get(self.path.len()..).unwrap_or("");
+        let joined = match (dest.ends_with('/'), rest.starts_with('/')) {
+            (true, true) => format!("{dest}{}", &rest[1..]),
+            (false, false) if !rest.is_empty() && !rest.starts_with('?') => format!("{dest}/{rest}"),
+            _ => format!("{dest}{rest}"),
+        };
+        joined.into()
+    }
+
     /// Power of two choices on in-flight requests among endpoints that are not ejected
     /// (all of them if every one is ejected: better a try than a certain 503), never
     /// `exclude` (the endpoint that just failed).
@@ -78,6 +93,8 @@ pub struct RouteTable {
     suffix: Vec<(String, HostRoutes)>,
     /// `example.` for `example.*`, longest first.
     prefix: Vec<(String, HostRoutes)>,
+    /// Host regexes, in name order.
+    regex: Vec<(regex::Regex, HostRoutes)>,
     default_host: Option<String>,
     pub conflicts: Vec<Conflict>,
     pub generation: u64,
@@ -103,7 +120,7 @@ impl RouteTable {
                 let endpoints = svc
                     .tasks
                     .iter()
-                    .filter(|t| t.health != Health::Unhealthy)
+                    .filter(|t| t.health.routable())
                     .map(|t| registry.get(t.socket_addr(http.port), http.protocol, &svc.name, &t.id, &t.node))
                     .collect();
                 let name = format!("{}{}", http.hosts[0], http.path);
@@ -112,6 +129,7 @@ impl RouteTable {
                     name,
                     service: svc.name.clone(),
                     path: http.path.clone(),
+                    rewrite: http.rewrite.clone(),
                     protocol: http.protocol,
                     endpoints,
                 });
@@ -149,10 +167,15 @@ impl RouteTable {
                 }
                 HostPattern::Suffix(s) => table.suffix.push((s, routes)),
                 HostPattern::Prefix(p) => table.prefix.push((p, routes)),
+                HostPattern::Regex(r) => match regex::Regex::new(&r) {
+                    Ok(re) => table.regex.push((re, routes)),
+                    Err(e) => tracing::warn!(regex = %r, error = %e, "host regex does not compile; route skipped"),
+                },
             }
         }
         table.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         table.prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        table.regex.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
         table
     }
 
@@ -161,7 +184,8 @@ impl RouteTable {
         let exact = self.exact.iter().map(|(h, r)| (h.clone(), r));
         let suffix = self.suffix.iter().map(|(s, r)| (format!("*{s}"), r));
         let prefix = self.prefix.iter().map(|(p, r)| (format!("{p}*"), r));
-        exact.chain(suffix).chain(prefix).flat_map(|(host, routes)| routes.0.iter().map(move |r| (host.clone(), r)))
+        let regex = self.regex.iter().map(|(re, r)| (format!("~{}", re.as_str()), r));
+        exact.chain(suffix).chain(prefix).chain(regex).flat_map(|(host, routes)| routes.0.iter().map(move |r| (host.clone(), r)))
     }
 
     /// The route for a request. `host` is the raw `Host` value (any case, maybe a port).
@@ -180,7 +204,9 @@ impl RouteTable {
         }
         let suffix = self.suffix.iter().filter(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()));
         let prefix = self.prefix.iter().filter(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()));
-        suffix.chain(prefix).find_map(|(_, r)| r.find(path))
+        suffix.chain(prefix).find_map(|(_, r)| r.find(path)).or_else(|| {
+            self.regex.iter().filter(|(re, _)| re.is_match(host)).find_map(|(_, r)| r.find(path))
+        })
     }
 }
 
@@ -208,7 +234,7 @@ pub fn normalise_host(raw: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{HttpRoute, Service, Task, TlsWish};
+    use crate::state::{Health, HttpRoute, Service, Task, TlsWish};
 
     fn svc(name: &str, hosts: &[&str], path: &str, tasks: usize) -> Service {
         Service {
@@ -222,6 +248,7 @@ mod tests {
                     port: Some(10_000 + i as u16),
                     node: "n".into(),
                     health: Health::Unknown,
+                    network: None,
                 })
                 .collect(),
             http: vec![HttpRoute {
@@ -230,6 +257,9 @@ mod tests {
                 port: 80,
                 protocol: UpstreamProtocol::Http,
                 tls: TlsWish::None,
+                rewrite: None,
+                https_method: crate::state::HttpsMethod::Redirect,
+                hsts: None,
             }],
             l4: vec![],
         }
@@ -253,6 +283,7 @@ mod tests {
                 svc("wild", &["*.example.com"], "/", 1),
                 svc("deeper", &["*.b.example.com"], "/", 1),
                 svc("pre", &["example.*"], "/", 1),
+                svc("re", &["~^api[0-9]+\\.test$"], "/", 1),
             ],
             None,
         );
@@ -262,6 +293,8 @@ mod tests {
         assert_eq!(svc_of(&t, "example.com", "/"), Some("pre"));
         assert_eq!(svc_of(&t, "example.org", "/"), Some("pre"));
         assert_eq!(svc_of(&t, "other.net", "/"), None);
+        assert_eq!(svc_of(&t, "API42.test", "/"), Some("re"));
+        assert_eq!(svc_of(&t, "api.test", "/"), None);
         assert_eq!(svc_of(&t, "[::1]:80", "/"), None);
     }
 
@@ -328,5 +361,21 @@ mod tests {
         assert!(route.pick(None).is_some(), "all ejected: still try one");
         a.record_success();
         assert!(!a.is_ejected());
+    }
+
+    #[test]
+    fn rewrite_replaces_the_matched_prefix() {
+        let mut t = svc("r", &["r.test"], "/api", 1);
+        for (dest, path, want) in [
+            ("/", "/api/users?x=1", "/users?x=1"),
+            ("/", "/api", "/"),
+            ("/v2", "/api/users", "/v2/users"),
+            ("/v2/", "/api/users", "/v2/users"),
+            ("/v2", "/api?q", "/v2?q"),
+        ] {
+            t.http[0].rewrite = Some(dest.into());
+            let table = table(vec![t.clone()], None);
+            assert_eq!(table.lookup("r.test", path).unwrap().upstream_path(path), want, "{dest} {path}");
+        }
     }
 }

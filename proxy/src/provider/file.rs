@@ -17,7 +17,7 @@ use toml::Spanned;
 use crate::config::line_of;
 use crate::metrics::Metrics;
 use crate::state::{
-    Health, HostPattern, HttpRoute, L4Protocol, MeshState, PublishedPort, Service, StateHub, Task,
+    Health, HostPattern, HttpRoute, HttpsMethod, L4Protocol, MeshState, PublishedPort, Service, StateHub, Task,
     TlsWish, UpstreamProtocol,
 };
 
@@ -80,6 +80,10 @@ struct HttpEntry {
     protocol: UpstreamProtocol,
     #[serde(default)]
     tls: TlsEntry,
+    rewrite: Option<Spanned<String>>,
+    #[serde(default)]
+    https_method: HttpsMethod,
+    hsts: Option<String>,
 }
 
 fn root_path() -> Spanned<String> {
@@ -167,6 +171,7 @@ fn parse_task(service: &str, index: usize, t: TaskEntry) -> Result<Task, (Range<
         port,
         node: t.node,
         health: t.health,
+        network: None,
     })
 }
 
@@ -187,7 +192,21 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         return Err((h.port.span(), "port must be between 1 and 65535".into()));
     }
     let tls = if h.tls.acme { TlsWish::Acme { email: h.tls.email } } else { TlsWish::None };
-    Ok(HttpRoute { hosts, path: path.clone(), port: *h.port.get_ref(), protocol: h.protocol, tls })
+    if let Some(r) = &h.rewrite {
+        if !r.get_ref().starts_with('/') {
+            return Err((r.span(), format!("rewrite `{}` must start with `/`", r.get_ref())));
+        }
+    }
+    Ok(HttpRoute {
+        hosts,
+        path: path.clone(),
+        port: *h.port.get_ref(),
+        protocol: h.protocol,
+        tls,
+        rewrite: h.rewrite.map(Spanned::into_inner),
+        https_method: h.https_method,
+        hsts: h.hsts,
+    })
 }
 
 /// Reads the file once, publishes it if valid, then keeps polling for changes.
