@@ -15,6 +15,7 @@ use crate::http::proxy::Proxy;
 use crate::http::router::RouteTable;
 use crate::http::server;
 use crate::metrics::Metrics;
+use crate::provider::docker;
 use crate::provider::file::{self, RoutesError};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
@@ -25,13 +26,27 @@ pub const EXAMPLE_ROUTES: &str = include_str!("../../config/routes.example.toml"
 /// Where the bundled example runs the whoami backend (the example routes point there).
 pub const EXAMPLE_WHOAMI: &str = "127.0.0.1:8001";
 
-/// Where the routes come from (Docker discovery joins these in a later release).
-#[derive(Clone, Debug)]
-pub enum Source {
-    /// The routes file from `file.path`, watched.
-    File(PathBuf),
+/// Where the routes come from. Several providers can run at once; their states are merged.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// The routes file, watched.
+    pub file: Option<PathBuf>,
+    /// Docker discovery with the `[docker]` settings.
+    pub docker: bool,
     /// The bundled example (whoami), for a first run or a machine without providers.
-    Example,
+    pub example: bool,
+}
+
+impl Sources {
+    #[must_use]
+    pub fn file(path: PathBuf) -> Self {
+        Self { file: Some(path), ..Self::default() }
+    }
+
+    #[must_use]
+    pub fn example() -> Self {
+        Self { example: true, ..Self::default() }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +66,7 @@ pub struct RunningAgent {
     pub hub: Arc<StateHub>,
     pub metrics: Arc<Metrics>,
     pub proxy: Arc<Proxy>,
+    pub readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
     http: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -73,17 +89,17 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
-pub async fn start(cfg: Config, source: Source) -> Result<RunningAgent, StartError> {
-    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, whoami: whoami_cfg, log: _ } = cfg;
+pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
+    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, whoami: whoami_cfg, log: _ } = cfg;
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(StateHub::new());
     let readiness = Arc::new(Readiness::default());
     let mut background = Vec::new();
 
-    let whoami_listen = match (&source, whoami_cfg.listen) {
-        (_, Some(addr)) => Some(addr),
-        (Source::Example, None) => Some(EXAMPLE_WHOAMI.parse().expect("valid address")),
-        (Source::File(_), None) => None,
+    let whoami_listen = match whoami_cfg.listen {
+        Some(addr) => Some(addr),
+        None if sources.example => Some(EXAMPLE_WHOAMI.parse().expect("valid address")),
+        None => None,
     };
     if let Some(addr) = whoami_listen {
         let listener = bind("the whoami demo backend", addr).await?;
@@ -96,18 +112,18 @@ pub async fn start(cfg: Config, source: Source) -> Result<RunningAgent, StartErr
     let admin_listener = bind("the admin endpoints", admin_cfg.listen).await?;
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
-    match source {
-        Source::File(path) => {
-            let watcher = file::load_and_watch(path.clone(), file_cfg.poll_interval, hub.clone(), metrics.clone())?;
-            readiness.set(file::NAME, true, format!("watching {}", path.display()));
-            background.push(watcher);
-        }
-        Source::Example => {
-            let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example")
-                .map_err(StartError::Example)?;
-            hub.publish("example", state);
-            readiness.set("example", true, "bundled example routes (whoami.localhost)");
-        }
+    if let Some(path) = sources.file {
+        let watcher = file::load_and_watch(path.clone(), file_cfg.poll_interval, hub.clone(), metrics.clone())?;
+        readiness.set(file::NAME, true, format!("watching {}", path.display()));
+        background.push(watcher);
+    }
+    if sources.example {
+        let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example").map_err(StartError::Example)?;
+        hub.publish("example", state);
+        readiness.set("example", true, "bundled example routes (whoami.localhost)");
+    }
+    if sources.docker {
+        background.push(tokio::spawn(docker::run(docker_cfg, hub.clone(), metrics.clone(), readiness.clone())));
     }
 
     let proxy = Arc::new(Proxy::new(proxy_cfg.clone(), metrics.clone(), http_addr.port()));
@@ -134,11 +150,11 @@ pub async fn start(cfg: Config, source: Source) -> Result<RunningAgent, StartErr
     }));
 
     readiness.set("http", true, format!("listening on {http_addr}"));
-    let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness };
+    let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness: readiness.clone() };
     background.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let http = tokio::spawn(server::serve(http_listener, proxy.clone(), proxy_cfg, shutdown_rx));
     tracing::info!(http = %http_addr, admin = %admin_addr, "meshgate is serving");
-    Ok(RunningAgent { http_addr, admin_addr, hub, metrics, proxy, shutdown, http, background })
+    Ok(RunningAgent { http_addr, admin_addr, hub, metrics, proxy, readiness, shutdown, http, background })
 }

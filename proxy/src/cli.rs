@@ -9,22 +9,28 @@ use clap::Parser;
 use ipnet::IpNet;
 
 use crate::config::{Config, LogFormat};
+use crate::provider::docker::DockerMode;
 
 const ABOUT: &str = "Routing mesh and reverse proxy for Docker and Docker Swarm nodes";
 
 const LONG_ABOUT: &str = "\
 meshgate routes HTTP requests to your services by host name, following the routes you
 describe in a routes file (and, in later releases, the containers and Swarm tasks it
-discovers). Run one agent per node.
+discovers from Docker: containers and Swarm services with VIRTUAL_HOST, meshgate.* or
+traefik.* labels). Run one agent per node.
 
-With no --config and no --routes it serves the bundled example: whoami.localhost is routed
-to a built-in demo backend, so you can try it at once.";
+With no routes file and no Docker engine it serves the bundled example: whoami.localhost is
+routed to a built-in demo backend, so you can try it at once.";
 
 const EXAMPLES: &str = "\
 Examples:
   Try it (no Docker needed):
     meshgate --http-listen 127.0.0.1:8080
     curl -H 'Host: whoami.localhost' http://127.0.0.1:8080/
+
+  Route the containers of this Docker engine (nginx-proxy style):
+    meshgate --http-listen 0.0.0.0:80
+    docker run -d -e VIRTUAL_HOST=app.example.com nginx
 
   Serve your own routes, reloaded when the file changes:
     meshgate --routes /etc/meshgate/routes.toml
@@ -113,6 +119,28 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_ROUTES_POLL_INTERVAL", value_name = "DURATION", value_parser = duration, help_heading = "Routes file")]
     pub routes_poll_interval: Option<Duration>,
 
+    /// [docker.mode] auto (on if DOCKER_HOST is set or the socket exists), on or off [default: auto]
+    #[arg(long = "docker", env = "MESHGATE_DOCKER", value_name = "MODE", help_heading = "Docker discovery")]
+    pub docker_mode: Option<DockerMode>,
+    /// [docker.endpoint] Engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock
+    #[arg(long, env = "MESHGATE_DOCKER_ENDPOINT", value_name = "URL", help_heading = "Docker discovery")]
+    pub docker_endpoint: Option<String>,
+    /// [docker.expose_by_default] Route containers that did not opt in [default: false]
+    #[arg(long, env = "MESHGATE_EXPOSE_BY_DEFAULT", value_name = "BOOL", help_heading = "Docker discovery")]
+    pub expose_by_default: Option<bool>,
+    /// [docker.default_domain] With expose_by_default: `<name>.<domain>` for workloads without a host
+    #[arg(long, env = "MESHGATE_DEFAULT_DOMAIN", value_name = "DOMAIN", help_heading = "Docker discovery")]
+    pub default_domain: Option<String>,
+    /// [docker.network] Network to reach tasks on when a workload names none
+    #[arg(long, env = "MESHGATE_DOCKER_NETWORK", value_name = "NAME", help_heading = "Docker discovery")]
+    pub docker_network: Option<String>,
+    /// [docker.debounce] Events closer than this make one update [default: 100ms]
+    #[arg(long, env = "MESHGATE_DOCKER_DEBOUNCE", value_name = "DURATION", value_parser = duration, help_heading = "Docker discovery")]
+    pub docker_debounce: Option<Duration>,
+    /// [docker.resync_interval] Full resync period [default: 10s]
+    #[arg(long, env = "MESHGATE_DOCKER_RESYNC_INTERVAL", value_name = "DURATION", value_parser = duration, help_heading = "Docker discovery")]
+    pub docker_resync_interval: Option<Duration>,
+
     /// [whoami.listen] Run the whoami demo backend on this address
     #[arg(long, env = "MESHGATE_WHOAMI_LISTEN", value_name = "ADDR", help_heading = "Demo")]
     pub whoami_listen: Option<SocketAddr>,
@@ -153,6 +181,14 @@ impl Overrides {
         set(&mut c.admin.listen, self.admin_listen);
         set(&mut c.file.path, self.routes.map(Some));
         set(&mut c.file.poll_interval, self.routes_poll_interval);
+        let d = &mut c.docker;
+        set(&mut d.mode, self.docker_mode);
+        set(&mut d.endpoint, self.docker_endpoint.map(Some));
+        set(&mut d.expose_by_default, self.expose_by_default);
+        set(&mut d.default_domain, self.default_domain.map(Some));
+        set(&mut d.network, self.docker_network.map(Some));
+        set(&mut d.debounce, self.docker_debounce);
+        set(&mut d.resync_interval, self.docker_resync_interval);
         set(&mut c.whoami.listen, self.whoami_listen.map(Some));
         set(&mut c.log.format, self.log_format);
         set(&mut c.log.level, self.log_level);

@@ -17,6 +17,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
     pub file: FileProviderConfig,
+    pub docker: crate::provider::docker::DockerConfig,
     pub whoami: WhoamiConfig,
     pub log: LogConfig,
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use meshgate::agent::{self, Source};
+use meshgate::agent::{self, Sources};
 use meshgate::cli::Cli;
 use meshgate::config::{Config, LogFormat};
 use meshgate::provider::file;
@@ -41,23 +41,26 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Which routes to serve, and why, in one line for the log.
-fn choose_source(config: &Config, example: bool) -> (Source, String) {
-    match (&config.file.path, example) {
-        (Some(path), false) => (Source::File(path.clone()), format!("serving routes from {}", path.display())),
-        (_, true) => (Source::Example, "serving the bundled example (asked for with --example)".into()),
-        (None, false) => {
-            let docker = std::path::Path::new("/var/run/docker.sock").exists();
-            let why = if docker {
-                "no routes file given, and Docker discovery is not in this release yet"
-            } else {
-                "no routes file given and no Docker socket at /var/run/docker.sock"
-            };
-            (
-                Source::Example,
-                format!("{why}: serving the bundled example, whoami.localhost -> built-in whoami on {}", agent::EXAMPLE_WHOAMI),
-            )
-        }
+/// Which providers run, and why, in one line for the log.
+fn choose_sources(config: &Config, example: bool) -> (Sources, String) {
+    if example {
+        return (Sources::example(), "serving the bundled example (asked for with --example)".into());
+    }
+    let docker = config.docker.wanted();
+    let file = config.file.path.clone();
+    let mut parts = Vec::new();
+    if let Some(path) = &file {
+        parts.push(format!("routes file {}", path.display()));
+    }
+    if docker.is_ok() {
+        parts.push(format!("Docker discovery on {}", config.docker.endpoint()));
+    }
+    match (file.is_some(), docker) {
+        (false, Err(why)) => (
+            Sources::example(),
+            format!("no routes file given and {why}: serving the bundled example, whoami.localhost -> built-in whoami on {}", agent::EXAMPLE_WHOAMI),
+        ),
+        (_, docker) => (Sources { file, docker: docker.is_ok(), example: false }, format!("serving {}", parts.join(" and "))),
     }
 }
 
@@ -78,12 +81,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config);
-    let (source, why) = choose_source(&config, example);
+    let (sources, why) = choose_sources(&config, example);
     tracing::info!("{why}");
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let agent = agent::start(config, source).await?;
+        let agent = agent::start(config, sources).await?;
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections, finishing requests in flight");
         agent.shutdown().await;

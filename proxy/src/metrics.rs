@@ -18,6 +18,7 @@ pub struct Metrics {
     pub state_generation: IntGauge,
     pub provider_reloads: IntCounterVec,
     pub provider_reload_rejected: IntCounterVec,
+    pub provider_up: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -58,6 +59,11 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let provider_up = IntGaugeVec::new(
+            Opts::new("meshgate_provider_up", "1 while a provider is connected to its source (e.g. the Docker engine), 0 while it serves its last known state."),
+            &["provider"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -66,6 +72,7 @@ impl Metrics {
             Box::new(state_generation.clone()),
             Box::new(provider_reloads.clone()),
             Box::new(provider_reload_rejected.clone()),
+            Box::new(provider_up.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -78,6 +85,7 @@ impl Metrics {
             state_generation,
             provider_reloads,
             provider_reload_rejected,
+            provider_up,
         }
     }
 

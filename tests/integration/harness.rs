@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshgate::agent::{self, RunningAgent, Source};
+use meshgate::agent::{self, RunningAgent, Sources};
 use meshgate::config::Config;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -140,7 +140,7 @@ impl Mesh {
         cfg.file.path = Some(path.clone());
         tweak(&mut cfg);
         cfg.validate().unwrap();
-        let agent = agent::start(cfg, Source::File(path)).await.expect("agent starts");
+        let agent = agent::start(cfg, Sources::file(path)).await.expect("agent starts");
         Self { agent, _dir: dir, client: Client::builder(TokioExecutor::new()).build_http() }
     }
 

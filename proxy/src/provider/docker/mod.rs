@@ -1,0 +1,209 @@
+//! The Docker provider: containers, Compose projects and Swarm services that opt in
+//! (see [`optin`]), followed through the engine's event stream.
+//!
+//! Every relevant event marks the state dirty; after a short debounce one resync lists
+//! what runs and publishes one snapshot, so a burst of starts costs one rebuild. A
+//! container's environment is read once (it never changes) and cached. When the engine
+//! goes away the last routes stay in force; the provider reconnects with capped backoff
+//! and resyncs. It never blocks the other providers.
+
+pub mod optin;
+pub mod traefik_rule;
+mod workloads;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::query_parameters::EventsOptions;
+use bollard::Docker;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use crate::state::StateHub;
+
+/// The provider name used in the hub, metrics and `/api/state`.
+pub const NAME: &str = "docker";
+const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
+
+/// Whether Docker discovery runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DockerMode {
+    /// On when `DOCKER_HOST` is set or the default socket exists.
+    #[default]
+    Auto,
+    /// Always on (waits for the engine if it is not there yet).
+    On,
+    Off,
+}
+
+/// The `[docker]` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    pub mode: DockerMode,
+    /// Engine address (`unix:///path`, `tcp://host:2376` with `DOCKER_TLS_VERIFY` and
+    /// `DOCKER_CERT_PATH` as the docker CLI reads them). Unset: `DOCKER_HOST`, else the
+    /// default socket.
+    pub endpoint: Option<String>,
+    /// Route containers and services that did not opt in (Traefik's `exposedByDefault`).
+    pub expose_by_default: bool,
+    /// With `expose_by_default`: workloads without a host get `<name>.<default_domain>`.
+    pub default_domain: Option<String>,
+    /// The network to reach tasks on when a workload does not name one.
+    pub network: Option<String>,
+    /// Events closer together than this make one resync.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+    /// A full resync also runs this often (Swarm tasks on other nodes send no events here).
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            mode: DockerMode::Auto,
+            endpoint: None,
+            expose_by_default: false,
+            default_domain: None,
+            network: None,
+            debounce: Duration::from_millis(100),
+            resync_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl DockerConfig {
+    /// The engine address in effect.
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone().or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| DEFAULT_SOCKET.into())
+    }
+
+    /// Whether discovery should run, and if not, why (for the start-up log line).
+    pub fn wanted(&self) -> Result<(), String> {
+        match self.mode {
+            DockerMode::On => Ok(()),
+            DockerMode::Off => Err("Docker discovery is off (docker.mode = \"off\")".into()),
+            DockerMode::Auto => {
+                let endpoint = self.endpoint();
+                match endpoint.strip_prefix("unix://") {
+                    Some(path) if !std::path::Path::new(path).exists() => Err(format!("no Docker socket at {path}")),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the provider until the task is dropped.
+pub async fn run(cfg: DockerConfig, hub: Arc<StateHub>, metrics: Arc<Metrics>, readiness: Arc<Readiness>) {
+    let endpoint = cfg.endpoint();
+    let up = metrics.provider_up.with_label_values(&[NAME]);
+    readiness.set(NAME, false, format!("connecting to {endpoint}"));
+    let mut discovery = workloads::Discovery::new(&cfg);
+    let mut backoff = Duration::from_millis(250);
+    let mut reported = false;
+    let mut logged_problems = HashSet::new();
+    loop {
+        let error = match connect(&endpoint).await {
+            Ok(docker) => {
+                backoff = Duration::from_millis(250);
+                let result = session(&docker, &cfg, &mut discovery, &hub, &metrics, &readiness, &up, &mut logged_problems).await;
+                reported = false;
+                tracing::warn!(%endpoint, "lost the Docker engine ({}); the last known routes stay in force; reconnecting", result.unwrap_err());
+                continue_after(&readiness, &up, &endpoint, "engine connection lost; serving the last known routes");
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = error {
+            if !reported {
+                tracing::warn!(%endpoint, "cannot reach the Docker engine: {e}; the other providers keep serving; retrying with backoff");
+                reported = true;
+            }
+            continue_after(&readiness, &up, &endpoint, &format!("engine unreachable: {e}"));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn continue_after(readiness: &Readiness, up: &prometheus::IntGauge, endpoint: &str, why: &str) {
+    up.set(0);
+    readiness.set(NAME, false, format!("{endpoint}: {why}"));
+}
+
+async fn connect(endpoint: &str) -> Result<Docker, bollard::errors::Error> {
+    let docker = Docker::connect_with_host(endpoint)?;
+    // Speak the engine's API version, whatever bollard was built for.
+    let docker = docker.negotiate_version().await?;
+    docker.ping().await?;
+    Ok(docker)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    docker: &Docker,
+    cfg: &DockerConfig,
+    discovery: &mut workloads::Discovery,
+    hub: &StateHub,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    up: &prometheus::IntGauge,
+    logged_problems: &mut HashSet<String>,
+) -> Result<(), String> {
+    // Subscribe first, then list: nothing that happens in between is missed.
+    let filters = [("type".to_owned(), vec!["container".into(), "service".into(), "node".into(), "network".into()])].into();
+    let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
+    let mut resync = async |discovery: &mut workloads::Discovery| -> Result<(), String> {
+        let (state, problems) = discovery.resync(docker).await.map_err(|e| e.to_string())?;
+        for p in &problems {
+            if logged_problems.insert(p.clone()) {
+                tracing::warn!("{p}; skipped, the other routes are kept");
+            }
+        }
+        let services = state.services.len();
+        let generation = hub.publish(NAME, state);
+        metrics.provider_reloads.with_label_values(&[NAME]).inc();
+        tracing::debug!(services, generation, "docker state published");
+        Ok(())
+    };
+    resync(discovery).await?;
+    tracing::info!(endpoint = %cfg.endpoint(), mode = discovery.mode(), "following the Docker engine");
+    up.set(1);
+    readiness.set(NAME, true, format!("following {} ({})", cfg.endpoint(), discovery.mode()));
+
+    let mut dirty_since: Option<tokio::time::Instant> = None;
+    let mut periodic = tokio::time::interval(cfg.resync_interval);
+    periodic.tick().await;
+    loop {
+        let debounce = async {
+            match dirty_since {
+                Some(t) => tokio::time::sleep_until(t + cfg.debounce).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(ev)) => {
+                    let action = ev.action.as_deref().unwrap_or("");
+                    if !action.starts_with("exec_") && dirty_since.is_none() {
+                        dirty_since = Some(tokio::time::Instant::now());
+                    }
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the event stream ended".into()),
+            },
+            () = debounce => {
+                dirty_since = None;
+                resync(discovery).await?;
+            }
+            _ = periodic.tick() => resync(discovery).await?,
+        }
+    }
+}

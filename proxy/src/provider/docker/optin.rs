@@ -1,0 +1,340 @@
+//! How a container or Swarm service opts in: nginx-proxy environment variables
+//! (`VIRTUAL_HOST`, ...), our `meshgate.*` labels, and the common Traefik labels.
+//!
+//! Pure functions over plain maps so every form is unit-tested without an engine. Every
+//! problem becomes one message naming the variable or label; the broken route is skipped
+//! and the others are kept.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::traefik_rule;
+use crate::state::{HostPattern, HttpRoute, HttpsMethod, TlsWish, UpstreamProtocol};
+
+/// What discovery knows about one container or service.
+pub struct Workload<'a> {
+    /// Environment variables (`KEY=value` already split).
+    pub env: &'a BTreeMap<String, String>,
+    pub labels: &'a HashMap<String, String>,
+    /// Ports the image exposes (or a service's target ports), for the default port.
+    pub exposed_ports: &'a [u16],
+    /// Used for the default host with `expose_by_default` and a `default_domain`.
+    pub name: &'a str,
+}
+
+/// The routes a workload asks for, the network it wants to be reached on, and what was
+/// wrong with its settings.
+#[derive(Debug, Default)]
+pub struct OptIn {
+    pub routes: Vec<HttpRoute>,
+    pub network: Option<String>,
+    pub problems: Vec<String>,
+}
+
+/// Settings that decide what happens without an explicit opt-in.
+#[derive(Clone, Debug, Default)]
+pub struct Defaults {
+    /// Route workloads that did not opt in (Traefik's `exposedByDefault`).
+    pub expose_by_default: bool,
+    /// With `expose_by_default`: route `<name>.<default_domain>` when no host is given.
+    pub default_domain: Option<String>,
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_port(v: &str) -> Result<u16, String> {
+    v.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("port `{v}` is not a number from 1 to 65535"))
+}
+
+fn parse_proto(v: &str) -> Result<UpstreamProtocol, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "http" => Ok(UpstreamProtocol::Http),
+        "https" => Ok(UpstreamProtocol::Https),
+        "h2c" => Ok(UpstreamProtocol::H2c),
+        other => Err(format!("protocol `{other}` is not supported (http, https or h2c)")),
+    }
+}
+
+fn parse_path(v: &str) -> Result<String, String> {
+    if v.starts_with('/') {
+        Ok(v.to_owned())
+    } else {
+        Err(format!("path `{v}` must start with `/` (regex paths are not supported)"))
+    }
+}
+
+fn parse_hosts(v: &str) -> Result<Vec<HostPattern>, String> {
+    let hosts: Vec<HostPattern> = v
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|h| !h.is_empty())
+        .map(HostPattern::parse)
+        .collect::<Result<_, _>>()?;
+    if hosts.is_empty() {
+        return Err("no host name given".into());
+    }
+    Ok(hosts)
+}
+
+impl Workload<'_> {
+    fn default_port(&self) -> u16 {
+        match self.exposed_ports {
+            [only] => *only,
+            _ => 80,
+        }
+    }
+}
+
+/// Reads every opt-in form of a workload.
+#[must_use]
+pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
+    let mut out = OptIn::default();
+    let label = |k: &str| w.labels.get(k).map(String::as_str);
+
+    // An explicit `meshgate.enable=false` turns every form off.
+    let enabled = match label("meshgate.enable").map(|v| (v, parse_bool(v))) {
+        Some((_, Some(b))) => Some(b),
+        Some((v, None)) => {
+            out.problems.push(format!("label `meshgate.enable`: `{v}` is not true or false"));
+            None
+        }
+        None => None,
+    };
+    if enabled == Some(false) {
+        return out;
+    }
+
+    if w.env.contains_key("VIRTUAL_HOST") {
+        match from_env(w) {
+            Ok(route) => out.routes.push(route),
+            Err(p) => out.problems.push(p),
+        }
+    }
+    if label("meshgate.http.hosts").is_some() {
+        match from_our_labels(w) {
+            Ok(route) => out.routes.push(route),
+            Err(p) => out.problems.push(p),
+        }
+    }
+    let traefik_enabled = match label("traefik.enable") {
+        Some(v) => parse_bool(v).unwrap_or_else(|| {
+            out.problems.push(format!("label `traefik.enable`: `{v}` is not true or false"));
+            false
+        }),
+        None => defaults.expose_by_default,
+    };
+    if traefik_enabled {
+        from_traefik_labels(w, &mut out);
+    }
+    if out.routes.is_empty() && out.problems.is_empty() && (defaults.expose_by_default || enabled == Some(true)) {
+        if let Some(domain) = &defaults.default_domain {
+            match HostPattern::parse(&format!("{}.{domain}", w.name)) {
+                Ok(host) => out.routes.push(route(vec![host], "/".into(), w.default_port(), UpstreamProtocol::Http, TlsWish::None)),
+                Err(p) => out.problems.push(format!("default host for `{}`: {p}", w.name)),
+            }
+        }
+    }
+    out.network = label("meshgate.network").or_else(|| label("traefik.docker.network")).map(str::to_owned);
+    out
+}
+
+fn route(hosts: Vec<HostPattern>, path: String, port: u16, protocol: UpstreamProtocol, tls: TlsWish) -> HttpRoute {
+    HttpRoute { hosts, path, port, protocol, tls, rewrite: None, https_method: HttpsMethod::Redirect, hsts: None }
+}
+
+/// nginx-proxy's variables.
+fn from_env(w: &Workload<'_>) -> Result<HttpRoute, String> {
+    let var = |k: &str| w.env.get(k).map(String::as_str).filter(|v| !v.trim().is_empty());
+    let at = |k: &'static str| move |e: String| format!("env `{k}`: {e}");
+    let hosts = parse_hosts(var("VIRTUAL_HOST").unwrap_or("")).map_err(at("VIRTUAL_HOST"))?;
+    let port = var("VIRTUAL_PORT").map_or(Ok(w.default_port()), parse_port).map_err(at("VIRTUAL_PORT"))?;
+    let protocol = var("VIRTUAL_PROTO").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(at("VIRTUAL_PROTO"))?;
+    let path = var("VIRTUAL_PATH").map_or(Ok("/".into()), parse_path).map_err(at("VIRTUAL_PATH"))?;
+    let rewrite = var("VIRTUAL_DEST").map(parse_path).transpose().map_err(at("VIRTUAL_DEST"))?;
+    let https_method = match var("HTTPS_METHOD") {
+        None => HttpsMethod::Redirect,
+        Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase()))
+            .map_err(|_| format!("env `HTTPS_METHOD`: `{v}` is not redirect, noredirect, nohttp or nohttps"))?,
+    };
+    let hsts = match var("HSTS") {
+        Some("off") => None,
+        Some(v) => Some(v.to_owned()),
+        None => Some("max-age=31536000".into()),
+    };
+    let tls = if var("LETSENCRYPT_HOST").is_some() {
+        TlsWish::Acme { email: var("LETSENCRYPT_EMAIL").map(str::to_owned) }
+    } else {
+        TlsWish::None
+    };
+    Ok(HttpRoute { rewrite, https_method, hsts, ..route(hosts, path, port, protocol, tls) })
+}
+
+/// Our own `meshgate.*` labels.
+fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, String> {
+    let label = |k: &str| w.labels.get(k).map(String::as_str);
+    let at = |k: &'static str| move |e: String| format!("label `{k}`: {e}");
+    let hosts = parse_hosts(label("meshgate.http.hosts").unwrap_or("")).map_err(at("meshgate.http.hosts"))?;
+    let port = label("meshgate.http.port").map_or(Ok(w.default_port()), parse_port).map_err(at("meshgate.http.port"))?;
+    let protocol = label("meshgate.http.proto").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(at("meshgate.http.proto"))?;
+    let path = label("meshgate.http.path").map_or(Ok("/".into()), parse_path).map_err(at("meshgate.http.path"))?;
+    let tls = match label("meshgate.tls").map(|v| v.trim().to_ascii_lowercase()) {
+        None => TlsWish::None,
+        Some(v) if v == "acme" || v == "true" => TlsWish::Acme { email: label("meshgate.tls.email").map(str::to_owned) },
+        Some(v) if v == "off" || v == "false" || v == "none" => TlsWish::None,
+        Some(v) => return Err(format!("label `meshgate.tls`: `{v}` is not acme or off")),
+    };
+    Ok(route(hosts, path, port, protocol, tls))
+}
+
+/// The Traefik subset: routers with rules, their services' ports and schemes, cert resolvers.
+fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
+    let label = |k: &str| w.labels.get(k).map(String::as_str);
+    let names = |prefix: &str| -> BTreeSet<String> {
+        w.labels.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next().map(str::to_owned)).collect()
+    };
+    let routers = names("traefik.http.routers.");
+    let services = names("traefik.http.services.");
+    for r in &routers {
+        let key = |suffix: &str| format!("traefik.http.routers.{r}.{suffix}");
+        let Some(rule) = label(&key("rule")) else {
+            out.problems.push(format!("label `{}`: missing; a router needs a rule such as Host(`app.example.com`)", key("rule")));
+            continue;
+        };
+        let alternatives = match traefik_rule::parse(rule) {
+            Ok(a) => a,
+            Err(e) => {
+                out.problems.push(format!("label `{}`: {e}", key("rule")));
+                continue;
+            }
+        };
+        let service = label(&key("service")).map(str::to_owned).or_else(|| (services.len() == 1).then(|| services.iter().next().cloned()).flatten());
+        let svc_key = |s: &str, suffix: &str| format!("traefik.http.services.{s}.loadbalancer.server.{suffix}");
+        let port = match service.as_deref().and_then(|s| label(&svc_key(s, "port")).map(|v| (s, v))) {
+            Some((s, v)) => match parse_port(v) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.problems.push(format!("label `{}`: {e}", svc_key(s, "port")));
+                    continue;
+                }
+            },
+            None => w.default_port(),
+        };
+        let protocol = match service.as_deref().and_then(|s| label(&svc_key(s, "scheme")).map(|v| (s, v))) {
+            Some((s, v)) => match parse_proto(v) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.problems.push(format!("label `{}`: {e}", svc_key(s, "scheme")));
+                    continue;
+                }
+            },
+            None => UpstreamProtocol::Http,
+        };
+        let tls = if label(&key("tls.certresolver")).is_some() { TlsWish::Acme { email: None } } else { TlsWish::None };
+        for alt in alternatives {
+            if alt.hosts.is_empty() {
+                out.problems.push(format!("label `{}`: the rule matches no host; meshgate routes by host, add Host(...)", key("rule")));
+                continue;
+            }
+            out.routes.push(route(alt.hosts, alt.path.unwrap_or_else(|| "/".into()), port, protocol, tls.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_with(env: &[(&str, &str)], labels: &[(&str, &str)], exposed: &[u16]) -> OptIn {
+        let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        let labels: HashMap<String, String> = labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        read(&Workload { env: &env, labels: &labels, exposed_ports: exposed, name: "app" }, &Defaults::default())
+    }
+
+    #[test]
+    fn nginx_proxy_variables() {
+        let o = read_with(
+            &[
+                ("VIRTUAL_HOST", "a.test, *.b.test ~^c[0-9]\\.test$"),
+                ("VIRTUAL_PATH", "/api"),
+                ("VIRTUAL_DEST", "/"),
+                ("VIRTUAL_PROTO", "h2c"),
+                ("HTTPS_METHOD", "noredirect"),
+                ("HSTS", "off"),
+                ("LETSENCRYPT_HOST", "a.test"),
+                ("LETSENCRYPT_EMAIL", "me@a.test"),
+            ],
+            &[],
+            &[8080],
+        );
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        let r = &o.routes[0];
+        assert_eq!(r.hosts.len(), 3);
+        assert_eq!((r.port, r.protocol, r.path.as_str(), r.rewrite.as_deref()), (8080, UpstreamProtocol::H2c, "/api", Some("/")));
+        assert_eq!((r.https_method, r.hsts.clone()), (HttpsMethod::Noredirect, None));
+        assert_eq!(r.tls, TlsWish::Acme { email: Some("me@a.test".into()) });
+    }
+
+    #[test]
+    fn default_port_is_the_single_exposed_port_else_80() {
+        assert_eq!(read_with(&[("VIRTUAL_HOST", "a.test")], &[], &[3000]).routes[0].port, 3000);
+        assert_eq!(read_with(&[("VIRTUAL_HOST", "a.test")], &[], &[3000, 3001]).routes[0].port, 80);
+        assert_eq!(read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "81")], &[], &[3000]).routes[0].port, 81);
+    }
+
+    #[test]
+    fn our_labels() {
+        let o = read_with(
+            &[],
+            &[("meshgate.http.hosts", "x.test,y.test"), ("meshgate.http.port", "9000"), ("meshgate.http.path", "/p"), ("meshgate.tls", "acme"), ("meshgate.tls.email", "e@x"), ("meshgate.network", "front")],
+            &[],
+        );
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert_eq!((o.routes[0].port, o.routes[0].path.as_str()), (9000, "/p"));
+        assert_eq!(o.routes[0].tls, TlsWish::Acme { email: Some("e@x".into()) });
+        assert_eq!(o.network.as_deref(), Some("front"));
+        let off = read_with(&[("VIRTUAL_HOST", "a.test")], &[("meshgate.enable", "false")], &[]);
+        assert!(off.routes.is_empty(), "an explicit opt-out wins");
+    }
+
+    #[test]
+    fn traefik_labels_work_unchanged() {
+        let o = read_with(
+            &[],
+            &[
+                ("traefik.enable", "true"),
+                ("traefik.http.routers.web.rule", "Host(`shop.test`) && PathPrefix(`/api`) || Host(`www.shop.test`)"),
+                ("traefik.http.routers.web.entrypoints", "websecure"),
+                ("traefik.http.routers.web.tls.certresolver", "le"),
+                ("traefik.http.services.shop.loadbalancer.server.port", "3000"),
+                ("traefik.docker.network", "proxy"),
+            ],
+            &[],
+        );
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert_eq!(o.routes.len(), 2);
+        assert_eq!((o.routes[0].path.as_str(), o.routes[0].port), ("/api", 3000));
+        assert_eq!(o.routes[1].hosts[0].to_string(), "www.shop.test");
+        assert!(matches!(o.routes[0].tls, TlsWish::Acme { .. }));
+        assert_eq!(o.network.as_deref(), Some("proxy"));
+        let disabled = read_with(&[], &[("traefik.http.routers.web.rule", "Host(`a.test`)")], &[]);
+        assert!(disabled.routes.is_empty(), "traefik.enable is needed unless exposed by default");
+    }
+
+    #[test]
+    fn problems_name_the_key_and_keep_the_rest() {
+        let o = read_with(
+            &[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "abc")],
+            &[("traefik.enable", "true"), ("traefik.http.routers.bad.rule", "Host(`b.test`"), ("traefik.http.routers.good.rule", "Host(`c.test`)")],
+            &[],
+        );
+        assert_eq!(o.routes.len(), 1, "the good router stays");
+        assert!(o.problems.iter().any(|p| p.contains("`VIRTUAL_PORT`") && p.contains("abc")), "{:?}", o.problems);
+        assert!(o.problems.iter().any(|p| p.contains("traefik.http.routers.bad.rule")), "{:?}", o.problems);
+        let empty = read_with(&[("VIRTUAL_HOST", " , ")], &[], &[]);
+        assert!(empty.problems[0].contains("no host"), "{:?}", empty.problems);
+    }
+}
