@@ -95,6 +95,7 @@ fn state_json(s: &AdminState) -> serde_json::Value {
         "generation": snapshot.generation,
         "routes": routes,
         "conflicts": table.conflicts,
+        "problems": snapshot.state.problems,
         "services": snapshot.state.services,
     })
 }

@@ -19,6 +19,9 @@ use tokio::sync::watch;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MeshState {
     pub services: Vec<Service>,
+    /// Opt-in settings that could not be used (each names the workload and the key);
+    /// shown in `/api/state`.
+    pub problems: Vec<String>,
 }
 
 /// A service: a name, the tasks that serve it and the ways it is exposed.
@@ -264,6 +267,7 @@ impl StateHub {
         slots.insert(provider.to_owned(), state);
         let merged = MeshState {
             services: slots.values().flat_map(|s| s.services.iter().cloned()).collect(),
+            problems: slots.values().flat_map(|s| s.problems.iter().cloned()).collect(),
         };
         let generation = self.current.load().generation + 1;
         self.current.store(Arc::new(Snapshot { generation, state: merged }));
@@ -312,9 +316,9 @@ mod tests {
             http: vec![],
             l4: vec![],
         };
-        assert_eq!(hub.publish("a", MeshState { services: vec![svc("one")] }), 1);
-        assert_eq!(hub.publish("b", MeshState { services: vec![svc("two")] }), 2);
-        assert_eq!(hub.publish("a", MeshState { services: vec![svc("three")] }), 3);
+        assert_eq!(hub.publish("a", MeshState { problems: vec![], services: vec![svc("one")] }), 1);
+        assert_eq!(hub.publish("b", MeshState { problems: vec![], services: vec![svc("two")] }), 2);
+        assert_eq!(hub.publish("a", MeshState { problems: vec![], services: vec![svc("three")] }), 3);
         let names: Vec<_> = hub.load().state.services.iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, ["three", "two"]);
         assert!(rx.has_changed().unwrap());

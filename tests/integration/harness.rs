@@ -133,6 +133,19 @@ impl Mesh {
     }
 
     pub async fn start_with(routes: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_sources(routes, false, tweak).await
+    }
+
+    /// An agent following the Docker engine (plus a routes file).
+    pub async fn start_docker(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_sources("", true, |c| {
+            c.docker.debounce = Duration::from_millis(50);
+            tweak(c);
+        })
+        .await
+    }
+
+    async fn start_sources(routes: &str, docker: bool, tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, routes).unwrap();
@@ -140,7 +153,8 @@ impl Mesh {
         cfg.file.path = Some(path.clone());
         tweak(&mut cfg);
         cfg.validate().unwrap();
-        let agent = agent::start(cfg, Sources::file(path)).await.expect("agent starts");
+        let sources = Sources { file: Some(path), docker, example: false };
+        let agent = agent::start(cfg, sources).await.expect("agent starts");
         Self { agent, _dir: dir, client: Client::builder(TokioExecutor::new()).build_http() }
     }
 
@@ -194,9 +208,14 @@ pub struct Binary {
 
 impl Binary {
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_env(args, &[])
+    }
+
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
             .args(["--log-format", "json"])
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

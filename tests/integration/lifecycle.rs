@@ -21,14 +21,21 @@ fn spawn_with_routes(routes: &std::path::Path) -> Binary {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        "--docker",
+        "off",
     ])
 }
 
 #[tokio::test]
-async fn the_bundled_example_serves_whoami_with_no_config_at_all() {
-    let mut agent = Binary::spawn(&["--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+async fn the_bundled_example_serves_whoami_with_no_config_and_no_docker() {
+    // A machine without a Docker socket: DOCKER_HOST names one that does not exist.
+    let mut agent = Binary::spawn_env(
+        &["--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
     let line = agent.wait_for_log("serving the bundled example", Duration::from_secs(10));
-    assert!(line["message"].as_str().unwrap().contains("whoami.localhost"), "{line}");
+    let message = line["message"].as_str().unwrap();
+    assert!(message.contains("whoami.localhost") && message.contains("no Docker socket at /nonexistent/docker.sock"), "{line}");
     let (http, admin) = agent.addresses();
     let (ok, out) = curl(&["-H", "Host: whoami.localhost", &format!("http://{http}/")]).await;
     assert!(ok && name_of(&out) == "whoami", "{out}");

@@ -182,7 +182,7 @@ impl Discovery {
         if manager {
             self.swarm_services(docker, &containers, &node, &mut services, &mut problems).await?;
         }
-        Ok((MeshState { services }, problems))
+        Ok((MeshState { services, problems: problems.clone() }, problems))
     }
 
     /// Every Swarm service with its running tasks; addresses from local task containers.

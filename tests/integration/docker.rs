@@ -1,0 +1,269 @@
+//! Docker discovery against the real engine on this machine. No image can be pulled, so
+//! the tests build a tiny one from Debian's busybox-static (`docker import`), serving its
+//! own hostname (the container id) over HTTP with `busybox httpd`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Command;
+use tokio::sync::OnceCell;
+
+use crate::harness::{eventually, Mesh};
+use crate::resilience::reqwest_text;
+
+const IMAGE: &str = "meshgate-test/busybox:local";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs the docker CLI; panics with its stderr if it fails.
+async fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().await.expect("the docker CLI runs");
+    assert!(out.status.success(), "docker {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Builds the test image once per test run (a rootfs of busybox-static, imported).
+async fn image() {
+    static BUILT: OnceCell<()> = OnceCell::const_new();
+    BUILT
+        .get_or_init(|| async {
+            let root = tempfile::tempdir().unwrap();
+            let bin = root.path().join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            std::fs::copy("/bin/busybox", bin.join("busybox")).expect("/bin/busybox (Debian's busybox-static; the test command installs it)");
+            for applet in ["sh", "httpd", "hostname", "mkdir", "touch", "test", "sleep", "rm"] {
+                std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+            }
+            let tar = format!("tar -C {} -c . | docker import - {IMAGE}", root.path().display());
+            let out = Command::new("sh").args(["-c", &tar]).output().await.unwrap();
+            assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+        })
+        .await;
+}
+
+/// A container that is removed when dropped.
+struct Container {
+    id: String,
+    name: String,
+}
+
+impl Container {
+    /// Starts `busybox httpd` on `port` answering with the container's hostname.
+    async fn run(tag: &str, args: &[&str], port: u16) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        image().await;
+        let name = format!("mgtest-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let script = format!("mkdir -p /w/app /w/t && for d in /w /w/app /w/t; do hostname > $d/index.html; done && exec httpd -f -p {port} -h /w");
+        let mut all = vec!["run", "-d", "--name", &name];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&[IMAGE, "sh", "-c", &script]);
+        let id = docker(&all).await;
+        Self { id: id[..12].to_owned(), name }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker").args(["rm", "-f", &self.name]).output();
+    }
+}
+
+/// Waits until `host` answers with `want` (a container id), or panics.
+async fn until_served(mesh: &Mesh, host: &str, path: &str, want: &str) {
+    eventually(&format!("{host}{path} served by {want}"), WAIT, async || {
+        let (status, body) = mesh.get(host, path).await;
+        status == StatusCode::OK && body.trim() == want
+    })
+    .await;
+}
+
+async fn until_status(mesh: &Mesh, host: &str, want: StatusCode) {
+    eventually(&format!("{host} answers {want}"), WAIT, async || mesh.get(host, "/").await.0 == want).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_opt_in_form_routes_to_its_container_and_removal_unroutes() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let env = Container::run("env", &["-e", "VIRTUAL_HOST=env.docker.test,*.wild.docker.test", "-e", "VIRTUAL_PORT=8080"], 8080).await;
+    let ours = Container::run("ours", &["-l", "meshgate.http.hosts=ours.docker.test", "-l", "meshgate.http.port=80", "-l", "meshgate.http.path=/app"], 80).await;
+    let traefik = Container::run(
+        "traefik",
+        &["-l", "traefik.enable=true", "-l", "traefik.http.routers.t.rule=Host(`traefik.docker.test`) && PathPrefix(`/t`)", "-l", "traefik.http.services.t.loadbalancer.server.port=81"],
+        81,
+    )
+    .await;
+    let regex = Container::run("regex", &["-e", "VIRTUAL_HOST=~^re[0-9]+\\.docker\\.test$"], 80).await;
+    let ignored = Container::run("plain", &[], 80).await;
+
+    until_served(&mesh, "env.docker.test", "/", &env.id).await;
+    until_served(&mesh, "x.wild.docker.test", "/", &env.id).await;
+    until_served(&mesh, "ours.docker.test", "/app/", &ours.id).await;
+    until_served(&mesh, "traefik.docker.test", "/t/", &traefik.id).await;
+    until_served(&mesh, "re42.docker.test", "/", &regex.id).await;
+    assert_eq!(mesh.get("traefik.docker.test", "/elsewhere").await.0, StatusCode::NOT_FOUND);
+
+    let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let services = state["services"].as_array().unwrap();
+    assert!(!services.iter().any(|s| s["name"] == ignored.name.as_str()), "a container without opt-in is not exposed");
+    let env_service = services.iter().find(|s| s["name"] == env.name.as_str()).unwrap();
+    assert_eq!(env_service["tasks"][0]["network"], "bridge", "the chosen network is shown");
+
+    docker(&["stop", "-t", "1", &env.name]).await;
+    until_status(&mesh, "env.docker.test", StatusCode::NOT_FOUND).await;
+    docker(&["rm", "-f", &ours.name]).await;
+    until_status(&mesh, "ours.docker.test", StatusCode::NOT_FOUND).await;
+    until_served(&mesh, "traefik.docker.test", "/t/", &traefik.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_gate_routing() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let c = Container::run(
+        "health",
+        &["-e", "VIRTUAL_HOST=health.docker.test", "--health-cmd", "test -f /w/ok", "--health-interval", "300ms", "--health-retries", "1"],
+        80,
+    )
+    .await;
+    // Starting, then unhealthy: the route exists but has no task to send to.
+    until_status(&mesh, "health.docker.test", StatusCode::SERVICE_UNAVAILABLE).await;
+    docker(&["exec", &c.name, "touch", "/w/ok"]).await;
+    until_served(&mesh, "health.docker.test", "/", &c.id).await;
+    docker(&["exec", &c.name, "rm", "/w/ok"]).await;
+    until_status(&mesh, "health.docker.test", StatusCode::SERVICE_UNAVAILABLE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_label_is_reported_and_the_rest_keeps_working() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let bad = Container::run(
+        "bad",
+        &["-l", "traefik.enable=true", "-l", "traefik.http.routers.r.rule=Host(`bad.docker.test`", "-e", "VIRTUAL_HOST=alsobad.docker.test", "-e", "VIRTUAL_PORT=abc"],
+        80,
+    )
+    .await;
+    let good = Container::run("good", &["-e", "VIRTUAL_HOST=good.docker.test"], 80).await;
+    until_served(&mesh, "good.docker.test", "/", &good.id).await;
+    let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let problems: Vec<&str> = state["problems"].as_array().unwrap().iter().filter_map(|p| p.as_str()).filter(|p| p.contains(&bad.name)).collect();
+    assert!(problems.iter().any(|p| p.contains("traefik.http.routers.r.rule") && p.contains("not closed")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("VIRTUAL_PORT") && p.contains("abc")), "{problems:?}");
+    assert_eq!(mesh.get("bad.docker.test", "/").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(mesh.get("alsobad.docker.test", "/").await.0, StatusCode::NOT_FOUND);
+}
+
+/// A relay in front of the engine's socket that the test can cut and restore, to lose the
+/// engine for real without touching the daemon other tests use.
+struct Relay {
+    path: PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(path: &Path) -> Self {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (mut client, _) = listener.accept().await.unwrap();
+                conns.spawn(async move {
+                    let mut engine = UnixStream::connect("/var/run/docker.sock").await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Self { path: path.to_owned(), task: Some(task) }
+    }
+
+    /// Closes the listener and every relayed connection.
+    async fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_engine_keeps_routes_and_reconnecting_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docker.sock");
+    let mut relay = Relay::start(&socket);
+    let endpoint = format!("unix://{}", socket.display());
+    let mesh = Mesh::start_docker(|c| c.docker.endpoint = Some(endpoint.clone())).await;
+    let a = Container::run("loss-a", &["-e", "VIRTUAL_HOST=loss-a.docker.test"], 80).await;
+    until_served(&mesh, "loss-a.docker.test", "/", &a.id).await;
+    let ready = |mesh: &Mesh| mesh.agent.readiness.report().1.get("docker").is_some_and(|s| s.ready);
+    assert!(ready(&mesh));
+
+    relay.cut().await;
+    eventually("the agent notices the engine is gone", WAIT, async || !ready(&mesh)).await;
+    let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
+    assert!(metrics.contains("meshgate_provider_up{provider=\"docker\"} 0"), "{metrics}");
+    let readyz = reqwest_text(&mesh.admin_url("/readyz")).await;
+    assert!(readyz.contains("\"ready\": false"), "{readyz}");
+    let (status, body) = mesh.get("loss-a.docker.test", "/").await;
+    assert_eq!((status, body.trim()), (StatusCode::OK, a.id.as_str()), "the last known routes stay in force");
+
+    // Changes while the engine is unreachable are picked up by the resync on reconnect.
+    let b = Container::run("loss-b", &["-e", "VIRTUAL_HOST=loss-b.docker.test"], 80).await;
+    assert_eq!(mesh.get("loss-b.docker.test", "/").await.0, StatusCode::NOT_FOUND);
+    let _relay = Relay::start(&socket);
+    until_served(&mesh, "loss-b.docker.test", "/", &b.id).await;
+    eventually("ready again", WAIT, async || ready(&mesh)).await;
+    until_served(&mesh, "loss-a.docker.test", "/", &a.id).await;
+}
+
+/// Leaves the Swarm on drop if the test created it (the machine is left as found).
+struct SwarmGuard {
+    created: bool,
+    service: String,
+}
+
+impl Drop for SwarmGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker").args(["service", "rm", &self.service]).output();
+        if self.created {
+            let _ = std::process::Command::new("docker").args(["swarm", "leave", "--force"]).output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_removal() {
+    image().await;
+    let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).await;
+    let created = state != "active";
+    if created {
+        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).await;
+    }
+    let service = format!("mgtest-{}-svc", std::process::id());
+    let _guard = SwarmGuard { created, service: service.clone() };
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
+    docker(&["service", "create", "--detach", "--name", &service, "--replicas", "3", "-e", "VIRTUAL_HOST=swarm.docker.test", IMAGE, "sh", "-c", script]).await;
+
+    let distinct = async |mesh: &Mesh| {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let (status, body) = mesh.get("swarm.docker.test", "/").await;
+            if status == StatusCode::OK {
+                seen.insert(body.trim().to_owned());
+            }
+        }
+        seen.len()
+    };
+    eventually("three replicas answer", Duration::from_secs(60), async || distinct(&mesh).await == 3).await;
+    let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let svc = state["services"].as_array().unwrap().iter().find(|s| s["name"] == service.as_str()).unwrap().clone();
+    assert!(svc["tasks"][0]["id"].as_str().unwrap().starts_with(&format!("{service}.")), "{svc}");
+
+    docker(&["service", "scale", "--detach", &format!("{service}=1")]).await;
+    eventually("one replica answers", Duration::from_secs(60), async || distinct(&mesh).await == 1).await;
+    docker(&["service", "rm", &service]).await;
+    until_status(&mesh, "swarm.docker.test", StatusCode::NOT_FOUND).await;
+}
