@@ -96,6 +96,7 @@ fn state_json(s: &AdminState) -> serde_json::Value {
         "routes": routes,
         "conflicts": table.conflicts,
         "problems": snapshot.state.problems,
+        "nodes": snapshot.state.nodes,
         "services": snapshot.state.services,
     })
 }

@@ -22,6 +22,18 @@ pub struct MeshState {
     /// Opt-in settings that could not be used (each names the workload and the key);
     /// shown in `/api/state`.
     pub problems: Vec<String>,
+    /// The cluster's nodes (Swarm), for the L4 mesh and `/api/state`.
+    pub nodes: Vec<Node>,
+}
+
+/// A Swarm node and the address other nodes reach it on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub id: String,
+    pub name: String,
+    pub address: Option<IpAddr>,
+    pub manager: bool,
+    pub ready: bool,
 }
 
 /// A service: a name, the tasks that serve it and the ways it is exposed.
@@ -268,6 +280,7 @@ impl StateHub {
         let merged = MeshState {
             services: slots.values().flat_map(|s| s.services.iter().cloned()).collect(),
             problems: slots.values().flat_map(|s| s.problems.iter().cloned()).collect(),
+            nodes: slots.values().flat_map(|s| s.nodes.iter().cloned()).collect(),
         };
         let generation = self.current.load().generation + 1;
         self.current.store(Arc::new(Snapshot { generation, state: merged }));
@@ -316,9 +329,9 @@ mod tests {
             http: vec![],
             l4: vec![],
         };
-        assert_eq!(hub.publish("a", MeshState { problems: vec![], services: vec![svc("one")] }), 1);
-        assert_eq!(hub.publish("b", MeshState { problems: vec![], services: vec![svc("two")] }), 2);
-        assert_eq!(hub.publish("a", MeshState { problems: vec![], services: vec![svc("three")] }), 3);
+        assert_eq!(hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("one")] }), 1);
+        assert_eq!(hub.publish("b", MeshState { problems: vec![], nodes: vec![], services: vec![svc("two")] }), 2);
+        assert_eq!(hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("three")] }), 3);
         let names: Vec<_> = hub.load().state.services.iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, ["three", "two"]);
         assert!(rx.has_changed().unwrap());

@@ -192,13 +192,21 @@ impl Relay {
 async fn losing_the_engine_keeps_routes_and_reconnecting_resyncs() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("docker.sock");
-    let mut relay = Relay::start(&socket);
     let endpoint = format!("unix://{}", socket.display());
-    let mesh = Mesh::start_docker(|c| c.docker.endpoint = Some(endpoint.clone())).await;
+    // No engine at start: the agent starts anyway and serves its other providers.
+    let web = crate::harness::Backend::start("file-route").await;
+    let mesh = Mesh::start_sources(&crate::harness::service("web", &["file.docker.test"], "/", &[&web]), true, |c| {
+        c.docker.endpoint = Some(endpoint.clone());
+        c.docker.mode = meshgate::provider::docker::DockerMode::On;
+    })
+    .await;
+    let ready = |mesh: &Mesh| mesh.agent.readiness.report().1.get("docker").is_some_and(|s| s.ready);
+    assert_eq!(mesh.get("file.docker.test", "/").await.0, StatusCode::OK);
+    assert!(!ready(&mesh));
+    let mut relay = Relay::start(&socket);
     let a = Container::run("loss-a", &["-e", "VIRTUAL_HOST=loss-a.docker.test"], 80).await;
     until_served(&mesh, "loss-a.docker.test", "/", &a.id).await;
-    let ready = |mesh: &Mesh| mesh.agent.readiness.report().1.get("docker").is_some_and(|s| s.ready);
-    assert!(ready(&mesh));
+    eventually("ready once the engine is reachable", WAIT, async || ready(&mesh)).await;
 
     relay.cut().await;
     eventually("the agent notices the engine is gone", WAIT, async || !ready(&mesh)).await;
@@ -222,11 +230,20 @@ async fn losing_the_engine_keeps_routes_and_reconnecting_resyncs() {
 struct SwarmGuard {
     created: bool,
     service: String,
+    network: String,
 }
 
 impl Drop for SwarmGuard {
     fn drop(&mut self) {
         let _ = std::process::Command::new("docker").args(["service", "rm", &self.service]).output();
+        // The network goes once the service's tasks are gone; retry briefly.
+        for _ in 0..150 {
+            let out = std::process::Command::new("docker").args(["network", "rm", &self.network]).output();
+            if out.is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         if self.created {
             let _ = std::process::Command::new("docker").args(["swarm", "leave", "--force"]).output();
         }
@@ -242,10 +259,14 @@ async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_remova
         docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).await;
     }
     let service = format!("mgtest-{}-svc", std::process::id());
-    let _guard = SwarmGuard { created, service: service.clone() };
+    // Published ports put tasks on the `ingress` overlay, which the host cannot reach; a
+    // swarm-scoped bridge network gives them an address the proxy can use.
+    let network = format!("mgtest-{}-net", std::process::id());
+    let _guard = SwarmGuard { created, service: service.clone(), network: network.clone() };
+    docker(&["network", "create", "--driver", "bridge", "--scope", "swarm", &network]).await;
     let mesh = Mesh::start_docker(|_| {}).await;
     let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
-    docker(&["service", "create", "--detach", "--name", &service, "--replicas", "3", "-e", "VIRTUAL_HOST=swarm.docker.test", IMAGE, "sh", "-c", script]).await;
+    docker(&["service", "create", "--detach", "--name", &service, "--replicas", "3", "--publish", "18777:80", "--network", &network, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=swarm.docker.test", IMAGE, "sh", "-c", script]).await;
 
     let distinct = async |mesh: &Mesh| {
         let mut seen = std::collections::BTreeSet::new();
@@ -261,6 +282,9 @@ async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_remova
     let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
     let svc = state["services"].as_array().unwrap().iter().find(|s| s["name"] == service.as_str()).unwrap().clone();
     assert!(svc["tasks"][0]["id"].as_str().unwrap().starts_with(&format!("{service}.")), "{svc}");
+    assert_eq!(svc["l4"][0]["published"], 18777, "published ports are discovered: {svc}");
+    assert_eq!(svc["l4"][0]["target"], 80);
+    assert!(state["nodes"].as_array().unwrap().iter().any(|n| n["manager"] == true && n["ready"] == true), "{}", state["nodes"]);
 
     docker(&["service", "scale", "--detach", &format!("{service}=1")]).await;
     eventually("one replica answers", Duration::from_secs(60), async || distinct(&mesh).await == 1).await;

@@ -145,7 +145,7 @@ impl Mesh {
         .await
     }
 
-    async fn start_sources(routes: &str, docker: bool, tweak: impl FnOnce(&mut Config)) -> Self {
+    pub async fn start_sources(routes: &str, docker: bool, tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, routes).unwrap();

@@ -268,7 +268,7 @@ mod tests {
     fn table(services: Vec<Service>, default: Option<&str>) -> RouteTable {
         let m = Metrics::new();
         let reg = EndpointRegistry::new(m.backend_up.clone());
-        RouteTable::compile(&MeshState { services, problems: vec![] }, 1, default, &reg, &m)
+        RouteTable::compile(&MeshState { services, ..MeshState::default() }, 1, default, &reg, &m)
     }
 
     fn svc_of<'a>(t: &'a RouteTable, host: &str, path: &str) -> Option<&'a str> {

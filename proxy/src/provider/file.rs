@@ -153,7 +153,7 @@ pub fn parse(path: &Path, text: &str, provider: &str) -> Result<MeshState, Route
             .collect::<Result<_, _>>()?;
         services.push(Service { name, stack: entry.stack, provider: provider.into(), tasks, http, l4 });
     }
-    Ok(MeshState { services, problems: Vec::new() })
+    Ok(MeshState { services, ..MeshState::default() })
 }
 
 fn parse_task(service: &str, index: usize, t: TaskEntry) -> Result<Task, (Range<usize>, String)> {

@@ -8,16 +8,16 @@
 //! - On a Swarm worker (the Swarm API is refused): the local containers of Swarm tasks,
 //!   grouped by their `com.docker.swarm.service.name` label.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use bollard::models::{ContainerSummary, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, LocalNodeState, TaskState};
-use bollard::query_parameters::{ListContainersOptions, ListTasksOptions};
+use bollard::query_parameters::{InspectNetworkOptions, ListContainersOptions, ListTasksOptions};
 use bollard::Docker;
 
 use super::optin::{self, Defaults, Workload};
 use super::{DockerConfig, NAME};
-use crate::state::{Health, L4Protocol, MeshState, PublishedPort, Service, Task};
+use crate::state::{Health, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
 
 const SWARM_SERVICE: &str = "com.docker.swarm.service.name";
 const SWARM_TASK: &str = "com.docker.swarm.task.id";
@@ -37,6 +37,8 @@ pub struct Discovery {
     inspected: HashMap<String, Inspected>,
     mode: &'static str,
     said_worker: bool,
+    /// The networks of the agent's own container (empty when it runs on the host); read once.
+    agent_networks: Option<BTreeSet<String>>,
 }
 
 /// A container as a task candidate.
@@ -76,10 +78,19 @@ fn networks_of(c: &ContainerSummary) -> BTreeMap<String, IpAddr> {
         .unwrap_or_default()
 }
 
+/// Where the agent itself is attached, to prefer networks it shares with a task.
+#[derive(Default)]
+struct Reach<'a> {
+    configured: Option<&'a str>,
+    agent_networks: Option<&'a BTreeSet<String>>,
+}
+
 /// The network a task is reached on: the one the workload names, else the configured one,
-/// else the first by name (deterministic on every node).
-fn choose_network(networks: &BTreeMap<String, IpAddr>, wanted: Option<&str>, configured: Option<&str>, who: &str, problems: &mut Vec<String>) -> Option<(String, IpAddr)> {
-    for name in [wanted, configured].into_iter().flatten() {
+/// else one the agent shares with it, else the first by name (the same on every node).
+/// Swarm's `ingress` network carries the routing mesh, not service traffic: it is used only
+/// when named.
+fn choose_network(networks: &BTreeMap<String, IpAddr>, wanted: Option<&str>, reach: &Reach<'_>, who: &str, problems: &mut Vec<String>) -> Option<(String, IpAddr)> {
+    for name in [wanted, reach.configured].into_iter().flatten() {
         if let Some(ip) = networks.get(name) {
             return Some((name.to_owned(), *ip));
         }
@@ -87,7 +98,9 @@ fn choose_network(networks: &BTreeMap<String, IpAddr>, wanted: Option<&str>, con
     if let Some(name) = wanted {
         problems.push(format!("{who}: network `{name}` (from its labels) is not one of its networks ({}); using another", networks.keys().cloned().collect::<Vec<_>>().join(", ")));
     }
-    networks.iter().next().map(|(n, ip)| (n.clone(), *ip))
+    let mut candidates = networks.iter().filter(|(n, _)| n.as_str() != "ingress");
+    let shared = reach.agent_networks.and_then(|mine| candidates.clone().find(|(n, _)| mine.contains(*n)));
+    shared.or_else(|| candidates.next()).map(|(n, ip)| (n.clone(), *ip))
 }
 
 impl Discovery {
@@ -98,6 +111,7 @@ impl Discovery {
             inspected: HashMap::new(),
             mode: "containers",
             said_worker: false,
+            agent_networks: None,
         }
     }
 
@@ -123,6 +137,14 @@ impl Discovery {
             self.said_worker = true;
         }
 
+        if self.agent_networks.is_none() {
+            // In a container, the hostname is the container id's prefix.
+            let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            let own = docker.inspect_container(hostname.trim(), None).await.ok();
+            let nets = own.and_then(|c| c.network_settings?.networks).map(|n| n.into_keys().collect()).unwrap_or_default();
+            self.agent_networks = Some(nets);
+        }
+        let reach = Reach { configured: self.network.as_deref(), agent_networks: self.agent_networks.as_ref() };
         let containers = docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
         let live: HashSet<&str> = containers.iter().filter_map(|c| c.id.as_deref()).collect();
         self.inspected.retain(|id, _| live.contains(id.as_str()));
@@ -171,7 +193,7 @@ impl Discovery {
                 .iter()
                 .filter_map(|m| {
                     let who = format!("container `{}`", m.name);
-                    let (network, address) = choose_network(&networks_of(m.summary), opt.network.as_deref(), self.network.as_deref(), &who, &mut problems)?;
+                    let (network, address) = choose_network(&networks_of(m.summary), opt.network.as_deref(), &reach, &who, &mut problems)?;
                     let id = m.summary.labels.as_ref().and_then(|l| l.get(SWARM_TASK)).map_or_else(|| m.name.clone(), |_| m.name.clone());
                     Some(Task { id, address, port: None, node: node.clone(), health: health_of(m.summary.status.as_deref()), network: Some(network) })
                 })
@@ -179,28 +201,33 @@ impl Discovery {
             services.push(Service { name, stack, provider: NAME.into(), tasks, http: opt.routes, l4: Vec::new() });
         }
 
+        let mut nodes = Vec::new();
         if manager {
-            self.swarm_services(docker, &containers, &node, &mut services, &mut problems).await?;
+            nodes = swarm_nodes(docker).await?;
+            self.swarm_services(docker, &containers, &node, &nodes, &reach, &mut services, &mut problems).await?;
         }
-        Ok((MeshState { services, problems: problems.clone() }, problems))
+        Ok((MeshState { services, problems: problems.clone(), nodes }, problems))
     }
 
-    /// Every Swarm service with its running tasks; addresses from local task containers.
+    /// Every Swarm service with its running tasks: addresses from the task's container when it
+    /// runs here, else from the engine's verbose network view.
+    #[allow(clippy::too_many_arguments)] // one call site; the inputs are the resync's own locals
     async fn swarm_services(
         &self,
         docker: &Docker,
         containers: &[ContainerSummary],
         node: &str,
+        nodes: &[Node],
+        reach: &Reach<'_>,
         services: &mut Vec<Service>,
         problems: &mut Vec<String>,
     ) -> Result<(), bollard::errors::Error> {
         let by_id: HashMap<&str, &ContainerSummary> = containers.iter().filter_map(|c| Some((c.id.as_deref()?, c))).collect();
-        let nodes: HashMap<String, String> = docker
-            .list_nodes(None)
-            .await?
-            .into_iter()
-            .filter_map(|n| Some((n.id?, n.description.and_then(|d| d.hostname).unwrap_or_default())))
-            .collect();
+        let nodes: HashMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.name.as_str())).collect();
+        // Task addresses on other nodes come from the verbose inspect of each network the
+        // services attach to (the engine's own view, shared across the cluster by gossip).
+        let mut remote: HashMap<String, BTreeMap<String, IpAddr>> = HashMap::new();
+        let mut inspected_networks = HashSet::new();
         let filters = [("desired-state".to_owned(), vec!["running".to_owned()])].into();
         let tasks = docker.list_tasks(Some(ListTasksOptions { filters: Some(filters) })).await?;
         let mut list = docker.list_services(None).await?;
@@ -215,6 +242,18 @@ impl Discovery {
             let targets: Vec<u16> = ports.iter().filter_map(|p| u16::try_from(p.target_port?).ok()).collect();
             let opt = optin::read(&Workload { env: &env, labels: &labels, exposed_ports: &targets, name: &name }, &self.defaults);
             problems.extend(opt.problems.iter().map(|p| format!("service `{name}`: {p}")));
+            let attached = spec.task_template.as_ref().and_then(|t| t.networks.clone()).or(spec.networks.clone()).unwrap_or_default();
+            for net in attached.iter().filter_map(|n| n.target.clone()) {
+                if inspected_networks.insert(net.clone()) {
+                    // A network that vanished meanwhile only loses its remote addresses.
+                    if let Ok(inspect) = docker.inspect_network(&net, Some(InspectNetworkOptions { verbose: true, scope: None })).await {
+                        let net_name = inspect.name.clone().unwrap_or(net);
+                        for (task, ip) in task_addresses(inspect.services.as_ref()) {
+                            remote.entry(task).or_default().insert(net_name.clone(), ip);
+                        }
+                    }
+                }
+            }
             let l4: Vec<PublishedPort> = ports
                 .iter()
                 .filter_map(|p| {
@@ -239,24 +278,96 @@ impl Discovery {
                     continue;
                 }
                 let task_name = format!("{name}.{}.{}", t.slot.unwrap_or(0), t.id.as_deref().unwrap_or(""));
-                let Some(container) = t
+                let local = t
                     .status
                     .as_ref()
                     .and_then(|s| s.container_status.as_ref())
                     .and_then(|c| c.container_id.as_deref())
-                    .and_then(|cid| by_id.get(cid))
-                else {
-                    // TODO(cluster view): tasks on other nodes need their overlay address from a
-                    // manager-side feed (issue 7); until then only local tasks are routed.
-                    continue;
+                    .and_then(|cid| by_id.get(cid));
+                let (networks, health) = match local {
+                    Some(c) => (networks_of(c), health_of(c.status.as_deref())),
+                    None => (remote.get(&task_name).cloned().unwrap_or_default(), Health::Unknown),
                 };
                 let who = format!("service `{name}` task `{task_name}`");
-                let Some((network, address)) = choose_network(&networks_of(container), opt.network.as_deref(), self.network.as_deref(), &who, problems) else { continue };
-                let task_node = t.node_id.as_ref().and_then(|n| nodes.get(n)).cloned().unwrap_or_else(|| node.to_owned());
-                service_tasks.push(Task { id: task_name, address, port: None, node: task_node, health: health_of(container.status.as_deref()), network: Some(network) });
+                let Some((network, address)) = choose_network(&networks, opt.network.as_deref(), reach, &who, problems) else { continue };
+                let task_node = t.node_id.as_deref().and_then(|n| nodes.get(n)).map_or_else(|| node.to_owned(), |n| (*n).to_owned());
+                service_tasks.push(Task { id: task_name, address, port: None, node: task_node, health, network: Some(network) });
             }
             services.push(Service { name, stack: labels.get(STACK).cloned(), provider: NAME.into(), tasks: service_tasks, http: opt.routes, l4 });
         }
         Ok(())
+    }
+}
+
+/// The Swarm's nodes with their addresses.
+async fn swarm_nodes(docker: &Docker) -> Result<Vec<Node>, bollard::errors::Error> {
+    let mut nodes: Vec<Node> = docker
+        .list_nodes(None)
+        .await?
+        .into_iter()
+        .filter_map(|n| {
+            let status = n.status.as_ref();
+            Some(Node {
+                name: n.description.as_ref().and_then(|d| d.hostname.clone()).unwrap_or_default(),
+                address: status.and_then(|s| s.addr.as_deref()).and_then(|a| a.parse().ok()),
+                manager: n.manager_status.is_some(),
+                ready: status.and_then(|s| s.state.as_ref()) == Some(&bollard::models::NodeState::READY),
+                id: n.id?,
+            })
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(nodes)
+}
+
+/// Task name to address, from a verbose network inspect's `Services` section:
+/// `{"web": {"Tasks": [{"Name": "web.1.abc", "EndpointIP": "10.0.1.5"}]}}`.
+fn task_addresses(services: Option<&HashMap<String, serde_json::Value>>) -> Vec<(String, IpAddr)> {
+    services
+        .into_iter()
+        .flat_map(HashMap::values)
+        .filter_map(|svc| svc.get("Tasks")?.as_array())
+        .flatten()
+        .filter_map(|t| Some((t.get("Name")?.as_str()?.to_owned(), t.get("EndpointIP")?.as_str()?.parse().ok()?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_addresses_from_a_verbose_network_inspect() {
+        let services: HashMap<String, serde_json::Value> = serde_json::from_str(
+            r#"{"web": {"VIP": "10.0.1.2", "Tasks": [{"Name": "web.1.abc", "EndpointIP": "10.0.1.5"}, {"Name": "web.2.def", "EndpointIP": "bogus"}]}, "": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(task_addresses(Some(&services)), vec![("web.1.abc".to_owned(), "10.0.1.5".parse().unwrap())]);
+    }
+
+    #[test]
+    fn health_from_the_status_text() {
+        assert_eq!(health_of(Some("Up 3 minutes (healthy)")), Health::Healthy);
+        assert_eq!(health_of(Some("Up 1 second (health: starting)")), Health::Starting);
+        assert_eq!(health_of(Some("Up 2 hours (unhealthy)")), Health::Unhealthy);
+        assert_eq!(health_of(Some("Up 2 hours")), Health::Unknown);
+    }
+
+    #[test]
+    fn network_choice_prefers_the_label_then_the_setting_then_the_first() {
+        let nets: BTreeMap<String, IpAddr> = [("b".to_owned(), [10, 0, 0, 2].into()), ("a".to_owned(), [10, 0, 0, 1].into())].into();
+        let mut problems = Vec::new();
+        let configured = |c| Reach { configured: Some(c), agent_networks: None };
+        assert_eq!(choose_network(&nets, Some("b"), &configured("a"), "x", &mut problems).unwrap().0, "b");
+        assert_eq!(choose_network(&nets, None, &configured("b"), "x", &mut problems).unwrap().0, "b");
+        assert_eq!(choose_network(&nets, None, &Reach::default(), "x", &mut problems).unwrap().0, "a");
+        let mine: BTreeSet<String> = ["b".to_owned()].into();
+        assert_eq!(choose_network(&nets, None, &Reach { configured: None, agent_networks: Some(&mine) }, "x", &mut problems).unwrap().0, "b");
+        assert!(problems.is_empty());
+        assert_eq!(choose_network(&nets, Some("zzz"), &Reach::default(), "x", &mut problems).unwrap().0, "a");
+        let only_ingress: BTreeMap<String, IpAddr> = [("ingress".to_owned(), [10, 0, 0, 9].into())].into();
+        assert!(choose_network(&only_ingress, None, &Reach::default(), "x", &mut problems).is_none());
+        assert!(choose_network(&only_ingress, Some("ingress"), &Reach::default(), "x", &mut problems).is_some());
+        assert!(problems[0].contains("`zzz`"), "{problems:?}");
     }
 }
