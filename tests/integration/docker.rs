@@ -291,3 +291,22 @@ async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_remova
     docker(&["service", "rm", &service]).await;
     until_status(&mesh, "swarm.docker.test", StatusCode::NOT_FOUND).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_docker_host_is_followed_like_the_socket() {
+    // The engine over TCP (`DOCKER_HOST=tcp://...`, as for a remote manager), relayed to
+    // the local socket.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut engine = UnixStream::connect("/var/run/docker.sock").await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+            });
+        }
+    });
+    let mesh = Mesh::start_docker(|c| c.docker.endpoint = Some(format!("tcp://{addr}"))).await;
+    let c = Container::run("tcp", &["-e", "VIRTUAL_HOST=tcp.docker.test"], 80).await;
+    until_served(&mesh, "tcp.docker.test", "/", &c.id).await;
+}
