@@ -310,3 +310,64 @@ async fn a_tcp_docker_host_is_followed_like_the_socket() {
     let c = Container::run("tcp", &["-e", "VIRTUAL_HOST=tcp.docker.test"], 80).await;
     until_served(&mesh, "tcp.docker.test", "/", &c.id).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_docker_host_with_client_certificates_is_followed() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+
+    // A CA, a server certificate for `localhost` and a client certificate, laid out as the
+    // docker CLI expects them in DOCKER_CERT_PATH (ca.pem, cert.pem, key.pem).
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".into()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["client".into()]).unwrap().signed_by(&client_key, &issuer).unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::write(certs.path().join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(certs.path().join("cert.pem"), client.pem()).unwrap();
+    std::fs::write(certs.path().join("key.pem"), client_key.serialize_pem()).unwrap();
+
+    // A TLS relay in front of the socket that insists on a client certificate from the CA.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into()).build().unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![CertificateDer::from_pem_slice(server.pem().as_bytes()).unwrap()], PrivateKeyDer::from_pem_slice(server_key.serialize_pem().as_bytes()).unwrap())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handshakes = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut engine = UnixStream::connect("/var/run/docker.sock").await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut engine).await;
+            });
+        }
+    });
+
+    // The agent binary, configured only by the variables the docker CLI uses.
+    let mut agent = crate::harness::Binary::spawn_env(
+        &["--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[("DOCKER_HOST", &format!("tcp://localhost:{port}")), ("DOCKER_TLS_VERIFY", "1"), ("DOCKER_CERT_PATH", certs.path().to_str().unwrap())],
+    );
+    let (http, _) = agent.addresses();
+    agent.wait_for_log("following the Docker engine", WAIT);
+    let c = Container::run("tls", &["-e", "VIRTUAL_HOST=tls.docker.test"], 80).await;
+    eventually("served over the TLS engine connection", WAIT, async || {
+        crate::harness::curl(&["-H", "Host: tls.docker.test", &format!("http://{http}/")]).await.1.trim() == c.id
+    })
+    .await;
+    assert!(handshakes.load(Ordering::SeqCst) > 0, "the agent spoke TLS with a client certificate");
+}
