@@ -212,26 +212,22 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             }
         };
         let service = label(&key("service")).map(str::to_owned).or_else(|| (services.len() == 1).then(|| services.iter().next().cloned()).flatten());
-        let svc_key = |s: &str, suffix: &str| format!("traefik.http.services.{s}.loadbalancer.server.{suffix}");
-        let port = match service.as_deref().and_then(|s| label(&svc_key(s, "port")).map(|v| (s, v))) {
-            Some((s, v)) => match parse_port(v) {
-                Ok(p) => p,
-                Err(e) => {
-                    out.problems.push(format!("label `{}`: {e}", svc_key(s, "port")));
-                    continue;
-                }
-            },
-            None => w.default_port(),
+        // A setting of the router's service, parsed; `Err` names the label.
+        let setting = |suffix: &str| -> Option<(String, &str)> {
+            let k = format!("traefik.http.services.{}.loadbalancer.server.{suffix}", service.as_deref()?);
+            let v = label(&k)?;
+            Some((k, v))
         };
-        let protocol = match service.as_deref().and_then(|s| label(&svc_key(s, "scheme")).map(|v| (s, v))) {
-            Some((s, v)) => match parse_proto(v) {
-                Ok(p) => p,
-                Err(e) => {
-                    out.problems.push(format!("label `{}`: {e}", svc_key(s, "scheme")));
-                    continue;
-                }
-            },
-            None => UpstreamProtocol::Http,
+        let parsed = (
+            setting("port").map(|(k, v)| parse_port(v).map_err(|e| format!("label `{k}`: {e}"))).transpose(),
+            setting("scheme").map(|(k, v)| parse_proto(v).map_err(|e| format!("label `{k}`: {e}"))).transpose(),
+        );
+        let (port, protocol) = match parsed {
+            (Ok(port), Ok(protocol)) => (port.unwrap_or_else(|| w.default_port()), protocol.unwrap_or_default()),
+            (Err(e), _) | (_, Err(e)) => {
+                out.problems.push(e);
+                continue;
+            }
         };
         let tls = if label(&key("tls.certresolver")).is_some() { TlsWish::Acme { email: None } } else { TlsWish::None };
         for alt in alternatives {
