@@ -1,35 +1,42 @@
-//! mesh-dns: answers service, task and routed host names for a whole node.
+//! mesh-dns: answers service, task and routed host names for a whole node, and forwards
+//! every other name.
 //!
-//! The server (on hickory-server) arrives with its own issue; this crate already holds the
-//! plain data it will serve, so the agent can convert its state into it.
+//! A library over a plain [`Zone`]: the agent builds the zone from its state and swaps it
+//! in with [`MeshDns::set_zone`]; the server is hickory-server with [`MeshDns`] as its
+//! request handler.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+mod forward;
+mod handler;
+mod zone;
 
-/// Names and their addresses, lower-case, without the trailing dot.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Zone {
-    pub records: BTreeMap<String, Vec<IpAddr>>,
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use forward::{resolv_conf_upstreams, ForwardError, Forwarder};
+pub use handler::{DnsMetrics, MeshDns};
+pub use zone::{Answer, Entry, NameError, Zone, ZoneBuilder};
+
+/// How long a TCP client may stay connected without sending a query.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Serves `handler` on a bound UDP socket and TCP listener until the future is dropped.
+pub async fn serve(handler: Arc<MeshDns>, udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener) -> Result<(), String> {
+    let mut server = hickory_server::Server::new(Shared(handler));
+    server.register_socket(udp);
+    server.register_listener(tcp, TCP_IDLE, 64);
+    server.block_until_done().await.map_err(|e| e.to_string())
 }
 
-impl Zone {
-    /// The addresses of `name` (any case, with or without a trailing dot).
-    #[must_use]
-    pub fn lookup(&self, name: &str) -> Option<&[IpAddr]> {
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        self.records.get(&name).map(Vec::as_slice)
-    }
-}
+/// Lets the agent keep a handle on the handler (to swap zones) while the server owns one.
+struct Shared(Arc<MeshDns>);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lookup_ignores_case_and_trailing_dot() {
-        let mut zone = Zone::default();
-        zone.records.insert("web.mesh.internal".into(), vec![[10, 0, 0, 1].into()]);
-        assert_eq!(zone.lookup("WEB.mesh.internal.").map(<[IpAddr]>::len), Some(1));
-        assert!(zone.lookup("db").is_none());
+#[async_trait::async_trait]
+impl hickory_server::server::RequestHandler for Shared {
+    async fn handle_request<R: hickory_server::server::ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &hickory_server::server::Request,
+        response_handle: R,
+    ) -> hickory_server::server::ResponseInfo {
+        self.0.handle_request::<R, T>(request, response_handle).await
     }
 }

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::dns::{self, DnsConfig};
 use crate::http::endpoint::EndpointRegistry;
 use crate::http::proxy::Proxy;
 use crate::http::router::RouteTable;
@@ -63,6 +64,8 @@ pub enum StartError {
 pub struct RunningAgent {
     pub http_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// mesh-dns's address (UDP and TCP), when it runs.
+    pub dns_addr: Option<SocketAddr>,
     pub hub: Arc<StateHub>,
     pub metrics: Arc<Metrics>,
     pub proxy: Arc<Proxy>,
@@ -90,7 +93,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
 pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
-    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, whoami: whoami_cfg, log: _ } = cfg;
+    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, whoami: whoami_cfg, log: _ } = cfg;
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(StateHub::new());
     let readiness = Arc::new(Readiness::default());
@@ -149,12 +152,51 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         }
     }));
 
+    let dns_addr = match dns_cfg.listen {
+        Some(listen) => Some(start_dns(listen, dns_cfg, &hub, &metrics, &readiness, &mut background).await?),
+        None => None,
+    };
+
     readiness.set("http", true, format!("listening on {http_addr}"));
     let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness: readiness.clone() };
     background.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let http = tokio::spawn(server::serve(http_listener, proxy.clone(), proxy_cfg, shutdown_rx));
-    tracing::info!(http = %http_addr, admin = %admin_addr, "meshgate is serving");
-    Ok(RunningAgent { http_addr, admin_addr, hub, metrics, proxy, readiness, shutdown, http, background })
+    tracing::info!(http = %http_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
+    Ok(RunningAgent { http_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, http, background })
+}
+
+/// Binds mesh-dns (UDP, then TCP on the same port), keeps its zone in step with the hub.
+async fn start_dns(
+    listen: SocketAddr,
+    cfg: DnsConfig,
+    hub: &Arc<StateHub>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<SocketAddr, StartError> {
+    let udp = tokio::net::UdpSocket::bind(listen).await.map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;
+    let addr = udp.local_addr().expect("bound socket has an address");
+    let tcp = bind("DNS over TCP", addr).await?;
+    let upstreams = if cfg.upstreams.is_empty() {
+        mesh_dns::resolv_conf_upstreams(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(), addr.port())
+    } else {
+        cfg.upstreams.clone()
+    };
+    if upstreams.is_empty() {
+        tracing::warn!("dns: no upstream resolver (dns.upstreams is empty and /etc/resolv.conf names none usable): names that are not local get SERVFAIL");
+    }
+    let dns_metrics = mesh_dns::DnsMetrics::register(&metrics.registry).ok();
+    let forwarder = mesh_dns::Forwarder::new(upstreams, cfg.upstream_timeout, cfg.cache_size);
+    let handler = Arc::new(mesh_dns::MeshDns::new(dns::zone_of(&hub.load().state, &cfg), forwarder, cfg.recursion_networks.clone(), dns_metrics));
+    background.push(tokio::spawn(dns::follow(hub.clone(), handler.clone(), cfg)));
+    background.push(tokio::spawn(async move {
+        if let Err(e) = mesh_dns::serve(handler, udp, tcp).await {
+            tracing::error!("dns server stopped: {e}");
+        }
+    }));
+    readiness.set("dns", true, format!("listening on {addr} (UDP and TCP)"));
+    tracing::info!(%addr, "mesh-dns listening");
+    Ok(addr)
 }

@@ -141,6 +141,34 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_DOCKER_RESYNC_INTERVAL", value_name = "DURATION", value_parser = duration, help_heading = "Docker discovery")]
     pub docker_resync_interval: Option<Duration>,
 
+    /// [dns.listen] Run mesh-dns on this address, UDP and TCP (e.g. 0.0.0.0:53)
+    #[arg(long, env = "MESHGATE_DNS_LISTEN", value_name = "ADDR", help_heading = "DNS")]
+    pub dns_listen: Option<SocketAddr>,
+    /// [dns.domain] Cluster domain [default: mesh.internal]
+    #[arg(long, env = "MESHGATE_DNS_DOMAIN", value_name = "DOMAIN", help_heading = "DNS")]
+    pub dns_domain: Option<String>,
+    /// [dns.ttl] TTL of local answers [default: 5s]
+    #[arg(long, env = "MESHGATE_DNS_TTL", value_name = "DURATION", value_parser = duration, help_heading = "DNS")]
+    pub dns_ttl: Option<Duration>,
+    /// [dns.upstreams] Comma-separated resolvers (IP:port) for other names [default: /etc/resolv.conf]
+    #[arg(long, env = "MESHGATE_DNS_UPSTREAMS", value_name = "ADDR,...", value_delimiter = ',', help_heading = "DNS")]
+    pub dns_upstreams: Option<Vec<SocketAddr>>,
+    /// [dns.upstream_timeout] Forwarded queries answer SERVFAIL after this [default: 2s]
+    #[arg(long, env = "MESHGATE_DNS_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = duration, help_heading = "DNS")]
+    pub dns_upstream_timeout: Option<Duration>,
+    /// [dns.cache_size] Forwarded answers cached at most [default: 10000]
+    #[arg(long, env = "MESHGATE_DNS_CACHE_SIZE", value_name = "N", help_heading = "DNS")]
+    pub dns_cache_size: Option<usize>,
+    /// [dns.recursion_networks] Comma-separated clients allowed to have names forwarded
+    #[arg(long, env = "MESHGATE_DNS_RECURSION_NETWORKS", value_name = "CIDR,...", value_delimiter = ',', help_heading = "DNS")]
+    pub dns_recursion_networks: Option<Vec<IpNet>>,
+    /// [dns.answer_routed_hosts] Answer routed HTTP host names with node addresses [default: false]
+    #[arg(long, env = "MESHGATE_DNS_ANSWER_ROUTED_HOSTS", value_name = "BOOL", help_heading = "DNS")]
+    pub dns_answer_routed_hosts: Option<bool>,
+    /// [dns.node_addresses] Comma-separated addresses for routed host names [default: Swarm nodes]
+    #[arg(long, env = "MESHGATE_DNS_NODE_ADDRESSES", value_name = "IP,...", value_delimiter = ',', help_heading = "DNS")]
+    pub dns_node_addresses: Option<Vec<std::net::IpAddr>>,
+
     /// [whoami.listen] Run the whoami demo backend on this address
     #[arg(long, env = "MESHGATE_WHOAMI_LISTEN", value_name = "ADDR", help_heading = "Demo")]
     pub whoami_listen: Option<SocketAddr>,
@@ -189,6 +217,16 @@ impl Overrides {
         set(&mut d.network, self.docker_network.map(Some));
         set(&mut d.debounce, self.docker_debounce);
         set(&mut d.resync_interval, self.docker_resync_interval);
+        let n = &mut c.dns;
+        set(&mut n.listen, self.dns_listen.map(Some));
+        set(&mut n.domain, self.dns_domain);
+        set(&mut n.ttl, self.dns_ttl);
+        set(&mut n.upstreams, self.dns_upstreams);
+        set(&mut n.upstream_timeout, self.dns_upstream_timeout);
+        set(&mut n.cache_size, self.dns_cache_size);
+        set(&mut n.recursion_networks, self.dns_recursion_networks);
+        set(&mut n.answer_routed_hosts, self.dns_answer_routed_hosts);
+        set(&mut n.node_addresses, self.dns_node_addresses);
         set(&mut c.whoami.listen, self.whoami_listen.map(Some));
         set(&mut c.log.format, self.log_format);
         set(&mut c.log.level, self.log_level);

@@ -18,6 +18,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub file: FileProviderConfig,
     pub docker: crate::provider::docker::DockerConfig,
+    pub dns: crate::dns::DnsConfig,
     pub whoami: WhoamiConfig,
     pub log: LogConfig,
 }

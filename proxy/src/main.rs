@@ -33,7 +33,8 @@ fn load_config(cli: Cli) -> anyhow::Result<(Config, bool, bool, bool)> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    // hickory logs every DNS query at info: keep it to warnings unless asked for.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("hickory_server=warn,{}", config.log.level)));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Human => builder.init(),

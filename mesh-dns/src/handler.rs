@@ -1,0 +1,170 @@
+//! The request handler: local names from the [`Zone`] in force, every other name forwarded
+//! (to allowed clients only), with metrics for each answer.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Edns, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::rr::{DNSClass, Record};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use ipnet::IpNet;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::forward::Forwarder;
+use crate::zone::{Answer, Zone};
+
+/// The DNS metrics, registered on the agent's registry.
+pub struct DnsMetrics {
+    queries: IntCounterVec,
+    forwarded: IntCounter,
+    cache_hits: IntCounter,
+    duration: Histogram,
+}
+
+impl DnsMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let queries = IntCounterVec::new(Opts::new("meshgate_dns_queries_total", "DNS queries answered, by query type and response code."), &["type", "rcode"])?;
+        let forwarded = IntCounter::new("meshgate_dns_forwarded_total", "DNS queries sent to an upstream resolver.")?;
+        let cache_hits = IntCounter::new("meshgate_dns_cache_hits_total", "Forwarded names answered from the cache.")?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new("meshgate_dns_request_duration_seconds", "Time to answer a DNS query.")
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5]),
+        )?;
+        registry.register(Box::new(queries.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
+        registry.register(Box::new(cache_hits.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Self { queries, forwarded, cache_hits, duration })
+    }
+}
+
+/// mesh-dns: the zone in force (swapped whole), the forwarder, and who may recurse.
+pub struct MeshDns {
+    zone: ArcSwap<Zone>,
+    forwarder: Forwarder,
+    recursion_allowed: Vec<IpNet>,
+    metrics: Option<DnsMetrics>,
+}
+
+impl MeshDns {
+    #[must_use]
+    pub fn new(zone: Zone, forwarder: Forwarder, recursion_allowed: Vec<IpNet>, metrics: Option<DnsMetrics>) -> Self {
+        Self { zone: ArcSwap::from_pointee(zone), forwarder, recursion_allowed, metrics }
+    }
+
+    /// Swaps in a new zone; queries in flight finish on the old one.
+    pub fn set_zone(&self, zone: Zone) {
+        self.zone.store(Arc::new(zone));
+    }
+
+    fn may_recurse(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.recursion_allowed.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// What to send, decided before the (borrowing) response is built.
+struct Reply {
+    code: ResponseCode,
+    authoritative: bool,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+    additionals: Vec<Record>,
+}
+
+impl Reply {
+    fn error(code: ResponseCode) -> Self {
+        Self { code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new() }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for MeshDns {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+        let started = Instant::now();
+        let queries = request.queries.queries();
+        let recursion = self.may_recurse(request.src().ip());
+        let reply = if request.metadata.op_code != OpCode::Query {
+            Reply::error(ResponseCode::NotImp)
+        } else if queries.len() != 1 {
+            Reply::error(ResponseCode::FormErr)
+        } else if queries[0].query_class() != DNSClass::IN {
+            Reply::error(ResponseCode::NotImp)
+        } else {
+            let query = &queries[0];
+            let zone = self.zone.load();
+            match zone.answer(query.name(), query.query_type()) {
+                Answer::Records(answers) => {
+                    let authorities = if answers.is_empty() { vec![zone.soa().clone()] } else { Vec::new() };
+                    Reply { code: ResponseCode::NoError, authoritative: true, answers, authorities, additionals: Vec::new() }
+                }
+                Answer::NxDomain => Reply { code: ResponseCode::NXDomain, authoritative: true, answers: Vec::new(), authorities: vec![zone.soa().clone()], additionals: Vec::new() },
+                Answer::NotOurs if !recursion => Reply::error(ResponseCode::Refused),
+                Answer::NotOurs => self.forward(query.name(), query.query_type()).await,
+            }
+        };
+
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.response_code = reply.code;
+        metadata.authoritative = reply.authoritative;
+        metadata.recursion_available = recursion;
+        let edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().clamp(512, 1232));
+            e
+        });
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(e) = &edns {
+            builder.edns(e);
+        }
+        let response = builder.build(metadata, reply.answers.iter(), reply.authorities.iter(), std::iter::empty(), reply.additionals.iter());
+        let info = match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not send a DNS response");
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(hickory_server::proto::op::Header { metadata, counts: hickory_server::proto::op::HeaderCounts::default() })
+            }
+        };
+        if let Some(m) = &self.metrics {
+            let qtype = queries.first().map_or_else(|| "none".to_owned(), |q| q.query_type().to_string());
+            m.queries.with_label_values(&[qtype.as_str(), reply.code.to_str()]).inc();
+            m.duration.observe(started.elapsed().as_secs_f64());
+        }
+        info
+    }
+}
+
+impl MeshDns {
+    async fn forward(&self, name: &hickory_server::proto::rr::LowerName, qtype: hickory_server::proto::rr::RecordType) -> Reply {
+        let upstream = if let Some(hit) = self.forwarder.cached(name, qtype) {
+            if let Some(m) = &self.metrics {
+                m.cache_hits.inc();
+            }
+            Ok(hit)
+        } else {
+            if let Some(m) = &self.metrics {
+                m.forwarded.inc();
+            }
+            self.forwarder.resolve(name, qtype).await
+        };
+        match upstream {
+            Ok(u) => {
+                let m = u.aged();
+                Reply { code: u.response_code, authoritative: false, answers: m.answers, authorities: m.authorities, additionals: m.additionals }
+            }
+            Err(e) => {
+                tracing::debug!(%name, %qtype, error = %e, "forwarding failed");
+                Reply::error(ResponseCode::ServFail)
+            }
+        }
+    }
+}
