@@ -64,7 +64,7 @@ impl MeshDns {
     fn may_recurse(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
+            v4 @ IpAddr::V4(_) => v4,
         };
         self.recursion_allowed.iter().any(|n| n.contains(&ip))
     }

@@ -67,10 +67,10 @@ impl ZoneBuilder {
     }
 
     /// Adds addresses to `name` (and `name.<domain>`).
-    pub fn add(&mut self, name: &str, addrs: impl IntoIterator<Item = IpAddr> + Clone) -> Result<&mut Self, NameError> {
+    pub fn add(&mut self, name: &str, addrs: &[IpAddr]) -> Result<&mut Self, NameError> {
         for entry in self.entry(name)? {
-            for addr in addrs.clone() {
-                match addr {
+            for addr in addrs {
+                match *addr {
                     IpAddr::V4(v4) if !entry.v4.contains(&v4) => entry.v4.push(v4),
                     IpAddr::V6(v6) if !entry.v6.contains(&v6) => entry.v6.push(v6),
                     _ => {}
@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn names_bare_and_qualified_case_insensitive() {
         let mut b = ZoneBuilder::new("mesh.internal", 5).unwrap();
-        b.add("Web", ["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "fd00::1".parse().unwrap()]).unwrap();
+        b.add("Web", &["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "fd00::1".parse().unwrap()]).unwrap();
         let zone = b.build();
         for name in ["web.", "WEB.mesh.internal.", "web.MESH.internal."] {
             let Answer::Records(a) = zone.answer(&lower(name), RecordType::A) else { panic!("{name}") };

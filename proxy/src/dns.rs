@@ -72,7 +72,7 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
         }
         for name in &names {
             for n in [name.clone(), format!("tasks.{name}")] {
-                if let Err(e) = zone.add(&n, healthy.iter().copied()) {
+                if let Err(e) = zone.add(&n, &healthy) {
                     skip("service name", &e);
                 }
             }
@@ -87,7 +87,7 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
             }
         }
         for task in svc.tasks.iter().filter(|t| t.health.routable()) {
-            if let Err(e) = zone.add(&task.id, [task.address]) {
+            if let Err(e) = zone.add(&task.id, &[task.address]) {
                 skip("task name", &e);
             }
         }
@@ -101,7 +101,7 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
         for route in state.services.iter().flat_map(|s| &s.http) {
             for host in &route.hosts {
                 if let HostPattern::Exact(h) = host {
-                    if let Err(e) = zone.add(h, nodes.iter().copied()) {
+                    if let Err(e) = zone.add(h, &nodes) {
                         skip("routed host", &e);
                     }
                 }

@@ -4,6 +4,7 @@
 mod harness;
 
 mod admin;
+mod dns;
 mod docker;
 mod lifecycle;
 mod limits;
