@@ -264,7 +264,13 @@ async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_remova
     let network = format!("mgtest-{}-net", std::process::id());
     let _guard = SwarmGuard { created, service: service.clone(), network: network.clone() };
     docker(&["network", "create", "--driver", "bridge", "--scope", "swarm", &network]).await;
-    let mesh = Mesh::start_docker(|_| {}).await;
+    let mesh = Mesh::start_docker(|c| c.dns.listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let dns = mesh.agent.dns_addr.unwrap();
+    // `tasks.<service>` through mesh-dns, as a client in the cluster would ask.
+    let task_addresses = async |service: &str| {
+        let out = Command::new("dig").args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), "+short", &format!("tasks.{service}")]).output().await.unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).count()
+    };
     let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
     docker(&["service", "create", "--detach", "--name", &service, "--replicas", "3", "--publish", "18777:80", "--network", &network, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=swarm.docker.test", IMAGE, "sh", "-c", script]).await;
 
@@ -287,7 +293,9 @@ async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_remova
     assert!(state["nodes"].as_array().unwrap().iter().any(|n| n["manager"] == true && n["ready"] == true), "{}", state["nodes"]);
 
     docker(&["service", "scale", "--detach", &format!("{service}=1")]).await;
+    assert_eq!(task_addresses(&service).await, 3, "mesh-dns answers the three tasks");
     eventually("one replica answers", Duration::from_secs(60), async || distinct(&mesh).await == 1).await;
+    eventually("mesh-dns follows the scale", Duration::from_secs(10), async || task_addresses(&service).await == 1).await;
     docker(&["service", "rm", &service]).await;
     until_status(&mesh, "swarm.docker.test", StatusCode::NOT_FOUND).await;
 }
