@@ -87,8 +87,10 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
             }
         }
         for task in svc.tasks.iter().filter(|t| t.health.routable()) {
-            if let Err(e) = zone.add(&task.id, &[task.address]) {
-                skip("task name", &e);
+            for name in std::iter::once(&task.id).chain(&task.aliases) {
+                if let Err(e) = zone.add(name, &[task.address]) {
+                    skip("task name", &e);
+                }
             }
         }
     }
@@ -139,7 +141,7 @@ mod tests {
 
     #[test]
     fn service_task_and_routed_names() {
-        let task = |id: &str, ip: [u8; 4], health| Task { id: id.into(), address: ip.into(), port: None, node: "n1".into(), health, network: None };
+        let task = |id: &str, ip: [u8; 4], health| Task { id: id.into(), address: ip.into(), port: None, node: "n1".into(), health, network: None, aliases: vec![] };
         let state = MeshState {
             services: vec![Service {
                 name: "shop_web".into(),

@@ -61,6 +61,8 @@ pub struct Task {
     pub health: Health,
     /// The network `address` belongs to, when the provider knows it.
     pub network: Option<String>,
+    /// Other names of the task on that network (Docker network aliases), for mesh-dns.
+    pub aliases: Vec<String>,
 }
 
 impl Task {

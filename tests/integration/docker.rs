@@ -106,7 +106,8 @@ async fn every_opt_in_form_routes_to_its_container_and_removal_unroutes() {
 
     let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
     let services = state["services"].as_array().unwrap();
-    assert!(!services.iter().any(|s| s["name"] == ignored.name.as_str()), "a container without opt-in is not exposed");
+    let routes = state["routes"].as_array().unwrap();
+    assert!(!routes.iter().any(|r| r["service"] == ignored.name.as_str()), "a container without opt-in is not exposed");
     let env_service = services.iter().find(|s| s["name"] == env.name.as_str()).unwrap();
     assert_eq!(env_service["tasks"][0]["network"], "bridge", "the chosen network is shown");
 
@@ -378,4 +379,34 @@ async fn a_tls_docker_host_with_client_certificates_is_followed() {
     })
     .await;
     assert!(handshakes.load(Ordering::SeqCst) > 0, "the agent spoke TLS with a client certificate");
+}
+
+/// Removes a test network on drop.
+struct RemoveNetwork(String);
+
+impl Drop for RemoveNetwork {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker").args(["network", "rm", &self.0]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_dns_answers_container_names_and_network_aliases() {
+    let network = format!("mgtest-{}-alias", std::process::id());
+    docker(&["network", "create", &network]).await;
+    let mesh = Mesh::start_docker(|c| c.dns.listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let dns = mesh.agent.dns_addr.unwrap();
+    let c = Container::run("alias", &["--network", &network, "--network-alias", "db-alias"], 80).await;
+    let _net = RemoveNetwork(network.clone());
+    let ip = docker(&["inspect", &c.name, "--format", &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}")]).await;
+    let ask = async |name: &str| {
+        let out = Command::new("dig").args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), "+short", name]).output().await.unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    eventually("the container name resolves", WAIT, async || ask(&c.name).await == ip).await;
+    assert_eq!(ask("db-alias").await, ip, "the network alias resolves");
+    assert_eq!(ask("db-alias.mesh.internal").await, ip);
+    // Not opted in: answered by DNS, not routed by the proxy.
+    assert_eq!(mesh.get(&c.name, "/").await.0, StatusCode::NOT_FOUND);
+    drop(c);
 }

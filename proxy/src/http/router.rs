@@ -249,6 +249,7 @@ mod tests {
                     node: "n".into(),
                     health: Health::Unknown,
                     network: None,
+                    aliases: vec![],
                 })
                 .collect(),
             http: vec![HttpRoute {

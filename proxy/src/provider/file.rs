@@ -172,6 +172,7 @@ fn parse_task(service: &str, index: usize, t: TaskEntry) -> Result<Task, (Range<
         node: t.node,
         health: t.health,
         network: None,
+        aliases: Vec::new(),
     })
 }
 

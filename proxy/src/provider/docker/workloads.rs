@@ -25,10 +25,13 @@ const STACK: &str = "com.docker.stack.namespace";
 const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 
-/// What never changes for a container: read once with an inspect, then cached.
+/// What the list does not say about a container: read with an inspect, then cached until
+/// the container's set of networks changes (aliases are per network).
 struct Inspected {
     env: BTreeMap<String, String>,
     exposed: Vec<u16>,
+    networks: BTreeSet<String>,
+    aliases: HashMap<String, Vec<String>>,
 }
 
 pub struct Discovery {
@@ -148,13 +151,24 @@ impl Discovery {
         let containers = docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
         let live: HashSet<&str> = containers.iter().filter_map(|c| c.id.as_deref()).collect();
         self.inspected.retain(|id, _| live.contains(id.as_str()));
-        for id in live {
-            if !self.inspected.contains_key(id) {
-                // A container that vanished between list and inspect is simply skipped.
-                if let Ok(c) = docker.inspect_container(id, None).await {
-                    let config = c.config.unwrap_or_default();
-                    self.inspected.insert(id.to_owned(), Inspected { env: env_map(config.env), exposed: ports_of(config.exposed_ports) });
-                }
+        for c in &containers {
+            let Some(id) = c.id.as_deref() else { continue };
+            let networks: BTreeSet<String> = networks_of(c).into_keys().collect();
+            if self.inspected.get(id).is_some_and(|i| i.networks == networks) {
+                continue;
+            }
+            // A container that vanished between list and inspect is simply skipped.
+            if let Ok(inspect) = docker.inspect_container(id, None).await {
+                let short_id = &id[..id.len().min(12)];
+                let aliases = inspect
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(net, ep)| (net, ep.aliases.unwrap_or_default().into_iter().filter(|a| a != short_id).collect()))
+                    .collect();
+                let config = inspect.config.unwrap_or_default();
+                self.inspected.insert(id.to_owned(), Inspected { env: env_map(config.env), exposed: ports_of(config.exposed_ports), networks, aliases });
             }
         }
 
@@ -186,16 +200,16 @@ impl Discovery {
             let labels = first.summary.labels.as_ref().unwrap_or(&empty);
             let opt = optin::read(&Workload { env: &inspected.env, labels, exposed_ports: &inspected.exposed, name: &name }, &self.defaults);
             problems.extend(opt.problems.iter().map(|p| format!("container `{}`: {p}", first.name)));
-            if opt.routes.is_empty() {
-                continue;
-            }
+            // Workloads that did not opt in stay in the state without routes: mesh-dns
+            // answers their names, the proxy exposes nothing of them.
             let tasks = members
                 .iter()
                 .filter_map(|m| {
                     let who = format!("container `{}`", m.name);
                     let (network, address) = choose_network(&networks_of(m.summary), opt.network.as_deref(), &reach, &who, &mut problems)?;
                     let id = m.summary.labels.as_ref().and_then(|l| l.get(SWARM_TASK)).map_or_else(|| m.name.clone(), |_| m.name.clone());
-                    Some(Task { id, address, port: None, node: node.clone(), health: health_of(m.summary.status.as_deref()), network: Some(network) })
+                    let aliases = m.summary.id.as_deref().and_then(|id| self.inspected.get(id)?.aliases.get(&network).cloned()).unwrap_or_default();
+                    Some(Task { id, address, port: None, node: node.clone(), health: health_of(m.summary.status.as_deref()), network: Some(network), aliases })
                 })
                 .collect();
             services.push(Service { name, stack, provider: NAME.into(), tasks, http: opt.routes, l4: Vec::new() });
@@ -269,9 +283,6 @@ impl Discovery {
                     })
                 })
                 .collect();
-            if opt.routes.is_empty() && l4.is_empty() {
-                continue;
-            }
             let mut service_tasks = Vec::new();
             for t in tasks.iter().filter(|t| t.service_id.as_deref() == Some(id.as_str())) {
                 if t.status.as_ref().and_then(|s| s.state.as_ref()) != Some(&TaskState::RUNNING) {
@@ -291,7 +302,8 @@ impl Discovery {
                 let who = format!("service `{name}` task `{task_name}`");
                 let Some((network, address)) = choose_network(&networks, opt.network.as_deref(), reach, &who, problems) else { continue };
                 let task_node = t.node_id.as_deref().and_then(|n| nodes.get(n)).map_or_else(|| node.to_owned(), |n| (*n).to_owned());
-                service_tasks.push(Task { id: task_name, address, port: None, node: task_node, health, network: Some(network) });
+                let aliases = local.and_then(|c| self.inspected.get(c.id.as_deref()?)?.aliases.get(&network).cloned()).unwrap_or_default();
+                service_tasks.push(Task { id: task_name, address, port: None, node: task_node, health, network: Some(network), aliases });
             }
             services.push(Service { name, stack: labels.get(STACK).cloned(), provider: NAME.into(), tasks: service_tasks, http: opt.routes, l4 });
         }
