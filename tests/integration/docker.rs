@@ -394,10 +394,11 @@ impl Drop for RemoveNetwork {
 async fn mesh_dns_answers_container_names_and_network_aliases() {
     let network = format!("mgtest-{}-alias", std::process::id());
     docker(&["network", "create", &network]).await;
+    // Declared before the container, so dropped after it (the network must be empty).
+    let _net = RemoveNetwork(network.clone());
     let mesh = Mesh::start_docker(|c| c.dns.listen = Some("127.0.0.1:0".parse().unwrap())).await;
     let dns = mesh.agent.dns_addr.unwrap();
     let c = Container::run("alias", &["--network", &network, "--network-alias", "db-alias"], 80).await;
-    let _net = RemoveNetwork(network.clone());
     let ip = docker(&["inspect", &c.name, "--format", &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}")]).await;
     let ask = async |name: &str| {
         let out = Command::new("dig").args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), "+short", name]).output().await.unwrap();
