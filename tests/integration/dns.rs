@@ -128,6 +128,8 @@ impl Dnsmasq {
             .args(["--no-daemon", "--bind-interfaces", "--listen-address=127.0.0.1", "--no-resolv", "--no-hosts", "--conf-file=/dev/null"])
             .arg(format!("--port={port}"))
             .args(["--address=/up.test/192.0.2.7", "--address=/gone.test/", "--host-record=ttl.up.test,192.0.2.8", "--local-ttl=60", "--pid-file="])
+            // 100 addresses for one name: too big for a 1232-byte UDP answer.
+            .args((0..100).map(|i| format!("--host-record=big.up.test,198.51.100.{}", i + 1)))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -163,6 +165,10 @@ async fn other_names_are_forwarded_cached_and_refused_to_outsiders() {
     let out = dig(dns, &["ttl.up.test", "A"]).await;
     let ttl: u32 = out.lines().find(|l| l.starts_with("ttl.up.test.")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap();
     assert!(ttl <= 60, "the upstream TTL is honoured: {out}");
+    // The upstream's UDP answer is truncated: the forwarder retries over TCP, and the client
+    // (over TCP to us) gets all 100.
+    let out = dig(dns, &["+tcp", "big.up.test", "A"]).await;
+    assert_eq!(addresses(&out).len(), 100, "{out}");
     let out = dig(dns, &["nothing.gone.test", "A"]).await;
     assert_eq!(status(&out), "NXDOMAIN", "{out}");
 
