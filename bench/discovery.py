@@ -11,7 +11,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, replace_section
+
 SAMPLES = int(os.environ.get("SAMPLES", "20"))
 BURST = int(os.environ.get("BURST", "100"))
 IMAGE = "meshgate-test/busybox:local"
@@ -118,16 +119,7 @@ answers 200, timed from `docker run -d` returning.
 | agent CPU during the burst | {cpu_after - cpu_before:.2f} s |
 | agent RSS with {SAMPLES + BURST} routed containers | {rss / 1024:.1f} MiB |
 """
-        path = os.path.join(ROOT, "bench", "RESULTS.md")
-        text = open(path).read()
-        start = text.find("## Docker discovery:")
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip() + "\n\n" + section
-        open(path, "w").write(text)
-        print(section)
+        replace_section("## Docker discovery:", section)
     finally:
         agent.terminate()
         for chunk in range(0, len(names), 50):

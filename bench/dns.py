@@ -13,7 +13,8 @@ import subprocess
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, replace_section, start, write_file
+
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
 PORTS = {"meshgate": 15401, "dnsmasq": 15402, "unbound": 15403}
@@ -23,19 +24,11 @@ tmp = tempfile.mkdtemp(prefix="meshgate-dnsbench-")
 
 
 def write(name, text):
-    path = os.path.join(tmp, name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return write_file(tmp, name, text)
 
 
 def addr(i):
     return f"10.50.{i // 250}.{i % 250 + 1}"
-
-
-def start(cmd, cpu, env=None):
-    return subprocess.Popen(["taskset", "-c", cpu] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def dnsperf(port, queries):
@@ -119,17 +112,7 @@ def report(results):
             runs = results[name][kind]
             q = med(runs, "qps")
             lines.append(f"| {name} | {kind} | {q:.0f} | {q / base_d:.2f} | {q / base_u:.2f} | {med(runs, 'lat_ms'):.3f} | {sum(r['lost'] for r in runs)} |")
-    section = "\n".join(lines) + "\n"
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
-    text = open(path).read()
-    start = text.find("## DNS:")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    open(path, "w").write(text)
-    print(section)
+    replace_section("## DNS:", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

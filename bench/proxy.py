@@ -18,7 +18,8 @@ import tempfile
 import time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, replace_section, start, write_file
+
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
 RATE = int(os.environ.get("RATE", "4000"))
@@ -32,10 +33,7 @@ tmp = tempfile.mkdtemp(prefix="meshgate-bench-")
 
 
 def write(name, text):
-    path = os.path.join(tmp, name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return write_file(tmp, name, text)
 
 
 def nginx_conf(body):
@@ -73,12 +71,6 @@ tasks = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]
 hosts = ["{HOST}"]
 port = {BACKEND_PORT}
 """
-
-
-def start(cmd, cpu, env=None):
-    full = ["taskset", "-c", cpu] + cmd
-    return subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **(env or {})})
 
 
 def group_pids(proc):
@@ -222,17 +214,7 @@ def report(results, idle, peak):
         runs = results[name]["rate"]
         lines.append(f"| {name} | {med(runs, 'mean'):.2f} | {med(runs, 'cpu_per_100k'):.2f} | {med(runs, 'cpu_per_100k') / base:.2f} | "
                      f"{idle[name] / 1024:.1f} | {peak[name] / 1024:.1f} |")
-    section = "\n".join(lines) + "\n"
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\nEach section names the command that made it.\n\n"
-    start = text.find("## HTTP proxy:")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text += "\n" + section
-    open(path, "w").write(text)
-    print(section)
+    replace_section("## HTTP proxy:", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
