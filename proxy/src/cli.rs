@@ -64,6 +64,11 @@ pub struct Cli {
     #[arg(long)]
     pub print_config: bool,
 
+    /// GET this http:// URL and exit 0 if it answers 200, else 1 (a health check for images
+    /// without curl, e.g. `meshgate --probe http://127.0.0.1:9090/readyz`).
+    #[arg(long, value_name = "URL")]
+    pub probe: Option<String>,
+
     #[command(flatten)]
     pub overrides: Overrides,
 }

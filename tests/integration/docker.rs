@@ -227,23 +227,42 @@ async fn losing_the_engine_keeps_routes_and_reconnecting_resyncs() {
     until_served(&mesh, "loss-a.docker.test", "/", &a.id).await;
 }
 
-/// Leaves the Swarm on drop if the test created it (the machine is left as found).
+/// One Swarm test at a time: they create and leave the Swarm.
+static SWARM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs its cleanup commands, then leaves the Swarm if the test created it (the machine is
+/// left as found).
 struct SwarmGuard {
     created: bool,
-    service: String,
-    network: String,
+    cleanup: Vec<Vec<String>>,
+}
+
+impl SwarmGuard {
+    async fn join() -> Self {
+        let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).await;
+        let created = state != "active";
+        if created {
+            docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).await;
+        }
+        Self { created, cleanup: Vec::new() }
+    }
+
+    fn on_drop(&mut self, args: &[&str]) {
+        self.cleanup.push(args.iter().map(|a| (*a).to_owned()).collect());
+    }
 }
 
 impl Drop for SwarmGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("docker").args(["service", "rm", &self.service]).output();
-        // The network goes once the service's tasks are gone; retry briefly.
-        for _ in 0..150 {
-            let out = std::process::Command::new("docker").args(["network", "rm", &self.network]).output();
-            if out.is_ok_and(|o| o.status.success()) {
-                break;
+        for args in self.cleanup.iter().rev() {
+            // Networks and volumes go once their tasks are gone: retry briefly.
+            for _ in 0..150 {
+                let out = std::process::Command::new("docker").args(args).output();
+                if out.is_ok_and(|o| o.status.success()) || args.first().is_some_and(|a| a != "network" && a != "volume") {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         if self.created {
             let _ = std::process::Command::new("docker").args(["swarm", "leave", "--force"]).output();
@@ -254,17 +273,15 @@ impl Drop for SwarmGuard {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_removal() {
     image().await;
-    let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).await;
-    let created = state != "active";
-    if created {
-        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).await;
-    }
+    let _one_at_a_time = SWARM.lock().await;
+    let mut guard = SwarmGuard::join().await;
     let service = format!("mgtest-{}-svc", std::process::id());
     // Published ports put tasks on the `ingress` overlay, which the host cannot reach; a
     // swarm-scoped bridge network gives them an address the proxy can use.
     let network = format!("mgtest-{}-net", std::process::id());
-    let _guard = SwarmGuard { created, service: service.clone(), network: network.clone() };
     docker(&["network", "create", "--driver", "bridge", "--scope", "swarm", &network]).await;
+    guard.on_drop(&["network", "rm", &network]);
+    guard.on_drop(&["service", "rm", &service]);
     let mesh = Mesh::start_docker(|c| c.dns.listen = Some("127.0.0.1:0".parse().unwrap())).await;
     let dns = mesh.agent.dns_addr.unwrap();
     // `tasks.<service>` through mesh-dns, as a client in the cluster would ask.
@@ -410,4 +427,53 @@ async fn mesh_dns_answers_container_names_and_network_aliases() {
     // Not opted in: answered by DNS, not routed by the proxy.
     assert_eq!(mesh.get(&c.name, "/").await.0, StatusCode::NOT_FOUND);
     drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_file_deploys_the_agent_and_it_routes_a_service() {
+    image().await;
+    let _one_at_a_time = SWARM.lock().await;
+    let id = std::process::id();
+    let tag = format!("meshgate-test/agent:{id}");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let build = Command::new("bash")
+        .args([&format!("{root}/helm-free-deploy/build-image.sh"), env!("CARGO_BIN_EXE_meshgate"), &tag])
+        .output()
+        .await
+        .unwrap();
+    assert!(build.status.success(), "build-image.sh: {}", String::from_utf8_lossy(&build.stderr));
+    let mut guard = SwarmGuard::join().await;
+    guard.on_drop(&["rmi", "-f", &tag]);
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let (http_port, admin_port) = (free_port(), free_port());
+    let stack = format!("mgtest{id}");
+    let deploy = Command::new("docker")
+        .args(["stack", "deploy", "-c", &format!("{root}/helm-free-deploy/stack.yml"), &stack])
+        .env("MESHGATE_IMAGE", &tag)
+        .env("MESHGATE_HTTP_PORT", &http_port)
+        .env("MESHGATE_ADMIN_PORT", &admin_port)
+        .output()
+        .await
+        .unwrap();
+    assert!(deploy.status.success(), "stack deploy: {}", String::from_utf8_lossy(&deploy.stderr));
+    guard.on_drop(&["volume", "rm", &format!("{stack}_certs")]);
+    guard.on_drop(&["stack", "rm", &stack]);
+    let demo = format!("mgtest-{id}-demo");
+    let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
+    docker(&["service", "create", "--detach", "--name", &demo, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=stack.docker.test", IMAGE, "sh", "-c", script]).await;
+    guard.on_drop(&["service", "rm", &demo]);
+
+    let url = format!("http://127.0.0.1:{http_port}/");
+    eventually("the deployed agent routes the demo service", Duration::from_secs(90), async || {
+        let (ok, out) = crate::harness::curl(&["-f", "-H", "Host: stack.docker.test", &url]).await;
+        ok && out.trim().len() == 12
+    })
+    .await;
+    let (ok, out) = crate::harness::curl(&[&format!("http://127.0.0.1:{admin_port}/readyz")]).await;
+    assert!(ok && out.contains("\"ready\": true"), "{out}");
+    eventually("the agent's health check passes", Duration::from_secs(60), async || {
+        docker(&["service", "ps", &format!("{stack}_agent"), "--format", "{{.CurrentState}}"]).await.starts_with("Running")
+            && docker(&["ps", "--filter", &format!("label=com.docker.swarm.service.name={stack}_agent"), "--format", "{{.Status}}"]).await.contains("(healthy)")
+    })
+    .await;
 }
