@@ -70,18 +70,20 @@ impl MeshDns {
     }
 }
 
-/// What to send, decided before the (borrowing) response is built.
-struct Reply {
+/// What to send, decided before the (borrowing) response is built. Local answers borrow
+/// the zone's records; forwarded ones own theirs.
+struct Reply<'a> {
     code: ResponseCode,
     authoritative: bool,
-    answers: Vec<Record>,
-    authorities: Vec<Record>,
-    additionals: Vec<Record>,
+    answers: Vec<&'a Record>,
+    authorities: Vec<&'a Record>,
+    /// A forwarded answer, whose sections are sent as they are.
+    owned: Option<Box<hickory_server::proto::op::Message>>,
 }
 
-impl Reply {
+impl Reply<'_> {
     fn error(code: ResponseCode) -> Self {
-        Self { code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new() }
+        Self { code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), owned: None }
     }
 }
 
@@ -91,6 +93,8 @@ impl RequestHandler for MeshDns {
         let started = Instant::now();
         let queries = request.queries.queries();
         let recursion = self.may_recurse(request.src().ip());
+        // Held for the whole request: local answers borrow its records.
+        let zone = self.zone.load();
         let reply = if request.metadata.op_code != OpCode::Query {
             Reply::error(ResponseCode::NotImp)
         } else if queries.len() != 1 {
@@ -99,13 +103,12 @@ impl RequestHandler for MeshDns {
             Reply::error(ResponseCode::NotImp)
         } else {
             let query = &queries[0];
-            let zone = self.zone.load();
             match zone.answer(query.name(), query.query_type()) {
                 Answer::Records(answers) => {
-                    let authorities = if answers.is_empty() { vec![zone.soa().clone()] } else { Vec::new() };
-                    Reply { code: ResponseCode::NoError, authoritative: true, answers, authorities, additionals: Vec::new() }
+                    let authorities = if answers.is_empty() { vec![zone.soa()] } else { Vec::new() };
+                    Reply { code: ResponseCode::NoError, authoritative: true, answers, authorities, owned: None }
                 }
-                Answer::NxDomain => Reply { code: ResponseCode::NXDomain, authoritative: true, answers: Vec::new(), authorities: vec![zone.soa().clone()], additionals: Vec::new() },
+                Answer::NxDomain => Reply { code: ResponseCode::NXDomain, authoritative: true, answers: Vec::new(), authorities: vec![zone.soa()], owned: None },
                 Answer::NotOurs if !recursion => Reply::error(ResponseCode::Refused),
                 Answer::NotOurs => self.forward(query.name(), query.query_type()).await,
             }
@@ -124,7 +127,15 @@ impl RequestHandler for MeshDns {
         if let Some(e) = &edns {
             builder.edns(e);
         }
-        let response = builder.build(metadata, reply.answers.iter(), reply.authorities.iter(), std::iter::empty(), reply.additionals.iter());
+        let empty = Vec::new();
+        let (own_answers, own_authorities, additionals) = reply.owned.as_deref().map_or((&empty, &empty, &empty), |m| (&m.answers, &m.authorities, &m.additionals));
+        let response = builder.build(
+            metadata,
+            reply.answers.iter().copied().chain(own_answers),
+            reply.authorities.iter().copied().chain(own_authorities),
+            std::iter::empty(),
+            additionals.iter(),
+        );
         let info = match response_handle.send_response(response).await {
             Ok(info) => info,
             Err(e) => {
@@ -144,7 +155,7 @@ impl RequestHandler for MeshDns {
 }
 
 impl MeshDns {
-    async fn forward(&self, name: &hickory_server::proto::rr::LowerName, qtype: hickory_server::proto::rr::RecordType) -> Reply {
+    async fn forward(&self, name: &hickory_server::proto::rr::LowerName, qtype: hickory_server::proto::rr::RecordType) -> Reply<'static> {
         let upstream = if let Some(hit) = self.forwarder.cached(name, qtype) {
             if let Some(m) = &self.metrics {
                 m.cache_hits.inc();
@@ -158,8 +169,7 @@ impl MeshDns {
         };
         match upstream {
             Ok(u) => {
-                let m = u.aged();
-                Reply { code: u.response_code, authoritative: false, answers: m.answers, authorities: m.authorities, additionals: m.additionals }
+                Reply { code: u.response_code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), owned: Some(Box::new(u.aged())) }
             }
             Err(e) => {
                 tracing::debug!(%name, %qtype, error = %e, "forwarding failed");

@@ -17,13 +17,20 @@ pub struct Entry {
 }
 
 /// Every local name, lower-case, each both bare (`web`) and under the cluster domain
-/// (`web.mesh.internal.`).
+/// (`web.mesh.internal.`), with its records built once when the zone is built (a query only
+/// picks references to them).
 #[derive(Clone, Debug)]
 pub struct Zone {
     domain: LowerName,
-    ttl: u32,
-    entries: HashMap<LowerName, Entry>,
+    records: HashMap<LowerName, Records>,
     soa: Record,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Records {
+    a: Vec<Record>,
+    aaaa: Vec<Record>,
+    srv: Vec<Record>,
 }
 
 /// A problem with a name given to the zone builder.
@@ -96,20 +103,37 @@ impl ZoneBuilder {
         let admin = Name::from_str("hostmaster").expect("valid").append_domain(&self.domain).expect("short name");
         // The SOA minimum is the negative-caching TTL (RFC 2308): keep it as short as the answers.
         let soa = SOA::new(ns, admin, 1, 60, 30, 3600, self.ttl);
-        Zone {
-            soa: Record::from_rdata(self.domain.clone(), self.ttl, RData::SOA(soa)),
-            domain: LowerName::from(&self.domain),
-            ttl: self.ttl,
-            entries: self.entries,
-        }
+        let ttl = self.ttl;
+        let records = self
+            .entries
+            .into_iter()
+            .map(|(name, entry)| {
+                let owner = Name::from(&name);
+                let rec = |rdata| Record::from_rdata(owner.clone(), ttl, rdata);
+                let records = Records {
+                    a: entry.v4.iter().map(|ip| rec(RData::A(A(*ip)))).collect(),
+                    aaaa: entry.v6.iter().map(|ip| rec(RData::AAAA(AAAA(*ip)))).collect(),
+                    srv: entry.srv.iter().map(|(port, target)| rec(RData::SRV(SRV::new(0, 10, *port, target.clone())))).collect(),
+                };
+                (name, records)
+            })
+            .collect();
+        Zone { soa: Record::from_rdata(self.domain.clone(), ttl, RData::SOA(soa)), domain: LowerName::from(&self.domain), records }
     }
+}
+
+/// References to `set` in a new random order.
+fn shuffled(set: &[Record]) -> Vec<&Record> {
+    let mut refs: Vec<&Record> = set.iter().collect();
+    fastrand::shuffle(&mut refs);
+    refs
 }
 
 /// What the zone says about a query.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Answer {
+pub enum Answer<'a> {
     /// The name exists; these are its records of the asked type (maybe none: NODATA).
-    Records(Vec<Record>),
+    Records(Vec<&'a Record>),
     /// The name is under the cluster domain and does not exist.
     NxDomain,
     /// Not ours: forward it.
@@ -129,41 +153,37 @@ impl Zone {
 
     #[must_use]
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.records.len()
     }
 
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.records.is_empty()
     }
 
     /// Answers `name`/`qtype`. Addresses come in a new random order on every call, as
     /// Docker's `dnsrr` does, so clients spread over the tasks.
     #[must_use]
-    pub fn answer(&self, name: &LowerName, qtype: RecordType) -> Answer {
-        let Some(entry) = self.entries.get(name) else {
+    pub fn answer(&self, name: &LowerName, qtype: RecordType) -> Answer<'_> {
+        let Some(records) = self.records.get(name) else {
             return if self.domain.zone_of(name) { Answer::NxDomain } else { Answer::NotOurs };
         };
-        let owner = Name::from(name);
-        let mut records = Vec::new();
-        let ttl = self.ttl;
-        if matches!(qtype, RecordType::A | RecordType::ANY) {
-            let mut v4 = entry.v4.clone();
-            fastrand::shuffle(&mut v4);
-            records.extend(v4.into_iter().map(|ip| Record::from_rdata(owner.clone(), ttl, RData::A(A(ip)))));
-        }
-        if matches!(qtype, RecordType::AAAA | RecordType::ANY) {
-            let mut v6 = entry.v6.clone();
-            fastrand::shuffle(&mut v6);
-            records.extend(v6.into_iter().map(|ip| Record::from_rdata(owner.clone(), ttl, RData::AAAA(AAAA(ip)))));
-        }
-        if matches!(qtype, RecordType::SRV | RecordType::ANY) {
-            records.extend(entry.srv.iter().map(|(port, target)| Record::from_rdata(owner.clone(), ttl, RData::SRV(SRV::new(0, 10, *port, target.clone())))));
-        }
+        let mut out = match qtype {
+            RecordType::A => shuffled(&records.a),
+            RecordType::AAAA => shuffled(&records.aaaa),
+            RecordType::SRV => records.srv.iter().collect(),
+            RecordType::ANY => {
+                let mut all = shuffled(&records.a);
+                all.extend(shuffled(&records.aaaa));
+                all.extend(records.srv.iter());
+                all
+            }
+            _ => Vec::new(),
+        };
         if qtype == RecordType::SOA && name == &self.domain {
-            records.push(self.soa.clone());
+            out.push(&self.soa);
         }
-        Answer::Records(records)
+        Answer::Records(out)
     }
 }
 
