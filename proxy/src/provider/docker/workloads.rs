@@ -20,7 +20,6 @@ use super::{DockerConfig, NAME};
 use crate::state::{Health, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
 
 const SWARM_SERVICE: &str = "com.docker.swarm.service.name";
-const SWARM_TASK: &str = "com.docker.swarm.task.id";
 const STACK: &str = "com.docker.stack.namespace";
 const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 const COMPOSE_SERVICE: &str = "com.docker.compose.service";
@@ -207,7 +206,8 @@ impl Discovery {
                 .filter_map(|m| {
                     let who = format!("container `{}`", m.name);
                     let (network, address) = choose_network(&networks_of(m.summary), opt.network.as_deref(), &reach, &who, &mut problems)?;
-                    let id = m.summary.labels.as_ref().and_then(|l| l.get(SWARM_TASK)).map_or_else(|| m.name.clone(), |_| m.name.clone());
+                    // A Swarm task's container is named like the task (`web.1.abc`).
+                    let id = m.name.clone();
                     let aliases = m.summary.id.as_deref().and_then(|id| self.inspected.get(id)?.aliases.get(&network).cloned()).unwrap_or_default();
                     Some(Task { id, address, port: None, node: node.clone(), health: health_of(m.summary.status.as_deref()), network: Some(network), aliases })
                 })
