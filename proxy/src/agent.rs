@@ -12,14 +12,15 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::dns::{self, DnsConfig};
 use crate::http::endpoint::EndpointRegistry;
-use crate::http::proxy::Proxy;
+use crate::http::proxy::{Https, Proxy};
 use crate::http::router::RouteTable;
-use crate::http::server;
+use crate::http::server::{self, Listener};
 use crate::metrics::Metrics;
 use crate::provider::docker;
 use crate::provider::file::{self, RoutesError};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
+use crate::tls::{self, CertResolver, UnknownNames};
 use crate::whoami;
 
 /// The routes of the bundled example: `whoami.localhost` to the built-in whoami backend.
@@ -63,6 +64,8 @@ pub enum StartError {
 /// A running agent; dropping it does not stop it, call [`RunningAgent::shutdown`].
 pub struct RunningAgent {
     pub http_addr: SocketAddr,
+    /// The HTTPS listener's address, when there is one.
+    pub https_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     /// mesh-dns's address (UDP and TCP), when it runs.
     pub dns_addr: Option<SocketAddr>,
@@ -71,7 +74,7 @@ pub struct RunningAgent {
     pub proxy: Arc<Proxy>,
     pub readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
-    http: JoinHandle<()>,
+    servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -80,7 +83,9 @@ impl RunningAgent {
     /// the rest.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
-        let _ = self.http.await;
+        for server in self.servers {
+            let _ = server.await;
+        }
         for task in self.background {
             task.abort();
         }
@@ -93,7 +98,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
 pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
-    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, whoami: whoami_cfg, log: _ } = cfg;
+    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, whoami: whoami_cfg, log: _ } = cfg;
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(StateHub::new());
     let readiness = Arc::new(Readiness::default());
@@ -129,7 +134,31 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         background.push(tokio::spawn(docker::run(docker_cfg, hub.clone(), metrics.clone(), readiness.clone())));
     }
 
-    let proxy = Arc::new(Proxy::new(proxy_cfg.clone(), metrics.clone(), http_addr.port()));
+    // HTTPS: a listener, a resolver swapped whole on certificate changes, the fallback.
+    let https = match tls_cfg.https_listen {
+        Some(addr) => {
+            let listener = bind("HTTPS", addr).await?;
+            let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
+            let resolver = Arc::new(CertResolver::new(fallback));
+            if let Some(dir) = &tls_cfg.certs_dir {
+                // Loaded before serving, so the first handshake already sees them.
+                let loaded = tls::load_dir(dir);
+                for p in &loaded.problems {
+                    tracing::warn!("certificates: {p}; skipped");
+                }
+                resolver.replace(loaded.certs);
+                background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone())));
+            }
+            Some((listener, resolver))
+        }
+        None => None,
+    };
+    let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
+    let proxy = Arc::new(Proxy::new(
+        proxy_cfg.clone(),
+        metrics.clone(),
+        https.as_ref().map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() }),
+    ));
     let registry = Arc::new(EndpointRegistry::new(metrics.backend_up.clone()));
     let default_host = proxy_cfg.default_host.clone();
     let compile = {
@@ -162,9 +191,20 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     background.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let http = tokio::spawn(server::serve(http_listener, proxy.clone(), proxy_cfg, shutdown_rx));
-    tracing::info!(http = %http_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
-    Ok(RunningAgent { http_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, http, background })
+    let mut servers = vec![tokio::spawn(server::serve(
+        http_listener,
+        Listener { port: http_addr.port(), tls: None },
+        proxy.clone(),
+        proxy_cfg.clone(),
+        shutdown_rx.clone(),
+    ))];
+    if let (Some((listener, resolver)), Some(addr)) = (https, https_addr) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver)));
+        servers.push(tokio::spawn(server::serve(listener, Listener { port: addr.port(), tls: Some(acceptor) }, proxy.clone(), proxy_cfg, shutdown_rx)));
+        readiness.set("https", true, format!("listening on {addr}"));
+    }
+    tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
+    Ok(RunningAgent { http_addr, https_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, servers, background })
 }
 
 /// Binds mesh-dns (UDP, then TCP on the same port), keeps its zone in step with the hub.

@@ -113,6 +113,19 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_EJECT_MAX", value_name = "DURATION", value_parser = duration, help_heading = "Proxy")]
     pub eject_max: Option<Duration>,
 
+    /// [tls.https_listen] Address of the HTTPS listener (e.g. 0.0.0.0:443); unset: no HTTPS
+    #[arg(long, env = "MESHGATE_HTTPS_LISTEN", value_name = "ADDR", help_heading = "TLS")]
+    pub https_listen: Option<SocketAddr>,
+    /// [tls.certs_dir] Certificates named <host>.crt/<host>.key (nginx-proxy's layout), watched
+    #[arg(long, env = "MESHGATE_CERTS_DIR", value_name = "DIR", help_heading = "TLS")]
+    pub certs_dir: Option<PathBuf>,
+    /// [tls.unknown_names] self-signed or reject, for names without a certificate [default: self-signed]
+    #[arg(long, env = "MESHGATE_UNKNOWN_NAMES", value_name = "POLICY", help_heading = "TLS")]
+    pub unknown_names: Option<crate::tls::UnknownNames>,
+    /// [tls.poll_interval] How often the certificates directory is checked [default: 1s]
+    #[arg(long, env = "MESHGATE_CERTS_POLL_INTERVAL", value_name = "DURATION", value_parser = duration, help_heading = "TLS")]
+    pub certs_poll_interval: Option<Duration>,
+
     /// [admin.listen] Address of the admin endpoints [default: 127.0.0.1:9090]
     #[arg(long, env = "MESHGATE_ADMIN_LISTEN", value_name = "ADDR", help_heading = "Admin")]
     pub admin_listen: Option<SocketAddr>,
@@ -212,6 +225,11 @@ impl Overrides {
         set(&mut p.eject_base, self.eject_base);
         set(&mut p.eject_max, self.eject_max);
         set(&mut c.admin.listen, self.admin_listen);
+        let t = &mut c.tls;
+        set(&mut t.https_listen, self.https_listen.map(Some));
+        set(&mut t.certs_dir, self.certs_dir.map(Some));
+        set(&mut t.unknown_names, self.unknown_names);
+        set(&mut t.poll_interval, self.certs_poll_interval);
         set(&mut c.file.path, self.routes.map(Some));
         set(&mut c.file.poll_interval, self.routes_poll_interval);
         let d = &mut c.docker;

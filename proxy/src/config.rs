@@ -19,6 +19,7 @@ pub struct Config {
     pub file: FileProviderConfig,
     pub docker: crate::provider::docker::DockerConfig,
     pub dns: crate::dns::DnsConfig,
+    pub tls: crate::tls::TlsConfig,
     pub whoami: WhoamiConfig,
     pub log: LogConfig,
 }

@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod provider;
 pub mod readiness;
 pub mod state;
+pub mod tls;
 pub mod whoami;

@@ -16,7 +16,7 @@ use super::router::{Route, RouteTable};
 use super::server::ConnActivity;
 use crate::config::ProxyConfig;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::state::UpstreamProtocol;
+use crate::state::{HttpsMethod, UpstreamProtocol};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -56,19 +56,44 @@ pub struct Proxy {
     cfg: ProxyConfig,
     metrics: Arc<Metrics>,
     unrouted: RouteMetrics,
-    /// The listener's port, for `X-Forwarded-Port`.
-    port: HeaderValue,
+    /// The HTTPS side, when there is one: where to redirect to, and which hosts have a
+    /// certificate.
+    https: Option<Https>,
+}
+
+/// What the plain-HTTP side needs to know about HTTPS.
+pub struct Https {
+    pub port: u16,
+    pub certs: Arc<crate::tls::CertResolver>,
 }
 
 impl Proxy {
     #[must_use]
-    pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>, listen_port: u16) -> Self {
-        Self {
-            table: ArcSwap::from_pointee(RouteTable::default()),
-            unrouted: metrics.route("none"),
-            cfg,
-            metrics,
-            port: HeaderValue::from(listen_port),
+    pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>, https: Option<Https>) -> Self {
+        Self { table: ArcSwap::from_pointee(RouteTable::default()), unrouted: metrics.route("none"), cfg, metrics, https }
+    }
+
+    /// The answer HTTPS settings give before proxying: a redirect to HTTPS, or a refusal
+    /// (`HTTPS_METHOD=nohttp` / `nohttps`). `None`: proxy the request.
+    fn https_policy(&self, route: &Route, req: &Request<Incoming>, secure: bool) -> Option<Response<ProxyBody>> {
+        match (secure, route.https_method) {
+            (true, HttpsMethod::Nohttps) => Some(local(StatusCode::NOT_FOUND, "meshgate: this host is not served over HTTPS\n".into())),
+            (false, HttpsMethod::Redirect | HttpsMethod::Nohttp) => {
+                let https = self.https.as_ref()?;
+                let host = request_host(req).unwrap_or("");
+                let name = super::router::normalise_host(host);
+                if !https.certs.has_certificate(&name) {
+                    return (route.https_method == HttpsMethod::Nohttp)
+                        .then(|| local(StatusCode::FORBIDDEN, "meshgate: this host is served over HTTPS only\n".into()));
+                }
+                let port = if https.port == 443 { String::new() } else { format!(":{}", https.port) };
+                let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+                let location = format!("https://{name}{port}{path}");
+                let mut resp = local(StatusCode::MOVED_PERMANENTLY, format!("meshgate: moved to {location}\n"));
+                resp.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).ok()?);
+                Some(resp)
+            }
+            _ => None,
         }
     }
 
@@ -79,7 +104,8 @@ impl Proxy {
             conn.mark_http2();
         }
         let upgrade = is_upgrade(&req);
-        prepare_request(&mut req, &conn, &self.port, upgrade);
+        let secure = conn.secure;
+        prepare_request(&mut req, &conn, upgrade);
         let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight);
         let route = {
             let table = self.table.load();
@@ -92,6 +118,10 @@ impl Proxy {
             return resp.map(|b| b.with_guard(guard));
         };
 
+        if let Some(resp) = self.https_policy(&route, &req, secure) {
+            route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
+            return resp.map(|b| b.with_guard(guard));
+        }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
@@ -103,6 +133,9 @@ impl Proxy {
                     }
                 } else {
                     strip_hop_by_hop(resp.headers_mut(), false);
+                }
+                if let (true, Some(hsts)) = (secure, &route.hsts) {
+                    resp.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
                 }
                 resp.map(|body| ProxyBody::upstream(body, guard))
             }
@@ -266,7 +299,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Turns the client's request into the one a task gets: hop-by-hop headers out,
 /// forwarding headers in, `Host` kept (an HTTP/2 client's `:authority` becomes `Host`).
-fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, port: &HeaderValue, upgrade: bool) {
+fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: bool) {
     let host = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
@@ -289,9 +322,9 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, port: &He
         }
     };
     keep_or(&X_REAL_IP, Some(client.client_ip_header.clone()));
-    keep_or(&X_FORWARDED_PROTO, Some(HeaderValue::from_static("http")));
+    keep_or(&X_FORWARDED_PROTO, Some(HeaderValue::from_static(if client.secure { "https" } else { "http" })));
     keep_or(&X_FORWARDED_HOST, host.clone());
-    keep_or(&X_FORWARDED_PORT, Some(port.clone()));
+    keep_or(&X_FORWARDED_PORT, Some(client.port_header.clone()));
     if let Some(host) = host {
         headers.insert(header::HOST, host);
     }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::endpoint::{Endpoint, EndpointRegistry};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::state::{HostPattern, MeshState, UpstreamProtocol};
+use crate::state::{HostPattern, HttpsMethod, MeshState, UpstreamProtocol};
 
 /// One HTTP route with its healthy endpoints.
 pub struct Route {
@@ -24,6 +24,9 @@ pub struct Route {
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub metrics: RouteMetrics,
+    pub https_method: HttpsMethod,
+    /// `Strict-Transport-Security` for HTTPS responses.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 impl Route {
@@ -130,6 +133,8 @@ impl RouteTable {
                     service: svc.name.clone(),
                     path: http.path.clone(),
                     rewrite: http.rewrite.clone(),
+                    https_method: http.https_method,
+                    hsts: http.hsts.as_deref().and_then(|h| http::HeaderValue::from_str(h).ok()),
                     protocol: http.protocol,
                     endpoints,
                 });

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -30,6 +30,10 @@ use crate::config::ProxyConfig;
 /// would serve two purposes; tracking this ourselves keeps them apart (like nginx's
 /// `client_header_timeout` and `keepalive_timeout`) and covers HTTP/2 too.
 pub struct ConnActivity {
+    /// Whether the connection came in over TLS, and the listener's port as a header value
+    /// (for `X-Forwarded-Proto` and `-Port`).
+    pub secure: bool,
+    pub port_header: HeaderValue,
     /// The client's address, and the same as a header value (made once per connection).
     pub client_ip: IpAddr,
     pub client_ip_header: HeaderValue,
@@ -47,8 +51,10 @@ pub struct ConnActivity {
 }
 
 impl ConnActivity {
-    fn new(client_ip: IpAddr, trusted: &[IpNet]) -> Self {
+    fn new(client_ip: IpAddr, trusted: &[IpNet], listener: &Listener) -> Self {
         Self {
+            secure: listener.tls.is_some(),
+            port_header: HeaderValue::from(listener.port),
             client_ip,
             client_ip_header: HeaderValue::from_str(&client_ip.to_string()).expect("an IP is a valid header value"),
             trusted: trusted.iter().any(|n| n.contains(&client_ip)),
@@ -111,13 +117,13 @@ enum Verdict {
     Idle,
 }
 
-/// A TCP stream that tells its [`ConnActivity`] when bytes arrive.
-struct TrackedIo {
-    inner: TcpStream,
+/// A stream (TCP, or TLS over TCP) that tells its [`ConnActivity`] when bytes arrive.
+struct TrackedIo<S> {
+    inner: S,
     activity: Arc<ConnActivity>,
 }
 
-impl AsyncRead for TrackedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -128,7 +134,7 @@ impl AsyncRead for TrackedIo {
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -161,9 +167,16 @@ fn builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// What a listener is: its port, and TLS for HTTPS.
+#[derive(Clone)]
+pub struct Listener {
+    pub port: u16,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// Serves `listener` until `shutdown` turns true, then stops accepting and gives in-flight
 /// requests up to `cfg.shutdown_grace` to finish.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, cfg: ProxyConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, kind: Listener, proxy: Arc<Proxy>, cfg: ProxyConfig, mut shutdown: watch::Receiver<bool>) {
     let builder = Arc::new(builder(&cfg));
     let stop = shutdown.clone();
     let mut connections = JoinSet::new();
@@ -180,7 +193,21 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, cfg: ProxyConfig, m
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                connections.spawn(serve_connection(stream, peer, proxy.clone(), builder.clone(), cfg.clone(), stop.clone()));
+                let (proxy, builder, cfg, stop, kind) = (proxy.clone(), builder.clone(), cfg.clone(), stop.clone(), kind.clone());
+                connections.spawn(async move {
+                    let activity = Arc::new(ConnActivity::new(peer.ip(), &cfg.trusted_networks, &kind));
+                    match &kind.tls {
+                        None => serve_connection(stream, activity, proxy, builder, cfg, stop).await,
+                        Some(acceptor) => {
+                            // The handshake counts as part of the request head: same deadline.
+                            match tokio::time::timeout(cfg.request_head_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => serve_connection(tls, activity, proxy, builder, cfg, stop).await,
+                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        }
+                    }
+                });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = stopped(&mut shutdown) => break,
@@ -199,15 +226,17 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, cfg: ProxyConfig, m
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+async fn serve_connection<S>(
+    stream: S,
+    activity: Arc<ConnActivity>,
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     cfg: ProxyConfig,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let activity = Arc::new(ConnActivity::new(peer.ip(), &cfg.trusted_networks));
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = activity.client_ip;
     let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
     let service = {
         let activity = activity.clone();
