@@ -11,3 +11,4 @@ mod limits;
 mod resilience;
 mod routing;
 mod streaming;
+mod tls;

@@ -206,7 +206,12 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         tls,
         rewrite: h.rewrite.map(Spanned::into_inner),
         https_method: h.https_method,
-        hsts: h.hsts,
+        // As nginx-proxy: HSTS for a year unless turned off.
+        hsts: match h.hsts.as_deref() {
+            Some("off") => None,
+            Some(v) => Some(v.to_owned()),
+            None => Some("max-age=31536000".to_owned()),
+        },
     })
 }
 

@@ -1,0 +1,154 @@
+//! HTTPS with certificates from a directory (nginx-proxy's layout), checked with curl.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+use crate::harness::{curl, eventually, service_with, Backend, Mesh};
+
+/// A test CA that signs host certificates into a directory.
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(dir: &Path) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // A subject of its own: OpenSSL takes a leaf whose issuer equals its subject for
+        // self-signed.
+        params.distinguished_name.push(rcgen::DnType::CommonName, "meshgate test CA");
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        Self { params, key }
+    }
+
+    /// Writes `<file>.crt`/`.key` for `names`; returns the certificate's DER.
+    fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        // Written to temporary names first, then renamed: a watcher never sees half a pair.
+        std::fs::write(dir.join(format!("{file}.key.tmp")), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.crt.tmp")), cert.pem()).unwrap();
+        std::fs::rename(dir.join(format!("{file}.key.tmp")), dir.join(format!("{file}.key"))).unwrap();
+        std::fs::rename(dir.join(format!("{file}.crt.tmp")), dir.join(format!("{file}.crt"))).unwrap();
+        cert.der().to_vec()
+    }
+}
+
+/// curl over HTTPS to `host` at the agent's HTTPS port, trusting the test CA.
+async fn https(mesh: &Mesh, ca: &Path, host: &str, extra: &[&str]) -> (bool, String) {
+    let port = mesh.agent.https_addr.unwrap().port();
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}/");
+    let cacert = ca.join("ca.pem");
+    let mut args = vec!["--resolve", &resolve, "--cacert", cacert.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    curl(&args).await
+}
+
+/// The DER of the certificate the agent presents for `host`.
+async fn presented(mesh: &Mesh, host: &str) -> Vec<u8> {
+    use rustls::pki_types::ServerName;
+    #[derive(Debug)]
+    struct AcceptAll;
+    impl rustls::client::danger::ServerCertVerifier for AcceptAll {
+        fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let config = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll)).with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(mesh.agent.https_addr.unwrap()).await.unwrap();
+    let tls = connector.connect(ServerName::try_from(host.to_owned()).unwrap(), tcp).await.expect("handshake");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_certificates_from_a_directory_redirects_and_hot_swaps() {
+    let web = Backend::start("web").await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    let first = ca.issue(certs.path(), "secure.test", &["secure.test"]);
+    ca.issue(certs.path(), "wild.test", &["wild.test", "*.wild.test"]);
+    let routes = [
+        service_with("web", &["secure.test", "a.wild.test", "plain.test"], "/", "http", &[web.addr.to_string()]),
+    ]
+    .concat();
+    let mesh = Mesh::start_with(&routes, |c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(certs.path().to_owned());
+        c.tls.poll_interval = Duration::from_millis(50);
+    })
+    .await;
+
+    // HTTP/1.1 and HTTP/2 over TLS, verified against the test CA.
+    let (ok, out) = https(&mesh, certs.path(), "secure.test", &["--http1.1", "-w", "\n%{http_version}"]).await;
+    assert!(ok && out.contains("x-forwarded-proto: https") && out.ends_with("\n1.1"), "{out}");
+    let (ok, out) = https(&mesh, certs.path(), "secure.test", &["--http2", "-w", "\n%{http_version}", "-D", "-"]).await;
+    assert!(ok && out.ends_with("\n2"), "HTTP/2 over TLS (ALPN h2): {out}");
+    assert!(out.to_ascii_lowercase().contains("strict-transport-security: max-age="), "HSTS by default: {out}");
+    let (ok, out) = https(&mesh, certs.path(), "a.wild.test", &[]).await;
+    assert!(ok, "a parent domain's certificate covers its subdomains: {out}");
+    let (ok, out) = https(&mesh, certs.path(), "secure.test", &["--tlsv1.1", "--tls-max", "1.1"]).await;
+    assert!(!ok, "TLS 1.1 is refused: {out}");
+
+    // A name without a certificate gets the self-signed fallback: not trusted, but served.
+    let (ok, _) = https(&mesh, certs.path(), "plain.test", &[]).await;
+    assert!(!ok, "the fallback certificate is not trusted");
+    let (ok, out) = https(&mesh, certs.path(), "plain.test", &["-k"]).await;
+    assert!(ok && out.contains("Name: web"), "{out}");
+
+    // Plain HTTP: a host with a certificate is redirected, one without is served.
+    let http = mesh.agent.http_addr;
+    let https_port = mesh.agent.https_addr.unwrap().port();
+    let (_, out) = curl(&["-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", "Host: secure.test", &format!("http://{http}/p?q=1")]).await;
+    assert_eq!(out, format!("301 https://secure.test:{https_port}/p?q=1"));
+    let (_, out) = curl(&["-H", "Host: plain.test", &format!("http://{http}/")]).await;
+    assert!(out.contains("Name: web"), "{out}");
+
+    // Hot swap: a new certificate in the directory is served without a restart, and no
+    // handshake fails while it changes.
+    assert_eq!(presented(&mesh, "secure.test").await, first);
+    let second = ca.issue(certs.path(), "secure.test", &["secure.test"]);
+    eventually("the new certificate is served", Duration::from_secs(10), async || presented(&mesh, "secure.test").await == second).await;
+    for _ in 0..20 {
+        let (ok, out) = https(&mesh, certs.path(), "secure.test", &[]).await;
+        assert!(ok, "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_can_be_refused_at_the_handshake() {
+    let web = Backend::start("web").await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    ca.issue(certs.path(), "known.test", &["known.test"]);
+    let routes = service_with("web", &["known.test", "other.test"], "/", "http", &[web.addr.to_string()]);
+    let mesh = Mesh::start_with(&routes, |c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(certs.path().to_owned());
+        c.tls.unknown_names = meshgate::tls::UnknownNames::Reject;
+    })
+    .await;
+    assert!(https(&mesh, certs.path(), "known.test", &[]).await.0);
+    let (ok, out) = https(&mesh, certs.path(), "other.test", &["-k"]).await;
+    assert!(!ok, "no certificate, no handshake: {out}");
+}
+
