@@ -206,7 +206,7 @@ pub enum UpstreamProtocol {
     /// HTTP/1.1 with keep-alive.
     #[default]
     Http,
-    /// HTTP/1.1 over TLS (not yet supported by the proxy: answered with 502).
+    /// HTTP/1.1 over TLS; the task's certificate is not verified (as nginx-proxy).
     Https,
     /// HTTP/2 without TLS (prior knowledge).
     H2c,

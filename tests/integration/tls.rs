@@ -152,3 +152,39 @@ async fn unknown_names_can_be_refused_at_the_handshake() {
     assert!(!ok, "no certificate, no handshake: {out}");
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_that_speak_https_are_reached_over_tls() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    // A task serving whoami over TLS with a self-signed certificate, as many images do.
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["task.internal".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()], PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let svc = hyper::service::service_fn(move |req| meshgate::whoami::answer(req, peer, "tls-task".into()));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    let mesh = Mesh::start(&service_with("secure", &["tls-task.test"], "/", "https", &[addr.to_string()])).await;
+    for _ in 0..5 {
+        let (status, body) = mesh.get("tls-task.test", "/x").await;
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+        assert!(body.contains("Name: tls-task") && body.contains("GET /x HTTP/1.1"), "{body}");
+    }
+    assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 1, "one pooled TLS connection serves every request");
+}

@@ -40,8 +40,8 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("HTTP handshake failed: {0}")]
     Handshake(hyper::Error),
-    #[error("https upstreams are not supported yet")]
-    TlsUnsupported,
+    #[error("TLS handshake with the task failed: {0}")]
+    Tls(std::io::Error),
 }
 
 /// A connection ready to carry one request.
@@ -139,7 +139,22 @@ impl Endpoint {
                 *self.h2.lock().expect("h2 lock") = Some(sender.clone());
                 Ok(Sender::H2(sender))
             }
-            UpstreamProtocol::Https => Err(ConnectError::TlsUnsupported),
+            UpstreamProtocol::Https => {
+                if let Some(sender) = self.take_idle() {
+                    return Ok(Sender::H1 { sender, reused: true });
+                }
+                let tcp = self.connect(connect_timeout).await?.into_inner();
+                let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
+                let tls = tokio::time::timeout(connect_timeout, crate::tls::upstream::connector().connect(name, tcp))
+                    .await
+                    .map_err(|_| ConnectError::Timeout(connect_timeout))?
+                    .map_err(ConnectError::Tls)?;
+                let (sender, conn) = http1::handshake(TokioIo::new(tls)).await.map_err(ConnectError::Handshake)?;
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+                Ok(Sender::H1 { sender, reused: false })
+            }
         }
     }
 

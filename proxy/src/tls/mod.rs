@@ -3,6 +3,7 @@
 //! (Certificates from ACME arrive with their own work and use the same resolver.)
 
 mod resolver;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
