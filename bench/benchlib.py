@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: pinned processes and RESULTS.md sections."""
 
 import os
+import signal
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,6 +12,15 @@ def start(cmd, cpu, env=None):
     """Starts `cmd` pinned to `cpu` in its own process group (stop it with os.killpg)."""
     return subprocess.Popen(["taskset", "-c", cpu] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def stop_all(procs):
+    """Stops every process group started with `start` (already gone is fine)."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def write_file(folder, name, text):

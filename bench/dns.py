@@ -7,13 +7,12 @@ cache after a warm-up pass."""
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import tempfile
 import time
 
-from benchlib import ROOT, replace_section, start, write_file
+from benchlib import ROOT, replace_section, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
@@ -90,11 +89,7 @@ forward-zone:
                     print(f"round {rnd + 1} {name:8} {kind:9} {r['qps']:>9.0f} q/s avg {r['lat_ms']:.3f} ms lost {r['lost']}", flush=True)
         report(results)
     finally:
-        for p in list(procs.values()) + [upstream]:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_all(list(procs.values()) + [upstream])
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -10,7 +10,6 @@ machine noise hits all proxies alike.
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tempfile
 import time
 import urllib.request
 
-from benchlib import ROOT, replace_section, start, write_file
+from benchlib import ROOT, replace_section, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
@@ -171,11 +170,7 @@ def main():
         peak = {name: rss_kib(p, "VmHWM") for name, p in procs.items()}
         report(results, idle, peak)
     finally:
-        for p in list(procs.values()) + [backend]:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_all(list(procs.values()) + [backend])
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -113,57 +113,41 @@ impl Endpoint {
 
     /// An idle pooled connection, or a new one.
     pub async fn checkout(&self, connect_timeout: Duration) -> Result<Sender, ConnectError> {
-        match self.protocol {
-            UpstreamProtocol::Http => {
-                if let Some(sender) = self.take_idle() {
-                    return Ok(Sender::H1 { sender, reused: true });
-                }
-                let io = self.connect(connect_timeout).await?;
-                let (sender, conn) = http1::handshake(io).await.map_err(ConnectError::Handshake)?;
-                tokio::spawn(async move {
-                    // Errors here are seen by the request that used the connection.
-                    let _ = conn.with_upgrades().await;
-                });
-                Ok(Sender::H1 { sender, reused: false })
+        if self.protocol == UpstreamProtocol::H2c {
+            if let Some(sender) = self.h2.lock().expect("h2 lock").as_ref().filter(|s| !s.is_closed()) {
+                return Ok(Sender::H2(sender.clone()));
             }
-            UpstreamProtocol::H2c => {
-                if let Some(sender) = self.h2.lock().expect("h2 lock").as_ref().filter(|s| !s.is_closed()) {
-                    return Ok(Sender::H2(sender.clone()));
-                }
-                let io = self.connect(connect_timeout).await?;
-                let (sender, conn) =
-                    http2::handshake(TokioExecutor::new(), io).await.map_err(ConnectError::Handshake)?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                *self.h2.lock().expect("h2 lock") = Some(sender.clone());
-                Ok(Sender::H2(sender))
-            }
-            UpstreamProtocol::Https => {
-                if let Some(sender) = self.take_idle() {
-                    return Ok(Sender::H1 { sender, reused: true });
-                }
-                let tcp = self.connect(connect_timeout).await?.into_inner();
-                let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
-                let tls = tokio::time::timeout(connect_timeout, crate::tls::upstream::connector().connect(name, tcp))
-                    .await
-                    .map_err(|_| ConnectError::Timeout(connect_timeout))?
-                    .map_err(ConnectError::Tls)?;
-                let (sender, conn) = http1::handshake(TokioIo::new(tls)).await.map_err(ConnectError::Handshake)?;
-                tokio::spawn(async move {
-                    let _ = conn.with_upgrades().await;
-                });
-                Ok(Sender::H1 { sender, reused: false })
-            }
+            let io = TokioIo::new(self.connect(connect_timeout).await?);
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await.map_err(ConnectError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            *self.h2.lock().expect("h2 lock") = Some(sender.clone());
+            return Ok(Sender::H2(sender));
         }
+        if let Some(sender) = self.take_idle() {
+            return Ok(Sender::H1 { sender, reused: true });
+        }
+        let tcp = self.connect(connect_timeout).await?;
+        let sender = if self.protocol == UpstreamProtocol::Https {
+            let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
+            let tls = tokio::time::timeout(connect_timeout, crate::tls::upstream::connector().connect(name, tcp))
+                .await
+                .map_err(|_| ConnectError::Timeout(connect_timeout))?
+                .map_err(ConnectError::Tls)?;
+            h1_handshake(tls).await?
+        } else {
+            h1_handshake(tcp).await?
+        };
+        Ok(Sender::H1 { sender, reused: false })
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<TokioIo<TcpStream>, ConnectError> {
+    async fn connect(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout(timeout))??;
         stream.set_nodelay(true)?;
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
     fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
@@ -200,6 +184,19 @@ impl Endpoint {
             idle.push((sender, Instant::now()));
         }
     }
+}
+
+/// An HTTP/1.1 connection over `io` (TCP or TLS), driven by its own task.
+async fn h1_handshake<S>(io: S) -> Result<http1::SendRequest<Incoming>, ConnectError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        // Errors here are seen by the request that used the connection.
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 /// Hands out one shared [`Endpoint`] per task and upstream protocol.

@@ -113,9 +113,9 @@ pub async fn run(cfg: DockerConfig, hub: Arc<StateHub>, metrics: Arc<Metrics>, r
         let error = match connect(&endpoint).await {
             Ok(docker) => {
                 backoff = Duration::from_millis(250);
-                let result = session(&docker, &cfg, &mut discovery, &hub, &metrics, &readiness, &up, &mut logged_problems).await;
+                let Err(ended) = session(&docker, &cfg, &mut discovery, &hub, &metrics, &readiness, &up, &mut logged_problems).await;
                 reported = false;
-                tracing::warn!(%endpoint, "lost the Docker engine ({}); the last known routes stay in force; reconnecting", result.unwrap_err());
+                tracing::warn!(%endpoint, "lost the Docker engine ({ended}); the last known routes stay in force; reconnecting");
                 continue_after(&readiness, &up, &endpoint, "engine connection lost; serving the last known routes");
                 None
             }
@@ -156,7 +156,7 @@ async fn session(
     readiness: &Readiness,
     up: &prometheus::IntGauge,
     logged_problems: &mut HashSet<String>,
-) -> Result<(), String> {
+) -> Result<std::convert::Infallible, String> {
     // Subscribe first, then list: nothing that happens in between is missed.
     let filters = [("type".to_owned(), vec!["container".into(), "service".into(), "node".into(), "network".into()])].into();
     let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
