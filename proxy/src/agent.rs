@@ -20,7 +20,8 @@ use crate::provider::docker;
 use crate::provider::file::{self, RoutesError};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
-use crate::tls::{self, CertResolver, UnknownNames};
+use crate::acme::{self, AcmeConfig};
+use crate::tls::{self, CertResolver, CertSource, UnknownNames};
 use crate::whoami;
 
 /// The routes of the bundled example: `whoami.localhost` to the built-in whoami backend.
@@ -98,7 +99,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
 pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
-    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, whoami: whoami_cfg, log: _ } = cfg;
+    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, acme: acme_cfg, whoami: whoami_cfg, log: _ } = cfg;
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(StateHub::new());
     let readiness = Arc::new(Readiness::default());
@@ -142,17 +143,17 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
             let resolver = Arc::new(CertResolver::new(fallback));
             if let Some(dir) = &tls_cfg.certs_dir {
                 // Loaded before serving, so the first handshake already sees them.
-                let loaded = tls::load_dir(dir);
-                for p in &loaded.problems {
-                    tracing::warn!("certificates: {p}; skipped");
-                }
-                resolver.replace(loaded.certs);
-                background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone())));
+                let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);
+                background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone(), CertSource::Files, loaded, Arc::default())));
             }
             Some((listener, resolver))
         }
         None => None,
     };
+    match &https {
+        Some((_, resolver)) if acme_cfg.enabled => start_acme(acme_cfg, tls_cfg.poll_interval, resolver, &hub, &metrics, &readiness, &mut background),
+        _ => background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), acme_cfg.enabled))),
+    }
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
     let proxy = Arc::new(Proxy::new(
         proxy_cfg.clone(),
@@ -205,6 +206,53 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     }
     tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
     Ok(RunningAgent { http_addr, https_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, servers, background })
+}
+
+/// Starts ACME: opens the store, serves what it holds before contacting the CA, watches it
+/// (other agents sharing it write there too) and runs the manager. A store that cannot be
+/// opened leaves HTTPS running with the certificates it has, and says so in `/readyz`.
+fn start_acme(cfg: AcmeConfig, poll: std::time::Duration, resolver: &Arc<CertResolver>, hub: &Arc<StateHub>, metrics: &Arc<Metrics>, readiness: &Readiness, background: &mut Vec<JoinHandle<()>>) {
+    let dir = cfg.storage_dir.clone();
+    let store = match acme::store::Store::open(&dir) {
+        Ok(store) => Arc::new(store),
+        Err(e) => {
+            let why = format!("cannot use acme.storage_dir {}: {e} (create it, make it writable, or point acme.storage_dir elsewhere); no certificates will be ordered", dir.display());
+            tracing::error!("{why}");
+            readiness.set("acme", false, why);
+            return;
+        }
+    };
+    let loaded = tls::load_into(&store.certs_dir(), resolver, CertSource::Acme, None);
+    let reload = Arc::new(tokio::sync::Notify::new());
+    background.push(tokio::spawn(tls::watch_dir(store.certs_dir(), poll, resolver.clone(), CertSource::Acme, loaded, reload.clone())));
+    let directory = cfg.directory_url().to_owned();
+    match acme::Manager::new(cfg, store, resolver.challenges.clone(), metrics.clone(), reload) {
+        Ok(manager) => {
+            background.push(tokio::spawn(Arc::new(manager).run(hub.clone())));
+            readiness.set("acme", true, format!("ordering from {directory}, stored in {}", dir.display()));
+        }
+        Err(why) => {
+            tracing::error!("acme: {why}");
+            readiness.set("acme", false, why);
+        }
+    }
+}
+
+/// Routes that ask for a certificate while ACME cannot run: say so once per host.
+async fn warn_unserved_acme_wishes(hub: Arc<StateHub>, enabled: bool) {
+    let mut told = std::collections::HashSet::new();
+    let mut changes = hub.subscribe();
+    loop {
+        for name in acme::manager::wanted_certificates(&hub.load().state, usize::MAX).into_values().flatten() {
+            if told.insert(name.clone()) {
+                let why = if enabled { "there is no HTTPS listener (set tls.https_listen, e.g. 0.0.0.0:443)" } else { "acme.enabled is false" };
+                tracing::warn!(host = %name, "a route asks for a certificate but {why}; it is served over plain HTTP only");
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Binds mesh-dns (UDP, then TCP on the same port), keeps its zone in step with the hub.

@@ -126,6 +126,37 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_CERTS_POLL_INTERVAL", value_name = "DURATION", value_parser = duration, help_heading = "TLS")]
     pub certs_poll_interval: Option<Duration>,
 
+    /// [acme.enabled] Order certificates for routes that ask for TLS (LETSENCRYPT_HOST, meshgate.tls=acme, a Traefik certresolver) [default: true]
+    #[arg(long = "acme", env = "MESHGATE_ACME", value_name = "BOOL", help_heading = "ACME certificates")]
+    pub acme_enabled: Option<bool>,
+    /// [acme.directory] letsencrypt, letsencrypt-staging, or any RFC 8555 directory URL [default: letsencrypt]
+    #[arg(long, env = "MESHGATE_ACME_DIRECTORY", value_name = "URL", help_heading = "ACME certificates")]
+    pub acme_directory: Option<String>,
+    /// [acme.email] Contact address for the ACME account (expiry warnings)
+    #[arg(long, env = "MESHGATE_ACME_EMAIL", value_name = "ADDRESS", help_heading = "ACME certificates")]
+    pub acme_email: Option<String>,
+    /// [acme.storage_dir] Account, certificates and locks; keep it on a volume [default: /var/lib/meshgate/acme]
+    #[arg(long, env = "MESHGATE_ACME_STORAGE_DIR", value_name = "DIR", help_heading = "ACME certificates")]
+    pub acme_storage_dir: Option<PathBuf>,
+    /// [acme.challenge] http-01 (port 80) or tls-alpn-01 (port 443), tried first [default: http-01]
+    #[arg(long, env = "MESHGATE_ACME_CHALLENGE", value_name = "KIND", help_heading = "ACME certificates")]
+    pub acme_challenge: Option<crate::acme::ChallengeKind>,
+    /// [acme.fallback] Try the other challenge when the first fails [default: true]
+    #[arg(long, env = "MESHGATE_ACME_FALLBACK", value_name = "BOOL", help_heading = "ACME certificates")]
+    pub acme_fallback: Option<bool>,
+    /// [acme.trust_roots] Extra CA certificates (PEM) to trust for the ACME server's HTTPS
+    #[arg(long, env = "MESHGATE_ACME_TRUST_ROOTS", value_name = "FILE", help_heading = "ACME certificates")]
+    pub acme_trust_roots: Option<PathBuf>,
+    /// [acme.eab_kid] External account binding key id (CAs that require one)
+    #[arg(long, env = "MESHGATE_ACME_EAB_KID", value_name = "ID", help_heading = "ACME certificates")]
+    pub acme_eab_kid: Option<String>,
+    /// [acme.eab_hmac_key] External account binding HMAC key, base64url
+    #[arg(long, env = "MESHGATE_ACME_EAB_HMAC_KEY", value_name = "KEY", help_heading = "ACME certificates")]
+    pub acme_eab_hmac_key: Option<String>,
+    /// [acme.renew_before] Renew when this much validity is left [default: a third of the lifetime]
+    #[arg(long, env = "MESHGATE_ACME_RENEW_BEFORE", value_name = "DURATION", value_parser = duration, help_heading = "ACME certificates")]
+    pub acme_renew_before: Option<Duration>,
+
     /// [admin.listen] Address of the admin endpoints [default: 127.0.0.1:9090]
     #[arg(long, env = "MESHGATE_ADMIN_LISTEN", value_name = "ADDR", help_heading = "Admin")]
     pub admin_listen: Option<SocketAddr>,
@@ -230,6 +261,17 @@ impl Overrides {
         set(&mut t.certs_dir, self.certs_dir.map(Some));
         set(&mut t.unknown_names, self.unknown_names);
         set(&mut t.poll_interval, self.certs_poll_interval);
+        let a = &mut c.acme;
+        set(&mut a.enabled, self.acme_enabled);
+        set(&mut a.directory, self.acme_directory);
+        set(&mut a.email, self.acme_email.map(Some));
+        set(&mut a.storage_dir, self.acme_storage_dir);
+        set(&mut a.challenge, self.acme_challenge);
+        set(&mut a.fallback, self.acme_fallback);
+        set(&mut a.trust_roots, self.acme_trust_roots.map(Some));
+        set(&mut a.eab_kid, self.acme_eab_kid.map(Some));
+        set(&mut a.eab_hmac_key, self.acme_eab_hmac_key.map(Some));
+        set(&mut a.renew_before, self.acme_renew_before.map(Some));
         set(&mut c.file.path, self.routes.map(Some));
         set(&mut c.file.poll_interval, self.routes_poll_interval);
         let d = &mut c.docker;

@@ -20,6 +20,7 @@ pub struct Config {
     pub docker: crate::provider::docker::DockerConfig,
     pub dns: crate::dns::DnsConfig,
     pub tls: crate::tls::TlsConfig,
+    pub acme: crate::acme::AcmeConfig,
     pub whoami: WhoamiConfig,
     pub log: LogConfig,
 }
@@ -152,6 +153,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}, line {line}: {message}")]
     Parse { path: PathBuf, line: usize, message: String },
+    #[error("invalid [acme] setting: {message}")]
+    Acme { message: String },
     #[error("invalid setting `{key}` = {value}: {expected}")]
     Invalid { key: &'static str, value: String, expected: &'static str },
 }
@@ -206,6 +209,7 @@ impl Config {
         if p.max_headers == 0 {
             return Err(ConfigError::Invalid { key: "proxy.max_headers", value: "0".into(), expected: "at least 1" });
         }
+        self.acme.validate().map_err(|message| ConfigError::Acme { message })?;
         if let Some(host) = &p.default_host {
             crate::state::HostPattern::parse(host).map_err(|_| ConfigError::Invalid {
                 key: "proxy.default_host",

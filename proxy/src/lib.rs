@@ -4,6 +4,7 @@
 //! [`state::StateHub`]; consumers (the HTTP route table today) compile their own view from
 //! the newest snapshot and swap it in atomically. See `ARCHITECTURE.md` in the shared docs.
 
+pub mod acme;
 pub mod admin;
 pub mod agent;
 pub mod cli;

@@ -4,7 +4,7 @@
 //! [`RouteMetrics`]), so the request path only touches atomics.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -19,6 +19,9 @@ pub struct Metrics {
     pub provider_reloads: IntCounterVec,
     pub provider_reload_rejected: IntCounterVec,
     pub provider_up: IntGaugeVec,
+    pub acme_days_left: GaugeVec,
+    pub acme_issued: IntCounterVec,
+    pub acme_failures: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -64,6 +67,21 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let acme_days_left = GaugeVec::new(
+            Opts::new("meshgate_acme_certificate_days_left", "Days until the stored ACME certificate expires, by certificate (its first host name)."),
+            &["certificate"],
+        )
+        .expect("valid metric");
+        let acme_issued = IntCounterVec::new(
+            Opts::new("meshgate_acme_certificates_issued_total", "Certificates issued or renewed through ACME by this agent."),
+            &["certificate"],
+        )
+        .expect("valid metric");
+        let acme_failures = IntCounterVec::new(
+            Opts::new("meshgate_acme_failures_total", "Failed ACME orders, by certificate and reason (ca_unreachable, rate_limited, challenge_failed, ca_error, storage)."),
+            &["certificate", "reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -73,6 +91,9 @@ impl Metrics {
             Box::new(provider_reloads.clone()),
             Box::new(provider_reload_rejected.clone()),
             Box::new(provider_up.clone()),
+            Box::new(acme_days_left.clone()),
+            Box::new(acme_issued.clone()),
+            Box::new(acme_failures.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -86,6 +107,9 @@ impl Metrics {
             provider_reloads,
             provider_reload_rejected,
             provider_up,
+            acme_days_left,
+            acme_issued,
+            acme_failures,
         }
     }
 

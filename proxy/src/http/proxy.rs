@@ -107,6 +107,17 @@ impl Proxy {
         let secure = conn.secure;
         prepare_request(&mut req, &conn, upgrade);
         let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight);
+        // ACME HTTP-01 validation comes before any routing or redirect.
+        if let (false, Some(https)) = (secure, &self.https) {
+            if req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
+                if let Some(answer) = https.certs.challenges.http_answer(req.uri().path()) {
+                    let mut resp = local(StatusCode::OK, answer);
+                    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                    self.unrouted.observe(resp.status(), started.elapsed().as_secs_f64());
+                    return resp.map(|b| b.with_guard(guard));
+                }
+            }
+        }
         let route = {
             let table = self.table.load();
             table.lookup(request_host(&req).unwrap_or(""), req.uri().path()).cloned()

@@ -201,6 +201,8 @@ pub async fn serve(listener: TcpListener, kind: Listener, proxy: Arc<Proxy>, cfg
                         Some(acceptor) => {
                             // The handshake counts as part of the request head: same deadline.
                             match tokio::time::timeout(cfg.request_head_timeout, acceptor.accept(stream)).await {
+                                // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
+                                Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) => {}
                                 Ok(Ok(tls)) => serve_connection(tls, activity, proxy, builder, cfg, stop).await,
                                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -1,18 +1,21 @@
 //! HTTPS serving: the `[tls]` settings, certificates chosen by SNI through a resolver that
 //! swaps atomically, loaded from a directory named as nginx-proxy names `/etc/nginx/certs`.
-//! (Certificates from ACME arrive with their own work and use the same resolver.)
+//! Certificates ordered through ACME (see [`crate::acme`]) are stored in the same layout and
+//! loaded through the same resolver, as a second source.
 
+pub mod cert_info;
 mod resolver;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
-pub use resolver::{load_dir, CertResolver, LoadedCerts};
+pub use resolver::{certified, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair};
 
 /// What a client gets for a name without a certificate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -52,27 +55,39 @@ pub fn server_config(resolver: Arc<CertResolver>) -> rustls::ServerConfig {
     let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // acme-tls/1 last: only a CA validating TLS-ALPN-01 offers it, and then nothing else.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()];
     config
 }
 
-/// Loads `dir` now, then reloads it whenever a file in it changes; a reload swaps the
-/// certificates in one store, so handshakes in progress are never disturbed.
-pub async fn watch_dir(dir: PathBuf, poll: Duration, resolver: Arc<CertResolver>) {
-    let mut seen = None;
+/// Loads `dir` into `resolver` as `source`; a pair that fails keeps its version from
+/// `previous`. Returns what was loaded, to pass as `previous` next time.
+pub fn load_into(dir: &Path, resolver: &CertResolver, source: CertSource, previous: Option<&LoadedCerts>) -> LoadedCerts {
+    let loaded = load_dir(dir, previous);
+    for p in &loaded.problems {
+        tracing::warn!("certificates: {p}; skipped");
+    }
+    tracing::info!(dir = %dir.display(), certificates = loaded.files.len(), "certificates loaded");
+    resolver.replace(source, loaded.index());
+    loaded
+}
+
+/// Reloads `dir` whenever a file in it changes, or at once when `wake` is notified (the ACME
+/// manager does so after writing). A reload swaps the source's certificates in one store, so
+/// handshakes in progress are never disturbed.
+pub async fn watch_dir(dir: PathBuf, poll: Duration, resolver: Arc<CertResolver>, source: CertSource, mut loaded: LoadedCerts, wake: Arc<Notify>) {
+    let mut seen = Some(resolver::dir_stamp(&dir));
     let mut tick = tokio::time::interval(poll);
     loop {
-        tick.tick().await;
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            () = wake.notified() => true,
+        };
         let stamp = resolver::dir_stamp(&dir);
-        if seen.as_ref() == Some(&stamp) {
+        if !forced && seen.as_ref() == Some(&stamp) {
             continue;
         }
         seen = Some(stamp);
-        let LoadedCerts { certs, problems } = load_dir(&dir);
-        for p in &problems {
-            tracing::warn!("certificates: {p}; skipped");
-        }
-        tracing::info!(dir = %dir.display(), certificates = certs.len(), "certificates loaded");
-        resolver.replace(certs);
+        loaded = load_into(&dir, &resolver, source, Some(&loaded));
     }
 }

@@ -1,8 +1,8 @@
 //! The SNI certificate resolver and the certificate directory loader.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -11,18 +11,33 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use super::cert_info::CertInfo;
+use crate::acme::{Challenges, ACME_TLS_ALPN};
+
+/// Where a set of certificates comes from. On a name both have, `Files` wins: a certificate
+/// the operator put in place overrides one meshgate ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CertSource {
+    Acme,
+    Files,
+}
+
 /// Certificates by lower-case name (`example.com`, or `default`), swapped whole.
 #[derive(Debug)]
 pub struct CertResolver {
     certs: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    /// Each source's newest set; `certs` is their merge. Only `replace` writes, under the lock.
+    sources: Mutex<BTreeMap<CertSource, HashMap<String, Arc<CertifiedKey>>>>,
     fallback: Option<Arc<CertifiedKey>>,
+    /// Answers to TLS-ALPN-01 challenges in progress.
+    pub challenges: Arc<Challenges>,
 }
 
 impl CertResolver {
     /// `fallback` answers names without a certificate (`None`: the handshake fails).
     #[must_use]
     pub fn new(fallback: Option<Arc<CertifiedKey>>) -> Self {
-        Self { certs: ArcSwap::from_pointee(HashMap::new()), fallback }
+        Self { certs: ArcSwap::from_pointee(HashMap::new()), sources: Mutex::default(), fallback, challenges: Arc::default() }
     }
 
     /// A self-signed certificate for names meshgate has no certificate for.
@@ -30,13 +45,18 @@ impl CertResolver {
     pub fn self_signed() -> Arc<CertifiedKey> {
         let key = rcgen::KeyPair::generate().expect("key generation");
         let cert = rcgen::CertificateParams::new(vec!["meshgate.invalid".to_owned()]).expect("valid name").self_signed(&key).expect("self-signing");
-        let der = PrivateKeyDer::try_from(key.serialize_der()).expect("a generated key is valid DER");
-        let signer = rustls::crypto::ring::sign::any_supported_type(&der).expect("a generated key is supported");
-        Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer))
+        Arc::new(certified(cert.der().clone(), &key))
     }
 
-    pub fn replace(&self, certs: HashMap<String, Arc<CertifiedKey>>) {
-        self.certs.store(Arc::new(certs));
+    /// Replaces the certificates of one source and publishes the merge in one store.
+    pub fn replace(&self, source: CertSource, certs: HashMap<String, Arc<CertifiedKey>>) {
+        let mut sources = self.sources.lock().expect("resolver lock poisoned");
+        sources.insert(source, certs);
+        let mut merged = HashMap::new();
+        for set in sources.values() {
+            merged.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        self.certs.store(Arc::new(merged));
     }
 
     /// The certificate for `name`: its own, else the nearest parent domain's (as
@@ -68,20 +88,59 @@ impl CertResolver {
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN)) {
+            // A CA validating TLS-ALPN-01: only the challenge certificate will do.
+            return hello.server_name().and_then(|n| self.challenges.alpn_certificate(n));
+        }
         hello.server_name().and_then(|n| self.find(n)).or_else(|| self.fallback.clone())
     }
 }
 
-/// What a directory held.
+/// A rustls signing key for a generated certificate.
+#[must_use]
+pub fn certified(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> CertifiedKey {
+    let der = PrivateKeyDer::try_from(key.serialize_der()).expect("a generated key is valid DER");
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der).expect("a generated key is supported");
+    CertifiedKey::new(vec![cert], signer)
+}
+
+/// One certificate file with its key, and the names it covers.
+#[derive(Clone, Debug)]
+pub struct LoadedPair {
+    pub key: Arc<CertifiedKey>,
+    pub info: CertInfo,
+}
+
+/// What a directory held: pairs by file name (without `.crt`), and what could not be used.
 #[derive(Debug, Default)]
 pub struct LoadedCerts {
-    pub certs: HashMap<String, Arc<CertifiedKey>>,
+    pub files: BTreeMap<String, LoadedPair>,
     pub problems: Vec<String>,
 }
 
-/// Loads every `<name>.crt` with its `<name>.key` from `dir`.
+impl LoadedCerts {
+    /// Certificates by name: each file under its own name (nginx-proxy's naming) and, where
+    /// no file has that name, under every DNS name it covers (an ACME certificate for
+    /// several host names is one file).
+    #[must_use]
+    pub fn index(&self) -> HashMap<String, Arc<CertifiedKey>> {
+        let mut out: HashMap<String, Arc<CertifiedKey>> = self.files.iter().map(|(n, p)| (n.clone(), p.key.clone())).collect();
+        for pair in self.files.values() {
+            for name in &pair.info.dns_names {
+                if !name.starts_with("*.") {
+                    out.entry(name.clone()).or_insert_with(|| pair.key.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Loads every `<name>.crt` with its `<name>.key` from `dir`. A pair that does not load
+/// (caught half-written, or broken) keeps its version from `previous`, so a certificate that
+/// is being replaced is never missing for a moment.
 #[must_use]
-pub fn load_dir(dir: &Path) -> LoadedCerts {
+pub fn load_dir(dir: &Path, previous: Option<&LoadedCerts>) -> LoadedCerts {
     let mut out = LoadedCerts::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -97,16 +156,22 @@ pub fn load_dir(dir: &Path) -> LoadedCerts {
         }
         let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_ascii_lowercase) else { continue };
         match load_pair(&path, &path.with_extension("key")) {
-            Ok(key) => {
-                out.certs.insert(name, Arc::new(key));
+            Ok(pair) => {
+                out.files.insert(name, pair);
             }
-            Err(e) => out.problems.push(format!("{}: {e}", path.display())),
+            Err(e) => {
+                out.problems.push(format!("{}: {e}", path.display()));
+                if let Some(old) = previous.and_then(|p| p.files.get(&name)) {
+                    out.files.insert(name, old.clone());
+                }
+            }
         }
     }
     out
 }
 
-fn load_pair(crt: &Path, key: &Path) -> Result<CertifiedKey, String> {
+/// Reads a certificate chain and its key, and checks that they belong together.
+pub fn load_pair(crt: &Path, key: &Path) -> Result<LoadedPair, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(crt)
         .map_err(|e| format!("cannot read the certificate: {e}"))?
         .collect::<Result<_, _>>()
@@ -116,9 +181,10 @@ fn load_pair(crt: &Path, key: &Path) -> Result<CertifiedKey, String> {
     }
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| format!("{}: unsupported key: {e}", key.display()))?;
+    let info = CertInfo::parse(&chain[0])?;
     let certified = CertifiedKey::new(chain, signer);
     certified.keys_match().map_err(|e| format!("the key does not match the certificate ({e})"))?;
-    Ok(certified)
+    Ok(LoadedPair { key: Arc::new(certified), info })
 }
 
 /// Names, sizes and times of the files in `dir`: changes when any file does.
@@ -154,16 +220,16 @@ mod tests {
         pair(dir.path(), "shop.example.com", &["shop.example.com"]);
         pair(dir.path(), "example.org", &["example.org", "*.example.org"]);
         std::fs::write(dir.path().join("broken.crt"), "nope").unwrap();
-        let loaded = load_dir(dir.path());
-        assert_eq!(loaded.certs.len(), 2);
+        let loaded = load_dir(dir.path(), None);
+        assert_eq!(loaded.files.len(), 2);
         assert!(loaded.problems[0].contains("broken.crt"), "{:?}", loaded.problems);
         let resolver = CertResolver::new(None);
-        resolver.replace(loaded.certs);
+        resolver.replace(CertSource::Files, loaded.index());
         assert!(resolver.has_certificate("SHOP.example.com"));
         assert!(resolver.has_certificate("a.b.example.org"), "a parent domain's certificate covers subdomains");
         assert!(!resolver.has_certificate("other.example.com"));
         pair(dir.path(), "default", &["default.invalid"]);
-        resolver.replace(load_dir(dir.path()).certs);
+        resolver.replace(CertSource::Files, load_dir(dir.path(), None).index());
         assert!(resolver.has_certificate("anything.test"));
     }
 
@@ -173,8 +239,39 @@ mod tests {
         pair(dir.path(), "a.test", &["a.test"]);
         pair(dir.path(), "b.test", &["b.test"]);
         std::fs::copy(dir.path().join("b.test.key"), dir.path().join("a.test.key")).unwrap();
-        let loaded = load_dir(dir.path());
+        let loaded = load_dir(dir.path(), None);
         assert!(loaded.problems.iter().any(|p| p.contains("does not match")), "{:?}", loaded.problems);
-        assert_eq!(loaded.certs.len(), 1);
+        assert_eq!(loaded.files.len(), 1);
+    }
+
+    #[test]
+    fn a_pair_caught_half_written_keeps_its_previous_version() {
+        let dir = tempfile::tempdir().unwrap();
+        pair(dir.path(), "a.test", &["a.test"]);
+        let first = load_dir(dir.path(), None);
+        let next = tempfile::tempdir().unwrap();
+        pair(next.path(), "a.test", &["a.test"]);
+        // The new key is in place, the new certificate not yet.
+        std::fs::rename(next.path().join("a.test.key"), dir.path().join("a.test.key")).unwrap();
+        let second = load_dir(dir.path(), Some(&first));
+        assert_eq!(second.problems.len(), 1, "{:?}", second.problems);
+        assert!(Arc::ptr_eq(&second.files["a.test"].key, &first.files["a.test"].key));
+        assert!(!load_dir(dir.path(), None).files.contains_key("a.test"));
+    }
+
+    #[test]
+    fn a_certificate_for_several_names_is_found_under_each_and_files_beat_acme() {
+        let dir = tempfile::tempdir().unwrap();
+        pair(dir.path(), "a.test", &["a.test", "www.a.test", "*.wild.test"]);
+        let resolver = CertResolver::new(None);
+        resolver.replace(CertSource::Acme, load_dir(dir.path(), None).index());
+        assert!(resolver.has_certificate("www.a.test"));
+        assert!(!resolver.has_certificate("x.wild.test"), "wildcard SANs are not indexed");
+        let acme = resolver.find("a.test").unwrap();
+        let files = tempfile::tempdir().unwrap();
+        pair(files.path(), "a.test", &["a.test"]);
+        resolver.replace(CertSource::Files, load_dir(files.path(), None).index());
+        assert!(!Arc::ptr_eq(&resolver.find("a.test").unwrap(), &acme), "the operator's file wins");
+        assert!(Arc::ptr_eq(&resolver.find("www.a.test").unwrap(), &acme));
     }
 }

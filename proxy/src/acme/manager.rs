@@ -1,0 +1,345 @@
+//! Keeps every wanted certificate present and fresh: one task per certificate, started and
+//! stopped as routes come and go, each with its own schedule and backoff, so a failing name
+//! never delays another one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use instant_acme::{Account, CertificateIdentifier, NewAccount};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::client::AcmeHttp;
+use super::order::{self, Failure, Issued, Reason};
+use super::schedule::{self, Backoff};
+use super::store::{Store, Stored};
+use super::{AcmeConfig, Challenges};
+use crate::metrics::Metrics;
+use crate::state::{HostPattern, MeshState, StateHub, TlsWish};
+use crate::tls::LoadedPair;
+
+/// A task wakes at least this often, to refresh its days-left gauge and to notice a
+/// certificate another agent sharing the store wrote.
+const RECHECK: Duration = Duration::from_secs(60);
+/// How often an agent that finds the lock held looks again.
+const LOCK_POLL: Duration = Duration::from_millis(500);
+/// One order attempt (both challenge kinds included) is given up after this long.
+const ORDER_DEADLINE: Duration = Duration::from_secs(300);
+
+pub struct Manager {
+    cfg: AcmeConfig,
+    store: Arc<Store>,
+    challenges: Arc<Challenges>,
+    metrics: Arc<Metrics>,
+    http: AcmeHttp,
+    /// Tells the certificate directory watcher to reload now.
+    reload: Arc<Notify>,
+    /// The account's credentials (JSON), once loaded or created.
+    account: tokio::sync::Mutex<Option<String>>,
+    /// Set once the CA answered that it has no renewal information (RFC 9773).
+    no_ari: AtomicBool,
+}
+
+impl Manager {
+    pub fn new(cfg: AcmeConfig, store: Arc<Store>, challenges: Arc<Challenges>, metrics: Arc<Metrics>, reload: Arc<Notify>) -> Result<Self, String> {
+        let http = AcmeHttp::new(cfg.trust_roots.as_deref(), cfg.request_timeout)?;
+        challenges.share_through(store.challenges_dir());
+        Ok(Self { cfg, store, challenges, metrics, http, reload, account: tokio::sync::Mutex::new(None), no_ari: AtomicBool::new(false) })
+    }
+
+    /// Follows the state: starts a task for each newly wanted certificate, stops the task of
+    /// one no longer wanted (an order in flight is abandoned; its lock is released).
+    pub async fn run(self: Arc<Self>, hub: Arc<StateHub>) {
+        let mut changes = hub.subscribe();
+        let mut running: HashMap<String, (Vec<String>, JoinHandle<()>)> = HashMap::new();
+        loop {
+            let wanted = wanted_certificates(&hub.load().state, self.cfg.max_names);
+            running.retain(|primary, (names, task)| {
+                let keep = wanted.get(primary) == Some(names);
+                if !keep {
+                    task.abort();
+                    self.metrics.acme_days_left.remove_label_values(&[primary.as_str()]).ok();
+                    tracing::info!(certificate = %primary, "acme: no longer wanted as it was; its task stopped");
+                }
+                keep
+            });
+            for (primary, names) in wanted {
+                if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(primary) {
+                    let task = tokio::spawn(self.clone().keep(slot.key().clone(), names.clone()));
+                    slot.insert((names, task));
+                }
+            }
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+        for (_, (_, task)) in running {
+            task.abort();
+        }
+    }
+
+    /// Keeps one certificate: orders it when missing or not covering its names, renews it
+    /// when due, backs off after failures while the old certificate stays served.
+    async fn keep(self: Arc<Self>, primary: String, names: Vec<String>) {
+        let mut backoff = Backoff::new(self.cfg.retry_base, self.cfg.retry_max);
+        let mut last_failure: Option<Reason> = None;
+        let jitter = fastrand::f64();
+        let mut ari: Option<(SystemTime, SystemTime)> = None;
+        loop {
+            let current = self.current(&primary, &names);
+            let now = SystemTime::now();
+            if let Some(pair) = &current {
+                self.metrics.acme_days_left.with_label_values(&[&primary]).set(pair.info.remaining(now).as_secs_f64() / 86400.0);
+            }
+            let due = match &current {
+                Some(pair) => self.due(pair, jitter, &mut ari).await,
+                None => now,
+            };
+            if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                tokio::time::sleep(wait.min(RECHECK)).await;
+                continue;
+            }
+            let lock = match self.store.try_lock(&primary) {
+                Ok(Some(lock)) => lock,
+                Ok(None) => {
+                    tracing::debug!(certificate = %primary, "acme: another agent is ordering this certificate; waiting for its result");
+                    tokio::time::sleep(LOCK_POLL).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(&primary, &names, Failure::new(Reason::Storage, format!("cannot take the lock: {e}")), &mut backoff, &mut last_failure, current.is_some()).await;
+                    continue;
+                }
+            };
+            // While this agent waited for the lock, another may have renewed it.
+            if let Some(fresh) = self.current(&primary, &names) {
+                if current.as_ref().is_none_or(|c| fresh.info.not_after > c.info.not_after) {
+                    continue;
+                }
+            }
+            let started = Instant::now();
+            let result = self.issue(&names).await.and_then(|issued| {
+                self.store.write_cert(&primary, &issued.chain_pem, &issued.key_pem).map_err(|e| Failure::new(Reason::Storage, format!("cannot write the certificate: {e}")))
+            });
+            drop(lock);
+            match result {
+                Ok(()) => {
+                    self.reload.notify_one();
+                    self.metrics.acme_issued.with_label_values(&[&primary]).inc();
+                    backoff.succeeded();
+                    last_failure = None;
+                    ari = None;
+                    let what = if current.is_some() { "renewed" } else { "issued" };
+                    tracing::info!(certificate = %primary, names = %names.join(","), took_ms = started.elapsed().as_millis() as u64, "acme: certificate {what}");
+                }
+                Err(failure) => self.failed(&primary, &names, failure, &mut backoff, &mut last_failure, current.is_some()).await,
+            }
+        }
+    }
+
+    /// The stored certificate for `primary` if it covers `names`; a corrupt one is set aside.
+    fn current(&self, primary: &str, names: &[String]) -> Option<LoadedPair> {
+        match self.store.load_cert(primary) {
+            Stored::Usable(pair) if pair.info.covers(names) => Some(pair),
+            Stored::Usable(_) | Stored::Missing => None,
+            Stored::Corrupt(why) => {
+                let moved = self.store.set_aside_cert(primary);
+                tracing::warn!(certificate = %primary, moved_to = ?moved, "acme: stored certificate is unusable ({why}); set aside, ordering a new one");
+                None
+            }
+        }
+    }
+
+    /// Counts, logs (once per reason in a row) and waits out a failure.
+    async fn failed(&self, primary: &str, names: &[String], failure: Failure, backoff: &mut Backoff, last: &mut Option<Reason>, serving: bool) {
+        self.metrics.acme_failures.with_label_values(&[primary, failure.reason.label()]).inc();
+        let wait = backoff.failed(failure.retry_after, SystemTime::now());
+        let serving = if serving { "the current certificate stays served" } else { "the fallback certificate is served meanwhile" };
+        if *last == Some(failure.reason) {
+            tracing::debug!(certificate = %primary, reason = failure.reason.label(), retry_in = ?wait, "acme: still failing: {}", failure.detail);
+        } else {
+            tracing::warn!(certificate = %primary, names = %names.join(","), reason = failure.reason.label(), retry_in = ?wait,
+                "acme: cannot get a certificate: {}; {serving}", failure.detail);
+        }
+        *last = Some(failure.reason);
+        tokio::time::sleep(wait).await;
+    }
+
+    /// When `pair` is due: `acme.renew_before` if set, else the CA's renewal window (RFC
+    /// 9773) if it offers one, else two thirds of the lifetime.
+    async fn due(&self, pair: &LoadedPair, jitter: f64, ari: &mut Option<(SystemTime, SystemTime)>) -> SystemTime {
+        let standard = schedule::renewal_time(pair.info.not_before, pair.info.not_after, self.cfg.renew_before, jitter);
+        if self.cfg.renew_before.is_some() || self.no_ari.load(Ordering::Relaxed) {
+            return standard;
+        }
+        let now = SystemTime::now();
+        if let Some((due, recheck)) = *ari {
+            if now < recheck {
+                return due;
+            }
+        }
+        match self.renewal_info(pair, jitter).await {
+            Ok((due, recheck)) => {
+                *ari = Some((due, recheck));
+                due
+            }
+            Err(None) => {
+                self.no_ari.store(true, Ordering::Relaxed);
+                standard
+            }
+            Err(Some(e)) => {
+                tracing::debug!("acme: renewal information unavailable ({e}); using two thirds of the lifetime");
+                *ari = Some((standard, now + RECHECK * 10));
+                standard
+            }
+        }
+    }
+
+    /// The CA's suggested renewal time and when to ask again. `Err(None)`: not supported.
+    async fn renewal_info(&self, pair: &LoadedPair, jitter: f64) -> Result<(SystemTime, SystemTime), Option<String>> {
+        let id = CertificateIdentifier::try_from(&pair.key.cert[0]).map_err(Some)?;
+        let account = self.account(self.http.for_order()).await.map_err(|f| Some(f.to_string()))?;
+        match account.renewal_info(&id).await {
+            Ok((info, ask_again)) => {
+                let at = |unix: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+                let window = &info.suggested_window;
+                let due = schedule::in_window(at(window.start.unix_timestamp()), at(window.end.unix_timestamp()), jitter);
+                Ok((due, SystemTime::now() + ask_again.clamp(RECHECK, Duration::from_secs(86400))))
+            }
+            Err(instant_acme::Error::Unsupported(_)) => Err(None),
+            Err(e) => Err(Some(e.to_string())),
+        }
+    }
+
+    /// One order for `names`: the configured challenge, then (if allowed) the other one.
+    async fn issue(&self, names: &[String]) -> Result<Issued, Failure> {
+        let http = self.http.for_order();
+        let attempt = async {
+            let account = self.account(http.clone()).await?;
+            let first = self.cfg.challenge;
+            match order::order(&account, names, first, &self.challenges).await {
+                Err(f) if f.reason == Reason::ChallengeFailed && self.cfg.fallback => {
+                    tracing::info!(names = %names.join(","), "acme: {} failed ({}); trying {}", first.label(), f.detail, first.other().label());
+                    order::order(&account, names, first.other(), &self.challenges).await
+                }
+                other => other,
+            }
+        };
+        let result = tokio::time::timeout(ORDER_DEADLINE, attempt)
+            .await
+            .unwrap_or_else(|_| Err(Failure::new(Reason::CaUnreachable, format!("the order took longer than {ORDER_DEADLINE:?}"))));
+        result.map_err(|mut f| {
+            f.retry_after = f.retry_after.or(http.retry_after());
+            f
+        })
+    }
+
+    /// The ACME account: loaded from the store, else created once (under a lock, so agents
+    /// sharing the store create one account between them) and stored.
+    async fn account(&self, http: AcmeHttp) -> Result<Account, Failure> {
+        let url = self.cfg.directory_url().to_owned();
+        let mut slot = self.account.lock().await;
+        loop {
+            if slot.is_none() {
+                match self.store.load_account(&url) {
+                    Ok(creds) => *slot = creds.map(|c| serde_json::to_string(&c).expect("credentials serialize")),
+                    Err(e) => tracing::warn!("acme: {e}"),
+                }
+            }
+            if let Some(json) = slot.as_deref() {
+                let creds = serde_json::from_str(json).expect("credentials round-trip");
+                return Account::builder_with_http(Box::new(http)).from_credentials(creds).await.map_err(|e| Failure::from_acme(&e));
+            }
+            match self.store.try_lock("account") {
+                Ok(Some(_lock)) => {
+                    if self.store.load_account(&url).ok().flatten().is_some() {
+                        continue;
+                    }
+                    let contact = self.cfg.email.as_ref().map(|e| format!("mailto:{e}"));
+                    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                    let eab = self.cfg.external_account().map_err(|e| Failure::new(Reason::CaError, e))?;
+                    let new = NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false };
+                    let (account, creds) = Account::builder_with_http(Box::new(http)).create(&new, url.clone(), eab.as_ref()).await.map_err(|e| Failure::from_acme(&e))?;
+                    self.store.save_account(&url, &creds).map_err(|e| Failure::new(Reason::Storage, format!("cannot store the new account: {e}")))?;
+                    tracing::info!(directory = %url, account = %account.id(), "acme: account created and stored");
+                    *slot = Some(serde_json::to_string(&creds).expect("credentials serialize"));
+                    return Ok(account);
+                }
+                Ok(None) => tokio::time::sleep(LOCK_POLL).await,
+                Err(e) => return Err(Failure::new(Reason::Storage, format!("cannot take the account lock: {e}"))),
+            }
+        }
+    }
+}
+
+/// The certificates the state asks for, by primary name (the first host): per service, the
+/// exact host names of its routes that want ACME, in order, at most `max_names` per
+/// certificate. A name claimed by an earlier service is not ordered twice. Wildcards and
+/// regexes need DNS-01, which meshgate does not do: they are left out.
+#[must_use]
+pub fn wanted_certificates(state: &MeshState, max_names: usize) -> BTreeMap<String, Vec<String>> {
+    let mut claimed = HashSet::new();
+    let mut out = BTreeMap::new();
+    for svc in &state.services {
+        let mut names = Vec::new();
+        for route in svc.http.iter().filter(|r| matches!(r.tls, TlsWish::Acme { .. })) {
+            for host in &route.hosts {
+                match host {
+                    HostPattern::Exact(h) if claimed.insert(h.clone()) => names.push(h.clone()),
+                    HostPattern::Exact(_) => {}
+                    other => tracing::debug!(service = %svc.name, host = %other, "acme: only exact host names get certificates (wildcards need DNS-01)"),
+                }
+            }
+        }
+        for chunk in names.chunks(max_names.max(1)) {
+            out.insert(chunk[0].clone(), chunk.to_vec());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{HttpRoute, HttpsMethod, Service, UpstreamProtocol};
+
+    fn svc(name: &str, hosts: &[&str], acme: bool) -> Service {
+        Service {
+            name: name.into(),
+            stack: None,
+            provider: "t".into(),
+            tasks: vec![],
+            http: vec![HttpRoute {
+                hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+                path: "/".into(),
+                port: 80,
+                protocol: UpstreamProtocol::Http,
+                tls: if acme { TlsWish::Acme { email: None } } else { TlsWish::None },
+                rewrite: None,
+                https_method: HttpsMethod::Redirect,
+                hsts: None,
+            }],
+            l4: vec![],
+        }
+    }
+
+    #[test]
+    fn one_certificate_per_service_exact_names_only_no_name_twice() {
+        let state = MeshState {
+            services: vec![
+                svc("web", &["a.test", "www.a.test", "*.a.test"], true),
+                svc("api", &["api.test", "a.test"], true),
+                svc("plain", &["plain.test"], false),
+            ],
+            ..MeshState::default()
+        };
+        let wanted = wanted_certificates(&state, 100);
+        assert_eq!(wanted.len(), 2);
+        assert_eq!(wanted["a.test"], ["a.test", "www.a.test"]);
+        assert_eq!(wanted["api.test"], ["api.test"]);
+        let split = wanted_certificates(&MeshState { services: vec![svc("w", &["a.t", "b.t", "c.t"], true)], ..MeshState::default() }, 2);
+        assert_eq!(split.into_iter().collect::<Vec<_>>(), [("a.t".to_owned(), vec!["a.t".to_owned(), "b.t".to_owned()]), ("c.t".to_owned(), vec!["c.t".to_owned()])]);
+    }
+}

@@ -1,0 +1,196 @@
+//! Certificates from an ACME CA (Let's Encrypt by default), ordered and renewed unattended.
+//!
+//! The [`manager`] derives the wanted certificates from each new state (routes whose TLS wish
+//! is ACME: `LETSENCRYPT_HOST`, `meshgate.tls=acme`, a Traefik `certresolver`, the routes
+//! file's `tls.acme`), keeps one task per certificate that orders it when missing and renews
+//! it when due, and writes it to the [`store`]. The store's `certs/` directory is loaded into
+//! the SNI resolver like any certificate directory, so a new certificate is served by the
+//! next handshake and the old one until then.
+
+mod challenges;
+mod client;
+pub mod manager;
+mod order;
+mod schedule;
+pub mod store;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use challenges::{Challenges, HTTP01_PREFIX};
+pub use manager::Manager;
+
+/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Let's Encrypt's production and staging directories.
+pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// How the CA checks that a name points at this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+pub enum ChallengeKind {
+    /// The CA fetches `http://<name>/.well-known/acme-challenge/<token>` on port 80.
+    #[default]
+    #[serde(rename = "http-01")]
+    #[value(name = "http-01")]
+    Http01,
+    /// The CA opens TLS to `<name>:443` offering ALPN `acme-tls/1`.
+    #[serde(rename = "tls-alpn-01")]
+    #[value(name = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+impl ChallengeKind {
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http01 => "http-01",
+            Self::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+
+    #[must_use]
+    pub fn other(self) -> Self {
+        match self {
+            Self::Http01 => Self::TlsAlpn01,
+            Self::TlsAlpn01 => Self::Http01,
+        }
+    }
+}
+
+/// The `[acme]` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// Order certificates for the routes that ask for them (needs `tls.https_listen`).
+    pub enabled: bool,
+    /// The CA: `letsencrypt`, `letsencrypt-staging`, or the URL of any RFC 8555 directory.
+    pub directory: String,
+    /// Contact address given to the CA when the account is created (expiry warnings).
+    pub email: Option<String>,
+    /// External account binding, for CAs that require one (key id and base64url HMAC key).
+    pub eab_kid: Option<String>,
+    pub eab_hmac_key: Option<String>,
+    /// Account, certificates and locks. Keep it on a volume; agents may share it.
+    pub storage_dir: PathBuf,
+    /// The challenge tried first.
+    pub challenge: ChallengeKind,
+    /// When the first challenge fails, try the other one before backing off.
+    pub fallback: bool,
+    /// PEM file of extra CA certificates to trust for the ACME server's own HTTPS (a private
+    /// CA, or a test server such as pebble). The public web roots are always trusted.
+    pub trust_roots: Option<PathBuf>,
+    /// Renew when this much validity is left. Unset: at two thirds of the lifetime, or in
+    /// the window the CA suggests through ACME Renewal Information when it offers it.
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Option<Duration>,
+    /// Host names per certificate at most (Let's Encrypt allows 100).
+    pub max_names: usize,
+    /// First wait after a failed order; doubles per failure up to `retry_max` (a CA's
+    /// `Retry-After` is always honoured).
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// One request to the CA may take this long.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            directory: "letsencrypt".into(),
+            email: None,
+            eab_kid: None,
+            eab_hmac_key: None,
+            storage_dir: PathBuf::from("/var/lib/meshgate/acme"),
+            challenge: ChallengeKind::Http01,
+            fallback: true,
+            trust_roots: None,
+            renew_before: None,
+            max_names: 100,
+            retry_base: Duration::from_secs(30),
+            retry_max: Duration::from_secs(3600),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AcmeConfig {
+    /// The directory URL `directory` stands for.
+    #[must_use]
+    pub fn directory_url(&self) -> &str {
+        match self.directory.as_str() {
+            "letsencrypt" => LETSENCRYPT,
+            "letsencrypt-staging" => LETSENCRYPT_STAGING,
+            url => url,
+        }
+    }
+
+    /// The external account key, when one is configured.
+    pub fn external_account(&self) -> Result<Option<instant_acme::ExternalAccountKey>, String> {
+        use base64::Engine as _;
+        match (&self.eab_kid, &self.eab_hmac_key) {
+            (None, None) => Ok(None),
+            (Some(kid), Some(key)) => {
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(key.trim().trim_end_matches('='))
+                    .map_err(|e| format!("acme.eab_hmac_key is not base64url: {e}"))?;
+                Ok(Some(instant_acme::ExternalAccountKey::new(kid.clone(), &bytes)))
+            }
+            _ => Err("acme.eab_kid and acme.eab_hmac_key go together: set both or neither".into()),
+        }
+    }
+
+    /// Checks what types cannot; each message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = self.directory_url();
+        if !url.starts_with("https://") {
+            return Err(format!("acme.directory = {:?}: write letsencrypt, letsencrypt-staging or an https:// directory URL", self.directory));
+        }
+        self.external_account()?;
+        if !(1..=100).contains(&self.max_names) {
+            return Err(format!("acme.max_names = {}: between 1 and 100", self.max_names));
+        }
+        if self.retry_base.is_zero() || self.request_timeout.is_zero() {
+            return Err("acme.retry_base and acme.request_timeout must be above zero".into());
+        }
+        if self.retry_max < self.retry_base {
+            return Err("acme.retry_max must be at least acme.retry_base".into());
+        }
+        if let Some(email) = &self.email {
+            if !email.contains('@') {
+                return Err(format!("acme.email = {email:?}: an address such as ops@example.com"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_names_and_validation() {
+        let mut c = AcmeConfig::default();
+        assert_eq!(c.directory_url(), LETSENCRYPT);
+        c.validate().unwrap();
+        c.directory = "letsencrypt-staging".into();
+        assert_eq!(c.directory_url(), LETSENCRYPT_STAGING);
+        c.directory = "http://ca.test/dir".into();
+        assert!(c.validate().unwrap_err().contains("acme.directory"));
+        c.directory = "https://ca.test/dir".into();
+        c.eab_kid = Some("kid".into());
+        assert!(c.validate().unwrap_err().contains("together"));
+        c.eab_hmac_key = Some("not base64!".into());
+        assert!(c.validate().unwrap_err().contains("base64url"));
+        c.eab_hmac_key = Some("c2VjcmV0".into());
+        c.validate().unwrap();
+    }
+}
