@@ -162,6 +162,11 @@ impl Mesh {
         format!("http://{}{path}", self.agent.http_addr)
     }
 
+    /// The routes file the agent watches.
+    pub fn routes_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("routes.toml")
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.agent.admin_addr)
     }

@@ -214,7 +214,27 @@ impl Manager {
     }
 
     /// One order for `names`: the configured challenge, then (if allowed) the other one.
+    /// An account the CA no longer knows is replaced by a new one, once.
     async fn issue(&self, names: &[String]) -> Result<Issued, Failure> {
+        match self.issue_with_account(names).await {
+            Err(f) if f.reason == Reason::AccountUnknown => {
+                tracing::warn!("acme: the CA does not know the stored account ({}); creating a new one", f.detail);
+                self.forget_account().await;
+                self.issue_with_account(names).await
+            }
+            other => other,
+        }
+    }
+
+    async fn forget_account(&self) {
+        let mut slot = self.account.lock().await;
+        if let Some(moved) = self.store.set_aside_account(self.cfg.directory_url()) {
+            tracing::info!(moved_to = %moved.display(), "acme: stored account set aside");
+        }
+        *slot = None;
+    }
+
+    async fn issue_with_account(&self, names: &[String]) -> Result<Issued, Failure> {
         let http = self.http.for_order();
         let attempt = async {
             let account = self.account(http.clone()).await?;

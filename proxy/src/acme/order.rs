@@ -23,6 +23,8 @@ pub enum Reason {
     CaError,
     /// The store could not be written.
     Storage,
+    /// The CA does not know the stored account (it was reset, or deactivated).
+    AccountUnknown,
 }
 
 impl Reason {
@@ -34,6 +36,7 @@ impl Reason {
             Self::ChallengeFailed => "challenge_failed",
             Self::CaError => "ca_error",
             Self::Storage => "storage",
+            Self::AccountUnknown => "account_unknown",
         }
     }
 }
@@ -57,6 +60,7 @@ impl Failure {
         let reason = match e {
             instant_acme::Error::Api(problem) => match problem.r#type.as_deref().and_then(|t| t.strip_prefix("urn:ietf:params:acme:error:")) {
                 Some("rateLimited") => Reason::RateLimited,
+                Some("accountDoesNotExist") => Reason::AccountUnknown,
                 Some("connection" | "dns" | "incorrectResponse" | "tls" | "unauthorized" | "caa") => Reason::ChallengeFailed,
                 _ => Reason::CaError,
             },
@@ -166,6 +170,7 @@ mod tests {
         assert_eq!(Failure::from_acme(&problem("rateLimited")).reason, Reason::RateLimited);
         assert_eq!(Failure::from_acme(&problem("connection")).reason, Reason::ChallengeFailed);
         assert_eq!(Failure::from_acme(&problem("malformed")).reason, Reason::CaError);
+        assert_eq!(Failure::from_acme(&problem("accountDoesNotExist")).reason, Reason::AccountUnknown);
         assert_eq!(Failure::from_acme(&instant_acme::Error::Other("refused".into())).reason, Reason::CaUnreachable);
     }
 }

@@ -89,6 +89,12 @@ impl Store {
         }
     }
 
+    /// Moves the account file of `directory_url` to `bad/`; returns where, if there was one.
+    pub fn set_aside_account(&self, directory_url: &str) -> Option<PathBuf> {
+        let path = self.account_path(directory_url);
+        path.exists().then(|| self.set_aside(&path))
+    }
+
     pub fn save_account(&self, directory_url: &str, creds: &instant_acme::AccountCredentials) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(creds).map_err(io::Error::other)?;
         write_atomic(&self.account_path(directory_url), &json)

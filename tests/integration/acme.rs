@@ -1,0 +1,468 @@
+//! ACME against a real CA: Debian's `pebble`, started per test with its own listener
+//! certificate, validating through the agent's own mesh-dns (`-dnsserver`), which answers the
+//! routed host names with 127.0.0.1. Certificates are checked with curl and a rustls client
+//! that trust only pebble's root.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshgate::config::Config;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::harness::{curl, eventually, Backend, Mesh};
+
+/// A free loopback port (TCP and UDP), for parts that must know each other's ports before
+/// either starts (pebble validates on fixed ports; the agent needs pebble's URL).
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Where pebble validates challenges, and what it issues.
+struct PebbleSetup {
+    http_port: u16,
+    tls_port: u16,
+    dns: SocketAddr,
+    validity_secs: u64,
+    eab: Option<(&'static str, &'static str)>,
+    blocklist: Vec<&'static str>,
+}
+
+/// A pebble process; `kill` and `start_again` simulate a CA that goes away and comes back
+/// (as a new CA: pebble keeps no state, so accounts and roots are new).
+struct Pebble {
+    setup_file: PathBuf,
+    dns: SocketAddr,
+    listen: SocketAddr,
+    mgmt: SocketAddr,
+    trust: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Pebble {
+    async fn start(setup: PebbleSetup) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // pebble's own HTTPS listener needs a certificate: a test CA signs one for 127.0.0.1.
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "pebble listener CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap().signed_by(&key, &Issuer::from_params(&ca, &ca_key)).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        let trust = dir.path().join("listener-ca.pem");
+        std::fs::write(&trust, ca_cert.pem()).unwrap();
+
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mgmt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let macs = setup.eab.map(|(kid, key)| format!("{{\"{kid}\": \"{key}\"}}")).unwrap_or_else(|| "{}".into());
+        let config = format!(
+            r#"{{"pebble": {{"listenAddress": "{listen}", "managementListenAddress": "{mgmt}", "certificate": "{d}/cert.pem", "privateKey": "{d}/key.pem",
+               "httpPort": {http}, "tlsPort": {tls}, "ocspResponderURL": "", "externalAccountBindingRequired": {eab}, "externalAccountMACKeys": {macs},
+               "domainBlocklist": {blocked:?}, "certificateValidityPeriod": {validity}}}}}"#,
+            d = dir.path().display(),
+            http = setup.http_port,
+            tls = setup.tls_port,
+            eab = setup.eab.is_some(),
+            blocked = setup.blocklist,
+            validity = setup.validity_secs,
+        );
+        let setup_file = dir.path().join("pebble.json");
+        std::fs::write(&setup_file, config).unwrap();
+        let mut pebble = Self { setup_file, dns: setup.dns, listen, mgmt, trust, child: None, _dir: dir };
+        pebble.start_again().await;
+        pebble
+    }
+
+    /// Starts the process (again) on the same ports and waits until it answers.
+    async fn start_again(&mut self) {
+        let child = Command::new("pebble")
+            .args(["-config", self.setup_file.to_str().unwrap(), "-dnsserver", &self.dns.to_string()])
+            // No random validation delays, no injected bad nonces: the test is about meshgate.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pebble is installed (the README's test command installs it)");
+        self.child = Some(child);
+        let url = format!("https://{}/dir", self.listen);
+        let trust = self.trust.to_str().unwrap().to_owned();
+        eventually("pebble answers", Duration::from_secs(15), async || curl(&["-f", "--cacert", &trust, &url]).await.0).await;
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn directory(&self) -> String {
+        format!("https://{}/dir", self.listen)
+    }
+
+    /// The root pebble signs certificates with (new on every start).
+    async fn root(&self) -> PathBuf {
+        let (ok, pem) = curl(&["-f", "--cacert", self.trust.to_str().unwrap(), &format!("https://{}/roots/0", self.mgmt)]).await;
+        assert!(ok, "pebble's root: {pem}");
+        let path = self._dir.path().join(format!("root-{}.pem", fastrand::u64(..)));
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent with HTTPS, ACME against `pebble` and mesh-dns answering routed hosts with
+/// 127.0.0.1, on the ports pebble validates.
+struct AcmeAgent {
+    mesh: Mesh,
+    storage: PathBuf,
+}
+
+struct Ports {
+    http: u16,
+    https: u16,
+    dns: u16,
+}
+
+impl Ports {
+    fn new() -> Self {
+        Self { http: free_port(), https: free_port(), dns: free_port() }
+    }
+
+    fn dns(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.dns).parse().unwrap()
+    }
+}
+
+fn routes(backend: &Backend, hosts: &[&str]) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!("[[services]]\nname = \"web\"\ntasks = [{{ address = \"{}\" }}]\n[[services.http]]\nhosts = [{}]\nport = 1\ntls = {{ acme = true }}\n", backend.addr, hosts.join(", "))
+}
+
+impl AcmeAgent {
+    async fn start(routes: &str, ports: &Ports, pebble: &Pebble, storage: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mesh = Mesh::start_with(routes, |c| {
+            c.proxy.http_listen = format!("127.0.0.1:{}", ports.http).parse().unwrap();
+            c.tls.https_listen = Some(format!("127.0.0.1:{}", ports.https).parse().unwrap());
+            c.tls.poll_interval = Duration::from_millis(100);
+            c.dns.listen = Some(ports.dns());
+            c.dns.answer_routed_hosts = true;
+            c.dns.node_addresses = vec!["127.0.0.1".parse().unwrap()];
+            c.acme.directory = pebble.directory();
+            c.acme.trust_roots = Some(pebble.trust.clone());
+            c.acme.storage_dir = storage.to_owned();
+            c.acme.email = Some("ops@acme.test".into());
+            c.acme.retry_base = Duration::from_millis(200);
+            c.acme.retry_max = Duration::from_secs(2);
+            c.acme.request_timeout = Duration::from_secs(3);
+            tweak(c);
+        })
+        .await;
+        Self { mesh, storage: storage.to_owned() }
+    }
+
+    fn https_addr(&self) -> SocketAddr {
+        self.mesh.agent.https_addr.unwrap()
+    }
+
+    /// curl over HTTPS, trusting only `root`.
+    async fn curl(&self, root: &Path, host: &str, extra: &[&str]) -> (bool, String) {
+        let port = self.https_addr().port();
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}/");
+        let mut args = vec!["--resolve", &resolve, "--cacert", root.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&args).await
+    }
+
+    /// Sum of the samples of a metric whose line starts with `prefix`.
+    async fn metric(&self, prefix: &str) -> f64 {
+        let (_, text) = curl(&[&self.mesh.admin_url("/metrics")]).await;
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+}
+
+/// A TLS handshake verified against `root` only; returns the leaf's DER.
+async fn handshake(addr: SocketAddr, host: &str, root: &Path) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(root).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::try_from(host.to_owned()).unwrap(), tcp).await.map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
+/// Waits until `host` presents a certificate that verifies against `root`; returns its DER.
+async fn wait_for_certificate(agent: &AcmeAgent, host: &str, root_of: &Pebble, deadline: Duration) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        let root = root_of.root().await;
+        if let Ok(der) = handshake(agent.https_addr(), host, &root).await {
+            return der;
+        }
+        assert!(start.elapsed() < deadline, "no certificate for {host} within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_issues_a_certificate_for_every_name_served_over_https_and_h2() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: free_port(), dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let agent = AcmeAgent::start(&routes(&web, &["shop.acme.test", "www.shop.acme.test"]), &ports, &pebble, storage.path(), |c| {
+        c.acme.challenge = meshgate::acme::ChallengeKind::Http01;
+        c.acme.fallback = false;
+    })
+    .await;
+    let first = wait_for_certificate(&agent, "shop.acme.test", &pebble, Duration::from_secs(30)).await;
+    println!("route to first verified HTTPS handshake: {} ms (HTTP-01, pebble)", started.elapsed().as_millis());
+
+    let root = pebble.root().await;
+    let (ok, out) = agent.curl(&root, "www.shop.acme.test", &["--http2", "-w", "\n%{http_version}"]).await;
+    assert!(ok && out.contains("Name: web") && out.ends_with("\n2"), "both names, HTTP/2 over TLS: {out}");
+    let (ok, out) = agent.curl(&root, "shop.acme.test", &["--http1.1", "-w", "\n%{http_version}"]).await;
+    assert!(ok && out.ends_with("\n1.1"), "{out}");
+    assert_eq!(handshake(agent.https_addr(), "www.shop.acme.test", &root).await.unwrap(), first, "one certificate for both names");
+
+    // Plain HTTP now redirects; the challenge path was answered before that redirect existed.
+    let (_, out) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: shop.acme.test", &format!("http://127.0.0.1:{}/", ports.http)]).await;
+    assert_eq!(out, "301");
+
+    // Stored privately, counted, gauged.
+    use std::os::unix::fs::PermissionsExt as _;
+    for file in ["certs/shop.acme.test.crt", "certs/shop.acme.test.key"] {
+        let mode = std::fs::metadata(agent.storage.join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    assert_eq!(agent.metric("meshgate_acme_certificates_issued_total{certificate=\"shop.acme.test\"}").await, 1.0);
+    let days = agent.metric("meshgate_acme_certificate_days_left{certificate=\"shop.acme.test\"}").await;
+    assert!(days > 0.0 && days < 1.0 / 24.0 + 0.001, "an hour-long certificate has under an hour left: {days}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_alone_issues_a_certificate() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    // pebble's HTTP-01 port is one nobody listens on: only TLS-ALPN-01 can succeed.
+    let pebble = Pebble::start(PebbleSetup { http_port: free_port(), tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["alpn.acme.test"]), &ports, &pebble, storage.path(), |c| {
+        c.acme.challenge = meshgate::acme::ChallengeKind::TlsAlpn01;
+        c.acme.fallback = false;
+    })
+    .await;
+    wait_for_certificate(&agent, "alpn.acme.test", &pebble, Duration::from_secs(30)).await;
+    let (ok, out) = agent.curl(&pebble.root().await, "alpn.acme.test", &[]).await;
+    assert!(ok && out.contains("Name: web"), "{out}");
+    assert_eq!(agent.metric("meshgate_acme_failures_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_challenge_falls_back_to_the_other_kind() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    // TLS-ALPN-01 (tried first) is validated on a closed port and fails; HTTP-01 works.
+    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: free_port(), dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["fallback.acme.test"]), &ports, &pebble, storage.path(), |c| {
+        c.acme.challenge = meshgate::acme::ChallengeKind::TlsAlpn01;
+    })
+    .await;
+    wait_for_certificate(&agent, "fallback.acme.test", &pebble, Duration::from_secs(40)).await;
+    assert_eq!(agent.metric("meshgate_acme_failures_total").await, 0.0, "the fallback happens within one attempt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    // 20-second certificates: renewed at two thirds (about 13 s) by the default rule.
+    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 20, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["renew.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
+    let first = wait_for_certificate(&agent, "renew.acme.test", &pebble, Duration::from_secs(30)).await;
+    let root = pebble.root().await;
+    let start = Instant::now();
+    let mut handshakes = 0;
+    let renewed = loop {
+        let der = handshake(agent.https_addr(), "renew.acme.test", &root).await.unwrap_or_else(|e| panic!("handshake {handshakes} failed during renewal: {e}"));
+        handshakes += 1;
+        if der != first {
+            break der;
+        }
+        assert!(start.elapsed() < Duration::from_secs(40), "not renewed within 40 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("renewed after {handshakes} verified handshakes, none failed");
+    assert!(handshakes > 10, "the swap was watched from before it happened ({handshakes})");
+    // Renewed again by the same rule: the schedule keeps going.
+    eventually("a second renewal", Duration::from_secs(40), async || {
+        handshake(agent.https_addr(), "renew.acme.test", &root).await.is_ok_and(|d| d != renewed && d != first)
+    })
+    .await;
+    assert!(agent.metric("meshgate_acme_certificates_issued_total").await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resumes() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let mut pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 30, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["down.acme.test"]), &ports, &pebble, storage.path(), |c| {
+        c.acme.renew_before = Some(Duration::from_secs(25));
+    })
+    .await;
+    let first = wait_for_certificate(&agent, "down.acme.test", &pebble, Duration::from_secs(30)).await;
+    let old_root = pebble.root().await;
+    pebble.kill();
+
+    // Renewal is due 5 s after issuance; it fails while the CA is gone...
+    eventually("a failed renewal", Duration::from_secs(30), async || {
+        agent.metric("meshgate_acme_failures_total{certificate=\"down.acme.test\",reason=\"ca_unreachable\"}").await >= 2.0
+    })
+    .await;
+    // ...and the old certificate is still served, verified by the old root.
+    assert_eq!(handshake(agent.https_addr(), "down.acme.test", &old_root).await.unwrap(), first);
+
+    // The CA comes back (a new pebble: new root, and it does not know the old account).
+    pebble.start_again().await;
+    let renewed = wait_for_certificate(&agent, "down.acme.test", &pebble, Duration::from_secs(30)).await;
+    assert_ne!(renewed, first);
+    let (ok, out) = agent.curl(&pebble.root().await, "down.acme.test", &[]).await;
+    assert!(ok, "{out}");
+    assert!(std::fs::read_dir(agent.storage.join("bad")).unwrap().count() >= 1, "the account the new CA did not know was set aside");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let mut pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["again.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
+    let issued = wait_for_certificate(&agent, "again.acme.test", &pebble, Duration::from_secs(30)).await;
+    let root = pebble.root().await;
+    let account = std::fs::read_dir(storage.path().join("accounts")).unwrap().next().unwrap().unwrap().path();
+    let account_before = std::fs::read(&account).unwrap();
+    let AcmeAgent { mesh: Mesh { agent: running, .. }, .. } = agent;
+    running.shutdown().await;
+
+    // The CA is gone: what the new agent serves comes from the store, at its first handshake.
+    pebble.kill();
+    let again = AcmeAgent::start(&routes(&web, &["again.acme.test"]), &Ports::new(), &pebble, storage.path(), |_| {}).await;
+    assert_eq!(handshake(again.https_addr(), "again.acme.test", &root).await.unwrap(), issued);
+    assert_eq!(again.metric("meshgate_acme_certificates_issued_total").await, 0.0);
+    assert_eq!(again.metric("meshgate_acme_failures_total").await, 0.0, "nothing was due, so the CA was not contacted");
+    assert_eq!(std::fs::read(&account).unwrap(), account_before, "the stored account is reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_stored_certificate_is_set_aside_and_ordered_again() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(storage.path().join("certs")).unwrap();
+    std::fs::write(storage.path().join("certs/broken.acme.test.crt"), "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    std::fs::write(storage.path().join("certs/broken.acme.test.key"), "garbage").unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["broken.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
+    wait_for_certificate(&agent, "broken.acme.test", &pebble, Duration::from_secs(30)).await;
+    let bad: Vec<String> = std::fs::read_dir(storage.path().join("bad")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(bad.iter().any(|f| f.starts_with("broken.acme.test.crt.")) && bad.iter().any(|f| f.starts_with("broken.acme.test.key.")), "{bad:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_sharing_a_store_order_each_certificate_once() {
+    let web = Backend::start("web").await;
+    let (a_ports, b_ports) = (Ports::new(), Ports::new());
+    // Validation reaches agent A only; whichever agent orders, A answers (the HTTP-01 answer
+    // is shared through the store).
+    let pebble = Pebble::start(PebbleSetup { http_port: a_ports.http, tls_port: free_port(), dns: a_ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let routes = routes(&web, &["shared.acme.test"]);
+    let http01 = |c: &mut Config| c.acme.fallback = false;
+    let (a, b) = tokio::join!(AcmeAgent::start(&routes, &a_ports, &pebble, storage.path(), http01), AcmeAgent::start(&routes, &b_ports, &pebble, storage.path(), http01));
+    let from_a = wait_for_certificate(&a, "shared.acme.test", &pebble, Duration::from_secs(30)).await;
+    let from_b = wait_for_certificate(&b, "shared.acme.test", &pebble, Duration::from_secs(30)).await;
+    assert_eq!(from_a, from_b, "both serve the one certificate");
+    let orders = a.metric("meshgate_acme_certificates_issued_total").await + b.metric("meshgate_acme_certificates_issued_total").await;
+    assert_eq!(orders, 1.0, "exactly one agent ordered it");
+    assert_eq!(std::fs::read_dir(storage.path().join("accounts")).unwrap().count(), 1, "one account between them");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_account_binding_is_used_when_the_ca_requires_it() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let (kid, hmac) = ("kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W");
+    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: Some((kid, hmac)), blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["eab.acme.test"]), &ports, &pebble, storage.path(), |c| {
+        c.acme.eab_kid = Some(kid.into());
+        c.acme.eab_hmac_key = Some(hmac.into());
+    })
+    .await;
+    wait_for_certificate(&agent, "eab.acme.test", &pebble, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_name_never_blocks_the_others_and_stops_when_its_route_goes() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec!["refused.acme.test"] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let two = format!(
+        "{}\n[[services]]\nname = \"other\"\ntasks = [{{ address = \"{}\" }}]\n[[services.http]]\nhosts = [\"refused.acme.test\"]\nport = 1\ntls = {{ acme = true }}\n",
+        routes(&web, &["fine.acme.test"]),
+        web.addr
+    );
+    let agent = AcmeAgent::start(&two, &ports, &pebble, storage.path(), |_| {}).await;
+    wait_for_certificate(&agent, "fine.acme.test", &pebble, Duration::from_secs(30)).await;
+    let refused = "meshgate_acme_failures_total{certificate=\"refused.acme.test\",reason=\"ca_error\"}";
+    eventually("the refused name is retried with backoff", Duration::from_secs(20), async || agent.metric(refused).await >= 2.0).await;
+    // The proxy keeps serving the refused name over plain HTTP and with the fallback certificate.
+    let (ok, out) = curl(&["-k", "--resolve", &format!("refused.acme.test:{}:127.0.0.1", ports.https), &format!("https://refused.acme.test:{}/", ports.https)]).await;
+    assert!(ok && out.contains("Name: web"), "{out}");
+
+    // Its route goes: its task stops, and so do the failures.
+    let routes_file = agent.mesh.routes_path();
+    std::fs::write(&routes_file, routes(&web, &["fine.acme.test"])).unwrap();
+    eventually("the refused name is no longer wanted", Duration::from_secs(10), async || {
+        !curl(&[&agent.mesh.admin_url("/api/state")]).await.1.contains("refused.acme.test")
+    })
+    .await;
+    let after = agent.metric(refused).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // longer than retry_max: a live task would have failed again
+    assert_eq!(agent.metric(refused).await, after);
+}
