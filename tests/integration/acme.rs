@@ -412,12 +412,22 @@ async fn agents_sharing_a_store_order_each_certificate_once() {
     let storage = tempfile::tempdir().unwrap();
     let routes = routes(&web, &["shared.acme.test"]);
     let http01 = |c: &mut Config| c.acme.fallback = false;
-    let (a, b) = tokio::join!(AcmeAgent::start(&routes, &a_ports, &pebble, storage.path(), http01), AcmeAgent::start(&routes, &b_ports, &pebble, storage.path(), http01));
+    let (a, b) = tokio::join!(AcmeAgent::start("", &a_ports, &pebble, storage.path(), http01), AcmeAgent::start("", &b_ports, &pebble, storage.path(), http01));
+    // Both agents are running before the route appears, so both want the certificate at once.
+    std::fs::write(a.mesh.routes_path(), &routes).unwrap();
+    std::fs::write(b.mesh.routes_path(), &routes).unwrap();
     let from_a = wait_for_certificate(&a, "shared.acme.test", &pebble, Duration::from_secs(30)).await;
     let from_b = wait_for_certificate(&b, "shared.acme.test", &pebble, Duration::from_secs(30)).await;
     assert_eq!(from_a, from_b, "both serve the one certificate");
+    // Each manager has settled once it gauges the stored certificate (its task is past any
+    // order it made, and not due).
+    for agent in [&a, &b] {
+        eventually("the manager gauges the certificate", Duration::from_secs(30), async || agent.metric("meshgate_acme_certificate_days_left").await > 0.0).await;
+    }
     let orders = a.metric("meshgate_acme_certificates_issued_total").await + b.metric("meshgate_acme_certificates_issued_total").await;
     assert_eq!(orders, 1.0, "exactly one agent ordered it");
+    let failures = a.metric("meshgate_acme_failures_total").await + b.metric("meshgate_acme_failures_total").await;
+    assert_eq!(failures, 0.0, "the other agent waited for the lock instead of racing (and failing)");
     assert_eq!(std::fs::read_dir(storage.path().join("accounts")).unwrap().count(), 1, "one account between them");
 }
 
