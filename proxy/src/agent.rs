@@ -210,15 +210,18 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
 
 /// Starts ACME: opens the store, serves what it holds before contacting the CA, watches it
 /// (other agents sharing it write there too) and runs the manager. A store that cannot be
-/// opened leaves HTTPS running with the certificates it has, and says so in `/readyz`.
+/// opened leaves HTTPS running with the certificates it has, says so in the log and in the
+/// `acme` component of `/readyz`.
 fn start_acme(cfg: AcmeConfig, poll: std::time::Duration, resolver: &Arc<CertResolver>, hub: &Arc<StateHub>, metrics: &Arc<Metrics>, readiness: &Readiness, background: &mut Vec<JoinHandle<()>>) {
     let dir = cfg.storage_dir.clone();
     let store = match acme::store::Store::open(&dir) {
         Ok(store) => Arc::new(store),
         Err(e) => {
+            // Not a readiness failure: a health check that fails would restart the agent
+            // and take plain HTTP and the stored certificates down with it.
             let why = format!("cannot use acme.storage_dir {}: {e} (create it, make it writable, or point acme.storage_dir elsewhere); no certificates will be ordered", dir.display());
             tracing::error!("{why}");
-            readiness.set("acme", false, why);
+            readiness.set("acme", true, format!("off: {why}"));
             return;
         }
     };

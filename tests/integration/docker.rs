@@ -445,12 +445,13 @@ async fn the_stack_file_deploys_the_agent_and_it_routes_a_service() {
     let mut guard = SwarmGuard::join().await;
     guard.on_drop(&["rmi", "-f", &tag]);
     let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let (http_port, admin_port) = (free_port(), free_port());
+    let (http_port, https_port, admin_port) = (free_port(), free_port(), free_port());
     let stack = format!("mgtest{id}");
     let deploy = Command::new("docker")
         .args(["stack", "deploy", "-c", &format!("{root}/helm-free-deploy/stack.yml"), &stack])
         .env("MESHGATE_IMAGE", &tag)
         .env("MESHGATE_HTTP_PORT", &http_port)
+        .env("MESHGATE_HTTPS_PORT", &https_port)
         .env("MESHGATE_ADMIN_PORT", &admin_port)
         .output()
         .await
