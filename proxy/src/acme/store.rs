@@ -90,6 +90,7 @@ impl Store {
     }
 
     /// Moves the account file of `directory_url` to `bad/`; returns where, if there was one.
+    #[must_use]
     pub fn set_aside_account(&self, directory_url: &str) -> Option<PathBuf> {
         let path = self.account_path(directory_url);
         path.exists().then(|| self.set_aside(&path))
