@@ -4,6 +4,7 @@
 //! that trust only pebble's root.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -47,7 +48,7 @@ struct Pebble {
     mgmt: SocketAddr,
     trust: PathBuf,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Pebble {
@@ -68,7 +69,7 @@ impl Pebble {
 
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mgmt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let macs = setup.eab.map(|(kid, key)| format!("{{\"{kid}\": \"{key}\"}}")).unwrap_or_else(|| "{}".into());
+        let macs = setup.eab.map_or_else(|| "{}".into(), |(kid, key)| format!("{{\"{kid}\": \"{key}\"}}"));
         let config = format!(
             r#"{{"pebble": {{"listenAddress": "{listen}", "managementListenAddress": "{mgmt}", "certificate": "{d}/cert.pem", "privateKey": "{d}/key.pem",
                "httpPort": {http}, "tlsPort": {tls}, "ocspResponderURL": "", "externalAccountBindingRequired": {eab}, "externalAccountMACKeys": {macs},
@@ -82,7 +83,7 @@ impl Pebble {
         );
         let setup_file = dir.path().join("pebble.json");
         std::fs::write(&setup_file, config).unwrap();
-        let mut pebble = Self { setup_file, dns: setup.dns, listen, mgmt, trust, child: None, _dir: dir };
+        let mut pebble = Self { setup_file, dns: setup.dns, listen, mgmt, trust, child: None, dir };
         pebble.start_again().await;
         pebble
     }
@@ -119,7 +120,7 @@ impl Pebble {
     async fn root(&self) -> PathBuf {
         let (ok, pem) = curl(&["-f", "--cacert", self.trust.to_str().unwrap(), &format!("https://{}/roots/0", self.mgmt)]).await;
         assert!(ok, "pebble's root: {pem}");
-        let path = self._dir.path().join(format!("root-{}.pem", fastrand::u64(..)));
+        let path = self.dir.path().join(format!("root-{}.pem", fastrand::u64(..)));
         std::fs::write(&path, pem).unwrap();
         path
     }
@@ -170,7 +171,7 @@ impl AcmeAgent {
             c.dns.node_addresses = vec!["127.0.0.1".parse().unwrap()];
             c.acme.directory = pebble.directory();
             c.acme.trust_roots = Some(pebble.trust.clone());
-            c.acme.storage_dir = storage.to_owned();
+            storage.clone_into(&mut c.acme.storage_dir);
             c.acme.email = Some("ops@acme.test".into());
             c.acme.retry_base = Duration::from_millis(200);
             c.acme.retry_max = Duration::from_secs(2);
@@ -194,6 +195,11 @@ impl AcmeAgent {
         args.extend_from_slice(extra);
         args.push(&url);
         curl(&args).await
+    }
+
+    /// A counter: the sum of the samples whose line starts with `prefix`.
+    async fn counter(&self, prefix: &str) -> u64 {
+        self.metric(prefix).await as u64
     }
 
     /// Sum of the samples of a metric whose line starts with `prefix`.
@@ -259,12 +265,11 @@ async fn http01_issues_a_certificate_for_every_name_served_over_https_and_h2() {
     assert_eq!(out, "301");
 
     // Stored privately, counted, gauged.
-    use std::os::unix::fs::PermissionsExt as _;
     for file in ["certs/shop.acme.test.crt", "certs/shop.acme.test.key"] {
         let mode = std::fs::metadata(agent.storage.join(file)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{file}");
     }
-    assert_eq!(agent.metric("meshgate_acme_certificates_issued_total{certificate=\"shop.acme.test\"}").await, 1.0);
+    assert_eq!(agent.counter("meshgate_acme_certificates_issued_total{certificate=\"shop.acme.test\"}").await, 1);
     let days = agent.metric("meshgate_acme_certificate_days_left{certificate=\"shop.acme.test\"}").await;
     assert!(days > 0.0 && days < 1.0 / 24.0 + 0.001, "an hour-long certificate has under an hour left: {days}");
 }
@@ -284,7 +289,7 @@ async fn tls_alpn01_alone_issues_a_certificate() {
     wait_for_certificate(&agent, "alpn.acme.test", &pebble, Duration::from_secs(30)).await;
     let (ok, out) = agent.curl(&pebble.root().await, "alpn.acme.test", &[]).await;
     assert!(ok && out.contains("Name: web"), "{out}");
-    assert_eq!(agent.metric("meshgate_acme_failures_total").await, 0.0);
+    assert_eq!(agent.counter("meshgate_acme_failures_total").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +304,7 @@ async fn a_failing_challenge_falls_back_to_the_other_kind() {
     })
     .await;
     wait_for_certificate(&agent, "fallback.acme.test", &pebble, Duration::from_secs(40)).await;
-    assert_eq!(agent.metric("meshgate_acme_failures_total").await, 0.0, "the fallback happens within one attempt");
+    assert_eq!(agent.counter("meshgate_acme_failures_total").await, 0, "the fallback happens within one attempt");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,7 +335,7 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
         handshake(agent.https_addr(), "renew.acme.test", &root).await.is_ok_and(|d| d != renewed && d != first)
     })
     .await;
-    assert!(agent.metric("meshgate_acme_certificates_issued_total").await >= 3.0);
+    assert!(agent.counter("meshgate_acme_certificates_issued_total").await >= 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +354,7 @@ async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resume
 
     // Renewal is due 5 s after issuance; it fails while the CA is gone...
     eventually("a failed renewal", Duration::from_secs(30), async || {
-        agent.metric("meshgate_acme_failures_total{certificate=\"down.acme.test\",reason=\"ca_unreachable\"}").await >= 2.0
+        agent.counter("meshgate_acme_failures_total{certificate=\"down.acme.test\",reason=\"ca_unreachable\"}").await >= 2
     })
     .await;
     // ...and the old certificate is still served, verified by the old root.
@@ -382,8 +387,8 @@ async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
     pebble.kill();
     let again = AcmeAgent::start(&routes(&web, &["again.acme.test"]), &Ports::new(), &pebble, storage.path(), |_| {}).await;
     assert_eq!(handshake(again.https_addr(), "again.acme.test", &root).await.unwrap(), issued);
-    assert_eq!(again.metric("meshgate_acme_certificates_issued_total").await, 0.0);
-    assert_eq!(again.metric("meshgate_acme_failures_total").await, 0.0, "nothing was due, so the CA was not contacted");
+    assert_eq!(again.counter("meshgate_acme_certificates_issued_total").await, 0);
+    assert_eq!(again.counter("meshgate_acme_failures_total").await, 0, "nothing was due, so the CA was not contacted");
     assert_eq!(std::fs::read(&account).unwrap(), account_before, "the stored account is reused");
 }
 
@@ -424,10 +429,10 @@ async fn agents_sharing_a_store_order_each_certificate_once() {
     for agent in [&a, &b] {
         eventually("the manager gauges the certificate", Duration::from_secs(30), async || agent.metric("meshgate_acme_certificate_days_left").await > 0.0).await;
     }
-    let orders = a.metric("meshgate_acme_certificates_issued_total").await + b.metric("meshgate_acme_certificates_issued_total").await;
-    assert_eq!(orders, 1.0, "exactly one agent ordered it");
-    let failures = a.metric("meshgate_acme_failures_total").await + b.metric("meshgate_acme_failures_total").await;
-    assert_eq!(failures, 0.0, "the other agent waited for the lock instead of racing (and failing)");
+    let orders = a.counter("meshgate_acme_certificates_issued_total").await + b.counter("meshgate_acme_certificates_issued_total").await;
+    assert_eq!(orders, 1, "exactly one agent ordered it");
+    let failures = a.counter("meshgate_acme_failures_total").await + b.counter("meshgate_acme_failures_total").await;
+    assert_eq!(failures, 0, "the other agent waited for the lock instead of racing (and failing)");
     assert_eq!(std::fs::read_dir(storage.path().join("accounts")).unwrap().count(), 1, "one account between them");
 }
 
@@ -460,7 +465,7 @@ async fn a_refused_name_never_blocks_the_others_and_stops_when_its_route_goes() 
     let agent = AcmeAgent::start(&two, &ports, &pebble, storage.path(), |_| {}).await;
     wait_for_certificate(&agent, "fine.acme.test", &pebble, Duration::from_secs(30)).await;
     let refused = "meshgate_acme_failures_total{certificate=\"refused.acme.test\",reason=\"ca_error\"}";
-    eventually("the refused name is retried with backoff", Duration::from_secs(20), async || agent.metric(refused).await >= 2.0).await;
+    eventually("the refused name is retried with backoff", Duration::from_secs(20), async || agent.counter(refused).await >= 2).await;
     // The proxy keeps serving the refused name over plain HTTP and with the fallback certificate.
     let (ok, out) = curl(&["-k", "--resolve", &format!("refused.acme.test:{}:127.0.0.1", ports.https), &format!("https://refused.acme.test:{}/", ports.https)]).await;
     assert!(ok && out.contains("Name: web"), "{out}");
@@ -472,7 +477,7 @@ async fn a_refused_name_never_blocks_the_others_and_stops_when_its_route_goes() 
         !curl(&[&agent.mesh.admin_url("/api/state")]).await.1.contains("refused.acme.test")
     })
     .await;
-    let after = agent.metric(refused).await;
+    let after = agent.counter(refused).await;
     tokio::time::sleep(Duration::from_secs(3)).await; // longer than retry_max: a live task would have failed again
-    assert_eq!(agent.metric(refused).await, after);
+    assert_eq!(agent.counter(refused).await, after);
 }

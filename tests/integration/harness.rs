@@ -113,7 +113,7 @@ pub fn service_with(name: &str, hosts: &[&str], path: &str, protocol: &str, addr
 /// An agent running in this process on ephemeral ports, fed by a routes file.
 pub struct Mesh {
     pub agent: RunningAgent,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -155,7 +155,7 @@ impl Mesh {
         cfg.validate().unwrap();
         let sources = Sources { file: Some(path), docker, example: false };
         let agent = agent::start(cfg, sources).await.expect("agent starts");
-        Self { agent, _dir: dir, client: Client::builder(TokioExecutor::new()).build_http() }
+        Self { agent, dir, client: Client::builder(TokioExecutor::new()).build_http() }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -164,7 +164,7 @@ impl Mesh {
 
     /// The routes file the agent watches.
     pub fn routes_path(&self) -> std::path::PathBuf {
-        self._dir.path().join("routes.toml")
+        self.dir.path().join("routes.toml")
     }
 
     pub fn admin_url(&self, path: &str) -> String {
