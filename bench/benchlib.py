@@ -4,6 +4,8 @@ import os
 import signal
 import subprocess
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 
@@ -42,3 +44,45 @@ def replace_section(heading, section):
     with open(RESULTS, "w") as f:
         f.write(text)
     print(section)
+
+
+def nginx_conf(tmp, body):
+    """An nginx config with one worker, logging off and temp paths in `tmp`, around `body`."""
+    return f"""daemon off; worker_processes 1; pid {tmp}/nginx-{abs(hash(body))}.pid; error_log stderr crit;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {tmp}; proxy_temp_path {tmp};
+fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp}; {body} }}"""
+
+
+def group_pids(proc):
+    out = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def cpu_seconds(proc):
+    """User + system CPU time of a process group started with `start`."""
+    total = 0
+    for pid in group_pids(proc):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            pass
+    return total / TICKS
+
+
+def rss_kib(proc, field):
+    total = 0
+    for pid in group_pids(proc):
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def ms(value, unit):
+    """A latency as wrk or h2load print it, in milliseconds."""
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]

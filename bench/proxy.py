@@ -17,7 +17,8 @@ import tempfile
 import time
 import urllib.request
 
-from benchlib import ROOT, replace_section, start, stop_all, write_file
+import benchlib
+from benchlib import ROOT, cpu_seconds, ms, replace_section, rss_kib, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
@@ -25,7 +26,6 @@ RATE = int(os.environ.get("RATE", "4000"))
 CONNS = [16, 256]
 BACKEND_PORT, PORTS = 18000, {"meshgate": 18081, "nginx": 18082, "haproxy": 18083}
 HOST = "bench.local"
-TICKS = os.sysconf("SC_CLK_TCK")
 PROXY_CPU, LOAD_CPU = "0", "1"
 
 tmp = tempfile.mkdtemp(prefix="meshgate-bench-")
@@ -36,10 +36,7 @@ def write(name, text):
 
 
 def nginx_conf(body):
-    return f"""daemon off; worker_processes 1; pid {tmp}/nginx-{abs(hash(body))}.pid; error_log stderr crit;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {tmp}; proxy_temp_path {tmp};
-fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp}; {body} }}"""
+    return benchlib.nginx_conf(tmp, body)
 
 
 BACKEND = nginx_conf(f"server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 'ok'; }} }}")
@@ -72,34 +69,6 @@ port = {BACKEND_PORT}
 """
 
 
-def group_pids(proc):
-    out = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def cpu_seconds(proc):
-    total = 0
-    for pid in group_pids(proc):
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except FileNotFoundError:
-            pass
-    return total / TICKS
-
-
-def rss_kib(proc, field):
-    total = 0
-    for pid in group_pids(proc):
-        try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total
-
-
 def wait_ready(port):
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -110,10 +79,6 @@ def wait_ready(port):
         except Exception:
             time.sleep(0.1)
     sys.exit(f"port {port} did not answer 'ok' in time")
-
-
-def ms(value, unit):
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
 def run_wrk(port, conns):

@@ -200,7 +200,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         shutdown_rx.clone(),
     ))];
     if let (Some((listener, resolver)), Some(addr)) = (https, https_addr) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver)));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver, tls_cfg.session_resumption)));
         servers.push(tokio::spawn(server::serve(listener, Listener { port: addr.port(), tls: Some(acceptor) }, proxy.clone(), proxy_cfg, shutdown_rx)));
         readiness.set("https", true, format!("listening on {addr}"));
     }

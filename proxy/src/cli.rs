@@ -122,6 +122,9 @@ pub struct Overrides {
     /// [tls.unknown_names] self-signed or reject, for names without a certificate [default: self-signed]
     #[arg(long, env = "MESHGATE_UNKNOWN_NAMES", value_name = "POLICY", help_heading = "TLS")]
     pub unknown_names: Option<crate::tls::UnknownNames>,
+    /// [tls.session_resumption] Let clients resume TLS sessions (skip the full handshake on reconnect) [default: true]
+    #[arg(long, env = "MESHGATE_TLS_SESSION_RESUMPTION", value_name = "BOOL", help_heading = "TLS")]
+    pub tls_session_resumption: Option<bool>,
     /// [tls.poll_interval] How often the certificates directory is checked [default: 1s]
     #[arg(long, env = "MESHGATE_CERTS_POLL_INTERVAL", value_name = "DURATION", value_parser = duration, help_heading = "TLS")]
     pub certs_poll_interval: Option<Duration>,
@@ -261,6 +264,7 @@ impl Overrides {
         set(&mut t.certs_dir, self.certs_dir.map(Some));
         set(&mut t.unknown_names, self.unknown_names);
         set(&mut t.poll_interval, self.certs_poll_interval);
+        set(&mut t.session_resumption, self.tls_session_resumption);
         let a = &mut c.acme;
         set(&mut a.enabled, self.acme_enabled);
         set(&mut a.directory, self.acme_directory);

@@ -54,25 +54,27 @@ async fn https(mesh: &Mesh, ca: &Path, host: &str, extra: &[&str]) -> (bool, Str
     curl(&args).await
 }
 
+#[derive(Debug)]
+/// Accepts any server certificate: these tests look at which one is presented.
+struct AcceptAll;
+impl rustls::client::danger::ServerCertVerifier for AcceptAll {
+    fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &rustls::pki_types::ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// The DER of the certificate the agent presents for `host`.
 async fn presented(mesh: &Mesh, host: &str) -> Vec<u8> {
     use rustls::pki_types::ServerName;
-    #[derive(Debug)]
-    struct AcceptAll;
-    impl rustls::client::danger::ServerCertVerifier for AcceptAll {
-        fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
-        }
-    }
     let config = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll)).with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(mesh.agent.https_addr.unwrap()).await.unwrap();
@@ -187,4 +189,62 @@ async fn tasks_that_speak_https_are_reached_over_tls() {
         assert!(body.contains("Name: tls-task") && body.contains("GET /x HTTP/1.1"), "{body}");
     }
     assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 1, "one pooled TLS connection serves every request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_sni_gets_the_default_certificate() {
+    let web = Backend::start("web").await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    let default = ca.issue(certs.path(), "default", &["default.test"]);
+    let mesh = Mesh::start_with(&service_with("web", &["ip.test"], "/", "http", &[web.addr.to_string()]), |c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(certs.path().to_owned());
+    })
+    .await;
+    // curl sends no SNI for an IP address.
+    let addr = mesh.agent.https_addr.unwrap();
+    let (ok, out) = curl(&["-k", "-H", "Host: ip.test", &format!("https://{addr}/")]).await;
+    assert!(ok && out.contains("Name: web"), "{out}");
+    let (ok, out) = curl(&["-k", "-o", "/dev/null", "-w", "%{certs}", &format!("https://{addr}/")]).await;
+    assert!(ok, "{out}");
+    let pem = rustls::pki_types::pem::PemObject::from_pem_slice(out.as_bytes()).map(|c: rustls::pki_types::CertificateDer<'_>| c.to_vec());
+    assert_eq!(pem.ok(), Some(default), "the default certificate is presented without SNI");
+}
+
+/// Two connections with one rustls client (which keeps a session cache): how the second
+/// handshake went.
+async fn second_handshake(addr: std::net::SocketAddr) -> rustls::HandshakeKind {
+    let config = std::sync::Arc::new({
+        let mut c = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll)).with_no_client_auth();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        c
+    });
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut kind = None;
+    for _ in 0..2 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector.connect(rustls::pki_types::ServerName::try_from("resume.test").unwrap(), tcp).await.unwrap();
+        // Read the answer, so the TLS 1.3 tickets sent after the handshake arrive.
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: resume.test\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut body = Vec::new();
+        let _ = tls.read_to_end(&mut body).await;
+        kind = tls.get_ref().1.handshake_kind();
+    }
+    kind.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_resumption_can_be_turned_off() {
+    let web = Backend::start("web").await;
+    let routes = service_with("web", &["resume.test"], "/", "http", &[web.addr.to_string()]);
+    let on = Mesh::start_with(&routes, |c| c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    assert_eq!(second_handshake(on.agent.https_addr.unwrap()).await, rustls::HandshakeKind::Resumed);
+    let off = Mesh::start_with(&routes, |c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.session_resumption = false;
+    })
+    .await;
+    assert_eq!(second_handshake(off.agent.https_addr.unwrap()).await, rustls::HandshakeKind::Full);
 }

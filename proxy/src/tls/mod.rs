@@ -38,6 +38,9 @@ pub struct TlsConfig {
     /// domain's pair also covers its subdomains), `default.crt`/`default.key` for the rest.
     pub certs_dir: Option<PathBuf>,
     pub unknown_names: UnknownNames,
+    /// Let clients resume TLS sessions (TLS 1.3 tickets, TLS 1.2 session ids) and skip the
+    /// full handshake on reconnect. Off: every connection does a full handshake.
+    pub session_resumption: bool,
     /// How often `certs_dir` is checked for changes.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -45,18 +48,22 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { https_listen: None, certs_dir: None, unknown_names: UnknownNames::SelfSigned, poll_interval: Duration::from_secs(1) }
+        Self { https_listen: None, certs_dir: None, unknown_names: UnknownNames::SelfSigned, session_resumption: true, poll_interval: Duration::from_secs(1) }
     }
 }
 
 /// The rustls server settings: TLS 1.2 and 1.3 only, ALPN h2 then http/1.1.
 #[must_use]
-pub fn server_config(resolver: Arc<CertResolver>) -> rustls::ServerConfig {
+pub fn server_config(resolver: Arc<CertResolver>, session_resumption: bool) -> rustls::ServerConfig {
     let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     // acme-tls/1 last: only a CA validating TLS-ALPN-01 offers it, and then nothing else.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()];
+    if !session_resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     config
 }
 

@@ -92,7 +92,12 @@ impl ResolvesServerCert for CertResolver {
             // A CA validating TLS-ALPN-01: only the challenge certificate will do.
             return hello.server_name().and_then(|n| self.challenges.alpn_certificate(n));
         }
-        hello.server_name().and_then(|n| self.find(n)).or_else(|| self.fallback.clone())
+        // No SNI (an old client, or one that connects by IP address): `default`, as nginx-proxy.
+        let found = match hello.server_name() {
+            Some(name) => self.find(name),
+            None => self.certs.load().get("default").cloned(),
+        };
+        found.or_else(|| self.fallback.clone())
     }
 }
 
