@@ -86,3 +86,24 @@ def rss_kib(proc, field):
 def ms(value, unit):
     """A latency as wrk or h2load print it, in milliseconds."""
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def haproxy_conf(bind, backend_port, global_extra=""):
+    """An HAProxy config with one thread, logging off and upstream keep-alive: `bind` (the
+    frontend's bind line after `bind `) to one backend server on loopback."""
+    return f"""global
+  nbthread 1
+  maxconn 8192
+{global_extra}defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind {bind}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{backend_port}
+"""

@@ -44,22 +44,7 @@ NGINX = nginx_conf(f"""upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive
 server {{ listen 127.0.0.1:{PORTS['nginx']}; location / {{ proxy_pass http://be; proxy_http_version 1.1;
 proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr;
 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""")
-HAPROXY = f"""global
-  nbthread 1
-  maxconn 8192
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 60s
-  timeout server 60s
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{PORTS['haproxy']}
-  default_backend be
-backend be
-  server s1 127.0.0.1:{BACKEND_PORT}
-"""
+HAPROXY = benchlib.haproxy_conf(f"127.0.0.1:{PORTS['haproxy']}", BACKEND_PORT)
 ROUTES = f"""[[services]]
 name = "bench"
 tasks = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import ROOT, cpu_seconds, ms, nginx_conf, replace_section, start, stop_all, write_file
+from benchlib import ROOT, cpu_seconds, haproxy_conf, ms, nginx_conf, replace_section, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
@@ -54,24 +54,8 @@ server {{ listen 127.0.0.1:{PORTS['nginx']} ssl; ssl_certificate {d}/default.crt
 ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache off; ssl_session_tickets off;
 location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host;
 proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""")
-    haproxy = f"""global
-  nbthread 1
-  maxconn 8192
-  tune.ssl.cachesize 0
-  ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 60s
-  timeout server 60s
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{PORTS['haproxy']} ssl crt {d}/haproxy.pem alpn http/1.1
-  default_backend be
-backend be
-  server s1 127.0.0.1:{BACKEND_PORT}
-"""
+    haproxy = haproxy_conf(f"127.0.0.1:{PORTS['haproxy']} ssl crt {d}/haproxy.pem alpn http/1.1", BACKEND_PORT,
+                           "  tune.ssl.cachesize 0\n  ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets\n")
     routes = f"""[[services]]
 name = "bench"
 tasks = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]
