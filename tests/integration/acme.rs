@@ -112,6 +112,12 @@ impl Pebble {
         }
     }
 
+    /// Freezes (`STOP`) or thaws (`CONT`) the process: a CA that hangs without closing.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("pebble runs").id().to_string();
+        assert!(Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success());
+    }
+
     fn directory(&self) -> String {
         format!("https://{}/dir", self.listen)
     }
@@ -480,4 +486,46 @@ async fn a_refused_name_never_blocks_the_others_and_stops_when_its_route_goes() 
     let after = agent.counter(refused).await;
     tokio::time::sleep(Duration::from_secs(3)).await; // longer than retry_max: a live task would have failed again
     assert_eq!(agent.counter(refused).await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_that_cannot_succeed_is_reported_and_the_host_stays_served() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    // Validation reaches neither listener (like DNS that does not point at this node).
+    let pebble = Pebble::start(PebbleSetup { http_port: free_port(), tls_port: free_port(), dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["nowhere.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
+    let failed = "meshgate_acme_failures_total{certificate=\"nowhere.acme.test\",reason=\"challenge_failed\"}";
+    eventually("the failed validation is counted, then retried", Duration::from_secs(30), async || agent.counter(failed).await >= 2).await;
+    let (ok, out) = curl(&["-k", "--resolve", &format!("nowhere.acme.test:{}:127.0.0.1", ports.https), &format!("https://nowhere.acme.test:{}/", ports.https)]).await;
+    assert!(ok && out.contains("Name: web"), "served with the fallback certificate meanwhile: {out}");
+    let (_, out) = curl(&["-H", "Host: nowhere.acme.test", &format!("http://127.0.0.1:{}/", ports.http)]).await;
+    assert!(out.contains("Name: web"), "plain HTTP is not redirected without a certificate: {out}");
+    let (ok, out) = curl(&["-f", &agent.mesh.admin_url("/readyz")]).await;
+    assert!(ok, "ACME failures never make the node unready: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_ca_times_out_and_renewal_succeeds_once_it_wakes() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 30, eab: None, blocklist: vec![] }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent = AcmeAgent::start(&routes(&web, &["hung.acme.test"]), &ports, &pebble, storage.path(), |c| {
+        // Due 5 to 6 s after issuance (jitter is at most 1/30 of the 30 s lifetime).
+        c.acme.renew_before = Some(Duration::from_secs(24));
+    })
+    .await;
+    let first = wait_for_certificate(&agent, "hung.acme.test", &pebble, Duration::from_secs(30)).await;
+    let root = pebble.root().await;
+    pebble.signal("STOP");
+    let unreachable = "meshgate_acme_failures_total{certificate=\"hung.acme.test\",reason=\"ca_unreachable\"}";
+    eventually("the hung renewal times out", Duration::from_secs(30), async || agent.counter(unreachable).await >= 1).await;
+    assert_eq!(handshake(agent.https_addr(), "hung.acme.test", &root).await.unwrap(), first, "the old certificate is still served");
+    pebble.signal("CONT");
+    eventually("renewed once the CA answers again", Duration::from_secs(30), async || {
+        handshake(agent.https_addr(), "hung.acme.test", &root).await.is_ok_and(|d| d != first)
+    })
+    .await;
 }
