@@ -32,6 +32,11 @@ Examples:
     meshgate --http-listen 0.0.0.0:80
     docker run -d -e VIRTUAL_HOST=app.example.com nginx
 
+  HTTPS, with Let's Encrypt certificates for the routes that ask (LETSENCRYPT_HOST=...,
+  meshgate.tls=acme); try --acme-directory letsencrypt-staging first:
+    meshgate --https-listen 0.0.0.0:443 --acme-email ops@example.com
+    docker run -d -e VIRTUAL_HOST=app.example.com -e LETSENCRYPT_HOST=app.example.com nginx
+
   Serve your own routes, reloaded when the file changes:
     meshgate --routes /etc/meshgate/routes.toml
 
