@@ -1,14 +1,31 @@
-//! meshgate-ebpf: the L4 routing mesh (XDP and tc-BPF programs, loaded with aya).
+//! meshgate-ebpf: the L4 routing mesh. BPF programs in C (`bpf/`, built by `build.rs` with
+//! clang), loaded and kept in step with a plain [`PortTable`] by [`Mesh`] (aya).
 //!
-//! The BPF programs arrive with their own issue; this crate already holds the plain
-//! `PortTable` the agent will hand it, so the conversion from the agent's state has a home.
+//! The agent converts its state into a `PortTable`; this crate knows nothing of Docker.
 
-use std::net::SocketAddr;
+mod loader;
+pub mod maglev;
+pub mod maps;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+pub use loader::{Attached, Mesh, MeshError, OBJECT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
     Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number (`IPPROTO_*`).
+    #[must_use]
+    pub fn ip_number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
 }
 
 /// One published port and the tasks behind it.
@@ -17,15 +34,18 @@ pub struct PublishedPort {
     pub protocol: Protocol,
     pub port: u16,
     pub backends: Vec<Backend>,
-    /// Only tasks on this node serve it.
+    /// Only tasks on this node serve it (the client address is always kept).
     pub local_only: bool,
 }
 
-/// A task that serves a published port, and the node that owns it.
+/// A task that serves a published port, and the node that runs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub addr: SocketAddr,
-    pub node: String,
+    pub addr: SocketAddrV4,
+    /// The uplink address of the node that runs the task.
+    pub node_addr: Ipv4Addr,
+    /// Whether that node is this one.
+    pub local: bool,
 }
 
 /// Everything the BPF maps are synced from.
@@ -33,3 +53,6 @@ pub struct Backend {
 pub struct PortTable {
     pub ports: Vec<PublishedPort>,
 }
+
+#[cfg(test)]
+mod packet_tests;

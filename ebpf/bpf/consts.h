@@ -1,0 +1,35 @@
+/* Sizes and flags shared by the programs. Each can be overridden by the build (-D...). */
+#pragma once
+
+#ifndef MAX_SERVICES
+#define MAX_SERVICES 256 /* published ports */
+#endif
+#ifndef MAX_BACKENDS
+#define MAX_BACKENDS 4096 /* tasks behind them, all services together */
+#endif
+#ifndef MAGLEV_SIZE
+#define MAGLEV_SIZE 1021 /* lookup table entries per service (prime, >> tasks per service) */
+#endif
+#ifndef MAX_FLOWS
+#define MAX_FLOWS 65536 /* connection table (LRU) */
+#endif
+
+/* svc_info.flags */
+#define SVC_LOCAL_ONLY 1 /* only tasks on this node serve it */
+
+/* backend.flags */
+#define BACKEND_LOCAL 1 /* the task runs on this node */
+#define BACKEND_LIVE 2  /* the slot holds a task (cleared when it is removed) */
+
+/* Indexes of verdict_stats: what happened to each packet the program saw. */
+#define STAT_PASS_NOT_IPV4 0     /* not IPv4 (ARP, IPv6, ...) */
+#define STAT_PASS_TRUNCATED 1    /* shorter than its headers say */
+#define STAT_PASS_IP_OPTIONS 2   /* IPv4 options */
+#define STAT_PASS_FRAGMENT 3     /* a fragment */
+#define STAT_PASS_OTHER_PROTO 4  /* neither TCP nor UDP (ICMP, ...) */
+#define STAT_PASS_NOT_PUBLISHED 5 /* not to a published port of this node */
+#define STAT_LOCAL 6             /* translated to a task on this node */
+#define STAT_REMOTE 7            /* sent to the node that owns the task */
+#define STAT_DROP_NO_BACKEND 8   /* published, but no task can take it */
+#define STAT_REPLY 9             /* a task's reply translated back (tc) */
+#define STAT_COUNT 10

@@ -1,0 +1,181 @@
+/* meshgate's L4 mesh: published ports of this node load-balanced over the service's tasks.
+ *
+ * meshgate_xdp (XDP, the uplink's ingress): a packet to <node_ip>:<published port> is given
+ * a task (the connection table, else Maglev over the flow) and translated to the task's
+ * address and port; the kernel then forwards it to the task, which sees the client's own
+ * address. Anything else goes to the kernel untouched.
+ *
+ * meshgate_tc_reply (tc, the uplink's egress): a task's reply leaving for the client gets back
+ * the address and port the client contacted.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "consts.h"
+#include "structs.h"
+#include "maps.h"
+#include "parsing.h"
+#include "csum.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* This node's address on the uplink (network order), set by the loader. */
+volatile const __u32 node_ip = 0;
+
+static __always_inline void count(__u32 stat, __u64 bytes)
+{
+	struct counters *c = bpf_map_lookup_elem(&verdict_stats, &stat);
+	if (c) {
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline void count_service(__u32 id, __u64 bytes)
+{
+	struct counters *c = bpf_map_lookup_elem(&service_stats, &id);
+	if (c) {
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
+
+/* A hash of the flow for Maglev (murmur3's finalizer over the mixed tuple). */
+static __always_inline __u32 flow_hash(const struct flow_key *f)
+{
+	__u32 h = f->saddr ^ (f->daddr * 0x9e3779b1u) ^ (((__u32)f->sport << 16 | f->dport) * 0x85ebca6bu) ^ f->proto;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h;
+}
+
+/* The backend for a new flow of service `svc`, from its Maglev row. */
+static __always_inline struct backend *pick(const struct svc_info *svc, const struct flow_key *f, __u32 *slot)
+{
+	__u32 idx = svc->id * MAGLEV_SIZE + flow_hash(f) % MAGLEV_SIZE;
+	__u32 *b = bpf_map_lookup_elem(&maglev, &idx);
+	if (!b)
+		return 0;
+	*slot = *b;
+	struct backend *be = bpf_map_lookup_elem(&backends, slot);
+	if (!be || !(be->flags & BACKEND_LIVE))
+		return 0;
+	return be;
+}
+
+/* Rewrites the destination to addr:port, fixing both checksums. */
+static __always_inline void dnat(struct packet *pkt, __u32 addr, __u16 port)
+{
+	__u32 old_addr = pkt->ip->daddr;
+	__u16 old_port = *pkt->dport;
+	pkt->ip->daddr = addr;
+	pkt->ip->check = csum_replace4(pkt->ip->check, old_addr, addr);
+	*pkt->dport = port;
+	/* UDP without a checksum (0) stays without one. */
+	if (pkt->proto == IPPROTO_UDP && *pkt->l4_check == 0)
+		return;
+	__u16 check = csum_replace4(*pkt->l4_check, old_addr, addr);
+	check = csum_replace2(check, old_port, port);
+	if (pkt->proto == IPPROTO_UDP && check == 0)
+		check = 0xffff;
+	*pkt->l4_check = check;
+}
+
+SEC("xdp")
+int meshgate_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 bytes = data_end - data;
+	struct packet pkt = {};
+	int pass = parse(data, data_end, &pkt);
+	if (pass >= 0) {
+		count(pass, bytes);
+		return XDP_PASS;
+	}
+	if (pkt.ip->daddr != node_ip) {
+		count(STAT_PASS_NOT_PUBLISHED, bytes);
+		return XDP_PASS;
+	}
+	struct svc_key key = {.port = *pkt.dport, .proto = pkt.proto};
+	struct svc_info *svc = bpf_map_lookup_elem(&services, &key);
+	if (!svc) {
+		count(STAT_PASS_NOT_PUBLISHED, bytes);
+		return XDP_PASS;
+	}
+	struct flow_key flow = {
+		.saddr = pkt.ip->saddr, .daddr = pkt.ip->daddr, .sport = *pkt.sport, .dport = *pkt.dport, .proto = pkt.proto,
+	};
+	struct backend *be = 0;
+	__u32 slot = 0;
+	struct flow_val *known = bpf_map_lookup_elem(&flows, &flow);
+	if (known) {
+		slot = known->backend;
+		be = bpf_map_lookup_elem(&backends, &slot);
+		/* The task is gone (its slot is empty or now holds another task). */
+		if (be && (!(be->flags & BACKEND_LIVE) || be->addr != known->addr || be->port != known->port))
+			be = 0;
+		if (!be) {
+			bpf_map_delete_elem(&flows, &flow);
+			count(STAT_DROP_NO_BACKEND, bytes);
+			return XDP_DROP;
+		}
+	} else {
+		be = pick(svc, &flow, &slot);
+		if (!be) {
+			count(STAT_DROP_NO_BACKEND, bytes);
+			return XDP_DROP;
+		}
+		struct flow_val val = {.backend = slot, .addr = be->addr, .port = be->port, .svc = (__u16)svc->id};
+		bpf_map_update_elem(&flows, &flow, &val, BPF_ANY);
+		struct flow_key back = {.saddr = be->addr, .daddr = flow.saddr, .sport = be->port, .dport = flow.sport, .proto = flow.proto};
+		struct reply_val reply = {.addr = flow.daddr, .port = flow.dport};
+		bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+	}
+	count_service(svc->id, bytes);
+	if (!(be->flags & BACKEND_LOCAL)) {
+		/* Tasks on other nodes: encapsulation toward their node comes with the next step. */
+		count(STAT_REMOTE, bytes);
+		return XDP_PASS;
+	}
+	dnat(&pkt, be->addr, be->port);
+	count(STAT_LOCAL, bytes);
+	return XDP_PASS;
+}
+
+SEC("classifier")
+int meshgate_tc_reply(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct packet pkt = {};
+	if (parse(data, data_end, &pkt) >= 0)
+		return TC_ACT_OK;
+	struct flow_key back = {
+		.saddr = pkt.ip->saddr, .daddr = pkt.ip->daddr, .sport = *pkt.sport, .dport = *pkt.dport, .proto = pkt.proto,
+	};
+	struct reply_val *reply = bpf_map_lookup_elem(&replies, &back);
+	if (!reply)
+		return TC_ACT_OK;
+	__u32 old_addr = pkt.ip->saddr, new_addr = reply->addr;
+	__u16 old_port = *pkt.sport, new_port = reply->port;
+	__u32 ip_off = sizeof(struct ethhdr);
+	__u32 addr_off = ip_off + __builtin_offsetof(struct iphdr, saddr);
+	__u32 l4_off = ip_off + sizeof(struct iphdr);
+	__u32 check_off = l4_off + (pkt.proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check) : __builtin_offsetof(struct udphdr, check));
+	__u32 udp_nocheck = pkt.proto == IPPROTO_UDP && *pkt.l4_check == 0;
+	/* The helpers keep CHECKSUM_PARTIAL packets (from local tasks) right. */
+	if (!udp_nocheck) {
+		bpf_l4_csum_replace(skb, check_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | sizeof(new_addr) | (pkt.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0));
+		bpf_l4_csum_replace(skb, check_off, old_port, new_port, sizeof(new_port) | (pkt.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0));
+	}
+	bpf_l3_csum_replace(skb, ip_off + __builtin_offsetof(struct iphdr, check), old_addr, new_addr, sizeof(new_addr));
+	bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0);
+	bpf_skb_store_bytes(skb, l4_off, &new_port, sizeof(new_port), 0); /* source port: first field of TCP and UDP */
+	count(STAT_REPLY, skb->len);
+	return TC_ACT_OK;
+}

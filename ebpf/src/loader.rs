@@ -1,0 +1,243 @@
+//! Loads the BPF object, keeps its maps in step with a [`PortTable`], attaches the programs
+//! to the uplink. Dropping a [`Mesh`] detaches everything (the programs are attached through
+//! BPF links owned by this process, so a crashed agent leaves nothing behind either).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::maglev;
+use crate::maps::{BackendSlot, Counters, SvcInfo, SvcKey, BACKEND_LIVE, BACKEND_LOCAL, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS};
+use crate::{PortTable, Protocol};
+
+/// The compiled BPF object (empty when the build had no clang).
+pub const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("this build has no XDP mesh: clang was missing when it was built (install clang-19 and libbpf-dev, then rebuild)")]
+    NotBuilt,
+    #[error("cannot load the BPF programs: {0} (the agent needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BTF)")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {0}: {1}")]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("BPF map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+    #[error("too many {0} for the BPF maps (at most {1})")]
+    Full(&'static str, u32),
+}
+
+/// How the XDP program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+}
+
+/// The loaded mesh: programs, maps, and the ids and slots given out so far.
+pub struct Mesh {
+    ebpf: Ebpf,
+    services: BpfHashMap<MapData, SvcKey, SvcInfo>,
+    maglev: Array<MapData, u32>,
+    backends: Array<MapData, BackendSlot>,
+    verdicts: PerCpuArray<MapData, Counters>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    ids: Allocator<(Protocol, u16)>,
+    /// Keyed by node and address: every node has the same task subnet.
+    slots: Allocator<(Ipv4Addr, SocketAddrV4)>,
+    /// Each service's Maglev row as last written, to skip unchanged rows.
+    rows: HashMap<u32, Vec<u32>>,
+}
+
+fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MeshError> {
+    let raw = ebpf.take_map(name).ok_or(MeshError::Map(name, aya::maps::MapError::InvalidName { name: name.to_owned() }))?;
+    T::try_from(raw).map_err(|e| MeshError::Map(name, e))
+}
+
+impl Mesh {
+    /// Loads the programs (not attached yet) for a node whose uplink address is `node_ip`.
+    pub fn load(node_ip: Ipv4Addr) -> Result<Self, MeshError> {
+        if OBJECT.is_empty() {
+            return Err(MeshError::NotBuilt);
+        }
+        let node = u32::from_ne_bytes(node_ip.octets());
+        let mut ebpf = EbpfLoader::new().override_global("node_ip", &node, true).load(OBJECT)?;
+        for name in ["meshgate_xdp", "meshgate_tc_reply"] {
+            let program = ebpf.program_mut(name).ok_or(MeshError::Program(name, aya::programs::ProgramError::UnexpectedProgramType))?;
+            let loaded = match program {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+            };
+            loaded.map_err(|e| MeshError::Program(name, e))?;
+        }
+        Ok(Self {
+            services: map(&mut ebpf, "services")?,
+            maglev: map(&mut ebpf, "maglev")?,
+            backends: map(&mut ebpf, "backends")?,
+            verdicts: map(&mut ebpf, "verdict_stats")?,
+            service_stats: map(&mut ebpf, "service_stats")?,
+            ebpf,
+            ids: Allocator::new(MAX_SERVICES),
+            slots: Allocator::new(MAX_BACKENDS),
+            rows: HashMap::new(),
+        })
+    }
+
+    fn xdp(&mut self) -> &mut Xdp {
+        self.ebpf.program_mut("meshgate_xdp").and_then(|p| p.try_into().ok()).expect("the object has meshgate_xdp")
+    }
+
+    /// Attaches XDP to `uplink`'s ingress (native, else generic) and the reply translation
+    /// to its egress (tc).
+    pub fn attach(&mut self, uplink: &str) -> Result<Attached, MeshError> {
+        let mode = match self.xdp().attach(uplink, XdpMode::Driver) {
+            Ok(_) => Attached::Native,
+            Err(native) => {
+                tracing::info!(uplink, "XDP: native mode refused ({native}); using generic mode");
+                self.xdp().attach(uplink, XdpMode::Skb).map_err(|e| MeshError::Program("meshgate_xdp", e))?;
+                Attached::Generic
+            }
+        };
+        let tc: &mut SchedClassifier = self.ebpf.program_mut("meshgate_tc_reply").and_then(|p| p.try_into().ok()).expect("the object has meshgate_tc_reply");
+        tc.attach(uplink, TcAttachType::Egress).map_err(|e| MeshError::Program("meshgate_tc_reply", e))?;
+        Ok(mode)
+    }
+
+    /// Makes the maps say what `table` says. Per service: tasks and the Maglev row first, the
+    /// service entry last, so no packet sees a service without its table.
+    pub fn sync(&mut self, table: &PortTable) -> Result<(), MeshError> {
+        let wanted: BTreeMap<(Protocol, u16), &crate::PublishedPort> = table.ports.iter().map(|p| ((p.protocol, p.port), p)).collect();
+        let live: Vec<(Ipv4Addr, SocketAddrV4)> = wanted.values().flat_map(|p| p.backends.iter().map(|b| (b.node_addr, b.addr))).collect();
+        // Tasks no longer anywhere: their slots are emptied (flows on them end) and freed.
+        for gone in self.slots.release_except(&live) {
+            self.backends.set(gone, BackendSlot::default(), 0).map_err(|e| MeshError::Map("backends", e))?;
+        }
+        for (&(proto, port), published) in &wanted {
+            let id = self.ids.get((proto, port)).ok_or(MeshError::Full("published ports", MAX_SERVICES))?;
+            let serving: Vec<&crate::Backend> = published.backends.iter().filter(|b| b.local || !published.local_only).collect();
+            let mut slot_of = Vec::with_capacity(serving.len());
+            for b in &serving {
+                let slot = self.slots.get((b.node_addr, b.addr)).ok_or(MeshError::Full("tasks", MAX_BACKENDS))?;
+                let flags = BACKEND_LIVE | if b.local { BACKEND_LOCAL } else { 0 };
+                let value = BackendSlot { addr: u32::from_ne_bytes(b.addr.ip().octets()), node_addr: u32::from_ne_bytes(b.node_addr.octets()), port: b.addr.port().to_be(), flags };
+                self.backends.set(slot, value, 0).map_err(|e| MeshError::Map("backends", e))?;
+                slot_of.push(slot);
+            }
+            let names: Vec<String> = serving.iter().map(|b| format!("{}/{}", b.node_addr, b.addr)).collect();
+            let row: Vec<u32> = maglev::table(&names, MAGLEV_SIZE).iter().map(|&i| slot_of[i as usize]).collect();
+            let row = if row.is_empty() { vec![u32::MAX; MAGLEV_SIZE as usize] } else { row };
+            if self.rows.get(&id) != Some(&row) {
+                for (i, slot) in row.iter().enumerate() {
+                    self.maglev.set(id * MAGLEV_SIZE + i as u32, slot, 0).map_err(|e| MeshError::Map("maglev", e))?;
+                }
+                self.rows.insert(id, row);
+            }
+            let key = svc_key(proto, port);
+            let info = SvcInfo { id, flags: if published.local_only { SVC_LOCAL_ONLY } else { 0 } };
+            self.services.insert(key, info, 0).map_err(|e| MeshError::Map("services", e))?;
+        }
+        for gone in self.ids.release_except(&wanted.keys().copied().collect::<Vec<_>>()) {
+            let (proto, port) = self.ids.name_of_released(gone);
+            let _ = self.services.remove(&svc_key(proto, port));
+            self.rows.remove(&gone);
+        }
+        Ok(())
+    }
+
+    /// Packets and bytes by verdict, summed over CPUs, with the metric label of each.
+    #[must_use]
+    pub fn verdict_counters(&self) -> Vec<(&'static str, Counters)> {
+        VERDICTS.iter().enumerate().map(|(i, name)| (*name, sum(&self.verdicts, i as u32))).collect()
+    }
+
+    /// Packets and bytes of one published port, summed over CPUs.
+    #[must_use]
+    pub fn port_counters(&self, proto: Protocol, port: u16) -> Option<Counters> {
+        self.ids.peek(&(proto, port)).map(|id| sum(&self.service_stats, id))
+    }
+
+    /// Runs the XDP program once on `packet` (BPF_PROG_TEST_RUN): the verdict and the packet
+    /// as the program left it.
+    pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>), MeshError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self
+            .xdp()
+            .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..TestRunOptions::new() })
+            .map_err(|e| MeshError::Program("meshgate_xdp", e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Nanoseconds per run of the XDP program on `packet`, over `repeat` runs.
+    pub fn time_per_packet(&mut self, packet: &[u8], repeat: u32) -> Result<std::time::Duration, MeshError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let result = self.xdp().test_run(TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::new() }).map_err(|e| MeshError::Program("meshgate_xdp", e))?;
+        Ok(result.duration)
+    }
+}
+
+fn svc_key(proto: Protocol, port: u16) -> SvcKey {
+    SvcKey { port: port.to_be(), proto: proto.ip_number(), pad: 0 }
+}
+
+fn sum(map: &PerCpuArray<MapData, Counters>, index: u32) -> Counters {
+    map.get(&index, 0).map_or_else(|_| Counters::default(), |values| {
+        values.iter().fold(Counters::default(), |acc, c| Counters { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
+    })
+}
+
+/// Stable small numbers for things that come and go (service ids, backend slots): a thing
+/// keeps its number while it exists; a freed number is reused later.
+struct Allocator<K> {
+    given: HashMap<K, u32>,
+    free: Vec<u32>,
+    next: u32,
+    max: u32,
+    released: HashMap<u32, K>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Allocator<K> {
+    fn new(max: u32) -> Self {
+        Self { given: HashMap::new(), free: Vec::new(), next: 0, max, released: HashMap::new() }
+    }
+
+    fn peek(&self, key: &K) -> Option<u32> {
+        self.given.get(key).copied()
+    }
+
+    fn get(&mut self, key: K) -> Option<u32> {
+        if let Some(n) = self.given.get(&key) {
+            return Some(*n);
+        }
+        let n = self.free.pop().or_else(|| (self.next < self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        }))?;
+        self.given.insert(key, n);
+        Some(n)
+    }
+
+    /// Frees every number whose key is not in `keep`; returns them.
+    fn release_except(&mut self, keep: &[K]) -> Vec<u32> {
+        let gone: Vec<K> = self.given.keys().filter(|k| !keep.contains(k)).cloned().collect();
+        let mut out = Vec::new();
+        self.released.clear();
+        for k in gone {
+            let n = self.given.remove(&k).expect("present");
+            self.free.push(n);
+            self.released.insert(n, k);
+            out.push(n);
+        }
+        out
+    }
+
+    /// The key a number had before `release_except` freed it.
+    fn name_of_released(&self, n: u32) -> K {
+        self.released[&n].clone()
+    }
+}

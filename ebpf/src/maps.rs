@@ -1,0 +1,63 @@
+//! Rust mirrors of `bpf/structs.h` and `bpf/consts.h`: one `#[repr(C)]` type per C struct,
+//! each with a size check, so a layout change on one side fails the build.
+#![allow(unsafe_code)] // `aya::Pod` is an unsafe marker: each type below is plain bytes.
+
+/// `consts.h`: sizes the loader must agree with.
+pub const MAX_SERVICES: u32 = 256;
+pub const MAX_BACKENDS: u32 = 4096;
+pub const MAGLEV_SIZE: u32 = 1021;
+
+pub const SVC_LOCAL_ONLY: u32 = 1;
+pub const BACKEND_LOCAL: u16 = 1;
+pub const BACKEND_LIVE: u16 = 2;
+
+/// `verdict_stats` indexes, with the names the metrics use.
+pub const VERDICTS: [&str; 10] =
+    ["pass_not_ipv4", "pass_truncated", "pass_ip_options", "pass_fragment", "pass_other_proto", "pass_not_published", "local", "remote", "drop_no_backend", "reply"];
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcKey {
+    /// Network order.
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcInfo {
+    pub id: u32,
+    pub flags: u32,
+}
+
+/// Addresses and ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendSlot {
+    pub addr: u32,
+    pub node_addr: u32,
+    pub port: u16,
+    pub flags: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = assert!(size_of::<SvcKey>() == 4);
+const _: () = assert!(size_of::<SvcInfo>() == 8);
+const _: () = assert!(size_of::<BackendSlot>() == 12);
+const _: () = assert!(size_of::<Counters>() == 16);
+
+// SAFETY: `#[repr(C)]`, no padding (checked by the sizes above), every bit pattern valid.
+unsafe impl aya::Pod for SvcKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SvcInfo {}
+// SAFETY: as above.
+unsafe impl aya::Pod for BackendSlot {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Counters {}
