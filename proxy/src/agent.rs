@@ -99,7 +99,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
 pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
-    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, acme: acme_cfg, whoami: whoami_cfg, log: _ } = cfg;
+    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, acme: acme_cfg, mesh: mesh_cfg, whoami: whoami_cfg, log: _ } = cfg;
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(StateHub::new());
     let readiness = Arc::new(Readiness::default());
@@ -135,25 +135,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         background.push(tokio::spawn(docker::run(docker_cfg, hub.clone(), metrics.clone(), readiness.clone())));
     }
 
-    // HTTPS: a listener, a resolver swapped whole on certificate changes, the fallback.
-    let https = match tls_cfg.https_listen {
-        Some(addr) => {
-            let listener = bind("HTTPS", addr).await?;
-            let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
-            let resolver = Arc::new(CertResolver::new(fallback));
-            if let Some(dir) = &tls_cfg.certs_dir {
-                // Loaded before serving, so the first handshake already sees them.
-                let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);
-                background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone(), CertSource::Files, loaded, Arc::default())));
-            }
-            Some((listener, resolver))
-        }
-        None => None,
-    };
-    match &https {
-        Some((_, resolver)) if acme_cfg.enabled => start_acme(acme_cfg, tls_cfg.poll_interval, resolver, &hub, &metrics, &readiness, &mut background),
-        _ => background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), acme_cfg.enabled))),
-    }
+    let https = start_https(&tls_cfg, acme_cfg, &hub, &metrics, &readiness, &mut background).await?;
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
     let proxy = Arc::new(Proxy::new(
         proxy_cfg.clone(),
@@ -187,6 +169,10 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         None => None,
     };
 
+    if mesh_cfg.uplink.is_some() {
+        background.push(tokio::spawn(crate::mesh::run(mesh_cfg, hub.clone(), metrics.registry.clone(), readiness.clone())));
+    }
+
     readiness.set("http", true, format!("listening on {http_addr}"));
     let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness: readiness.clone() };
     background.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
@@ -206,6 +192,36 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     }
     tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
     Ok(RunningAgent { http_addr, https_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, servers, background })
+}
+
+/// HTTPS: a listener, a resolver swapped whole on certificate changes, the fallback, and
+/// ACME feeding the resolver. `None` without `tls.https_listen`.
+async fn start_https(
+    tls_cfg: &tls::TlsConfig,
+    acme_cfg: AcmeConfig,
+    hub: &Arc<StateHub>,
+    metrics: &Arc<Metrics>,
+    readiness: &Readiness,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<(TcpListener, Arc<CertResolver>)>, StartError> {
+    let Some(addr) = tls_cfg.https_listen else {
+        background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), acme_cfg.enabled)));
+        return Ok(None);
+    };
+    let listener = bind("HTTPS", addr).await?;
+    let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
+    let resolver = Arc::new(CertResolver::new(fallback));
+    if let Some(dir) = &tls_cfg.certs_dir {
+        // Loaded before serving, so the first handshake already sees them.
+        let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);
+        background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone(), CertSource::Files, loaded, Arc::default())));
+    }
+    if acme_cfg.enabled {
+        start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, hub, metrics, readiness, background);
+    } else {
+        background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), false)));
+    }
+    Ok(Some((listener, resolver)))
 }
 
 /// Starts ACME: opens the store, serves what it holds before contacting the CA, watches it

@@ -165,6 +165,16 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_ACME_RENEW_BEFORE", value_name = "DURATION", value_parser = duration, help_heading = "ACME certificates")]
     pub acme_renew_before: Option<Duration>,
 
+    /// [mesh.uplink] Serve published ports (XDP) on this interface, e.g. eth0; unset: no L4 mesh
+    #[arg(long, env = "MESHGATE_MESH_UPLINK", value_name = "IFACE", help_heading = "L4 mesh")]
+    pub mesh_uplink: Option<String>,
+    /// [mesh.node_address] This node's IPv4 address on the uplink
+    #[arg(long, env = "MESHGATE_MESH_NODE_ADDRESS", value_name = "IP", help_heading = "L4 mesh")]
+    pub mesh_node_address: Option<std::net::Ipv4Addr>,
+    /// [mesh.node_name] This node's name as task nodes are named (Swarm node name) [default: local]
+    #[arg(long, env = "MESHGATE_MESH_NODE_NAME", value_name = "NAME", help_heading = "L4 mesh")]
+    pub mesh_node_name: Option<String>,
+
     /// [admin.listen] Address of the admin endpoints [default: 127.0.0.1:9090]
     #[arg(long, env = "MESHGATE_ADMIN_LISTEN", value_name = "ADDR", help_heading = "Admin")]
     pub admin_listen: Option<SocketAddr>,
@@ -270,6 +280,9 @@ impl Overrides {
         set(&mut t.unknown_names, self.unknown_names);
         set(&mut t.poll_interval, self.certs_poll_interval);
         set(&mut t.session_resumption, self.tls_session_resumption);
+        set(&mut c.mesh.uplink, self.mesh_uplink.map(Some));
+        set(&mut c.mesh.node_address, self.mesh_node_address.map(Some));
+        set(&mut c.mesh.node_name, self.mesh_node_name.map(Some));
         let a = &mut c.acme;
         set(&mut a.enabled, self.acme_enabled);
         set(&mut a.directory, self.acme_directory);

@@ -21,6 +21,7 @@ pub struct Config {
     pub dns: crate::dns::DnsConfig,
     pub tls: crate::tls::TlsConfig,
     pub acme: crate::acme::AcmeConfig,
+    pub mesh: crate::mesh::MeshConfig,
     pub whoami: WhoamiConfig,
     pub log: LogConfig,
 }
@@ -153,6 +154,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}, line {line}: {message}")]
     Parse { path: PathBuf, line: usize, message: String },
+    #[error("invalid [mesh] setting: {message}")]
+    Mesh { message: String },
     #[error("invalid [acme] setting: {message}")]
     Acme { message: String },
     #[error("invalid setting `{key}` = {value}: {expected}")]
@@ -210,6 +213,7 @@ impl Config {
             return Err(ConfigError::Invalid { key: "proxy.max_headers", value: "0".into(), expected: "at least 1" });
         }
         self.acme.validate().map_err(|message| ConfigError::Acme { message })?;
+        self.mesh.validate().map_err(|message| ConfigError::Mesh { message })?;
         if let Some(host) = &p.default_host {
             crate::state::HostPattern::parse(host).map_err(|_| ConfigError::Invalid {
                 key: "proxy.default_host",

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod provider;
 pub mod readiness;

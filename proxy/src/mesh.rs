@@ -1,0 +1,209 @@
+//! The `[mesh]` settings and the L4 mesh's place in the agent: the published ports of each
+//! new state become a [`PortTable`] that the BPF maps are synced to, and the BPF counters
+//! become Prometheus metrics.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_ebpf::{Backend, Mesh, PortTable, Protocol, PublishedPort};
+use prometheus::{IntCounterVec, Opts};
+use serde::{Deserialize, Serialize};
+
+use crate::readiness::Readiness;
+use crate::state::{L4Protocol, MeshState, StateHub};
+
+/// The `[mesh]` section.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// The interface published ports are served on (XDP attaches to it). Unset: no L4 mesh.
+    pub uplink: Option<String>,
+    /// This node's IPv4 address on the uplink: packets to it on a published port are
+    /// balanced; it is also the address other nodes reach this node's tasks through.
+    pub node_address: Option<Ipv4Addr>,
+    /// This node's name as the providers name task nodes (Swarm node name; `local` for tasks
+    /// of the routes file without a `node`). Tasks on it are local.
+    pub node_name: Option<String>,
+}
+
+impl MeshConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.uplink, self.node_address) {
+            (Some(_), None) => Err("mesh.node_address is needed with mesh.uplink: this node's IPv4 address on that interface".into()),
+            (None, Some(_)) => Err("mesh.node_address is set but mesh.uplink is not: name the interface to attach to".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The port table for this node: every published port of every service, each with the
+/// routable tasks that serve it (only this node's if the port is local-only). A task on a
+/// node whose address is unknown cannot be reached and is left out.
+#[must_use]
+pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) -> PortTable {
+    let addresses: HashMap<&str, Ipv4Addr> = state
+        .nodes
+        .iter()
+        .filter_map(|n| match n.address {
+            Some(IpAddr::V4(a)) => Some((n.name.as_str(), a)),
+            _ => None,
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for svc in &state.services {
+        for l4 in &svc.l4 {
+            let backends = svc
+                .tasks
+                .iter()
+                .filter(|t| t.health.routable())
+                .filter_map(|t| {
+                    let IpAddr::V4(ip) = t.address else { return None };
+                    let local = t.node == node_name;
+                    let node_addr = if local { node_address } else { *addresses.get(t.node.as_str())? };
+                    Some(Backend { addr: SocketAddrV4::new(ip, t.port.unwrap_or(l4.target)), node_addr, local })
+                })
+                .collect();
+            let protocol = match l4.protocol {
+                L4Protocol::Tcp => Protocol::Tcp,
+                L4Protocol::Udp => Protocol::Udp,
+            };
+            ports.push(PublishedPort { protocol, port: l4.published, backends, local_only: l4.local_only });
+        }
+    }
+    ports.sort_by_key(|p| (p.protocol, p.port));
+    PortTable { ports }
+}
+
+/// BPF counters as Prometheus counters (read from the per-CPU maps every second).
+pub struct MeshMetrics {
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    port_packets: IntCounterVec,
+    port_bytes: IntCounterVec,
+}
+
+impl MeshMetrics {
+    pub fn register(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(Self {
+            packets: counter("meshgate_mesh_packets_total", "Packets the XDP and tc programs saw, by verdict.", &["verdict"])?,
+            bytes: counter("meshgate_mesh_bytes_total", "Bytes the XDP and tc programs saw, by verdict.", &["verdict"])?,
+            port_packets: counter("meshgate_mesh_port_packets_total", "Packets balanced, by published port.", &["protocol", "port"])?,
+            port_bytes: counter("meshgate_mesh_port_bytes_total", "Bytes balanced, by published port.", &["protocol", "port"])?,
+        })
+    }
+
+    fn set(counter: &IntCounterVec, labels: &[&str], total: u64) {
+        let c = counter.with_label_values(labels);
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
+    }
+
+    fn update(&self, mesh: &Mesh, table: &PortTable) {
+        for (verdict, c) in mesh.verdict_counters() {
+            Self::set(&self.packets, &[verdict], c.packets);
+            Self::set(&self.bytes, &[verdict], c.bytes);
+        }
+        for p in &table.ports {
+            if let Some(c) = mesh.port_counters(p.protocol, p.port) {
+                let proto = if p.protocol == Protocol::Tcp { "tcp" } else { "udp" };
+                let port = p.port.to_string();
+                Self::set(&self.port_packets, &[proto, &port], c.packets);
+                Self::set(&self.port_bytes, &[proto, &port], c.bytes);
+            }
+        }
+    }
+}
+
+/// Loads and attaches the mesh, then keeps its maps in step with the hub. A mesh that cannot
+/// load is reported (log and `/readyz`); the rest of the agent keeps running.
+pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Registry, readiness: Arc<Readiness>) {
+    let (Some(uplink), Some(node_address)) = (cfg.uplink.clone(), cfg.node_address) else { return };
+    let node_name = cfg.node_name.clone().unwrap_or_else(|| "local".into());
+    let mut mesh = match Mesh::load(node_address).and_then(|mut m| m.attach(&uplink).map(|mode| (m, mode))) {
+        Ok((m, mode)) => {
+            readiness.set("mesh", true, format!("XDP ({mode:?}) on {uplink}, node {node_name} at {node_address}"));
+            tracing::info!(%uplink, %node_address, ?mode, "L4 mesh attached");
+            m
+        }
+        Err(e) => {
+            tracing::error!("L4 mesh is down: {e}; the HTTP proxy and DNS keep running");
+            readiness.set("mesh", false, e.to_string());
+            return;
+        }
+    };
+    let metrics = MeshMetrics::register(&registry).ok();
+    let mut changes = hub.subscribe();
+    let mut current = PortTable::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let table = port_table(&hub.load().state, &node_name, node_address);
+        if table != current {
+            match mesh.sync(&table) {
+                Ok(()) => {
+                    tracing::info!(ports = table.ports.len(), "L4 mesh: port table synced");
+                    current = table;
+                }
+                Err(e) => tracing::error!("L4 mesh: cannot sync the port table: {e}"),
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tick.tick() => if let Some(m) = &metrics { m.update(&mesh, &current) },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Health, Node, PublishedPort as L4, Service, Task};
+
+    fn task(id: &str, ip: [u8; 4], node: &str, health: Health) -> Task {
+        Task { id: id.into(), address: IpAddr::from(ip), port: None, node: node.into(), health, network: None, aliases: vec![] }
+    }
+
+    #[test]
+    fn published_ports_become_a_port_table_for_this_node() {
+        let node = |name: &str, a: Option<[u8; 4]>| Node { id: name.into(), name: name.into(), address: a.map(IpAddr::from), manager: false, ready: true };
+        let state = MeshState {
+            services: vec![Service {
+                name: "web".into(),
+                stack: None,
+                provider: "t".into(),
+                tasks: vec![
+                    task("a", [10, 0, 9, 2], "n1", Health::Healthy),
+                    task("b", [10, 0, 9, 2], "n2", Health::Unknown),
+                    task("c", [10, 0, 9, 3], "n1", Health::Unhealthy),
+                    task("d", [10, 0, 9, 4], "n3", Health::Healthy),
+                ],
+                http: vec![],
+                l4: vec![
+                    L4 { protocol: L4Protocol::Tcp, published: 8080, target: 80, local_only: false },
+                    L4 { protocol: L4Protocol::Udp, published: 5353, target: 53, local_only: true },
+                ],
+            }],
+            nodes: vec![node("n1", Some([192, 0, 2, 10])), node("n2", Some([192, 0, 2, 11])), node("n3", None)],
+            ..MeshState::default()
+        };
+        let table = port_table(&state, "n1", Ipv4Addr::new(192, 0, 2, 10));
+        assert_eq!(table.ports.len(), 2);
+        let tcp = &table.ports[0];
+        assert_eq!((tcp.protocol, tcp.port), (Protocol::Tcp, 8080));
+        let backends: Vec<(String, Ipv4Addr, bool)> = tcp.backends.iter().map(|b| (b.addr.to_string(), b.node_addr, b.local)).collect();
+        assert_eq!(
+            backends,
+            [("10.0.9.2:80".into(), Ipv4Addr::new(192, 0, 2, 10), true), ("10.0.9.2:80".into(), Ipv4Addr::new(192, 0, 2, 11), false)],
+            "unhealthy tasks and tasks on a node without an address are left out; the same address on two nodes is two tasks"
+        );
+        assert!(table.ports[1].local_only);
+    }
+}
