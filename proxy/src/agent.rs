@@ -113,7 +113,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     if let Some(addr) = whoami_listen {
         let listener = bind("the whoami demo backend", addr).await?;
         tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "whoami demo backend listening");
-        background.push(tokio::spawn(whoami::serve(listener, "whoami".into())));
+        background.push(tokio::spawn(whoami::serve(listener, whoami_cfg.name.clone())));
     }
 
     let http_listener = bind("HTTP", proxy_cfg.http_listen).await?;

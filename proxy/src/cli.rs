@@ -239,6 +239,9 @@ pub struct Overrides {
     /// [whoami.listen] Run the whoami demo backend on this address
     #[arg(long, env = "MESHGATE_WHOAMI_LISTEN", value_name = "ADDR", help_heading = "Demo")]
     pub whoami_listen: Option<SocketAddr>,
+    /// [whoami.name] The name the demo backend answers with [default: whoami]
+    #[arg(long, env = "MESHGATE_WHOAMI_NAME", value_name = "NAME", help_heading = "Demo")]
+    pub whoami_name: Option<String>,
 
     /// [log.format] human or json [default: human]
     #[arg(long, env = "MESHGATE_LOG_FORMAT", value_name = "FORMAT", help_heading = "Logging")]
@@ -315,6 +318,7 @@ impl Overrides {
         set(&mut n.answer_routed_hosts, self.dns_answer_routed_hosts);
         set(&mut n.node_addresses, self.dns_node_addresses);
         set(&mut c.whoami.listen, self.whoami_listen.map(Some));
+        set(&mut c.whoami.name, self.whoami_name);
         set(&mut c.log.format, self.log_format);
         set(&mut c.log.level, self.log_level);
     }

@@ -117,11 +117,19 @@ impl Default for FileProviderConfig {
 }
 
 /// The built-in `whoami` demo backend.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WhoamiConfig {
     /// Address the demo backend binds. Unset: it does not run.
     pub listen: Option<SocketAddr>,
+    /// The name it answers with (`Name:`), to tell several apart.
+    pub name: String,
+}
+
+impl Default for WhoamiConfig {
+    fn default() -> Self {
+        Self { listen: None, name: "whoami".into() }
+    }
 }
 
 /// Logging.

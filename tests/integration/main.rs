@@ -9,6 +9,7 @@ mod dns;
 mod docker;
 mod lifecycle;
 mod limits;
+mod mesh;
 mod resilience;
 mod routing;
 mod streaming;
