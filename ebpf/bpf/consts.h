@@ -32,4 +32,6 @@
 #define STAT_REMOTE 7            /* sent to the node that owns the task */
 #define STAT_DROP_NO_BACKEND 8   /* published, but no task can take it */
 #define STAT_REPLY 9             /* a task's reply translated back (tc) */
-#define STAT_COUNT 10
+#define STAT_DECAP 10            /* IP-in-IP from another node, unwrapped for a local task (tc) */
+#define STAT_DROP_NO_ROUTE 11    /* the task's node has no route or no neighbour entry yet */
+#define STAT_COUNT 12

@@ -26,3 +26,13 @@ static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
 	sum += to;
 	return ~csum_fold(sum);
 }
+
+/* The checksum of a 20-byte IPv4 header (its check field must be 0). */
+static __always_inline __u16 ip_header_checksum(const __u16 *words)
+{
+	__u32 sum = 0;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += words[i];
+	return ~csum_fold(sum);
+}

@@ -5,11 +5,20 @@
  * address and port; the kernel then forwards it to the task, which sees the client's own
  * address. Anything else goes to the kernel untouched.
  *
+ * A task on another node: the translated packet is wrapped in IP-in-IP to that node (the outer
+ * header's ID carries the published port) and sent back out of the uplink.
+ *
+ * meshgate_tc_decap (tc, the uplink's ingress): IP-in-IP from another node is unwrapped for the
+ * local task, noting the node and port the client contacted, so that the reply can carry them.
+ *
  * meshgate_tc_reply (tc, the uplink's egress): a task's reply leaving for the client gets back
- * the address and port the client contacted.
+ * the address and port the client contacted (this node's, or the node the flow came in on:
+ * the reply goes straight to the client, which needs the nodes on one L2 segment or an
+ * underlay that accepts another node's source address).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "consts.h"
@@ -19,6 +28,14 @@
 #include "csum.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7) /* newer than Debian's uapi headers */
+#endif
+#ifndef IPPROTO_IPIP
+#define IPPROTO_IPIP 4
+#endif
+#define IP_DF 0x4000
 
 /* This node's address on the uplink (network order), set by the loader. */
 volatile const __u32 node_ip = 0;
@@ -85,6 +102,56 @@ static __always_inline void dnat(struct packet *pkt, __u32 addr, __u16 port)
 	*pkt->l4_check = check;
 }
 
+/* Wraps the (already translated) packet in IPv4 to `owner`, the task's node, and sends it out
+ * of the interface the route to that node uses. */
+static __always_inline int encap(struct xdp_md *ctx, __u32 owner, __u16 published, __u64 bytes)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *inner = (void *)(eth + 1);
+	if ((void *)(inner + 1) > data_end)
+		return XDP_DROP;
+	__u16 inner_len = bpf_ntohs(inner->tot_len);
+	struct bpf_fib_lookup fib = {};
+	fib.family = 2; /* AF_INET */
+	fib.ipv4_src = node_ip;
+	fib.ipv4_dst = owner;
+	fib.tot_len = inner_len + sizeof(struct iphdr);
+	fib.ifindex = ctx->ingress_ifindex;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+		count(STAT_DROP_NO_ROUTE, bytes);
+		return XDP_DROP;
+	}
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct iphdr)))
+		return XDP_DROP;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	struct iphdr *outer = (void *)(eth + 1);
+	if ((void *)(outer + 1) > data_end)
+		return XDP_DROP;
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	outer->version = 4;
+	outer->ihl = 5;
+	outer->tos = 0;
+	outer->tot_len = bpf_htons(inner_len + sizeof(struct iphdr));
+	outer->id = published; /* read back by the owner's meshgate_tc_decap */
+	outer->frag_off = bpf_htons(IP_DF);
+	outer->ttl = 64;
+	outer->protocol = IPPROTO_IPIP;
+	outer->saddr = node_ip;
+	outer->daddr = owner;
+	outer->check = 0;
+	outer->check = ip_header_checksum((__u16 *)outer);
+	count(STAT_REMOTE, bytes);
+	/* Back out of the uplink: redirect rather than XDP_TX, which a veth only delivers when
+	 * its peer runs XDP too (see XDP-NOTES). */
+	return bpf_redirect(fib.ifindex, 0);
+}
+
 SEC("xdp")
 int meshgate_xdp(struct xdp_md *ctx)
 {
@@ -132,19 +199,23 @@ int meshgate_xdp(struct xdp_md *ctx)
 		}
 		struct flow_val val = {.backend = slot, .addr = be->addr, .port = be->port, .svc = (__u16)svc->id};
 		bpf_map_update_elem(&flows, &flow, &val, BPF_ANY);
-		struct flow_key back = {.saddr = be->addr, .daddr = flow.saddr, .sport = be->port, .dport = flow.sport, .proto = flow.proto};
-		struct reply_val reply = {.addr = flow.daddr, .port = flow.dport};
-		bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+		if (be->flags & BACKEND_LOCAL) {
+			/* (For a task on another node, its node notes this when it unwraps the packet.) */
+			struct flow_key back = {.saddr = be->addr, .daddr = flow.saddr, .sport = be->port, .dport = flow.sport, .proto = flow.proto};
+			struct reply_val reply = {.addr = flow.daddr, .port = flow.dport};
+			bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+		}
 	}
 	count_service(svc->id, bytes);
-	if (!(be->flags & BACKEND_LOCAL)) {
-		/* Tasks on other nodes: encapsulation toward their node comes with the next step. */
-		count(STAT_REMOTE, bytes);
+	__u32 owner = be->node_addr;
+	__u16 published = flow.dport;
+	int local = be->flags & BACKEND_LOCAL;
+	dnat(&pkt, be->addr, be->port);
+	if (local) {
+		count(STAT_LOCAL, bytes);
 		return XDP_PASS;
 	}
-	dnat(&pkt, be->addr, be->port);
-	count(STAT_LOCAL, bytes);
-	return XDP_PASS;
+	return encap(ctx, owner, published, bytes);
 }
 
 SEC("classifier")
@@ -177,5 +248,30 @@ int meshgate_tc_reply(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0);
 	bpf_skb_store_bytes(skb, l4_off, &new_port, sizeof(new_port), 0); /* source port: first field of TCP and UDP */
 	count(STAT_REPLY, skb->len);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int meshgate_tc_decap(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *outer = (void *)(eth + 1);
+	if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (outer->protocol != IPPROTO_IPIP || outer->ihl != 5 || outer->daddr != node_ip)
+		return TC_ACT_OK;
+	struct packet inner = {};
+	if (parse_ip((void *)(outer + 1), data_end, &inner) >= 0)
+		return TC_ACT_OK; /* not a flow of ours: the kernel decides */
+	struct flow_key back = {
+		.saddr = inner.ip->daddr, .daddr = inner.ip->saddr, .sport = *inner.dport, .dport = *inner.sport, .proto = inner.proto,
+	};
+	struct reply_val reply = {.addr = outer->saddr, .port = outer->id};
+	bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+	if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4))
+		return TC_ACT_SHOT;
+	count(STAT_DECAP, skb->len);
 	return TC_ACT_OK;
 }

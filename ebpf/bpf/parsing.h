@@ -21,16 +21,10 @@ struct packet {
 	__u8 proto;
 };
 
-/* Fills `pkt`. Returns -1 to keep going, or the STAT_PASS_* reason to leave the packet to
- * the kernel untouched. */
-static __always_inline int parse(void *data, void *data_end, struct packet *pkt)
+/* Fills `pkt` from an IPv4 header at `ip`. Returns -1 to keep going, or the STAT_PASS_*
+ * reason to leave the packet alone. */
+static __always_inline int parse_ip(struct iphdr *ip, void *data_end, struct packet *pkt)
 {
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return STAT_PASS_TRUNCATED;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return STAT_PASS_NOT_IPV4;
-	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
 		return STAT_PASS_TRUNCATED;
 	if (ip->version != 4)
@@ -39,7 +33,6 @@ static __always_inline int parse(void *data, void *data_end, struct packet *pkt)
 		return STAT_PASS_IP_OPTIONS;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return STAT_PASS_FRAGMENT;
-	pkt->eth = eth;
 	pkt->ip = ip;
 	pkt->proto = ip->protocol;
 	if (ip->protocol == IPPROTO_TCP) {
@@ -61,4 +54,16 @@ static __always_inline int parse(void *data, void *data_end, struct packet *pkt)
 		return -1;
 	}
 	return STAT_PASS_OTHER_PROTO;
+}
+
+/* Fills `pkt` from an Ethernet frame. Returns -1 or a STAT_PASS_* reason, as parse_ip. */
+static __always_inline int parse(void *data, void *data_end, struct packet *pkt)
+{
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return STAT_PASS_TRUNCATED;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return STAT_PASS_NOT_IPV4;
+	pkt->eth = eth;
+	return parse_ip((void *)(eth + 1), data_end, pkt);
 }

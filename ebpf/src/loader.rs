@@ -65,7 +65,7 @@ impl Mesh {
         }
         let node = u32::from_ne_bytes(node_ip.octets());
         let mut ebpf = EbpfLoader::new().override_global("node_ip", &node, true).load(OBJECT)?;
-        for name in ["meshgate_xdp", "meshgate_tc_reply"] {
+        for name in ["meshgate_xdp", "meshgate_tc_reply", "meshgate_tc_decap"] {
             let program = ebpf.program_mut(name).ok_or(MeshError::Program(name, aya::programs::ProgramError::UnexpectedProgramType))?;
             let loaded = match program {
                 aya::programs::Program::Xdp(p) => p.load(),
@@ -91,8 +91,8 @@ impl Mesh {
         self.ebpf.program_mut("meshgate_xdp").and_then(|p| p.try_into().ok()).expect("the object has meshgate_xdp")
     }
 
-    /// Attaches XDP to `uplink`'s ingress (native, else generic) and the reply translation
-    /// to its egress (tc).
+    /// Attaches XDP to `uplink`'s ingress (native, else generic), the unwrapping of other
+    /// nodes' packets to its ingress and the reply translation to its egress (tc).
     pub fn attach(&mut self, uplink: &str) -> Result<Attached, MeshError> {
         let mode = match self.xdp().attach(uplink, XdpMode::Driver) {
             Ok(_) => Attached::Native,
@@ -102,8 +102,10 @@ impl Mesh {
                 Attached::Generic
             }
         };
-        let tc: &mut SchedClassifier = self.ebpf.program_mut("meshgate_tc_reply").and_then(|p| p.try_into().ok()).expect("the object has meshgate_tc_reply");
-        tc.attach(uplink, TcAttachType::Egress).map_err(|e| MeshError::Program("meshgate_tc_reply", e))?;
+        for (name, direction) in [("meshgate_tc_reply", TcAttachType::Egress), ("meshgate_tc_decap", TcAttachType::Ingress)] {
+            let tc: &mut SchedClassifier = self.ebpf.program_mut(name).and_then(|p| p.try_into().ok()).expect("the object has its tc programs");
+            tc.attach(uplink, direction).map_err(|e| MeshError::Program(name, e))?;
+        }
         Ok(mode)
     }
 

@@ -12,8 +12,20 @@ pub const BACKEND_LOCAL: u16 = 1;
 pub const BACKEND_LIVE: u16 = 2;
 
 /// `verdict_stats` indexes, with the names the metrics use.
-pub const VERDICTS: [&str; 10] =
-    ["pass_not_ipv4", "pass_truncated", "pass_ip_options", "pass_fragment", "pass_other_proto", "pass_not_published", "local", "remote", "drop_no_backend", "reply"];
+pub const VERDICTS: [&str; 12] = [
+    "pass_not_ipv4",
+    "pass_truncated",
+    "pass_ip_options",
+    "pass_fragment",
+    "pass_other_proto",
+    "pass_not_published",
+    "local",
+    "remote",
+    "drop_no_backend",
+    "reply",
+    "decap",
+    "drop_no_route",
+];
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -219,3 +219,14 @@ fn nanoseconds_per_packet_are_measured() {
     let per_packet = mesh.time_per_packet(&syn, 1000).unwrap();
     assert!(per_packet > std::time::Duration::ZERO);
 }
+
+#[test]
+fn a_task_on_a_node_without_a_route_is_dropped_and_counted() {
+    // BPF_PROG_TEST_RUN has no route to the other node: the encapsulation path gives up.
+    // (Delivery through another node is proven in the namespace test.)
+    let mut mesh = mesh();
+    let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 7000)).bytes()).unwrap();
+    assert_eq!(verdict, XDP_DROP);
+    let counted: std::collections::HashMap<_, _> = mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
+    assert_eq!(counted["drop_no_route"], 1);
+}

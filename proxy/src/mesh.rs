@@ -123,6 +123,20 @@ impl MeshMetrics {
     }
 }
 
+/// XDP sends packets for other nodes' tasks straight to those nodes, using the kernel's
+/// neighbour (ARP) entries, which only exist once this node talked to them. A datagram to the
+/// discard port of each such node keeps the entries fresh.
+fn prime_neighbours(table: &PortTable, node_address: Ipv4Addr) {
+    let nodes: std::collections::BTreeSet<Ipv4Addr> = table.ports.iter().flat_map(|p| p.backends.iter()).filter(|b| !b.local).map(|b| b.node_addr).collect();
+    if nodes.is_empty() {
+        return;
+    }
+    let Ok(socket) = std::net::UdpSocket::bind((node_address, 0)) else { return };
+    for node in nodes {
+        let _ = socket.send_to(b"meshgate", (node, 9));
+    }
+}
+
 /// Loads and attaches the mesh, then keeps its maps in step with the hub. A mesh that cannot
 /// load is reported (log and `/readyz`); the rest of the agent keeps running.
 pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Registry, readiness: Arc<Readiness>) {
@@ -157,7 +171,12 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = tick.tick() => if let Some(m) = &metrics { m.update(&mesh, &current) },
+            _ = tick.tick() => {
+                if let Some(m) = &metrics {
+                    m.update(&mesh, &current);
+                }
+                prime_neighbours(&current, node_address);
+            }
         }
     }
 }

@@ -38,6 +38,17 @@ pub struct RoutesError {
 struct RoutesFile {
     #[serde(default)]
     services: Vec<Spanned<ServiceEntry>>,
+    /// The cluster's nodes and their addresses (for the L4 mesh: tasks on other nodes are
+    /// reached through their node). Docker Swarm provides these by itself.
+    #[serde(default)]
+    nodes: Vec<NodeEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeEntry {
+    name: String,
+    address: std::net::IpAddr,
 }
 
 #[derive(Deserialize)]
@@ -153,7 +164,12 @@ pub fn parse(path: &Path, text: &str, provider: &str) -> Result<MeshState, Route
             .collect::<Result<_, _>>()?;
         services.push(Service { name, stack: entry.stack, provider: provider.into(), tasks, http, l4 });
     }
-    Ok(MeshState { services, ..MeshState::default() })
+    let nodes = file
+        .nodes
+        .into_iter()
+        .map(|n| crate::state::Node { id: n.name.clone(), name: n.name, address: Some(n.address), manager: false, ready: true })
+        .collect();
+    Ok(MeshState { services, nodes, ..MeshState::default() })
 }
 
 fn parse_task(service: &str, index: usize, t: TaskEntry) -> Result<Task, (Range<usize>, String)> {
