@@ -25,9 +25,11 @@ impl Namespaces {
         Self { names: Vec::new(), children: Vec::new() }
     }
 
-    /// A new namespace `<prefix><pid>` with loopback up; returns its name.
+    /// A new namespace `<prefix>-<pid>-<n>` with loopback up; returns its name.
     fn add(&mut self, prefix: &str) -> String {
-        let name = format!("{prefix}{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run(&["ip", "netns", "add", &name]);
         run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
@@ -109,6 +111,26 @@ impl Agent {
             }
         }
         panic!("no log line with {needle:?}; log:\n{}", self.log.borrow().join("\n"));
+    }
+
+    /// Waits until a metric (refreshed from the BPF maps every second) reaches `at_least`.
+    fn wait_for_metric(&self, ns: &str, series: &str, at_least: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metric(ns, series) < at_least {
+            assert!(Instant::now() < deadline, "{series} stayed below {at_least}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `needle` has appeared `n` times in the log.
+    fn wait_for_count(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log.borrow().iter().filter(|l| l.contains(needle)).count() < n {
+            let left = deadline.checked_duration_since(Instant::now()).unwrap_or_else(|| panic!("{needle:?} not seen {n} times"));
+            if let Ok(line) = self.lines.recv_timeout(left) {
+                self.log.borrow_mut().push(line);
+            }
+        }
     }
 
     /// A metric's value from the agent's admin endpoint (inside `ns`).
@@ -215,12 +237,9 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
 
     // The counters (read from the BPF maps each second) saw both directions: balanced packets
     // in, and the tasks' replies translated back (tc egress).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.metric(&node, "meshgate_mesh_packets_total{verdict=\"reply\"}") < 24 || agent.metric(&node, "meshgate_mesh_packets_total{verdict=\"local\"}") < 24 {
-        assert!(Instant::now() < deadline, "the mesh counters did not count the traffic");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(agent.metric(&node, "meshgate_mesh_port_packets_total{port=\"5353\",protocol=\"udp\"}") >= 4);
+    agent.wait_for_metric(&node, "meshgate_mesh_packets_total{verdict=\"reply\"}", 24);
+    agent.wait_for_metric(&node, "meshgate_mesh_packets_total{verdict=\"local\"}", 24);
+    agent.wait_for_metric(&node, "meshgate_mesh_port_packets_total{port=\"5353\",protocol=\"udp\"}", 4);
 
     // Stopping the agent leaves the uplink as it was.
     agent.stop();
@@ -240,4 +259,187 @@ fn a_mesh_that_cannot_attach_is_reported_and_the_proxy_keeps_serving() {
     assert!(ready.contains("\"mesh\"") && ready.contains("\"ready\": false"), "{ready}");
     let out = Namespaces::exec(&node, &["curl", "-sS", "-H", "Host: whoami.localhost", "http://127.0.0.1:18980/"]);
     assert!(out.contains("Name: whoami"), "{out}");
+}
+
+/// The topology: a client and three nodes on one underlay bridge; each node has a
+/// task bridge with the same subnet (like docker_gwbridge); two tasks on node 1, one on node
+/// 2, none on node 3; one agent per node with the same routes.
+struct Cluster {
+    nets: Namespaces,
+    client: String,
+    nodes: Vec<String>,
+    routes: tempfile::TempDir,
+}
+
+const NODE_IPS: [&str; 3] = ["192.0.2.10", "192.0.2.11", "192.0.2.12"];
+
+impl Cluster {
+    fn build() -> Self {
+        let mut nets = Namespaces::new();
+        let underlay = nets.add("mgu");
+        run(&["ip", "-n", &underlay, "link", "add", "ub0", "type", "bridge"]);
+        run(&["ip", "-n", &underlay, "link", "set", "ub0", "up"]);
+        let mut plug = |ns: &str, port: &str, dev: &str, cidr: &str| {
+            run(&["ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port, "netns", &underlay]);
+            run(&["ip", "-n", &underlay, "link", "set", port, "master", "ub0", "up"]);
+            // XDP redirects out of a veth only reach the peer when it has GRO on (XDP-NOTES).
+            Namespaces::exec(&underlay, &["ethtool", "-K", port, "gro", "on"]);
+            run(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]);
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        };
+        let client = nets.add("mgc");
+        plug(&client, "pc", "c0", "192.0.2.1/24");
+        Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
+        let mut nodes = Vec::new();
+        for (i, ip) in NODE_IPS.iter().enumerate() {
+            let node = nets.add(&format!("mgn{}", i + 1));
+            plug(&node, &format!("p{}", i + 1), "u0", &format!("{ip}/24"));
+            Namespaces::exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
+            run(&["ip", "-n", &node, "addr", "add", "10.0.9.1/24", "dev", "br0"]);
+            run(&["ip", "-n", &node, "link", "set", "br0", "up"]);
+            nodes.push(node);
+        }
+        let mut cluster = Self { nets, client, nodes, routes: tempfile::tempdir().unwrap() };
+        cluster.task(0, 2, "task1");
+        cluster.task(0, 3, "task2");
+        cluster.task(1, 2, "task3"); // the same address as task1, on another node
+        cluster
+    }
+
+    /// A task namespace on `node` at 10.0.9.<host> running whoami (HTTP) and a UDP echo.
+    fn task(&mut self, node: usize, host: u8, name: &str) {
+        let ns = self.nets.add(&format!("mg{name}"));
+        let node_ns = self.nodes[node].clone();
+        let host_side = format!("v{host}");
+        run(&["ip", "link", "add", "e0", "netns", &ns, "type", "veth", "peer", "name", &host_side, "netns", &node_ns]);
+        run(&["ip", "-n", &node_ns, "link", "set", &host_side, "master", "br0", "up"]);
+        run(&["ip", "-n", &ns, "addr", "add", &format!("10.0.9.{host}/24"), "dev", "e0"]);
+        run(&["ip", "-n", &ns, "link", "set", "e0", "up"]);
+        run(&["ip", "-n", &ns, "route", "add", "default", "via", "10.0.9.1"]);
+        self.nets.spawn(&ns, &[env!("CARGO_BIN_EXE_meshgate"), "--docker", "off", "--whoami-listen", "0.0.0.0:80", "--whoami-name", name, "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--example"]);
+        self.nets.spawn(&ns, &["python3", "-c", UDP_ECHO, name]);
+        // Ready when its whoami answers on the task bridge.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Command::new("ip").args(["netns", "exec", &node_ns, "curl", "-sf", "--max-time", "1", &format!("http://10.0.9.{host}/")]).output().unwrap().status.success() {
+            assert!(Instant::now() < deadline, "task {name} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Writes the routes every agent follows: the web service with `tasks` (name, node index,
+    /// address), published on TCP 8080 and UDP 5353.
+    fn set_routes(&self, tasks: &[(usize, &str)]) -> std::path::PathBuf {
+        let tasks: Vec<String> = tasks.iter().map(|(node, addr)| format!("{{ address = \"{addr}\", node = \"n{}\" }}", node + 1)).collect();
+        let nodes: String = NODE_IPS.iter().enumerate().map(|(i, ip)| format!("[[nodes]]\nname = \"n{}\"\naddress = \"{ip}\"\n", i + 1)).collect();
+        let text = format!(
+            "{nodes}[[services]]\nname = \"web\"\ntasks = [{}]\n[[services.l4]]\nprotocol = \"tcp\"\npublished = 8080\ntarget = 80\n[[services.l4]]\nprotocol = \"udp\"\npublished = 5353\ntarget = 53\n",
+            tasks.join(", ")
+        );
+        let path = self.routes.path().join("routes.toml");
+        std::fs::write(path.with_extension("tmp"), text).unwrap();
+        std::fs::rename(path.with_extension("tmp"), &path).unwrap();
+        path
+    }
+
+    fn agent(&self, node: usize, routes: &std::path::Path) -> Agent {
+        let agent = Agent::start(&self.nodes[node], &[
+            "--routes", routes.to_str().unwrap(), "--routes-poll-interval", "50ms", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+            "--mesh-uplink", "u0", "--mesh-node-address", NODE_IPS[node], "--mesh-node-name", &format!("n{}", node + 1),
+        ]);
+        agent.wait_for("port table synced");
+        agent
+    }
+
+    /// One HTTP request from the client to `node`'s published port: the task's name and the
+    /// client address it saw.
+    fn get(&self, node: usize) -> (String, String) {
+        let out = Namespaces::exec(&self.client, &["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", NODE_IPS[node])]);
+        let field = |k: &str| out.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k} in {out}")).to_owned();
+        (field("Name: "), field("RemoteAddr: "))
+    }
+}
+
+/// A client connection kept open: one HTTP request per line written to it.
+const KEEP_ALIVE: &str = "import http.client,sys\nc=http.client.HTTPConnection(sys.argv[1],8080,timeout=5)\nfor _ in sys.stdin:\n c.request('GET','/')\n print([l for l in c.getresponse().read().decode().splitlines() if l.startswith('Name: ')][0],flush=True)\n";
+
+#[test]
+fn published_ports_answer_on_every_node_and_reach_tasks_on_any_node() {
+    let cluster = Cluster::build();
+    let routes = cluster.set_routes(&[(0, "10.0.9.2"), (0, "10.0.9.3"), (1, "10.0.9.2")]);
+    let agents: Vec<Agent> = (0..3).map(|n| cluster.agent(n, &routes)).collect();
+
+    // Every node answers, node 3 (no task) included; every task is used; each task sees the
+    // client's own address, across nodes too (flows are translated, never source-NATed).
+    let mut used = std::collections::BTreeSet::new();
+    for node in 0..3 {
+        for _ in 0..12 {
+            let (name, remote) = cluster.get(node);
+            assert!(remote.starts_with("192.0.2.1:"), "node {node}: the task saw {remote}");
+            used.insert(name);
+        }
+        let udp = Namespaces::exec(&cluster.client, &["python3", "-c", UDP_ASK, NODE_IPS[node], "5353"]);
+        assert!(udp.contains("ping from 192.0.2.1"), "UDP through node {node}: {udp}");
+    }
+    assert_eq!(used.into_iter().collect::<Vec<_>>(), ["task1", "task2", "task3"]);
+    agents[2].wait_for_metric(&cluster.nodes[2], "meshgate_mesh_packets_total{verdict=\"remote\"}", 12);
+    agents[0].wait_for_metric(&cluster.nodes[0], "meshgate_mesh_packets_total{verdict=\"decap\"}", 1);
+
+    // A long-lived connection through node 3 survives other tasks coming and going.
+    let mut held = Command::new("ip")
+        .args(["netns", "exec", &cluster.client, "python3", "-c", KEEP_ALIVE, NODE_IPS[2]])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = held.stdin.take().unwrap();
+    let mut output = BufReader::new(held.stdout.take().unwrap()).lines();
+    let mut ask = || {
+        use std::io::Write as _;
+        writeln!(input).unwrap();
+        output.next().unwrap().unwrap()
+    };
+    let first = ask();
+    let kept: &str = first.strip_prefix("Name: ").unwrap();
+    let others: Vec<(usize, &str)> = [(0, "10.0.9.2", "task1"), (0, "10.0.9.3", "task2"), (1, "10.0.9.2", "task3")]
+        .iter()
+        .filter(|t| t.2 != kept)
+        .map(|t| (t.0, t.1))
+        .collect();
+    let keep = [(0, "10.0.9.2", "task1"), (0, "10.0.9.3", "task2"), (1, "10.0.9.2", "task3")].into_iter().find(|t| t.2 == kept).unwrap();
+    // Remove one other task: new flows never reach it, the held connection stays where it is.
+    cluster.set_routes(&[(keep.0, keep.1), others[0]]);
+    for a in &agents {
+        a.wait_for_count("port table synced", 2);
+    }
+    assert_eq!(ask(), first, "the long-lived connection stays on its task");
+    let removed = ["task1", "task2", "task3"].into_iter().find(|n| *n != kept && !others[..1].iter().any(|o| task_name(*o) == *n)).unwrap();
+    for node in 0..3 {
+        for _ in 0..8 {
+            assert_ne!(cluster.get(node).0, removed, "a removed task gets no new flow");
+        }
+    }
+    // Add it back: still on its task.
+    cluster.set_routes(&[(keep.0, keep.1), others[0], others[1]]);
+    for a in &agents {
+        a.wait_for_count("port table synced", 3);
+    }
+    assert_eq!(ask(), first);
+    drop(input);
+    let _ = held.wait();
+
+    // Stopping an agent leaves its node's uplink as it was.
+    for (agent, node) in agents.into_iter().zip(&cluster.nodes) {
+        agent.stop();
+        let left = attached(node, "u0");
+        assert!(!left.contains(" id "), "nothing attached after stopping: {left}");
+    }
+}
+
+fn task_name((node, addr): (usize, &str)) -> &'static str {
+    match (node, addr) {
+        (0, "10.0.9.2") => "task1",
+        (0, "10.0.9.3") => "task2",
+        _ => "task3",
+    }
 }
