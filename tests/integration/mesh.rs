@@ -279,7 +279,7 @@ impl Cluster {
         let underlay = nets.add("mgu");
         run(&["ip", "-n", &underlay, "link", "add", "ub0", "type", "bridge"]);
         run(&["ip", "-n", &underlay, "link", "set", "ub0", "up"]);
-        let mut plug = |ns: &str, port: &str, dev: &str, cidr: &str| {
+        let plug = |ns: &str, port: &str, dev: &str, cidr: &str| {
             run(&["ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port, "netns", &underlay]);
             run(&["ip", "-n", &underlay, "link", "set", port, "master", "ub0", "up"]);
             // XDP redirects out of a veth only reach the peer when it has GRO on (XDP-NOTES).
@@ -331,7 +331,8 @@ impl Cluster {
     /// address), published on TCP 8080 and UDP 5353.
     fn set_routes(&self, tasks: &[(usize, &str)]) -> std::path::PathBuf {
         let tasks: Vec<String> = tasks.iter().map(|(node, addr)| format!("{{ address = \"{addr}\", node = \"n{}\" }}", node + 1)).collect();
-        let nodes: String = NODE_IPS.iter().enumerate().map(|(i, ip)| format!("[[nodes]]\nname = \"n{}\"\naddress = \"{ip}\"\n", i + 1)).collect();
+        let nodes: Vec<String> = NODE_IPS.iter().enumerate().map(|(i, ip)| format!("[[nodes]]\nname = \"n{}\"\naddress = \"{ip}\"\n", i + 1)).collect();
+        let nodes = nodes.concat();
         let text = format!(
             "{nodes}[[services]]\nname = \"web\"\ntasks = [{}]\n[[services.l4]]\nprotocol = \"tcp\"\npublished = 8080\ntarget = 80\n[[services.l4]]\nprotocol = \"udp\"\npublished = 5353\ntarget = 53\n",
             tasks.join(", ")
@@ -372,13 +373,13 @@ fn published_ports_answer_on_every_node_and_reach_tasks_on_any_node() {
     // Every node answers, node 3 (no task) included; every task is used; each task sees the
     // client's own address, across nodes too (flows are translated, never source-NATed).
     let mut used = std::collections::BTreeSet::new();
-    for node in 0..3 {
+    for (node, ip) in NODE_IPS.iter().enumerate() {
         for _ in 0..12 {
             let (name, remote) = cluster.get(node);
             assert!(remote.starts_with("192.0.2.1:"), "node {node}: the task saw {remote}");
             used.insert(name);
         }
-        let udp = Namespaces::exec(&cluster.client, &["python3", "-c", UDP_ASK, NODE_IPS[node], "5353"]);
+        let udp = Namespaces::exec(&cluster.client, &["python3", "-c", UDP_ASK, ip, "5353"]);
         assert!(udp.contains("ping from 192.0.2.1"), "UDP through node {node}: {udp}");
     }
     assert_eq!(used.into_iter().collect::<Vec<_>>(), ["task1", "task2", "task3"]);
