@@ -34,4 +34,5 @@
 #define STAT_REPLY 9             /* a task's reply translated back (tc) */
 #define STAT_DECAP 10            /* IP-in-IP from another node, unwrapped for a local task (tc) */
 #define STAT_DROP_NO_ROUTE 11    /* the task's node has no route or no neighbour entry yet */
-#define STAT_COUNT 12
+#define STAT_RESET 12            /* a TCP flow whose task is gone, answered with a reset */
+#define STAT_COUNT 13

@@ -152,6 +152,70 @@ static __always_inline int encap(struct xdp_md *ctx, __u32 owner, __u16 publishe
 	return bpf_redirect(fib.ifindex, 0);
 }
 
+/* Answers a TCP segment of a flow whose task is gone with a reset from the address the
+ * client contacted (RFC 9293 3.10.7.1), so the connection ends now instead of timing out. */
+static __always_inline int reset(struct xdp_md *ctx, __u64 bytes)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct tcphdr *tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) > data_end)
+		return XDP_DROP;
+	if (tcp->rst)
+		return XDP_DROP; /* never answer a reset */
+	__u32 header = sizeof(struct iphdr) + tcp->doff * 4;
+	__u32 total = bpf_ntohs(ip->tot_len);
+	__u32 payload = total > header ? total - header : 0;
+	__u32 has_ack = tcp->ack;
+	__u32 seq = has_ack ? tcp->ack_seq : 0;
+	__u32 ack = bpf_htonl(bpf_ntohl(tcp->seq) + payload + tcp->syn + tcp->fin);
+
+	__u8 mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	__u32 addr = ip->saddr;
+	ip->saddr = ip->daddr;
+	ip->daddr = addr;
+	ip->tos = 0;
+	ip->tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct tcphdr));
+	ip->id = 0;
+	ip->frag_off = bpf_htons(IP_DF);
+	ip->ttl = 64;
+	ip->check = 0;
+	ip->check = ip_header_checksum((__u16 *)ip);
+	__u16 port = tcp->source;
+	tcp->source = tcp->dest;
+	tcp->dest = port;
+	tcp->seq = seq;
+	tcp->ack_seq = has_ack ? 0 : ack;
+	((__u16 *)tcp)[6] = has_ack ? bpf_htons(0x5004) : bpf_htons(0x5014); /* header length 20; RST or RST+ACK */
+	tcp->window = 0;
+	tcp->check = 0;
+	tcp->urg_ptr = 0;
+
+	int tail = (int)(sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr)) - (int)(data_end - data);
+	if (tail && bpf_xdp_adjust_tail(ctx, tail))
+		return XDP_DROP;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	tcp = (void *)(ip + 1);
+	if ((void *)(tcp + 1) > data_end)
+		return XDP_DROP;
+	__u32 sum = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) + (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(struct tcphdr));
+	const __u16 *words = (const __u16 *)tcp;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += words[i];
+	tcp->check = ~csum_fold(sum);
+	count(STAT_RESET, bytes);
+	return bpf_redirect(ctx->ingress_ifindex, 0);
+}
+
 SEC("xdp")
 int meshgate_xdp(struct xdp_md *ctx)
 {
@@ -188,6 +252,8 @@ int meshgate_xdp(struct xdp_md *ctx)
 			be = 0;
 		if (!be) {
 			bpf_map_delete_elem(&flows, &flow);
+			if (pkt.proto == IPPROTO_TCP)
+				return reset(ctx, bytes);
 			count(STAT_DROP_NO_BACKEND, bytes);
 			return XDP_DROP;
 		}

@@ -12,7 +12,7 @@ pub const BACKEND_LOCAL: u16 = 1;
 pub const BACKEND_LIVE: u16 = 2;
 
 /// `verdict_stats` indexes, with the names the metrics use.
-pub const VERDICTS: [&str; 12] = [
+pub const VERDICTS: [&str; 13] = [
     "pass_not_ipv4",
     "pass_truncated",
     "pass_ip_options",
@@ -25,6 +25,7 @@ pub const VERDICTS: [&str; 12] = [
     "reply",
     "decap",
     "drop_no_route",
+    "reset",
 ];
 
 #[repr(C)]

@@ -9,6 +9,7 @@ use crate::{Backend, Mesh, PortTable, Protocol, PublishedPort};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
@@ -85,6 +86,32 @@ impl Pkt {
         out.extend_from_slice(&l4);
         out
     }
+}
+
+/// The reset the program answers a segment without ACK of `to` with (RFC 9293 3.10.7.1):
+/// addresses and ports swapped, RST+ACK, seq 0, ack = seq + payload + SYN.
+fn reset_for(to: &Pkt) -> Vec<u8> {
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&to.dst.port().to_be_bytes());
+    tcp.extend_from_slice(&to.src.port().to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.extend_from_slice(&(1000 + to.payload.len() as u32 + 1).to_be_bytes());
+    tcp.extend_from_slice(&[0x50, 0x14, 0, 0, 0, 0, 0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&to.dst.ip().octets());
+    pseudo.extend_from_slice(&to.src.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let check = fold(sum16(&pseudo) + sum16(&tcp));
+    tcp[16..18].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&to.dst.ip().octets());
+    ip.extend_from_slice(&to.src.ip().octets());
+    let ip_check = fold(sum16(&ip));
+    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    let mut out = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&tcp);
+    out
 }
 
 fn task(ip: [u8; 4], port: u16, node: Ipv4Addr) -> Backend {
@@ -203,8 +230,9 @@ fn a_published_port_without_tasks_drops_and_a_removed_task_ends_its_flows() {
     let chosen = at(Ipv4Addr::new(out[30], out[31], out[32], out[33]), 80);
     let other = if chosen.ip().octets()[3] == 2 { [10, 0, 9, 3] } else { [10, 0, 9, 2] };
     mesh.sync(&PortTable { ports: vec![published(Protocol::Tcp, 8080, vec![task(other, 80, NODE)])] }).unwrap();
-    let (verdict, _) = mesh.test_run(&flow.bytes()).unwrap();
-    assert_eq!(verdict, XDP_DROP, "the flow's task is gone: it is not moved to another task mid-connection");
+    let (verdict, out) = mesh.test_run(&flow.bytes()).unwrap();
+    assert_eq!(verdict, XDP_REDIRECT, "the flow's task is gone: it is not moved to another task mid-connection, it is reset");
+    assert_eq!(out, reset_for(&flow), "a RST+ACK from the address the client contacted, acknowledging the SYN and its 18 bytes");
     let (verdict, out) = mesh.test_run(&Pkt::tcp(at(CLIENT, 41001), at(NODE, 8080)).bytes()).unwrap();
     assert_eq!((verdict, out[30..34].to_vec()), (XDP_PASS, other.to_vec()), "new flows go to the remaining task");
     // The unpublished port now passes.

@@ -362,7 +362,7 @@ impl Cluster {
 }
 
 /// A client connection kept open: one HTTP request per line written to it.
-const KEEP_ALIVE: &str = "import http.client,sys\nc=http.client.HTTPConnection(sys.argv[1],8080,timeout=5)\nfor _ in sys.stdin:\n c.request('GET','/')\n print([l for l in c.getresponse().read().decode().splitlines() if l.startswith('Name: ')][0],flush=True)\n";
+const KEEP_ALIVE: &str = "import http.client,sys\nc=http.client.HTTPConnection(sys.argv[1],8080,timeout=5)\nfor _ in sys.stdin:\n try:\n  c.request('GET','/')\n  print([l for l in c.getresponse().read().decode().splitlines() if l.startswith('Name: ')][0],flush=True)\n except Exception as e:\n  print(type(e).__name__,flush=True)\n  break\n";
 
 #[test]
 fn published_ports_answer_on_every_node_and_reach_tasks_on_any_node() {
@@ -426,6 +426,13 @@ fn published_ports_answer_on_every_node_and_reach_tasks_on_any_node() {
         a.wait_for_count("port table synced", 3);
     }
     assert_eq!(ask(), first);
+    // Remove the held connection's own task: its next request is answered with a reset.
+    cluster.set_routes(&[others[0], others[1]]);
+    for a in &agents {
+        a.wait_for_count("port table synced", 4);
+    }
+    assert_eq!(ask(), "ConnectionResetError", "a removed task's connection ends with a reset, not a timeout");
+    agents[2].wait_for_metric(&cluster.nodes[2], "meshgate_mesh_packets_total{verdict=\"reset\"}", 1);
     drop(input);
     let _ = held.wait();
 
