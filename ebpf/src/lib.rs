@@ -41,6 +41,9 @@ pub struct PublishedPort {
 /// A task that serves a published port, and the node that runs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
+    /// The task's and its node's names, for people reading `/api/state`.
+    pub task: String,
+    pub node: String,
     pub addr: SocketAddrV4,
     /// The uplink address of the node that runs the task.
     pub node_addr: Ipv4Addr,

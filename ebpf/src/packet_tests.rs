@@ -115,7 +115,8 @@ fn reset_for(to: &Pkt) -> Vec<u8> {
 }
 
 fn task(ip: [u8; 4], port: u16, node: Ipv4Addr) -> Backend {
-    Backend { addr: SocketAddrV4::new(Ipv4Addr::from(ip), port), node_addr: node, local: node == NODE }
+    let addr = SocketAddrV4::new(Ipv4Addr::from(ip), port);
+    Backend { task: addr.to_string(), node: node.to_string(), addr, node_addr: node, local: node == NODE }
 }
 
 fn published(protocol: Protocol, port: u16, backends: Vec<Backend>) -> PublishedPort {

@@ -27,6 +27,8 @@ pub struct AdminState {
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
+    /// The L4 mesh's port table in force.
+    pub mesh: Arc<crate::mesh::MeshView>,
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState) {
@@ -97,6 +99,7 @@ fn state_json(s: &AdminState) -> serde_json::Value {
         "conflicts": table.conflicts,
         "problems": snapshot.state.problems,
         "nodes": snapshot.state.nodes,
+        "mesh": s.mesh.get(),
         "services": snapshot.state.services,
     })
 }

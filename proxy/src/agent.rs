@@ -169,12 +169,13 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         None => None,
     };
 
+    let mesh_view = Arc::new(crate::mesh::MeshView::default());
     if mesh_cfg.uplink.is_some() {
-        background.push(tokio::spawn(crate::mesh::run(mesh_cfg, hub.clone(), metrics.registry.clone(), readiness.clone())));
+        background.push(tokio::spawn(crate::mesh::run(mesh_cfg, hub.clone(), metrics.registry.clone(), readiness.clone(), mesh_view.clone())));
     }
 
     readiness.set("http", true, format!("listening on {http_addr}"));
-    let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness: readiness.clone() };
+    let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness: readiness.clone(), mesh: mesh_view };
     background.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
 
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -62,7 +62,7 @@ pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) ->
                     let IpAddr::V4(ip) = t.address else { return None };
                     let local = t.node == node_name;
                     let node_addr = if local { node_address } else { *addresses.get(t.node.as_str())? };
-                    Some(Backend { addr: SocketAddrV4::new(ip, t.port.unwrap_or(l4.target)), node_addr, local })
+                    Some(Backend { task: t.id.clone(), node: t.node.clone(), addr: SocketAddrV4::new(ip, t.port.unwrap_or(l4.target)), node_addr, local })
                 })
                 .collect();
             let protocol = match l4.protocol {
@@ -137,9 +137,38 @@ fn prime_neighbours(table: &PortTable, node_address: Ipv4Addr) {
     }
 }
 
+/// The port table in force, as `/api/state` shows it (`null` while the mesh is off).
+#[derive(Default)]
+pub struct MeshView(std::sync::Mutex<serde_json::Value>);
+
+impl MeshView {
+    #[must_use]
+    pub fn get(&self) -> serde_json::Value {
+        self.0.lock().expect("mesh view lock").clone()
+    }
+
+    fn set(&self, table: &PortTable) {
+        let ports: Vec<serde_json::Value> = table
+            .ports
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "protocol": if p.protocol == Protocol::Tcp { "tcp" } else { "udp" },
+                    "port": p.port,
+                    "local_only": p.local_only,
+                    "backends": p.backends.iter().map(|b| serde_json::json!({
+                        "task": b.task, "address": b.addr.to_string(), "node": b.node, "node_address": b.node_addr.to_string(), "local": b.local,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        *self.0.lock().expect("mesh view lock") = serde_json::json!({ "ports": ports });
+    }
+}
+
 /// Loads and attaches the mesh, then keeps its maps in step with the hub. A mesh that cannot
 /// load is reported (log and `/readyz`); the rest of the agent keeps running.
-pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Registry, readiness: Arc<Readiness>) {
+pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Registry, readiness: Arc<Readiness>, view: Arc<MeshView>) {
     let (Some(uplink), Some(node_address)) = (cfg.uplink.clone(), cfg.node_address) else { return };
     let node_name = cfg.node_name.clone().unwrap_or_else(|| "local".into());
     let mut mesh = match Mesh::load(node_address).and_then(|mut m| m.attach(&uplink).map(|mode| (m, mode))) {
@@ -164,6 +193,7 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
             match mesh.sync(&table) {
                 Ok(()) => {
                     tracing::info!(ports = table.ports.len(), "L4 mesh: port table synced");
+                    view.set(&table);
                     current = table;
                 }
                 Err(e) => tracing::error!("L4 mesh: cannot sync the port table: {e}"),

@@ -133,12 +133,16 @@ impl Agent {
         }
     }
 
-    /// A metric's value from the agent's admin endpoint (inside `ns`).
-    fn metric(&self, ns: &str, series: &str) -> u64 {
+    /// GET `path` from the agent's admin endpoint (inside `ns`).
+    fn admin(&self, ns: &str, path: &str) -> String {
         let serving: serde_json::Value = serde_json::from_str(&self.wait_for("meshgate is serving")).unwrap();
         let admin = serving["admin"].as_str().unwrap().to_owned();
-        let text = Namespaces::exec(ns, &["curl", "-s", &format!("http://{admin}/metrics")]);
-        text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+        Namespaces::exec(ns, &["curl", "-s", &format!("http://{admin}{path}")])
+    }
+
+    /// A metric's value from the agent's admin endpoint (inside `ns`).
+    fn metric(&self, ns: &str, series: &str) -> u64 {
+        self.admin(ns, "/metrics").lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
     }
 
     fn stop(mut self) {
@@ -384,6 +388,20 @@ fn published_ports_answer_on_every_node_and_reach_tasks_on_any_node() {
     }
     assert_eq!(used.into_iter().collect::<Vec<_>>(), ["task1", "task2", "task3"]);
     agents[2].wait_for_metric(&cluster.nodes[2], "meshgate_mesh_packets_total{verdict=\"remote\"}", 12);
+    // /api/state shows the port table: which node and task each backend is.
+    let state: serde_json::Value = serde_json::from_str(&agents[2].admin(&cluster.nodes[2], "/api/state")).unwrap();
+    let tcp = &state["mesh"]["ports"][0];
+    assert_eq!((tcp["protocol"].as_str(), tcp["port"].as_u64()), (Some("tcp"), Some(8080)), "{state:#}");
+    let backends: Vec<(String, String, bool)> = tcp["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_owned(), b["node_address"].as_str().unwrap().to_owned(), b["local"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        backends,
+        [("10.0.9.2:80".to_owned(), "192.0.2.10".to_owned(), false), ("10.0.9.3:80".to_owned(), "192.0.2.10".to_owned(), false), ("10.0.9.2:80".to_owned(), "192.0.2.11".to_owned(), false)]
+    );
     agents[0].wait_for_metric(&cluster.nodes[0], "meshgate_mesh_packets_total{verdict=\"decap\"}", 1);
 
     // A long-lived connection through node 3 survives other tasks coming and going.
