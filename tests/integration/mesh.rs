@@ -245,9 +245,17 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     agent.wait_for_metric(&node, "meshgate_mesh_packets_total{verdict=\"local\"}", 24);
     agent.wait_for_metric(&node, "meshgate_mesh_port_packets_total{port=\"5353\",protocol=\"udp\"}", 4);
 
-    // Stopping the agent leaves the uplink as it was.
+    // Stopping the agent leaves the uplink as it was; so does killing it (BPF links die with
+    // the process).
     agent.stop();
     assert_eq!(attached(&node, "u0"), before, "no program left on the uplink");
+    let mesh_args = ["--routes", routes.to_str().unwrap(), "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1"];
+    let again = Agent::start(&node, &mesh_args);
+    again.wait_for("port table synced");
+    assert_ne!(attached(&node, "u0"), before);
+    run(&["kill", "-KILL", &again.child.id().to_string()]);
+    drop(again);
+    assert_eq!(attached(&node, "u0"), before, "a killed agent leaves no program behind");
     drop(tasks);
 }
 
