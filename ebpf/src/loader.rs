@@ -10,7 +10,7 @@ use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::maglev;
-use crate::maps::{BackendSlot, Counters, SvcInfo, SvcKey, BACKEND_LIVE, BACKEND_LOCAL, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS};
+use crate::maps::{BackendSlot, Counters, FlowKey, FlowVal, SvcInfo, SvcKey, BACKEND_LIVE, BACKEND_LOCAL, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS};
 use crate::{PortTable, Protocol};
 
 /// The compiled BPF object (empty when the build had no clang).
@@ -43,6 +43,7 @@ pub struct Mesh {
     services: BpfHashMap<MapData, SvcKey, SvcInfo>,
     maglev: Array<MapData, u32>,
     backends: Array<MapData, BackendSlot>,
+    flows: BpfHashMap<MapData, FlowKey, FlowVal>,
     verdicts: PerCpuArray<MapData, Counters>,
     service_stats: PerCpuArray<MapData, Counters>,
     ids: Allocator<(Protocol, u16)>,
@@ -78,6 +79,7 @@ impl Mesh {
             services: map(&mut ebpf, "services")?,
             maglev: map(&mut ebpf, "maglev")?,
             backends: map(&mut ebpf, "backends")?,
+            flows: map(&mut ebpf, "flows")?,
             verdicts: map(&mut ebpf, "verdict_stats")?,
             service_stats: map(&mut ebpf, "service_stats")?,
             ebpf,
@@ -154,6 +156,13 @@ impl Mesh {
     #[must_use]
     pub fn verdict_counters(&self) -> Vec<(&'static str, Counters)> {
         VERDICTS.iter().enumerate().map(|(i, name)| (*name, sum(&self.verdicts, i as u32))).collect()
+    }
+
+    /// Flows in the connection table now (of `maps::MAX_FLOWS`; the oldest are evicted
+    /// beyond). Walks the table: call it every few seconds, not per packet.
+    #[must_use]
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().map_while(Result::ok).count()
     }
 
     /// Packets and bytes of one published port, summed over CPUs.

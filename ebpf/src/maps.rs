@@ -61,6 +61,32 @@ pub struct Counters {
     pub bytes: u64,
 }
 
+/// A connection-table key (one direction of a flow), network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowVal {
+    pub backend: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub svc: u16,
+}
+
+/// `consts.h`: MAX_FLOWS, the connection table's size.
+pub const MAX_FLOWS: u32 = 65536;
+
+const _: () = assert!(size_of::<FlowKey>() == 16);
+const _: () = assert!(size_of::<FlowVal>() == 12);
 const _: () = assert!(size_of::<SvcKey>() == 4);
 const _: () = assert!(size_of::<SvcInfo>() == 8);
 const _: () = assert!(size_of::<BackendSlot>() == 12);
@@ -74,3 +100,7 @@ unsafe impl aya::Pod for SvcInfo {}
 unsafe impl aya::Pod for BackendSlot {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Counters {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowVal {}

@@ -206,6 +206,7 @@ fn a_flow_to_a_published_port_is_translated_to_a_local_task_with_valid_checksums
         seen.insert(out[30..34].to_vec());
     }
     assert_eq!(seen.len(), 2, "both tasks get flows");
+    assert_eq!(mesh.flow_count(), 65, "the connection table holds every flow");
     let counters = mesh.port_counters(Protocol::Tcp, 8080).unwrap();
     assert_eq!(counters.packets, 70);
 }

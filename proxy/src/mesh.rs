@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_ebpf::{Backend, Mesh, PortTable, Protocol, PublishedPort};
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounterVec, IntGauge, Opts};
 use serde::{Deserialize, Serialize};
 
 use crate::readiness::Readiness;
@@ -82,6 +82,7 @@ pub struct MeshMetrics {
     bytes: IntCounterVec,
     port_packets: IntCounterVec,
     port_bytes: IntCounterVec,
+    flows: IntGauge,
 }
 
 impl MeshMetrics {
@@ -96,6 +97,11 @@ impl MeshMetrics {
             bytes: counter("meshgate_mesh_bytes_total", "Bytes the XDP and tc programs saw, by verdict.", &["verdict"])?,
             port_packets: counter("meshgate_mesh_port_packets_total", "Packets balanced, by published port.", &["protocol", "port"])?,
             port_bytes: counter("meshgate_mesh_port_bytes_total", "Bytes balanced, by published port.", &["protocol", "port"])?,
+            flows: {
+                let g = IntGauge::new("meshgate_mesh_flows", "Flows in the connection table (65536 at most; the least recently used are evicted beyond).")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
         })
     }
 
@@ -107,7 +113,10 @@ impl MeshMetrics {
         }
     }
 
-    fn update(&self, mesh: &Mesh, table: &PortTable) {
+    fn update(&self, mesh: &Mesh, table: &PortTable, count_flows: bool) {
+        if count_flows {
+            self.flows.set(mesh.flow_count() as i64);
+        }
         for (verdict, c) in mesh.verdict_counters() {
             Self::set(&self.packets, &[verdict], c.packets);
             Self::set(&self.bytes, &[verdict], c.bytes);
@@ -187,6 +196,7 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
     let mut changes = hub.subscribe();
     let mut current = PortTable::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     loop {
         let table = port_table(&hub.load().state, &node_name, node_address);
         if table != current {
@@ -203,8 +213,10 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
             changed = changes.changed() => if changed.is_err() { return },
             _ = tick.tick() => {
                 if let Some(m) = &metrics {
-                    m.update(&mesh, &current);
+                    // Walking the connection table costs a system call per flow: every 5 s.
+                    m.update(&mesh, &current, ticks % 5 == 0);
                 }
+                ticks += 1;
                 prime_neighbours(&current, node_address);
             }
         }

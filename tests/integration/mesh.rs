@@ -113,9 +113,10 @@ impl Agent {
         panic!("no log line with {needle:?}; log:\n{}", self.log.borrow().join("\n"));
     }
 
-    /// Waits until a metric (refreshed from the BPF maps every second) reaches `at_least`.
+    /// Waits until a metric (refreshed from the BPF maps every second, flows every 5 s)
+    /// reaches `at_least`.
     fn wait_for_metric(&self, ns: &str, series: &str, at_least: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(15);
         while self.metric(ns, series) < at_least {
             assert!(Instant::now() < deadline, "{series} stayed below {at_least}");
             std::thread::sleep(Duration::from_millis(100));
@@ -244,6 +245,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     agent.wait_for_metric(&node, "meshgate_mesh_packets_total{verdict=\"reply\"}", 24);
     agent.wait_for_metric(&node, "meshgate_mesh_packets_total{verdict=\"local\"}", 24);
     agent.wait_for_metric(&node, "meshgate_mesh_port_packets_total{port=\"5353\",protocol=\"udp\"}", 4);
+    agent.wait_for_metric(&node, "meshgate_mesh_flows", 24);
 
     // Stopping the agent leaves the uplink as it was; so does killing it (BPF links die with
     // the process).
