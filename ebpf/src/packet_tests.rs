@@ -260,3 +260,18 @@ fn a_task_on_a_node_without_a_route_is_dropped_and_counted() {
     let counted: std::collections::HashMap<_, _> = mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
     assert_eq!(counted["drop_no_route"], 1);
 }
+
+#[test]
+fn a_local_only_port_never_leaves_the_node() {
+    let mut mesh = Mesh::load(NODE).unwrap();
+    let both = vec![task([10, 0, 9, 2], 80, NODE), task([10, 0, 9, 2], 80, OTHER_NODE)];
+    mesh.sync(&PortTable { ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends: both, local_only: true }] }).unwrap();
+    for port in 40000..40032 {
+        let flow = Pkt::tcp(at(CLIENT, port), at(NODE, 8080));
+        assert_eq!(mesh.test_run(&flow.bytes()).unwrap(), (XDP_PASS, flow.to(at(Ipv4Addr::new(10, 0, 9, 2), 80)).bytes()), "only the local task");
+    }
+    let only_remote = vec![task([10, 0, 9, 2], 80, OTHER_NODE)];
+    mesh.sync(&PortTable { ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends: only_remote, local_only: true }] }).unwrap();
+    let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 50000), at(NODE, 8080)).bytes()).unwrap();
+    assert_eq!(verdict, XDP_DROP, "no local task: nothing serves it here");
+}

@@ -479,3 +479,16 @@ fn task_name((node, addr): (usize, &str)) -> &'static str {
         _ => "task3",
     }
 }
+
+#[test]
+fn without_native_xdp_the_mesh_falls_back_to_generic_mode() {
+    // Loopback has no native XDP: the agent says so once and attaches in generic mode.
+    let mut nets = Namespaces::new();
+    let node = nets.add("mgg");
+    let agent = Agent::start(&node, &["--example", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--mesh-uplink", "lo", "--mesh-node-address", "127.0.0.1"]);
+    agent.wait_for("native mode refused");
+    let attached = agent.wait_for("L4 mesh attached");
+    assert!(attached.contains("Generic"), "{attached}");
+    let ready = agent.admin(&node, "/readyz");
+    assert!(ready.contains("XDP (Generic) on lo"), "{ready}");
+}
