@@ -2,7 +2,7 @@
 //! to the uplink. Dropping a [`Mesh`] detaches everything (the programs are attached through
 //! BPF links owned by this process, so a crashed agent leaves nothing behind either).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -111,15 +111,19 @@ impl Mesh {
         Ok(mode)
     }
 
-    /// Makes the maps say what `table` says. Per service: tasks and the Maglev row first, the
-    /// service entry last, so no packet sees a service without its table.
+    /// Makes the maps say what `table` says, in an order where no packet sees a half-made
+    /// state: ports no longer published go first; then, per port, its tasks and Maglev row,
+    /// its service entry last; slots of tasks gone everywhere are emptied and freed only at the
+    /// end, so no row still pointing at one can meet it reused by another task.
     pub fn sync(&mut self, table: &PortTable) -> Result<(), MeshError> {
         let wanted: BTreeMap<(Protocol, u16), &crate::PublishedPort> = table.ports.iter().map(|p| ((p.protocol, p.port), p)).collect();
-        let live: Vec<(Ipv4Addr, SocketAddrV4)> = wanted.values().flat_map(|p| p.backends.iter().map(|b| (b.node_addr, b.addr))).collect();
-        // Tasks no longer anywhere: their slots are emptied (flows on them end) and freed.
-        for gone in self.slots.release_except(&live) {
-            self.backends.set(gone, BackendSlot::default(), 0).map_err(|e| MeshError::Map("backends", e))?;
+        for ((proto, port), id) in self.ids.release_except(&wanted.keys().copied().collect()) {
+            let _ = self.services.remove(&svc_key(proto, port));
+            self.rows.remove(&id);
+            self.ids.free(id);
         }
+        let live: HashSet<(Ipv4Addr, SocketAddrV4)> = wanted.values().flat_map(|p| p.backends.iter().map(|b| (b.node_addr, b.addr))).collect();
+        let gone = self.slots.release_except(&live);
         for (&(proto, port), published) in &wanted {
             let id = self.ids.get((proto, port)).ok_or(MeshError::Full("published ports", MAX_SERVICES))?;
             let serving: Vec<&crate::Backend> = published.backends.iter().filter(|b| b.local || !published.local_only).collect();
@@ -140,14 +144,13 @@ impl Mesh {
                 }
                 self.rows.insert(id, row);
             }
-            let key = svc_key(proto, port);
             let info = SvcInfo { id, flags: if published.local_only { SVC_LOCAL_ONLY } else { 0 } };
-            self.services.insert(key, info, 0).map_err(|e| MeshError::Map("services", e))?;
+            self.services.insert(svc_key(proto, port), info, 0).map_err(|e| MeshError::Map("services", e))?;
         }
-        for gone in self.ids.release_except(&wanted.keys().copied().collect::<Vec<_>>()) {
-            let (proto, port) = self.ids.name_of_released(gone);
-            let _ = self.services.remove(&svc_key(proto, port));
-            self.rows.remove(&gone);
+        // Flows on these tasks end (reset) from here on; the slots are free for later syncs.
+        for (_, slot) in gone {
+            self.backends.set(slot, BackendSlot::default(), 0).map_err(|e| MeshError::Map("backends", e))?;
+            self.slots.free(slot);
         }
         Ok(())
     }
@@ -209,12 +212,11 @@ struct Allocator<K> {
     free: Vec<u32>,
     next: u32,
     max: u32,
-    released: HashMap<u32, K>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Allocator<K> {
     fn new(max: u32) -> Self {
-        Self { given: HashMap::new(), free: Vec::new(), next: 0, max, released: HashMap::new() }
+        Self { given: HashMap::new(), free: Vec::new(), next: 0, max }
     }
 
     fn peek(&self, key: &K) -> Option<u32> {
@@ -233,22 +235,17 @@ impl<K: std::hash::Hash + Eq + Clone> Allocator<K> {
         Some(n)
     }
 
-    /// Frees every number whose key is not in `keep`; returns them.
-    fn release_except(&mut self, keep: &[K]) -> Vec<u32> {
-        let gone: Vec<K> = self.given.keys().filter(|k| !keep.contains(k)).cloned().collect();
-        let mut out = Vec::new();
-        self.released.clear();
-        for k in gone {
+    /// Forgets every key not in `keep`; returns them with their numbers, which stay taken
+    /// until [`Allocator::free`].
+    fn release_except(&mut self, keep: &HashSet<K>) -> Vec<(K, u32)> {
+        let gone: Vec<K> = self.given.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        gone.into_iter().map(|k| {
             let n = self.given.remove(&k).expect("present");
-            self.free.push(n);
-            self.released.insert(n, k);
-            out.push(n);
-        }
-        out
+            (k, n)
+        }).collect()
     }
 
-    /// The key a number had before `release_except` freed it.
-    fn name_of_released(&self, n: u32) -> K {
-        self.released[&n].clone()
+    fn free(&mut self, n: u32) {
+        self.free.push(n);
     }
 }

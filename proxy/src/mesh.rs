@@ -212,12 +212,16 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             _ = tick.tick() => {
+                // Walking the connection table costs a system call per flow, and neighbour
+                // entries last far longer: both every 5 s.
+                let slow = ticks.is_multiple_of(5);
                 if let Some(m) = &metrics {
-                    // Walking the connection table costs a system call per flow: every 5 s.
-                    m.update(&mesh, &current, ticks.is_multiple_of(5));
+                    m.update(&mesh, &current, slow);
+                }
+                if slow {
+                    prime_neighbours(&current, node_address);
                 }
                 ticks += 1;
-                prime_neighbours(&current, node_address);
             }
         }
     }

@@ -217,15 +217,15 @@ impl Binary {
     }
 
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-            .args(["--log-format", "json"])
-            .args(args)
-            .envs(env.iter().copied())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("meshgate binary runs");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshgate"));
+        cmd.args(["--log-format", "json"]).args(args).envs(env.iter().copied());
+        Self::spawn_command(cmd)
+    }
+
+    /// Runs `cmd` (the binary, possibly behind a wrapper such as `ip netns exec`, already
+    /// given `--log-format json`) and collects its log lines.
+    pub fn spawn_command(mut cmd: Command) -> Self {
+        let mut child = cmd.env_remove("RUST_LOG").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("meshgate binary runs");
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -256,6 +256,17 @@ impl Binary {
                     }
                 }
                 Err(_) => panic!("no log line with {needle:?} within {deadline:?}; log so far:\n{}", self.log.join("\n")),
+            }
+        }
+    }
+
+    /// Waits until `needle` has appeared in `n` log lines.
+    pub fn wait_for_count(&mut self, needle: &str, n: usize, deadline: Duration) {
+        let start = Instant::now();
+        while self.log.iter().filter(|l| l.contains(needle)).count() < n {
+            let left = deadline.checked_sub(start.elapsed()).unwrap_or_else(|| panic!("{needle:?} not seen {n} times within {deadline:?}"));
+            if let Ok(line) = self.lines.recv_timeout(left) {
+                self.log.push(line);
             }
         }
     }

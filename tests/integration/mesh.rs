@@ -4,8 +4,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use crate::harness::Binary;
 
 /// Runs a command, panicking with its output if it fails.
 fn run(args: &[&str]) -> String {
@@ -68,49 +69,40 @@ impl Drop for Namespaces {
 const UDP_ECHO: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',53))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(sys.argv[1].encode()+b' '+d+b' from '+a[0].encode(),a)\n";
 const UDP_ASK: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(2)\ns.sendto(b'ping',(sys.argv[1],int(sys.argv[2])))\nprint(s.recvfrom(2048)[0].decode())\n";
 
-/// The agent binary inside a namespace, with its JSON log lines.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: std::cell::RefCell<Vec<String>>,
-}
+/// The agent binary inside a namespace (a [`Binary`] behind `ip netns exec`).
+struct Agent(std::cell::RefCell<Binary>);
+
+const WAIT: Duration = Duration::from_secs(20);
 
 impl Agent {
     fn start(ns: &str, args: &[&str]) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_meshgate"), "--log-format", "json", "--docker", "off"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, log: std::cell::RefCell::default() }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_meshgate"), "--log-format", "json", "--docker", "off"]).args(args);
+        Self(std::cell::RefCell::new(Binary::spawn_command(cmd)))
     }
 
-    /// The first log line containing `needle`, waiting for it if it has not come yet.
+    /// The first log line containing `needle` (waiting for it), as text.
     fn wait_for(&self, needle: &str) -> String {
-        if let Some(line) = self.log.borrow().iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            let Ok(line) = self.lines.recv_timeout(left) else { break };
-            self.log.borrow_mut().push(line.clone());
-            if line.contains(needle) {
-                return line;
-            }
-        }
-        panic!("no log line with {needle:?}; log:\n{}", self.log.borrow().join("\n"));
+        self.0.borrow_mut().wait_for_log(needle, WAIT).to_string()
+    }
+
+    fn wait_for_count(&self, needle: &str, n: usize) {
+        self.0.borrow_mut().wait_for_count(needle, n, WAIT);
+    }
+
+    fn pid(&self) -> String {
+        self.0.borrow().child.id().to_string()
+    }
+
+    /// GET `path` from the agent's admin endpoint (inside `ns`).
+    fn admin(&self, ns: &str, path: &str) -> String {
+        let admin = self.0.borrow_mut().addresses().1;
+        Namespaces::exec(ns, &["curl", "-s", &format!("http://{admin}{path}")])
+    }
+
+    /// A metric's value from the agent's admin endpoint (inside `ns`).
+    fn metric(&self, ns: &str, series: &str) -> u64 {
+        self.admin(ns, "/metrics").lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Waits until a metric (refreshed from the BPF maps every second, flows every 5 s)
@@ -123,43 +115,10 @@ impl Agent {
         }
     }
 
-    /// Waits until `needle` has appeared `n` times in the log.
-    fn wait_for_count(&self, needle: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.log.borrow().iter().filter(|l| l.contains(needle)).count() < n {
-            let left = deadline.checked_duration_since(Instant::now()).unwrap_or_else(|| panic!("{needle:?} not seen {n} times"));
-            if let Ok(line) = self.lines.recv_timeout(left) {
-                self.log.borrow_mut().push(line);
-            }
-        }
-    }
-
-    /// GET `path` from the agent's admin endpoint (inside `ns`).
-    fn admin(&self, ns: &str, path: &str) -> String {
-        let serving: serde_json::Value = serde_json::from_str(&self.wait_for("meshgate is serving")).unwrap();
-        let admin = serving["admin"].as_str().unwrap().to_owned();
-        Namespaces::exec(ns, &["curl", "-s", &format!("http://{admin}{path}")])
-    }
-
-    /// A metric's value from the agent's admin endpoint (inside `ns`).
-    fn metric(&self, ns: &str, series: &str) -> u64 {
-        self.admin(ns, "/metrics").lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
-    }
-
-    fn stop(mut self) {
-        run(&["kill", "-TERM", &self.child.id().to_string()]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "the agent did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn stop(self) {
+        let mut bin = self.0.into_inner();
+        bin.signal(15);
+        bin.wait_exit(WAIT);
     }
 }
 
@@ -255,7 +214,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     let again = Agent::start(&node, &mesh_args);
     again.wait_for("port table synced");
     assert_ne!(attached(&node, "u0"), before);
-    run(&["kill", "-KILL", &again.child.id().to_string()]);
+    run(&["kill", "-KILL", &again.pid()]);
     drop(again);
     assert_eq!(attached(&node, "u0"), before, "a killed agent leaves no program behind");
     drop(tasks);
