@@ -35,16 +35,31 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let state = state.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
-            });
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
+        spawn_connection(stream, state.clone(), builder.clone());
     }
+}
+
+/// The same endpoints on a Unix socket: a health check run inside the agent's container
+/// reaches exactly that agent, even while a second one shares the TCP port (an update).
+pub async fn serve_unix(listener: tokio::net::UnixListener, state: AdminState) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        spawn_connection(stream, state.clone(), builder.clone());
+    }
+}
+
+fn spawn_connection<S>(stream: S, state: AdminState, builder: Arc<auto::Builder<TokioExecutor>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(&req, &state)) }
+        });
+        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+    });
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
+use crate::cluster;
 use crate::config::Config;
 use crate::dns::{self, DnsConfig};
 use crate::http::endpoint::EndpointRegistry;
@@ -56,6 +57,8 @@ impl Sources {
 pub enum StartError {
     #[error("cannot listen on {addr} for {what}: {source} (is another program using it? pick another address with the flag or setting shown in `meshgate --help`)")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot serve the admin endpoints on the socket {path}: {source} (set admin.socket to a writable place)")]
+    BindSocket { path: PathBuf, source: std::io::Error },
     #[error("routes file: {0}")]
     Routes(#[from] RoutesError),
     #[error("bundled example routes are broken: {0}")]
@@ -93,13 +96,36 @@ impl RunningAgent {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+fn bind(what: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, StartError> {
+    reusable_listener(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// A bound, non-blocking socket; with `reuse_port`, several agents on one host can hold the
+/// same address at once (the kernel spreads new connections and datagrams between them),
+/// which is how an agent is replaced without a moment where nobody listens.
+fn reusable_socket(addr: SocketAddr, kind: socket2::Type, reuse_port: bool) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    if kind == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// A TCP listener, see [`reusable_socket`]. Needs a Tokio runtime.
+pub fn reusable_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = reusable_socket(addr, socket2::Type::STREAM, reuse_port)?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
+/// Async although it never waits: the listeners register with the running Tokio runtime.
+#[allow(clippy::unused_async)]
 pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
-    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, acme: acme_cfg, mesh: mesh_cfg, whoami: whoami_cfg, log: _ } = cfg;
+    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, acme: acme_cfg, mesh: mesh_cfg, cluster: cluster_cfg, whoami: whoami_cfg, log: _ } = cfg;
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(StateHub::new());
     let readiness = Arc::new(Readiness::default());
@@ -111,14 +137,15 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         None => None,
     };
     if let Some(addr) = whoami_listen {
-        let listener = bind("the whoami demo backend", addr).await?;
+        let listener = bind("the whoami demo backend", addr, false)?;
         tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "whoami demo backend listening");
         background.push(tokio::spawn(whoami::serve(listener, whoami_cfg.name.clone())));
     }
 
-    let http_listener = bind("HTTP", proxy_cfg.http_listen).await?;
+    let reuse_port = proxy_cfg.reuse_port;
+    let http_listener = bind("HTTP", proxy_cfg.http_listen, reuse_port)?;
     let http_addr = http_listener.local_addr().expect("bound socket has an address");
-    let admin_listener = bind("the admin endpoints", admin_cfg.listen).await?;
+    let admin_listener = bind("the admin endpoints", admin_cfg.listen, reuse_port)?;
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
     if let Some(path) = sources.file {
@@ -131,11 +158,23 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         hub.publish("example", state);
         readiness.set("example", true, "bundled example routes (whoami.localhost)");
     }
+    let (https, acme) = start_https(&tls_cfg, acme_cfg, reuse_port, &hub, &metrics, &readiness, &mut background)?;
+    let node = mesh_cfg.node_name.clone().unwrap_or_else(|| std::fs::read_to_string("/etc/hostname").map_or_else(|_| "local".into(), |h| h.trim().to_owned()));
+    let cluster_parts = cluster::Parts { hub: hub.clone(), readiness: readiness.clone(), registry: metrics.registry.clone(), certs: acme.as_ref().map(|(_, share)| share.clone()), node };
+    let cluster = cluster::start(cluster_cfg, cluster_parts, &mut background);
+    if let Some((manager, _)) = acme {
+        match manager {
+            Ok(manager) => background.push(tokio::spawn(Arc::new(manager).run(hub.clone(), cluster.issuer.clone()))),
+            Err(why) => {
+                tracing::error!("acme: {why}");
+                readiness.set("acme", false, why);
+            }
+        }
+    }
     if sources.docker {
-        background.push(tokio::spawn(docker::run(docker_cfg, hub.clone(), metrics.clone(), readiness.clone())));
+        background.push(tokio::spawn(docker::run(docker_cfg, hub.clone(), metrics.clone(), readiness.clone(), cluster.docker.clone())));
     }
 
-    let https = start_https(&tls_cfg, acme_cfg, &hub, &metrics, &readiness, &mut background).await?;
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
     let proxy = Arc::new(Proxy::new(
         proxy_cfg.clone(),
@@ -165,7 +204,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     }));
 
     let dns_addr = match dns_cfg.listen {
-        Some(listen) => Some(start_dns(listen, dns_cfg, &hub, &metrics, &readiness, &mut background).await?),
+        Some(listen) => Some(start_dns(listen, dns_cfg, reuse_port, &hub, &metrics, &readiness, &mut background)?),
         None => None,
     };
 
@@ -176,7 +215,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
 
     readiness.set("http", true, format!("listening on {http_addr}"));
     let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness: readiness.clone(), mesh: mesh_view };
-    background.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
+    start_admin(admin_listener, admin_cfg.socket.as_deref(), admin_state, &mut background)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut servers = vec![tokio::spawn(server::serve(
@@ -195,21 +234,40 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     Ok(RunningAgent { http_addr, https_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, servers, background })
 }
 
+/// The admin endpoints on their TCP listener, and on the Unix socket if one is configured.
+fn start_admin(listener: TcpListener, socket: Option<&std::path::Path>, state: AdminState, background: &mut Vec<JoinHandle<()>>) -> Result<(), StartError> {
+    if let Some(path) = socket {
+        // A socket file left by an agent that died would refuse the bind.
+        let _ = std::fs::remove_file(path);
+        let unix = tokio::net::UnixListener::bind(path).map_err(|source| StartError::BindSocket { path: path.to_owned(), source })?;
+        background.push(tokio::spawn(admin::serve_unix(unix, state.clone())));
+    }
+    background.push(tokio::spawn(admin::serve(listener, state)));
+    Ok(())
+}
+
+/// What ACME left for later: the manager (started once the cluster says whether this agent
+/// orders) and the store and challenges the cluster feed shares.
+type AcmeParts = (Result<acme::Manager, String>, cluster::CertShare);
+/// The HTTPS listener and the resolver its handshakes ask.
+type HttpsParts = (TcpListener, Arc<CertResolver>);
+
 /// HTTPS: a listener, a resolver swapped whole on certificate changes, the fallback, and
-/// ACME feeding the resolver. `None` without `tls.https_listen`.
-async fn start_https(
+/// the ACME store feeding the resolver. `None` without `tls.https_listen`.
+fn start_https(
     tls_cfg: &tls::TlsConfig,
     acme_cfg: AcmeConfig,
+    reuse_port: bool,
     hub: &Arc<StateHub>,
     metrics: &Arc<Metrics>,
     readiness: &Readiness,
     background: &mut Vec<JoinHandle<()>>,
-) -> Result<Option<(TcpListener, Arc<CertResolver>)>, StartError> {
+) -> Result<(Option<HttpsParts>, Option<AcmeParts>), StartError> {
     let Some(addr) = tls_cfg.https_listen else {
         background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), acme_cfg.enabled)));
-        return Ok(None);
+        return Ok((None, None));
     };
-    let listener = bind("HTTPS", addr).await?;
+    let listener = bind("HTTPS", addr, reuse_port)?;
     let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
     let resolver = Arc::new(CertResolver::new(fallback));
     if let Some(dir) = &tls_cfg.certs_dir {
@@ -217,19 +275,20 @@ async fn start_https(
         let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);
         background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone(), CertSource::Files, loaded, Arc::default())));
     }
-    if acme_cfg.enabled {
-        start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, hub, metrics, readiness, background);
+    let acme = if acme_cfg.enabled {
+        start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, metrics, readiness, background)
     } else {
         background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), false)));
-    }
-    Ok(Some((listener, resolver)))
+        None
+    };
+    Ok((Some((listener, resolver)), acme))
 }
 
-/// Starts ACME: opens the store, serves what it holds before contacting the CA, watches it
-/// (other agents sharing it write there too) and runs the manager. A store that cannot be
+/// Opens the ACME store, serves what it holds before contacting the CA and watches it
+/// (other agents sharing it, and the cluster feed, write there too). A store that cannot be
 /// opened leaves HTTPS running with the certificates it has, says so in the log and in the
 /// `acme` component of `/readyz`.
-fn start_acme(cfg: AcmeConfig, poll: std::time::Duration, resolver: &Arc<CertResolver>, hub: &Arc<StateHub>, metrics: &Arc<Metrics>, readiness: &Readiness, background: &mut Vec<JoinHandle<()>>) {
+fn start_acme(cfg: AcmeConfig, poll: std::time::Duration, resolver: &Arc<CertResolver>, metrics: &Arc<Metrics>, readiness: &Readiness, background: &mut Vec<JoinHandle<()>>) -> Option<AcmeParts> {
     let dir = cfg.storage_dir.clone();
     let store = match acme::store::Store::open(&dir) {
         Ok(store) => Arc::new(store),
@@ -239,23 +298,15 @@ fn start_acme(cfg: AcmeConfig, poll: std::time::Duration, resolver: &Arc<CertRes
             let why = format!("cannot use acme.storage_dir {}: {e} (create it, make it writable, or point acme.storage_dir elsewhere); no certificates will be ordered", dir.display());
             tracing::error!("{why}");
             readiness.set("acme", true, format!("off: {why}"));
-            return;
+            return None;
         }
     };
     let loaded = tls::load_into(&store.certs_dir(), resolver, CertSource::Acme, None);
     let reload = Arc::new(tokio::sync::Notify::new());
     background.push(tokio::spawn(tls::watch_dir(store.certs_dir(), poll, resolver.clone(), CertSource::Acme, loaded, reload.clone())));
-    let directory = cfg.directory_url().to_owned();
-    match acme::Manager::new(cfg, store, resolver.challenges.clone(), metrics.clone(), reload) {
-        Ok(manager) => {
-            background.push(tokio::spawn(Arc::new(manager).run(hub.clone())));
-            readiness.set("acme", true, format!("ordering from {directory}, stored in {}", dir.display()));
-        }
-        Err(why) => {
-            tracing::error!("acme: {why}");
-            readiness.set("acme", false, why);
-        }
-    }
+    readiness.set("acme", true, format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display()));
+    let share = cluster::CertShare { store: store.clone(), challenges: resolver.challenges.clone(), reload: reload.clone() };
+    Some((acme::Manager::new(cfg, store, resolver.challenges.clone(), metrics.clone(), reload), share))
 }
 
 /// Routes that ask for a certificate while ACME cannot run: say so once per host.
@@ -276,17 +327,20 @@ async fn warn_unserved_acme_wishes(hub: Arc<StateHub>, enabled: bool) {
 }
 
 /// Binds mesh-dns (UDP, then TCP on the same port), keeps its zone in step with the hub.
-async fn start_dns(
+fn start_dns(
     listen: SocketAddr,
     cfg: DnsConfig,
+    reuse_port: bool,
     hub: &Arc<StateHub>,
     metrics: &Metrics,
     readiness: &Readiness,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<SocketAddr, StartError> {
-    let udp = tokio::net::UdpSocket::bind(listen).await.map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;
+    let udp = reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
+        .and_then(|s| tokio::net::UdpSocket::from_std(s.into()))
+        .map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;
     let addr = udp.local_addr().expect("bound socket has an address");
-    let tcp = bind("DNS over TCP", addr).await?;
+    let tcp = bind("DNS over TCP", addr, reuse_port)?;
     let upstreams = if cfg.upstreams.is_empty() {
         mesh_dns::resolv_conf_upstreams(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(), addr.port())
     } else {

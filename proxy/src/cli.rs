@@ -14,10 +14,11 @@ use crate::provider::docker::DockerMode;
 const ABOUT: &str = "Routing mesh and reverse proxy for Docker and Docker Swarm nodes";
 
 const LONG_ABOUT: &str = "\
-meshgate routes HTTP requests to your services by host name, following the routes you
-describe in a routes file (and, in later releases, the containers and Swarm tasks it
-discovers from Docker: containers and Swarm services with VIRTUAL_HOST, meshgate.* or
-traefik.* labels). Run one agent per node.
+meshgate routes HTTP(S) requests to your services by host name, following the routes you
+describe in a routes file and the containers and Swarm services it discovers from Docker
+(VIRTUAL_HOST, meshgate.* or traefik.* labels); it orders their certificates, answers
+their names (mesh-dns) and serves published ports on every node (L4 mesh). Run one agent
+per node.
 
 With no routes file and no Docker engine it serves the bundled example: whoami.localhost is
 routed to a built-in demo backend, so you can try it at once.";
@@ -37,6 +38,11 @@ Examples:
     meshgate --https-listen 0.0.0.0:443 --acme-email ops@example.com
     docker run -d -e VIRTUAL_HOST=app.example.com -e LETSENCRYPT_HOST=app.example.com nginx
 
+  Every node of a Swarm (workers see the whole cluster through the managers' agents;
+  one agent orders the certificates), from a manager:
+    meshgate --new-cluster-secret | docker secret create meshgate_cluster -
+    docker stack deploy -c helm-free-deploy/stack.yml meshgate
+
   Serve your own routes, reloaded when the file changes:
     meshgate --routes /etc/meshgate/routes.toml
 
@@ -49,6 +55,8 @@ Examples:
 Admin endpoints (default 127.0.0.1:9090): / (status page), /metrics, /healthz, /readyz,
 /api/state. Documentation: README.md, section \"Configuration reference\".";
 
+// Independent one-shot switches, not a state machine.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Parser)]
 #[command(name = "meshgate", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
 pub struct Cli {
@@ -69,10 +77,16 @@ pub struct Cli {
     #[arg(long)]
     pub print_config: bool,
 
-    /// GET this http:// URL and exit 0 if it answers 200, else 1 (a health check for images
-    /// without curl, e.g. `meshgate --probe http://127.0.0.1:9090/readyz`).
+    /// GET this http:// URL, or /readyz on a unix:PATH admin socket, and exit 0 if it answers
+    /// 200, else 1 (a health check for images without curl, e.g. `meshgate --probe
+    /// http://127.0.0.1:9090/readyz` or `meshgate --probe unix:/tmp/meshgate-admin.sock`).
     #[arg(long, value_name = "URL")]
     pub probe: Option<String>,
+
+    /// Print a new cluster secret (a certificate and key, PEM) and exit. Every agent of a
+    /// Swarm gets the same one: `meshgate --new-cluster-secret | docker secret create meshgate_cluster -`
+    #[arg(long)]
+    pub new_cluster_secret: bool,
 
     #[command(flatten)]
     pub overrides: Overrides,
@@ -168,16 +182,42 @@ pub struct Overrides {
     /// [mesh.uplink] Serve published ports (XDP) on this interface, e.g. eth0; unset: no L4 mesh
     #[arg(long, env = "MESHGATE_MESH_UPLINK", value_name = "IFACE", help_heading = "L4 mesh")]
     pub mesh_uplink: Option<String>,
-    /// [mesh.node_address] This node's IPv4 address on the uplink
+    /// [mesh.node_address] This node's IPv4 address on the uplink [default: its Swarm node address]
     #[arg(long, env = "MESHGATE_MESH_NODE_ADDRESS", value_name = "IP", help_heading = "L4 mesh")]
     pub mesh_node_address: Option<std::net::Ipv4Addr>,
     /// [mesh.node_name] This node's name as task nodes are named (Swarm node name) [default: local]
     #[arg(long, env = "MESHGATE_MESH_NODE_NAME", value_name = "NAME", help_heading = "L4 mesh")]
     pub mesh_node_name: Option<String>,
 
+    /// [proxy.reuse_port] Share listening addresses with another agent on this host, for updates without a gap [default: false]
+    #[arg(long, env = "MESHGATE_REUSE_PORT", value_name = "BOOL", help_heading = "Proxy")]
+    pub reuse_port: Option<bool>,
+
+    /// [cluster.role] auto (from the engine), standalone, leader, manager or worker [default: auto]
+    #[arg(long, env = "MESHGATE_CLUSTER_ROLE", value_name = "ROLE", help_heading = "Cluster")]
+    pub cluster_role: Option<crate::cluster::RoleSetting>,
+    /// [cluster.listen] Where managers serve the cluster feed (mutual TLS) [default: 0.0.0.0:7380]
+    #[arg(long, env = "MESHGATE_CLUSTER_LISTEN", value_name = "ADDR", help_heading = "Cluster")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// [cluster.peers] Comma-separated feeds to follow (host:port) [default: from the engine]
+    #[arg(long, env = "MESHGATE_CLUSTER_PEERS", value_name = "ADDR,...", value_delimiter = ',', help_heading = "Cluster")]
+    pub cluster_peers: Option<Vec<String>>,
+    /// [cluster.secret_file] The cluster secret (PEM, from --new-cluster-secret) [default: /run/secrets/meshgate_cluster]
+    #[arg(long, env = "MESHGATE_CLUSTER_SECRET_FILE", value_name = "FILE", help_heading = "Cluster")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// [cluster.state_file] Where a worker keeps the last state received, for restarts while no manager answers
+    #[arg(long, env = "MESHGATE_CLUSTER_STATE_FILE", value_name = "FILE", help_heading = "Cluster")]
+    pub cluster_state_file: Option<PathBuf>,
+    /// [cluster.timeout] A feed silent this long is left for the next manager [default: 6s]
+    #[arg(long, env = "MESHGATE_CLUSTER_TIMEOUT", value_name = "DURATION", value_parser = duration, help_heading = "Cluster")]
+    pub cluster_timeout: Option<Duration>,
+
     /// [admin.listen] Address of the admin endpoints [default: 127.0.0.1:9090]
     #[arg(long, env = "MESHGATE_ADMIN_LISTEN", value_name = "ADDR", help_heading = "Admin")]
     pub admin_listen: Option<SocketAddr>,
+    /// [admin.socket] Also serve the admin endpoints on this Unix socket
+    #[arg(long, env = "MESHGATE_ADMIN_SOCKET", value_name = "PATH", help_heading = "Admin")]
+    pub admin_socket: Option<PathBuf>,
 
     /// [file.path] Routes file to serve and watch
     #[arg(long, env = "MESHGATE_ROUTES", value_name = "FILE", help_heading = "Routes file")]
@@ -276,14 +316,24 @@ impl Overrides {
         set(&mut p.max_headers, self.max_headers);
         set(&mut p.eject_base, self.eject_base);
         set(&mut p.eject_max, self.eject_max);
+        set(&mut p.reuse_port, self.reuse_port);
+        let k = &mut c.cluster;
+        set(&mut k.role, self.cluster_role);
+        set(&mut k.listen, self.cluster_listen);
+        set(&mut k.peers, self.cluster_peers);
+        set(&mut k.secret_file, self.cluster_secret_file);
+        set(&mut k.state_file, self.cluster_state_file.map(Some));
+        set(&mut k.timeout, self.cluster_timeout);
         set(&mut c.admin.listen, self.admin_listen);
+        set(&mut c.admin.socket, self.admin_socket.map(Some));
         let t = &mut c.tls;
         set(&mut t.https_listen, self.https_listen.map(Some));
         set(&mut t.certs_dir, self.certs_dir.map(Some));
         set(&mut t.unknown_names, self.unknown_names);
         set(&mut t.poll_interval, self.certs_poll_interval);
         set(&mut t.session_resumption, self.tls_session_resumption);
-        set(&mut c.mesh.uplink, self.mesh_uplink.map(Some));
+        // Empty means unset (a stack file passes `${MESHGATE_MESH_UPLINK:-}`).
+        set(&mut c.mesh.uplink, self.mesh_uplink.filter(|u| !u.is_empty()).map(Some));
         set(&mut c.mesh.node_address, self.mesh_node_address.map(Some));
         set(&mut c.mesh.node_name, self.mesh_node_name.map(Some));
         let a = &mut c.acme;

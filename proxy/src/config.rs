@@ -22,6 +22,7 @@ pub struct Config {
     pub tls: crate::tls::TlsConfig,
     pub acme: crate::acme::AcmeConfig,
     pub mesh: crate::mesh::MeshConfig,
+    pub cluster: crate::cluster::ClusterConfig,
     pub whoami: WhoamiConfig,
     pub log: LogConfig,
 }
@@ -63,6 +64,10 @@ pub struct ProxyConfig {
     pub eject_base: Duration,
     #[serde(with = "humantime_serde")]
     pub eject_max: Duration,
+    /// Share the listening addresses (HTTP, HTTPS, admin, DNS) with another agent on the same
+    /// host (SO_REUSEPORT), so a new agent can start before the old one stops: no gap in a
+    /// rolling update. Off: a second agent fails to start with "address in use".
+    pub reuse_port: bool,
 }
 
 impl Default for ProxyConfig {
@@ -80,6 +85,7 @@ impl Default for ProxyConfig {
             max_headers: 100,
             eject_base: Duration::from_secs(1),
             eject_max: Duration::from_secs(30),
+            reuse_port: false,
         }
     }
 }
@@ -91,11 +97,13 @@ pub struct AdminConfig {
     /// Address for `/metrics`, `/healthz`, `/readyz`, `/api/state` and the status page.
     /// Keep it private: it shows every route and task.
     pub listen: SocketAddr,
+    /// Also serve them on this Unix socket (for `meshgate --probe unix:PATH` in a container).
+    pub socket: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)), socket: None }
     }
 }
 
@@ -164,6 +172,10 @@ pub enum ConfigError {
     Parse { path: PathBuf, line: usize, message: String },
     #[error("invalid [mesh] setting: {message}")]
     Mesh { message: String },
+    #[error("{first} and {second} both listen on {addr}: give each its own port")]
+    SameListener { first: &'static str, second: &'static str, addr: SocketAddr },
+    #[error("invalid [cluster] setting: {message}")]
+    Cluster { message: String },
     #[error("invalid [acme] setting: {message}")]
     Acme { message: String },
     #[error("invalid setting `{key}` = {value}: {expected}")]
@@ -185,6 +197,36 @@ impl Config {
     /// Parses config text (no validation beyond types and unknown keys).
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)
+    }
+
+    /// Two of the agent's own listeners on one port would fail to bind, or worse, with
+    /// `proxy.reuse_port`, bind and share the connections between two protocols.
+    fn listeners_apart(&self) -> Result<(), ConfigError> {
+        let cluster = &self.cluster;
+        let feed = match cluster.role {
+            crate::cluster::RoleSetting::Leader | crate::cluster::RoleSetting::Manager => true,
+            crate::cluster::RoleSetting::Auto => cluster.secret_file.exists(),
+            _ => false,
+        };
+        let listeners: Vec<(&'static str, SocketAddr)> = [
+            Some(("proxy.http_listen", self.proxy.http_listen)),
+            self.tls.https_listen.map(|a| ("tls.https_listen", a)),
+            Some(("admin.listen", self.admin.listen)),
+            self.dns.listen.map(|a| ("dns.listen", a)),
+            feed.then_some(("cluster.listen", cluster.listen)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|(_, a)| a.port() != 0)
+        .collect();
+        for (i, (first, a)) in listeners.iter().enumerate() {
+            for (second, b) in &listeners[i + 1..] {
+                if a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()) {
+                    return Err(ConfigError::SameListener { first, second, addr: *b });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks values that types alone cannot.
@@ -222,6 +264,8 @@ impl Config {
         }
         self.acme.validate().map_err(|message| ConfigError::Acme { message })?;
         self.mesh.validate().map_err(|message| ConfigError::Mesh { message })?;
+        self.cluster.validate().map_err(|message| ConfigError::Cluster { message })?;
+        self.listeners_apart()?;
         if let Some(host) = &p.default_host {
             crate::state::HostPattern::parse(host).map_err(|_| ConfigError::Invalid {
                 key: "proxy.default_host",
@@ -263,5 +307,16 @@ mod tests {
         let c = Config::from_toml("[proxy]\neject_base = \"10s\"\neject_max = \"1s\"\n").unwrap();
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("proxy.eject_max"), "{msg}");
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_are_refused() {
+        let c = Config::from_toml("[proxy]\nhttp_listen = \"0.0.0.0:8443\"\nreuse_port = true\n[tls]\nhttps_listen = \"127.0.0.1:8443\"\n").unwrap();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("proxy.http_listen and tls.https_listen both listen on 127.0.0.1:8443"), "{msg}");
+        let c = Config::from_toml("[proxy]\nhttp_listen = \"127.0.0.2:80\"\n[tls]\nhttps_listen = \"127.0.0.1:80\"\n[cluster]\nrole = \"leader\"\nlisten = \"0.0.0.0:9090\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("admin.listen and cluster.listen"), "the feed's port is checked when it serves");
+        let c = Config::from_toml("[proxy]\nhttp_listen = \"127.0.0.2:80\"\n[tls]\nhttps_listen = \"127.0.0.1:80\"\n").unwrap();
+        c.validate().unwrap();
     }
 }

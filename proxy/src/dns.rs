@@ -161,7 +161,7 @@ mod tests {
                 l4: vec![PublishedPort { protocol: L4Protocol::Tcp, published: 8080, target: 80, local_only: false }],
             }],
             problems: vec![],
-            nodes: vec![Node { id: "n1".into(), name: "n1".into(), address: Some([192, 0, 2, 1].into()), manager: true, ready: true }],
+            nodes: vec![Node { id: "n1".into(), name: "n1".into(), address: Some([192, 0, 2, 1].into()), manager: true, leader: true, ready: true }],
         };
         let cfg = DnsConfig { answer_routed_hosts: true, ..DnsConfig::default() };
         let zone = zone_of(&state, &cfg);

@@ -8,6 +8,7 @@ pub mod acme;
 pub mod admin;
 pub mod agent;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dns;
 pub mod http;

@@ -13,6 +13,18 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.new_cluster_secret {
+        return match meshgate::cluster::identity::generate() {
+            Ok(pem) => {
+                print!("{pem}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshgate: cannot make a cluster secret: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(url) = &cli.probe {
         return match probe(url) {
             Ok(()) => ExitCode::SUCCESS,
@@ -65,7 +77,11 @@ fn choose_sources(config: &Config, example: bool) -> (Sources, String) {
     if docker.is_ok() {
         parts.push(format!("Docker discovery on {}", config.docker.endpoint()));
     }
-    match (file.is_some(), docker) {
+    let follows = matches!(config.cluster.role, meshgate::cluster::RoleSetting::Worker);
+    if follows {
+        parts.push(format!("the cluster feed of {}", config.cluster.peers.join(", ")));
+    }
+    match (file.is_some() || follows, docker) {
         (false, Err(why)) => (
             Sources::example(),
             format!("no routes file given and {why}: serving the bundled example, whoami.localhost -> built-in whoami on {}", agent::EXAMPLE_WHOAMI),
@@ -117,15 +133,26 @@ async fn wait_for_signal() {
 /// A minimal blocking HTTP/1.0 GET: enough for a container health check.
 fn probe(url: &str) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
-    let rest = url.strip_prefix("http://").context("only http:// URLs can be probed")?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?.next().context("the address does not resolve")?;
     let timeout = std::time::Duration::from_secs(3);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
+    let (mut stream, authority, path): (Box<dyn ReadWrite>, &str, String) = if let Some(socket) = url.strip_prefix("unix:") {
+        let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("cannot connect to {socket}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        (Box::new(stream), "localhost", "/readyz".to_owned())
+    } else {
+        let rest = url.strip_prefix("http://").context("only http:// URLs and unix:PATH sockets can be probed")?;
+        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?.next().context("the address does not resolve")?;
+        let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        (Box::new(stream), authority, path)
+    };
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
     anyhow::ensure!(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200", "answered {}", String::from_utf8_lossy(&head));
     Ok(())
 }
+
+/// A byte stream the probe can use: TCP or a Unix socket.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}

@@ -22,6 +22,7 @@ pub struct MeshConfig {
     pub uplink: Option<String>,
     /// This node's IPv4 address on the uplink: packets to it on a published port are
     /// balanced; it is also the address other nodes reach this node's tasks through.
+    /// Unset: the address the Swarm knows for `node_name` (from the cluster state).
     pub node_address: Option<Ipv4Addr>,
     /// This node's name as the providers name task nodes (Swarm node name; `local` for tasks
     /// of the routes file without a `node`). Tasks on it are local.
@@ -31,7 +32,6 @@ pub struct MeshConfig {
 impl MeshConfig {
     pub fn validate(&self) -> Result<(), String> {
         match (&self.uplink, self.node_address) {
-            (Some(_), None) => Err("mesh.node_address is needed with mesh.uplink: this node's IPv4 address on that interface".into()),
             (None, Some(_)) => Err("mesh.node_address is set but mesh.uplink is not: name the interface to attach to".into()),
             _ => Ok(()),
         }
@@ -175,23 +175,69 @@ impl MeshView {
     }
 }
 
+/// Waits until the cluster state names this node's IPv4 address (Swarm's node list, on a
+/// manager or through the feed on a worker).
+async fn node_address_from_state(hub: &StateHub, node_name: &str, readiness: &Readiness) -> Ipv4Addr {
+    let mut changes = hub.subscribe();
+    let mut told = false;
+    loop {
+        let found = hub.load().state.nodes.iter().find(|n| n.name == node_name).and_then(|n| match n.address {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        });
+        if let Some(address) = found {
+            tracing::info!(node = node_name, %address, "L4 mesh: this node's address, from the cluster state");
+            return address;
+        }
+        if !std::mem::replace(&mut told, true) {
+            readiness.set("mesh", true, format!("waiting for the address of node `{node_name}` in the cluster state (or set mesh.node_address)"));
+        }
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// How long the agent waits for the uplink to be free before it reports the mesh down.
+const ATTACH_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Loads and attaches the mesh, then keeps its maps in step with the hub. A mesh that cannot
 /// load is reported (log and `/readyz`); the rest of the agent keeps running.
 pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Registry, readiness: Arc<Readiness>, view: Arc<MeshView>) {
-    let (Some(uplink), Some(node_address)) = (cfg.uplink.clone(), cfg.node_address) else { return };
+    let Some(uplink) = cfg.uplink.clone() else { return };
     let node_name = cfg.node_name.clone().unwrap_or_else(|| "local".into());
-    let mut mesh = match Mesh::load(node_address).and_then(|mut m| m.attach(&uplink).map(|mode| (m, mode))) {
-        Ok((m, mode)) => {
-            readiness.set("mesh", true, format!("XDP ({mode:?}) on {uplink}, node {node_name} at {node_address}"));
-            tracing::info!(%uplink, %node_address, ?mode, "L4 mesh attached");
-            m
-        }
-        Err(e) => {
-            tracing::error!("L4 mesh is down: {e}; the HTTP proxy and DNS keep running");
-            readiness.set("mesh", false, e.to_string());
-            return;
+    let node_address = match cfg.node_address {
+        Some(address) => address,
+        None => node_address_from_state(&hub, &node_name, &readiness).await,
+    };
+    let down = |e: &dyn std::fmt::Display| {
+        tracing::error!("L4 mesh is down: {e}; the HTTP proxy and DNS keep running");
+        readiness.set("mesh", false, e.to_string());
+    };
+    let mut mesh = match Mesh::load(node_address) {
+        Ok(m) => m,
+        Err(e) => return down(&e),
+    };
+    // During a rolling update the previous agent holds XDP on the uplink until it stops:
+    // wait for it (still ready, so the update can go on and stop it), up to a limit.
+    let waiting_since = tokio::time::Instant::now();
+    let mut told = false;
+    let mode = loop {
+        match mesh.attach(&uplink) {
+            Ok(mode) => break mode,
+            // A missing interface is a mistake to report at once, not a wait.
+            Err(e) if waiting_since.elapsed() < ATTACH_PATIENCE && std::path::Path::new("/sys/class/net").join(&uplink).exists() => {
+                if !std::mem::replace(&mut told, true) {
+                    tracing::info!(%uplink, "L4 mesh: cannot attach yet ({e}); another agent may hold the uplink during an update: retrying for up to {ATTACH_PATIENCE:?}");
+                    readiness.set("mesh", true, format!("waiting to attach to {uplink} (held by another agent?): {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return down(&e),
         }
     };
+    readiness.set("mesh", true, format!("XDP ({mode:?}) on {uplink}, node {node_name} at {node_address}"));
+    tracing::info!(%uplink, %node_address, ?mode, "L4 mesh attached");
     let metrics = MeshMetrics::register(&registry).ok();
     let mut changes = hub.subscribe();
     let mut current = PortTable::default();
@@ -238,7 +284,7 @@ mod tests {
 
     #[test]
     fn published_ports_become_a_port_table_for_this_node() {
-        let node = |name: &str, a: Option<[u8; 4]>| Node { id: name.into(), name: name.into(), address: a.map(IpAddr::from), manager: false, ready: true };
+        let node = |name: &str, a: Option<[u8; 4]>| Node { id: name.into(), name: name.into(), address: a.map(IpAddr::from), manager: false, leader: false, ready: true };
         let state = MeshState {
             services: vec![Service {
                 name: "web".into(),

@@ -12,11 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// Everything one provider (or the merge of all of them) knows about the node's services.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshState {
     pub services: Vec<Service>,
     /// Opt-in settings that could not be used (each names the workload and the key);
@@ -27,17 +27,20 @@ pub struct MeshState {
 }
 
 /// A Swarm node and the address other nodes reach it on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub id: String,
     pub name: String,
     pub address: Option<IpAddr>,
     pub manager: bool,
+    /// The Swarm leader (the manager that orders certificates for the cluster).
+    #[serde(default)]
+    pub leader: bool,
     pub ready: bool,
 }
 
 /// A service: a name, the tasks that serve it and the ways it is exposed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: String,
     /// The Swarm stack (or Compose project) the service belongs to, if any.
@@ -50,7 +53,7 @@ pub struct Service {
 }
 
 /// One running instance of a service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,
     pub address: IpAddr,
@@ -95,7 +98,7 @@ impl Health {
 }
 
 /// How the proxy exposes a service over HTTP.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HttpRoute {
     pub hosts: Vec<HostPattern>,
     /// Path prefix, always starting with `/`; the longest matching prefix wins.
@@ -199,6 +202,18 @@ impl Serialize for HostPattern {
     }
 }
 
+/// The inverse of `Display` (the cluster feed carries states as JSON): a regex comes back
+/// exactly as it was anchored.
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        match raw.strip_prefix('~') {
+            Some(re) => regex::Regex::new(re).map(|_| Self::Regex(re.to_owned())).map_err(serde::de::Error::custom),
+            None => Self::parse(&raw).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// How the proxy talks to a task.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -213,7 +228,7 @@ pub enum UpstreamProtocol {
 }
 
 /// Whether the route wants a certificate (consumed by the ACME work).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind")]
 pub enum TlsWish {
     #[default]
@@ -224,7 +239,7 @@ pub enum TlsWish {
 }
 
 /// An L4 port published on every node (consumed by the eBPF mesh).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishedPort {
     pub protocol: L4Protocol,
     pub published: u16,

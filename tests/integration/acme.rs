@@ -19,40 +19,54 @@ use crate::harness::{curl, eventually, Backend, Mesh};
 
 /// A free loopback port (TCP and UDP), for parts that must know each other's ports before
 /// either starts (pebble validates on fixed ports; the agent needs pebble's URL).
-fn free_port() -> u16 {
+///
+/// The port is released before use, so the kernel may offer it again: each port is handed
+/// out once per test run, or two listeners of one agent could be given the same port.
+pub(crate) fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
             return port;
         }
     }
 }
 
 /// Where pebble validates challenges, and what it issues.
-struct PebbleSetup {
-    http_port: u16,
-    tls_port: u16,
-    dns: SocketAddr,
-    validity_secs: u64,
-    eab: Option<(&'static str, &'static str)>,
-    blocklist: Vec<&'static str>,
+pub(crate) struct PebbleSetup {
+    pub(crate) http_port: u16,
+    pub(crate) tls_port: u16,
+    pub(crate) dns: SocketAddr,
+    pub(crate) validity_secs: u64,
+    pub(crate) eab: Option<(&'static str, &'static str)>,
+    pub(crate) blocklist: Vec<&'static str>,
 }
 
 /// A pebble process; `kill` and `start_again` simulate a CA that goes away and comes back
 /// (as a new CA: pebble keeps no state, so accounts and roots are new).
-struct Pebble {
+pub(crate) struct Pebble {
     setup_file: PathBuf,
     dns: SocketAddr,
     listen: SocketAddr,
     mgmt: SocketAddr,
-    trust: PathBuf,
+    pub(crate) trust: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
 
 impl Pebble {
     async fn start(setup: PebbleSetup) -> Self {
+        Self::start_on(setup, [127, 0, 0, 1].into()).await
+    }
+
+    /// Pebble with its directory and management listeners on `ip`.
+    pub(crate) async fn start_on(setup: PebbleSetup, ip: std::net::IpAddr) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // pebble's own HTTPS listener needs a certificate: a test CA signs one for 127.0.0.1.
         let ca_key = KeyPair::generate().unwrap();
@@ -61,14 +75,14 @@ impl Pebble {
         ca.distinguished_name.push(rcgen::DnType::CommonName, "pebble listener CA");
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap().signed_by(&key, &Issuer::from_params(&ca, &ca_key)).unwrap();
+        let leaf = CertificateParams::new(vec![ip.to_string(), "localhost".to_owned()]).unwrap().signed_by(&key, &Issuer::from_params(&ca, &ca_key)).unwrap();
         std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
         let trust = dir.path().join("listener-ca.pem");
         std::fs::write(&trust, ca_cert.pem()).unwrap();
 
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mgmt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen = SocketAddr::new(ip, free_port());
+        let mgmt = SocketAddr::new(ip, free_port());
         let macs = setup.eab.map_or_else(|| "{}".into(), |(kid, key)| format!("{{\"{kid}\": \"{key}\"}}"));
         let config = format!(
             r#"{{"pebble": {{"listenAddress": "{listen}", "managementListenAddress": "{mgmt}", "certificate": "{d}/cert.pem", "privateKey": "{d}/key.pem",
@@ -118,12 +132,12 @@ impl Pebble {
         assert!(Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success());
     }
 
-    fn directory(&self) -> String {
+    pub(crate) fn directory(&self) -> String {
         format!("https://{}/dir", self.listen)
     }
 
     /// The root pebble signs certificates with (new on every start).
-    async fn root(&self) -> PathBuf {
+    pub(crate) async fn root(&self) -> PathBuf {
         let (ok, pem) = curl(&["-f", "--cacert", self.trust.to_str().unwrap(), &format!("https://{}/roots/0", self.mgmt)]).await;
         assert!(ok, "pebble's root: {pem}");
         let path = self.dir.path().join(format!("root-{}.pem", fastrand::u64(..)));

@@ -258,7 +258,7 @@ impl Drop for SwarmGuard {
             // Networks and volumes go once their tasks are gone: retry briefly.
             for _ in 0..150 {
                 let out = std::process::Command::new("docker").args(args).output();
-                if out.is_ok_and(|o| o.status.success()) || args.first().is_some_and(|a| a != "network" && a != "volume") {
+                if out.is_ok_and(|o| o.status.success()) || args.first().is_some_and(|a| a != "network" && a != "volume" && a != "secret") {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
@@ -429,8 +429,49 @@ async fn mesh_dns_answers_container_names_and_network_aliases() {
     drop(c);
 }
 
+/// A client sending GETs with a Host header to `url` back to back until stopped; counts
+/// what did not answer 200.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    fn start(url: String, host: &'static str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !flag.load(Ordering::SeqCst) {
+                let req = http::Request::get(&url).header("host", host).body(http_body_util::Full::default()).unwrap();
+                let (status, body) = crate::harness::send(&client, req).await;
+                if status == StatusCode::OK {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{status} {body}"));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops and returns (answered, failures).
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
+}
+
+/// `docker service inspect` of one field.
+async fn service_field(service: &str, format: &str) -> String {
+    docker(&["service", "inspect", "--format", format, service]).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stack_file_deploys_the_agent_and_it_routes_a_service() {
+async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal_and_its_own_rolling_update() {
     image().await;
     let _one_at_a_time = SWARM.lock().await;
     let id = std::process::id();
@@ -444,37 +485,91 @@ async fn the_stack_file_deploys_the_agent_and_it_routes_a_service() {
     assert!(build.status.success(), "build-image.sh: {}", String::from_utf8_lossy(&build.stderr));
     let mut guard = SwarmGuard::join().await;
     guard.on_drop(&["rmi", "-f", &tag]);
-    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let (http_port, https_port, admin_port) = (free_port(), free_port(), free_port());
+    // The cluster secret, as the README has users make it.
+    let secret_name = format!("mgtest{id}-cluster");
+    let make = format!("docker run --rm {tag} --new-cluster-secret | docker secret create {secret_name} -");
+    let out = Command::new("sh").args(["-c", &make]).output().await.unwrap();
+    assert!(out.status.success(), "{make}: {}", String::from_utf8_lossy(&out.stderr));
+    guard.on_drop(&["secret", "rm", &secret_name]);
+    // Four different ports: all held until all are chosen (the agent shares its ports with
+    // SO_REUSEPORT, so two equal ones would not even fail to bind).
+    let held: Vec<std::net::TcpListener> = (0..4).map(|_| std::net::TcpListener::bind("0.0.0.0:0").unwrap()).collect();
+    let [http_port, https_port, admin_port, cluster_port] = [0, 1, 2, 3].map(|i| held[i].local_addr().unwrap().port().to_string());
+    drop(held);
     let stack = format!("mgtest{id}");
     let deploy = Command::new("docker")
-        .args(["stack", "deploy", "-c", &format!("{root}/helm-free-deploy/stack.yml"), &stack])
+        .args(["stack", "deploy", "--detach=true", "-c", &format!("{root}/helm-free-deploy/stack.yml"), &stack])
         .env("MESHGATE_IMAGE", &tag)
         .env("MESHGATE_HTTP_PORT", &http_port)
         .env("MESHGATE_HTTPS_PORT", &https_port)
         .env("MESHGATE_ADMIN_PORT", &admin_port)
+        .env("MESHGATE_CLUSTER_PORT", &cluster_port)
+        .env("MESHGATE_CLUSTER_SECRET", &secret_name)
         .output()
         .await
         .unwrap();
     assert!(deploy.status.success(), "stack deploy: {}", String::from_utf8_lossy(&deploy.stderr));
     guard.on_drop(&["volume", "rm", &format!("{stack}_certs")]);
     guard.on_drop(&["stack", "rm", &stack]);
-    let demo = format!("mgtest-{id}-demo");
-    let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
-    docker(&["service", "create", "--detach", "--name", &demo, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=stack.docker.test", IMAGE, "sh", "-c", script]).await;
-    guard.on_drop(&["service", "rm", &demo]);
-
-    let url = format!("http://127.0.0.1:{http_port}/");
-    eventually("the deployed agent routes the demo service", Duration::from_secs(90), async || {
-        let (ok, out) = crate::harness::curl(&["-f", "-H", "Host: stack.docker.test", &url]).await;
-        ok && out.trim().len() == 12
+    let agent = format!("{stack}_agent");
+    eventually("the agent's health check passes", Duration::from_secs(60), async || {
+        docker(&["ps", "--filter", &format!("label=com.docker.swarm.service.name={agent}"), "--format", "{{.Status}}"]).await.contains("(healthy)")
     })
     .await;
-    let (ok, out) = crate::harness::curl(&[&format!("http://127.0.0.1:{admin_port}/readyz")]).await;
-    assert!(ok && out.contains("\"ready\": true"), "{out}");
-    eventually("the agent's health check passes", Duration::from_secs(60), async || {
-        docker(&["service", "ps", &format!("{stack}_agent"), "--format", "{{.CurrentState}}"]).await.starts_with("Running")
-            && docker(&["ps", "--filter", &format!("label=com.docker.swarm.service.name={stack}_agent"), "--format", "{{.Status}}"]).await.contains("(healthy)")
+    let (_, ready) = crate::harness::curl(&[&format!("http://127.0.0.1:{admin_port}/readyz")]).await;
+    assert!(ready.contains("\"ready\": true") && ready.contains("leader: serving the feed"), "the one-node Swarm's agent is the leader: {ready}");
+
+    // The demo: two replicas on a swarm-scoped bridge network the host reaches.
+    let network = format!("mgtest-{id}-stacknet");
+    docker(&["network", "create", "--driver", "bridge", "--scope", "swarm", &network]).await;
+    guard.on_drop(&["network", "rm", &network]);
+    let demo = format!("mgtest-{id}-demo");
+    let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
+    docker(&["service", "create", "--detach", "--name", &demo, "--replicas", "2", "--network", &network, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=stack.docker.test", IMAGE, "sh", "-c", script]).await;
+    guard.on_drop(&["service", "rm", &demo]);
+    let url = format!("http://127.0.0.1:{http_port}/");
+    let answers = async || {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let (ok, out) = crate::harness::curl(&["-fsS", "-H", "Host: stack.docker.test", &url]).await;
+            if ok {
+                seen.insert(out.trim().to_owned());
+            }
+        }
+        seen.len()
+    };
+    eventually("the deployed agent routes both replicas", Duration::from_secs(90), async || answers().await == 2).await;
+
+    // Scale, rolling image update and scale down under load: every request is answered.
+    let load = Load::start(url.clone(), "stack.docker.test");
+    docker(&["service", "scale", "--detach", &format!("{demo}=4")]).await;
+    eventually("four replicas answer", Duration::from_secs(60), async || answers().await == 4).await;
+    let updated = format!("{IMAGE}-v2-{id}");
+    docker(&["tag", IMAGE, &updated]).await;
+    guard.on_drop(&["rmi", &updated]);
+    docker(&["service", "update", "--detach", "--update-parallelism", "1", "--image", &updated, &demo]).await;
+    eventually("the rolling update of the demo completes", Duration::from_secs(120), async || service_field(&demo, "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}").await == "completed").await;
+    docker(&["service", "scale", "--detach", &format!("{demo}=2")]).await;
+    eventually("two replicas answer", Duration::from_secs(60), async || answers().await == 2).await;
+
+    // meshgate's own rolling update: the new agent starts beside the old one (shared ports),
+    // the old one stops once the new one is healthy.
+    let before = docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={agent}")]).await;
+    docker(&["service", "update", "--detach", "--force", &agent]).await;
+    eventually("meshgate's rolling update completes", Duration::from_secs(120), async || {
+        service_field(&agent, "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}").await == "completed"
+    })
+    .await;
+    let after = docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={agent}")]).await;
+    assert!(!after.is_empty() && !after.contains(&before), "a new agent container runs ({before} -> {after})");
+    let (ok, failed) = load.finish().await;
+    assert!(ok > 100, "the load ran ({ok} answered)");
+    assert!(failed.is_empty(), "{} of {} requests failed during scale, update and meshgate's own update: {failed:?}", failed.len(), ok + failed.len());
+
+    // Removal: the route goes.
+    docker(&["service", "rm", &demo]).await;
+    eventually("the removed service is no longer routed", Duration::from_secs(30), async || {
+        crate::harness::curl(&["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: stack.docker.test", &url]).await.1 == "404"
     })
     .await;
 }

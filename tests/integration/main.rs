@@ -5,6 +5,7 @@ mod harness;
 
 mod acme;
 mod admin;
+mod cluster;
 mod dns;
 mod docker;
 mod lifecycle;

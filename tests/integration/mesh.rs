@@ -9,25 +9,25 @@ use std::time::{Duration, Instant};
 use crate::harness::Binary;
 
 /// Runs a command, panicking with its output if it fails.
-fn run(args: &[&str]) -> String {
+pub(crate) fn run(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Network namespaces (and the processes in them) that disappear with the value.
-struct Namespaces {
+pub(crate) struct Namespaces {
     names: Vec<String>,
     children: Vec<Child>,
 }
 
 impl Namespaces {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { names: Vec::new(), children: Vec::new() }
     }
 
     /// A new namespace `<prefix>-<pid>-<n>` with loopback up; returns its name.
-    fn add(&mut self, prefix: &str) -> String {
+    pub(crate) fn add(&mut self, prefix: &str) -> String {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{prefix}-{}-{n}", std::process::id());
@@ -38,7 +38,7 @@ impl Namespaces {
         name
     }
 
-    fn exec(ns: &str, args: &[&str]) -> String {
+    pub(crate) fn exec(ns: &str, args: &[&str]) -> String {
         let mut full = vec!["ip", "netns", "exec", ns];
         full.extend_from_slice(args);
         run(&full)
@@ -70,19 +70,19 @@ const UDP_ECHO: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket
 const UDP_ASK: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(2)\ns.sendto(b'ping',(sys.argv[1],int(sys.argv[2])))\nprint(s.recvfrom(2048)[0].decode())\n";
 
 /// The agent binary inside a namespace (a [`Binary`] behind `ip netns exec`).
-struct Agent(std::cell::RefCell<Binary>);
+pub(crate) struct Agent(std::cell::RefCell<Binary>);
 
 const WAIT: Duration = Duration::from_secs(20);
 
 impl Agent {
-    fn start(ns: &str, args: &[&str]) -> Self {
+    pub(crate) fn start(ns: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_meshgate"), "--log-format", "json", "--docker", "off"]).args(args);
         Self(std::cell::RefCell::new(Binary::spawn_command(cmd)))
     }
 
     /// The first log line containing `needle` (waiting for it), as text.
-    fn wait_for(&self, needle: &str) -> String {
+    pub(crate) fn wait_for(&self, needle: &str) -> String {
         self.0.borrow_mut().wait_for_log(needle, WAIT).to_string()
     }
 
@@ -95,13 +95,13 @@ impl Agent {
     }
 
     /// GET `path` from the agent's admin endpoint (inside `ns`).
-    fn admin(&self, ns: &str, path: &str) -> String {
+    pub(crate) fn admin(&self, ns: &str, path: &str) -> String {
         let admin = self.0.borrow_mut().addresses().1;
         Namespaces::exec(ns, &["curl", "-s", &format!("http://{admin}{path}")])
     }
 
     /// A metric's value from the agent's admin endpoint (inside `ns`).
-    fn metric(&self, ns: &str, series: &str) -> u64 {
+    pub(crate) fn metric(&self, ns: &str, series: &str) -> u64 {
         self.admin(ns, "/metrics").lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
     }
 
@@ -115,7 +115,7 @@ impl Agent {
         }
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         let mut bin = self.0.into_inner();
         bin.signal(15);
         bin.wait_exit(WAIT);

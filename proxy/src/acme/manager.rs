@@ -50,18 +50,24 @@ impl Manager {
     }
 
     /// Follows the state: starts a task for each newly wanted certificate, stops the task of
-    /// one no longer wanted (an order in flight is abandoned; its lock is released).
-    pub async fn run(self: Arc<Self>, hub: Arc<StateHub>) {
+    /// one no longer wanted (an order in flight is abandoned; its lock is released). While
+    /// `issuer` is false (another agent of the cluster orders), nothing runs.
+    pub async fn run(self: Arc<Self>, hub: Arc<StateHub>, mut issuer: tokio::sync::watch::Receiver<bool>) {
         let mut changes = hub.subscribe();
         let mut running: HashMap<String, (Vec<String>, JoinHandle<()>)> = HashMap::new();
         loop {
-            let wanted = wanted_certificates(&hub.load().state, self.cfg.max_names);
+            let ordering = *issuer.borrow_and_update();
+            let wanted = if ordering { wanted_certificates(&hub.load().state, self.cfg.max_names) } else { BTreeMap::new() };
             running.retain(|primary, (names, task)| {
                 let keep = wanted.get(primary) == Some(names);
                 if !keep {
                     task.abort();
                     self.metrics.acme_days_left.remove_label_values(&[primary.as_str()]).ok();
-                    tracing::info!(certificate = %primary, "acme: no longer wanted as it was; its task stopped");
+                    if ordering {
+                        tracing::info!(certificate = %primary, "acme: no longer wanted as it was; its task stopped");
+                    } else {
+                        tracing::info!(certificate = %primary, "acme: another agent of the cluster orders it now; its task stopped");
+                    }
                 }
                 keep
             });
@@ -71,8 +77,15 @@ impl Manager {
                     slot.insert((names, task));
                 }
             }
-            if changes.changed().await.is_err() {
-                break;
+            // A closed `issuer` channel means the role can no longer change (standalone).
+            let role_change = async {
+                if issuer.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { break },
+                () = role_change => {}
             }
         }
         for (_, (_, task)) in running {

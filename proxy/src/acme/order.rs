@@ -84,6 +84,8 @@ pub struct Issued {
 }
 
 /// How long to wait for the CA to validate or to issue before giving the attempt up.
+/// How long the issuer waits for the cluster's nodes to confirm a challenge.
+const PROPAGATION: Duration = Duration::from_secs(3);
 const POLL: RetryPolicy = RetryPolicy::new().initial_delay(Duration::from_millis(250)).backoff(1.5).timeout(Duration::from_secs(90));
 
 /// Orders one certificate for `names`, answering with `kind` challenges.
@@ -113,6 +115,10 @@ pub async fn order(account: &Account, names: &[String], kind: ChallengeKind, cha
                 .add_alpn(&name, key_auth.digest().as_ref())
                 .map_err(|e| Failure::new(Reason::CaError, format!("cannot make the TLS-ALPN-01 certificate: {e}")))?,
         });
+        // In a cluster the validation may reach any node: wait until they all answer.
+        if !challenges.propagated(PROPAGATION).await {
+            tracing::warn!(host = %name, "acme: not every node of the cluster confirmed the challenge within {PROPAGATION:?}; asking the CA to validate anyway");
+        }
         challenge.set_ready().await.map_err(acme)?;
     }
 

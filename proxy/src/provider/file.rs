@@ -167,7 +167,7 @@ pub fn parse(path: &Path, text: &str, provider: &str) -> Result<MeshState, Route
     let nodes = file
         .nodes
         .into_iter()
-        .map(|n| crate::state::Node { id: n.name.clone(), name: n.name, address: Some(n.address), manager: false, ready: true })
+        .map(|n| crate::state::Node { id: n.name.clone(), name: n.name, address: Some(n.address), manager: false, leader: false, ready: true })
         .collect();
     Ok(MeshState { services, nodes, ..MeshState::default() })
 }

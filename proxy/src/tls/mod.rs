@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-pub use resolver::{certified, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair};
+pub use resolver::{certified, dir_stamp, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair};
 
 /// What a client gets for a name without a certificate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]

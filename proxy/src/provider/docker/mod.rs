@@ -20,6 +20,7 @@ use bollard::Docker;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::DockerLink;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::state::StateHub;
@@ -101,7 +102,7 @@ impl DockerConfig {
 }
 
 /// Runs the provider until the task is dropped.
-pub async fn run(cfg: DockerConfig, hub: Arc<StateHub>, metrics: Arc<Metrics>, readiness: Arc<Readiness>) {
+pub async fn run(cfg: DockerConfig, hub: Arc<StateHub>, metrics: Arc<Metrics>, readiness: Arc<Readiness>, mut link: DockerLink) {
     let endpoint = cfg.endpoint();
     let up = metrics.provider_up.with_label_values(&[NAME]);
     readiness.set(NAME, false, format!("connecting to {endpoint}"));
@@ -113,7 +114,7 @@ pub async fn run(cfg: DockerConfig, hub: Arc<StateHub>, metrics: Arc<Metrics>, r
         let error = match connect(&endpoint).await {
             Ok(docker) => {
                 backoff = Duration::from_millis(250);
-                let Err(ended) = session(&docker, &cfg, &mut discovery, &hub, &metrics, &readiness, &up, &mut logged_problems).await;
+                let Err(ended) = session(&docker, &cfg, &mut discovery, &hub, &metrics, &readiness, &up, &mut logged_problems, &mut link).await;
                 reported = false;
                 tracing::warn!(%endpoint, "lost the Docker engine ({ended}); the last known routes stay in force; reconnecting");
                 continue_after(&readiness, &up, &endpoint, "engine connection lost; serving the last known routes");
@@ -156,12 +157,14 @@ async fn session(
     readiness: &Readiness,
     up: &prometheus::IntGauge,
     logged_problems: &mut HashSet<String>,
+    link: &mut DockerLink,
 ) -> Result<std::convert::Infallible, String> {
     // Subscribe first, then list: nothing that happens in between is missed.
     let filters = [("type".to_owned(), vec!["container".into(), "service".into(), "node".into(), "network".into()])].into();
     let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
-    let mut resync = async |discovery: &mut workloads::Discovery| -> Result<(), String> {
-        let (state, problems) = discovery.resync(docker).await.map_err(|e| e.to_string())?;
+    let mut resync = async |discovery: &mut workloads::Discovery, leave_swarm_tasks: bool| -> Result<(), String> {
+        let (state, problems, position) = discovery.resync(docker, leave_swarm_tasks).await.map_err(|e| e.to_string())?;
+        link.position.send_if_modified(|p| std::mem::replace(p, position.clone()) != position);
         for p in &problems {
             if logged_problems.insert(p.clone()) {
                 tracing::warn!("{p}; skipped, the other routes are kept");
@@ -173,7 +176,9 @@ async fn session(
         tracing::debug!(services, generation, "docker state published");
         Ok(())
     };
-    resync(discovery).await?;
+    let mut following = link.following.clone();
+    let leave = *following.borrow_and_update();
+    resync(discovery, leave).await?;
     tracing::info!(endpoint = %cfg.endpoint(), mode = discovery.mode(), "following the Docker engine");
     up.set(1);
     readiness.set(NAME, true, format!("following {} ({})", cfg.endpoint(), discovery.mode()));
@@ -188,22 +193,29 @@ async fn session(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let now = tokio::select! {
             event = events.next() => match event {
                 Some(Ok(ev)) => {
                     let action = ev.action.as_deref().unwrap_or("");
                     if !action.starts_with("exec_") && dirty_since.is_none() {
                         dirty_since = Some(tokio::time::Instant::now());
                     }
+                    false
                 }
                 Some(Err(e)) => return Err(e.to_string()),
                 None => return Err("the event stream ended".into()),
             },
             () = debounce => {
                 dirty_since = None;
-                resync(discovery).await?;
+                true
             }
-            _ = periodic.tick() => resync(discovery).await?,
+            _ = periodic.tick() => true,
+            // The cluster feed took over the Swarm tasks, or gave them back.
+            Ok(()) = following.changed() => true,
+        };
+        if now {
+            let leave = *following.borrow_and_update();
+            resync(discovery, leave).await?;
         }
     }
 }

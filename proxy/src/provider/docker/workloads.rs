@@ -17,6 +17,7 @@ use bollard::Docker;
 
 use super::optin::{self, Defaults, Workload};
 use super::{DockerConfig, NAME};
+use crate::cluster::Position;
 use crate::state::{Health, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
 
 const SWARM_SERVICE: &str = "com.docker.swarm.service.name";
@@ -123,7 +124,9 @@ impl Discovery {
     }
 
     /// Lists everything and builds the state, plus the problems found in opt-in settings.
-    pub async fn resync(&mut self, docker: &Docker) -> Result<(MeshState, Vec<String>), bollard::errors::Error> {
+    /// With `leave_swarm_tasks` (a worker following the cluster feed), Swarm task containers
+    /// are left to the feed. Also returns where the engine puts this node in the Swarm.
+    pub async fn resync(&mut self, docker: &Docker, leave_swarm_tasks: bool) -> Result<(MeshState, Vec<String>, Position), bollard::errors::Error> {
         let info = docker.info().await?;
         let node = info.name.clone().unwrap_or_else(|| "local".into());
         let swarm = info.swarm.as_ref();
@@ -134,8 +137,8 @@ impl Discovery {
             (true, false) => "swarm worker",
             _ => "containers",
         };
-        if in_swarm && !manager && !self.said_worker {
-            tracing::warn!("this engine is a Swarm worker: only the tasks running on this node are routed; the cluster-wide view needs a manager endpoint (docker.endpoint)");
+        if in_swarm && !manager && !leave_swarm_tasks && !self.said_worker {
+            tracing::info!("this engine is a Swarm worker: until the cluster feed answers, only the tasks running on this node are routed");
             self.said_worker = true;
         }
 
@@ -180,7 +183,7 @@ impl Discovery {
             let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
             let name = c.names.as_ref().and_then(|n| n.first()).map_or_else(|| "?".into(), |n| n.trim_start_matches('/').to_owned());
             let key = if let Some(svc) = label(SWARM_SERVICE) {
-                if manager {
+                if manager || leave_swarm_tasks {
                     continue;
                 }
                 (svc, label(STACK))
@@ -220,7 +223,8 @@ impl Discovery {
             nodes = swarm_nodes(docker).await?;
             self.swarm_services(docker, &containers, &node, &nodes, &reach, &mut services, &mut problems).await?;
         }
-        Ok((MeshState { services, problems: problems.clone(), nodes }, problems))
+        let position = position_of(swarm, in_swarm, manager, &nodes);
+        Ok((MeshState { services, problems: problems.clone(), nodes }, problems, position))
     }
 
     /// Every Swarm service with its running tasks: addresses from the task's container when it
@@ -311,6 +315,24 @@ impl Discovery {
     }
 }
 
+/// Where the engine puts this node: the leader is found in the node list (managers only);
+/// a worker knows its managers' addresses from `docker info`.
+fn position_of(swarm: Option<&bollard::models::SwarmInfo>, in_swarm: bool, manager: bool, nodes: &[Node]) -> Position {
+    if manager {
+        let me = swarm.and_then(|s| s.node_id.as_deref());
+        let leader = nodes.iter().find(|n| n.leader);
+        Position::Manager { leader: leader.is_some_and(|l| Some(l.id.as_str()) == me), leader_address: leader.and_then(|l| l.address) }
+    } else if in_swarm {
+        let managers = swarm.and_then(|s| s.remote_managers.as_ref()).into_iter().flatten();
+        let mut managers: Vec<IpAddr> = managers.filter_map(|m| m.addr.as_deref()?.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())).collect();
+        managers.sort();
+        managers.dedup();
+        Position::Worker { managers }
+    } else {
+        Position::Standalone
+    }
+}
+
 /// The Swarm's nodes with their addresses.
 async fn swarm_nodes(docker: &Docker) -> Result<Vec<Node>, bollard::errors::Error> {
     let mut nodes: Vec<Node> = docker
@@ -323,6 +345,7 @@ async fn swarm_nodes(docker: &Docker) -> Result<Vec<Node>, bollard::errors::Erro
                 name: n.description.as_ref().and_then(|d| d.hostname.clone()).unwrap_or_default(),
                 address: status.and_then(|s| s.addr.as_deref()).and_then(|a| a.parse().ok()),
                 manager: n.manager_status.is_some(),
+                leader: n.manager_status.as_ref().and_then(|m| m.leader) == Some(true),
                 ready: status.and_then(|s| s.state.as_ref()) == Some(&bollard::models::NodeState::READY),
                 id: n.id?,
             })

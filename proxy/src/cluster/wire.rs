@@ -1,0 +1,95 @@
+//! The feed's frames: a 4-byte big-endian length, then one JSON [`Frame`]. Each frame but
+//! the heartbeat replaces its part of the follower's copy whole, so a follower that joins
+//! late, or reconnects to another manager, is complete after the first three frames.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::state::MeshState;
+
+/// A frame larger than this is refused (a state of thousands of services is a few MiB).
+pub const MAX_FRAME: usize = 64 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Frame {
+    /// First frame from the server.
+    Hello { node: String, leader: bool },
+    /// The cluster's services and nodes, as the manager sees them.
+    State { generation: u64, state: MeshState },
+    /// Every certificate the issuer holds, with its key (the feed is encrypted end to end).
+    Certs { certs: Vec<CertPair> },
+    /// The ACME challenges in progress, so any node answers a validation; `version` is
+    /// acknowledged once the follower (and everything following it) answers them.
+    Challenges { version: u64, set: ChallengeSet },
+    /// From a follower: it answers the challenges of `version` (the issuer waits for this
+    /// before telling the CA to validate).
+    Ack { challenges: u64 },
+    /// Nothing changed; the connection is alive.
+    Heartbeat,
+}
+
+/// One stored certificate, as the store keeps it (`<name>.crt`, `<name>.key`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertPair {
+    pub name: String,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// HTTP-01 answers by token; TLS-ALPN-01 by host name, as the hex SHA-256 of the key
+/// authorization (each node makes its own validation certificate from it: no key travels).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeSet {
+    pub http: BTreeMap<String, String>,
+    pub alpn: BTreeMap<String, String>,
+}
+
+pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    let body = serde_json::to_vec(frame).map_err(std::io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(&body).await?;
+    w.flush().await
+}
+
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
+    let len = r.read_u32().await? as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("a frame of {len} bytes is larger than the {MAX_FRAME} allowed")));
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| std::io::Error::other(format!("not a feed frame: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_oversized_ones_are_refused() {
+        let frames = [
+            Frame::Hello { node: "n1".into(), leader: true },
+            Frame::Challenges { version: 3, set: ChallengeSet { http: [("tok".into(), "tok.x".into())].into(), alpn: BTreeMap::new() } },
+            Frame::Ack { challenges: 3 },
+            Frame::Heartbeat,
+        ];
+        let mut buf = Vec::new();
+        for f in &frames {
+            write(&mut buf, f).await.unwrap();
+        }
+        let mut r = buf.as_slice();
+        for f in &frames {
+            assert_eq!(&read(&mut r).await.unwrap(), f);
+        }
+        let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(read(&mut huge.as_slice()).await.unwrap_err().to_string().contains("larger"));
+        let mut garbage = 2u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"{]");
+        assert!(read(&mut garbage.as_slice()).await.unwrap_err().to_string().contains("not a feed frame"));
+    }
+}
