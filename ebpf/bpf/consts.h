@@ -28,11 +28,11 @@
 #define STAT_PASS_FRAGMENT 3     /* a fragment */
 #define STAT_PASS_OTHER_PROTO 4  /* neither TCP nor UDP (ICMP, ...) */
 #define STAT_PASS_NOT_PUBLISHED 5 /* not to a published port of this node */
-#define STAT_LOCAL 6             /* translated to a task on this node */
+#define STAT_LOCAL 6             /* translated to a task on this node (delivered by tc) */
 #define STAT_REMOTE 7            /* sent to the node that owns the task */
 #define STAT_DROP_NO_BACKEND 8   /* published, but no task can take it */
 #define STAT_REPLY 9             /* a task's reply translated back (tc) */
 #define STAT_DECAP 10            /* IP-in-IP from another node, unwrapped for a local task (tc) */
-#define STAT_DROP_NO_ROUTE 11    /* the task's node has no route or no neighbour entry yet */
+#define STAT_DROP_NO_ROUTE 11    /* no route to the task's node (or no neighbour entry yet), task or client */
 #define STAT_RESET 12            /* a TCP flow whose task is gone, answered with a reset */
 #define STAT_COUNT 13

@@ -2,19 +2,23 @@
  *
  * meshgate_xdp (XDP, the uplink's ingress): a packet to <node_ip>:<published port> is given
  * a task (the connection table, else Maglev over the flow) and translated to the task's
- * address and port; the kernel then forwards it to the task, which sees the client's own
- * address. Anything else goes to the kernel untouched.
+ * address and port. Anything else goes to the kernel untouched.
  *
  * A task on another node: the translated packet is wrapped in IP-in-IP to that node (the outer
  * header's ID carries the published port) and sent back out of the uplink.
  *
- * meshgate_tc_decap (tc, the uplink's ingress): IP-in-IP from another node is unwrapped for the
+ * meshgate_tc_in (tc, the uplink's ingress): IP-in-IP from another node is unwrapped for the
  * local task, noting the node and port the client contacted, so that the reply can carry them.
+ * Then every translated packet for a local task is sent straight to the device its route
+ * uses (a Docker bridge), past the node's netfilter: Docker's FORWARD chain drops forwarded
+ * packets it did not publish itself.
  *
- * meshgate_tc_reply (tc, the uplink's egress): a task's reply leaving for the client gets back
- * the address and port the client contacted (this node's, or the node the flow came in on:
- * the reply goes straight to the client, which needs the nodes on one L2 segment or an
- * underlay that accepts another node's source address).
+ * meshgate_tc_reply (tc, the ingress of the devices local tasks are reached through): a
+ * task's reply to a translated flow gets back the address and port the client contacted
+ * (this node's, or the node the flow came in on: the reply goes straight to the client, which
+ * needs the nodes on one L2 segment or an underlay that accepts another node's source
+ * address) and is sent out toward the client, past netfilter too (conntrack never saw the
+ * flow, and Docker's masquerading would rewrite the source).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -284,6 +288,72 @@ int meshgate_xdp(struct xdp_md *ctx)
 	return encap(ctx, owner, published, bytes);
 }
 
+/* Sends the packet out of the device the route to `dst` uses, with the neighbour's MAC
+ * (resolved by the kernel if it is not known yet): forwarding without netfilter. Returns
+ * -1 when there is no route. */
+static __always_inline int redirect_route(struct __sk_buff *skb, __u32 src, __u32 dst)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.family = 2; /* AF_INET */
+	fib.ipv4_src = src;
+	fib.ipv4_dst = dst;
+	fib.ifindex = skb->ingress_ifindex;
+	/* tot_len 0: the kernel checks the MTU itself, knowing GSO packets. */
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return -1;
+	/* The lookup left the next hop (the gateway, else dst itself) in ipv4_dst. */
+	struct bpf_redir_neigh nh = {.nh_family = 2, .ipv4_nh = fib.ipv4_dst};
+	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+}
+
+/* The reply key of a packet going to a task: what the task's answers will look like. */
+static __always_inline struct flow_key reply_key(const struct packet *pkt)
+{
+	struct flow_key back = {
+		.saddr = pkt->ip->daddr, .daddr = pkt->ip->saddr, .sport = *pkt->dport, .dport = *pkt->sport, .proto = pkt->proto,
+	};
+	return back;
+}
+
+SEC("classifier")
+int meshgate_tc_in(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *outer = (void *)(eth + 1);
+	if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (outer->protocol == IPPROTO_IPIP && outer->ihl == 5 && outer->daddr == node_ip) {
+		struct packet inner = {};
+		if (parse_ip((void *)(outer + 1), data_end, &inner) >= 0)
+			return TC_ACT_OK; /* not a flow of ours: the kernel decides */
+		struct flow_key back = reply_key(&inner);
+		struct reply_val reply = {.addr = outer->saddr, .port = outer->id};
+		bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+		if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4))
+			return TC_ACT_SHOT;
+		count(STAT_DECAP, skb->len);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	/* Translated packets are the ones to a flow with a reply entry; the node's own traffic
+	 * (to node_ip) is left alone without a lookup. */
+	struct packet pkt = {};
+	if (parse(data, data_end, &pkt) >= 0 || pkt.ip->daddr == node_ip)
+		return TC_ACT_OK;
+	struct flow_key back = reply_key(&pkt);
+	if (!bpf_map_lookup_elem(&replies, &back))
+		return TC_ACT_OK;
+	int sent = redirect_route(skb, pkt.ip->saddr, pkt.ip->daddr);
+	if (sent < 0) {
+		count(STAT_DROP_NO_ROUTE, skb->len);
+		return TC_ACT_SHOT;
+	}
+	return sent;
+}
+
 SEC("classifier")
 int meshgate_tc_reply(struct __sk_buff *skb)
 {
@@ -295,11 +365,13 @@ int meshgate_tc_reply(struct __sk_buff *skb)
 	struct flow_key back = {
 		.saddr = pkt.ip->saddr, .daddr = pkt.ip->daddr, .sport = *pkt.sport, .dport = *pkt.dport, .proto = pkt.proto,
 	};
-	struct reply_val *reply = bpf_map_lookup_elem(&replies, &back);
-	if (!reply)
+	struct reply_val *found = bpf_map_lookup_elem(&replies, &back);
+	if (!found)
 		return TC_ACT_OK;
-	__u32 old_addr = pkt.ip->saddr, new_addr = reply->addr;
-	__u16 old_port = *pkt.sport, new_port = reply->port;
+	struct reply_val reply = *found;
+	__u32 client = pkt.ip->daddr;
+	__u32 old_addr = pkt.ip->saddr, new_addr = reply.addr;
+	__u16 old_port = *pkt.sport, new_port = reply.port;
 	__u32 ip_off = sizeof(struct ethhdr);
 	__u32 addr_off = ip_off + __builtin_offsetof(struct iphdr, saddr);
 	__u32 l4_off = ip_off + sizeof(struct iphdr);
@@ -313,31 +385,13 @@ int meshgate_tc_reply(struct __sk_buff *skb)
 	bpf_l3_csum_replace(skb, ip_off + __builtin_offsetof(struct iphdr, check), old_addr, new_addr, sizeof(new_addr));
 	bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0);
 	bpf_skb_store_bytes(skb, l4_off, &new_port, sizeof(new_port), 0); /* source port: first field of TCP and UDP */
-	count(STAT_REPLY, skb->len);
-	return TC_ACT_OK;
-}
-
-SEC("classifier")
-int meshgate_tc_decap(struct __sk_buff *skb)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *outer = (void *)(eth + 1);
-	if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	if (outer->protocol != IPPROTO_IPIP || outer->ihl != 5 || outer->daddr != node_ip)
-		return TC_ACT_OK;
-	struct packet inner = {};
-	if (parse_ip((void *)(outer + 1), data_end, &inner) >= 0)
-		return TC_ACT_OK; /* not a flow of ours: the kernel decides */
-	struct flow_key back = {
-		.saddr = inner.ip->daddr, .daddr = inner.ip->saddr, .sport = *inner.dport, .dport = *inner.sport, .proto = inner.proto,
-	};
-	struct reply_val reply = {.addr = outer->saddr, .port = outer->id};
-	bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
-	if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4))
+	/* Handed to the stack, a packet from a local address arriving on this device would be
+	 * dropped: send it on toward the client instead. */
+	int sent = redirect_route(skb, new_addr, client);
+	if (sent < 0) {
+		count(STAT_DROP_NO_ROUTE, skb->len);
 		return TC_ACT_SHOT;
-	count(STAT_DECAP, skb->len);
-	return TC_ACT_OK;
+	}
+	count(STAT_REPLY, skb->len);
+	return sent;
 }

@@ -6,6 +6,7 @@
 mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod route;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 
@@ -51,6 +52,10 @@ pub struct Mesh {
     slots: Allocator<(Ipv4Addr, SocketAddrV4)>,
     /// Each service's Maglev row as last written, to skip unchanged rows.
     rows: HashMap<u32, Vec<u32>>,
+    /// The devices local tasks are reached through, with `meshgate_tc_reply` on their
+    /// ingress: by name and ifindex (a device deleted and made again under its name has lost
+    /// the program).
+    task_devices: HashMap<(String, u32), SchedClassifierLinkId>,
 }
 
 fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MeshError> {
@@ -66,7 +71,7 @@ impl Mesh {
         }
         let node = u32::from_ne_bytes(node_ip.octets());
         let mut ebpf = EbpfLoader::new().override_global("node_ip", &node, true).load(OBJECT)?;
-        for name in ["meshgate_xdp", "meshgate_tc_reply", "meshgate_tc_decap"] {
+        for name in ["meshgate_xdp", "meshgate_tc_in", "meshgate_tc_reply"] {
             let program = ebpf.program_mut(name).ok_or(MeshError::Program(name, aya::programs::ProgramError::UnexpectedProgramType))?;
             let loaded = match program {
                 aya::programs::Program::Xdp(p) => p.load(),
@@ -86,6 +91,7 @@ impl Mesh {
             ids: Allocator::new(MAX_SERVICES),
             slots: Allocator::new(MAX_BACKENDS),
             rows: HashMap::new(),
+            task_devices: HashMap::new(),
         })
     }
 
@@ -93,8 +99,12 @@ impl Mesh {
         self.ebpf.program_mut("meshgate_xdp").and_then(|p| p.try_into().ok()).expect("the object has meshgate_xdp")
     }
 
-    /// Attaches XDP to `uplink`'s ingress (native, else generic), the unwrapping of other
-    /// nodes' packets to its ingress and the reply translation to its egress (tc).
+    fn classifier(&mut self, name: &'static str) -> &mut SchedClassifier {
+        self.ebpf.program_mut(name).and_then(|p| p.try_into().ok()).expect("the object has its tc programs")
+    }
+
+    /// Attaches XDP to `uplink`'s ingress (native, else generic), and the tc program that
+    /// unwraps other nodes' packets and delivers translated ones to local tasks behind it.
     pub fn attach(&mut self, uplink: &str) -> Result<Attached, MeshError> {
         let mode = match self.xdp().attach(uplink, XdpMode::Driver) {
             Ok(_) => Attached::Native,
@@ -104,11 +114,33 @@ impl Mesh {
                 Attached::Generic
             }
         };
-        for (name, direction) in [("meshgate_tc_reply", TcAttachType::Egress), ("meshgate_tc_decap", TcAttachType::Ingress)] {
-            let tc: &mut SchedClassifier = self.ebpf.program_mut(name).and_then(|p| p.try_into().ok()).expect("the object has its tc programs");
-            tc.attach(uplink, direction).map_err(|e| MeshError::Program(name, e))?;
-        }
+        attach_ingress(self.classifier("meshgate_tc_in"), uplink).map_err(|e| MeshError::Program("meshgate_tc_in", e))?;
         Ok(mode)
+    }
+
+    /// Puts the reply translation on the ingress of exactly `devices` (name, ifindex): the
+    /// devices local tasks are reached through (a Docker bridge, a task's veth), where their
+    /// replies enter the node. Returns the devices it could not attach to, with the reason.
+    pub fn set_task_devices(&mut self, devices: &HashSet<(String, u32)>) -> Vec<(String, MeshError)> {
+        let gone: Vec<(String, u32)> = self.task_devices.keys().filter(|d| !devices.contains(*d)).cloned().collect();
+        for device in gone {
+            let link = self.task_devices.remove(&device).expect("present");
+            // A device that was deleted took the program with it.
+            let _ = self.classifier("meshgate_tc_reply").detach(link);
+        }
+        let mut failed = Vec::new();
+        for device in devices {
+            if self.task_devices.contains_key(device) {
+                continue;
+            }
+            match attach_ingress(self.classifier("meshgate_tc_reply"), &device.0) {
+                Ok(link) => {
+                    self.task_devices.insert(device.clone(), link);
+                }
+                Err(e) => failed.push((device.0.clone(), MeshError::Program("meshgate_tc_reply", e))),
+            }
+        }
+        failed
     }
 
     /// Makes the maps say what `table` says, in an order where no packet sees a half-made
@@ -193,6 +225,17 @@ impl Mesh {
         let result = self.xdp().test_run(TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::new() }).map_err(|e| MeshError::Program("meshgate_xdp", e))?;
         Ok(result.duration)
     }
+}
+
+/// Attaches a tc program to `device`'s ingress: as a TCX link (Linux 6.6 and later), else
+/// through a `clsact` qdisc, added if missing.
+fn attach_ingress(program: &mut SchedClassifier, device: &str) -> Result<SchedClassifierLinkId, aya::programs::ProgramError> {
+    program.attach(device, TcAttachType::Ingress).or_else(|first| {
+        if aya::programs::tc::qdisc_add_clsact(device).is_err() {
+            return Err(first);
+        }
+        program.attach(device, TcAttachType::Ingress)
+    })
 }
 
 fn svc_key(proto: Protocol, port: u16) -> SvcKey {

@@ -146,6 +146,37 @@ fn prime_neighbours(table: &PortTable, node_address: Ipv4Addr) {
     }
 }
 
+/// The devices this node's tasks are reached through (a Docker bridge, a veth), which get
+/// the reply translation on their ingress; problems are logged once each.
+#[derive(Default)]
+struct TaskDevices {
+    current: std::collections::HashSet<(String, u32)>,
+    failing: std::collections::BTreeSet<String>,
+}
+
+impl TaskDevices {
+    fn update(&mut self, mesh: &mut Mesh, table: &PortTable) {
+        let local = table.ports.iter().flat_map(|p| p.backends.iter()).filter(|b| b.local).map(|b| *b.addr.ip());
+        let wanted = meshgate_ebpf::route::devices_toward(local);
+        if wanted == self.current && self.failing.is_empty() {
+            return;
+        }
+        let failed = mesh.set_task_devices(&wanted);
+        let names: std::collections::BTreeSet<String> = failed.iter().map(|(d, _)| d.clone()).collect();
+        for (device, e) in &failed {
+            if !self.failing.contains(device) {
+                tracing::error!(%device, "L4 mesh: replies of the tasks behind {device} cannot be translated: {e}");
+            }
+        }
+        let added: Vec<&str> = wanted.difference(&self.current).map(|(d, _)| d.as_str()).filter(|d| !names.contains(*d)).collect();
+        if !added.is_empty() {
+            tracing::info!(devices = ?added, "L4 mesh: reply translation on the devices of local tasks");
+        }
+        self.failing = names;
+        self.current = wanted;
+    }
+}
+
 /// The port table in force, as `/api/state` shows it (`null` while the mesh is off).
 #[derive(Default)]
 pub struct MeshView(std::sync::Mutex<serde_json::Value>);
@@ -243,9 +274,12 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
     let mut current = PortTable::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
+    let mut devices = TaskDevices::default();
     loop {
         let table = port_table(&hub.load().state, &node_name, node_address);
         if table != current {
+            // Replies first: a task's first answer must find the translation in place.
+            devices.update(&mut mesh, &table);
             match mesh.sync(&table) {
                 Ok(()) => {
                     tracing::info!(ports = table.ports.len(), "L4 mesh: port table synced");
@@ -266,6 +300,8 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
                 }
                 if slow {
                     prime_neighbours(&current, node_address);
+                    // A device made again (a network recreated) needs the program again.
+                    devices.update(&mut mesh, &current);
                 }
                 ticks += 1;
             }

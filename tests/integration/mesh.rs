@@ -159,6 +159,10 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
         nets.spawn(&task, &["python3", "-c", UDP_ECHO, &name]);
         tasks.push(task);
     }
+    // Docker's firewall: nothing forwarded but what it published itself, and the task
+    // subnet masqueraded on its way out. The mesh must get through it without opening it.
+    run(&["ip", "netns", "exec", &node, "iptables", "-P", "FORWARD", "DROP"]);
+    run(&["ip", "netns", "exec", &node, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.0.9.0/24", "!", "-o", "br0", "-j", "MASQUERADE"]);
     let before = attached(&node, "u0");
 
     let dir = tempfile::tempdir().unwrap();
@@ -200,7 +204,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     assert_eq!(refused.status.code(), Some(7), "the node's own stack refuses it (curl: could not connect): {refused:?}");
 
     // The counters (read from the BPF maps each second) saw both directions: balanced packets
-    // in, and the tasks' replies translated back (tc egress).
+    // in, and the tasks' replies translated back (tc, on the bridge).
     agent.wait_for_metric(&node, "meshgate_mesh_packets_total{verdict=\"reply\"}", 24);
     agent.wait_for_metric(&node, "meshgate_mesh_packets_total{verdict=\"local\"}", 24);
     agent.wait_for_metric(&node, "meshgate_mesh_port_packets_total{port=\"5353\",protocol=\"udp\"}", 4);

@@ -48,6 +48,8 @@ pub struct ConnActivity {
     head_since: AtomicU64,
     /// HTTP/2 connections have no head-by-head timing (pings and settings are not requests).
     http2: AtomicBool,
+    /// The agent is stopping: HTTP/1 responses say `Connection: close`.
+    draining: AtomicBool,
 }
 
 impl ConnActivity {
@@ -63,6 +65,7 @@ impl ConnActivity {
             idle_since: AtomicU64::new(1),
             head_since: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -83,6 +86,14 @@ impl ConnActivity {
 
     pub(crate) fn mark_http2(&self) {
         self.http2.store(true, Ordering::Relaxed);
+    }
+
+    fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     fn bytes_received(&self) {
@@ -178,7 +189,7 @@ pub struct Listener {
 /// requests up to `cfg.shutdown_grace` to finish.
 pub async fn serve(listener: TcpListener, kind: Listener, proxy: Arc<Proxy>, cfg: ProxyConfig, mut shutdown: watch::Receiver<bool>) {
     let builder = Arc::new(builder(&cfg));
-    let stop = shutdown.clone();
+    let (drain, stop) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -215,7 +226,11 @@ pub async fn serve(listener: TcpListener, kind: Listener, proxy: Arc<Proxy>, cfg
             () = stopped(&mut shutdown) => break,
         }
     }
+    // Closed before the connections are told to drain: a client told `Connection: close`
+    // reconnects to another agent on the port (SO_REUSEPORT), never into this listener's
+    // queue, which the kernel resets when it closes.
     drop(listener);
+    drain.send_replace(true);
     let open = connections.len();
     tracing::info!(open_connections = open, grace = ?cfg.shutdown_grace, "HTTP listener closed; draining");
     let drained = tokio::time::timeout(cfg.shutdown_grace, async {
@@ -245,35 +260,57 @@ async fn serve_connection<S>(
         service_fn(move |req| {
             let proxy = proxy.clone();
             let activity = activity.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, activity).await) }
+            let http1 = req.version() < http::Version::HTTP_2;
+            async move {
+                let mut response = proxy.handle(req, activity.clone()).await;
+                if http1 && activity.is_draining() && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let check_every = cfg.request_head_timeout.min(cfg.idle_timeout) / 2;
-    let mut draining = false;
+    // `graceful_shutdown` was called: the connection ends once its requests are answered.
+    let mut closing = false;
     loop {
+        let draining = activity.is_draining();
+        let (tick, idle_limit) = if draining { (check_every.min(DRAIN_CHECK), cfg.idle_timeout.min(DRAIN_IDLE)) } else { (check_every, cfg.idle_timeout) };
         tokio::select! {
             _ = conn.as_mut() => return,
-            () = tokio::time::sleep(check_every) => match activity.verdict(cfg.request_head_timeout, cfg.idle_timeout) {
+            () = tokio::time::sleep(tick) => match activity.verdict(cfg.request_head_timeout, idle_limit) {
                 Verdict::Fine => {}
                 Verdict::HeadTimeout => {
                     tracing::debug!(%peer, "request head not received in time; closing");
                     return;
                 }
-                Verdict::Idle if draining => return,
+                Verdict::Idle if closing => return,
                 Verdict::Idle => {
                     conn.as_mut().graceful_shutdown();
-                    draining = true;
+                    closing = true;
                 }
             },
             () = stopped(&mut shutdown), if !draining => {
-                conn.as_mut().graceful_shutdown();
-                draining = true;
+                activity.draining.store(true, Ordering::Relaxed);
+                // HTTP/2 says so with GOAWAY, which no request can cross. Closing an idle
+                // HTTP/1 connection can: a request may be on its way. So HTTP/1 connections
+                // stay open, their next response says `Connection: close`, and only one idle
+                // for DRAIN_IDLE is closed.
+                if activity.is_http2() {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
     }
 }
+
+/// While draining: how long an HTTP/1 connection may stay idle before it is closed, and how
+/// often that is checked.
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
+const DRAIN_CHECK: Duration = Duration::from_millis(100);
 
 /// Resolves once the shutdown flag is set (or its sender is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
