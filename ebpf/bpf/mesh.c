@@ -88,6 +88,13 @@ static __always_inline struct backend *pick(const struct svc_info *svc, const st
 	return be;
 }
 
+/* A TCP connection request: SYN without ACK. */
+static __always_inline int is_syn(const struct packet *pkt)
+{
+	const struct tcphdr *tcp = (const void *)pkt->sport; /* the ports start the TCP header */
+	return tcp->syn && !tcp->ack;
+}
+
 /* Rewrites the destination to addr:port, fixing both checksums. */
 static __always_inline void dnat(struct packet *pkt, __u32 addr, __u16 port)
 {
@@ -256,12 +263,18 @@ int meshgate_xdp(struct xdp_md *ctx)
 			be = 0;
 		if (!be) {
 			bpf_map_delete_elem(&flows, &flow);
-			if (pkt.proto == IPPROTO_TCP)
+			/* A SYN (its first one went to the task as it died) opens no connection yet:
+			 * it gets a live task below. Anything later of a TCP flow ends with a reset. */
+			if (pkt.proto == IPPROTO_TCP && !is_syn(&pkt))
 				return reset(ctx, bytes);
-			count(STAT_DROP_NO_BACKEND, bytes);
-			return XDP_DROP;
+			if (pkt.proto != IPPROTO_TCP) {
+				count(STAT_DROP_NO_BACKEND, bytes);
+				return XDP_DROP;
+			}
+			known = 0;
 		}
-	} else {
+	}
+	if (!known) {
 		be = pick(svc, &flow, &slot);
 		if (!be) {
 			count(STAT_DROP_NO_BACKEND, bytes);

@@ -34,19 +34,25 @@ struct Pkt {
     proto: u8,
     payload: Vec<u8>,
     udp_no_checksum: bool,
+    /// TCP: an ACK segment of an established flow (acknowledging 5000) instead of a SYN.
+    ack: bool,
 }
 
 impl Pkt {
     fn tcp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self { src, dst, proto: 6, payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(), udp_no_checksum: false }
+        Self { src, dst, proto: 6, payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(), udp_no_checksum: false, ack: false }
     }
 
     fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self { src, dst, proto: 17, payload: b"ping".to_vec(), udp_no_checksum: false }
+        Self { src, dst, proto: 17, payload: b"ping".to_vec(), udp_no_checksum: false, ack: false }
     }
 
     fn to(&self, dst: SocketAddrV4) -> Self {
         Self { dst, ..self.clone() }
+    }
+
+    fn acking(&self) -> Self {
+        Self { ack: true, ..self.clone() }
     }
 
     fn bytes(&self) -> Vec<u8> {
@@ -55,8 +61,9 @@ impl Pkt {
         l4.extend_from_slice(&self.dst.port().to_be_bytes());
         if self.proto == 6 {
             l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]); // offset 5, SYN, window, check, urg
+            l4.extend_from_slice(&(if self.ack { 5000u32 } else { 0 }).to_be_bytes()); // ack
+            let flags = if self.ack { 0x10 } else { 0x02 };
+            l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]); // offset 5, SYN or ACK, window, check, urg
         } else {
             l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
@@ -88,15 +95,22 @@ impl Pkt {
     }
 }
 
-/// The reset the program answers a segment without ACK of `to` with (RFC 9293 3.10.7.1):
-/// addresses and ports swapped, RST+ACK, seq 0, ack = seq + payload + SYN.
+/// The reset the program answers a segment of `to` with (RFC 9293 3.10.7.1): addresses and
+/// ports swapped; for an ACK segment RST with seq = its ack; else RST+ACK, seq 0,
+/// ack = seq + payload + SYN.
 fn reset_for(to: &Pkt) -> Vec<u8> {
     let mut tcp = Vec::new();
     tcp.extend_from_slice(&to.dst.port().to_be_bytes());
     tcp.extend_from_slice(&to.src.port().to_be_bytes());
-    tcp.extend_from_slice(&0u32.to_be_bytes());
-    tcp.extend_from_slice(&(1000 + to.payload.len() as u32 + 1).to_be_bytes());
-    tcp.extend_from_slice(&[0x50, 0x14, 0, 0, 0, 0, 0, 0]);
+    if to.ack {
+        tcp.extend_from_slice(&5000u32.to_be_bytes());
+        tcp.extend_from_slice(&0u32.to_be_bytes());
+        tcp.extend_from_slice(&[0x50, 0x04, 0, 0, 0, 0, 0, 0]);
+    } else {
+        tcp.extend_from_slice(&0u32.to_be_bytes());
+        tcp.extend_from_slice(&(1000 + to.payload.len() as u32 + 1).to_be_bytes());
+        tcp.extend_from_slice(&[0x50, 0x14, 0, 0, 0, 0, 0, 0]);
+    }
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&to.dst.ip().octets());
     pseudo.extend_from_slice(&to.src.ip().octets());
@@ -227,16 +241,21 @@ fn a_published_port_without_tasks_drops_and_a_removed_task_ends_its_flows() {
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 9000)).bytes()).unwrap();
     assert_eq!(verdict, XDP_DROP, "published, but nothing serves it");
 
-    let flow = Pkt::tcp(at(CLIENT, 41000), at(NODE, 8080));
-    let out = mesh.test_run(&flow.bytes()).unwrap().1;
-    let chosen = at(Ipv4Addr::new(out[30], out[31], out[32], out[33]), 80);
-    let other = if chosen.ip().octets()[3] == 2 { [10, 0, 9, 3] } else { [10, 0, 9, 2] };
-    mesh.sync(&PortTable { ports: vec![published(Protocol::Tcp, 8080, vec![task(other, 80, NODE)])] }).unwrap();
-    let (verdict, out) = mesh.test_run(&flow.bytes()).unwrap();
+    let only = |ip: [u8; 4]| PortTable { ports: vec![published(Protocol::Tcp, 8080, vec![task(ip, 80, NODE)])] };
+    mesh.sync(&only([10, 0, 9, 2])).unwrap();
+    let syn = Pkt::tcp(at(CLIENT, 41000), at(NODE, 8080));
+    let established = Pkt::tcp(at(CLIENT, 41001), at(NODE, 8080)).acking();
+    for flow in [&syn, &established] {
+        assert_eq!(mesh.test_run(&flow.bytes()).unwrap().1[30..34], [10, 0, 9, 2]);
+    }
+    mesh.sync(&only([10, 0, 9, 3])).unwrap();
+    let (verdict, out) = mesh.test_run(&established.bytes()).unwrap();
     assert_eq!(verdict, XDP_REDIRECT, "the flow's task is gone: it is not moved to another task mid-connection, it is reset");
-    assert_eq!(out, reset_for(&flow), "a RST+ACK from the address the client contacted, acknowledging the SYN and its 18 bytes");
-    let (verdict, out) = mesh.test_run(&Pkt::tcp(at(CLIENT, 41001), at(NODE, 8080)).bytes()).unwrap();
-    assert_eq!((verdict, out[30..34].to_vec()), (XDP_PASS, other.to_vec()), "new flows go to the remaining task");
+    assert_eq!(out, reset_for(&established), "a RST from the address the client contacted, with the segment's ACK as its sequence");
+    let (verdict, out) = mesh.test_run(&syn.bytes()).unwrap();
+    assert_eq!((verdict, out[30..34].to_vec()), (XDP_PASS, vec![10, 0, 9, 3]), "a SYN again (the first went to the dying task) opens no connection yet: it goes to a live task");
+    let (verdict, out) = mesh.test_run(&Pkt::tcp(at(CLIENT, 41002), at(NODE, 8080)).bytes()).unwrap();
+    assert_eq!((verdict, out[30..34].to_vec()), (XDP_PASS, vec![10, 0, 9, 3]), "new flows go to the remaining task");
     // The unpublished port now passes.
     assert_eq!(mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 9000)).bytes()).unwrap().0, XDP_PASS);
 }
