@@ -262,7 +262,8 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
                     tracing::info!(%uplink, "L4 mesh: cannot attach yet ({e}); another agent may hold the uplink during an update: retrying for up to {ATTACH_PATIENCE:?}");
                     readiness.set("mesh", true, format!("waiting to attach to {uplink} (held by another agent?): {e}"));
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                // Often: until this agent attaches, published ports are not served.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => return down(&e),
         }

@@ -465,6 +465,33 @@ impl Load {
     }
 }
 
+/// New connections to a published port one after another from a client namespace (curl,
+/// as a user would): each line is curl's HTTP code and exit code.
+struct MeshLoad {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl MeshLoad {
+    fn start(ns: &str, url: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (codes, stop) = (dir.path().join("codes"), dir.path().join("stop"));
+        let script = format!("while [ ! -e {stop} ]; do curl -s -o /dev/null --max-time 5 -w '%{{http_code}} %{{exitcode}}\\n' {url} >> {codes}; done", stop = stop.display(), codes = codes.display());
+        let child = std::process::Command::new("ip").args(["netns", "exec", ns, "sh", "-c", &script]).spawn().unwrap();
+        Self { child, dir }
+    }
+
+    /// Stops and returns (answered with 200, the other lines).
+    async fn finish(mut self) -> (usize, Vec<String>) {
+        std::fs::write(self.dir.path().join("stop"), "").unwrap();
+        let child = &mut self.child;
+        eventually("the mesh load stops", Duration::from_secs(10), async || child.try_wait().unwrap().is_some()).await;
+        let codes = std::fs::read_to_string(self.dir.path().join("codes")).unwrap_or_default();
+        let failed: Vec<String> = codes.lines().filter(|l| *l != "200 0").map(str::to_owned).collect();
+        (codes.lines().count() - failed.len(), failed)
+    }
+}
+
 /// `docker service inspect` of one field.
 async fn service_field(service: &str, format: &str) -> String {
     docker(&["service", "inspect", "--format", format, service]).await
@@ -493,13 +520,31 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     guard.on_drop(&["secret", "rm", &secret_name]);
     // Four different ports: all held until all are chosen (the agent shares its ports with
     // SO_REUSEPORT, so two equal ones would not even fail to bind).
-    let held: Vec<std::net::TcpListener> = (0..4).map(|_| std::net::TcpListener::bind("0.0.0.0:0").unwrap()).collect();
-    let [http_port, https_port, admin_port, cluster_port] = [0, 1, 2, 3].map(|i| held[i].local_addr().unwrap().port().to_string());
+    let held: Vec<std::net::TcpListener> = (0..5).map(|_| std::net::TcpListener::bind("0.0.0.0:0").unwrap()).collect();
+    let [http_port, https_port, admin_port, cluster_port, published] = [0, 1, 2, 3, 4].map(|i| held[i].local_addr().unwrap().port().to_string());
     drop(held);
+    // A client on its own network, cabled to this host by a veth pair whose host side is the
+    // L4 mesh's uplink (this one-node Swarm advertises 127.0.0.1, so the node's address on
+    // the uplink is given).
+    let mut nets = crate::mesh::Namespaces::new();
+    let client = nets.add("mgsc");
+    let uplink = format!("mgu{id}");
+    crate::mesh::run(&["ip", "link", "add", &uplink, "type", "veth", "peer", "name", "c0", "netns", &client]);
+    crate::mesh::run(&["ip", "addr", "add", "198.18.7.1/24", "dev", &uplink]);
+    crate::mesh::run(&["ip", "link", "set", &uplink, "up"]);
+    crate::mesh::run(&["ip", "-n", &client, "addr", "add", "198.18.7.2/24", "dev", "c0"]);
+    crate::mesh::run(&["ip", "-n", &client, "link", "set", "c0", "up"]);
+    // A local sender's checksums are partial on a veth; a NIC's are full (see XDP-NOTES).
+    crate::mesh::Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
+    // The mesh's capabilities: BPF and PERFMON exist from Docker 23.0 on.
+    let engine = docker(&["version", "--format", "{{.Server.Version}}"]).await;
+    let caps = if engine.split('.').next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m >= 23) { "mesh.yml" } else { "mesh-docker20.yml" };
     let stack = format!("mgtest{id}");
     let deploy = Command::new("docker")
-        .args(["stack", "deploy", "--detach=true", "-c", &format!("{root}/helm-free-deploy/stack.yml"), &stack])
+        .args(["stack", "deploy", "--detach=true", "-c", &format!("{root}/helm-free-deploy/stack.yml"), "-c", &format!("{root}/helm-free-deploy/{caps}"), &stack])
         .env("MESHGATE_IMAGE", &tag)
+        .env("MESHGATE_MESH_UPLINK", &uplink)
+        .env("MESHGATE_MESH_NODE_ADDRESS", "198.18.7.1")
         .env("MESHGATE_HTTP_PORT", &http_port)
         .env("MESHGATE_HTTPS_PORT", &https_port)
         .env("MESHGATE_ADMIN_PORT", &admin_port)
@@ -518,15 +563,19 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     .await;
     let (_, ready) = crate::harness::curl(&[&format!("http://127.0.0.1:{admin_port}/readyz")]).await;
     assert!(ready.contains("\"ready\": true") && ready.contains("leader: serving the feed"), "the one-node Swarm's agent is the leader: {ready}");
+    assert!(ready.contains(&format!("on {uplink}, node")), "the L4 mesh is attached to the uplink: {ready}");
 
-    // The demo: two replicas on a swarm-scoped bridge network the host reaches.
+    // The demo: two replicas on a swarm-scoped bridge network the host reaches, with a
+    // published port (ingress mode, which Swarm cannot serve without IPVS: the mesh does).
     let network = format!("mgtest-{id}-stacknet");
     docker(&["network", "create", "--driver", "bridge", "--scope", "swarm", &network]).await;
     guard.on_drop(&["network", "rm", &network]);
     let demo = format!("mgtest-{id}-demo");
     let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
-    docker(&["service", "create", "--detach", "--name", &demo, "--replicas", "2", "--network", &network, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=stack.docker.test", IMAGE, "sh", "-c", script]).await;
+    let publish = format!("published={published},target=80");
+    docker(&["service", "create", "--detach", "--name", &demo, "--replicas", "2", "--network", &network, "--publish", &publish, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=stack.docker.test", IMAGE, "sh", "-c", script]).await;
     guard.on_drop(&["service", "rm", &demo]);
+    let mesh_url = format!("http://198.18.7.1:{published}/");
     let url = format!("http://127.0.0.1:{http_port}/");
     let answers = async || {
         let mut seen = std::collections::BTreeSet::new();
@@ -539,11 +588,24 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
         seen.len()
     };
     eventually("the deployed agent routes both replicas", Duration::from_secs(90), async || answers().await == 2).await;
+    let mesh_answers = async || {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let out = Command::new("ip").args(["netns", "exec", &client, "curl", "-fsS", "--max-time", "3", &mesh_url]).output().await.unwrap();
+            if out.status.success() {
+                seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+            }
+        }
+        seen.len()
+    };
+    eventually("the published port reaches both replicas through the XDP mesh, from the client's network", Duration::from_secs(30), async || mesh_answers().await == 2).await;
 
     // Scale, rolling image update and scale down under load: every request is answered.
     let load = Load::start(url.clone(), "stack.docker.test");
+    let mesh_load = MeshLoad::start(&client, &mesh_url);
     docker(&["service", "scale", "--detach", &format!("{demo}=4")]).await;
     eventually("four replicas answer", Duration::from_secs(60), async || answers().await == 4).await;
+    eventually("four replicas answer through the mesh", Duration::from_secs(30), async || mesh_answers().await == 4).await;
     let updated = format!("{IMAGE}-v2-{id}");
     docker(&["tag", IMAGE, &updated]).await;
     guard.on_drop(&["rmi", &updated]);
@@ -551,6 +613,11 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     eventually("the rolling update of the demo completes", Duration::from_secs(120), async || service_field(&demo, "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}").await == "completed").await;
     docker(&["service", "scale", "--detach", &format!("{demo}=2")]).await;
     eventually("two replicas answer", Duration::from_secs(60), async || answers().await == 2).await;
+    eventually("two replicas answer through the mesh", Duration::from_secs(30), async || mesh_answers().await == 2).await;
+    let (mesh_ok, mesh_failed) = mesh_load.finish().await;
+    assert!(mesh_ok > 50, "the load through the mesh ran ({mesh_ok} answered)");
+    assert!(mesh_failed.is_empty(), "{} of {} connections to the published port failed during scale and update: {mesh_failed:?}", mesh_failed.len(), mesh_ok + mesh_failed.len());
+    let mesh_load = MeshLoad::start(&client, &mesh_url);
 
     // meshgate's own rolling update: the new agent starts beside the old one (shared ports),
     // the old one stops once the new one is healthy.
@@ -563,6 +630,8 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     let after = docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={agent}")]).await;
     assert!(!after.is_empty() && !after.contains(&before), "a new agent container runs ({before} -> {after})");
     let (ok, failed) = load.finish().await;
+    let (mesh_ok, mesh_failed) = mesh_load.finish().await;
+    assert!(mesh_ok > 20 && mesh_failed.is_empty(), "{} of {} connections to the published port failed during meshgate's own update: {mesh_failed:?}", mesh_failed.len(), mesh_ok + mesh_failed.len());
     assert!(ok > 100, "the load ran ({ok} answered)");
     assert!(failed.is_empty(), "{} of {} requests failed during scale, update and meshgate's own update: {failed:?}", failed.len(), ok + failed.len());
 
