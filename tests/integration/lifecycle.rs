@@ -125,6 +125,53 @@ async fn sigterm_stops_accepting_and_finishes_requests_in_flight() {
     assert!(exit.success(), "clean exit after the drain: {exit:?}");
 }
 
+/// An update on one node: the new agent shares the port (SO_REUSEPORT), the old one gets
+/// SIGTERM. Clients sending request after request on kept-alive connections are told
+/// `Connection: close` and reconnect to the new agent: none of their requests fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_agent_hands_kept_alive_clients_to_the_next_one_without_a_failed_request() {
+    let web = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, service("web", &["web.test"], "/", &[&web])).unwrap();
+    let listen = format!("127.0.0.1:{}", crate::acme::free_port());
+    let args = ["--routes", routes.to_str().unwrap(), "--http-listen", &listen, "--admin-listen", "127.0.0.1:0", "--docker", "off", "--reuse-port", "true"];
+    let mut old = Binary::spawn(&args);
+    old.addresses();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), format!("http://{listen}/"));
+            tokio::spawn(async move {
+                let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+                while !stop.load(Ordering::SeqCst) {
+                    let (status, body) = send(&client, Request::get(&url).header("host", "web.test").body(Full::default()).unwrap()).await;
+                    if status == StatusCode::OK {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        failed.lock().unwrap().push(format!("{status} {body}"));
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually("the clients are answered", Duration::from_secs(5), async || ok.load(Ordering::SeqCst) > 200).await;
+    let mut new = Binary::spawn(&args);
+    new.addresses();
+    old.signal(15);
+    assert!(old.wait_exit(Duration::from_secs(10)).success(), "the old agent drains and exits");
+    let at_exit = ok.load(Ordering::SeqCst);
+    eventually("the new agent answers the clients", Duration::from_secs(5), async || ok.load(Ordering::SeqCst) > at_exit + 200).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    assert!(failed.is_empty(), "{} of {} requests failed across the hand-over: {failed:?}", failed.len(), ok.load(Ordering::SeqCst) + failed.len());
+    new.signal(15);
+}
+
 #[tokio::test]
 async fn bad_settings_are_refused_with_the_key_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
