@@ -35,4 +35,5 @@
 #define STAT_DECAP 10            /* IP-in-IP from another node, unwrapped for a local task (tc) */
 #define STAT_DROP_NO_ROUTE 11    /* no route to the task's node (or no neighbour entry yet), task or client */
 #define STAT_RESET 12            /* a TCP flow whose task is gone, answered with a reset */
-#define STAT_COUNT 13
+#define STAT_DROP_UNTRANSLATED 13 /* to a published port but not translated: no XDP program yet (tc) */
+#define STAT_COUNT 14

@@ -19,6 +19,9 @@
  * needs the nodes on one L2 segment or an underlay that accepts another node's source
  * address) and is sent out toward the client, past netfilter too (conntrack never saw the
  * flow, and Docker's masquerading would rewrite the source).
+ *
+ * The tc programs answer TC_ACT_UNSPEC for packets that are not theirs, so that two agents'
+ * programs can sit on one device while one hands over to the next.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -337,11 +340,11 @@ int meshgate_tc_in(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct iphdr *outer = (void *)(eth + 1);
 	if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (outer->protocol == IPPROTO_IPIP && outer->ihl == 5 && outer->daddr == node_ip) {
 		struct packet inner = {};
 		if (parse_ip((void *)(outer + 1), data_end, &inner) >= 0)
-			return TC_ACT_OK; /* not a flow of ours: the kernel decides */
+			return TC_ACT_UNSPEC; /* not a flow of ours: the next program, or the kernel */
 		struct flow_key back = reply_key(&inner);
 		struct reply_val reply = {.addr = outer->saddr, .port = outer->id};
 		bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
@@ -351,14 +354,24 @@ int meshgate_tc_in(struct __sk_buff *skb)
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
-	/* Translated packets are the ones to a flow with a reply entry; the node's own traffic
-	 * (to node_ip) is left alone without a lookup. */
 	struct packet pkt = {};
-	if (parse(data, data_end, &pkt) >= 0 || pkt.ip->daddr == node_ip)
-		return TC_ACT_OK;
+	if (parse(data, data_end, &pkt) >= 0)
+		return TC_ACT_UNSPEC;
+	if (pkt.ip->daddr == node_ip) {
+		/* Still to a published port: no XDP program translated it (one agent hands over to
+		 * the next during an update). Dropped, the client sends it again; handed to the
+		 * kernel, it would be refused. */
+		struct svc_key key = {.port = *pkt.dport, .proto = pkt.proto};
+		if (bpf_map_lookup_elem(&services, &key)) {
+			count(STAT_DROP_UNTRANSLATED, skb->len);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_UNSPEC;
+	}
+	/* Translated packets are the ones to a flow with a reply entry. */
 	struct flow_key back = reply_key(&pkt);
 	if (!bpf_map_lookup_elem(&replies, &back))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	int sent = redirect_route(skb, pkt.ip->saddr, pkt.ip->daddr);
 	if (sent < 0) {
 		count(STAT_DROP_NO_ROUTE, skb->len);
@@ -374,13 +387,13 @@ int meshgate_tc_reply(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct packet pkt = {};
 	if (parse(data, data_end, &pkt) >= 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	struct flow_key back = {
 		.saddr = pkt.ip->saddr, .daddr = pkt.ip->daddr, .sport = *pkt.sport, .dport = *pkt.dport, .proto = pkt.proto,
 	};
 	struct reply_val *found = bpf_map_lookup_elem(&replies, &back);
 	if (!found)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	struct reply_val reply = *found;
 	__u32 client = pkt.ip->daddr;
 	__u32 old_addr = pkt.ip->saddr, new_addr = reply.addr;

@@ -27,6 +27,8 @@ pub enum MeshError {
     Program(&'static str, aya::programs::ProgramError),
     #[error("BPF map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
+    #[error("there is no network interface `{0}` (check mesh.uplink: `ip link` lists them)")]
+    NoInterface(String),
     #[error("too many {0} for the BPF maps (at most {1})")]
     Full(&'static str, u32),
 }
@@ -56,6 +58,8 @@ pub struct Mesh {
     /// ingress: by name and ifindex (a device deleted and made again under its name has lost
     /// the program).
     task_devices: HashMap<(String, u32), SchedClassifierLinkId>,
+    /// `meshgate_tc_in` is on the uplink (attached once, before XDP).
+    tc_in: bool,
 }
 
 fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MeshError> {
@@ -92,6 +96,7 @@ impl Mesh {
             slots: Allocator::new(MAX_BACKENDS),
             rows: HashMap::new(),
             task_devices: HashMap::new(),
+            tc_in: false,
         })
     }
 
@@ -103,9 +108,19 @@ impl Mesh {
         self.ebpf.program_mut(name).and_then(|p| p.try_into().ok()).expect("the object has its tc programs")
     }
 
-    /// Attaches XDP to `uplink`'s ingress (native, else generic), and the tc program that
-    /// unwraps other nodes' packets and delivers translated ones to local tasks behind it.
+    /// Attaches the tc program that unwraps other nodes' packets and delivers translated ones
+    /// to local tasks to `uplink`'s ingress, then XDP (native, else generic). The tc program
+    /// goes first and once: it can sit beside a previous agent's, while XDP cannot, so during
+    /// a hand-over this is called again until the previous agent lets go of XDP (its tc
+    /// program drops what nobody translates meanwhile, see `meshgate_tc_in`).
     pub fn attach(&mut self, uplink: &str) -> Result<Attached, MeshError> {
+        if !std::path::Path::new("/sys/class/net").join(uplink).exists() {
+            return Err(MeshError::NoInterface(uplink.to_owned()));
+        }
+        if !self.tc_in {
+            attach_ingress(self.classifier("meshgate_tc_in"), uplink).map_err(|e| MeshError::Program("meshgate_tc_in", e))?;
+            self.tc_in = true;
+        }
         let mode = match self.xdp().attach(uplink, XdpMode::Driver) {
             Ok(_) => Attached::Native,
             Err(native) => {
@@ -114,7 +129,6 @@ impl Mesh {
                 Attached::Generic
             }
         };
-        attach_ingress(self.classifier("meshgate_tc_in"), uplink).map_err(|e| MeshError::Program("meshgate_tc_in", e))?;
         Ok(mode)
     }
 

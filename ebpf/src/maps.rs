@@ -12,7 +12,7 @@ pub const BACKEND_LOCAL: u16 = 1;
 pub const BACKEND_LIVE: u16 = 2;
 
 /// `verdict_stats` indexes, with the names the metrics use.
-pub const VERDICTS: [&str; 13] = [
+pub const VERDICTS: [&str; 14] = [
     "pass_not_ipv4",
     "pass_truncated",
     "pass_ip_options",
@@ -26,6 +26,7 @@ pub const VERDICTS: [&str; 13] = [
     "decap",
     "drop_no_route",
     "reset",
+    "drop_untranslated",
 ];
 
 #[repr(C)]

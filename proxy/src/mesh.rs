@@ -146,6 +146,24 @@ fn prime_neighbours(table: &PortTable, node_address: Ipv4Addr) {
     }
 }
 
+/// Brings the maps and the reply translation in step with the hub's state, if it changed.
+fn sync(mesh: &mut Mesh, devices: &mut TaskDevices, current: &mut PortTable, hub: &StateHub, node_name: &str, node_address: Ipv4Addr, view: &MeshView) {
+    let table = port_table(&hub.load().state, node_name, node_address);
+    if table == *current {
+        return;
+    }
+    // Replies first: a task's first answer must find the translation in place.
+    devices.update(mesh, &table);
+    match mesh.sync(&table) {
+        Ok(()) => {
+            tracing::info!(ports = table.ports.len(), "L4 mesh: port table synced");
+            view.set(&table);
+            *current = table;
+        }
+        Err(e) => tracing::error!("L4 mesh: cannot sync the port table: {e}"),
+    }
+}
+
 /// The devices this node's tasks are reached through (a Docker bridge, a veth), which get
 /// the reply translation on their ingress; problems are logged once each.
 #[derive(Default)]
@@ -249,11 +267,15 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
         Ok(m) => m,
         Err(e) => return down(&e),
     };
-    // During a rolling update the previous agent holds XDP on the uplink until it stops:
-    // wait for it (still ready, so the update can go on and stop it), up to a limit.
+    // The maps and the reply translation are ready before XDP attaches: its first packet
+    // finds them. During a rolling update the previous agent holds XDP on the uplink until
+    // it stops: wait for it (still ready, so the update can go on and stop it), up to a limit.
+    let mut devices = TaskDevices::default();
+    let mut current = PortTable::default();
     let waiting_since = tokio::time::Instant::now();
     let mut told = false;
     let mode = loop {
+        sync(&mut mesh, &mut devices, &mut current, &hub, &node_name, node_address, &view);
         match mesh.attach(&uplink) {
             Ok(mode) => break mode,
             // A missing interface is a mistake to report at once, not a wait.
@@ -272,24 +294,10 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
     tracing::info!(%uplink, %node_address, ?mode, "L4 mesh attached");
     let metrics = MeshMetrics::register(&registry).ok();
     let mut changes = hub.subscribe();
-    let mut current = PortTable::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
-    let mut devices = TaskDevices::default();
     loop {
-        let table = port_table(&hub.load().state, &node_name, node_address);
-        if table != current {
-            // Replies first: a task's first answer must find the translation in place.
-            devices.update(&mut mesh, &table);
-            match mesh.sync(&table) {
-                Ok(()) => {
-                    tracing::info!(ports = table.ports.len(), "L4 mesh: port table synced");
-                    view.set(&table);
-                    current = table;
-                }
-                Err(e) => tracing::error!("L4 mesh: cannot sync the port table: {e}"),
-            }
-        }
+        sync(&mut mesh, &mut devices, &mut current, &hub, &node_name, node_address, &view);
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             _ = tick.tick() => {

@@ -465,6 +465,57 @@ impl Load {
     }
 }
 
+/// The agent's image, built as the README says (`build-image.sh`, no registry), and the
+/// cluster secret made with it; both removed by `guard`.
+async fn build_image_and_secret(guard: &mut SwarmGuard, tag: &str, secret: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm-free-deploy/build-image.sh");
+    let build = Command::new("bash").args([script, env!("CARGO_BIN_EXE_meshgate"), tag]).output().await.unwrap();
+    assert!(build.status.success(), "build-image.sh: {}", String::from_utf8_lossy(&build.stderr));
+    guard.on_drop(&["rmi", "-f", tag]);
+    let make = format!("docker run --rm {tag} --new-cluster-secret | docker secret create {secret} -");
+    let out = Command::new("sh").args(["-c", &make]).output().await.unwrap();
+    assert!(out.status.success(), "{make}: {}", String::from_utf8_lossy(&out.stderr));
+    guard.on_drop(&["secret", "rm", secret]);
+}
+
+/// `docker stack deploy` of `stack.yml` with the L4 mesh's capability file for this engine
+/// (BPF and PERFMON exist from Docker 23.0 on), as the README has users do it.
+async fn deploy_stack(stack: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm-free-deploy");
+    let engine = docker(&["version", "--format", "{{.Server.Version}}"]).await;
+    let caps = if engine.split('.').next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m >= 23) { "mesh.yml" } else { "mesh-docker20.yml" };
+    let files = [format!("{root}/stack.yml"), format!("{root}/{caps}")];
+    Command::new("docker").args(["stack", "deploy", "--detach=true", "-c", &files[0], "-c", &files[1], stack]).envs(env.iter().copied()).output().await.unwrap()
+}
+
+/// A client on its own network (198.18.7.2), cabled to this host by a veth pair whose host
+/// side (198.18.7.1) is to be the L4 mesh's uplink. Returns the client's namespace and the
+/// uplink's name.
+fn client_behind_uplink(nets: &mut crate::mesh::Namespaces) -> (String, String) {
+    let client = nets.add("mgsc");
+    let uplink = format!("mgu{}", std::process::id());
+    crate::mesh::run(&["ip", "link", "add", &uplink, "type", "veth", "peer", "name", "c0", "netns", &client]);
+    crate::mesh::run(&["ip", "addr", "add", "198.18.7.1/24", "dev", &uplink]);
+    crate::mesh::run(&["ip", "link", "set", &uplink, "up"]);
+    crate::mesh::run(&["ip", "-n", &client, "addr", "add", "198.18.7.2/24", "dev", "c0"]);
+    crate::mesh::run(&["ip", "-n", &client, "link", "set", "c0", "up"]);
+    // A local sender's checksums are partial on a veth; a NIC's are full (see XDP-NOTES).
+    crate::mesh::Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
+    (client, uplink)
+}
+
+/// How many different replicas answer 30 new connections from `client` to `url`.
+async fn mesh_answers(client: &str, url: &str) -> usize {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let out = Command::new("ip").args(["netns", "exec", client, "curl", "-fsS", "--max-time", "3", url]).output().await.unwrap();
+        if out.status.success() {
+            seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        }
+    }
+    seen.len()
+}
+
 /// New connections to a published port one after another from a client namespace (curl,
 /// as a user would): each line is curl's HTTP code and exit code.
 struct MeshLoad {
@@ -503,56 +554,29 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     let _one_at_a_time = SWARM.lock().await;
     let id = std::process::id();
     let tag = format!("meshgate-test/agent:{id}");
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let build = Command::new("bash")
-        .args([&format!("{root}/helm-free-deploy/build-image.sh"), env!("CARGO_BIN_EXE_meshgate"), &tag])
-        .output()
-        .await
-        .unwrap();
-    assert!(build.status.success(), "build-image.sh: {}", String::from_utf8_lossy(&build.stderr));
-    let mut guard = SwarmGuard::join().await;
-    guard.on_drop(&["rmi", "-f", &tag]);
-    // The cluster secret, as the README has users make it.
     let secret_name = format!("mgtest{id}-cluster");
-    let make = format!("docker run --rm {tag} --new-cluster-secret | docker secret create {secret_name} -");
-    let out = Command::new("sh").args(["-c", &make]).output().await.unwrap();
-    assert!(out.status.success(), "{make}: {}", String::from_utf8_lossy(&out.stderr));
-    guard.on_drop(&["secret", "rm", &secret_name]);
+    let mut guard = SwarmGuard::join().await;
+    build_image_and_secret(&mut guard, &tag, &secret_name).await;
     // Four different ports: all held until all are chosen (the agent shares its ports with
     // SO_REUSEPORT, so two equal ones would not even fail to bind).
     let held: Vec<std::net::TcpListener> = (0..5).map(|_| std::net::TcpListener::bind("0.0.0.0:0").unwrap()).collect();
     let [http_port, https_port, admin_port, cluster_port, published] = [0, 1, 2, 3, 4].map(|i| held[i].local_addr().unwrap().port().to_string());
     drop(held);
-    // A client on its own network, cabled to this host by a veth pair whose host side is the
-    // L4 mesh's uplink (this one-node Swarm advertises 127.0.0.1, so the node's address on
-    // the uplink is given).
+    // (This one-node Swarm advertises 127.0.0.1, so the node's address on the uplink is given.)
     let mut nets = crate::mesh::Namespaces::new();
-    let client = nets.add("mgsc");
-    let uplink = format!("mgu{id}");
-    crate::mesh::run(&["ip", "link", "add", &uplink, "type", "veth", "peer", "name", "c0", "netns", &client]);
-    crate::mesh::run(&["ip", "addr", "add", "198.18.7.1/24", "dev", &uplink]);
-    crate::mesh::run(&["ip", "link", "set", &uplink, "up"]);
-    crate::mesh::run(&["ip", "-n", &client, "addr", "add", "198.18.7.2/24", "dev", "c0"]);
-    crate::mesh::run(&["ip", "-n", &client, "link", "set", "c0", "up"]);
-    // A local sender's checksums are partial on a veth; a NIC's are full (see XDP-NOTES).
-    crate::mesh::Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
-    // The mesh's capabilities: BPF and PERFMON exist from Docker 23.0 on.
-    let engine = docker(&["version", "--format", "{{.Server.Version}}"]).await;
-    let caps = if engine.split('.').next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m >= 23) { "mesh.yml" } else { "mesh-docker20.yml" };
+    let (client, uplink) = client_behind_uplink(&mut nets);
     let stack = format!("mgtest{id}");
-    let deploy = Command::new("docker")
-        .args(["stack", "deploy", "--detach=true", "-c", &format!("{root}/helm-free-deploy/stack.yml"), "-c", &format!("{root}/helm-free-deploy/{caps}"), &stack])
-        .env("MESHGATE_IMAGE", &tag)
-        .env("MESHGATE_MESH_UPLINK", &uplink)
-        .env("MESHGATE_MESH_NODE_ADDRESS", "198.18.7.1")
-        .env("MESHGATE_HTTP_PORT", &http_port)
-        .env("MESHGATE_HTTPS_PORT", &https_port)
-        .env("MESHGATE_ADMIN_PORT", &admin_port)
-        .env("MESHGATE_CLUSTER_PORT", &cluster_port)
-        .env("MESHGATE_CLUSTER_SECRET", &secret_name)
-        .output()
-        .await
-        .unwrap();
+    let env = [
+        ("MESHGATE_IMAGE", tag.as_str()),
+        ("MESHGATE_MESH_UPLINK", &uplink),
+        ("MESHGATE_MESH_NODE_ADDRESS", "198.18.7.1"),
+        ("MESHGATE_HTTP_PORT", &http_port),
+        ("MESHGATE_HTTPS_PORT", &https_port),
+        ("MESHGATE_ADMIN_PORT", &admin_port),
+        ("MESHGATE_CLUSTER_PORT", &cluster_port),
+        ("MESHGATE_CLUSTER_SECRET", &secret_name),
+    ];
+    let deploy = deploy_stack(&stack, &env).await;
     assert!(deploy.status.success(), "stack deploy: {}", String::from_utf8_lossy(&deploy.stderr));
     guard.on_drop(&["volume", "rm", &format!("{stack}_certs")]);
     guard.on_drop(&["stack", "rm", &stack]);
@@ -588,16 +612,7 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
         seen.len()
     };
     eventually("the deployed agent routes both replicas", Duration::from_secs(90), async || answers().await == 2).await;
-    let mesh_answers = async || {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..30 {
-            let out = Command::new("ip").args(["netns", "exec", &client, "curl", "-fsS", "--max-time", "3", &mesh_url]).output().await.unwrap();
-            if out.status.success() {
-                seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-            }
-        }
-        seen.len()
-    };
+    let mesh_answers = async || mesh_answers(&client, &mesh_url).await;
     eventually("the published port reaches both replicas through the XDP mesh, from the client's network", Duration::from_secs(30), async || mesh_answers().await == 2).await;
 
     // Scale, rolling image update and scale down under load: every request is answered.

@@ -216,7 +216,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     assert_eq!(attached(&node, "u0"), before, "no program left on the uplink");
     let mesh_args = ["--routes", routes.to_str().unwrap(), "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1"];
     let again = Agent::start(&node, &mesh_args);
-    again.wait_for("port table synced");
+    again.wait_for("L4 mesh attached");
     assert_ne!(attached(&node, "u0"), before);
     run(&["kill", "-KILL", &again.pid()]);
     drop(again);
@@ -325,7 +325,7 @@ impl Cluster {
             "--routes", routes.to_str().unwrap(), "--routes-poll-interval", "50ms", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
             "--mesh-uplink", "u0", "--mesh-node-address", NODE_IPS[node], "--mesh-node-name", &format!("n{}", node + 1),
         ]);
-        agent.wait_for("port table synced");
+        agent.wait_for("L4 mesh attached");
         agent
     }
 
