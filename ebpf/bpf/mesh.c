@@ -346,8 +346,15 @@ int meshgate_tc_in(struct __sk_buff *skb)
 		if (parse_ip((void *)(outer + 1), data_end, &inner) >= 0)
 			return TC_ACT_UNSPEC; /* not a flow of ours: the next program, or the kernel */
 		struct flow_key back = reply_key(&inner);
-		struct reply_val reply = {.addr = outer->saddr, .port = outer->id};
-		bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+		struct reply_val *known = bpf_map_lookup_elem(&replies, &back);
+		if (known) {
+			/* Keeps the SYN's sequence number noted below. */
+			known->addr = outer->saddr;
+			known->port = outer->id;
+		} else {
+			struct reply_val reply = {.addr = outer->saddr, .port = outer->id};
+			bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+		}
 		if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4))
 			return TC_ACT_SHOT;
 		count(STAT_DECAP, skb->len);
@@ -370,8 +377,11 @@ int meshgate_tc_in(struct __sk_buff *skb)
 	}
 	/* Translated packets are the ones to a flow with a reply entry. */
 	struct flow_key back = reply_key(&pkt);
-	if (!bpf_map_lookup_elem(&replies, &back))
+	struct reply_val *reply = bpf_map_lookup_elem(&replies, &back);
+	if (!reply)
 		return TC_ACT_UNSPEC;
+	if (pkt.proto == IPPROTO_TCP && is_syn(&pkt))
+		reply->syn_seq = ((struct tcphdr *)pkt.sport)->seq;
 	int sent = redirect_route(skb, pkt.ip->saddr, pkt.ip->daddr);
 	if (sent < 0) {
 		count(STAT_DROP_NO_ROUTE, skb->len);
@@ -394,6 +404,15 @@ int meshgate_tc_reply(struct __sk_buff *skb)
 	struct reply_val *found = bpf_map_lookup_elem(&replies, &back);
 	if (!found)
 		return TC_ACT_UNSPEC;
+	if (pkt.proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)pkt.sport; /* the ports start the TCP header */
+		if (tcp->syn && tcp->ack && bpf_ntohl(tcp->ack_seq) != bpf_ntohl(found->syn_seq) + 1) {
+			/* Not the answer to a SYN we delivered: a connection opened past the mesh
+			 * reuses the addresses of a finished flow of ours, whose entry goes. */
+			bpf_map_delete_elem(&replies, &back);
+			return TC_ACT_UNSPEC;
+		}
+	}
 	struct reply_val reply = *found;
 	__u32 client = pkt.ip->daddr;
 	__u32 old_addr = pkt.ip->saddr, new_addr = reply.addr;

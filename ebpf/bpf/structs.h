@@ -46,6 +46,10 @@ struct reply_val {
 	__u32 addr;
 	__u16 port;
 	__u16 pad;
+	/* The sequence number of the last SYN delivered to the task (TCP), so that a SYN-ACK
+	 * of a connection opened some other way (another NAT to the same task, reusing a
+	 * finished flow's addresses) is told apart from ours. */
+	__u32 syn_seq;
 };
 
 struct counters {

@@ -67,6 +67,25 @@ impl Drop for Namespaces {
 /// A UDP echo server that prefixes answers with its name (python3: part of every machine
 /// of this kind).
 const UDP_ECHO: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',53))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(sys.argv[1].encode()+b' '+d+b' from '+a[0].encode(),a)\n";
+
+/// One HTTP request from a fixed local port (reused at once, unlike curl's): prints the answer.
+const GET_FROM: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.settimeout(5)
+s.bind(("", int(sys.argv[3])))
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode(errors="replace"))
+"#;
+
 const UDP_ASK: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(2)\ns.sendto(b'ping',(sys.argv[1],int(sys.argv[2])))\nprint(s.recvfrom(2048)[0].decode())\n";
 
 /// The agent binary inside a namespace (a [`Binary`] behind `ip netns exec`).
@@ -159,10 +178,15 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
         nets.spawn(&task, &["python3", "-c", UDP_ECHO, &name]);
         tasks.push(task);
     }
-    // Docker's firewall: nothing forwarded but what it published itself, and the task
-    // subnet masqueraded on its way out. The mesh must get through it without opening it.
-    run(&["ip", "netns", "exec", &node, "iptables", "-P", "FORWARD", "DROP"]);
-    run(&["ip", "netns", "exec", &node, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.0.9.0/24", "!", "-o", "br0", "-j", "MASQUERADE"]);
+    // Docker's firewall: nothing forwarded but what it published itself (here port 8082 to
+    // task 1, as `docker run -p` does), and the task subnet masqueraded on its way out. The
+    // mesh must get through it without opening it.
+    let ipt = |args: &[&str]| run(&[&["ip", "netns", "exec", &node, "iptables"], args].concat());
+    ipt(&["-P", "FORWARD", "DROP"]);
+    ipt(&["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.9.0/24", "!", "-o", "br0", "-j", "MASQUERADE"]);
+    ipt(&["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8082", "-j", "DNAT", "--to-destination", "10.0.9.2:80"]);
+    ipt(&["-A", "FORWARD", "-d", "10.0.9.2", "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
+    ipt(&["-A", "FORWARD", "-i", "br0", "-j", "ACCEPT"]);
     let before = attached(&node, "u0");
 
     let dir = tempfile::tempdir().unwrap();
@@ -193,6 +217,14 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
         seen.insert(name);
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["task1", "task2"]);
+
+    // Docker's own mapping to the same task, from the client address and port a finished
+    // mesh connection used: its replies are not taken for that connection's.
+    let port = (41000..41100)
+        .find(|p| Namespaces::exec(&client, &["python3", "-c", GET_FROM, "192.0.2.10", "8080", &p.to_string()]).contains("Name: task1"))
+        .expect("some client port goes to task 1");
+    let out = Namespaces::exec(&client, &["python3", "-c", GET_FROM, "192.0.2.10", "8082", &port.to_string()]);
+    assert!(out.contains("Name: task1"), "the DNAT connection from port {port} is answered: {out}");
 
     // UDP, answered from the address the client asked.
     for _ in 0..4 {
