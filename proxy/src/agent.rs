@@ -12,9 +12,7 @@ use crate::admin::{self, AdminState};
 use crate::cluster;
 use crate::config::Config;
 use crate::dns::{self, DnsConfig};
-use crate::http::endpoint::EndpointRegistry;
 use crate::http::proxy::{Https, Proxy};
-use crate::http::router::RouteTable;
 use crate::http::server::{self, Listener};
 use crate::metrics::Metrics;
 use crate::provider::docker;
@@ -78,11 +76,19 @@ pub struct RunningAgent {
     pub proxy: Arc<Proxy>,
     pub readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
+    reload: watch::Sender<()>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
 impl RunningAgent {
+    /// Re-reads what can be re-read without a restart (the routes file, the certificate
+    /// directories) at once, changed or not: what SIGHUP does.
+    pub fn reload(&self) {
+        tracing::info!("reloading the routes file and the certificate directories (SIGHUP)");
+        self.reload.send_replace(());
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to `proxy.shutdown_grace`), stops
     /// the rest.
     pub async fn shutdown(self) {
@@ -126,9 +132,15 @@ pub fn reusable_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<
 #[allow(clippy::unused_async)]
 pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
     let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, acme: acme_cfg, mesh: mesh_cfg, cluster: cluster_cfg, whoami: whoami_cfg, log: _ } = cfg;
-    let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(StateHub::new());
-    let readiness = Arc::new(Readiness::default());
+    let (reload, reloads) = watch::channel(());
+    let core = Core {
+        hub: Arc::new(StateHub::new()),
+        metrics: Arc::new(Metrics::new()),
+        readiness: Arc::new(Readiness::default()),
+        reloads,
+        reuse_port: proxy_cfg.reuse_port,
+    };
+    let (hub, metrics, readiness, reuse_port) = (core.hub.clone(), core.metrics.clone(), core.readiness.clone(), core.reuse_port);
     let mut background = Vec::new();
 
     let whoami_listen = match whoami_cfg.listen {
@@ -142,14 +154,13 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         background.push(tokio::spawn(whoami::serve(listener, whoami_cfg.name.clone())));
     }
 
-    let reuse_port = proxy_cfg.reuse_port;
     let http_listener = bind("HTTP", proxy_cfg.http_listen, reuse_port)?;
     let http_addr = http_listener.local_addr().expect("bound socket has an address");
     let admin_listener = bind("the admin endpoints", admin_cfg.listen, reuse_port)?;
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
     if let Some(path) = sources.file {
-        let watcher = file::load_and_watch(path.clone(), file_cfg.poll_interval, hub.clone(), metrics.clone())?;
+        let watcher = file::load_and_watch(path.clone(), file_cfg.poll_interval, hub.clone(), metrics.clone(), core.reloads.clone())?;
         readiness.set(file::NAME, true, format!("watching {}", path.display()));
         background.push(watcher);
     }
@@ -158,7 +169,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         hub.publish("example", state);
         readiness.set("example", true, "bundled example routes (whoami.localhost)");
     }
-    let (https, acme) = start_https(&tls_cfg, acme_cfg, reuse_port, &hub, &metrics, &readiness, &mut background)?;
+    let (https, acme) = start_https(&tls_cfg, acme_cfg, &core, &mut background)?;
     let node = mesh_cfg.node_name.clone().unwrap_or_else(|| std::fs::read_to_string("/etc/hostname").map_or_else(|_| "local".into(), |h| h.trim().to_owned()));
     let cluster_parts = cluster::Parts { hub: hub.clone(), readiness: readiness.clone(), registry: metrics.registry.clone(), certs: acme.as_ref().map(|(_, share)| share.clone()), node };
     let cluster = cluster::start(cluster_cfg, cluster_parts, &mut background);
@@ -181,30 +192,10 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         metrics.clone(),
         https.as_ref().map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() }),
     ));
-    let registry = Arc::new(EndpointRegistry::new(metrics.backend_up.clone()));
-    let default_host = proxy_cfg.default_host.clone();
-    let compile = {
-        let (hub, proxy, metrics) = (hub.clone(), proxy.clone(), metrics.clone());
-        move || {
-            let snapshot = hub.load();
-            let table = RouteTable::compile(&snapshot.state, snapshot.generation, default_host.as_deref(), &registry, &metrics);
-            proxy.table.store(Arc::new(table));
-            registry.prune();
-            metrics.state_generation.set(snapshot.generation as i64);
-        }
-    };
-    // Compile once now so the listener never serves an empty table after start returns.
-    let mut changes = hub.subscribe();
-    changes.mark_unchanged();
-    compile();
-    background.push(tokio::spawn(async move {
-        while changes.changed().await.is_ok() {
-            compile();
-        }
-    }));
+    background.push(proxy.clone().follow(hub.clone(), proxy_cfg.default_host.clone()));
 
     let dns_addr = match dns_cfg.listen {
-        Some(listen) => Some(start_dns(listen, dns_cfg, reuse_port, &hub, &metrics, &readiness, &mut background)?),
+        Some(listen) => Some(start_dns(listen, dns_cfg, &core, &mut background)?),
         None => None,
     };
 
@@ -231,7 +222,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         readiness.set("https", true, format!("listening on {addr}"));
     }
     tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
-    Ok(RunningAgent { http_addr, https_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, servers, background })
+    Ok(RunningAgent { http_addr, https_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, reload, servers, background })
 }
 
 /// The admin endpoints on their TCP listener, and on the Unix socket if one is configured.
@@ -246,6 +237,17 @@ fn start_admin(listener: TcpListener, socket: Option<&std::path::Path>, state: A
     Ok(())
 }
 
+/// What most parts are started with.
+struct Core {
+    hub: Arc<StateHub>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    /// Changes on SIGHUP: watchers of files re-read them at once.
+    reloads: watch::Receiver<()>,
+    /// Listeners share their address with the next agent (see [`reusable_socket`]).
+    reuse_port: bool,
+}
+
 /// What ACME left for later: the manager (started once the cluster says whether this agent
 /// orders) and the store and challenges the cluster feed shares.
 type AcmeParts = (Result<acme::Manager, String>, cluster::CertShare);
@@ -257,28 +259,25 @@ type HttpsParts = (TcpListener, Arc<CertResolver>);
 fn start_https(
     tls_cfg: &tls::TlsConfig,
     acme_cfg: AcmeConfig,
-    reuse_port: bool,
-    hub: &Arc<StateHub>,
-    metrics: &Arc<Metrics>,
-    readiness: &Readiness,
+    core: &Core,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<(Option<HttpsParts>, Option<AcmeParts>), StartError> {
     let Some(addr) = tls_cfg.https_listen else {
-        background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), acme_cfg.enabled)));
+        background.push(tokio::spawn(warn_unserved_acme_wishes(core.hub.clone(), acme_cfg.enabled)));
         return Ok((None, None));
     };
-    let listener = bind("HTTPS", addr, reuse_port)?;
+    let listener = bind("HTTPS", addr, core.reuse_port)?;
     let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
     let resolver = Arc::new(CertResolver::new(fallback));
     if let Some(dir) = &tls_cfg.certs_dir {
         // Loaded before serving, so the first handshake already sees them.
         let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);
-        background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone(), CertSource::Files, loaded, Arc::default())));
+        background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone(), CertSource::Files, loaded, Arc::default(), core.reloads.clone())));
     }
     let acme = if acme_cfg.enabled {
-        start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, metrics, readiness, background)
+        start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, core, background)
     } else {
-        background.push(tokio::spawn(warn_unserved_acme_wishes(hub.clone(), false)));
+        background.push(tokio::spawn(warn_unserved_acme_wishes(core.hub.clone(), false)));
         None
     };
     Ok((Some((listener, resolver)), acme))
@@ -288,7 +287,13 @@ fn start_https(
 /// (other agents sharing it, and the cluster feed, write there too). A store that cannot be
 /// opened leaves HTTPS running with the certificates it has, says so in the log and in the
 /// `acme` component of `/readyz`.
-fn start_acme(cfg: AcmeConfig, poll: std::time::Duration, resolver: &Arc<CertResolver>, metrics: &Arc<Metrics>, readiness: &Readiness, background: &mut Vec<JoinHandle<()>>) -> Option<AcmeParts> {
+fn start_acme(
+    cfg: AcmeConfig,
+    poll: std::time::Duration,
+    resolver: &Arc<CertResolver>,
+    core: &Core,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Option<AcmeParts> {
     let dir = cfg.storage_dir.clone();
     let store = match acme::store::Store::open(&dir) {
         Ok(store) => Arc::new(store),
@@ -297,16 +302,16 @@ fn start_acme(cfg: AcmeConfig, poll: std::time::Duration, resolver: &Arc<CertRes
             // and take plain HTTP and the stored certificates down with it.
             let why = format!("cannot use acme.storage_dir {}: {e} (create it, make it writable, or point acme.storage_dir elsewhere); no certificates will be ordered", dir.display());
             tracing::error!("{why}");
-            readiness.set("acme", true, format!("off: {why}"));
+            core.readiness.set("acme", true, format!("off: {why}"));
             return None;
         }
     };
     let loaded = tls::load_into(&store.certs_dir(), resolver, CertSource::Acme, None);
     let reload = Arc::new(tokio::sync::Notify::new());
-    background.push(tokio::spawn(tls::watch_dir(store.certs_dir(), poll, resolver.clone(), CertSource::Acme, loaded, reload.clone())));
-    readiness.set("acme", true, format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display()));
+    background.push(tokio::spawn(tls::watch_dir(store.certs_dir(), poll, resolver.clone(), CertSource::Acme, loaded, reload.clone(), core.reloads.clone())));
+    core.readiness.set("acme", true, format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display()));
     let share = cluster::CertShare { store: store.clone(), challenges: resolver.challenges.clone(), reload: reload.clone() };
-    Some((acme::Manager::new(cfg, store, resolver.challenges.clone(), metrics.clone(), reload), share))
+    Some((acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload), share))
 }
 
 /// Routes that ask for a certificate while ACME cannot run: say so once per host.
@@ -327,15 +332,9 @@ async fn warn_unserved_acme_wishes(hub: Arc<StateHub>, enabled: bool) {
 }
 
 /// Binds mesh-dns (UDP, then TCP on the same port), keeps its zone in step with the hub.
-fn start_dns(
-    listen: SocketAddr,
-    cfg: DnsConfig,
-    reuse_port: bool,
-    hub: &Arc<StateHub>,
-    metrics: &Metrics,
-    readiness: &Readiness,
-    background: &mut Vec<JoinHandle<()>>,
-) -> Result<SocketAddr, StartError> {
+fn start_dns(listen: SocketAddr, cfg: DnsConfig, core: &Core, background: &mut Vec<JoinHandle<()>>) -> Result<SocketAddr, StartError> {
+    let Core { hub, metrics, readiness, reuse_port, .. } = core;
+    let reuse_port = *reuse_port;
     let udp = reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
         .and_then(|s| tokio::net::UdpSocket::from_std(s.into()))
         .map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;

@@ -112,8 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Handlers first: a SIGHUP during start must not kill the process either.
+        let signals = Signals::install();
         let agent = agent::start(config, sources).await?;
-        wait_for_signal().await;
+        signals.wait_for_stop(&agent).await;
         tracing::info!("shutting down: no new connections, finishing requests in flight");
         agent.shutdown().await;
         tracing::info!("stopped");
@@ -121,12 +123,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// The signals the agent answers: SIGTERM and SIGINT stop it, SIGHUP reloads what can be
+/// reloaded and goes on (an operator's `kill -HUP` must never stop the proxy).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handler = |kind: SignalKind| signal(kind).expect("installing a signal handler");
+        Self { term: handler(SignalKind::terminate()), int: handler(SignalKind::interrupt()), hup: handler(SignalKind::hangup()) }
+    }
+
+    async fn wait_for_stop(mut self, agent: &agent::RunningAgent) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => agent.reload(),
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod abuse;
 mod acme;
 mod admin;
 mod cluster;

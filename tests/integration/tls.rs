@@ -248,3 +248,23 @@ async fn session_resumption_can_be_turned_off() {
     .await;
     assert_eq!(second_handshake(off.agent.https_addr.unwrap()).await, rustls::HandshakeKind::Full);
 }
+
+/// SIGHUP's reload ("Hold under abuse", finding 3): with the directory polled hourly, a new
+/// certificate is served as soon as the agent is told to reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_a_new_certificate_before_the_next_poll() {
+    let web = Backend::start("web").await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    let first = ca.issue(certs.path(), "secure.test", &["secure.test"]);
+    let mesh = Mesh::start_with(&service_with("web", &["secure.test"], "/", "http", &[web.addr.to_string()]), |c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(certs.path().to_owned());
+        c.tls.poll_interval = Duration::from_secs(3600);
+    })
+    .await;
+    assert_eq!(presented(&mesh, "secure.test").await, first);
+    let second = ca.issue(certs.path(), "secure.test", &["secure.test"]);
+    mesh.agent.reload();
+    eventually("the reloaded certificate is served", Duration::from_secs(5), async || presented(&mesh, "secure.test").await == second).await;
+}

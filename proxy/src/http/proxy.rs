@@ -11,12 +11,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, RequestGuard};
-use super::endpoint::{ConnectError, Endpoint, Sender};
+use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Sender};
 use super::router::{Route, RouteTable};
 use super::server::ConnActivity;
 use crate::config::ProxyConfig;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::state::{HttpsMethod, UpstreamProtocol};
+use crate::state::{HttpsMethod, StateHub, UpstreamProtocol};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -25,6 +25,7 @@ static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port"
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// What went wrong, and so what the client is told.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ enum ProxyError {
     ResponseTimeout(Duration),
     #[error("upstream exchange failed: {0}")]
     Upstream(hyper::Error),
+    #[error("task switched protocols to {0:?}, which the client did not ask for")]
+    UnaskedSwitch(String),
 }
 
 impl ProxyError {
@@ -44,7 +47,7 @@ impl ProxyError {
         match self {
             Self::NoTask => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect(ConnectError::Timeout(_)) | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Connect(_) | Self::Upstream(_) | Self::UnaskedSwitch(_) => StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -71,6 +74,27 @@ impl Proxy {
     #[must_use]
     pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>, https: Option<Https>) -> Self {
         Self { table: ArcSwap::from_pointee(RouteTable::default()), unrouted: metrics.route("none"), cfg, metrics, https }
+    }
+
+    /// Compiles the route table from the hub's state now (so the listener never serves an
+    /// empty table once the agent has started), then again on every new generation.
+    pub fn follow(self: Arc<Self>, hub: Arc<StateHub>, default_host: Option<String>) -> tokio::task::JoinHandle<()> {
+        let registry = EndpointRegistry::new(self.metrics.backend_up.clone());
+        let mut changes = hub.subscribe();
+        changes.mark_unchanged();
+        let compile = move || {
+            let snapshot = hub.load();
+            let table = RouteTable::compile(&snapshot.state, snapshot.generation, default_host.as_deref(), &registry, &self.metrics);
+            self.table.store(Arc::new(table));
+            registry.prune();
+            self.metrics.state_generation.set(snapshot.generation as i64);
+        };
+        compile();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                compile();
+            }
+        })
     }
 
     /// The answer HTTPS settings give before proxying: a redirect to HTTPS, or a refusal
@@ -133,10 +157,17 @@ impl Proxy {
             route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
             return resp.map(|b| b.with_guard(guard));
         }
+        let asked = upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
-        let resp = match self.exchange(&route, req, &mut guard).await {
+        let exchanged = self.exchange(&route, req, &mut guard).await.and_then(|(resp, endpoint)| {
+            match check_switch(&resp, asked.as_ref()) {
+                Ok(()) => Ok((resp, endpoint)),
+                Err(e) => Err((e, Some(endpoint))),
+            }
+        });
+        let resp = match exchanged {
             Ok((mut resp, endpoint)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
@@ -251,11 +282,36 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
 }
 
-/// An HTTP/1.1 `Connection: upgrade` request with an `Upgrade` header (WebSocket and co).
+/// An HTTP/1.1 `Connection: upgrade` request with an `Upgrade` header (WebSocket and co)
+/// that the proxy tunnels. An upgrade to `h2c` is never tunnelled: after it, the client would
+/// speak HTTP/2 straight to the task, past routing and header rewriting (request smuggling),
+/// so its `Upgrade` is stripped and the request goes on as a plain one (as nginx and
+/// Traefik do).
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get(header::UPGRADE).is_some_and(|v| !names_h2c(v))
         && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether an `Upgrade` value names `h2c` among its protocols.
+fn names_h2c(value: &HeaderValue) -> bool {
+    value.to_str().map_or(true, |v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
+}
+
+/// A `101` is passed on only as the answer to an upgrade the client asked for, to one of
+/// the protocols it named; anything else would turn the connection into a tunnel the client
+/// did not negotiate through us.
+fn check_switch<B>(resp: &Response<B>, asked: Option<&HeaderValue>) -> Result<(), ProxyError> {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(());
+    }
+    let to = resp.headers().get(header::UPGRADE);
+    let to_text = to.and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
+    let offered = asked.and_then(|v| v.to_str().ok()).unwrap_or("");
+    let agreed = to.is_some_and(|v| !names_h2c(v))
+        && !to_text.is_empty()
+        && offered.split(',').any(|p| p.trim().eq_ignore_ascii_case(&to_text));
+    if agreed { Ok(()) } else { Err(ProxyError::UnaskedSwitch(to_text)) }
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -271,7 +327,8 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1) and those named in `Connection`.
 /// For an upgrade, `Connection: upgrade` and `Upgrade` stay.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    const HOP_BY_HOP: [&HeaderName; 9] = [
+    // `Upgrade` last: an upgrade keeps it.
+    const HOP_BY_HOP: [&HeaderName; 10] = [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
@@ -280,6 +337,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         &header::TE,
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
+        &HTTP2_SETTINGS,
         &header::UPGRADE,
     ];
     // One pass over the (few) names present; most requests carry none of these.
@@ -294,7 +352,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in &HOP_BY_HOP[..8] {
+    for name in &HOP_BY_HOP[..HOP_BY_HOP.len() - 1] {
         headers.remove(*name);
     }
     if te_trailers {

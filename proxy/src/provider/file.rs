@@ -231,13 +231,15 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
     })
 }
 
-/// Reads the file once, publishes it if valid, then keeps polling for changes.
+/// Reads the file once, publishes it if valid, then keeps polling for changes; a change of
+/// `reload` (the operator's SIGHUP) reads it at once, changed stamp or not.
 /// Returns the first load's result so the caller can refuse to start on a broken file.
 pub fn load_and_watch(
     path: PathBuf,
     poll: Duration,
     hub: Arc<StateHub>,
     metrics: Arc<Metrics>,
+    mut reload: tokio::sync::watch::Receiver<()>,
 ) -> Result<tokio::task::JoinHandle<()>, RoutesError> {
     let mut seen = Stamp::read(&path);
     let text = std::fs::read_to_string(&path)
@@ -252,9 +254,12 @@ pub fn load_and_watch(
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                Ok(()) = reload.changed() => true,
+            };
             let stamp = Stamp::read(&path);
-            if stamp == seen {
+            if stamp == seen && !forced {
                 continue;
             }
             seen = stamp;
@@ -267,6 +272,9 @@ pub fn load_and_watch(
                 }
             };
             if text == last_text {
+                if forced {
+                    tracing::info!(file = %path.display(), "routes file unchanged");
+                }
                 continue;
             }
             match parse(&path, &text, NAME) {

@@ -80,15 +80,24 @@ pub fn load_into(dir: &Path, resolver: &CertResolver, source: CertSource, previo
 }
 
 /// Reloads `dir` whenever a file in it changes, or at once when `wake` is notified (the ACME
-/// manager does so after writing). A reload swaps the source's certificates in one store, so
-/// handshakes in progress are never disturbed.
-pub async fn watch_dir(dir: PathBuf, poll: Duration, resolver: Arc<CertResolver>, source: CertSource, mut loaded: LoadedCerts, wake: Arc<Notify>) {
+/// manager does so after writing) or `reload` changes (the operator's SIGHUP). A reload swaps
+/// the source's certificates in one store, so handshakes in progress are never disturbed.
+pub async fn watch_dir(
+    dir: PathBuf,
+    poll: Duration,
+    resolver: Arc<CertResolver>,
+    source: CertSource,
+    mut loaded: LoadedCerts,
+    wake: Arc<Notify>,
+    mut reload: tokio::sync::watch::Receiver<()>,
+) {
     let mut seen = Some(resolver::dir_stamp(&dir));
     let mut tick = tokio::time::interval(poll);
     loop {
         let forced = tokio::select! {
             _ = tick.tick() => false,
             () = wake.notified() => true,
+            Ok(()) = reload.changed() => true,
         };
         let stamp = resolver::dir_stamp(&dir);
         if !forced && seen.as_ref() == Some(&stamp) {

@@ -1,0 +1,145 @@
+//! Hostile clients and signals (issue "Hold under abuse"): each test names the finding it
+//! reproduces.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::{curl, eventually, service, service_with, Backend, Binary, Mesh};
+
+/// What the h2c task saw: one line per request, `<protocol> <path> xff=<x-forwarded-for>`.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// A task that honours `Upgrade: h2c` as a naive HTTP server would: it answers `101` and
+/// then serves HTTP/2 on the connection. `/switch-anyway` answers `101` to anything.
+async fn h2c_task() -> (std::net::SocketAddr, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut stream).await;
+                let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                let lower = head.to_ascii_lowercase();
+                log.lock().unwrap().push(format!("http/1.1 {path} upgrade={}", lower.contains("\nupgrade: h2c")));
+                if lower.contains("\nupgrade: h2c") || path == "/switch-anyway" {
+                    let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n").await;
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                            log.lock().unwrap().push(format!("h2 {} xff={xff}", req.uri().path()));
+                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from("smuggled\n"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+                } else {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nplain\n").await;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads an HTTP/1 head (up to the blank line) byte by byte.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Finding 1: an `Upgrade: h2c` request (without `HTTP2-Settings` in `Connection`) must not
+/// become a tunnel through which HTTP/2 requests reach the task past routing and header
+/// rewriting.
+#[tokio::test]
+async fn an_h2c_upgrade_never_opens_a_tunnel_past_the_router() {
+    let (task, seen) = h2c_task().await;
+    let routes = service_with("public", &["h2c.test"], "/public", "http", &[task.to_string()]);
+    let mesh = Mesh::start(&routes).await;
+
+    let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+    stream
+        .write_all(b"GET /public HTTP/1.1\r\nHost: h2c.test\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    if head.starts_with("HTTP/1.1 101") {
+        // The attack as reproduced: HTTP/2 through the tunnel, to an unrouted path, with a
+        // forged client address.
+        if let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await {
+            tokio::spawn(conn);
+            let req = Request::get("http://h2c.test/internal-admin").header("x-forwarded-for", "6.6.6.6").body(Empty::<Bytes>::new()).unwrap();
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await {
+                let _ = resp.into_body().collect().await;
+            }
+        }
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(head.starts_with("HTTP/1.1 200"), "the upgrade must be refused and the request served plainly; got {head:?}, the task saw {seen:?}");
+    assert_eq!(seen, ["http/1.1 /public upgrade=false"], "the task saw only the routed request, without the h2c upgrade");
+}
+
+/// Finding 1, the other side: a task that switches protocols unasked gets a 502, not a tunnel.
+#[tokio::test]
+async fn a_task_switching_protocols_unasked_is_a_bad_gateway() {
+    let (task, _) = h2c_task().await;
+    let mesh = Mesh::start(&service_with("sneaky", &["sneaky.test"], "/", "http", &[task.to_string()])).await;
+    let (status, body) = mesh.get("sneaky.test", "/switch-anyway").await;
+    assert_eq!(status.as_u16(), 502, "{body}");
+}
+
+/// Finding 3: SIGHUP reloads the routes file at once (its poll is an hour here, so only the
+/// signal can apply the edit), logs it, and neither stops the process nor cuts a request in
+/// flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_routes_file_and_keeps_serving() {
+    let slow = Backend::start_with_delay("slow", Duration::from_millis(800)).await;
+    let other = Backend::start("other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, service("slow", &["slow.test"], "/", &[&slow])).unwrap();
+    let mut agent = Binary::spawn(&[
+        "--routes",
+        routes.to_str().unwrap(),
+        "--routes-poll-interval",
+        "1h",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--docker",
+        "off",
+    ]);
+    let (http, _) = agent.addresses();
+
+    let in_flight = tokio::spawn(async move { curl(&["-H", "Host: slow.test", &format!("http://{http}/")]).await });
+    eventually("the slow request reaches its task", Duration::from_secs(5), async || slow.held() == 1).await;
+    let edited = service("slow", &["slow.test"], "/", &[&slow]) + &service("other", &["other.test"], "/", &[&other]);
+    std::fs::write(&routes, edited).unwrap();
+    agent.signal(1);
+    agent.wait_for_log("routes file reloaded", Duration::from_secs(5));
+    assert!(agent.log.iter().any(|l| l.contains("SIGHUP")), "the reload is logged as the signal's");
+
+    let (ok, out) = in_flight.await.unwrap();
+    assert!(ok && out.contains("Name: slow"), "the request in flight finished: {out}");
+    let (ok, out) = curl(&["-H", "Host: other.test", &format!("http://{http}/")]).await;
+    assert!(ok && out.contains("Name: other"), "the route added before the SIGHUP is served: {out}");
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent still runs after SIGHUP");
+}
