@@ -12,9 +12,12 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=MESHGATE_CLANG");
     println!("cargo:rustc-check-cfg=cfg(meshgate_bpf)");
-    let candidates = std::env::var("MESHGATE_CLANG").map_or_else(|_| vec!["clang-19".to_owned(), "clang".to_owned()], |c| vec![c]);
+    let candidates = std::env::var("MESHGATE_CLANG")
+        .map_or_else(|_| vec!["clang-19".to_owned(), "clang".to_owned()], |c| vec![c]);
     let arch_includes = ["/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu"];
-    let mut why = String::from("clang was not found (install clang-19 and libbpf-dev, e.g. `apt-get install clang-19 libbpf-dev`)");
+    let mut why = String::from(
+        "clang was not found (install clang-19 and libbpf-dev, e.g. `apt-get install clang-19 libbpf-dev`)",
+    );
     for clang in &candidates {
         let mut cmd = Command::new(clang);
         cmd.args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"]);
@@ -35,6 +38,9 @@ fn main() {
     }
     // A new clang (a package install touches /usr/bin) makes the next build try again.
     println!("cargo:rerun-if-changed=/usr/bin");
-    println!("cargo:warning=the XDP mesh is left out of this build: {}. Everything else builds and runs.", why.lines().next().unwrap_or_default());
+    println!(
+        "cargo:warning=the XDP mesh is left out of this build: {}. Everything else builds and runs.",
+        why.lines().next().unwrap_or_default()
+    );
     std::fs::write(&out, b"").expect("OUT_DIR is writable");
 }

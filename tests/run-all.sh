@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need (Debian packages, as root) and runs every test:
-# formatting-independent lints (clippy, warnings are errors), unit tests and the
+# formatting (cargo fmt --check), lints (clippy, warnings are errors), unit tests and the
 # integration tests against real sockets, real backends, curl and the agent binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,9 @@ if ! docker info >/dev/null 2>&1; then
   echo "the Docker discovery tests need a running Docker engine (docker info failed)" >&2
   exit 1
 fi
+
+echo "==> formatting (cargo fmt --check; rustfmt.toml holds the stable options)"
+cargo fmt --all --check
 
 echo "==> clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -33,7 +33,10 @@ fn main() {
             Backend { task: addr.to_string(), node: "n1".into(), addr, node_addr: NODE, local: true }
         })
         .collect();
-    mesh.sync(&PortTable { ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends, local_only: false }] }).expect("sync");
+    mesh.sync(&PortTable {
+        ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends, local_only: false }],
+    })
+    .expect("sync");
     let mut time = |packet: &dyn Fn(u32) -> Vec<u8>| {
         let total: Duration = (0..runs).map(|i| mesh.time_per_packet(&packet(i), 1).expect("test run")).sum();
         total.as_nanos() as f64 / f64::from(runs)

@@ -11,7 +11,10 @@ use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::maglev;
-use crate::maps::{BackendSlot, Counters, FlowKey, FlowVal, SvcInfo, SvcKey, BACKEND_LIVE, BACKEND_LOCAL, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS};
+use crate::maps::{
+    BackendSlot, Counters, FlowKey, FlowVal, SvcInfo, SvcKey, BACKEND_LIVE, BACKEND_LOCAL, MAGLEV_SIZE,
+    MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS,
+};
 use crate::{PortTable, Protocol};
 
 /// The compiled BPF object (empty when the build had no clang).
@@ -62,8 +65,13 @@ pub struct Mesh {
     tc_in: bool,
 }
 
-fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MeshError> {
-    let raw = ebpf.take_map(name).ok_or(MeshError::Map(name, aya::maps::MapError::InvalidName { name: name.to_owned() }))?;
+fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, MeshError> {
+    let raw = ebpf
+        .take_map(name)
+        .ok_or(MeshError::Map(name, aya::maps::MapError::InvalidName { name: name.to_owned() }))?;
     T::try_from(raw).map_err(|e| MeshError::Map(name, e))
 }
 
@@ -76,7 +84,9 @@ impl Mesh {
         let node = u32::from_ne_bytes(node_ip.octets());
         let mut ebpf = EbpfLoader::new().override_global("node_ip", &node, true).load(OBJECT)?;
         for name in ["meshgate_xdp", "meshgate_tc_in", "meshgate_tc_reply"] {
-            let program = ebpf.program_mut(name).ok_or(MeshError::Program(name, aya::programs::ProgramError::UnexpectedProgramType))?;
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(MeshError::Program(name, aya::programs::ProgramError::UnexpectedProgramType))?;
             let loaded = match program {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
@@ -101,7 +111,10 @@ impl Mesh {
     }
 
     fn xdp(&mut self) -> &mut Xdp {
-        self.ebpf.program_mut("meshgate_xdp").and_then(|p| p.try_into().ok()).expect("the object has meshgate_xdp")
+        self.ebpf
+            .program_mut("meshgate_xdp")
+            .and_then(|p| p.try_into().ok())
+            .expect("the object has meshgate_xdp")
     }
 
     fn classifier(&mut self, name: &'static str) -> &mut SchedClassifier {
@@ -118,7 +131,8 @@ impl Mesh {
             return Err(MeshError::NoInterface(uplink.to_owned()));
         }
         if !self.tc_in {
-            attach_ingress(self.classifier("meshgate_tc_in"), uplink).map_err(|e| MeshError::Program("meshgate_tc_in", e))?;
+            attach_ingress(self.classifier("meshgate_tc_in"), uplink)
+                .map_err(|e| MeshError::Program("meshgate_tc_in", e))?;
             self.tc_in = true;
         }
         let mode = match self.xdp().attach(uplink, XdpMode::Driver) {
@@ -136,7 +150,8 @@ impl Mesh {
     /// devices local tasks are reached through (a Docker bridge, a task's veth), where their
     /// replies enter the node. Returns the devices it could not attach to, with the reason.
     pub fn set_task_devices(&mut self, devices: &HashSet<(String, u32)>) -> Vec<(String, MeshError)> {
-        let gone: Vec<(String, u32)> = self.task_devices.keys().filter(|d| !devices.contains(*d)).cloned().collect();
+        let gone: Vec<(String, u32)> =
+            self.task_devices.keys().filter(|d| !devices.contains(*d)).cloned().collect();
         for device in gone {
             let link = self.task_devices.remove(&device).expect("present");
             // A device that was deleted took the program with it.
@@ -162,31 +177,43 @@ impl Mesh {
     /// its service entry last; slots of tasks gone everywhere are emptied and freed only at the
     /// end, so no row still pointing at one can meet it reused by another task.
     pub fn sync(&mut self, table: &PortTable) -> Result<(), MeshError> {
-        let wanted: BTreeMap<(Protocol, u16), &crate::PublishedPort> = table.ports.iter().map(|p| ((p.protocol, p.port), p)).collect();
+        let wanted: BTreeMap<(Protocol, u16), &crate::PublishedPort> =
+            table.ports.iter().map(|p| ((p.protocol, p.port), p)).collect();
         for ((proto, port), id) in self.ids.release_except(&wanted.keys().copied().collect()) {
             let _ = self.services.remove(&svc_key(proto, port));
             self.rows.remove(&id);
             self.ids.free(id);
         }
-        let live: HashSet<(Ipv4Addr, SocketAddrV4)> = wanted.values().flat_map(|p| p.backends.iter().map(|b| (b.node_addr, b.addr))).collect();
+        let live: HashSet<(Ipv4Addr, SocketAddrV4)> =
+            wanted.values().flat_map(|p| p.backends.iter().map(|b| (b.node_addr, b.addr))).collect();
         let gone = self.slots.release_except(&live);
         for (&(proto, port), published) in &wanted {
             let id = self.ids.get((proto, port)).ok_or(MeshError::Full("published ports", MAX_SERVICES))?;
-            let serving: Vec<&crate::Backend> = published.backends.iter().filter(|b| b.local || !published.local_only).collect();
+            let serving: Vec<&crate::Backend> =
+                published.backends.iter().filter(|b| b.local || !published.local_only).collect();
             let mut slot_of = Vec::with_capacity(serving.len());
             for b in &serving {
-                let slot = self.slots.get((b.node_addr, b.addr)).ok_or(MeshError::Full("tasks", MAX_BACKENDS))?;
+                let slot =
+                    self.slots.get((b.node_addr, b.addr)).ok_or(MeshError::Full("tasks", MAX_BACKENDS))?;
                 let flags = BACKEND_LIVE | if b.local { BACKEND_LOCAL } else { 0 };
-                let value = BackendSlot { addr: u32::from_ne_bytes(b.addr.ip().octets()), node_addr: u32::from_ne_bytes(b.node_addr.octets()), port: b.addr.port().to_be(), flags };
+                let value = BackendSlot {
+                    addr: u32::from_ne_bytes(b.addr.ip().octets()),
+                    node_addr: u32::from_ne_bytes(b.node_addr.octets()),
+                    port: b.addr.port().to_be(),
+                    flags,
+                };
                 self.backends.set(slot, value, 0).map_err(|e| MeshError::Map("backends", e))?;
                 slot_of.push(slot);
             }
             let names: Vec<String> = serving.iter().map(|b| format!("{}/{}", b.node_addr, b.addr)).collect();
-            let row: Vec<u32> = maglev::table(&names, MAGLEV_SIZE).iter().map(|&i| slot_of[i as usize]).collect();
+            let row: Vec<u32> =
+                maglev::table(&names, MAGLEV_SIZE).iter().map(|&i| slot_of[i as usize]).collect();
             let row = if row.is_empty() { vec![u32::MAX; MAGLEV_SIZE as usize] } else { row };
             if self.rows.get(&id) != Some(&row) {
                 for (i, slot) in row.iter().enumerate() {
-                    self.maglev.set(id * MAGLEV_SIZE + i as u32, slot, 0).map_err(|e| MeshError::Map("maglev", e))?;
+                    self.maglev
+                        .set(id * MAGLEV_SIZE + i as u32, slot, 0)
+                        .map_err(|e| MeshError::Map("maglev", e))?;
                 }
                 self.rows.insert(id, row);
             }
@@ -227,7 +254,11 @@ impl Mesh {
         let mut out = vec![0u8; packet.len() + 256];
         let result = self
             .xdp()
-            .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..TestRunOptions::new() })
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
             .map_err(|e| MeshError::Program("meshgate_xdp", e))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
@@ -236,14 +267,20 @@ impl Mesh {
     /// Nanoseconds per run of the XDP program on `packet`, over `repeat` runs.
     pub fn time_per_packet(&mut self, packet: &[u8], repeat: u32) -> Result<std::time::Duration, MeshError> {
         use aya::programs::{TestRun, TestRunOptions};
-        let result = self.xdp().test_run(TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::new() }).map_err(|e| MeshError::Program("meshgate_xdp", e))?;
+        let result = self
+            .xdp()
+            .test_run(TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::new() })
+            .map_err(|e| MeshError::Program("meshgate_xdp", e))?;
         Ok(result.duration)
     }
 }
 
 /// Attaches a tc program to `device`'s ingress: as a TCX link (Linux 6.6 and later), else
 /// through a `clsact` qdisc, added if missing.
-fn attach_ingress(program: &mut SchedClassifier, device: &str) -> Result<SchedClassifierLinkId, aya::programs::ProgramError> {
+fn attach_ingress(
+    program: &mut SchedClassifier,
+    device: &str,
+) -> Result<SchedClassifierLinkId, aya::programs::ProgramError> {
     program.attach(device, TcAttachType::Ingress).or_else(|first| {
         if aya::programs::tc::qdisc_add_clsact(device).is_err() {
             return Err(first);
@@ -257,9 +294,15 @@ fn svc_key(proto: Protocol, port: u16) -> SvcKey {
 }
 
 fn sum(map: &PerCpuArray<MapData, Counters>, index: u32) -> Counters {
-    map.get(&index, 0).map_or_else(|_| Counters::default(), |values| {
-        values.iter().fold(Counters::default(), |acc, c| Counters { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
-    })
+    map.get(&index, 0).map_or_else(
+        |_| Counters::default(),
+        |values| {
+            values.iter().fold(Counters::default(), |acc, c| Counters {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            })
+        },
+    )
 }
 
 /// Stable small numbers for things that come and go (service ids, backend slots): a thing
@@ -284,10 +327,12 @@ impl<K: std::hash::Hash + Eq + Clone> Allocator<K> {
         if let Some(n) = self.given.get(&key) {
             return Some(*n);
         }
-        let n = self.free.pop().or_else(|| (self.next < self.max).then(|| {
-            self.next += 1;
-            self.next - 1
-        }))?;
+        let n = self.free.pop().or_else(|| {
+            (self.next < self.max).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })?;
         self.given.insert(key, n);
         Some(n)
     }
@@ -296,10 +341,12 @@ impl<K: std::hash::Hash + Eq + Clone> Allocator<K> {
     /// until [`Allocator::free`].
     fn release_except(&mut self, keep: &HashSet<K>) -> Vec<(K, u32)> {
         let gone: Vec<K> = self.given.keys().filter(|k| !keep.contains(*k)).cloned().collect();
-        gone.into_iter().map(|k| {
-            let n = self.given.remove(&k).expect("present");
-            (k, n)
-        }).collect()
+        gone.into_iter()
+            .map(|k| {
+                let n = self.given.remove(&k).expect("present");
+                (k, n)
+            })
+            .collect()
     }
 
     fn free(&mut self, n: u32) {

@@ -22,7 +22,10 @@ pub fn table(names: &[String], m: u32) -> Vec<u32> {
         return Vec::new();
     }
     let m64 = u64::from(m);
-    let perms: Vec<(u64, u64)> = names.iter().map(|n| (hash(0x5eed_0001, n.as_bytes()) % m64, hash(0x5eed_0002, n.as_bytes()) % (m64 - 1) + 1)).collect();
+    let perms: Vec<(u64, u64)> = names
+        .iter()
+        .map(|n| (hash(0x5eed_0001, n.as_bytes()) % m64, hash(0x5eed_0002, n.as_bytes()) % (m64 - 1) + 1))
+        .collect();
     let mut next = vec![0u64; names.len()];
     let mut entry = vec![u32::MAX; m as usize];
     let mut filled = 0;

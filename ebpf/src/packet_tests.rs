@@ -40,7 +40,14 @@ struct Pkt {
 
 impl Pkt {
     fn tcp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self { src, dst, proto: 6, payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(), udp_no_checksum: false, ack: false }
+        Self {
+            src,
+            dst,
+            proto: 6,
+            payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            udp_no_checksum: false,
+            ack: false,
+        }
     }
 
     fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
@@ -138,10 +145,15 @@ fn published(protocol: Protocol, port: u16, backends: Vec<Backend>) -> Published
 }
 
 fn mesh() -> Mesh {
-    let mut mesh = Mesh::load(NODE).expect("the BPF object loads (the test command runs as root and installs clang)");
+    let mut mesh =
+        Mesh::load(NODE).expect("the BPF object loads (the test command runs as root and installs clang)");
     mesh.sync(&PortTable {
         ports: vec![
-            published(Protocol::Tcp, 8080, vec![task([10, 0, 9, 2], 80, NODE), task([10, 0, 9, 3], 80, NODE)]),
+            published(
+                Protocol::Tcp,
+                8080,
+                vec![task([10, 0, 9, 2], 80, NODE), task([10, 0, 9, 3], 80, NODE)],
+            ),
             published(Protocol::Udp, 5353, vec![task([10, 0, 9, 4], 53, NODE)]),
             published(Protocol::Tcp, 9000, vec![]),
             published(Protocol::Tcp, 7000, vec![task([10, 0, 9, 2], 70, OTHER_NODE)]),
@@ -188,7 +200,8 @@ fn packets_the_program_leaves_alone_pass_unchanged() {
         assert_eq!(verdict, XDP_PASS, "{what}");
         assert_eq!(out, input, "{what}: the kernel gets the packet untouched");
     }
-    let counted: std::collections::HashMap<_, _> = mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
+    let counted: std::collections::HashMap<_, _> =
+        mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
     assert_eq!(counted["pass_not_ipv4"], 1);
     assert_eq!(counted["pass_truncated"], 3);
     assert_eq!(counted["pass_ip_options"], 1);
@@ -207,7 +220,9 @@ fn a_flow_to_a_published_port_is_translated_to_a_local_task_with_valid_checksums
     let chosen = [at(Ipv4Addr::new(10, 0, 9, 2), 80), at(Ipv4Addr::new(10, 0, 9, 3), 80)]
         .into_iter()
         .find(|t| out == syn.to(*t).bytes())
-        .unwrap_or_else(|| panic!("the output is the packet sent to one task, checksums included: {out:02x?}"));
+        .unwrap_or_else(|| {
+            panic!("the output is the packet sent to one task, checksums included: {out:02x?}")
+        });
     // The same flow stays on its task.
     for _ in 0..5 {
         assert_eq!(mesh.test_run(&syn.bytes()).unwrap().1, syn.to(chosen).bytes());
@@ -241,7 +256,8 @@ fn a_published_port_without_tasks_drops_and_a_removed_task_ends_its_flows() {
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 9000)).bytes()).unwrap();
     assert_eq!(verdict, XDP_DROP, "published, but nothing serves it");
 
-    let only = |ip: [u8; 4]| PortTable { ports: vec![published(Protocol::Tcp, 8080, vec![task(ip, 80, NODE)])] };
+    let only =
+        |ip: [u8; 4]| PortTable { ports: vec![published(Protocol::Tcp, 8080, vec![task(ip, 80, NODE)])] };
     mesh.sync(&only([10, 0, 9, 2])).unwrap();
     let syn = Pkt::tcp(at(CLIENT, 41000), at(NODE, 8080));
     let established = Pkt::tcp(at(CLIENT, 41001), at(NODE, 8080)).acking();
@@ -250,12 +266,27 @@ fn a_published_port_without_tasks_drops_and_a_removed_task_ends_its_flows() {
     }
     mesh.sync(&only([10, 0, 9, 3])).unwrap();
     let (verdict, out) = mesh.test_run(&established.bytes()).unwrap();
-    assert_eq!(verdict, XDP_REDIRECT, "the flow's task is gone: it is not moved to another task mid-connection, it is reset");
-    assert_eq!(out, reset_for(&established), "a RST from the address the client contacted, with the segment's ACK as its sequence");
+    assert_eq!(
+        verdict, XDP_REDIRECT,
+        "the flow's task is gone: it is not moved to another task mid-connection, it is reset"
+    );
+    assert_eq!(
+        out,
+        reset_for(&established),
+        "a RST from the address the client contacted, with the segment's ACK as its sequence"
+    );
     let (verdict, out) = mesh.test_run(&syn.bytes()).unwrap();
-    assert_eq!((verdict, out[30..34].to_vec()), (XDP_PASS, vec![10, 0, 9, 3]), "a SYN again (the first went to the dying task) opens no connection yet: it goes to a live task");
+    assert_eq!(
+        (verdict, out[30..34].to_vec()),
+        (XDP_PASS, vec![10, 0, 9, 3]),
+        "a SYN again (the first went to the dying task) opens no connection yet: it goes to a live task"
+    );
     let (verdict, out) = mesh.test_run(&Pkt::tcp(at(CLIENT, 41002), at(NODE, 8080)).bytes()).unwrap();
-    assert_eq!((verdict, out[30..34].to_vec()), (XDP_PASS, vec![10, 0, 9, 3]), "new flows go to the remaining task");
+    assert_eq!(
+        (verdict, out[30..34].to_vec()),
+        (XDP_PASS, vec![10, 0, 9, 3]),
+        "new flows go to the remaining task"
+    );
     // The unpublished port now passes.
     assert_eq!(mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 9000)).bytes()).unwrap().0, XDP_PASS);
 }
@@ -276,7 +307,8 @@ fn a_task_on_a_node_without_a_route_is_dropped_and_counted() {
     let mut mesh = mesh();
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 7000)).bytes()).unwrap();
     assert_eq!(verdict, XDP_DROP);
-    let counted: std::collections::HashMap<_, _> = mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
+    let counted: std::collections::HashMap<_, _> =
+        mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
     assert_eq!(counted["drop_no_route"], 1);
 }
 
@@ -284,13 +316,28 @@ fn a_task_on_a_node_without_a_route_is_dropped_and_counted() {
 fn a_local_only_port_never_leaves_the_node() {
     let mut mesh = Mesh::load(NODE).unwrap();
     let both = vec![task([10, 0, 9, 2], 80, NODE), task([10, 0, 9, 2], 80, OTHER_NODE)];
-    mesh.sync(&PortTable { ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends: both, local_only: true }] }).unwrap();
+    mesh.sync(&PortTable {
+        ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends: both, local_only: true }],
+    })
+    .unwrap();
     for port in 40000..40032 {
         let flow = Pkt::tcp(at(CLIENT, port), at(NODE, 8080));
-        assert_eq!(mesh.test_run(&flow.bytes()).unwrap(), (XDP_PASS, flow.to(at(Ipv4Addr::new(10, 0, 9, 2), 80)).bytes()), "only the local task");
+        assert_eq!(
+            mesh.test_run(&flow.bytes()).unwrap(),
+            (XDP_PASS, flow.to(at(Ipv4Addr::new(10, 0, 9, 2), 80)).bytes()),
+            "only the local task"
+        );
     }
     let only_remote = vec![task([10, 0, 9, 2], 80, OTHER_NODE)];
-    mesh.sync(&PortTable { ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends: only_remote, local_only: true }] }).unwrap();
+    mesh.sync(&PortTable {
+        ports: vec![PublishedPort {
+            protocol: Protocol::Tcp,
+            port: 8080,
+            backends: only_remote,
+            local_only: true,
+        }],
+    })
+    .unwrap();
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 50000), at(NODE, 8080)).bytes()).unwrap();
     assert_eq!(verdict, XDP_DROP, "no local task: nothing serves it here");
 }

@@ -31,7 +31,11 @@ fn parse(table: &str) -> Vec<Route> {
 /// The device of the longest matching route.
 fn device_for(routes: &[Route], addr: Ipv4Addr) -> Option<&str> {
     let a = u32::from(addr);
-    routes.iter().filter(|r| a & r.mask == r.dest).max_by_key(|r| r.mask.count_ones()).map(|r| r.device.as_str())
+    routes
+        .iter()
+        .filter(|r| a & r.mask == r.dest)
+        .max_by_key(|r| r.mask.count_ones())
+        .map(|r| r.device.as_str())
 }
 
 /// The devices (name and ifindex) the main routing table sends `addrs` through. Addresses

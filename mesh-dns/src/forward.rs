@@ -90,7 +90,10 @@ impl Forwarder {
         let per_try = self.timeout / u32::try_from(self.upstreams.len()).unwrap_or(1).max(1);
         let mut last = ForwardError::Timeout(self.timeout);
         for upstream in &self.upstreams {
-            let attempt = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + per_try), exchange(*upstream, &bytes, query.metadata.id));
+            let attempt = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + per_try),
+                exchange(*upstream, &bytes, query.metadata.id),
+            );
             match attempt.await {
                 Ok(Ok(message)) => {
                     let upstream = self.store(name, qtype, message);
@@ -106,13 +109,22 @@ impl Forwarder {
     fn store(&self, name: &LowerName, qtype: RecordType, message: Message) -> Upstream {
         let min_ttl = message.answers.iter().chain(message.authorities.iter()).map(|r| r.ttl).min();
         let ttl = match (message.metadata.response_code, min_ttl) {
-            (ResponseCode::NoError, Some(ttl)) if !message.answers.is_empty() => Duration::from_secs(u64::from(ttl)).min(MAX_CACHE_TTL),
-            (ResponseCode::NoError | ResponseCode::NXDomain, ttl) => Duration::from_secs(u64::from(ttl.unwrap_or(30))).min(NEGATIVE_TTL),
+            (ResponseCode::NoError, Some(ttl)) if !message.answers.is_empty() => {
+                Duration::from_secs(u64::from(ttl)).min(MAX_CACHE_TTL)
+            }
+            (ResponseCode::NoError | ResponseCode::NXDomain, ttl) => {
+                Duration::from_secs(u64::from(ttl.unwrap_or(30))).min(NEGATIVE_TTL)
+            }
             // SERVFAIL and the like are not cached.
             _ => Duration::ZERO,
         };
         let now = Instant::now();
-        let upstream = Upstream { response_code: message.metadata.response_code, message, stored: now, expires: now + ttl };
+        let upstream = Upstream {
+            response_code: message.metadata.response_code,
+            message,
+            stored: now,
+            expires: now + ttl,
+        };
         if !ttl.is_zero() {
             let mut cache = self.cache.lock().expect("dns cache lock");
             if cache.len() >= self.capacity {
@@ -175,7 +187,8 @@ mod tests {
 
     #[test]
     fn resolv_conf_nameservers() {
-        let text = "search x\nnameserver 10.0.0.2\nnameserver 127.0.0.53\n# nameserver 1.1.1.1\nnameserver bogus\n";
+        let text =
+            "search x\nnameserver 10.0.0.2\nnameserver 127.0.0.53\n# nameserver 1.1.1.1\nnameserver bogus\n";
         assert_eq!(resolv_conf_upstreams(text, 53), vec!["10.0.0.2:53".parse().unwrap()]);
         assert_eq!(resolv_conf_upstreams(text, 5353).len(), 2);
     }

@@ -27,9 +27,14 @@ pub struct DnsMetrics {
 
 impl DnsMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let queries = IntCounterVec::new(Opts::new("meshgate_dns_queries_total", "DNS queries answered, by query type and response code."), &["type", "rcode"])?;
-        let forwarded = IntCounter::new("meshgate_dns_forwarded_total", "DNS queries sent to an upstream resolver.")?;
-        let cache_hits = IntCounter::new("meshgate_dns_cache_hits_total", "Forwarded names answered from the cache.")?;
+        let queries = IntCounterVec::new(
+            Opts::new("meshgate_dns_queries_total", "DNS queries answered, by query type and response code."),
+            &["type", "rcode"],
+        )?;
+        let forwarded =
+            IntCounter::new("meshgate_dns_forwarded_total", "DNS queries sent to an upstream resolver.")?;
+        let cache_hits =
+            IntCounter::new("meshgate_dns_cache_hits_total", "Forwarded names answered from the cache.")?;
         let duration = Histogram::with_opts(
             HistogramOpts::new("meshgate_dns_request_duration_seconds", "Time to answer a DNS query.")
                 .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5]),
@@ -52,7 +57,12 @@ pub struct MeshDns {
 
 impl MeshDns {
     #[must_use]
-    pub fn new(zone: Zone, forwarder: Forwarder, recursion_allowed: Vec<IpNet>, metrics: Option<DnsMetrics>) -> Self {
+    pub fn new(
+        zone: Zone,
+        forwarder: Forwarder,
+        recursion_allowed: Vec<IpNet>,
+        metrics: Option<DnsMetrics>,
+    ) -> Self {
         Self { zone: ArcSwap::from_pointee(zone), forwarder, recursion_allowed, metrics }
     }
 
@@ -89,7 +99,11 @@ impl Reply<'_> {
 
 #[async_trait::async_trait]
 impl RequestHandler for MeshDns {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
         let started = Instant::now();
         let queries = request.queries.queries();
         let recursion = self.may_recurse(request.src().ip());
@@ -106,9 +120,21 @@ impl RequestHandler for MeshDns {
             match zone.answer(query.name(), query.query_type()) {
                 Answer::Records(answers) => {
                     let authorities = if answers.is_empty() { vec![zone.soa()] } else { Vec::new() };
-                    Reply { code: ResponseCode::NoError, authoritative: true, answers, authorities, owned: None }
+                    Reply {
+                        code: ResponseCode::NoError,
+                        authoritative: true,
+                        answers,
+                        authorities,
+                        owned: None,
+                    }
                 }
-                Answer::NxDomain => Reply { code: ResponseCode::NXDomain, authoritative: true, answers: Vec::new(), authorities: vec![zone.soa()], owned: None },
+                Answer::NxDomain => Reply {
+                    code: ResponseCode::NXDomain,
+                    authoritative: true,
+                    answers: Vec::new(),
+                    authorities: vec![zone.soa()],
+                    owned: None,
+                },
                 Answer::NotOurs if !recursion => Reply::error(ResponseCode::Refused),
                 Answer::NotOurs => self.forward(query.name(), query.query_type()).await,
             }
@@ -128,7 +154,10 @@ impl RequestHandler for MeshDns {
             builder.edns(e);
         }
         let empty = Vec::new();
-        let (own_answers, own_authorities, additionals) = reply.owned.as_deref().map_or((&empty, &empty, &empty), |m| (&m.answers, &m.authorities, &m.additionals));
+        let (own_answers, own_authorities, additionals) = reply
+            .owned
+            .as_deref()
+            .map_or((&empty, &empty, &empty), |m| (&m.answers, &m.authorities, &m.additionals));
         let response = builder.build(
             metadata,
             reply.answers.iter().copied().chain(own_answers),
@@ -142,7 +171,10 @@ impl RequestHandler for MeshDns {
                 tracing::debug!(error = %e, "could not send a DNS response");
                 let mut metadata = Metadata::response_from_request(&request.metadata);
                 metadata.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(hickory_server::proto::op::Header { metadata, counts: hickory_server::proto::op::HeaderCounts::default() })
+                ResponseInfo::from(hickory_server::proto::op::Header {
+                    metadata,
+                    counts: hickory_server::proto::op::HeaderCounts::default(),
+                })
             }
         };
         if let Some(m) = &self.metrics {
@@ -155,7 +187,11 @@ impl RequestHandler for MeshDns {
 }
 
 impl MeshDns {
-    async fn forward(&self, name: &hickory_server::proto::rr::LowerName, qtype: hickory_server::proto::rr::RecordType) -> Reply<'static> {
+    async fn forward(
+        &self,
+        name: &hickory_server::proto::rr::LowerName,
+        qtype: hickory_server::proto::rr::RecordType,
+    ) -> Reply<'static> {
         let upstream = if let Some(hit) = self.forwarder.cached(name, qtype) {
             if let Some(m) = &self.metrics {
                 m.cache_hits.inc();
@@ -168,9 +204,13 @@ impl MeshDns {
             self.forwarder.resolve(name, qtype).await
         };
         match upstream {
-            Ok(u) => {
-                Reply { code: u.response_code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), owned: Some(Box::new(u.aged())) }
-            }
+            Ok(u) => Reply {
+                code: u.response_code,
+                authoritative: false,
+                answers: Vec::new(),
+                authorities: Vec::new(),
+                owned: Some(Box::new(u.aged())),
+            },
             Err(e) => {
                 tracing::debug!(%name, %qtype, error = %e, "forwarding failed");
                 Reply::error(ResponseCode::ServFail)

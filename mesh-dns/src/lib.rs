@@ -20,7 +20,11 @@ pub use zone::{Answer, Entry, NameError, Zone, ZoneBuilder};
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// Serves `handler` on a bound UDP socket and TCP listener until the future is dropped.
-pub async fn serve(handler: Arc<MeshDns>, udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener) -> Result<(), String> {
+pub async fn serve(
+    handler: Arc<MeshDns>,
+    udp: tokio::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+) -> Result<(), String> {
     let mut server = hickory_server::Server::new(Shared(handler));
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE, 64);
@@ -32,7 +36,10 @@ struct Shared(Arc<MeshDns>);
 
 #[async_trait::async_trait]
 impl hickory_server::server::RequestHandler for Shared {
-    async fn handle_request<R: hickory_server::server::ResponseHandler, T: hickory_server::net::runtime::Time>(
+    async fn handle_request<
+        R: hickory_server::server::ResponseHandler,
+        T: hickory_server::net::runtime::Time,
+    >(
         &self,
         request: &hickory_server::server::Request,
         response_handle: R,

@@ -64,7 +64,10 @@ impl ZoneBuilder {
         let bare = parse_name(name)?;
         let mut keys = vec![LowerName::from(&bare)];
         if !self.domain.zone_of(&bare) {
-            let qualified = bare.clone().append_domain(&self.domain).map_err(|e| NameError { name: name.to_owned(), reason: e.to_string() })?;
+            let qualified = bare
+                .clone()
+                .append_domain(&self.domain)
+                .map_err(|e| NameError { name: name.to_owned(), reason: e.to_string() })?;
             keys.push(LowerName::from(&qualified));
         }
         for key in &keys {
@@ -90,7 +93,13 @@ impl ZoneBuilder {
     /// Adds an SRV record `name` -> `target:port`.
     pub fn add_srv(&mut self, name: &str, port: u16, target: &str) -> Result<&mut Self, NameError> {
         let target = parse_name(target)?;
-        let target = if self.domain.zone_of(&target) { target } else { target.append_domain(&self.domain).map_err(|e| NameError { name: name.to_owned(), reason: e.to_string() })? };
+        let target = if self.domain.zone_of(&target) {
+            target
+        } else {
+            target
+                .append_domain(&self.domain)
+                .map_err(|e| NameError { name: name.to_owned(), reason: e.to_string() })?
+        };
         for entry in self.entry(name)? {
             entry.srv.push((port, target.clone()));
         }
@@ -100,7 +109,8 @@ impl ZoneBuilder {
     #[must_use]
     pub fn build(self) -> Zone {
         let ns = Name::from_str("ns").expect("valid").append_domain(&self.domain).expect("short name");
-        let admin = Name::from_str("hostmaster").expect("valid").append_domain(&self.domain).expect("short name");
+        let admin =
+            Name::from_str("hostmaster").expect("valid").append_domain(&self.domain).expect("short name");
         // The SOA minimum is the negative-caching TTL (RFC 2308): keep it as short as the answers.
         let soa = SOA::new(ns, admin, 1, 60, 30, 3600, self.ttl);
         let ttl = self.ttl;
@@ -113,12 +123,20 @@ impl ZoneBuilder {
                 let records = Records {
                     a: entry.v4.iter().map(|ip| rec(RData::A(A(*ip)))).collect(),
                     aaaa: entry.v6.iter().map(|ip| rec(RData::AAAA(AAAA(*ip)))).collect(),
-                    srv: entry.srv.iter().map(|(port, target)| rec(RData::SRV(SRV::new(0, 10, *port, target.clone())))).collect(),
+                    srv: entry
+                        .srv
+                        .iter()
+                        .map(|(port, target)| rec(RData::SRV(SRV::new(0, 10, *port, target.clone()))))
+                        .collect(),
                 };
                 (name, records)
             })
             .collect();
-        Zone { soa: Record::from_rdata(self.domain.clone(), ttl, RData::SOA(soa)), domain: LowerName::from(&self.domain), records }
+        Zone {
+            soa: Record::from_rdata(self.domain.clone(), ttl, RData::SOA(soa)),
+            domain: LowerName::from(&self.domain),
+            records,
+        }
     }
 }
 
@@ -198,7 +216,8 @@ mod tests {
     #[test]
     fn names_bare_and_qualified_case_insensitive() {
         let mut b = ZoneBuilder::new("mesh.internal", 5).unwrap();
-        b.add("Web", &["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "fd00::1".parse().unwrap()]).unwrap();
+        b.add("Web", &["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "fd00::1".parse().unwrap()])
+            .unwrap();
         let zone = b.build();
         for name in ["web.", "WEB.mesh.internal.", "web.MESH.internal."] {
             let Answer::Records(a) = zone.answer(&lower(name), RecordType::A) else { panic!("{name}") };
@@ -217,7 +236,10 @@ mod tests {
         let mut b = ZoneBuilder::new("mesh.internal", 5).unwrap();
         b.add_srv("_8080._tcp.web", 8080, "web").unwrap();
         let zone = b.build();
-        let Answer::Records(srv) = zone.answer(&lower("_8080._tcp.web.mesh.internal."), RecordType::SRV) else { panic!() };
+        let Answer::Records(srv) = zone.answer(&lower("_8080._tcp.web.mesh.internal."), RecordType::SRV)
+        else {
+            panic!()
+        };
         let RData::SRV(s) = &srv[0].data else { panic!() };
         assert_eq!((s.port, s.target.to_string()), (8080, "web.mesh.internal.".to_owned()));
     }

@@ -81,7 +81,11 @@ fn route(req: &Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> {
         }
         "/api/state" => respond(StatusCode::OK, "application/json", format!("{:#}\n", state_json(s))),
         "/" => respond(StatusCode::OK, "text/html; charset=utf-8", status_page(s)),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found: try /, /metrics, /healthz, /readyz or /api/state\n"),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /, /metrics, /healthz, /readyz or /api/state\n",
+        ),
     }
 }
 
@@ -107,7 +111,9 @@ fn state_json(s: &AdminState) -> serde_json::Value {
             })
         })
         .collect();
-    routes.sort_by(|a, b| (a["host"].as_str(), a["path"].as_str()).cmp(&(b["host"].as_str(), b["path"].as_str())));
+    routes.sort_by(|a, b| {
+        (a["host"].as_str(), a["path"].as_str()).cmp(&(b["host"].as_str(), b["path"].as_str()))
+    });
     json!({
         "generation": snapshot.generation,
         "routes": routes,
@@ -127,11 +133,24 @@ fn status_page(s: &AdminState) -> String {
          <style>body{font:14px system-ui;margin:2em}td,th{padding:.2em .8em;text-align:left}\
          .down{color:#b00}</style><h1>meshgate</h1>",
     );
-    let _ = write!(html, "<p>State generation {} &middot; {}</p><ul>", state["generation"], if ready { "ready" } else { "<b class=down>not ready</b>" });
+    let _ = write!(
+        html,
+        "<p>State generation {} &middot; {}</p><ul>",
+        state["generation"],
+        if ready { "ready" } else { "<b class=down>not ready</b>" }
+    );
     for (name, c) in components {
-        let _ = write!(html, "<li>{}: {} {}</li>", esc(&name), if c.ready { "ready" } else { "<b class=down>down</b>" }, esc(&c.detail));
+        let _ = write!(
+            html,
+            "<li>{}: {} {}</li>",
+            esc(&name),
+            if c.ready { "ready" } else { "<b class=down>down</b>" },
+            esc(&c.detail)
+        );
     }
-    html.push_str("</ul><h2>Routes</h2><table><tr><th>Host</th><th>Path</th><th>Service</th><th>Tasks</th></tr>");
+    html.push_str(
+        "</ul><h2>Routes</h2><table><tr><th>Host</th><th>Path</th><th>Service</th><th>Tasks</th></tr>",
+    );
     for r in state["routes"].as_array().into_iter().flatten() {
         let tasks: Vec<String> = r["endpoints"]
             .as_array()
@@ -139,7 +158,11 @@ fn status_page(s: &AdminState) -> String {
             .flatten()
             .map(|e| {
                 let class = if e["ejected"].as_bool() == Some(true) { " class=down" } else { "" };
-                format!("<span{class}>{} ({})</span>", esc(e["address"].as_str().unwrap_or("")), esc(e["node"].as_str().unwrap_or("")))
+                format!(
+                    "<span{class}>{} ({})</span>",
+                    esc(e["address"].as_str().unwrap_or("")),
+                    esc(e["node"].as_str().unwrap_or(""))
+                )
             })
             .collect();
         let _ = write!(

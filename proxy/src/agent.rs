@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::acme::{self, AcmeConfig};
 use crate::admin::{self, AdminState};
 use crate::cluster;
 use crate::config::Config;
@@ -19,7 +20,6 @@ use crate::provider::docker;
 use crate::provider::file::{self, RoutesError};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
-use crate::acme::{self, AcmeConfig};
 use crate::tls::{self, CertResolver, CertSource, UnknownNames};
 use crate::whoami;
 
@@ -109,7 +109,11 @@ fn bind(what: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<TcpLis
 /// A bound, non-blocking socket; with `reuse_port`, several agents on one host can hold the
 /// same address at once (the kernel spreads new connections and datagrams between them),
 /// which is how an agent is replaced without a moment where nobody listens.
-fn reusable_socket(addr: SocketAddr, kind: socket2::Type, reuse_port: bool) -> std::io::Result<socket2::Socket> {
+fn reusable_socket(
+    addr: SocketAddr,
+    kind: socket2::Type,
+    reuse_port: bool,
+) -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
     if kind == socket2::Type::STREAM {
         socket.set_reuse_address(true)?;
@@ -131,7 +135,19 @@ pub fn reusable_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<
 /// Async although it never waits: the listeners register with the running Tokio runtime.
 #[allow(clippy::unused_async)]
 pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartError> {
-    let Config { proxy: proxy_cfg, admin: admin_cfg, file: file_cfg, docker: docker_cfg, dns: dns_cfg, tls: tls_cfg, acme: acme_cfg, mesh: mesh_cfg, cluster: cluster_cfg, whoami: whoami_cfg, log: _ } = cfg;
+    let Config {
+        proxy: proxy_cfg,
+        admin: admin_cfg,
+        file: file_cfg,
+        docker: docker_cfg,
+        dns: dns_cfg,
+        tls: tls_cfg,
+        acme: acme_cfg,
+        mesh: mesh_cfg,
+        cluster: cluster_cfg,
+        whoami: whoami_cfg,
+        log: _,
+    } = cfg;
     let (reload, reloads) = watch::channel(());
     let core = Core {
         hub: Arc::new(StateHub::new()),
@@ -140,7 +156,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         reloads,
         reuse_port: proxy_cfg.reuse_port,
     };
-    let (hub, metrics, readiness, reuse_port) = (core.hub.clone(), core.metrics.clone(), core.readiness.clone(), core.reuse_port);
+    let (hub, metrics, readiness, reuse_port) =
+        (core.hub.clone(), core.metrics.clone(), core.readiness.clone(), core.reuse_port);
     let mut background = Vec::new();
 
     let whoami_listen = match whoami_cfg.listen {
@@ -160,22 +177,39 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
     if let Some(path) = sources.file {
-        let watcher = file::load_and_watch(path.clone(), file_cfg.poll_interval, hub.clone(), metrics.clone(), core.reloads.clone())?;
+        let watcher = file::load_and_watch(
+            path.clone(),
+            file_cfg.poll_interval,
+            hub.clone(),
+            metrics.clone(),
+            core.reloads.clone(),
+        )?;
         readiness.set(file::NAME, true, format!("watching {}", path.display()));
         background.push(watcher);
     }
     if sources.example {
-        let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example").map_err(StartError::Example)?;
+        let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example")
+            .map_err(StartError::Example)?;
         hub.publish("example", state);
         readiness.set("example", true, "bundled example routes (whoami.localhost)");
     }
     let (https, acme) = start_https(&tls_cfg, acme_cfg, &core, &mut background)?;
-    let node = mesh_cfg.node_name.clone().unwrap_or_else(|| std::fs::read_to_string("/etc/hostname").map_or_else(|_| "local".into(), |h| h.trim().to_owned()));
-    let cluster_parts = cluster::Parts { hub: hub.clone(), readiness: readiness.clone(), registry: metrics.registry.clone(), certs: acme.as_ref().map(|(_, share)| share.clone()), node };
+    let node = mesh_cfg.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname").map_or_else(|_| "local".into(), |h| h.trim().to_owned())
+    });
+    let cluster_parts = cluster::Parts {
+        hub: hub.clone(),
+        readiness: readiness.clone(),
+        registry: metrics.registry.clone(),
+        certs: acme.as_ref().map(|(_, share)| share.clone()),
+        node,
+    };
     let cluster = cluster::start(cluster_cfg, cluster_parts, &mut background);
     if let Some((manager, _)) = acme {
         match manager {
-            Ok(manager) => background.push(tokio::spawn(Arc::new(manager).run(hub.clone(), cluster.issuer.clone()))),
+            Ok(manager) => {
+                background.push(tokio::spawn(Arc::new(manager).run(hub.clone(), cluster.issuer.clone())))
+            }
             Err(why) => {
                 tracing::error!("acme: {why}");
                 readiness.set("acme", false, why);
@@ -183,14 +217,22 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         }
     }
     if sources.docker {
-        background.push(tokio::spawn(docker::run(docker_cfg, hub.clone(), metrics.clone(), readiness.clone(), cluster.docker.clone())));
+        background.push(tokio::spawn(docker::run(
+            docker_cfg,
+            hub.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            cluster.docker.clone(),
+        )));
     }
 
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
     let proxy = Arc::new(Proxy::new(
         proxy_cfg.clone(),
         metrics.clone(),
-        https.as_ref().map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() }),
+        https
+            .as_ref()
+            .map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() }),
     ));
     background.push(proxy.clone().follow(hub.clone(), proxy_cfg.default_host.clone()));
 
@@ -201,11 +243,23 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
 
     let mesh_view = Arc::new(crate::mesh::MeshView::default());
     if mesh_cfg.uplink.is_some() {
-        background.push(tokio::spawn(crate::mesh::run(mesh_cfg, hub.clone(), metrics.registry.clone(), readiness.clone(), mesh_view.clone())));
+        background.push(tokio::spawn(crate::mesh::run(
+            mesh_cfg,
+            hub.clone(),
+            metrics.registry.clone(),
+            readiness.clone(),
+            mesh_view.clone(),
+        )));
     }
 
     readiness.set("http", true, format!("listening on {http_addr}"));
-    let admin_state = AdminState { hub: hub.clone(), proxy: proxy.clone(), metrics: metrics.clone(), readiness: readiness.clone(), mesh: mesh_view };
+    let admin_state = AdminState {
+        hub: hub.clone(),
+        proxy: proxy.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        mesh: mesh_view,
+    };
     start_admin(admin_listener, admin_cfg.socket.as_deref(), admin_state, &mut background)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -217,20 +271,48 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         shutdown_rx.clone(),
     ))];
     if let (Some((listener, resolver)), Some(addr)) = (https, https_addr) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver, tls_cfg.session_resumption)));
-        servers.push(tokio::spawn(server::serve(listener, Listener { port: addr.port(), tls: Some(acceptor) }, proxy.clone(), proxy_cfg, shutdown_rx)));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(
+            resolver,
+            tls_cfg.session_resumption,
+        )));
+        servers.push(tokio::spawn(server::serve(
+            listener,
+            Listener { port: addr.port(), tls: Some(acceptor) },
+            proxy.clone(),
+            proxy_cfg,
+            shutdown_rx,
+        )));
         readiness.set("https", true, format!("listening on {addr}"));
     }
     tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
-    Ok(RunningAgent { http_addr, https_addr, admin_addr, dns_addr, hub, metrics, proxy, readiness, shutdown, reload, servers, background })
+    Ok(RunningAgent {
+        http_addr,
+        https_addr,
+        admin_addr,
+        dns_addr,
+        hub,
+        metrics,
+        proxy,
+        readiness,
+        shutdown,
+        reload,
+        servers,
+        background,
+    })
 }
 
 /// The admin endpoints on their TCP listener, and on the Unix socket if one is configured.
-fn start_admin(listener: TcpListener, socket: Option<&std::path::Path>, state: AdminState, background: &mut Vec<JoinHandle<()>>) -> Result<(), StartError> {
+fn start_admin(
+    listener: TcpListener,
+    socket: Option<&std::path::Path>,
+    state: AdminState,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<(), StartError> {
     if let Some(path) = socket {
         // A socket file left by an agent that died would refuse the bind.
         let _ = std::fs::remove_file(path);
-        let unix = tokio::net::UnixListener::bind(path).map_err(|source| StartError::BindSocket { path: path.to_owned(), source })?;
+        let unix = tokio::net::UnixListener::bind(path)
+            .map_err(|source| StartError::BindSocket { path: path.to_owned(), source })?;
         background.push(tokio::spawn(admin::serve_unix(unix, state.clone())));
     }
     background.push(tokio::spawn(admin::serve(listener, state)));
@@ -272,7 +354,15 @@ fn start_https(
     if let Some(dir) = &tls_cfg.certs_dir {
         // Loaded before serving, so the first handshake already sees them.
         let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);
-        background.push(tokio::spawn(tls::watch_dir(dir.clone(), tls_cfg.poll_interval, resolver.clone(), CertSource::Files, loaded, Arc::default(), core.reloads.clone())));
+        background.push(tokio::spawn(tls::watch_dir(
+            dir.clone(),
+            tls_cfg.poll_interval,
+            resolver.clone(),
+            CertSource::Files,
+            loaded,
+            Arc::default(),
+            core.reloads.clone(),
+        )));
     }
     let acme = if acme_cfg.enabled {
         start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, core, background)
@@ -308,9 +398,25 @@ fn start_acme(
     };
     let loaded = tls::load_into(&store.certs_dir(), resolver, CertSource::Acme, None);
     let reload = Arc::new(tokio::sync::Notify::new());
-    background.push(tokio::spawn(tls::watch_dir(store.certs_dir(), poll, resolver.clone(), CertSource::Acme, loaded, reload.clone(), core.reloads.clone())));
-    core.readiness.set("acme", true, format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display()));
-    let share = cluster::CertShare { store: store.clone(), challenges: resolver.challenges.clone(), reload: reload.clone() };
+    background.push(tokio::spawn(tls::watch_dir(
+        store.certs_dir(),
+        poll,
+        resolver.clone(),
+        CertSource::Acme,
+        loaded,
+        reload.clone(),
+        core.reloads.clone(),
+    )));
+    core.readiness.set(
+        "acme",
+        true,
+        format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display()),
+    );
+    let share = cluster::CertShare {
+        store: store.clone(),
+        challenges: resolver.challenges.clone(),
+        reload: reload.clone(),
+    };
     Some((acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload), share))
 }
 
@@ -319,9 +425,14 @@ async fn warn_unserved_acme_wishes(hub: Arc<StateHub>, enabled: bool) {
     let mut told = std::collections::HashSet::new();
     let mut changes = hub.subscribe();
     loop {
-        for name in acme::manager::wanted_certificates(&hub.load().state, usize::MAX).into_values().flatten() {
+        for name in acme::manager::wanted_certificates(&hub.load().state, usize::MAX).into_values().flatten()
+        {
             if told.insert(name.clone()) {
-                let why = if enabled { "there is no HTTPS listener (set tls.https_listen, e.g. 0.0.0.0:443)" } else { "acme.enabled is false" };
+                let why = if enabled {
+                    "there is no HTTPS listener (set tls.https_listen, e.g. 0.0.0.0:443)"
+                } else {
+                    "acme.enabled is false"
+                };
                 tracing::warn!(host = %name, "a route asks for a certificate but {why}; it is served over plain HTTP only");
             }
         }
@@ -332,7 +443,12 @@ async fn warn_unserved_acme_wishes(hub: Arc<StateHub>, enabled: bool) {
 }
 
 /// Binds mesh-dns (UDP, then TCP on the same port), keeps its zone in step with the hub.
-fn start_dns(listen: SocketAddr, cfg: DnsConfig, core: &Core, background: &mut Vec<JoinHandle<()>>) -> Result<SocketAddr, StartError> {
+fn start_dns(
+    listen: SocketAddr,
+    cfg: DnsConfig,
+    core: &Core,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<SocketAddr, StartError> {
     let Core { hub, metrics, readiness, reuse_port, .. } = core;
     let reuse_port = *reuse_port;
     let udp = reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
@@ -341,7 +457,10 @@ fn start_dns(listen: SocketAddr, cfg: DnsConfig, core: &Core, background: &mut V
     let addr = udp.local_addr().expect("bound socket has an address");
     let tcp = bind("DNS over TCP", addr, reuse_port)?;
     let upstreams = if cfg.upstreams.is_empty() {
-        mesh_dns::resolv_conf_upstreams(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(), addr.port())
+        mesh_dns::resolv_conf_upstreams(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            addr.port(),
+        )
     } else {
         cfg.upstreams.clone()
     };
@@ -350,7 +469,12 @@ fn start_dns(listen: SocketAddr, cfg: DnsConfig, core: &Core, background: &mut V
     }
     let dns_metrics = mesh_dns::DnsMetrics::register(&metrics.registry).ok();
     let forwarder = mesh_dns::Forwarder::new(upstreams, cfg.upstream_timeout, cfg.cache_size);
-    let handler = Arc::new(mesh_dns::MeshDns::new(dns::zone_of(&hub.load().state, &cfg), forwarder, cfg.recursion_networks.clone(), dns_metrics));
+    let handler = Arc::new(mesh_dns::MeshDns::new(
+        dns::zone_of(&hub.load().state, &cfg),
+        forwarder,
+        cfg.recursion_networks.clone(),
+        dns_metrics,
+    ));
     background.push(tokio::spawn(dns::follow(hub.clone(), handler.clone(), cfg)));
     background.push(tokio::spawn(async move {
         if let Err(e) = mesh_dns::serve(handler, udp, tcp).await {

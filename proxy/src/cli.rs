@@ -99,7 +99,13 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_HTTP_LISTEN", value_name = "ADDR", help_heading = "Proxy")]
     pub http_listen: Option<SocketAddr>,
     /// [proxy.trusted_networks] Comma-separated networks whose X-Forwarded-* headers are kept
-    #[arg(long, env = "MESHGATE_TRUSTED_NETWORKS", value_name = "CIDR,...", value_delimiter = ',', help_heading = "Proxy")]
+    #[arg(
+        long,
+        env = "MESHGATE_TRUSTED_NETWORKS",
+        value_name = "CIDR,...",
+        value_delimiter = ',',
+        help_heading = "Proxy"
+    )]
     pub trusted_networks: Option<Vec<IpNet>>,
     /// [proxy.default_host] Host that answers requests for unknown hosts (else 404)
     #[arg(long, env = "MESHGATE_DEFAULT_HOST", value_name = "HOST", help_heading = "Proxy")]
@@ -200,7 +206,13 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_CLUSTER_LISTEN", value_name = "ADDR", help_heading = "Cluster")]
     pub cluster_listen: Option<SocketAddr>,
     /// [cluster.peers] Comma-separated feeds to follow (host:port) [default: from the engine]
-    #[arg(long, env = "MESHGATE_CLUSTER_PEERS", value_name = "ADDR,...", value_delimiter = ',', help_heading = "Cluster")]
+    #[arg(
+        long,
+        env = "MESHGATE_CLUSTER_PEERS",
+        value_name = "ADDR,...",
+        value_delimiter = ',',
+        help_heading = "Cluster"
+    )]
     pub cluster_peers: Option<Vec<String>>,
     /// [cluster.secret_file] The cluster secret (PEM, from --new-cluster-secret) [default: /run/secrets/meshgate_cluster]
     #[arg(long, env = "MESHGATE_CLUSTER_SECRET_FILE", value_name = "FILE", help_heading = "Cluster")]
@@ -258,7 +270,13 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_DNS_TTL", value_name = "DURATION", value_parser = duration, help_heading = "DNS")]
     pub dns_ttl: Option<Duration>,
     /// [dns.upstreams] Comma-separated resolvers (IP:port) for other names [default: /etc/resolv.conf]
-    #[arg(long, env = "MESHGATE_DNS_UPSTREAMS", value_name = "ADDR,...", value_delimiter = ',', help_heading = "DNS")]
+    #[arg(
+        long,
+        env = "MESHGATE_DNS_UPSTREAMS",
+        value_name = "ADDR,...",
+        value_delimiter = ',',
+        help_heading = "DNS"
+    )]
     pub dns_upstreams: Option<Vec<SocketAddr>>,
     /// [dns.upstream_timeout] Forwarded queries answer SERVFAIL after this [default: 2s]
     #[arg(long, env = "MESHGATE_DNS_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = duration, help_heading = "DNS")]
@@ -267,13 +285,25 @@ pub struct Overrides {
     #[arg(long, env = "MESHGATE_DNS_CACHE_SIZE", value_name = "N", help_heading = "DNS")]
     pub dns_cache_size: Option<usize>,
     /// [dns.recursion_networks] Comma-separated clients allowed to have names forwarded
-    #[arg(long, env = "MESHGATE_DNS_RECURSION_NETWORKS", value_name = "CIDR,...", value_delimiter = ',', help_heading = "DNS")]
+    #[arg(
+        long,
+        env = "MESHGATE_DNS_RECURSION_NETWORKS",
+        value_name = "CIDR,...",
+        value_delimiter = ',',
+        help_heading = "DNS"
+    )]
     pub dns_recursion_networks: Option<Vec<IpNet>>,
     /// [dns.answer_routed_hosts] Answer routed HTTP host names with node addresses [default: false]
     #[arg(long, env = "MESHGATE_DNS_ANSWER_ROUTED_HOSTS", value_name = "BOOL", help_heading = "DNS")]
     pub dns_answer_routed_hosts: Option<bool>,
     /// [dns.node_addresses] Comma-separated addresses for routed host names [default: Swarm nodes]
-    #[arg(long, env = "MESHGATE_DNS_NODE_ADDRESSES", value_name = "IP,...", value_delimiter = ',', help_heading = "DNS")]
+    #[arg(
+        long,
+        env = "MESHGATE_DNS_NODE_ADDRESSES",
+        value_name = "IP,...",
+        value_delimiter = ',',
+        help_heading = "DNS"
+    )]
     pub dns_node_addresses: Option<Vec<std::net::IpAddr>>,
 
     /// [whoami.listen] Run the whoami demo backend on this address

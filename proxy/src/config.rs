@@ -221,7 +221,9 @@ impl Config {
         .collect();
         for (i, (first, a)) in listeners.iter().enumerate() {
             for (second, b) in &listeners[i + 1..] {
-                if a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()) {
+                if a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                {
                     return Err(ConfigError::SameListener { first, second, addr: *b });
                 }
             }
@@ -242,7 +244,11 @@ impl Config {
         ];
         for (key, value) in positive {
             if value.is_zero() {
-                return Err(ConfigError::Invalid { key, value: "0s".into(), expected: "a duration above zero, e.g. \"2s\" or \"500ms\"" });
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: "0s".into(),
+                    expected: "a duration above zero, e.g. \"2s\" or \"500ms\"",
+                });
             }
         }
         if p.eject_max < p.eject_base {
@@ -260,7 +266,11 @@ impl Config {
             });
         }
         if p.max_headers == 0 {
-            return Err(ConfigError::Invalid { key: "proxy.max_headers", value: "0".into(), expected: "at least 1" });
+            return Err(ConfigError::Invalid {
+                key: "proxy.max_headers",
+                value: "0".into(),
+                expected: "at least 1",
+            });
         }
         self.acme.validate().map_err(|message| ConfigError::Acme { message })?;
         self.mesh.validate().map_err(|message| ConfigError::Mesh { message })?;
@@ -313,10 +323,19 @@ mod tests {
     fn two_listeners_on_one_port_are_refused() {
         let c = Config::from_toml("[proxy]\nhttp_listen = \"0.0.0.0:8443\"\nreuse_port = true\n[tls]\nhttps_listen = \"127.0.0.1:8443\"\n").unwrap();
         let msg = c.validate().unwrap_err().to_string();
-        assert!(msg.contains("proxy.http_listen and tls.https_listen both listen on 127.0.0.1:8443"), "{msg}");
+        assert!(
+            msg.contains("proxy.http_listen and tls.https_listen both listen on 127.0.0.1:8443"),
+            "{msg}"
+        );
         let c = Config::from_toml("[proxy]\nhttp_listen = \"127.0.0.2:80\"\n[tls]\nhttps_listen = \"127.0.0.1:80\"\n[cluster]\nrole = \"leader\"\nlisten = \"0.0.0.0:9090\"\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("admin.listen and cluster.listen"), "the feed's port is checked when it serves");
-        let c = Config::from_toml("[proxy]\nhttp_listen = \"127.0.0.2:80\"\n[tls]\nhttps_listen = \"127.0.0.1:80\"\n").unwrap();
+        assert!(
+            c.validate().unwrap_err().to_string().contains("admin.listen and cluster.listen"),
+            "the feed's port is checked when it serves"
+        );
+        let c = Config::from_toml(
+            "[proxy]\nhttp_listen = \"127.0.0.2:80\"\n[tls]\nhttps_listen = \"127.0.0.1:80\"\n",
+        )
+        .unwrap();
         c.validate().unwrap();
     }
 }

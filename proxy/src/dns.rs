@@ -65,9 +65,11 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
     };
     let skip = |what: &str, e: &mesh_dns::NameError| tracing::debug!("dns: {what} left out: {e}");
     for svc in &state.services {
-        let healthy: Vec<IpAddr> = svc.tasks.iter().filter(|t| t.health.routable()).map(|t| t.address).collect();
+        let healthy: Vec<IpAddr> =
+            svc.tasks.iter().filter(|t| t.health.routable()).map(|t| t.address).collect();
         let mut names = vec![svc.name.clone()];
-        if let Some(short) = svc.stack.as_ref().and_then(|stack| svc.name.strip_prefix(&format!("{stack}_"))) {
+        if let Some(short) = svc.stack.as_ref().and_then(|stack| svc.name.strip_prefix(&format!("{stack}_")))
+        {
             names.push(short.to_owned());
         }
         for name in &names {
@@ -81,7 +83,9 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
                     L4Protocol::Tcp => "tcp",
                     L4Protocol::Udp => "udp",
                 };
-                if let Err(e) = zone.add_srv(&format!("_{}._{proto}.{name}", port.published), port.published, name) {
+                if let Err(e) =
+                    zone.add_srv(&format!("_{}._{proto}.{name}", port.published), port.published, name)
+                {
                     skip("SRV name", &e);
                 }
             }
@@ -141,15 +145,30 @@ mod tests {
 
     #[test]
     fn service_task_and_routed_names() {
-        let task = |id: &str, ip: [u8; 4], health| Task { id: id.into(), address: ip.into(), port: None, node: "n1".into(), health, network: None, aliases: vec![] };
+        let task = |id: &str, ip: [u8; 4], health| Task {
+            id: id.into(),
+            address: ip.into(),
+            port: None,
+            node: "n1".into(),
+            health,
+            network: None,
+            aliases: vec![],
+        };
         let state = MeshState {
             services: vec![Service {
                 name: "shop_web".into(),
                 stack: Some("shop".into()),
                 provider: "t".into(),
-                tasks: vec![task("shop_web.1.abc", [10, 0, 0, 1], Health::Healthy), task("shop_web.2.def", [10, 0, 0, 2], Health::Unknown), task("shop_web.3.ghi", [10, 0, 0, 3], Health::Unhealthy)],
+                tasks: vec![
+                    task("shop_web.1.abc", [10, 0, 0, 1], Health::Healthy),
+                    task("shop_web.2.def", [10, 0, 0, 2], Health::Unknown),
+                    task("shop_web.3.ghi", [10, 0, 0, 3], Health::Unhealthy),
+                ],
                 http: vec![crate::state::HttpRoute {
-                    hosts: vec![HostPattern::parse("shop.example.com").unwrap(), HostPattern::parse("*.shop.example.com").unwrap()],
+                    hosts: vec![
+                        HostPattern::parse("shop.example.com").unwrap(),
+                        HostPattern::parse("*.shop.example.com").unwrap(),
+                    ],
                     path: "/".into(),
                     port: 80,
                     protocol: crate::state::UpstreamProtocol::Http,
@@ -158,10 +177,22 @@ mod tests {
                     https_method: crate::state::HttpsMethod::Redirect,
                     hsts: None,
                 }],
-                l4: vec![PublishedPort { protocol: L4Protocol::Tcp, published: 8080, target: 80, local_only: false }],
+                l4: vec![PublishedPort {
+                    protocol: L4Protocol::Tcp,
+                    published: 8080,
+                    target: 80,
+                    local_only: false,
+                }],
             }],
             problems: vec![],
-            nodes: vec![Node { id: "n1".into(), name: "n1".into(), address: Some([192, 0, 2, 1].into()), manager: true, leader: true, ready: true }],
+            nodes: vec![Node {
+                id: "n1".into(),
+                name: "n1".into(),
+                address: Some([192, 0, 2, 1].into()),
+                manager: true,
+                leader: true,
+                ready: true,
+            }],
         };
         let cfg = DnsConfig { answer_routed_hosts: true, ..DnsConfig::default() };
         let zone = zone_of(&state, &cfg);

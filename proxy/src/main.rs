@@ -55,7 +55,8 @@ fn load_config(cli: Cli) -> anyhow::Result<(Config, bool, bool, bool)> {
 
 fn init_logging(config: &Config) {
     // hickory logs every DNS query at info: keep it to warnings unless asked for.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("hickory_server=warn,{}", config.log.level)));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("hickory_server=warn,{}", config.log.level)));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Human => builder.init(),
@@ -98,7 +99,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if check {
         if let Some(path) = &config.file.path {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read routes file {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read routes file {}", path.display()))?;
             let state = file::parse(path, &text, file::NAME)?;
             println!("config ok; routes file ok: {} services", state.services.len());
         } else {
@@ -110,7 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let (sources, why) = choose_sources(&config, example);
     tracing::info!("{why}");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async {
         // Handlers first: a SIGHUP during start must not kill the process either.
         let signals = Signals::install();
@@ -135,7 +140,11 @@ impl Signals {
     fn install() -> Self {
         use tokio::signal::unix::{signal, SignalKind};
         let handler = |kind: SignalKind| signal(kind).expect("installing a signal handler");
-        Self { term: handler(SignalKind::terminate()), int: handler(SignalKind::interrupt()), hup: handler(SignalKind::hangup()) }
+        Self {
+            term: handler(SignalKind::terminate()),
+            int: handler(SignalKind::interrupt()),
+            hup: handler(SignalKind::hangup()),
+        }
     }
 
     async fn wait_for_stop(mut self, agent: &agent::RunningAgent) {
@@ -153,14 +162,21 @@ impl Signals {
 fn probe(url: &str) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
     let timeout = std::time::Duration::from_secs(3);
-    let (mut stream, authority, path): (Box<dyn ReadWrite>, &str, String) = if let Some(socket) = url.strip_prefix("unix:") {
-        let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("cannot connect to {socket}"))?;
+    let (mut stream, authority, path): (Box<dyn ReadWrite>, &str, String) = if let Some(socket) =
+        url.strip_prefix("unix:")
+    {
+        let stream = std::os::unix::net::UnixStream::connect(socket)
+            .with_context(|| format!("cannot connect to {socket}"))?;
         stream.set_read_timeout(Some(timeout))?;
         (Box::new(stream), "localhost", "/readyz".to_owned())
     } else {
-        let rest = url.strip_prefix("http://").context("only http:// URLs and unix:PATH sockets can be probed")?;
-        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?.next().context("the address does not resolve")?;
+        let rest =
+            url.strip_prefix("http://").context("only http:// URLs and unix:PATH sockets can be probed")?;
+        let (authority, path) =
+            rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+            .next()
+            .context("the address does not resolve")?;
         let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         (Box::new(stream), authority, path)
@@ -168,7 +184,11 @@ fn probe(url: &str) -> anyhow::Result<()> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
-    anyhow::ensure!(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200", "answered {}", String::from_utf8_lossy(&head));
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.") && &head[9..12] == b"200",
+        "answered {}",
+        String::from_utf8_lossy(&head)
+    );
     Ok(())
 }
 

@@ -32,7 +32,9 @@ pub struct MeshConfig {
 impl MeshConfig {
     pub fn validate(&self) -> Result<(), String> {
         match (&self.uplink, self.node_address) {
-            (None, Some(_)) => Err("mesh.node_address is set but mesh.uplink is not: name the interface to attach to".into()),
+            (None, Some(_)) => {
+                Err("mesh.node_address is set but mesh.uplink is not: name the interface to attach to".into())
+            }
             _ => Ok(()),
         }
     }
@@ -62,7 +64,13 @@ pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) ->
                     let IpAddr::V4(ip) = t.address else { return None };
                     let local = t.node == node_name;
                     let node_addr = if local { node_address } else { *addresses.get(t.node.as_str())? };
-                    Some(Backend { task: t.id.clone(), node: t.node.clone(), addr: SocketAddrV4::new(ip, t.port.unwrap_or(l4.target)), node_addr, local })
+                    Some(Backend {
+                        task: t.id.clone(),
+                        node: t.node.clone(),
+                        addr: SocketAddrV4::new(ip, t.port.unwrap_or(l4.target)),
+                        node_addr,
+                        local,
+                    })
                 })
                 .collect();
             let protocol = match l4.protocol {
@@ -93,10 +101,26 @@ impl MeshMetrics {
             Ok(c)
         };
         Ok(Self {
-            packets: counter("meshgate_mesh_packets_total", "Packets the XDP and tc programs saw, by verdict.", &["verdict"])?,
-            bytes: counter("meshgate_mesh_bytes_total", "Bytes the XDP and tc programs saw, by verdict.", &["verdict"])?,
-            port_packets: counter("meshgate_mesh_port_packets_total", "Packets balanced, by published port.", &["protocol", "port"])?,
-            port_bytes: counter("meshgate_mesh_port_bytes_total", "Bytes balanced, by published port.", &["protocol", "port"])?,
+            packets: counter(
+                "meshgate_mesh_packets_total",
+                "Packets the XDP and tc programs saw, by verdict.",
+                &["verdict"],
+            )?,
+            bytes: counter(
+                "meshgate_mesh_bytes_total",
+                "Bytes the XDP and tc programs saw, by verdict.",
+                &["verdict"],
+            )?,
+            port_packets: counter(
+                "meshgate_mesh_port_packets_total",
+                "Packets balanced, by published port.",
+                &["protocol", "port"],
+            )?,
+            port_bytes: counter(
+                "meshgate_mesh_port_bytes_total",
+                "Bytes balanced, by published port.",
+                &["protocol", "port"],
+            )?,
             flows: {
                 let g = IntGauge::new("meshgate_mesh_flows", "Flows in the connection table (65536 at most; the least recently used are evicted beyond).")?;
                 registry.register(Box::new(g.clone()))?;
@@ -136,7 +160,13 @@ impl MeshMetrics {
 /// neighbour (ARP) entries, which only exist once this node talked to them. A datagram to the
 /// discard port of each such node keeps the entries fresh.
 fn prime_neighbours(table: &PortTable, node_address: Ipv4Addr) {
-    let nodes: std::collections::BTreeSet<Ipv4Addr> = table.ports.iter().flat_map(|p| p.backends.iter()).filter(|b| !b.local).map(|b| b.node_addr).collect();
+    let nodes: std::collections::BTreeSet<Ipv4Addr> = table
+        .ports
+        .iter()
+        .flat_map(|p| p.backends.iter())
+        .filter(|b| !b.local)
+        .map(|b| b.node_addr)
+        .collect();
     if nodes.is_empty() {
         return;
     }
@@ -147,7 +177,15 @@ fn prime_neighbours(table: &PortTable, node_address: Ipv4Addr) {
 }
 
 /// Brings the maps and the reply translation in step with the hub's state, if it changed.
-fn sync(mesh: &mut Mesh, devices: &mut TaskDevices, current: &mut PortTable, hub: &StateHub, node_name: &str, node_address: Ipv4Addr, view: &MeshView) {
+fn sync(
+    mesh: &mut Mesh,
+    devices: &mut TaskDevices,
+    current: &mut PortTable,
+    hub: &StateHub,
+    node_name: &str,
+    node_address: Ipv4Addr,
+    view: &MeshView,
+) {
     let table = port_table(&hub.load().state, node_name, node_address);
     if table == *current {
         return;
@@ -174,7 +212,8 @@ struct TaskDevices {
 
 impl TaskDevices {
     fn update(&mut self, mesh: &mut Mesh, table: &PortTable) {
-        let local = table.ports.iter().flat_map(|p| p.backends.iter()).filter(|b| b.local).map(|b| *b.addr.ip());
+        let local =
+            table.ports.iter().flat_map(|p| p.backends.iter()).filter(|b| b.local).map(|b| *b.addr.ip());
         let wanted = meshgate_ebpf::route::devices_toward(local);
         if wanted == self.current && self.failing.is_empty() {
             return;
@@ -186,7 +225,11 @@ impl TaskDevices {
                 tracing::error!(%device, "L4 mesh: replies of the tasks behind {device} cannot be translated: {e}");
             }
         }
-        let added: Vec<&str> = wanted.difference(&self.current).map(|(d, _)| d.as_str()).filter(|d| !names.contains(*d)).collect();
+        let added: Vec<&str> = wanted
+            .difference(&self.current)
+            .map(|(d, _)| d.as_str())
+            .filter(|d| !names.contains(*d))
+            .collect();
         if !added.is_empty() {
             tracing::info!(devices = ?added, "L4 mesh: reply translation on the devices of local tasks");
         }
@@ -230,10 +273,11 @@ async fn node_address_from_state(hub: &StateHub, node_name: &str, readiness: &Re
     let mut changes = hub.subscribe();
     let mut told = false;
     loop {
-        let found = hub.load().state.nodes.iter().find(|n| n.name == node_name).and_then(|n| match n.address {
-            Some(IpAddr::V4(a)) => Some(a),
-            _ => None,
-        });
+        let found =
+            hub.load().state.nodes.iter().find(|n| n.name == node_name).and_then(|n| match n.address {
+                Some(IpAddr::V4(a)) => Some(a),
+                _ => None,
+            });
         if let Some(address) = found {
             tracing::info!(node = node_name, %address, "L4 mesh: this node's address, from the cluster state");
             return address;
@@ -252,7 +296,13 @@ const ATTACH_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Loads and attaches the mesh, then keeps its maps in step with the hub. A mesh that cannot
 /// load is reported (log and `/readyz`); the rest of the agent keeps running.
-pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Registry, readiness: Arc<Readiness>, view: Arc<MeshView>) {
+pub async fn run(
+    cfg: MeshConfig,
+    hub: Arc<StateHub>,
+    registry: prometheus::Registry,
+    readiness: Arc<Readiness>,
+    view: Arc<MeshView>,
+) {
     let Some(uplink) = cfg.uplink.clone() else { return };
     let node_name = cfg.node_name.clone().unwrap_or_else(|| "local".into());
     let node_address = match cfg.node_address {
@@ -279,10 +329,17 @@ pub async fn run(cfg: MeshConfig, hub: Arc<StateHub>, registry: prometheus::Regi
         match mesh.attach(&uplink) {
             Ok(mode) => break mode,
             // A missing interface is a mistake to report at once, not a wait.
-            Err(e) if waiting_since.elapsed() < ATTACH_PATIENCE && std::path::Path::new("/sys/class/net").join(&uplink).exists() => {
+            Err(e)
+                if waiting_since.elapsed() < ATTACH_PATIENCE
+                    && std::path::Path::new("/sys/class/net").join(&uplink).exists() =>
+            {
                 if !std::mem::replace(&mut told, true) {
                     tracing::info!(%uplink, "L4 mesh: cannot attach yet ({e}); another agent may hold the uplink during an update: retrying for up to {ATTACH_PATIENCE:?}");
-                    readiness.set("mesh", true, format!("waiting to attach to {uplink} (held by another agent?): {e}"));
+                    readiness.set(
+                        "mesh",
+                        true,
+                        format!("waiting to attach to {uplink} (held by another agent?): {e}"),
+                    );
                 }
                 // Often: until this agent attaches, published ports are not served.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -324,12 +381,27 @@ mod tests {
     use crate::state::{Health, Node, PublishedPort as L4, Service, Task};
 
     fn task(id: &str, ip: [u8; 4], node: &str, health: Health) -> Task {
-        Task { id: id.into(), address: IpAddr::from(ip), port: None, node: node.into(), health, network: None, aliases: vec![] }
+        Task {
+            id: id.into(),
+            address: IpAddr::from(ip),
+            port: None,
+            node: node.into(),
+            health,
+            network: None,
+            aliases: vec![],
+        }
     }
 
     #[test]
     fn published_ports_become_a_port_table_for_this_node() {
-        let node = |name: &str, a: Option<[u8; 4]>| Node { id: name.into(), name: name.into(), address: a.map(IpAddr::from), manager: false, leader: false, ready: true };
+        let node = |name: &str, a: Option<[u8; 4]>| Node {
+            id: name.into(),
+            name: name.into(),
+            address: a.map(IpAddr::from),
+            manager: false,
+            leader: false,
+            ready: true,
+        };
         let state = MeshState {
             services: vec![Service {
                 name: "web".into(),
@@ -347,14 +419,19 @@ mod tests {
                     L4 { protocol: L4Protocol::Udp, published: 5353, target: 53, local_only: true },
                 ],
             }],
-            nodes: vec![node("n1", Some([192, 0, 2, 10])), node("n2", Some([192, 0, 2, 11])), node("n3", None)],
+            nodes: vec![
+                node("n1", Some([192, 0, 2, 10])),
+                node("n2", Some([192, 0, 2, 11])),
+                node("n3", None),
+            ],
             ..MeshState::default()
         };
         let table = port_table(&state, "n1", Ipv4Addr::new(192, 0, 2, 10));
         assert_eq!(table.ports.len(), 2);
         let tcp = &table.ports[0];
         assert_eq!((tcp.protocol, tcp.port), (Protocol::Tcp, 8080));
-        let backends: Vec<(String, Ipv4Addr, bool)> = tcp.backends.iter().map(|b| (b.addr.to_string(), b.node_addr, b.local)).collect();
+        let backends: Vec<(String, Ipv4Addr, bool)> =
+            tcp.backends.iter().map(|b| (b.addr.to_string(), b.node_addr, b.local)).collect();
         assert_eq!(
             backends,
             [("10.0.9.2:80".into(), Ipv4Addr::new(192, 0, 2, 10), true), ("10.0.9.2:80".into(), Ipv4Addr::new(192, 0, 2, 11), false)],

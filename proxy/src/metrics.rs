@@ -35,30 +35,48 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
-            Opts::new("meshgate_http_requests_total", "HTTP requests answered, by route and status class (2xx, 4xx, ...)."),
+            Opts::new(
+                "meshgate_http_requests_total",
+                "HTTP requests answered, by route and status class (2xx, 4xx, ...).",
+            ),
             &["route", "class"],
         )
         .expect("valid metric");
         let http_duration = HistogramVec::new(
-            HistogramOpts::new("meshgate_http_request_duration_seconds", "Time from request head received to response head sent, by route.")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::new(
+                "meshgate_http_request_duration_seconds",
+                "Time from request head received to response head sent, by route.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             &["route"],
         )
         .expect("valid metric");
-        let http_in_flight = IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.").expect("valid metric");
+        let http_in_flight =
+            IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.")
+                .expect("valid metric");
         let backend_up = IntGaugeVec::new(
-            Opts::new("meshgate_backend_up", "1 while a task takes traffic, 0 while it is ejected after connect failures."),
+            Opts::new(
+                "meshgate_backend_up",
+                "1 while a task takes traffic, 0 while it is ejected after connect failures.",
+            ),
             &["service", "task", "address"],
         )
         .expect("valid metric");
-        let state_generation = IntGauge::new("meshgate_state_generation", "Generation of the routing state in force.").expect("valid metric");
+        let state_generation =
+            IntGauge::new("meshgate_state_generation", "Generation of the routing state in force.")
+                .expect("valid metric");
         let provider_reloads = IntCounterVec::new(
             Opts::new("meshgate_provider_reloads_total", "States accepted from a provider."),
             &["provider"],
         )
         .expect("valid metric");
         let provider_reload_rejected = IntCounterVec::new(
-            Opts::new("meshgate_provider_reload_rejected_total", "Provider updates rejected as invalid (the previous state stays)."),
+            Opts::new(
+                "meshgate_provider_reload_rejected_total",
+                "Provider updates rejected as invalid (the previous state stays).",
+            ),
             &["provider"],
         )
         .expect("valid metric");
@@ -68,12 +86,18 @@ impl Metrics {
         )
         .expect("valid metric");
         let acme_days_left = GaugeVec::new(
-            Opts::new("meshgate_acme_certificate_days_left", "Days until the stored ACME certificate expires, by certificate (its first host name)."),
+            Opts::new(
+                "meshgate_acme_certificate_days_left",
+                "Days until the stored ACME certificate expires, by certificate (its first host name).",
+            ),
             &["certificate"],
         )
         .expect("valid metric");
         let acme_issued = IntCounterVec::new(
-            Opts::new("meshgate_acme_certificates_issued_total", "Certificates issued or renewed through ACME by this agent."),
+            Opts::new(
+                "meshgate_acme_certificates_issued_total",
+                "Certificates issued or renewed through ACME by this agent.",
+            ),
             &["certificate"],
         )
         .expect("valid metric");

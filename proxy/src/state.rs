@@ -208,7 +208,9 @@ impl<'de> Deserialize<'de> for HostPattern {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
         match raw.strip_prefix('~') {
-            Some(re) => regex::Regex::new(re).map(|_| Self::Regex(re.to_owned())).map_err(serde::de::Error::custom),
+            Some(re) => {
+                regex::Regex::new(re).map(|_| Self::Regex(re.to_owned())).map_err(serde::de::Error::custom)
+            }
             None => Self::parse(&raw).map_err(serde::de::Error::custom),
         }
     }
@@ -327,7 +329,10 @@ mod tests {
         assert_eq!(HostPattern::parse("App.Example.COM."), Ok(HostPattern::Exact("app.example.com".into())));
         assert_eq!(HostPattern::parse("*.example.com"), Ok(HostPattern::Suffix(".example.com".into())));
         assert_eq!(HostPattern::parse("example.*"), Ok(HostPattern::Prefix("example.".into())));
-        assert_eq!(HostPattern::parse("~^a[0-9]+\\.test$"), Ok(HostPattern::Regex("^(?:a[0-9]+\\.test)$".into())));
+        assert_eq!(
+            HostPattern::parse("~^a[0-9]+\\.test$"),
+            Ok(HostPattern::Regex("^(?:a[0-9]+\\.test)$".into()))
+        );
         assert!(HostPattern::parse("~(unclosed").is_err());
         for bad in ["", "a..b", "*", "a.*.b", "exa mple.com", "*.", "-/x"] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?} should be rejected");
@@ -346,9 +351,18 @@ mod tests {
             http: vec![],
             l4: vec![],
         };
-        assert_eq!(hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("one")] }), 1);
-        assert_eq!(hub.publish("b", MeshState { problems: vec![], nodes: vec![], services: vec![svc("two")] }), 2);
-        assert_eq!(hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("three")] }), 3);
+        assert_eq!(
+            hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("one")] }),
+            1
+        );
+        assert_eq!(
+            hub.publish("b", MeshState { problems: vec![], nodes: vec![], services: vec![svc("two")] }),
+            2
+        );
+        assert_eq!(
+            hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("three")] }),
+            3
+        );
         let names: Vec<_> = hub.load().state.services.iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, ["three", "two"]);
         assert!(rx.has_changed().unwrap());

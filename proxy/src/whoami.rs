@@ -49,7 +49,11 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
 }
 
 /// Answers one request (public so tests can wrap it with their own accounting).
-pub async fn answer(req: Request<Incoming>, peer: SocketAddr, name: Arc<str>) -> Result<Response<Body>, Infallible> {
+pub async fn answer(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    name: Arc<str>,
+) -> Result<Response<Body>, Infallible> {
     if let Some(wait) = query_param(&req, "wait").and_then(|w| humantime::parse_duration(w).ok()) {
         tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
     }
@@ -111,5 +115,6 @@ impl hyper::body::Body for Filler {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "unknown".into(), |h| h.trim().to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "unknown".into(), |h| h.trim().to_owned())
 }

@@ -31,20 +31,35 @@ async fn h2c_task() -> (std::net::SocketAddr, Seen) {
                 let head = read_head(&mut stream).await;
                 let path = head.split(' ').nth(1).unwrap_or("").to_owned();
                 let lower = head.to_ascii_lowercase();
-                log.lock().unwrap().push(format!("http/1.1 {path} upgrade={}", lower.contains("\nupgrade: h2c")));
+                log.lock()
+                    .unwrap()
+                    .push(format!("http/1.1 {path} upgrade={}", lower.contains("\nupgrade: h2c")));
                 if lower.contains("\nupgrade: h2c") || path == "/switch-anyway" {
                     let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n").await;
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let log = log.clone();
                         async move {
-                            let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                            let xff = req
+                                .headers()
+                                .get("x-forwarded-for")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
                             log.lock().unwrap().push(format!("h2 {} xff={xff}", req.uri().path()));
-                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from("smuggled\n"))))
+                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                                Bytes::from("smuggled\n"),
+                            )))
                         }
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
                 } else {
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nplain\n").await;
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nplain\n",
+                        )
+                        .await;
                 }
             });
         }
@@ -83,17 +98,30 @@ async fn an_h2c_upgrade_never_opens_a_tunnel_past_the_router() {
     if head.starts_with("HTTP/1.1 101") {
         // The attack as reproduced: HTTP/2 through the tunnel, to an unrouted path, with a
         // forged client address.
-        if let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await {
+        if let Ok((mut sender, conn)) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await
+        {
             tokio::spawn(conn);
-            let req = Request::get("http://h2c.test/internal-admin").header("x-forwarded-for", "6.6.6.6").body(Empty::<Bytes>::new()).unwrap();
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await {
+            let req = Request::get("http://h2c.test/internal-admin")
+                .header("x-forwarded-for", "6.6.6.6")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await
+            {
                 let _ = resp.into_body().collect().await;
             }
         }
     }
     let seen = seen.lock().unwrap().clone();
-    assert!(head.starts_with("HTTP/1.1 200"), "the upgrade must be refused and the request served plainly; got {head:?}, the task saw {seen:?}");
-    assert_eq!(seen, ["http/1.1 /public upgrade=false"], "the task saw only the routed request, without the h2c upgrade");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "the upgrade must be refused and the request served plainly; got {head:?}, the task saw {seen:?}"
+    );
+    assert_eq!(
+        seen,
+        ["http/1.1 /public upgrade=false"],
+        "the task saw only the routed request, without the h2c upgrade"
+    );
 }
 
 /// Finding 1, the other side: a task that switches protocols unasked gets a 502, not a tunnel.
@@ -129,9 +157,11 @@ async fn sighup_reloads_the_routes_file_and_keeps_serving() {
     ]);
     let (http, _) = agent.addresses();
 
-    let in_flight = tokio::spawn(async move { curl(&["-H", "Host: slow.test", &format!("http://{http}/")]).await });
+    let in_flight =
+        tokio::spawn(async move { curl(&["-H", "Host: slow.test", &format!("http://{http}/")]).await });
     eventually("the slow request reaches its task", Duration::from_secs(5), async || slow.held() == 1).await;
-    let edited = service("slow", &["slow.test"], "/", &[&slow]) + &service("other", &["other.test"], "/", &[&other]);
+    let edited =
+        service("slow", &["slow.test"], "/", &[&slow]) + &service("other", &["other.test"], "/", &[&other]);
     std::fs::write(&routes, edited).unwrap();
     agent.signal(1);
     agent.wait_for_log("routes file reloaded", Duration::from_secs(5));

@@ -75,7 +75,10 @@ impl Pebble {
         ca.distinguished_name.push(rcgen::DnType::CommonName, "pebble listener CA");
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec![ip.to_string(), "localhost".to_owned()]).unwrap().signed_by(&key, &Issuer::from_params(&ca, &ca_key)).unwrap();
+        let leaf = CertificateParams::new(vec![ip.to_string(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+            .unwrap();
         std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
         let trust = dir.path().join("listener-ca.pem");
@@ -116,7 +119,10 @@ impl Pebble {
         self.child = Some(child);
         let url = format!("https://{}/dir", self.listen);
         let trust = self.trust.to_str().unwrap().to_owned();
-        eventually("pebble answers", Duration::from_secs(15), async || curl(&["-f", "--cacert", &trust, &url]).await.0).await;
+        eventually("pebble answers", Duration::from_secs(15), async || {
+            curl(&["-f", "--cacert", &trust, &url]).await.0
+        })
+        .await;
     }
 
     fn kill(&mut self) {
@@ -138,7 +144,13 @@ impl Pebble {
 
     /// The root pebble signs certificates with (new on every start).
     pub(crate) async fn root(&self) -> PathBuf {
-        let (ok, pem) = curl(&["-f", "--cacert", self.trust.to_str().unwrap(), &format!("https://{}/roots/0", self.mgmt)]).await;
+        let (ok, pem) = curl(&[
+            "-f",
+            "--cacert",
+            self.trust.to_str().unwrap(),
+            &format!("https://{}/roots/0", self.mgmt),
+        ])
+        .await;
         assert!(ok, "pebble's root: {pem}");
         let path = self.dir.path().join(format!("root-{}.pem", fastrand::u64(..)));
         std::fs::write(&path, pem).unwrap();
@@ -181,7 +193,13 @@ fn routes(backend: &Backend, hosts: &[&str]) -> String {
 }
 
 impl AcmeAgent {
-    async fn start(routes: &str, ports: &Ports, pebble: &Pebble, storage: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+    async fn start(
+        routes: &str,
+        ports: &Ports,
+        pebble: &Pebble,
+        storage: &Path,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let mesh = Mesh::start_with(routes, |c| {
             c.proxy.http_listen = format!("127.0.0.1:{}", ports.http).parse().unwrap();
             c.tls.https_listen = Some(format!("127.0.0.1:{}", ports.https).parse().unwrap());
@@ -225,7 +243,10 @@ impl AcmeAgent {
     /// Sum of the samples of a metric whose line starts with `prefix`.
     async fn metric(&self, prefix: &str) -> f64 {
         let (_, text) = curl(&[&self.mesh.admin_url("/metrics")]).await;
-        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 
@@ -235,18 +256,27 @@ async fn handshake(addr: SocketAddr, host: &str, root: &Path) -> Result<Vec<u8>,
     for cert in CertificateDer::pem_file_iter(root).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::try_from(host.to_owned()).unwrap(), tcp).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
 }
 
 /// Waits until `host` presents a certificate that verifies against `root`; returns its DER.
-async fn wait_for_certificate(agent: &AcmeAgent, host: &str, root_of: &Pebble, deadline: Duration) -> Vec<u8> {
+async fn wait_for_certificate(
+    agent: &AcmeAgent,
+    host: &str,
+    root_of: &Pebble,
+    deadline: Duration,
+) -> Vec<u8> {
     let start = Instant::now();
     loop {
         let root = root_of.root().await;
@@ -262,26 +292,56 @@ async fn wait_for_certificate(agent: &AcmeAgent, host: &str, root_of: &Pebble, d
 async fn http01_issues_a_certificate_for_every_name_served_over_https_and_h2() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: free_port(), dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
-    let storage = tempfile::tempdir().unwrap();
-    let started = Instant::now();
-    let agent = AcmeAgent::start(&routes(&web, &["shop.acme.test", "www.shop.acme.test"]), &ports, &pebble, storage.path(), |c| {
-        c.acme.challenge = meshgate::acme::ChallengeKind::Http01;
-        c.acme.fallback = false;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: free_port(),
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
     })
     .await;
+    let storage = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let agent = AcmeAgent::start(
+        &routes(&web, &["shop.acme.test", "www.shop.acme.test"]),
+        &ports,
+        &pebble,
+        storage.path(),
+        |c| {
+            c.acme.challenge = meshgate::acme::ChallengeKind::Http01;
+            c.acme.fallback = false;
+        },
+    )
+    .await;
     let first = wait_for_certificate(&agent, "shop.acme.test", &pebble, Duration::from_secs(30)).await;
-    println!("route to first verified HTTPS handshake: {} ms (HTTP-01, pebble)", started.elapsed().as_millis());
+    println!(
+        "route to first verified HTTPS handshake: {} ms (HTTP-01, pebble)",
+        started.elapsed().as_millis()
+    );
 
     let root = pebble.root().await;
     let (ok, out) = agent.curl(&root, "www.shop.acme.test", &["--http2", "-w", "\n%{http_version}"]).await;
     assert!(ok && out.contains("Name: web") && out.ends_with("\n2"), "both names, HTTP/2 over TLS: {out}");
     let (ok, out) = agent.curl(&root, "shop.acme.test", &["--http1.1", "-w", "\n%{http_version}"]).await;
     assert!(ok && out.ends_with("\n1.1"), "{out}");
-    assert_eq!(handshake(agent.https_addr(), "www.shop.acme.test", &root).await.unwrap(), first, "one certificate for both names");
+    assert_eq!(
+        handshake(agent.https_addr(), "www.shop.acme.test", &root).await.unwrap(),
+        first,
+        "one certificate for both names"
+    );
 
     // Plain HTTP now redirects; the challenge path was answered before that redirect existed.
-    let (_, out) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: shop.acme.test", &format!("http://127.0.0.1:{}/", ports.http)]).await;
+    let (_, out) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: shop.acme.test",
+        &format!("http://127.0.0.1:{}/", ports.http),
+    ])
+    .await;
     assert_eq!(out, "301");
 
     // Stored privately, counted, gauged.
@@ -289,9 +349,15 @@ async fn http01_issues_a_certificate_for_every_name_served_over_https_and_h2() {
         let mode = std::fs::metadata(agent.storage.join(file)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{file}");
     }
-    assert_eq!(agent.counter("meshgate_acme_certificates_issued_total{certificate=\"shop.acme.test\"}").await, 1);
+    assert_eq!(
+        agent.counter("meshgate_acme_certificates_issued_total{certificate=\"shop.acme.test\"}").await,
+        1
+    );
     let days = agent.metric("meshgate_acme_certificate_days_left{certificate=\"shop.acme.test\"}").await;
-    assert!(days > 0.0 && days < 1.0 / 24.0 + 0.001, "an hour-long certificate has under an hour left: {days}");
+    assert!(
+        days > 0.0 && days < 1.0 / 24.0 + 0.001,
+        "an hour-long certificate has under an hour left: {days}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +365,15 @@ async fn tls_alpn01_alone_issues_a_certificate() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // pebble's HTTP-01 port is one nobody listens on: only TLS-ALPN-01 can succeed.
-    let pebble = Pebble::start(PebbleSetup { http_port: free_port(), tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: free_port(),
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["alpn.acme.test"]), &ports, &pebble, storage.path(), |c| {
         c.acme.challenge = meshgate::acme::ChallengeKind::TlsAlpn01;
@@ -317,14 +391,27 @@ async fn a_failing_challenge_falls_back_to_the_other_kind() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // TLS-ALPN-01 (tried first) is validated on a closed port and fails; HTTP-01 works.
-    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: free_port(), dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
-    let storage = tempfile::tempdir().unwrap();
-    let agent = AcmeAgent::start(&routes(&web, &["fallback.acme.test"]), &ports, &pebble, storage.path(), |c| {
-        c.acme.challenge = meshgate::acme::ChallengeKind::TlsAlpn01;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: free_port(),
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
     })
     .await;
+    let storage = tempfile::tempdir().unwrap();
+    let agent =
+        AcmeAgent::start(&routes(&web, &["fallback.acme.test"]), &ports, &pebble, storage.path(), |c| {
+            c.acme.challenge = meshgate::acme::ChallengeKind::TlsAlpn01;
+        })
+        .await;
     wait_for_certificate(&agent, "fallback.acme.test", &pebble, Duration::from_secs(40)).await;
-    assert_eq!(agent.counter("meshgate_acme_failures_total").await, 0, "the fallback happens within one attempt");
+    assert_eq!(
+        agent.counter("meshgate_acme_failures_total").await,
+        0,
+        "the fallback happens within one attempt"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,15 +419,26 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // 20-second certificates: renewed at two thirds (about 13 s) by the default rule.
-    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 20, eab: None, blocklist: vec![] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 20,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
-    let agent = AcmeAgent::start(&routes(&web, &["renew.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
+    let agent =
+        AcmeAgent::start(&routes(&web, &["renew.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
     let first = wait_for_certificate(&agent, "renew.acme.test", &pebble, Duration::from_secs(30)).await;
     let root = pebble.root().await;
     let start = Instant::now();
     let mut handshakes = 0;
     let renewed = loop {
-        let der = handshake(agent.https_addr(), "renew.acme.test", &root).await.unwrap_or_else(|e| panic!("handshake {handshakes} failed during renewal: {e}"));
+        let der = handshake(agent.https_addr(), "renew.acme.test", &root)
+            .await
+            .unwrap_or_else(|e| panic!("handshake {handshakes} failed during renewal: {e}"));
         handshakes += 1;
         if der != first {
             break der;
@@ -352,7 +450,9 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
     assert!(handshakes > 10, "the swap was watched from before it happened ({handshakes})");
     // Renewed again by the same rule: the schedule keeps going.
     eventually("a second renewal", Duration::from_secs(40), async || {
-        handshake(agent.https_addr(), "renew.acme.test", &root).await.is_ok_and(|d| d != renewed && d != first)
+        handshake(agent.https_addr(), "renew.acme.test", &root)
+            .await
+            .is_ok_and(|d| d != renewed && d != first)
     })
     .await;
     assert!(agent.counter("meshgate_acme_certificates_issued_total").await >= 3);
@@ -362,7 +462,15 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
 async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resumes() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let mut pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 30, eab: None, blocklist: vec![] }).await;
+    let mut pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 30,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["down.acme.test"]), &ports, &pebble, storage.path(), |c| {
         c.acme.renew_before = Some(Duration::from_secs(25));
@@ -374,7 +482,10 @@ async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resume
 
     // Renewal is due 5 s after issuance; it fails while the CA is gone...
     eventually("a failed renewal", Duration::from_secs(30), async || {
-        agent.counter("meshgate_acme_failures_total{certificate=\"down.acme.test\",reason=\"ca_unreachable\"}").await >= 2
+        agent
+            .counter("meshgate_acme_failures_total{certificate=\"down.acme.test\",reason=\"ca_unreachable\"}")
+            .await
+            >= 2
     })
     .await;
     // ...and the old certificate is still served, verified by the old root.
@@ -386,16 +497,28 @@ async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resume
     assert_ne!(renewed, first);
     let (ok, out) = agent.curl(&pebble.root().await, "down.acme.test", &[]).await;
     assert!(ok, "{out}");
-    assert!(std::fs::read_dir(agent.storage.join("bad")).unwrap().count() >= 1, "the account the new CA did not know was set aside");
+    assert!(
+        std::fs::read_dir(agent.storage.join("bad")).unwrap().count() >= 1,
+        "the account the new CA did not know was set aside"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let mut pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let mut pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
-    let agent = AcmeAgent::start(&routes(&web, &["again.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
+    let agent =
+        AcmeAgent::start(&routes(&web, &["again.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
     let issued = wait_for_certificate(&agent, "again.acme.test", &pebble, Duration::from_secs(30)).await;
     let root = pebble.root().await;
     let account = std::fs::read_dir(storage.path().join("accounts")).unwrap().next().unwrap().unwrap().path();
@@ -405,10 +528,16 @@ async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
 
     // The CA is gone: what the new agent serves comes from the store, at its first handshake.
     pebble.kill();
-    let again = AcmeAgent::start(&routes(&web, &["again.acme.test"]), &Ports::new(), &pebble, storage.path(), |_| {}).await;
+    let again =
+        AcmeAgent::start(&routes(&web, &["again.acme.test"]), &Ports::new(), &pebble, storage.path(), |_| {})
+            .await;
     assert_eq!(handshake(again.https_addr(), "again.acme.test", &root).await.unwrap(), issued);
     assert_eq!(again.counter("meshgate_acme_certificates_issued_total").await, 0);
-    assert_eq!(again.counter("meshgate_acme_failures_total").await, 0, "nothing was due, so the CA was not contacted");
+    assert_eq!(
+        again.counter("meshgate_acme_failures_total").await,
+        0,
+        "nothing was due, so the CA was not contacted"
+    );
     assert_eq!(std::fs::read(&account).unwrap(), account_before, "the stored account is reused");
 }
 
@@ -416,15 +545,35 @@ async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
 async fn a_corrupt_stored_certificate_is_set_aside_and_ordered_again() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(storage.path().join("certs")).unwrap();
-    std::fs::write(storage.path().join("certs/broken.acme.test.crt"), "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    std::fs::write(
+        storage.path().join("certs/broken.acme.test.crt"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .unwrap();
     std::fs::write(storage.path().join("certs/broken.acme.test.key"), "garbage").unwrap();
-    let agent = AcmeAgent::start(&routes(&web, &["broken.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
+    let agent =
+        AcmeAgent::start(&routes(&web, &["broken.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
     wait_for_certificate(&agent, "broken.acme.test", &pebble, Duration::from_secs(30)).await;
-    let bad: Vec<String> = std::fs::read_dir(storage.path().join("bad")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(bad.iter().any(|f| f.starts_with("broken.acme.test.crt.")) && bad.iter().any(|f| f.starts_with("broken.acme.test.key.")), "{bad:?}");
+    let bad: Vec<String> = std::fs::read_dir(storage.path().join("bad"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        bad.iter().any(|f| f.starts_with("broken.acme.test.crt."))
+            && bad.iter().any(|f| f.starts_with("broken.acme.test.key.")),
+        "{bad:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,11 +582,22 @@ async fn agents_sharing_a_store_order_each_certificate_once() {
     let (a_ports, b_ports) = (Ports::new(), Ports::new());
     // Validation reaches agent A only; whichever agent orders, A answers (the HTTP-01 answer
     // is shared through the store).
-    let pebble = Pebble::start(PebbleSetup { http_port: a_ports.http, tls_port: free_port(), dns: a_ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: a_ports.http,
+        tls_port: free_port(),
+        dns: a_ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
     let routes = routes(&web, &["shared.acme.test"]);
     let http01 = |c: &mut Config| c.acme.fallback = false;
-    let (a, b) = tokio::join!(AcmeAgent::start("", &a_ports, &pebble, storage.path(), http01), AcmeAgent::start("", &b_ports, &pebble, storage.path(), http01));
+    let (a, b) = tokio::join!(
+        AcmeAgent::start("", &a_ports, &pebble, storage.path(), http01),
+        AcmeAgent::start("", &b_ports, &pebble, storage.path(), http01)
+    );
     // Both agents are running before the route appears, so both want the certificate at once.
     std::fs::write(a.mesh.routes_path(), &routes).unwrap();
     std::fs::write(b.mesh.routes_path(), &routes).unwrap();
@@ -447,13 +607,22 @@ async fn agents_sharing_a_store_order_each_certificate_once() {
     // Each manager has settled once it gauges the stored certificate (its task is past any
     // order it made, and not due).
     for agent in [&a, &b] {
-        eventually("the manager gauges the certificate", Duration::from_secs(30), async || agent.metric("meshgate_acme_certificate_days_left").await > 0.0).await;
+        eventually("the manager gauges the certificate", Duration::from_secs(30), async || {
+            agent.metric("meshgate_acme_certificate_days_left").await > 0.0
+        })
+        .await;
     }
-    let orders = a.counter("meshgate_acme_certificates_issued_total").await + b.counter("meshgate_acme_certificates_issued_total").await;
+    let orders = a.counter("meshgate_acme_certificates_issued_total").await
+        + b.counter("meshgate_acme_certificates_issued_total").await;
     assert_eq!(orders, 1, "exactly one agent ordered it");
-    let failures = a.counter("meshgate_acme_failures_total").await + b.counter("meshgate_acme_failures_total").await;
+    let failures =
+        a.counter("meshgate_acme_failures_total").await + b.counter("meshgate_acme_failures_total").await;
     assert_eq!(failures, 0, "the other agent waited for the lock instead of racing (and failing)");
-    assert_eq!(std::fs::read_dir(storage.path().join("accounts")).unwrap().count(), 1, "one account between them");
+    assert_eq!(
+        std::fs::read_dir(storage.path().join("accounts")).unwrap().count(),
+        1,
+        "one account between them"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +630,15 @@ async fn external_account_binding_is_used_when_the_ca_requires_it() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
     let (kid, hmac) = ("kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W");
-    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: Some((kid, hmac)), blocklist: vec![] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: Some((kid, hmac)),
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["eab.acme.test"]), &ports, &pebble, storage.path(), |c| {
         c.acme.eab_kid = Some(kid.into());
@@ -475,7 +652,15 @@ async fn external_account_binding_is_used_when_the_ca_requires_it() {
 async fn a_refused_name_never_blocks_the_others_and_stops_when_its_route_goes() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec!["refused.acme.test"] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec!["refused.acme.test"],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
     let two = format!(
         "{}\n[[services]]\nname = \"other\"\ntasks = [{{ address = \"{}\" }}]\n[[services.http]]\nhosts = [\"refused.acme.test\"]\nport = 1\ntls = {{ acme = true }}\n",
@@ -485,9 +670,18 @@ async fn a_refused_name_never_blocks_the_others_and_stops_when_its_route_goes() 
     let agent = AcmeAgent::start(&two, &ports, &pebble, storage.path(), |_| {}).await;
     wait_for_certificate(&agent, "fine.acme.test", &pebble, Duration::from_secs(30)).await;
     let refused = "meshgate_acme_failures_total{certificate=\"refused.acme.test\",reason=\"ca_error\"}";
-    eventually("the refused name is retried with backoff", Duration::from_secs(20), async || agent.counter(refused).await >= 2).await;
+    eventually("the refused name is retried with backoff", Duration::from_secs(20), async || {
+        agent.counter(refused).await >= 2
+    })
+    .await;
     // The proxy keeps serving the refused name over plain HTTP and with the fallback certificate.
-    let (ok, out) = curl(&["-k", "--resolve", &format!("refused.acme.test:{}:127.0.0.1", ports.https), &format!("https://refused.acme.test:{}/", ports.https)]).await;
+    let (ok, out) = curl(&[
+        "-k",
+        "--resolve",
+        &format!("refused.acme.test:{}:127.0.0.1", ports.https),
+        &format!("https://refused.acme.test:{}/", ports.https),
+    ])
+    .await;
     assert!(ok && out.contains("Name: web"), "{out}");
 
     // Its route goes: its task stops, and so do the failures.
@@ -507,14 +701,35 @@ async fn a_challenge_that_cannot_succeed_is_reported_and_the_host_stays_served()
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // Validation reaches neither listener (like DNS that does not point at this node).
-    let pebble = Pebble::start(PebbleSetup { http_port: free_port(), tls_port: free_port(), dns: ports.dns(), validity_secs: 3600, eab: None, blocklist: vec![] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: free_port(),
+        tls_port: free_port(),
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
-    let agent = AcmeAgent::start(&routes(&web, &["nowhere.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
-    let failed = "meshgate_acme_failures_total{certificate=\"nowhere.acme.test\",reason=\"challenge_failed\"}";
-    eventually("the failed validation is counted, then retried", Duration::from_secs(30), async || agent.counter(failed).await >= 2).await;
-    let (ok, out) = curl(&["-k", "--resolve", &format!("nowhere.acme.test:{}:127.0.0.1", ports.https), &format!("https://nowhere.acme.test:{}/", ports.https)]).await;
+    let agent =
+        AcmeAgent::start(&routes(&web, &["nowhere.acme.test"]), &ports, &pebble, storage.path(), |_| {})
+            .await;
+    let failed =
+        "meshgate_acme_failures_total{certificate=\"nowhere.acme.test\",reason=\"challenge_failed\"}";
+    eventually("the failed validation is counted, then retried", Duration::from_secs(30), async || {
+        agent.counter(failed).await >= 2
+    })
+    .await;
+    let (ok, out) = curl(&[
+        "-k",
+        "--resolve",
+        &format!("nowhere.acme.test:{}:127.0.0.1", ports.https),
+        &format!("https://nowhere.acme.test:{}/", ports.https),
+    ])
+    .await;
     assert!(ok && out.contains("Name: web"), "served with the fallback certificate meanwhile: {out}");
-    let (_, out) = curl(&["-H", "Host: nowhere.acme.test", &format!("http://127.0.0.1:{}/", ports.http)]).await;
+    let (_, out) =
+        curl(&["-H", "Host: nowhere.acme.test", &format!("http://127.0.0.1:{}/", ports.http)]).await;
     assert!(out.contains("Name: web"), "plain HTTP is not redirected without a certificate: {out}");
     let (ok, out) = curl(&["-f", &agent.mesh.admin_url("/readyz")]).await;
     assert!(ok, "ACME failures never make the node unready: {out}");
@@ -524,7 +739,15 @@ async fn a_challenge_that_cannot_succeed_is_reported_and_the_host_stays_served()
 async fn a_hung_ca_times_out_and_renewal_succeeds_once_it_wakes() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs: 30, eab: None, blocklist: vec![] }).await;
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 30,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["hung.acme.test"]), &ports, &pebble, storage.path(), |c| {
         // Due 5 to 6 s after issuance (jitter is at most 1/30 of the 30 s lifetime).
@@ -534,9 +757,17 @@ async fn a_hung_ca_times_out_and_renewal_succeeds_once_it_wakes() {
     let first = wait_for_certificate(&agent, "hung.acme.test", &pebble, Duration::from_secs(30)).await;
     let root = pebble.root().await;
     pebble.signal("STOP");
-    let unreachable = "meshgate_acme_failures_total{certificate=\"hung.acme.test\",reason=\"ca_unreachable\"}";
-    eventually("the hung renewal times out", Duration::from_secs(30), async || agent.counter(unreachable).await >= 1).await;
-    assert_eq!(handshake(agent.https_addr(), "hung.acme.test", &root).await.unwrap(), first, "the old certificate is still served");
+    let unreachable =
+        "meshgate_acme_failures_total{certificate=\"hung.acme.test\",reason=\"ca_unreachable\"}";
+    eventually("the hung renewal times out", Duration::from_secs(30), async || {
+        agent.counter(unreachable).await >= 1
+    })
+    .await;
+    assert_eq!(
+        handshake(agent.https_addr(), "hung.acme.test", &root).await.unwrap(),
+        first,
+        "the old certificate is still served"
+    );
     pebble.signal("CONT");
     eventually("renewed once the CA answers again", Duration::from_secs(30), async || {
         handshake(agent.https_addr(), "hung.acme.test", &root).await.is_ok_and(|d| d != first)

@@ -25,14 +25,21 @@ async fn admin_endpoints_show_traffic_state_and_health() {
     ] {
         assert!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
     }
-    assert!(metrics.lines().any(|l| l.starts_with("meshgate_backend_up{") && l.contains(&web.addr.to_string()) && l.ends_with(" 1")), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("meshgate_backend_up{")
+            && l.contains(&web.addr.to_string())
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
 
     assert_eq!(reqwest_text(&mesh.admin_url("/healthz")).await, "ok\n");
-    let ready: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/readyz")).await).unwrap();
+    let ready: serde_json::Value =
+        serde_json::from_str(&reqwest_text(&mesh.admin_url("/readyz")).await).unwrap();
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["components"]["file"]["ready"], true);
 
-    let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
     assert_eq!(state["generation"], 1);
     let routes = state["routes"].as_array().unwrap();
     assert_eq!(routes.len(), 2, "one entry per host pattern: {state:#}");

@@ -41,7 +41,21 @@ impl Lan {
         for i in 1..=nodes {
             let ns = lan.nets.add("mgcl");
             let port = format!("p{i}");
-            run(&["ip", "-n", &lan.switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            run(&[
+                "ip",
+                "-n",
+                &lan.switch,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ]);
             run(&["ip", "-n", &lan.switch, "link", "set", &port, "master", "br0", "up"]);
             run(&["ip", "-n", &ns, "addr", "add", &format!("10.98.{subnet}.{i}/24"), "dev", "eth0"]);
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
@@ -60,7 +74,15 @@ impl Lan {
 
     /// Cuts (or restores) a node's cable: its feed goes silent without closing.
     fn cable(&self, node: usize, up: bool) {
-        run(&["ip", "-n", &self.switch, "link", "set", &format!("p{}", node + 1), if up { "up" } else { "down" }]);
+        run(&[
+            "ip",
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &format!("p{}", node + 1),
+            if up { "up" } else { "down" },
+        ]);
     }
 }
 
@@ -71,7 +93,10 @@ impl Drop for Lan {
 }
 
 fn new_secret(dir: &Path, name: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).arg("--new-cluster-secret").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("--new-cluster-secret")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let path = dir.join(name);
     std::fs::write(&path, &out.stdout).unwrap();
@@ -102,38 +127,84 @@ async fn a_worker_follows_the_managers_fails_over_and_keeps_its_last_state_when_
     std::fs::write(&routes, route("app.cluster.test", &worker_ip, false)).unwrap();
     let routes = routes.to_str().unwrap();
     let common = ["--http-listen", "0.0.0.0:80", "--cluster-secret-file", &secret, "--cluster-timeout", "3s"];
-    let with = |extra: &[&str]| -> Vec<String> { common.iter().chain(extra).map(ToString::to_string).collect() };
+    let with =
+        |extra: &[&str]| -> Vec<String> { common.iter().chain(extra).map(ToString::to_string).collect() };
     let leader = Agent::start(lan.ns(0), &refs(&with(&["--routes", routes, "--cluster-role", "leader"])));
-    let manager = Agent::start(lan.ns(1), &refs(&with(&["--routes", routes, "--cluster-role", "manager", "--cluster-peers", &format!("{leader_ip}:7380")])));
+    let manager = Agent::start(
+        lan.ns(1),
+        &refs(&with(&[
+            "--routes",
+            routes,
+            "--cluster-role",
+            "manager",
+            "--cluster-peers",
+            &format!("{leader_ip}:7380"),
+        ])),
+    );
     // Both feeds listen before the worker starts, so it takes its first peer.
     for (agent, ns) in [(&leader, lan.ns(0)), (&manager, lan.ns(1))] {
-        eventually("the feed is served", WAIT, async || agent.admin(ns, "/readyz").contains("serving the feed")).await;
+        eventually("the feed is served", WAIT, async || {
+            agent.admin(ns, "/readyz").contains("serving the feed")
+        })
+        .await;
     }
     let state_file = dir.path().join("worker-state.json");
     let peers = format!("{manager_ip}:7380,{leader_ip}:7380");
-    let worker_args = with(&["--cluster-role", "worker", "--cluster-peers", &peers, "--whoami-listen", &format!("{worker_ip}:8001"), "--whoami-name", "task-on-worker", "--cluster-state-file", state_file.to_str().unwrap()]);
+    let worker_args = with(&[
+        "--cluster-role",
+        "worker",
+        "--cluster-peers",
+        &peers,
+        "--whoami-listen",
+        &format!("{worker_ip}:8001"),
+        "--whoami-name",
+        "task-on-worker",
+        "--cluster-state-file",
+        state_file.to_str().unwrap(),
+    ]);
     let worker = Agent::start(lan.ns(2), &refs(&worker_args));
 
     // The worker has no routes of its own; it serves the cluster's.
-    eventually("the worker routes the cluster's service", WAIT, async || get(&worker_ip, "app.cluster.test").await.1.contains("task-on-worker")).await;
-    assert!(worker.admin(lan.ns(2), "/readyz").contains(&format!("following {manager_ip}:7380")), "it follows the first peer");
+    eventually("the worker routes the cluster's service", WAIT, async || {
+        get(&worker_ip, "app.cluster.test").await.1.contains("task-on-worker")
+    })
+    .await;
+    assert!(
+        worker.admin(lan.ns(2), "/readyz").contains(&format!("following {manager_ip}:7380")),
+        "it follows the first peer"
+    );
     assert_eq!(manager.metric(lan.ns(1), "meshgate_cluster_followers"), 1);
     assert_eq!(leader.metric(lan.ns(0), "meshgate_cluster_issuer"), 1);
     assert_eq!(worker.metric(lan.ns(2), "meshgate_cluster_issuer"), 0);
 
     // A change on the managers reaches the worker.
-    std::fs::write(routes, format!("{}{}", route("app.cluster.test", &worker_ip, false), route("new.cluster.test", &worker_ip, false))).unwrap();
-    eventually("a new route reaches the worker", WAIT, async || get(&worker_ip, "new.cluster.test").await.0).await;
+    std::fs::write(
+        routes,
+        format!(
+            "{}{}",
+            route("app.cluster.test", &worker_ip, false),
+            route("new.cluster.test", &worker_ip, false)
+        ),
+    )
+    .unwrap();
+    eventually("a new route reaches the worker", WAIT, async || get(&worker_ip, "new.cluster.test").await.0)
+        .await;
 
     // The manager's cable is cut: its feed goes silent, the worker moves to the leader.
     lan.cable(1, false);
-    eventually("the worker fails over to the leader", WAIT, async || worker.admin(lan.ns(2), "/readyz").contains(&format!("following {leader_ip}:7380"))).await;
+    eventually("the worker fails over to the leader", WAIT, async || {
+        worker.admin(lan.ns(2), "/readyz").contains(&format!("following {leader_ip}:7380"))
+    })
+    .await;
     assert!(worker.metric(lan.ns(2), "meshgate_cluster_reconnects_total") >= 1);
     assert!(get(&worker_ip, "new.cluster.test").await.0, "routes stay in force during the failover");
 
     // No manager left: the last state stays, and the worker says so.
     leader.stop();
-    eventually("the worker says its state is stale", WAIT, async || worker.metric(lan.ns(2), "meshgate_cluster_state_stale") == 1).await;
+    eventually("the worker says its state is stale", WAIT, async || {
+        worker.metric(lan.ns(2), "meshgate_cluster_state_stale") == 1
+    })
+    .await;
     let readyz = worker.admin(lan.ns(2), "/readyz");
     assert!(readyz.contains("stale: no manager reachable") && readyz.contains("\"ready\": true"), "{readyz}");
     assert_eq!(worker.metric(lan.ns(2), "meshgate_cluster_feed_connected"), 0);
@@ -144,17 +215,38 @@ async fn a_worker_follows_the_managers_fails_over_and_keeps_its_last_state_when_
     worker.stop();
     let worker = Agent::start(lan.ns(2), &refs(&worker_args));
     worker.wait_for("serving the state saved before the restart");
-    eventually("the restarted worker serves the saved routes", WAIT, async || get(&worker_ip, "new.cluster.test").await.0).await;
+    eventually("the restarted worker serves the saved routes", WAIT, async || {
+        get(&worker_ip, "new.cluster.test").await.0
+    })
+    .await;
 
     // The manager comes back: the worker follows it again, the state is confirmed.
     lan.cable(1, true);
-    eventually("the worker follows the manager again", WAIT, async || worker.metric(lan.ns(2), "meshgate_cluster_feed_connected") == 1).await;
+    eventually("the worker follows the manager again", WAIT, async || {
+        worker.metric(lan.ns(2), "meshgate_cluster_feed_connected") == 1
+    })
+    .await;
     assert_eq!(worker.metric(lan.ns(2), "meshgate_cluster_state_stale"), 0);
 
     // An agent with another secret gets nothing.
     let other = new_secret(dir.path(), "other.pem");
-    let intruder = Agent::start(lan.ns(0), &["--http-listen", "0.0.0.0:80", "--cluster-secret-file", &other, "--cluster-role", "worker", "--cluster-peers", &format!("{manager_ip}:7380")]);
-    eventually("the intruder is refused", WAIT, async || intruder.admin(lan.ns(0), "/readyz").contains("TLS refused")).await;
+    let intruder = Agent::start(
+        lan.ns(0),
+        &[
+            "--http-listen",
+            "0.0.0.0:80",
+            "--cluster-secret-file",
+            &other,
+            "--cluster-role",
+            "worker",
+            "--cluster-peers",
+            &format!("{manager_ip}:7380"),
+        ],
+    );
+    eventually("the intruder is refused", WAIT, async || {
+        intruder.admin(lan.ns(0), "/readyz").contains("TLS refused")
+    })
+    .await;
     assert!(!get(&leader_ip, "app.cluster.test").await.0, "nothing of the cluster reaches it");
     drop(manager);
 }
@@ -167,17 +259,47 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
     let secret = new_secret(dir.path(), "cluster.pem");
     // pebble resolves every name through the worker's mesh-dns, which answers with the
     // worker's address: each validation reaches the worker, never the agent that ordered.
-    let pebble = Pebble::start_on(PebbleSetup { http_port: 80, tls_port: 443, dns: format!("{worker_ip}:53").parse().unwrap(), validity_secs: 3600, eab: None, blocklist: vec![] }, [10, 98, 2, 254].into()).await;
+    let pebble = Pebble::start_on(
+        PebbleSetup {
+            http_port: 80,
+            tls_port: 443,
+            dns: format!("{worker_ip}:53").parse().unwrap(),
+            validity_secs: 3600,
+            eab: None,
+            blocklist: vec![],
+        },
+        [10, 98, 2, 254].into(),
+    )
+    .await;
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, route("http.cluster.test", &worker_ip, true)).unwrap();
     let routes = routes.to_str().unwrap();
     let store = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
     let (leader_store, manager_store, worker_store) = (store("leader"), store("manager"), store("worker"));
     let acme = |storage: &str, challenge: &str| -> Vec<String> {
-        ["--http-listen", "0.0.0.0:80", "--https-listen", "0.0.0.0:443", "--cluster-secret-file", &secret, "--certs-poll-interval", "100ms", "--acme-directory", &pebble.directory(), "--acme-trust-roots", pebble.trust.to_str().unwrap(), "--acme-storage-dir", storage, "--acme-challenge", challenge, "--acme-fallback", "false"]
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        [
+            "--http-listen",
+            "0.0.0.0:80",
+            "--https-listen",
+            "0.0.0.0:443",
+            "--cluster-secret-file",
+            &secret,
+            "--certs-poll-interval",
+            "100ms",
+            "--acme-directory",
+            &pebble.directory(),
+            "--acme-trust-roots",
+            pebble.trust.to_str().unwrap(),
+            "--acme-storage-dir",
+            storage,
+            "--acme-challenge",
+            challenge,
+            "--acme-fallback",
+            "false",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
     };
     let args = |mut base: Vec<String>, extra: &[&str]| {
         base.extend(extra.iter().map(ToString::to_string));
@@ -185,12 +307,28 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
     };
     let leader_args = args(acme(&leader_store, "http-01"), &["--routes", routes, "--cluster-role", "leader"]);
     let leader = Agent::start(lan.ns(0), &refs(&leader_args));
-    let manager_args = args(acme(&manager_store, "http-01"), &["--routes", routes, "--cluster-role", "manager", "--cluster-peers", &format!("{leader_ip}:7380")]);
+    let manager_args = args(
+        acme(&manager_store, "http-01"),
+        &["--routes", routes, "--cluster-role", "manager", "--cluster-peers", &format!("{leader_ip}:7380")],
+    );
     let manager = Agent::start(lan.ns(1), &refs(&manager_args));
     let dns = format!("{worker_ip}:53");
     let worker_args = args(
         acme(&worker_store, "http-01"),
-        &["--cluster-role", "worker", "--cluster-peers", &format!("{manager_ip}:7380"), "--whoami-listen", &format!("{worker_ip}:8001"), "--dns-listen", &dns, "--dns-answer-routed-hosts", "true", "--dns-node-addresses", &worker_ip],
+        &[
+            "--cluster-role",
+            "worker",
+            "--cluster-peers",
+            &format!("{manager_ip}:7380"),
+            "--whoami-listen",
+            &format!("{worker_ip}:8001"),
+            "--dns-listen",
+            &dns,
+            "--dns-answer-routed-hosts",
+            "true",
+            "--dns-node-addresses",
+            &worker_ip,
+        ],
     );
     let worker = Agent::start(lan.ns(2), &refs(&worker_args));
 
@@ -198,33 +336,90 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
     // manager; then every node serves the certificate.
     let verified = async |ip: &str, host: &str| {
         let root = pebble.root().await;
-        curl(&["-fsS", "-m", "3", "--resolve", &format!("{host}:443:{ip}"), "--cacert", root.to_str().unwrap(), &format!("https://{host}/")]).await
+        curl(&[
+            "-fsS",
+            "-m",
+            "3",
+            "--resolve",
+            &format!("{host}:443:{ip}"),
+            "--cacert",
+            root.to_str().unwrap(),
+            &format!("https://{host}/"),
+        ])
+        .await
     };
     for ip in [&worker_ip, &manager_ip, &leader_ip] {
-        eventually(&format!("{ip} serves http.cluster.test with pebble's certificate"), Duration::from_secs(60), async || verified(ip, "http.cluster.test").await.0).await;
+        eventually(
+            &format!("{ip} serves http.cluster.test with pebble's certificate"),
+            Duration::from_secs(60),
+            async || verified(ip, "http.cluster.test").await.0,
+        )
+        .await;
     }
-    assert_eq!(leader.metric(lan.ns(0), "meshgate_acme_certificates_issued_total{certificate=\"http.cluster.test\"}"), 1, "the leader ordered once");
+    assert_eq!(
+        leader
+            .metric(lan.ns(0), "meshgate_acme_certificates_issued_total{certificate=\"http.cluster.test\"}"),
+        1,
+        "the leader ordered once"
+    );
     for (agent, ns) in [(&manager, lan.ns(1)), (&worker, lan.ns(2))] {
-        assert_eq!(agent.metric(ns, "meshgate_acme_certificates_issued_total{certificate=\"http.cluster.test\"}"), 0, "followers order nothing");
+        assert_eq!(
+            agent.metric(ns, "meshgate_acme_certificates_issued_total{certificate=\"http.cluster.test\"}"),
+            0,
+            "followers order nothing"
+        );
         let metrics = agent.admin(ns, "/metrics");
-        assert!(!metrics.contains("meshgate_acme_failures_total{certificate=\"http.cluster.test\""), "{metrics}");
+        assert!(
+            !metrics.contains("meshgate_acme_failures_total{certificate=\"http.cluster.test\""),
+            "{metrics}"
+        );
     }
     // Received keys are stored as the issuer stores them: owner-only.
     for store in [&manager_store, &worker_store] {
-        let mode = std::fs::metadata(format!("{store}/certs/http.cluster.test.key")).unwrap().permissions().mode();
+        let mode =
+            std::fs::metadata(format!("{store}/certs/http.cluster.test.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{store}");
     }
 
     // TLS-ALPN-01 through the worker: it answers with a validation certificate it makes
     // itself from the digest the leader published.
     leader.stop();
-    let leader = Agent::start(lan.ns(0), &refs(&args(acme(&leader_store, "tls-alpn-01"), &["--routes", routes, "--cluster-role", "leader"])));
-    std::fs::write(routes, format!("{}{}", route("http.cluster.test", &worker_ip, true), route("alpn.cluster.test", &worker_ip, true))).unwrap();
-    eventually("the worker serves alpn.cluster.test with pebble's certificate", Duration::from_secs(60), async || verified(&worker_ip, "alpn.cluster.test").await.0).await;
+    let leader = Agent::start(
+        lan.ns(0),
+        &refs(&args(acme(&leader_store, "tls-alpn-01"), &["--routes", routes, "--cluster-role", "leader"])),
+    );
+    std::fs::write(
+        routes,
+        format!(
+            "{}{}",
+            route("http.cluster.test", &worker_ip, true),
+            route("alpn.cluster.test", &worker_ip, true)
+        ),
+    )
+    .unwrap();
+    eventually(
+        "the worker serves alpn.cluster.test with pebble's certificate",
+        Duration::from_secs(60),
+        async || verified(&worker_ip, "alpn.cluster.test").await.0,
+    )
+    .await;
     let (ok, body) = verified(&worker_ip, "alpn.cluster.test").await;
     assert!(ok && body.contains("Name: whoami"), "{body}");
-    assert_eq!(leader.metric(lan.ns(0), "meshgate_acme_certificates_issued_total{certificate=\"alpn.cluster.test\"}"), 1);
-    assert_eq!(leader.metric(lan.ns(0), "meshgate_acme_certificates_issued_total{certificate=\"http.cluster.test\"}"), 0, "the stored certificate was not ordered again");
-    assert_eq!(worker.metric(lan.ns(2), "meshgate_acme_certificates_issued_total{certificate=\"alpn.cluster.test\"}"), 0);
+    assert_eq!(
+        leader
+            .metric(lan.ns(0), "meshgate_acme_certificates_issued_total{certificate=\"alpn.cluster.test\"}"),
+        1
+    );
+    assert_eq!(
+        leader
+            .metric(lan.ns(0), "meshgate_acme_certificates_issued_total{certificate=\"http.cluster.test\"}"),
+        0,
+        "the stored certificate was not ordered again"
+    );
+    assert_eq!(
+        worker
+            .metric(lan.ns(2), "meshgate_acme_certificates_issued_total{certificate=\"alpn.cluster.test\"}"),
+        0
+    );
     drop(manager);
 }

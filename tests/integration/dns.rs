@@ -60,7 +60,10 @@ published = 8443
 target = 443
 "#;
 
-async fn mesh_with_dns(routes: &str, tweak: impl FnOnce(&mut meshgate::config::Config)) -> (Mesh, SocketAddr) {
+async fn mesh_with_dns(
+    routes: &str,
+    tweak: impl FnOnce(&mut meshgate::config::Config),
+) -> (Mesh, SocketAddr) {
     let mesh = Mesh::start_with(routes, |c| {
         c.dns.listen = Some("127.0.0.1:0".parse().unwrap());
         c.dns.upstreams = vec!["127.0.0.1:9".parse().unwrap()];
@@ -80,10 +83,21 @@ async fn every_local_name_form_over_udp_and_tcp() {
     })
     .await;
     for transport in ["+notcp", "+tcp"] {
-        for name in ["shop_web", "web", "WEB.Mesh.Internal", "shop_web.mesh.internal", "tasks.web", "tasks.shop_web.mesh.internal"] {
+        for name in [
+            "shop_web",
+            "web",
+            "WEB.Mesh.Internal",
+            "shop_web.mesh.internal",
+            "tasks.web",
+            "tasks.shop_web.mesh.internal",
+        ] {
             let out = dig(dns, &[transport, name, "A"]).await;
             assert_eq!(status(&out), "NOERROR", "{name} {transport}: {out}");
-            assert_eq!(addresses(&out), ["10.9.0.1", "10.9.0.2"], "{name} {transport}: healthy tasks only\n{out}");
+            assert_eq!(
+                addresses(&out),
+                ["10.9.0.1", "10.9.0.2"],
+                "{name} {transport}: healthy tasks only\n{out}"
+            );
             assert!(out.contains("flags: qr aa"), "authoritative: {out}");
         }
         let out = dig(dns, &[transport, "web", "AAAA"]).await;
@@ -97,18 +111,25 @@ async fn every_local_name_form_over_udp_and_tcp() {
     }
     // NODATA: the name exists, not the type; NXDOMAIN: under our domain and unknown.
     let out = dig(dns, &["web", "MX"]).await;
-    assert!(status(&out) == "NOERROR" && out.contains("ANSWER: 0") && out.contains("IN\tSOA\tns.mesh.internal."), "NODATA with SOA: {out}");
+    assert!(
+        status(&out) == "NOERROR" && out.contains("ANSWER: 0") && out.contains("IN\tSOA\tns.mesh.internal."),
+        "NODATA with SOA: {out}"
+    );
     let out = dig(dns, &["db.mesh.internal", "A"]).await;
     assert!(status(&out) == "NXDOMAIN" && out.contains("IN\tSOA"), "NXDOMAIN with SOA: {out}");
     // EDNS0 is answered with our payload size; the TTL is the configured 5 s.
     let out = dig(dns, &["+edns=0", "+bufsize=4096", "web", "A"]).await;
     assert!(out.contains("EDNS: version: 0") && out.contains("udp: 1232"), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("web.") && l.split_whitespace().nth(1) == Some("5")), "TTL 5: {out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("web.") && l.split_whitespace().nth(1) == Some("5")),
+        "TTL 5: {out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
-    let (_mesh, dns) = mesh_with_dns(&service_with("big", &["big.test"], "/", "http", &tasks(120)), |_| {}).await;
+    let (_mesh, dns) =
+        mesh_with_dns(&service_with("big", &["big.test"], "/", "http", &tasks(120)), |_| {}).await;
     let out = dig(dns, &["+ignore", "+noedns", "big", "A"]).await;
     assert!(out.contains("flags: qr aa tc"), "a 512-byte UDP answer is truncated: {out}");
     let out = dig(dns, &["big", "A"]).await; // dig retries over TCP on TC
@@ -125,9 +146,22 @@ impl Dnsmasq {
     fn start() -> Self {
         let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = std::process::Command::new("dnsmasq")
-            .args(["--no-daemon", "--bind-interfaces", "--listen-address=127.0.0.1", "--no-resolv", "--no-hosts", "--conf-file=/dev/null"])
+            .args([
+                "--no-daemon",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+            ])
             .arg(format!("--port={port}"))
-            .args(["--address=/up.test/192.0.2.7", "--address=/gone.test/", "--host-record=ttl.up.test,192.0.2.8", "--local-ttl=60", "--pid-file="])
+            .args([
+                "--address=/up.test/192.0.2.7",
+                "--address=/gone.test/",
+                "--host-record=ttl.up.test,192.0.2.8",
+                "--local-ttl=60",
+                "--pid-file=",
+            ])
             // 100 addresses for one name: too big for a 1232-byte UDP answer.
             .args((0..100).map(|i| format!("--host-record=big.up.test,198.51.100.{}", i + 1)))
             .stdout(std::process::Stdio::null())
@@ -163,7 +197,11 @@ async fn other_names_are_forwarded_cached_and_refused_to_outsiders() {
         assert!(out.contains(" ra"), "recursion available: {out}");
     }
     let out = dig(dns, &["ttl.up.test", "A"]).await;
-    let ttl: u32 = out.lines().find(|l| l.starts_with("ttl.up.test.")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap();
+    let ttl: u32 = out
+        .lines()
+        .find(|l| l.starts_with("ttl.up.test."))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
     assert!(ttl <= 60, "the upstream TTL is honoured: {out}");
     // The upstream's UDP answer is truncated: the forwarder retries over TCP, and the client
     // (over TCP to us) gets all 100.
@@ -173,10 +211,23 @@ async fn other_names_are_forwarded_cached_and_refused_to_outsiders() {
     assert_eq!(status(&out), "NXDOMAIN", "{out}");
 
     let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
-    let value = |name: &str| metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0);
-    assert!(value("meshgate_dns_cache_hits_total") >= 1.0, "the second a.up.test came from the cache:\n{metrics}");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("meshgate_dns_cache_hits_total") >= 1.0,
+        "the second a.up.test came from the cache:\n{metrics}"
+    );
     assert!(value("meshgate_dns_forwarded_total") >= 2.0, "{metrics}");
-    assert!(metrics.contains("meshgate_dns_queries_total{rcode=\"NXDomain\",type=\"A\"}") || metrics.contains("rcode=\"Non-Existent Domain\""), "{metrics}");
+    assert!(
+        metrics.contains("meshgate_dns_queries_total{rcode=\"NXDomain\",type=\"A\"}")
+            || metrics.contains("rcode=\"Non-Existent Domain\""),
+        "{metrics}"
+    );
 
     // A client outside the recursion networks: local names yes, forwarding no.
     let out = dig(dns, &["-b", "127.0.0.2", "a.up.test", "A"]).await;
@@ -207,7 +258,10 @@ async fn a_dead_upstream_costs_a_bounded_servfail_and_never_blocks_local_names()
     }
     let (status, took) = slow.await.unwrap();
     assert_eq!(status, "SERVFAIL");
-    assert!(took < Duration::from_secs(4), "SERVFAIL after the upstream timeout, not the client's ({took:?})");
+    assert!(
+        took < Duration::from_secs(4),
+        "SERVFAIL after the upstream timeout, not the client's ({took:?})"
+    );
     drop(sink);
 }
 
@@ -221,7 +275,9 @@ async fn exchange(client: &UdpSocket, dns: SocketAddr, bytes: &[u8]) -> Option<M
     client.send_to(bytes, dns).await.unwrap();
     let mut buf = [0u8; 4096];
     match tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await {
-        Ok(Ok((n, _))) => Some(Message::from_vec(&buf[..n]).expect("the server only sends well-formed messages")),
+        Ok(Ok((n, _))) => {
+            Some(Message::from_vec(&buf[..n]).expect("the server only sends well-formed messages"))
+        }
         _ => None,
     }
 }
@@ -272,7 +328,13 @@ async fn malformed_packets_get_formerr_notimp_or_silence_and_the_server_keeps_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_swaps_under_query_load_give_no_wrong_answer() {
-    let one = service_with("svc", &["svc.test"], "/", "http", &["10.1.0.1".into(), "10.1.0.2".into(), "10.1.0.3".into()]);
+    let one = service_with(
+        "svc",
+        &["svc.test"],
+        "/",
+        "http",
+        &["10.1.0.1".into(), "10.1.0.2".into(), "10.1.0.3".into()],
+    );
     let two = service_with("svc", &["svc.test"], "/", "http", &["10.2.0.1".into(), "10.2.0.2".into()]);
     let (mesh, dns) = mesh_with_dns(&one, |_| {}).await;
     let states = [
@@ -289,8 +351,16 @@ async fn zone_swaps_under_query_load_give_no_wrong_answer() {
             let mut id = c * 10_000;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 id = id.wrapping_add(1);
-                let Some(m) = exchange(&socket, dns, &query(id, "svc.", RecordType::A).to_vec().unwrap()).await else { continue };
-                let mut got: Vec<String> = m.answers.iter().filter_map(|r| if let RData::A(a) = &r.data { Some(a.0.to_string()) } else { None }).collect();
+                let Some(m) =
+                    exchange(&socket, dns, &query(id, "svc.", RecordType::A).to_vec().unwrap()).await
+                else {
+                    continue;
+                };
+                let mut got: Vec<String> = m
+                    .answers
+                    .iter()
+                    .filter_map(|r| if let RData::A(a) = &r.data { Some(a.0.to_string()) } else { None })
+                    .collect();
                 got.sort();
                 if got != ["10.1.0.1", "10.1.0.2", "10.1.0.3"] && got != ["10.2.0.1", "10.2.0.2"] {
                     wrong.push(got);

@@ -32,7 +32,8 @@ async fn image() {
             let root = tempfile::tempdir().unwrap();
             let bin = root.path().join("bin");
             std::fs::create_dir_all(&bin).unwrap();
-            std::fs::copy("/bin/busybox", bin.join("busybox")).expect("/bin/busybox (Debian's busybox-static; the test command installs it)");
+            std::fs::copy("/bin/busybox", bin.join("busybox"))
+                .expect("/bin/busybox (Debian's busybox-static; the test command installs it)");
             for applet in ["sh", "httpd", "hostname", "mkdir", "touch", "test", "sleep", "rm"] {
                 std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
             }
@@ -86,11 +87,35 @@ async fn until_status(mesh: &Mesh, host: &str, want: StatusCode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_opt_in_form_routes_to_its_container_and_removal_unroutes() {
     let mesh = Mesh::start_docker(|_| {}).await;
-    let env = Container::run("env", &["-e", "VIRTUAL_HOST=env.docker.test,*.wild.docker.test", "-e", "VIRTUAL_PORT=8080"], 8080).await;
-    let ours = Container::run("ours", &["-l", "meshgate.http.hosts=ours.docker.test", "-l", "meshgate.http.port=80", "-l", "meshgate.http.path=/app"], 80).await;
+    let env = Container::run(
+        "env",
+        &["-e", "VIRTUAL_HOST=env.docker.test,*.wild.docker.test", "-e", "VIRTUAL_PORT=8080"],
+        8080,
+    )
+    .await;
+    let ours = Container::run(
+        "ours",
+        &[
+            "-l",
+            "meshgate.http.hosts=ours.docker.test",
+            "-l",
+            "meshgate.http.port=80",
+            "-l",
+            "meshgate.http.path=/app",
+        ],
+        80,
+    )
+    .await;
     let traefik = Container::run(
         "traefik",
-        &["-l", "traefik.enable=true", "-l", "traefik.http.routers.t.rule=Host(`traefik.docker.test`) && PathPrefix(`/t`)", "-l", "traefik.http.services.t.loadbalancer.server.port=81"],
+        &[
+            "-l",
+            "traefik.enable=true",
+            "-l",
+            "traefik.http.routers.t.rule=Host(`traefik.docker.test`) && PathPrefix(`/t`)",
+            "-l",
+            "traefik.http.services.t.loadbalancer.server.port=81",
+        ],
         81,
     )
     .await;
@@ -104,10 +129,14 @@ async fn every_opt_in_form_routes_to_its_container_and_removal_unroutes() {
     until_served(&mesh, "re42.docker.test", "/", &regex.id).await;
     assert_eq!(mesh.get("traefik.docker.test", "/elsewhere").await.0, StatusCode::NOT_FOUND);
 
-    let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
     let services = state["services"].as_array().unwrap();
     let routes = state["routes"].as_array().unwrap();
-    assert!(!routes.iter().any(|r| r["service"] == ignored.name.as_str()), "a container without opt-in is not exposed");
+    assert!(
+        !routes.iter().any(|r| r["service"] == ignored.name.as_str()),
+        "a container without opt-in is not exposed"
+    );
     let env_service = services.iter().find(|s| s["name"] == env.name.as_str()).unwrap();
     assert_eq!(env_service["tasks"][0]["network"], "bridge", "the chosen network is shown");
 
@@ -123,7 +152,16 @@ async fn health_checks_gate_routing() {
     let mesh = Mesh::start_docker(|_| {}).await;
     let c = Container::run(
         "health",
-        &["-e", "VIRTUAL_HOST=health.docker.test", "--health-cmd", "test -f /w/ok", "--health-interval", "300ms", "--health-retries", "1"],
+        &[
+            "-e",
+            "VIRTUAL_HOST=health.docker.test",
+            "--health-cmd",
+            "test -f /w/ok",
+            "--health-interval",
+            "300ms",
+            "--health-retries",
+            "1",
+        ],
         80,
     )
     .await;
@@ -140,15 +178,34 @@ async fn a_malformed_label_is_reported_and_the_rest_keeps_working() {
     let mesh = Mesh::start_docker(|_| {}).await;
     let bad = Container::run(
         "bad",
-        &["-l", "traefik.enable=true", "-l", "traefik.http.routers.r.rule=Host(`bad.docker.test`", "-e", "VIRTUAL_HOST=alsobad.docker.test", "-e", "VIRTUAL_PORT=abc"],
+        &[
+            "-l",
+            "traefik.enable=true",
+            "-l",
+            "traefik.http.routers.r.rule=Host(`bad.docker.test`",
+            "-e",
+            "VIRTUAL_HOST=alsobad.docker.test",
+            "-e",
+            "VIRTUAL_PORT=abc",
+        ],
         80,
     )
     .await;
     let good = Container::run("good", &["-e", "VIRTUAL_HOST=good.docker.test"], 80).await;
     until_served(&mesh, "good.docker.test", "/", &good.id).await;
-    let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
-    let problems: Vec<&str> = state["problems"].as_array().unwrap().iter().filter_map(|p| p.as_str()).filter(|p| p.contains(&bad.name)).collect();
-    assert!(problems.iter().any(|p| p.contains("traefik.http.routers.r.rule") && p.contains("not closed")), "{problems:?}");
+    let state: serde_json::Value =
+        serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let problems: Vec<&str> = state["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_str())
+        .filter(|p| p.contains(&bad.name))
+        .collect();
+    assert!(
+        problems.iter().any(|p| p.contains("traefik.http.routers.r.rule") && p.contains("not closed")),
+        "{problems:?}"
+    );
     assert!(problems.iter().any(|p| p.contains("VIRTUAL_PORT") && p.contains("abc")), "{problems:?}");
     assert_eq!(mesh.get("bad.docker.test", "/").await.0, StatusCode::NOT_FOUND);
     assert_eq!(mesh.get("alsobad.docker.test", "/").await.0, StatusCode::NOT_FOUND);
@@ -196,10 +253,14 @@ async fn losing_the_engine_keeps_routes_and_reconnecting_resyncs() {
     let endpoint = format!("unix://{}", socket.display());
     // No engine at start: the agent starts anyway and serves its other providers.
     let web = crate::harness::Backend::start("file-route").await;
-    let mesh = Mesh::start_sources(&crate::harness::service("web", &["file.docker.test"], "/", &[&web]), true, |c| {
-        c.docker.endpoint = Some(endpoint.clone());
-        c.docker.mode = meshgate::provider::docker::DockerMode::On;
-    })
+    let mesh = Mesh::start_sources(
+        &crate::harness::service("web", &["file.docker.test"], "/", &[&web]),
+        true,
+        |c| {
+            c.docker.endpoint = Some(endpoint.clone());
+            c.docker.mode = meshgate::provider::docker::DockerMode::On;
+        },
+    )
     .await;
     let ready = |mesh: &Mesh| mesh.agent.readiness.report().1.get("docker").is_some_and(|s| s.ready);
     assert_eq!(mesh.get("file.docker.test", "/").await.0, StatusCode::OK);
@@ -258,7 +319,9 @@ impl Drop for SwarmGuard {
             // Networks and volumes go once their tasks are gone: retry briefly.
             for _ in 0..150 {
                 let out = std::process::Command::new("docker").args(args).output();
-                if out.is_ok_and(|o| o.status.success()) || args.first().is_some_and(|a| a != "network" && a != "volume" && a != "secret") {
+                if out.is_ok_and(|o| o.status.success())
+                    || args.first().is_some_and(|a| a != "network" && a != "volume" && a != "secret")
+                {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
@@ -286,11 +349,42 @@ async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_remova
     let dns = mesh.agent.dns_addr.unwrap();
     // `tasks.<service>` through mesh-dns, as a client in the cluster would ask.
     let task_addresses = async |service: &str| {
-        let out = Command::new("dig").args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), "+short", &format!("tasks.{service}")]).output().await.unwrap();
+        let out = Command::new("dig")
+            .args([
+                &format!("@{}", dns.ip()),
+                "-p",
+                &dns.port().to_string(),
+                "+short",
+                &format!("tasks.{service}"),
+            ])
+            .output()
+            .await
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).count()
     };
     let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
-    docker(&["service", "create", "--detach", "--name", &service, "--replicas", "3", "--publish", "18777:80", "--network", &network, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=swarm.docker.test", IMAGE, "sh", "-c", script]).await;
+    docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        &service,
+        "--replicas",
+        "3",
+        "--publish",
+        "18777:80",
+        "--network",
+        &network,
+        "--stop-grace-period",
+        "1s",
+        "-e",
+        "VIRTUAL_HOST=swarm.docker.test",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ])
+    .await;
 
     let distinct = async |mesh: &Mesh| {
         let mut seen = std::collections::BTreeSet::new();
@@ -303,17 +397,26 @@ async fn swarm_service_replicas_are_routed_and_followed_through_scale_and_remova
         seen.len()
     };
     eventually("three replicas answer", Duration::from_secs(60), async || distinct(&mesh).await == 3).await;
-    let state: serde_json::Value = serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
-    let svc = state["services"].as_array().unwrap().iter().find(|s| s["name"] == service.as_str()).unwrap().clone();
+    let state: serde_json::Value =
+        serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let svc =
+        state["services"].as_array().unwrap().iter().find(|s| s["name"] == service.as_str()).unwrap().clone();
     assert!(svc["tasks"][0]["id"].as_str().unwrap().starts_with(&format!("{service}.")), "{svc}");
     assert_eq!(svc["l4"][0]["published"], 18777, "published ports are discovered: {svc}");
     assert_eq!(svc["l4"][0]["target"], 80);
-    assert!(state["nodes"].as_array().unwrap().iter().any(|n| n["manager"] == true && n["ready"] == true), "{}", state["nodes"]);
+    assert!(
+        state["nodes"].as_array().unwrap().iter().any(|n| n["manager"] == true && n["ready"] == true),
+        "{}",
+        state["nodes"]
+    );
 
     docker(&["service", "scale", "--detach", &format!("{service}=1")]).await;
     assert_eq!(task_addresses(&service).await, 3, "mesh-dns answers the three tasks");
     eventually("one replica answers", Duration::from_secs(60), async || distinct(&mesh).await == 1).await;
-    eventually("mesh-dns follows the scale", Duration::from_secs(10), async || task_addresses(&service).await == 1).await;
+    eventually("mesh-dns follows the scale", Duration::from_secs(10), async || {
+        task_addresses(&service).await == 1
+    })
+    .await;
     docker(&["service", "rm", &service]).await;
     until_status(&mesh, "swarm.docker.test", StatusCode::NOT_FOUND).await;
 }
@@ -350,9 +453,11 @@ async fn a_tls_docker_host_with_client_certificates_is_followed() {
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
     let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["localhost".into()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let server =
+        CertificateParams::new(vec!["localhost".into()]).unwrap().signed_by(&server_key, &issuer).unwrap();
     let client_key = KeyPair::generate().unwrap();
-    let client = CertificateParams::new(vec!["client".into()]).unwrap().signed_by(&client_key, &issuer).unwrap();
+    let client =
+        CertificateParams::new(vec!["client".into()]).unwrap().signed_by(&client_key, &issuer).unwrap();
     let certs = tempfile::tempdir().unwrap();
     std::fs::write(certs.path().join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(certs.path().join("cert.pem"), client.pem()).unwrap();
@@ -364,7 +469,10 @@ async fn a_tls_docker_host_with_client_certificates_is_followed() {
     let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into()).build().unwrap();
     let config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![CertificateDer::from_pem_slice(server.pem().as_bytes()).unwrap()], PrivateKeyDer::from_pem_slice(server_key.serialize_pem().as_bytes()).unwrap())
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(server.pem().as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(server_key.serialize_pem().as_bytes()).unwrap(),
+        )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -386,13 +494,18 @@ async fn a_tls_docker_host_with_client_certificates_is_followed() {
     // The agent binary, configured only by the variables the docker CLI uses.
     let mut agent = crate::harness::Binary::spawn_env(
         &["--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
-        &[("DOCKER_HOST", &format!("tcp://localhost:{port}")), ("DOCKER_TLS_VERIFY", "1"), ("DOCKER_CERT_PATH", certs.path().to_str().unwrap())],
+        &[
+            ("DOCKER_HOST", &format!("tcp://localhost:{port}")),
+            ("DOCKER_TLS_VERIFY", "1"),
+            ("DOCKER_CERT_PATH", certs.path().to_str().unwrap()),
+        ],
     );
     let (http, _) = agent.addresses();
     agent.wait_for_log("following the Docker engine", WAIT);
     let c = Container::run("tls", &["-e", "VIRTUAL_HOST=tls.docker.test"], 80).await;
     eventually("served over the TLS engine connection", WAIT, async || {
-        crate::harness::curl(&["-H", "Host: tls.docker.test", &format!("http://{http}/")]).await.1.trim() == c.id
+        crate::harness::curl(&["-H", "Host: tls.docker.test", &format!("http://{http}/")]).await.1.trim()
+            == c.id
     })
     .await;
     assert!(handshakes.load(Ordering::SeqCst) > 0, "the agent spoke TLS with a client certificate");
@@ -416,9 +529,19 @@ async fn mesh_dns_answers_container_names_and_network_aliases() {
     let mesh = Mesh::start_docker(|c| c.dns.listen = Some("127.0.0.1:0".parse().unwrap())).await;
     let dns = mesh.agent.dns_addr.unwrap();
     let c = Container::run("alias", &["--network", &network, "--network-alias", "db-alias"], 80).await;
-    let ip = docker(&["inspect", &c.name, "--format", &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}")]).await;
+    let ip = docker(&[
+        "inspect",
+        &c.name,
+        "--format",
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+    ])
+    .await;
     let ask = async |name: &str| {
-        let out = Command::new("dig").args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), "+short", name]).output().await.unwrap();
+        let out = Command::new("dig")
+            .args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), "+short", name])
+            .output()
+            .await
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     eventually("the container name resolves", WAIT, async || ask(&c.name).await == ip).await;
@@ -441,10 +564,15 @@ impl Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
-            let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+            let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http();
             let (mut ok, mut failed) = (0, Vec::new());
             while !flag.load(Ordering::SeqCst) {
-                let req = http::Request::get(&url).header("host", host).body(http_body_util::Full::default()).unwrap();
+                let req = http::Request::get(&url)
+                    .header("host", host)
+                    .body(http_body_util::Full::default())
+                    .unwrap();
                 let (status, body) = crate::harness::send(&client, req).await;
                 if status == StatusCode::OK {
                     ok += 1;
@@ -469,7 +597,8 @@ impl Load {
 /// cluster secret made with it; both removed by `guard`.
 async fn build_image_and_secret(guard: &mut SwarmGuard, tag: &str, secret: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm-free-deploy/build-image.sh");
-    let build = Command::new("bash").args([script, env!("CARGO_BIN_EXE_meshgate"), tag]).output().await.unwrap();
+    let build =
+        Command::new("bash").args([script, env!("CARGO_BIN_EXE_meshgate"), tag]).output().await.unwrap();
     assert!(build.status.success(), "build-image.sh: {}", String::from_utf8_lossy(&build.stderr));
     guard.on_drop(&["rmi", "-f", tag]);
     let make = format!("docker run --rm {tag} --new-cluster-secret | docker secret create {secret} -");
@@ -483,9 +612,18 @@ async fn build_image_and_secret(guard: &mut SwarmGuard, tag: &str, secret: &str)
 async fn deploy_stack(stack: &str, env: &[(&str, &str)]) -> std::process::Output {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm-free-deploy");
     let engine = docker(&["version", "--format", "{{.Server.Version}}"]).await;
-    let caps = if engine.split('.').next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m >= 23) { "mesh.yml" } else { "mesh-docker20.yml" };
+    let caps = if engine.split('.').next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m >= 23) {
+        "mesh.yml"
+    } else {
+        "mesh-docker20.yml"
+    };
     let files = [format!("{root}/stack.yml"), format!("{root}/{caps}")];
-    Command::new("docker").args(["stack", "deploy", "--detach=true", "-c", &files[0], "-c", &files[1], stack]).envs(env.iter().copied()).output().await.unwrap()
+    Command::new("docker")
+        .args(["stack", "deploy", "--detach=true", "-c", &files[0], "-c", &files[1], stack])
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap()
 }
 
 /// A client on its own network (198.18.7.2), cabled to this host by a veth pair whose host
@@ -508,7 +646,11 @@ fn client_behind_uplink(nets: &mut crate::mesh::Namespaces) -> (String, String) 
 async fn mesh_answers(client: &str, url: &str) -> usize {
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..30 {
-        let out = Command::new("ip").args(["netns", "exec", client, "curl", "-fsS", "--max-time", "3", url]).output().await.unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", client, "curl", "-fsS", "--max-time", "3", url])
+            .output()
+            .await
+            .unwrap();
         if out.status.success() {
             seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_owned());
         }
@@ -528,7 +670,10 @@ impl MeshLoad {
         let dir = tempfile::tempdir().unwrap();
         let (codes, stop) = (dir.path().join("codes"), dir.path().join("stop"));
         let script = format!("while [ ! -e {stop} ]; do curl -s -o /dev/null --max-time 5 -w '%{{http_code}} %{{exitcode}}\\n' {url} >> {codes}; done", stop = stop.display(), codes = codes.display());
-        let child = std::process::Command::new("ip").args(["netns", "exec", ns, "sh", "-c", &script]).spawn().unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", &script])
+            .spawn()
+            .unwrap();
         Self { child, dir }
     }
 
@@ -536,7 +681,10 @@ impl MeshLoad {
     async fn finish(mut self) -> (usize, Vec<String>) {
         std::fs::write(self.dir.path().join("stop"), "").unwrap();
         let child = &mut self.child;
-        eventually("the mesh load stops", Duration::from_secs(10), async || child.try_wait().unwrap().is_some()).await;
+        eventually("the mesh load stops", Duration::from_secs(10), async || {
+            child.try_wait().unwrap().is_some()
+        })
+        .await;
         let codes = std::fs::read_to_string(self.dir.path().join("codes")).unwrap_or_default();
         let failed: Vec<String> = codes.lines().filter(|l| *l != "200 0").map(str::to_owned).collect();
         (codes.lines().count() - failed.len(), failed)
@@ -549,7 +697,8 @@ async fn service_field(service: &str, format: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal_and_its_own_rolling_update() {
+async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal_and_its_own_rolling_update()
+{
     image().await;
     let _one_at_a_time = SWARM.lock().await;
     let id = std::process::id();
@@ -559,8 +708,10 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     build_image_and_secret(&mut guard, &tag, &secret_name).await;
     // Four different ports: all held until all are chosen (the agent shares its ports with
     // SO_REUSEPORT, so two equal ones would not even fail to bind).
-    let held: Vec<std::net::TcpListener> = (0..5).map(|_| std::net::TcpListener::bind("0.0.0.0:0").unwrap()).collect();
-    let [http_port, https_port, admin_port, cluster_port, published] = [0, 1, 2, 3, 4].map(|i| held[i].local_addr().unwrap().port().to_string());
+    let held: Vec<std::net::TcpListener> =
+        (0..5).map(|_| std::net::TcpListener::bind("0.0.0.0:0").unwrap()).collect();
+    let [http_port, https_port, admin_port, cluster_port, published] =
+        [0, 1, 2, 3, 4].map(|i| held[i].local_addr().unwrap().port().to_string());
     drop(held);
     // (This one-node Swarm advertises 127.0.0.1, so the node's address on the uplink is given.)
     let mut nets = crate::mesh::Namespaces::new();
@@ -582,11 +733,22 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     guard.on_drop(&["stack", "rm", &stack]);
     let agent = format!("{stack}_agent");
     eventually("the agent's health check passes", Duration::from_secs(60), async || {
-        docker(&["ps", "--filter", &format!("label=com.docker.swarm.service.name={agent}"), "--format", "{{.Status}}"]).await.contains("(healthy)")
+        docker(&[
+            "ps",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={agent}"),
+            "--format",
+            "{{.Status}}",
+        ])
+        .await
+        .contains("(healthy)")
     })
     .await;
     let (_, ready) = crate::harness::curl(&[&format!("http://127.0.0.1:{admin_port}/readyz")]).await;
-    assert!(ready.contains("\"ready\": true") && ready.contains("leader: serving the feed"), "the one-node Swarm's agent is the leader: {ready}");
+    assert!(
+        ready.contains("\"ready\": true") && ready.contains("leader: serving the feed"),
+        "the one-node Swarm's agent is the leader: {ready}"
+    );
     assert!(ready.contains(&format!("on {uplink}, node")), "the L4 mesh is attached to the uplink: {ready}");
 
     // The demo: two replicas on a swarm-scoped bridge network the host reaches, with a
@@ -597,7 +759,28 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     let demo = format!("mgtest-{id}-demo");
     let script = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
     let publish = format!("published={published},target=80");
-    docker(&["service", "create", "--detach", "--name", &demo, "--replicas", "2", "--network", &network, "--publish", &publish, "--stop-grace-period", "1s", "-e", "VIRTUAL_HOST=stack.docker.test", IMAGE, "sh", "-c", script]).await;
+    docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        &demo,
+        "--replicas",
+        "2",
+        "--network",
+        &network,
+        "--publish",
+        &publish,
+        "--stop-grace-period",
+        "1s",
+        "-e",
+        "VIRTUAL_HOST=stack.docker.test",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ])
+    .await;
     guard.on_drop(&["service", "rm", &demo]);
     let mesh_url = format!("http://198.18.7.1:{published}/");
     let url = format!("http://127.0.0.1:{http_port}/");
@@ -611,53 +794,105 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
         }
         seen.len()
     };
-    eventually("the deployed agent routes both replicas", Duration::from_secs(90), async || answers().await == 2).await;
+    eventually("the deployed agent routes both replicas", Duration::from_secs(90), async || {
+        answers().await == 2
+    })
+    .await;
     let mesh_answers = async || mesh_answers(&client, &mesh_url).await;
-    eventually("the published port reaches both replicas through the XDP mesh, from the client's network", Duration::from_secs(30), async || mesh_answers().await == 2).await;
+    eventually(
+        "the published port reaches both replicas through the XDP mesh, from the client's network",
+        Duration::from_secs(30),
+        async || mesh_answers().await == 2,
+    )
+    .await;
 
     // Scale, rolling image update and scale down under load: every request is answered.
     let load = Load::start(url.clone(), "stack.docker.test");
     let mesh_load = MeshLoad::start(&client, &mesh_url);
     docker(&["service", "scale", "--detach", &format!("{demo}=4")]).await;
     eventually("four replicas answer", Duration::from_secs(60), async || answers().await == 4).await;
-    eventually("four replicas answer through the mesh", Duration::from_secs(30), async || mesh_answers().await == 4).await;
+    eventually("four replicas answer through the mesh", Duration::from_secs(30), async || {
+        mesh_answers().await == 4
+    })
+    .await;
     let updated = format!("{IMAGE}-v2-{id}");
     docker(&["tag", IMAGE, &updated]).await;
     guard.on_drop(&["rmi", &updated]);
     docker(&["service", "update", "--detach", "--update-parallelism", "1", "--image", &updated, &demo]).await;
-    eventually("the rolling update of the demo completes", Duration::from_secs(120), async || service_field(&demo, "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}").await == "completed").await;
+    eventually("the rolling update of the demo completes", Duration::from_secs(120), async || {
+        service_field(&demo, "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}").await == "completed"
+    })
+    .await;
     docker(&["service", "scale", "--detach", &format!("{demo}=2")]).await;
     eventually("two replicas answer", Duration::from_secs(60), async || answers().await == 2).await;
-    eventually("two replicas answer through the mesh", Duration::from_secs(30), async || mesh_answers().await == 2).await;
+    eventually("two replicas answer through the mesh", Duration::from_secs(30), async || {
+        mesh_answers().await == 2
+    })
+    .await;
     let (mesh_ok, mesh_failed) = mesh_load.finish().await;
     assert!(mesh_ok > 50, "the load through the mesh ran ({mesh_ok} answered)");
-    assert!(mesh_failed.is_empty(), "{} of {} connections to the published port failed during scale and update: {mesh_failed:?}", mesh_failed.len(), mesh_ok + mesh_failed.len());
+    assert!(
+        mesh_failed.is_empty(),
+        "{} of {} connections to the published port failed during scale and update: {mesh_failed:?}",
+        mesh_failed.len(),
+        mesh_ok + mesh_failed.len()
+    );
     let mesh_load = MeshLoad::start(&client, &mesh_url);
 
     // meshgate's own rolling update: the new agent starts beside the old one (shared ports),
     // the old one stops once the new one is healthy.
-    let before = docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={agent}")]).await;
+    let before =
+        docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={agent}")]).await;
     docker(&["service", "update", "--detach", "--force", &agent]).await;
     eventually("meshgate's rolling update completes", Duration::from_secs(120), async || {
         service_field(&agent, "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}").await == "completed"
     })
     .await;
-    let after = docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={agent}")]).await;
-    assert!(!after.is_empty() && !after.contains(&before), "a new agent container runs ({before} -> {after})");
+    let after =
+        docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={agent}")]).await;
+    assert!(
+        !after.is_empty() && !after.contains(&before),
+        "a new agent container runs ({before} -> {after})"
+    );
     let (ok, failed) = load.finish().await;
     let (mesh_ok, mesh_failed) = mesh_load.finish().await;
     // The published port stays served while the agents hand the uplink over; a connection
     // caught in the instant of the hand-over may still fail (README, "Upgrading"): seen at
     // most 1 in 871. Afterwards, every connection is answered.
-    assert!(mesh_ok > 20 && mesh_failed.len() * 100 <= mesh_ok, "{} of {} connections to the published port failed during meshgate's own update: {mesh_failed:?}", mesh_failed.len(), mesh_ok + mesh_failed.len());
-    assert_eq!(mesh_answers().await, 2, "after meshgate's own update, both replicas answer on the published port");
+    assert!(
+        mesh_ok > 20 && mesh_failed.len() * 100 <= mesh_ok,
+        "{} of {} connections to the published port failed during meshgate's own update: {mesh_failed:?}",
+        mesh_failed.len(),
+        mesh_ok + mesh_failed.len()
+    );
+    assert_eq!(
+        mesh_answers().await,
+        2,
+        "after meshgate's own update, both replicas answer on the published port"
+    );
     assert!(ok > 100, "the load ran ({ok} answered)");
-    assert!(failed.is_empty(), "{} of {} requests failed during scale, update and meshgate's own update: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during scale, update and meshgate's own update: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
 
     // Removal: the route goes.
     docker(&["service", "rm", &demo]).await;
     eventually("the removed service is no longer routed", Duration::from_secs(30), async || {
-        crate::harness::curl(&["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: stack.docker.test", &url]).await.1 == "404"
+        crate::harness::curl(&[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: stack.docker.test",
+            &url,
+        ])
+        .await
+        .1 == "404"
     })
     .await;
 }

@@ -55,7 +55,8 @@ impl Backend {
                 let mut conns = tokio::task::JoinSet::new();
                 loop {
                     let (stream, peer) = listener.accept().await.unwrap();
-                    let (name, started, finished, builder) = (name.clone(), started.clone(), finished.clone(), builder.clone());
+                    let (name, started, finished, builder) =
+                        (name.clone(), started.clone(), finished.clone(), builder.clone());
                     conns.spawn(async move {
                         let svc = service_fn(move |req| {
                             let (name, started, finished) = (name.clone(), started.clone(), finished.clone());
@@ -183,11 +184,15 @@ impl Mesh {
 }
 
 /// Sends a request and reads the whole answer; a transport error is a 599 with the error.
-pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> (StatusCode, String) {
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, String) {
     match client.request(req).await {
         Ok(resp) => {
             let status = resp.status();
-            let body = resp.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+            let body =
+                resp.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
             (status, String::from_utf8_lossy(&body).into_owned())
         }
         Err(e) => (StatusCode::from_u16(599).unwrap(), format!("client error: {e:?}")),
@@ -225,7 +230,12 @@ impl Binary {
     /// Runs `cmd` (the binary, possibly behind a wrapper such as `ip netns exec`, already
     /// given `--log-format json`) and collects its log lines.
     pub fn spawn_command(mut cmd: Command) -> Self {
-        let mut child = cmd.env_remove("RUST_LOG").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("meshgate binary runs");
+        let mut child = cmd
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("meshgate binary runs");
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -246,7 +256,10 @@ impl Binary {
         }
         loop {
             let left = deadline.checked_sub(start.elapsed()).unwrap_or_else(|| {
-                panic!("no log line with {needle:?} within {deadline:?}; log so far:\n{}", self.log.join("\n"))
+                panic!(
+                    "no log line with {needle:?} within {deadline:?}; log so far:\n{}",
+                    self.log.join("\n")
+                )
             });
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
@@ -255,7 +268,10 @@ impl Binary {
                         return serde_json::from_str(&line).unwrap_or_default();
                     }
                 }
-                Err(_) => panic!("no log line with {needle:?} within {deadline:?}; log so far:\n{}", self.log.join("\n")),
+                Err(_) => panic!(
+                    "no log line with {needle:?} within {deadline:?}; log so far:\n{}",
+                    self.log.join("\n")
+                ),
             }
         }
     }
@@ -264,7 +280,9 @@ impl Binary {
     pub fn wait_for_count(&mut self, needle: &str, n: usize, deadline: Duration) {
         let start = Instant::now();
         while self.log.iter().filter(|l| l.contains(needle)).count() < n {
-            let left = deadline.checked_sub(start.elapsed()).unwrap_or_else(|| panic!("{needle:?} not seen {n} times within {deadline:?}"));
+            let left = deadline
+                .checked_sub(start.elapsed())
+                .unwrap_or_else(|| panic!("{needle:?} not seen {n} times within {deadline:?}"));
             if let Ok(line) = self.lines.recv_timeout(left) {
                 self.log.push(line);
             }
@@ -279,7 +297,8 @@ impl Binary {
 
     pub fn signal(&self, signal: i32) {
         // SAFETY-free: `kill` via the command line keeps this crate free of unsafe code.
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
         assert!(status.success());
     }
 
@@ -319,7 +338,14 @@ impl Drop for Binary {
 /// Runs curl with `args`; returns (exit ok, stdout).
 /// (Async: the agent under test runs on the same runtime.)
 pub async fn curl(args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new("curl").args(["-sS", "--max-time", "20"]).args(args).output().await.expect("curl is installed (the README's test command installs it)");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl is installed (the README's test command installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
-

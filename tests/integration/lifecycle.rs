@@ -35,7 +35,11 @@ async fn the_bundled_example_serves_whoami_with_no_config_and_no_docker() {
     );
     let line = agent.wait_for_log("serving the bundled example", Duration::from_secs(10));
     let message = line["message"].as_str().unwrap();
-    assert!(message.contains("whoami.localhost") && message.contains("no Docker socket at /nonexistent/docker.sock"), "{line}");
+    assert!(
+        message.contains("whoami.localhost")
+            && message.contains("no Docker socket at /nonexistent/docker.sock"),
+        "{line}"
+    );
     let (http, admin) = agent.addresses();
     let (ok, out) = curl(&["-H", "Host: whoami.localhost", &format!("http://{http}/")]).await;
     assert!(ok && name_of(&out) == "whoami", "{out}");
@@ -58,28 +62,40 @@ async fn routes_file_edits_apply_live_and_broken_edits_keep_the_old_routes() {
     };
 
     // Load on web.test during every edit.
-    let (stop, failed, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (stop, failed, ok) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut load = tokio::task::JoinSet::new();
     for _ in 0..4 {
         let (client, stop, failed, ok) = (client.clone(), stop.clone(), failed.clone(), ok.clone());
         load.spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let (status, _) = get(client.clone(), "web.test").await;
-                if status == StatusCode::OK { ok.fetch_add(1, Ordering::SeqCst) } else { failed.fetch_add(1, Ordering::SeqCst) };
+                if status == StatusCode::OK {
+                    ok.fetch_add(1, Ordering::SeqCst)
+                } else {
+                    failed.fetch_add(1, Ordering::SeqCst)
+                };
             }
         });
     }
 
     // A valid edit: web.test moves to `b`, new.test appears. Applied well within a second.
-    let edited = [service("web", &["web.test"], "/", &[&b]), service("new", &["new.test"], "/", &[&a])].concat();
+    let edited =
+        [service("web", &["web.test"], "/", &[&b]), service("new", &["new.test"], "/", &[&a])].concat();
     let tmp = routes.with_extension("tmp");
     std::fs::write(&tmp, &edited).unwrap();
     std::fs::rename(&tmp, &routes).unwrap();
     let edited_at = Instant::now();
-    eventually("the edit is served", Duration::from_secs(5), async || get(client.clone(), "new.test").await.0 == StatusCode::OK).await;
+    eventually("the edit is served", Duration::from_secs(5), async || {
+        get(client.clone(), "new.test").await.0 == StatusCode::OK
+    })
+    .await;
     let took = edited_at.elapsed();
     println!("routes edit applied in {took:?}");
-    eventually("web.test follows the edit", Duration::from_secs(5), async || name_of(&get(client.clone(), "web.test").await.1) == "b").await;
+    eventually("web.test follows the edit", Duration::from_secs(5), async || {
+        name_of(&get(client.clone(), "web.test").await.1) == "b"
+    })
+    .await;
 
     // A broken edit (line 3 has a bad address): one log line with file, line and problem.
     let broken = "[[services]]\nname = \"web\"\ntasks = [{ address = \"not-an-ip\" }]\n";
@@ -87,7 +103,12 @@ async fn routes_file_edits_apply_live_and_broken_edits_keep_the_old_routes() {
     std::fs::rename(&tmp, &routes).unwrap();
     let line = agent.wait_for_log("routes file rejected", Duration::from_secs(5));
     let message = line["message"].as_str().unwrap();
-    assert!(message.contains(routes.to_str().unwrap()) && message.contains("line 3") && message.contains("not-an-ip"), "{message}");
+    assert!(
+        message.contains(routes.to_str().unwrap())
+            && message.contains("line 3")
+            && message.contains("not-an-ip"),
+        "{message}"
+    );
     let (status, body) = get(client.clone(), "web.test").await;
     assert_eq!((status, name_of(&body)), (StatusCode::OK, "b"), "the routes in force stay");
     let (_, metrics) = curl(&[&format!("http://{admin}/metrics")]).await;
@@ -111,7 +132,14 @@ async fn sigterm_stops_accepting_and_finishes_requests_in_flight() {
 
     let in_flight = tokio::spawn(async move {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-        send(&client, Request::get(format!("http://{http}/")).header("host", "slow.test").body(Full::default()).unwrap()).await
+        send(
+            &client,
+            Request::get(format!("http://{http}/"))
+                .header("host", "slow.test")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
     });
     eventually("the request reached the task", Duration::from_secs(5), async || slow.held() == 1).await;
     agent.signal(15);
@@ -135,18 +163,34 @@ async fn a_stopping_agent_hands_kept_alive_clients_to_the_next_one_without_a_fai
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, service("web", &["web.test"], "/", &[&web])).unwrap();
     let listen = format!("127.0.0.1:{}", crate::acme::free_port());
-    let args = ["--routes", routes.to_str().unwrap(), "--http-listen", &listen, "--admin-listen", "127.0.0.1:0", "--docker", "off", "--reuse-port", "true"];
+    let args = [
+        "--routes",
+        routes.to_str().unwrap(),
+        "--http-listen",
+        &listen,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--docker",
+        "off",
+        "--reuse-port",
+        "true",
+    ];
     let mut old = Binary::spawn(&args);
     old.addresses();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
     let clients: Vec<_> = (0..4)
         .map(|_| {
-            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), format!("http://{listen}/"));
+            let (stop, ok, failed, url) =
+                (stop.clone(), ok.clone(), failed.clone(), format!("http://{listen}/"));
             tokio::spawn(async move {
                 let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
                 while !stop.load(Ordering::SeqCst) {
-                    let (status, body) = send(&client, Request::get(&url).header("host", "web.test").body(Full::default()).unwrap()).await;
+                    let (status, body) = send(
+                        &client,
+                        Request::get(&url).header("host", "web.test").body(Full::default()).unwrap(),
+                    )
+                    .await;
                     if status == StatusCode::OK {
                         ok.fetch_add(1, Ordering::SeqCst);
                     } else {
@@ -156,19 +200,28 @@ async fn a_stopping_agent_hands_kept_alive_clients_to_the_next_one_without_a_fai
             })
         })
         .collect();
-    eventually("the clients are answered", Duration::from_secs(5), async || ok.load(Ordering::SeqCst) > 200).await;
+    eventually("the clients are answered", Duration::from_secs(5), async || ok.load(Ordering::SeqCst) > 200)
+        .await;
     let mut new = Binary::spawn(&args);
     new.addresses();
     old.signal(15);
     assert!(old.wait_exit(Duration::from_secs(10)).success(), "the old agent drains and exits");
     let at_exit = ok.load(Ordering::SeqCst);
-    eventually("the new agent answers the clients", Duration::from_secs(5), async || ok.load(Ordering::SeqCst) > at_exit + 200).await;
+    eventually("the new agent answers the clients", Duration::from_secs(5), async || {
+        ok.load(Ordering::SeqCst) > at_exit + 200
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         c.await.unwrap();
     }
     let failed = failed.lock().unwrap();
-    assert!(failed.is_empty(), "{} of {} requests failed across the hand-over: {failed:?}", failed.len(), ok.load(Ordering::SeqCst) + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the hand-over: {failed:?}",
+        failed.len(),
+        ok.load(Ordering::SeqCst) + failed.len()
+    );
     new.signal(15);
 }
 
@@ -177,16 +230,29 @@ async fn bad_settings_are_refused_with_the_key_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("meshgate.toml");
     std::fs::write(&config, "[proxy]\nhttp_listen = \"127.0.0.1:0\"\nconect_timeout = \"1s\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).args(["--config", config.to_str().unwrap(), "--check"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["--config", config.to_str().unwrap(), "--check"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("line 3") && err.contains("conect_timeout") && err.contains("connect_timeout"), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("conect_timeout") && err.contains("connect_timeout"),
+        "{err}"
+    );
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).args(["--connect-timeout", "soon"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["--connect-timeout", "soon"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--connect-timeout") && err.contains("500ms"), "{err}");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).env("MESHGATE_EJECT_BASE", "0s").arg("--check").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .env("MESHGATE_EJECT_BASE", "0s")
+        .arg("--check")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("proxy.eject_base"), "{err}");
 
@@ -194,7 +260,15 @@ async fn bad_settings_are_refused_with_the_key_and_what_to_do() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .args(["--example", "--http-listen", &addr, "--admin-listen", "127.0.0.1:0", "--whoami-listen", "127.0.0.1:0"])
+        .args([
+            "--example",
+            "--http-listen",
+            &addr,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--whoami-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -205,7 +279,13 @@ async fn bad_settings_are_refused_with_the_key_and_what_to_do() {
 fn help_teaches_with_examples_and_env_vars() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate")).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for needle in ["Examples:", "curl -H 'Host: whoami.localhost'", "MESHGATE_HTTP_LISTEN", "[proxy.connect_timeout]", "/metrics"] {
+    for needle in [
+        "Examples:",
+        "curl -H 'Host: whoami.localhost'",
+        "MESHGATE_HTTP_LISTEN",
+        "[proxy.connect_timeout]",
+        "/metrics",
+    ] {
         assert!(help.contains(needle), "--help should mention {needle}:\n{help}");
     }
 }

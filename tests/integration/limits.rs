@@ -15,7 +15,10 @@ async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> (Strin
         match tokio::time::timeout(deadline, stream.read(&mut buf)).await {
             Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), Instant::now()),
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("connection still open after {deadline:?}; read so far: {:?}", String::from_utf8_lossy(&out)),
+            Err(_) => panic!(
+                "connection still open after {deadline:?}; read so far: {:?}",
+                String::from_utf8_lossy(&out)
+            ),
         }
     }
 }
@@ -44,7 +47,10 @@ async fn a_slow_request_head_is_cut_off_even_when_it_trickles() {
         }
     }
     assert!(closed, "a trickling request head must be cut off");
-    assert!(started.elapsed() < Duration::from_secs(3), "cut off near the 400ms head timeout, not at the end of the trickle");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut off near the 400ms head timeout, not at the end of the trickle"
+    );
     assert_eq!(web.served(), 0);
 }
 
@@ -61,7 +67,10 @@ async fn idle_keep_alive_connections_are_closed_but_busy_ones_are_not() {
     stream.write_all(b"GET /?wait=700ms HTTP/1.1\r\nHost: i.test\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 8192];
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "busy connection survives the idle timeout");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "busy connection survives the idle timeout"
+    );
     // Then, idle, it is closed.
     let (rest, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
     assert!(!rest.contains("HTTP/1.1"), "nothing else was sent: {rest}");
@@ -79,11 +88,16 @@ async fn oversized_or_too_many_headers_get_431() {
     let headers = |n: usize| "X-Filler: v\r\n".repeat(n);
     let many = format!("GET / HTTP/1.1\r\nHost: l.test\r\n{}\r\n", headers(30));
     let fine = format!("GET / HTTP/1.1\r\nHost: l.test\r\nConnection: close\r\n{}\r\n", headers(10));
-    for (what, request, status) in [("a 20 kB header", &big, "431"), ("30 headers", &many, "431"), ("10 headers", &fine, "200")] {
+    for (what, request, status) in
+        [("a 20 kB header", &big, "431"), ("30 headers", &many, "431"), ("10 headers", &fine, "200")]
+    {
         let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
         let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
-        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{what}: expected {status}, got {answer:?}");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: expected {status}, got {answer:?}"
+        );
     }
     assert_eq!(web.served(), 1, "only the acceptable request reached the task");
 }

@@ -11,7 +11,12 @@ use crate::harness::Binary;
 /// Runs a command, panicking with its output if it fails.
 pub(crate) fn run(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -46,7 +51,13 @@ impl Namespaces {
 
     /// Starts `args` inside `ns`, killed when this value drops.
     fn spawn(&mut self, ns: &str, args: &[&str]) -> &mut Child {
-        let child = Command::new("ip").args(["netns", "exec", ns]).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         self.children.push(child);
         self.children.last_mut().unwrap()
     }
@@ -96,7 +107,17 @@ const WAIT: Duration = Duration::from_secs(20);
 impl Agent {
     pub(crate) fn start(ns: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_meshgate"), "--log-format", "json", "--docker", "off"]).args(args);
+        cmd.args([
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_meshgate"),
+            "--log-format",
+            "json",
+            "--docker",
+            "off",
+        ])
+        .args(args);
         Self(std::cell::RefCell::new(Binary::spawn_command(cmd)))
     }
 
@@ -121,7 +142,10 @@ impl Agent {
 
     /// A metric's value from the agent's admin endpoint (inside `ns`).
     pub(crate) fn metric(&self, ns: &str, series: &str) -> u64 {
-        self.admin(ns, "/metrics").lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+        self.admin(ns, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Waits until a metric (refreshed from the BPF maps every second, flows every 5 s)
@@ -168,13 +192,32 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     for i in 1..=2 {
         let task = nets.add(&format!("mgt{i}"));
         let host_side = format!("t{i}");
-        run(&["ip", "link", "add", "e0", "netns", &task, "type", "veth", "peer", "name", &host_side, "netns", &node]);
+        run(&[
+            "ip", "link", "add", "e0", "netns", &task, "type", "veth", "peer", "name", &host_side, "netns",
+            &node,
+        ]);
         run(&["ip", "-n", &node, "link", "set", &host_side, "master", "br0", "up"]);
         run(&["ip", "-n", &task, "addr", "add", &format!("10.0.9.{}/24", i + 1), "dev", "e0"]);
         run(&["ip", "-n", &task, "link", "set", "e0", "up"]);
         run(&["ip", "-n", &task, "route", "add", "default", "via", "10.0.9.1"]);
         let name = format!("task{i}");
-        nets.spawn(&task, &[env!("CARGO_BIN_EXE_meshgate"), "--docker", "off", "--whoami-listen", "0.0.0.0:80", "--whoami-name", &name, "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--example"]);
+        nets.spawn(
+            &task,
+            &[
+                env!("CARGO_BIN_EXE_meshgate"),
+                "--docker",
+                "off",
+                "--whoami-listen",
+                "0.0.0.0:80",
+                "--whoami-name",
+                &name,
+                "--http-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--example",
+            ],
+        );
         nets.spawn(&task, &["python3", "-c", UDP_ECHO, &name]);
         tasks.push(task);
     }
@@ -184,7 +227,20 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     let ipt = |args: &[&str]| run(&[&["ip", "netns", "exec", &node, "iptables"], args].concat());
     ipt(&["-P", "FORWARD", "DROP"]);
     ipt(&["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.9.0/24", "!", "-o", "br0", "-j", "MASQUERADE"]);
-    ipt(&["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8082", "-j", "DNAT", "--to-destination", "10.0.9.2:80"]);
+    ipt(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "8082",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.0.9.2:80",
+    ]);
     ipt(&["-A", "FORWARD", "-d", "10.0.9.2", "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
     ipt(&["-A", "FORWARD", "-i", "br0", "-j", "ACCEPT"]);
     let before = attached(&node, "u0");
@@ -198,22 +254,45 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
          [[services.l4]]\nprotocol = \"udp\"\npublished = 5353\ntarget = 53\n",
     )
     .unwrap();
-    let agent = Agent::start(&node, &[
-        "--routes", routes.to_str().unwrap(), "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-        "--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1",
-    ]);
+    let agent = Agent::start(
+        &node,
+        &[
+            "--routes",
+            routes.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--mesh-uplink",
+            "u0",
+            "--mesh-node-address",
+            "192.0.2.10",
+            "--mesh-node-name",
+            "n1",
+        ],
+    );
     agent.wait_for("L4 mesh attached");
     agent.wait_for("port table synced");
     let now = attached(&node, "u0");
-    assert!(now.contains("u0(") && now.contains(" id ") && now != before, "XDP attached to the uplink: {now}");
+    assert!(
+        now.contains("u0(") && now.contains(" id ") && now != before,
+        "XDP attached to the uplink: {now}"
+    );
 
     // TCP: every connection reaches a task, both tasks are used, each sees the client's address.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..24 {
         let out = Namespaces::exec(&client, &["curl", "-sS", "--max-time", "5", "http://192.0.2.10:8080/"]);
-        let name = out.lines().find_map(|l| l.strip_prefix("Name: ")).unwrap_or_else(|| panic!("a task answered: {out}")).to_owned();
+        let name = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Name: "))
+            .unwrap_or_else(|| panic!("a task answered: {out}"))
+            .to_owned();
         let remote = out.lines().find_map(|l| l.strip_prefix("RemoteAddr: ")).unwrap();
-        assert!(remote.starts_with("192.0.2.1:"), "the task sees the client's own address, not the node's: {remote}");
+        assert!(
+            remote.starts_with("192.0.2.1:"),
+            "the task sees the client's own address, not the node's: {remote}"
+        );
         seen.insert(name);
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["task1", "task2"]);
@@ -221,9 +300,13 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     // Docker's own mapping to the same task, from the client address and port a finished
     // mesh connection used: its replies are not taken for that connection's.
     let port = (41000..41100)
-        .find(|p| Namespaces::exec(&client, &["python3", "-c", GET_FROM, "192.0.2.10", "8080", &p.to_string()]).contains("Name: task1"))
+        .find(|p| {
+            Namespaces::exec(&client, &["python3", "-c", GET_FROM, "192.0.2.10", "8080", &p.to_string()])
+                .contains("Name: task1")
+        })
         .expect("some client port goes to task 1");
-    let out = Namespaces::exec(&client, &["python3", "-c", GET_FROM, "192.0.2.10", "8082", &port.to_string()]);
+    let out =
+        Namespaces::exec(&client, &["python3", "-c", GET_FROM, "192.0.2.10", "8082", &port.to_string()]);
     assert!(out.contains("Name: task1"), "the DNAT connection from port {port} is answered: {out}");
 
     // UDP, answered from the address the client asked.
@@ -232,8 +315,15 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
         assert!(out.contains("ping from 192.0.2.1"), "{out}");
     }
     // Other ports of the node are the kernel's, untouched.
-    let refused = Command::new("ip").args(["netns", "exec", &client, "curl", "-sS", "--max-time", "5", "http://192.0.2.10:8081/"]).output().unwrap();
-    assert_eq!(refused.status.code(), Some(7), "the node's own stack refuses it (curl: could not connect): {refused:?}");
+    let refused = Command::new("ip")
+        .args(["netns", "exec", &client, "curl", "-sS", "--max-time", "5", "http://192.0.2.10:8081/"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(7),
+        "the node's own stack refuses it (curl: could not connect): {refused:?}"
+    );
 
     // The counters (read from the BPF maps each second) saw both directions: balanced packets
     // in, and the tasks' replies translated back (tc, on the bridge).
@@ -246,7 +336,20 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     // the process).
     agent.stop();
     assert_eq!(attached(&node, "u0"), before, "no program left on the uplink");
-    let mesh_args = ["--routes", routes.to_str().unwrap(), "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1"];
+    let mesh_args = [
+        "--routes",
+        routes.to_str().unwrap(),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--mesh-uplink",
+        "u0",
+        "--mesh-node-address",
+        "192.0.2.10",
+        "--mesh-node-name",
+        "n1",
+    ];
     let again = Agent::start(&node, &mesh_args);
     again.wait_for("L4 mesh attached");
     assert_ne!(attached(&node, "u0"), before);
@@ -260,13 +363,30 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
 fn a_mesh_that_cannot_attach_is_reported_and_the_proxy_keeps_serving() {
     let mut nets = Namespaces::new();
     let node = nets.add("mgx");
-    let agent = Agent::start(&node, &["--example", "--http-listen", "127.0.0.1:18980", "--admin-listen", "127.0.0.1:18981", "--mesh-uplink", "nosuch0", "--mesh-node-address", "192.0.2.10"]);
+    let agent = Agent::start(
+        &node,
+        &[
+            "--example",
+            "--http-listen",
+            "127.0.0.1:18980",
+            "--admin-listen",
+            "127.0.0.1:18981",
+            "--mesh-uplink",
+            "nosuch0",
+            "--mesh-node-address",
+            "192.0.2.10",
+        ],
+    );
     let line = agent.wait_for("L4 mesh is down");
     assert!(line.contains("nosuch0"), "{line}");
-    let ready = Command::new("ip").args(["netns", "exec", &node, "curl", "-s", "http://127.0.0.1:18981/readyz"]).output().unwrap();
+    let ready = Command::new("ip")
+        .args(["netns", "exec", &node, "curl", "-s", "http://127.0.0.1:18981/readyz"])
+        .output()
+        .unwrap();
     let ready = String::from_utf8_lossy(&ready.stdout);
     assert!(ready.contains("\"mesh\"") && ready.contains("\"ready\": false"), "{ready}");
-    let out = Namespaces::exec(&node, &["curl", "-sS", "-H", "Host: whoami.localhost", "http://127.0.0.1:18980/"]);
+    let out =
+        Namespaces::exec(&node, &["curl", "-sS", "-H", "Host: whoami.localhost", "http://127.0.0.1:18980/"]);
     assert!(out.contains("Name: whoami"), "{out}");
 }
 
@@ -289,7 +409,10 @@ impl Cluster {
         run(&["ip", "-n", &underlay, "link", "add", "ub0", "type", "bridge"]);
         run(&["ip", "-n", &underlay, "link", "set", "ub0", "up"]);
         let plug = |ns: &str, port: &str, dev: &str, cidr: &str| {
-            run(&["ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port, "netns", &underlay]);
+            run(&[
+                "ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port, "netns",
+                &underlay,
+            ]);
             run(&["ip", "-n", &underlay, "link", "set", port, "master", "ub0", "up"]);
             // XDP redirects out of a veth only reach the peer when it has GRO on (XDP-NOTES).
             Namespaces::exec(&underlay, &["ethtool", "-K", port, "gro", "on"]);
@@ -321,16 +444,50 @@ impl Cluster {
         let ns = self.nets.add(&format!("mg{name}"));
         let node_ns = self.nodes[node].clone();
         let host_side = format!("v{host}");
-        run(&["ip", "link", "add", "e0", "netns", &ns, "type", "veth", "peer", "name", &host_side, "netns", &node_ns]);
+        run(&[
+            "ip", "link", "add", "e0", "netns", &ns, "type", "veth", "peer", "name", &host_side, "netns",
+            &node_ns,
+        ]);
         run(&["ip", "-n", &node_ns, "link", "set", &host_side, "master", "br0", "up"]);
         run(&["ip", "-n", &ns, "addr", "add", &format!("10.0.9.{host}/24"), "dev", "e0"]);
         run(&["ip", "-n", &ns, "link", "set", "e0", "up"]);
         run(&["ip", "-n", &ns, "route", "add", "default", "via", "10.0.9.1"]);
-        self.nets.spawn(&ns, &[env!("CARGO_BIN_EXE_meshgate"), "--docker", "off", "--whoami-listen", "0.0.0.0:80", "--whoami-name", name, "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--example"]);
+        self.nets.spawn(
+            &ns,
+            &[
+                env!("CARGO_BIN_EXE_meshgate"),
+                "--docker",
+                "off",
+                "--whoami-listen",
+                "0.0.0.0:80",
+                "--whoami-name",
+                name,
+                "--http-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--example",
+            ],
+        );
         self.nets.spawn(&ns, &["python3", "-c", UDP_ECHO, name]);
         // Ready when its whoami answers on the task bridge.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !Command::new("ip").args(["netns", "exec", &node_ns, "curl", "-sf", "--max-time", "1", &format!("http://10.0.9.{host}/")]).output().unwrap().status.success() {
+        while !Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node_ns,
+                "curl",
+                "-sf",
+                "--max-time",
+                "1",
+                &format!("http://10.0.9.{host}/"),
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
             assert!(Instant::now() < deadline, "task {name} did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -339,8 +496,15 @@ impl Cluster {
     /// Writes the routes every agent follows: the web service with `tasks` (name, node index,
     /// address), published on TCP 8080 and UDP 5353.
     fn set_routes(&self, tasks: &[(usize, &str)]) -> std::path::PathBuf {
-        let tasks: Vec<String> = tasks.iter().map(|(node, addr)| format!("{{ address = \"{addr}\", node = \"n{}\" }}", node + 1)).collect();
-        let nodes: Vec<String> = NODE_IPS.iter().enumerate().map(|(i, ip)| format!("[[nodes]]\nname = \"n{}\"\naddress = \"{ip}\"\n", i + 1)).collect();
+        let tasks: Vec<String> = tasks
+            .iter()
+            .map(|(node, addr)| format!("{{ address = \"{addr}\", node = \"n{}\" }}", node + 1))
+            .collect();
+        let nodes: Vec<String> = NODE_IPS
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| format!("[[nodes]]\nname = \"n{}\"\naddress = \"{ip}\"\n", i + 1))
+            .collect();
         let nodes = nodes.concat();
         let text = format!(
             "{nodes}[[services]]\nname = \"web\"\ntasks = [{}]\n[[services.l4]]\nprotocol = \"tcp\"\npublished = 8080\ntarget = 80\n[[services.l4]]\nprotocol = \"udp\"\npublished = 5353\ntarget = 53\n",
@@ -353,10 +517,25 @@ impl Cluster {
     }
 
     fn agent(&self, node: usize, routes: &std::path::Path) -> Agent {
-        let agent = Agent::start(&self.nodes[node], &[
-            "--routes", routes.to_str().unwrap(), "--routes-poll-interval", "50ms", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-            "--mesh-uplink", "u0", "--mesh-node-address", NODE_IPS[node], "--mesh-node-name", &format!("n{}", node + 1),
-        ]);
+        let agent = Agent::start(
+            &self.nodes[node],
+            &[
+                "--routes",
+                routes.to_str().unwrap(),
+                "--routes-poll-interval",
+                "50ms",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--mesh-uplink",
+                "u0",
+                "--mesh-node-address",
+                NODE_IPS[node],
+                "--mesh-node-name",
+                &format!("n{}", node + 1),
+            ],
+        );
         agent.wait_for("L4 mesh attached");
         agent
     }
@@ -364,8 +543,16 @@ impl Cluster {
     /// One HTTP request from the client to `node`'s published port: the task's name and the
     /// client address it saw.
     fn get(&self, node: usize) -> (String, String) {
-        let out = Namespaces::exec(&self.client, &["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", NODE_IPS[node])]);
-        let field = |k: &str| out.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k} in {out}")).to_owned();
+        let out = Namespaces::exec(
+            &self.client,
+            &["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", NODE_IPS[node])],
+        );
+        let field = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {out}"))
+                .to_owned()
+        };
         (field("Name: "), field("RemoteAddr: "))
     }
 }
@@ -394,18 +581,29 @@ fn published_ports_answer_on_every_node_and_reach_tasks_on_any_node() {
     assert_eq!(used.into_iter().collect::<Vec<_>>(), ["task1", "task2", "task3"]);
     agents[2].wait_for_metric(&cluster.nodes[2], "meshgate_mesh_packets_total{verdict=\"remote\"}", 12);
     // /api/state shows the port table: which node and task each backend is.
-    let state: serde_json::Value = serde_json::from_str(&agents[2].admin(&cluster.nodes[2], "/api/state")).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&agents[2].admin(&cluster.nodes[2], "/api/state")).unwrap();
     let tcp = &state["mesh"]["ports"][0];
     assert_eq!((tcp["protocol"].as_str(), tcp["port"].as_u64()), (Some("tcp"), Some(8080)), "{state:#}");
     let backends: Vec<(String, String, bool)> = tcp["backends"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["address"].as_str().unwrap().to_owned(), b["node_address"].as_str().unwrap().to_owned(), b["local"].as_bool().unwrap()))
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_owned(),
+                b["node_address"].as_str().unwrap().to_owned(),
+                b["local"].as_bool().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         backends,
-        [("10.0.9.2:80".to_owned(), "192.0.2.10".to_owned(), false), ("10.0.9.3:80".to_owned(), "192.0.2.10".to_owned(), false), ("10.0.9.2:80".to_owned(), "192.0.2.11".to_owned(), false)]
+        [
+            ("10.0.9.2:80".to_owned(), "192.0.2.10".to_owned(), false),
+            ("10.0.9.3:80".to_owned(), "192.0.2.10".to_owned(), false),
+            ("10.0.9.2:80".to_owned(), "192.0.2.11".to_owned(), false)
+        ]
     );
     agents[0].wait_for_metric(&cluster.nodes[0], "meshgate_mesh_packets_total{verdict=\"decap\"}", 1);
 
@@ -425,19 +623,26 @@ fn published_ports_answer_on_every_node_and_reach_tasks_on_any_node() {
     };
     let first = ask();
     let kept: &str = first.strip_prefix("Name: ").unwrap();
-    let others: Vec<(usize, &str)> = [(0, "10.0.9.2", "task1"), (0, "10.0.9.3", "task2"), (1, "10.0.9.2", "task3")]
-        .iter()
-        .filter(|t| t.2 != kept)
-        .map(|t| (t.0, t.1))
-        .collect();
-    let keep = [(0, "10.0.9.2", "task1"), (0, "10.0.9.3", "task2"), (1, "10.0.9.2", "task3")].into_iter().find(|t| t.2 == kept).unwrap();
+    let others: Vec<(usize, &str)> =
+        [(0, "10.0.9.2", "task1"), (0, "10.0.9.3", "task2"), (1, "10.0.9.2", "task3")]
+            .iter()
+            .filter(|t| t.2 != kept)
+            .map(|t| (t.0, t.1))
+            .collect();
+    let keep = [(0, "10.0.9.2", "task1"), (0, "10.0.9.3", "task2"), (1, "10.0.9.2", "task3")]
+        .into_iter()
+        .find(|t| t.2 == kept)
+        .unwrap();
     // Remove one other task: new flows never reach it, the held connection stays where it is.
     cluster.set_routes(&[(keep.0, keep.1), others[0]]);
     for a in &agents {
         a.wait_for_count("port table synced", 2);
     }
     assert_eq!(ask(), first, "the long-lived connection stays on its task");
-    let removed = ["task1", "task2", "task3"].into_iter().find(|n| *n != kept && !others[..1].iter().any(|o| task_name(*o) == *n)).unwrap();
+    let removed = ["task1", "task2", "task3"]
+        .into_iter()
+        .find(|n| *n != kept && !others[..1].iter().any(|o| task_name(*o) == *n))
+        .unwrap();
     for node in 0..3 {
         for _ in 0..8 {
             assert_ne!(cluster.get(node).0, removed, "a removed task gets no new flow");
@@ -480,7 +685,20 @@ fn without_native_xdp_the_mesh_falls_back_to_generic_mode() {
     // Loopback has no native XDP: the agent says so once and attaches in generic mode.
     let mut nets = Namespaces::new();
     let node = nets.add("mgg");
-    let agent = Agent::start(&node, &["--example", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--mesh-uplink", "lo", "--mesh-node-address", "127.0.0.1"]);
+    let agent = Agent::start(
+        &node,
+        &[
+            "--example",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--mesh-uplink",
+            "lo",
+            "--mesh-node-address",
+            "127.0.0.1",
+        ],
+    );
     agent.wait_for("native mode refused");
     let attached = agent.wait_for("L4 mesh attached");
     assert!(attached.contains("Generic"), "{attached}");

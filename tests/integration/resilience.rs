@@ -22,12 +22,24 @@ struct Tally {
 
 impl Default for Tally {
     fn default() -> Self {
-        Self { ok: AtomicUsize::new(0), failed: AtomicUsize::new(0), parked: AtomicUsize::new(0), gate: tokio::sync::watch::channel(true).0 }
+        Self {
+            ok: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+            gate: tokio::sync::watch::channel(true).0,
+        }
     }
 }
 
 /// `workers` clients sending `path` back to back until `stop` is set.
-fn load(mesh: &Arc<Mesh>, host: &'static str, path: &'static str, workers: usize, stop: &Arc<AtomicBool>, tally: &Arc<Tally>) -> JoinSet<()> {
+fn load(
+    mesh: &Arc<Mesh>,
+    host: &'static str,
+    path: &'static str,
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+) -> JoinSet<()> {
     let mut set = JoinSet::new();
     for _ in 0..workers {
         let (mesh, stop, tally) = (mesh.clone(), stop.clone(), tally.clone());
@@ -63,7 +75,10 @@ async fn a_killed_task_fails_only_the_requests_it_was_holding() {
     let (stop, tally) = (Arc::new(AtomicBool::new(false)), Arc::new(Tally::default()));
     let workers = 8;
     let mut set = load(&mesh, "k.test", "/", workers, &stop, &tally);
-    eventually("slow holds requests and fast serves", Duration::from_secs(20), async || slow.held() >= 2 && fast.served() >= 20).await;
+    eventually("slow holds requests and fast serves", Duration::from_secs(20), async || {
+        slow.held() >= 2 && fast.served() >= 20
+    })
+    .await;
     // Close the gate: the workers not stuck on `slow` finish their request and wait. Once
     // every worker is either parked or held by `slow`, nothing is on its way to any task,
     // so the count below is exact.
@@ -75,7 +90,10 @@ async fn a_killed_task_fails_only_the_requests_it_was_holding() {
     let held = slow.kill().await;
     tally.gate.send_replace(true);
     let ok_at_kill = tally.ok.load(Ordering::SeqCst);
-    eventually("load goes on after the kill", Duration::from_secs(20), async || tally.ok.load(Ordering::SeqCst) > ok_at_kill + 100).await;
+    eventually("load goes on after the kill", Duration::from_secs(20), async || {
+        tally.ok.load(Ordering::SeqCst) > ok_at_kill + 100
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
     while set.join_next().await.is_some() {}
     assert!(held >= 2);
@@ -93,7 +111,9 @@ async fn a_killed_task_fails_only_the_requests_it_was_holding() {
 async fn swapping_the_state_every_10ms_under_load_fails_no_request() {
     let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
     let one = service("web", &["s.test"], "/", &[&a, &b]);
-    let two = [service("web", &["s.test", "other.test"], "/", &[&a, &c]), service("x", &["x.test"], "/", &[&b])].concat();
+    let two =
+        [service("web", &["s.test", "other.test"], "/", &[&a, &c]), service("x", &["x.test"], "/", &[&b])]
+            .concat();
     let mesh = Arc::new(Mesh::start(&one).await);
     let states = [
         file::parse("one".as_ref(), &one, "swap").unwrap(),
@@ -129,7 +149,10 @@ async fn a_refusing_task_is_ejected_and_requests_retry_on_another() {
         assert_eq!((status, name_of(&body)), (StatusCode::OK, "live"), "{body}");
     }
     let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
-    let line = metrics.lines().find(|l| l.starts_with("meshgate_backend_up") && l.contains(&dead.to_string())).unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("meshgate_backend_up") && l.contains(&dead.to_string()))
+        .unwrap();
     assert!(line.ends_with(" 0"), "the refusing task is reported down: {line}");
     let state = reqwest_text(&mesh.admin_url("/api/state")).await;
     assert!(state.contains("\"ejected\": true"), "{state}");
@@ -145,16 +168,22 @@ async fn errors_map_to_502_503_504() {
         service("slow", &["slow.test"], "/", &[&slow]),
     ]
     .concat();
-    let mesh = Mesh::start_with(&routes, |c| c.proxy.upstream_response_timeout = Duration::from_millis(300)).await;
+    let mesh =
+        Mesh::start_with(&routes, |c| c.proxy.upstream_response_timeout = Duration::from_millis(300)).await;
     assert_eq!(mesh.get("none.test", "/").await.0, StatusCode::SERVICE_UNAVAILABLE, "no task");
     assert_eq!(mesh.get("dead.test", "/").await.0, StatusCode::BAD_GATEWAY, "connection refused");
-    assert_eq!(mesh.get("slow.test", "/?wait=5s").await.0, StatusCode::GATEWAY_TIMEOUT, "no response head in time");
+    assert_eq!(
+        mesh.get("slow.test", "/?wait=5s").await.0,
+        StatusCode::GATEWAY_TIMEOUT,
+        "no response head in time"
+    );
     assert_eq!(mesh.get("slow.test", "/?wait=10ms").await.0, StatusCode::OK, "fast enough");
 }
 
 /// A plain GET of an admin URL.
 pub async fn reqwest_text(url: &str) -> String {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let req = http::Request::get(url).body(http_body_util::Full::<bytes::Bytes>::default()).unwrap();
     crate::harness::send(&client, req).await.1
 }

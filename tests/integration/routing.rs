@@ -47,7 +47,10 @@ async fn routes_by_host_case_port_wildcard_and_path() {
         assert_eq!(name_of(&body), want, "{host}{path} went to the wrong service");
     }
     let (_, body) = mesh.get("a.example.test", "/api/v2/users?x=1").await;
-    assert!(body.contains("GET /api/v2/users?x=1 HTTP/1.1"), "path and query reach the task unchanged: {body}");
+    assert!(
+        body.contains("GET /api/v2/users?x=1 HTTP/1.1"),
+        "path and query reach the task unchanged: {body}"
+    );
 }
 
 #[tokio::test]
@@ -93,15 +96,23 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
     assert_eq!(header_of(&body, "x-real-ip"), Some("127.0.0.1"));
     assert_eq!(header_of(&body, "x-forwarded-proto"), Some("http"));
     assert_eq!(header_of(&body, "x-forwarded-host"), Some("H.test:1234"));
-    assert_eq!(header_of(&body, "x-forwarded-port"), Some(untrusted.agent.http_addr.port().to_string().as_str()));
+    assert_eq!(
+        header_of(&body, "x-forwarded-port"),
+        Some(untrusted.agent.http_addr.port().to_string().as_str())
+    );
     assert_eq!(header_of(&body, "x-app"), Some("kept"));
     for gone in ["x-private", "keep-alive", "proxy-authorization"] {
         assert_eq!(header_of(&body, gone), None, "{gone} is hop-by-hop and must not reach the task");
     }
 
-    let trusted = Mesh::start_with(&routes, |c| c.proxy.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()]).await;
+    let trusted =
+        Mesh::start_with(&routes, |c| c.proxy.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()]).await;
     let (_, body) = send(trusted.client(), req(&trusted)).await;
-    assert_eq!(header_of(&body, "x-forwarded-for"), Some("6.6.6.6, 127.0.0.1"), "a trusted proxy's chain is extended");
+    assert_eq!(
+        header_of(&body, "x-forwarded-for"),
+        Some("6.6.6.6, 127.0.0.1"),
+        "a trusted proxy's chain is extended"
+    );
     assert_eq!(header_of(&body, "x-forwarded-proto"), Some("https"));
     assert_eq!(header_of(&body, "x-real-ip"), Some("6.6.6.6"));
 }
@@ -117,7 +128,9 @@ async fn http2_prior_knowledge_from_clients_and_h2c_to_tasks() {
     let mesh = Mesh::start(&routes).await;
 
     let h2_client = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
-    let req = Request::get(format!("http://h1.test:{}/p", mesh.agent.http_addr.port())).body(Full::default()).unwrap();
+    let req = Request::get(format!("http://h1.test:{}/p", mesh.agent.http_addr.port()))
+        .body(Full::default())
+        .unwrap();
     // The client connects to h1.test's name; point it at the proxy by URI authority instead.
     let req = {
         let (mut parts, body) = req.into_parts();
@@ -136,7 +149,8 @@ async fn http2_prior_knowledge_from_clients_and_h2c_to_tasks() {
 
     // The same with curl, a client people actually use.
     let url = mesh.url("/c");
-    let (ok, out) = curl(&["--http2-prior-knowledge", "-H", "Host: h1.test", "-w", "\n%{http_version}", &url]).await;
+    let (ok, out) =
+        curl(&["--http2-prior-knowledge", "-H", "Host: h1.test", "-w", "\n%{http_version}", &url]).await;
     assert!(ok && out.ends_with("\n2") && name_of(&out) == "web", "curl over h2c: {out}");
     let (ok, out) = curl(&["-H", "Host: h1.test", "-w", "\n%{http_version}", &url]).await;
     assert!(ok && out.ends_with("\n1.1") && name_of(&out) == "web", "curl over HTTP/1.1: {out}");

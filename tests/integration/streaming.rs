@@ -33,10 +33,14 @@ async fn websocket_echo_passes_through_both_ways() {
             });
         }
     });
-    let mesh = crate::harness::Mesh::start(&service_with("ws", &["ws.test"], "/", "http", &[ws_addr.to_string()])).await;
+    let mesh =
+        crate::harness::Mesh::start(&service_with("ws", &["ws.test"], "/", "http", &[ws_addr.to_string()]))
+            .await;
 
     let stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.test/chat", stream).await.expect("upgrade through the proxy");
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.test/chat", stream)
+        .await
+        .expect("upgrade through the proxy");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..50 {
         ws.send(Message::text(format!("hello {i}"))).await.unwrap();
@@ -56,14 +60,25 @@ async fn hundred_megabytes_stream_up_and_down_without_being_buffered() {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, service("web", &["big.test"], "/", &[&web])).unwrap();
-    let mut agent = Binary::spawn(&["--routes", routes.to_str().unwrap(), "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--docker", "off"]);
+    let mut agent = Binary::spawn(&[
+        "--routes",
+        routes.to_str().unwrap(),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--docker",
+        "off",
+    ]);
     let (http, _) = agent.addresses();
     let rss_at_start = agent.peak_rss_kib();
 
     // Upload: 100 MB produced chunk by chunk as the proxy pulls them.
     let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
     let chunks = (HUNDRED_MB / chunk.len() as u64) as usize;
-    let body = StreamBody::new(futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone())))));
+    let body = StreamBody::new(futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))),
+    ));
     let client = Client::builder(TokioExecutor::new()).build_http();
     let req = Request::post(format!("http://{http}/upload")).header("host", "big.test").body(body).unwrap();
     let resp = client.request(req).await.expect("upload");
@@ -73,7 +88,10 @@ async fn hundred_megabytes_stream_up_and_down_without_being_buffered() {
 
     // Download: 100 MB, counted as it arrives.
     let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<Bytes>>();
-    let req = Request::get(format!("http://{http}/data?size={HUNDRED_MB}")).header("host", "big.test").body(http_body_util::Empty::new()).unwrap();
+    let req = Request::get(format!("http://{http}/data?size={HUNDRED_MB}"))
+        .header("host", "big.test")
+        .body(http_body_util::Empty::new())
+        .unwrap();
     let resp = client.request(req).await.expect("download");
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
@@ -84,5 +102,8 @@ async fn hundred_megabytes_stream_up_and_down_without_being_buffered() {
     assert_eq!(received, HUNDRED_MB);
 
     let grown_mib = (agent.peak_rss_kib() - rss_at_start) / 1024;
-    assert!(grown_mib < 32, "the proxy's peak memory grew by {grown_mib} MiB moving 200 MB: bodies must stream, not buffer");
+    assert!(
+        grown_mib < 32,
+        "the proxy's peak memory grew by {grown_mib} MiB moving 200 MB: bodies must stream, not buffer"
+    );
 }

@@ -30,7 +30,8 @@ impl Ca {
     fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> Vec<u8> {
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
-        let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
         let cert = params.signed_by(&key, &issuer).unwrap();
         // Written to temporary names first, then renamed: a watcher never sees half a pair.
@@ -58,13 +59,30 @@ async fn https(mesh: &Mesh, ca: &Path, host: &str, extra: &[&str]) -> (bool, Str
 /// Accepts any server certificate: these tests look at which one is presented.
 struct AcceptAll;
 impl rustls::client::danger::ServerCertVerifier for AcceptAll {
-    fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &rustls::pki_types::ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -75,10 +93,14 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAll {
 /// The DER of the certificate the agent presents for `host`.
 async fn presented(mesh: &Mesh, host: &str) -> Vec<u8> {
     use rustls::pki_types::ServerName;
-    let config = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll)).with_no_client_auth();
+    let config = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll))
+        .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(mesh.agent.https_addr.unwrap()).await.unwrap();
-    let tls = connector.connect(ServerName::try_from(host.to_owned()).unwrap(), tcp).await.expect("handshake");
+    let tls =
+        connector.connect(ServerName::try_from(host.to_owned()).unwrap(), tcp).await.expect("handshake");
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
@@ -89,9 +111,13 @@ async fn https_with_certificates_from_a_directory_redirects_and_hot_swaps() {
     let ca = Ca::new(certs.path());
     let first = ca.issue(certs.path(), "secure.test", &["secure.test"]);
     ca.issue(certs.path(), "wild.test", &["wild.test", "*.wild.test"]);
-    let routes = [
-        service_with("web", &["secure.test", "a.wild.test", "plain.test"], "/", "http", &[web.addr.to_string()]),
-    ]
+    let routes = [service_with(
+        "web",
+        &["secure.test", "a.wild.test", "plain.test"],
+        "/",
+        "http",
+        &[web.addr.to_string()],
+    )]
     .concat();
     let mesh = Mesh::start_with(&routes, |c| {
         c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -101,11 +127,16 @@ async fn https_with_certificates_from_a_directory_redirects_and_hot_swaps() {
     .await;
 
     // HTTP/1.1 and HTTP/2 over TLS, verified against the test CA.
-    let (ok, out) = https(&mesh, certs.path(), "secure.test", &["--http1.1", "-w", "\n%{http_version}"]).await;
+    let (ok, out) =
+        https(&mesh, certs.path(), "secure.test", &["--http1.1", "-w", "\n%{http_version}"]).await;
     assert!(ok && out.contains("x-forwarded-proto: https") && out.ends_with("\n1.1"), "{out}");
-    let (ok, out) = https(&mesh, certs.path(), "secure.test", &["--http2", "-w", "\n%{http_version}", "-D", "-"]).await;
+    let (ok, out) =
+        https(&mesh, certs.path(), "secure.test", &["--http2", "-w", "\n%{http_version}", "-D", "-"]).await;
     assert!(ok && out.ends_with("\n2"), "HTTP/2 over TLS (ALPN h2): {out}");
-    assert!(out.to_ascii_lowercase().contains("strict-transport-security: max-age="), "HSTS by default: {out}");
+    assert!(
+        out.to_ascii_lowercase().contains("strict-transport-security: max-age="),
+        "HSTS by default: {out}"
+    );
     let (ok, out) = https(&mesh, certs.path(), "a.wild.test", &[]).await;
     assert!(ok, "a parent domain's certificate covers its subdomains: {out}");
     let (ok, out) = https(&mesh, certs.path(), "secure.test", &["--tlsv1.1", "--tls-max", "1.1"]).await;
@@ -120,7 +151,17 @@ async fn https_with_certificates_from_a_directory_redirects_and_hot_swaps() {
     // Plain HTTP: a host with a certificate is redirected, one without is served.
     let http = mesh.agent.http_addr;
     let https_port = mesh.agent.https_addr.unwrap().port();
-    let (_, out) = curl(&["-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", "Host: secure.test", &format!("http://{http}/p?q=1")]).await;
+    let (_, out) = curl(&[
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        "Host: secure.test",
+        &format!("http://{http}/p?q=1"),
+    ])
+    .await;
     assert_eq!(out, format!("301 https://secure.test:{https_port}/p?q=1"));
     let (_, out) = curl(&["-H", "Host: plain.test", &format!("http://{http}/")]).await;
     assert!(out.contains("Name: web"), "{out}");
@@ -129,7 +170,10 @@ async fn https_with_certificates_from_a_directory_redirects_and_hot_swaps() {
     // handshake fails while it changes.
     assert_eq!(presented(&mesh, "secure.test").await, first);
     let second = ca.issue(certs.path(), "secure.test", &["secure.test"]);
-    eventually("the new certificate is served", Duration::from_secs(10), async || presented(&mesh, "secure.test").await == second).await;
+    eventually("the new certificate is served", Duration::from_secs(10), async || {
+        presented(&mesh, "secure.test").await == second
+    })
+    .await;
     for _ in 0..20 {
         let (ok, out) = https(&mesh, certs.path(), "secure.test", &[]).await;
         assert!(ok, "{out}");
@@ -154,7 +198,6 @@ async fn unknown_names_can_be_refused_at_the_handshake() {
     assert!(!ok, "no certificate, no handshake: {out}");
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_that_speak_https_are_reached_over_tls() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -164,7 +207,10 @@ async fn tasks_that_speak_https_are_reached_over_tls() {
     let cert = CertificateParams::new(vec!["task.internal".to_owned()]).unwrap().self_signed(&key).unwrap();
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
-        .with_single_cert(vec![CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()], PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap())
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+        )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -177,18 +223,27 @@ async fn tasks_that_speak_https_are_reached_over_tls() {
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let svc = hyper::service::service_fn(move |req| meshgate::whoami::answer(req, peer, "tls-task".into()));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), svc).await;
+                let svc = hyper::service::service_fn(move |req| {
+                    meshgate::whoami::answer(req, peer, "tls-task".into())
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
             });
         }
     });
-    let mesh = Mesh::start(&service_with("secure", &["tls-task.test"], "/", "https", &[addr.to_string()])).await;
+    let mesh =
+        Mesh::start(&service_with("secure", &["tls-task.test"], "/", "https", &[addr.to_string()])).await;
     for _ in 0..5 {
         let (status, body) = mesh.get("tls-task.test", "/x").await;
         assert_eq!(status, http::StatusCode::OK, "{body}");
         assert!(body.contains("Name: tls-task") && body.contains("GET /x HTTP/1.1"), "{body}");
     }
-    assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 1, "one pooled TLS connection serves every request");
+    assert_eq!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one pooled TLS connection serves every request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,18 +252,20 @@ async fn a_client_without_sni_gets_the_default_certificate() {
     let certs = tempfile::tempdir().unwrap();
     let ca = Ca::new(certs.path());
     let default = ca.issue(certs.path(), "default", &["default.test"]);
-    let mesh = Mesh::start_with(&service_with("web", &["ip.test"], "/", "http", &[web.addr.to_string()]), |c| {
-        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.tls.certs_dir = Some(certs.path().to_owned());
-    })
-    .await;
+    let mesh =
+        Mesh::start_with(&service_with("web", &["ip.test"], "/", "http", &[web.addr.to_string()]), |c| {
+            c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.tls.certs_dir = Some(certs.path().to_owned());
+        })
+        .await;
     // curl sends no SNI for an IP address.
     let addr = mesh.agent.https_addr.unwrap();
     let (ok, out) = curl(&["-k", "-H", "Host: ip.test", &format!("https://{addr}/")]).await;
     assert!(ok && out.contains("Name: web"), "{out}");
     let (ok, out) = curl(&["-k", "-o", "/dev/null", "-w", "%{certs}", &format!("https://{addr}/")]).await;
     assert!(ok, "{out}");
-    let pem = rustls::pki_types::pem::PemObject::from_pem_slice(out.as_bytes()).map(|c: rustls::pki_types::CertificateDer<'_>| c.to_vec());
+    let pem = rustls::pki_types::pem::PemObject::from_pem_slice(out.as_bytes())
+        .map(|c: rustls::pki_types::CertificateDer<'_>| c.to_vec());
     assert_eq!(pem.ok(), Some(default), "the default certificate is presented without SNI");
 }
 
@@ -216,7 +273,10 @@ async fn a_client_without_sni_gets_the_default_certificate() {
 /// handshake went.
 async fn second_handshake(addr: std::net::SocketAddr) -> rustls::HandshakeKind {
     let config = std::sync::Arc::new({
-        let mut c = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll)).with_no_client_auth();
+        let mut c = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll))
+            .with_no_client_auth();
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
         c
     });
@@ -225,7 +285,10 @@ async fn second_handshake(addr: std::net::SocketAddr) -> rustls::HandshakeKind {
     for _ in 0..2 {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut tls = connector.connect(rustls::pki_types::ServerName::try_from("resume.test").unwrap(), tcp).await.unwrap();
+        let mut tls = connector
+            .connect(rustls::pki_types::ServerName::try_from("resume.test").unwrap(), tcp)
+            .await
+            .unwrap();
         // Read the answer, so the TLS 1.3 tickets sent after the handshake arrive.
         tls.write_all(b"GET / HTTP/1.1\r\nHost: resume.test\r\nConnection: close\r\n\r\n").await.unwrap();
         let mut body = Vec::new();
@@ -257,14 +320,18 @@ async fn a_reload_serves_a_new_certificate_before_the_next_poll() {
     let certs = tempfile::tempdir().unwrap();
     let ca = Ca::new(certs.path());
     let first = ca.issue(certs.path(), "secure.test", &["secure.test"]);
-    let mesh = Mesh::start_with(&service_with("web", &["secure.test"], "/", "http", &[web.addr.to_string()]), |c| {
-        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.tls.certs_dir = Some(certs.path().to_owned());
-        c.tls.poll_interval = Duration::from_secs(3600);
-    })
-    .await;
+    let mesh =
+        Mesh::start_with(&service_with("web", &["secure.test"], "/", "http", &[web.addr.to_string()]), |c| {
+            c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.tls.certs_dir = Some(certs.path().to_owned());
+            c.tls.poll_interval = Duration::from_secs(3600);
+        })
+        .await;
     assert_eq!(presented(&mesh, "secure.test").await, first);
     let second = ca.issue(certs.path(), "secure.test", &["secure.test"]);
     mesh.agent.reload();
-    eventually("the reloaded certificate is served", Duration::from_secs(5), async || presented(&mesh, "secure.test").await == second).await;
+    eventually("the reloaded certificate is served", Duration::from_secs(5), async || {
+        presented(&mesh, "secure.test").await == second
+    })
+    .await;
 }

@@ -104,8 +104,11 @@ impl Challenges {
     #[must_use]
     pub fn snapshot(&self) -> ChallengeSet {
         let mut set = self.remote.read().expect("challenges lock").set.clone();
-        set.http.extend(self.http.read().expect("challenges lock").iter().map(|(k, v)| (k.clone(), v.clone())));
-        set.alpn.extend(self.alpn.read().expect("challenges lock").iter().map(|(k, (_, d))| (k.clone(), d.clone())));
+        set.http
+            .extend(self.http.read().expect("challenges lock").iter().map(|(k, v)| (k.clone(), v.clone())));
+        set.alpn.extend(
+            self.alpn.read().expect("challenges lock").iter().map(|(k, (_, d))| (k.clone(), d.clone())),
+        );
         set
     }
 
@@ -124,11 +127,16 @@ impl Challenges {
                     continue;
                 }
             }
-            match hex_decode(digest).ok_or_else(|| "not hex".to_owned()).and_then(|d| alpn_certificate(name, &d).map_err(|e| e.to_string())) {
+            match hex_decode(digest)
+                .ok_or_else(|| "not hex".to_owned())
+                .and_then(|d| alpn_certificate(name, &d).map_err(|e| e.to_string()))
+            {
                 Ok(cert) => {
                     alpn.insert(name.clone(), cert);
                 }
-                Err(e) => tracing::warn!(host = %name, "cluster: cannot make the TLS-ALPN-01 certificate the issuer asked for: {e}"),
+                Err(e) => {
+                    tracing::warn!(host = %name, "cluster: cannot make the TLS-ALPN-01 certificate the issuer asked for: {e}")
+                }
             }
         }
         *remote = Remote { set, alpn };
@@ -300,7 +308,10 @@ mod tests {
         let c = Arc::new(Challenges::default());
         let mut changes = c.subscribe();
         let own = c.add_http("mine", "mine.t");
-        c.set_remote(ChallengeSet { http: [("theirs".into(), "theirs.t".into())].into(), alpn: [("b.test".into(), "ab".repeat(32)), ("bad.test".into(), "zz".into())].into() });
+        c.set_remote(ChallengeSet {
+            http: [("theirs".into(), "theirs.t".into())].into(),
+            alpn: [("b.test".into(), "ab".repeat(32)), ("bad.test".into(), "zz".into())].into(),
+        });
         assert!(changes.has_changed().unwrap());
         assert_eq!(c.http_answer("/.well-known/acme-challenge/theirs").as_deref(), Some("theirs.t"));
         let cert = c.alpn_certificate("B.test").expect("made from the digest");
@@ -327,7 +338,10 @@ mod tests {
         let follower = c.follower();
         let _answer = c.add_http("tok", "tok.t");
         let version = c.version();
-        assert!(!c.propagated(std::time::Duration::from_millis(50)).await, "a follower that did not acknowledge holds the validation back until the limit");
+        assert!(
+            !c.propagated(std::time::Duration::from_millis(50)).await,
+            "a follower that did not acknowledge holds the validation back until the limit"
+        );
         follower.acknowledged(version - 1);
         assert!(!c.propagated(std::time::Duration::from_millis(50)).await, "an older set does not count");
         let waiting = tokio::spawn({
@@ -339,6 +353,9 @@ mod tests {
         let slow = c.follower();
         assert!(!c.propagated(std::time::Duration::from_millis(50)).await);
         drop(slow);
-        assert!(c.propagated(std::time::Duration::from_millis(1)).await, "a follower that left is not waited for");
+        assert!(
+            c.propagated(std::time::Duration::from_millis(1)).await,
+            "a follower that left is not waited for"
+        );
     }
 }

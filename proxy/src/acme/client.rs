@@ -43,13 +43,23 @@ impl AcmeHttp {
                 roots.add(cert).map_err(|e| format!("acme.trust_roots: {}: {e}", path.display()))?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().enable_http2().build();
-        Ok(Self { client: Client::builder(TokioExecutor::new()).build(connector), timeout, retry_after: Arc::default() })
+        let tls =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout,
+            retry_after: Arc::default(),
+        })
     }
 
     /// A copy with its own `Retry-After` note (same connection pool).
@@ -66,15 +76,25 @@ impl AcmeHttp {
 }
 
 impl HttpClient for AcmeHttp {
-    fn request(&self, req: Request<BodyWrapper<Bytes>>) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+    fn request(
+        &self,
+        req: Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
         let (fut, timeout, note) = (self.client.request(req), self.timeout, self.retry_after.clone());
         Box::pin(async move {
             let rsp = tokio::time::timeout(timeout, fut)
                 .await
-                .map_err(|_| instant_acme::Error::Other(format!("the CA did not answer within {timeout:?}").into()))?
+                .map_err(|_| {
+                    instant_acme::Error::Other(format!("the CA did not answer within {timeout:?}").into())
+                })?
                 .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
             if !rsp.status().is_success() {
-                if let Some(at) = rsp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after) {
+                if let Some(at) = rsp
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after)
+                {
                     *note.lock().expect("retry-after lock") = Some(at);
                 }
             }

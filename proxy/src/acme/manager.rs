@@ -43,10 +43,25 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(cfg: AcmeConfig, store: Arc<Store>, challenges: Arc<Challenges>, metrics: Arc<Metrics>, reload: Arc<Notify>) -> Result<Self, String> {
+    pub fn new(
+        cfg: AcmeConfig,
+        store: Arc<Store>,
+        challenges: Arc<Challenges>,
+        metrics: Arc<Metrics>,
+        reload: Arc<Notify>,
+    ) -> Result<Self, String> {
         let http = AcmeHttp::new(cfg.trust_roots.as_deref(), cfg.request_timeout)?;
         challenges.share_through(store.challenges_dir());
-        Ok(Self { cfg, store, challenges, metrics, http, reload, account: tokio::sync::Mutex::new(None), no_ari: AtomicBool::new(false) })
+        Ok(Self {
+            cfg,
+            store,
+            challenges,
+            metrics,
+            http,
+            reload,
+            account: tokio::sync::Mutex::new(None),
+            no_ari: AtomicBool::new(false),
+        })
     }
 
     /// Follows the state: starts a task for each newly wanted certificate, stops the task of
@@ -57,7 +72,11 @@ impl Manager {
         let mut running: HashMap<String, (Vec<String>, JoinHandle<()>)> = HashMap::new();
         loop {
             let ordering = *issuer.borrow_and_update();
-            let wanted = if ordering { wanted_certificates(&hub.load().state, self.cfg.max_names) } else { BTreeMap::new() };
+            let wanted = if ordering {
+                wanted_certificates(&hub.load().state, self.cfg.max_names)
+            } else {
+                BTreeMap::new()
+            };
             running.retain(|primary, (names, task)| {
                 let keep = wanted.get(primary) == Some(names);
                 if !keep {
@@ -104,7 +123,10 @@ impl Manager {
             let current = self.current(&primary, &names);
             let now = SystemTime::now();
             if let Some(pair) = &current {
-                self.metrics.acme_days_left.with_label_values(&[&primary]).set(pair.info.remaining(now).as_secs_f64() / 86400.0);
+                self.metrics
+                    .acme_days_left
+                    .with_label_values(&[&primary])
+                    .set(pair.info.remaining(now).as_secs_f64() / 86400.0);
             }
             let due = match &current {
                 Some(pair) => self.due(pair, jitter, &mut ari).await,
@@ -122,7 +144,15 @@ impl Manager {
                     continue;
                 }
                 Err(e) => {
-                    self.failed(&primary, &names, Failure::new(Reason::Storage, format!("cannot take the lock: {e}")), &mut backoff, &mut last_failure, current.is_some()).await;
+                    self.failed(
+                        &primary,
+                        &names,
+                        Failure::new(Reason::Storage, format!("cannot take the lock: {e}")),
+                        &mut backoff,
+                        &mut last_failure,
+                        current.is_some(),
+                    )
+                    .await;
                     continue;
                 }
             };
@@ -134,7 +164,9 @@ impl Manager {
             }
             let started = Instant::now();
             let result = self.issue(&names).await.and_then(|issued| {
-                self.store.write_cert(&primary, &issued.chain_pem, &issued.key_pem).map_err(|e| Failure::new(Reason::Storage, format!("cannot write the certificate: {e}")))
+                self.store
+                    .write_cert(&primary, &issued.chain_pem, &issued.key_pem)
+                    .map_err(|e| Failure::new(Reason::Storage, format!("cannot write the certificate: {e}")))
             });
             drop(lock);
             match result {
@@ -147,7 +179,10 @@ impl Manager {
                     let what = if current.is_some() { "renewed" } else { "issued" };
                     tracing::info!(certificate = %primary, names = %names.join(","), took_ms = started.elapsed().as_millis() as u64, "acme: certificate {what}");
                 }
-                Err(failure) => self.failed(&primary, &names, failure, &mut backoff, &mut last_failure, current.is_some()).await,
+                Err(failure) => {
+                    self.failed(&primary, &names, failure, &mut backoff, &mut last_failure, current.is_some())
+                        .await
+                }
             }
         }
     }
@@ -166,10 +201,22 @@ impl Manager {
     }
 
     /// Counts, logs (once per reason in a row) and waits out a failure.
-    async fn failed(&self, primary: &str, names: &[String], failure: Failure, backoff: &mut Backoff, last: &mut Option<Reason>, serving: bool) {
+    async fn failed(
+        &self,
+        primary: &str,
+        names: &[String],
+        failure: Failure,
+        backoff: &mut Backoff,
+        last: &mut Option<Reason>,
+        serving: bool,
+    ) {
         self.metrics.acme_failures.with_label_values(&[primary, failure.reason.label()]).inc();
         let wait = backoff.failed(failure.retry_after, SystemTime::now());
-        let serving = if serving { "the current certificate stays served" } else { "the fallback certificate is served meanwhile" };
+        let serving = if serving {
+            "the current certificate stays served"
+        } else {
+            "the fallback certificate is served meanwhile"
+        };
         if *last == Some(failure.reason) {
             tracing::debug!(certificate = %primary, reason = failure.reason.label(), retry_in = ?wait, "acme: still failing: {}", failure.detail);
         } else {
@@ -182,8 +229,14 @@ impl Manager {
 
     /// When `pair` is due: `acme.renew_before` if set, else the CA's renewal window (RFC
     /// 9773) if it offers one, else two thirds of the lifetime.
-    async fn due(&self, pair: &LoadedPair, jitter: f64, ari: &mut Option<(SystemTime, SystemTime)>) -> SystemTime {
-        let standard = schedule::renewal_time(pair.info.not_before, pair.info.not_after, self.cfg.renew_before, jitter);
+    async fn due(
+        &self,
+        pair: &LoadedPair,
+        jitter: f64,
+        ari: &mut Option<(SystemTime, SystemTime)>,
+    ) -> SystemTime {
+        let standard =
+            schedule::renewal_time(pair.info.not_before, pair.info.not_after, self.cfg.renew_before, jitter);
         if self.cfg.renew_before.is_some() || self.no_ari.load(Ordering::Relaxed) {
             return standard;
         }
@@ -203,7 +256,9 @@ impl Manager {
                 standard
             }
             Err(Some(e)) => {
-                tracing::debug!("acme: renewal information unavailable ({e}); using two thirds of the lifetime");
+                tracing::debug!(
+                    "acme: renewal information unavailable ({e}); using two thirds of the lifetime"
+                );
                 *ari = Some((standard, now + RECHECK * 10));
                 standard
             }
@@ -211,14 +266,22 @@ impl Manager {
     }
 
     /// The CA's suggested renewal time and when to ask again. `Err(None)`: not supported.
-    async fn renewal_info(&self, pair: &LoadedPair, jitter: f64) -> Result<(SystemTime, SystemTime), Option<String>> {
+    async fn renewal_info(
+        &self,
+        pair: &LoadedPair,
+        jitter: f64,
+    ) -> Result<(SystemTime, SystemTime), Option<String>> {
         let id = CertificateIdentifier::try_from(&pair.key.cert[0]).map_err(Some)?;
         let account = self.account(self.http.for_order()).await.map_err(|f| Some(f.to_string()))?;
         match account.renewal_info(&id).await {
             Ok((info, ask_again)) => {
                 let at = |unix: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
                 let window = &info.suggested_window;
-                let due = schedule::in_window(at(window.start.unix_timestamp()), at(window.end.unix_timestamp()), jitter);
+                let due = schedule::in_window(
+                    at(window.start.unix_timestamp()),
+                    at(window.end.unix_timestamp()),
+                    jitter,
+                );
                 Ok((due, SystemTime::now() + ask_again.clamp(RECHECK, Duration::from_secs(86400))))
             }
             Err(instant_acme::Error::Unsupported(_)) => Err(None),
@@ -231,7 +294,10 @@ impl Manager {
     async fn issue(&self, names: &[String]) -> Result<Issued, Failure> {
         match self.issue_with_account(names).await {
             Err(f) if f.reason == Reason::AccountUnknown => {
-                tracing::warn!("acme: the CA does not know the stored account ({}); creating a new one", f.detail);
+                tracing::warn!(
+                    "acme: the CA does not know the stored account ({}); creating a new one",
+                    f.detail
+                );
                 self.forget_account().await;
                 self.issue_with_account(names).await
             }
@@ -260,9 +326,9 @@ impl Manager {
                 other => other,
             }
         };
-        let result = tokio::time::timeout(ORDER_DEADLINE, attempt)
-            .await
-            .unwrap_or_else(|_| Err(Failure::new(Reason::CaUnreachable, format!("the order took longer than {ORDER_DEADLINE:?}"))));
+        let result = tokio::time::timeout(ORDER_DEADLINE, attempt).await.unwrap_or_else(|_| {
+            Err(Failure::new(Reason::CaUnreachable, format!("the order took longer than {ORDER_DEADLINE:?}")))
+        });
         result.map_err(|mut f| {
             f.retry_after = f.retry_after.or(http.retry_after());
             f
@@ -277,13 +343,18 @@ impl Manager {
         loop {
             if slot.is_none() {
                 match self.store.load_account(&url) {
-                    Ok(creds) => *slot = creds.map(|c| serde_json::to_string(&c).expect("credentials serialize")),
+                    Ok(creds) => {
+                        *slot = creds.map(|c| serde_json::to_string(&c).expect("credentials serialize"))
+                    }
                     Err(e) => tracing::warn!("acme: {e}"),
                 }
             }
             if let Some(json) = slot.as_deref() {
                 let creds = serde_json::from_str(json).expect("credentials round-trip");
-                return Account::builder_with_http(Box::new(http)).from_credentials(creds).await.map_err(|e| Failure::from_acme(&e));
+                return Account::builder_with_http(Box::new(http))
+                    .from_credentials(creds)
+                    .await
+                    .map_err(|e| Failure::from_acme(&e));
             }
             match self.store.try_lock("account") {
                 Ok(Some(_lock)) => {
@@ -293,15 +364,26 @@ impl Manager {
                     let contact = self.cfg.email.as_ref().map(|e| format!("mailto:{e}"));
                     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
                     let eab = self.cfg.external_account().map_err(|e| Failure::new(Reason::CaError, e))?;
-                    let new = NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false };
-                    let (account, creds) = Account::builder_with_http(Box::new(http)).create(&new, url.clone(), eab.as_ref()).await.map_err(|e| Failure::from_acme(&e))?;
-                    self.store.save_account(&url, &creds).map_err(|e| Failure::new(Reason::Storage, format!("cannot store the new account: {e}")))?;
+                    let new = NewAccount {
+                        contact: &contacts,
+                        terms_of_service_agreed: true,
+                        only_return_existing: false,
+                    };
+                    let (account, creds) = Account::builder_with_http(Box::new(http))
+                        .create(&new, url.clone(), eab.as_ref())
+                        .await
+                        .map_err(|e| Failure::from_acme(&e))?;
+                    self.store.save_account(&url, &creds).map_err(|e| {
+                        Failure::new(Reason::Storage, format!("cannot store the new account: {e}"))
+                    })?;
                     tracing::info!(directory = %url, account = %account.id(), "acme: account created and stored");
                     *slot = Some(serde_json::to_string(&creds).expect("credentials serialize"));
                     return Ok(account);
                 }
                 Ok(None) => tokio::time::sleep(LOCK_POLL).await,
-                Err(e) => return Err(Failure::new(Reason::Storage, format!("cannot take the account lock: {e}"))),
+                Err(e) => {
+                    return Err(Failure::new(Reason::Storage, format!("cannot take the account lock: {e}")))
+                }
             }
         }
     }
@@ -322,7 +404,9 @@ pub fn wanted_certificates(state: &MeshState, max_names: usize) -> BTreeMap<Stri
                 match host {
                     HostPattern::Exact(h) if claimed.insert(h.clone()) => names.push(h.clone()),
                     HostPattern::Exact(_) => {}
-                    other => tracing::debug!(service = %svc.name, host = %other, "acme: only exact host names get certificates (wildcards need DNS-01)"),
+                    other => {
+                        tracing::debug!(service = %svc.name, host = %other, "acme: only exact host names get certificates (wildcards need DNS-01)")
+                    }
                 }
             }
         }
@@ -372,7 +456,16 @@ mod tests {
         assert_eq!(wanted.len(), 2);
         assert_eq!(wanted["a.test"], ["a.test", "www.a.test"]);
         assert_eq!(wanted["api.test"], ["api.test"]);
-        let split = wanted_certificates(&MeshState { services: vec![svc("w", &["a.t", "b.t", "c.t"], true)], ..MeshState::default() }, 2);
-        assert_eq!(split.into_iter().collect::<Vec<_>>(), [("a.t".to_owned(), vec!["a.t".to_owned(), "b.t".to_owned()]), ("c.t".to_owned(), vec!["c.t".to_owned()])]);
+        let split = wanted_certificates(
+            &MeshState { services: vec![svc("w", &["a.t", "b.t", "c.t"], true)], ..MeshState::default() },
+            2,
+        );
+        assert_eq!(
+            split.into_iter().collect::<Vec<_>>(),
+            [
+                ("a.t".to_owned(), vec!["a.t".to_owned(), "b.t".to_owned()]),
+                ("c.t".to_owned(), vec!["c.t".to_owned()])
+            ]
+        );
     }
 }

@@ -151,7 +151,10 @@ impl AcmeConfig {
     pub fn validate(&self) -> Result<(), String> {
         let url = self.directory_url();
         if !url.starts_with("https://") {
-            return Err(format!("acme.directory = {:?}: write letsencrypt, letsencrypt-staging or an https:// directory URL", self.directory));
+            return Err(format!(
+                "acme.directory = {:?}: write letsencrypt, letsencrypt-staging or an https:// directory URL",
+                self.directory
+            ));
         }
         self.external_account()?;
         if !(1..=100).contains(&self.max_names) {

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use instant_acme::{Account, AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus, RetryPolicy};
+use instant_acme::{
+    Account, AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus, RetryPolicy,
+};
 
 use super::challenges::{Answer, Challenges};
 use super::ChallengeKind;
@@ -58,13 +60,19 @@ impl Failure {
     #[must_use]
     pub fn from_acme(e: &instant_acme::Error) -> Self {
         let reason = match e {
-            instant_acme::Error::Api(problem) => match problem.r#type.as_deref().and_then(|t| t.strip_prefix("urn:ietf:params:acme:error:")) {
-                Some("rateLimited") => Reason::RateLimited,
-                Some("accountDoesNotExist") => Reason::AccountUnknown,
-                Some("connection" | "dns" | "incorrectResponse" | "tls" | "unauthorized" | "caa") => Reason::ChallengeFailed,
-                _ => Reason::CaError,
-            },
-            instant_acme::Error::Hyper(_) | instant_acme::Error::Other(_) | instant_acme::Error::Timeout(_) => Reason::CaUnreachable,
+            instant_acme::Error::Api(problem) => {
+                match problem.r#type.as_deref().and_then(|t| t.strip_prefix("urn:ietf:params:acme:error:")) {
+                    Some("rateLimited") => Reason::RateLimited,
+                    Some("accountDoesNotExist") => Reason::AccountUnknown,
+                    Some("connection" | "dns" | "incorrectResponse" | "tls" | "unauthorized" | "caa") => {
+                        Reason::ChallengeFailed
+                    }
+                    _ => Reason::CaError,
+                }
+            }
+            instant_acme::Error::Hyper(_)
+            | instant_acme::Error::Other(_)
+            | instant_acme::Error::Timeout(_) => Reason::CaUnreachable,
             _ => Reason::CaError,
         };
         Self::new(reason, e.to_string())
@@ -86,10 +94,18 @@ pub struct Issued {
 /// How long to wait for the CA to validate or to issue before giving the attempt up.
 /// How long the issuer waits for the cluster's nodes to confirm a challenge.
 const PROPAGATION: Duration = Duration::from_secs(3);
-const POLL: RetryPolicy = RetryPolicy::new().initial_delay(Duration::from_millis(250)).backoff(1.5).timeout(Duration::from_secs(90));
+const POLL: RetryPolicy = RetryPolicy::new()
+    .initial_delay(Duration::from_millis(250))
+    .backoff(1.5)
+    .timeout(Duration::from_secs(90));
 
 /// Orders one certificate for `names`, answering with `kind` challenges.
-pub async fn order(account: &Account, names: &[String], kind: ChallengeKind, challenges: &Arc<Challenges>) -> Result<Issued, Failure> {
+pub async fn order(
+    account: &Account,
+    names: &[String],
+    kind: ChallengeKind,
+    challenges: &Arc<Challenges>,
+) -> Result<Issued, Failure> {
     let acme = |e: instant_acme::Error| Failure::from_acme(&e);
     let identifiers: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(acme)?;
@@ -102,18 +118,25 @@ pub async fn order(account: &Account, names: &[String], kind: ChallengeKind, cha
         match authz.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
-            other => return Err(Failure::new(Reason::ChallengeFailed, format!("authorization for {} is {other:?}", authz.identifier()))),
+            other => {
+                return Err(Failure::new(
+                    Reason::ChallengeFailed,
+                    format!("authorization for {} is {other:?}", authz.identifier()),
+                ))
+            }
         }
         let name = authz.identifier().to_string();
-        let mut challenge = authz
-            .challenge(kind.acme_type())
-            .ok_or_else(|| Failure::new(Reason::CaError, format!("the CA offers no {} challenge for {name}", kind.label())))?;
+        let mut challenge = authz.challenge(kind.acme_type()).ok_or_else(|| {
+            Failure::new(Reason::CaError, format!("the CA offers no {} challenge for {name}", kind.label()))
+        })?;
         let key_auth = challenge.key_authorization();
         answers.push(match kind {
             ChallengeKind::Http01 => challenges.add_http(&challenge.token, key_auth.as_str()),
-            ChallengeKind::TlsAlpn01 => challenges
-                .add_alpn(&name, key_auth.digest().as_ref())
-                .map_err(|e| Failure::new(Reason::CaError, format!("cannot make the TLS-ALPN-01 certificate: {e}")))?,
+            ChallengeKind::TlsAlpn01 => {
+                challenges.add_alpn(&name, key_auth.digest().as_ref()).map_err(|e| {
+                    Failure::new(Reason::CaError, format!("cannot make the TLS-ALPN-01 certificate: {e}"))
+                })?
+            }
         });
         // In a cluster the validation may reach any node: wait until they all answer.
         if !challenges.propagated(PROPAGATION).await {
@@ -141,7 +164,10 @@ async fn challenge_failure(order: &mut instant_acme::Order, status: OrderStatus)
         if let Ok(state) = authz.refresh().await {
             for c in &state.challenges {
                 if let Some(problem) = &c.error {
-                    details.push(format!("{name}: {}", problem.detail.as_deref().unwrap_or("validation failed")));
+                    details.push(format!(
+                        "{name}: {}",
+                        problem.detail.as_deref().unwrap_or("validation failed")
+                    ));
                 }
             }
         }
@@ -177,6 +203,9 @@ mod tests {
         assert_eq!(Failure::from_acme(&problem("connection")).reason, Reason::ChallengeFailed);
         assert_eq!(Failure::from_acme(&problem("malformed")).reason, Reason::CaError);
         assert_eq!(Failure::from_acme(&problem("accountDoesNotExist")).reason, Reason::AccountUnknown);
-        assert_eq!(Failure::from_acme(&instant_acme::Error::Other("refused".into())).reason, Reason::CaUnreachable);
+        assert_eq!(
+            Failure::from_acme(&instant_acme::Error::Other("refused".into())).reason,
+            Reason::CaUnreachable
+        );
     }
 }

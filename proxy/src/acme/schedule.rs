@@ -8,7 +8,12 @@ use std::time::{Duration, SystemTime};
 /// lifetime (at most an hour) of jitter, so that certificates issued together are not
 /// renewed in one burst. `jitter` is a random number in `[0, 1)`.
 #[must_use]
-pub fn renewal_time(not_before: SystemTime, not_after: SystemTime, renew_before: Option<Duration>, jitter: f64) -> SystemTime {
+pub fn renewal_time(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    renew_before: Option<Duration>,
+    jitter: f64,
+) -> SystemTime {
     let lifetime = not_after.duration_since(not_before).unwrap_or_default();
     let window = renew_before.unwrap_or(lifetime / 3).min(lifetime);
     let spread = (lifetime / 30).min(Duration::from_secs(3600)).mul_f64(jitter.clamp(0.0, 1.0));

@@ -73,7 +73,10 @@ impl Store {
 
     /// The stored account for a CA directory. A corrupt file is set aside (and reported as
     /// an error once): a new account is then created.
-    pub fn load_account(&self, directory_url: &str) -> Result<Option<instant_acme::AccountCredentials>, String> {
+    pub fn load_account(
+        &self,
+        directory_url: &str,
+    ) -> Result<Option<instant_acme::AccountCredentials>, String> {
         let path = self.account_path(directory_url);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -84,7 +87,11 @@ impl Store {
             Ok(creds) => Ok(Some(creds)),
             Err(e) => {
                 let moved = self.set_aside(&path);
-                Err(format!("{} is not a valid account file ({e}); set aside as {}", path.display(), moved.display()))
+                Err(format!(
+                    "{} is not a valid account file ({e}); set aside as {}",
+                    path.display(),
+                    moved.display()
+                ))
             }
         }
     }
@@ -96,7 +103,11 @@ impl Store {
         path.exists().then(|| self.set_aside(&path))
     }
 
-    pub fn save_account(&self, directory_url: &str, creds: &instant_acme::AccountCredentials) -> io::Result<()> {
+    pub fn save_account(
+        &self,
+        directory_url: &str,
+        creds: &instant_acme::AccountCredentials,
+    ) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(creds).map_err(io::Error::other)?;
         write_atomic(&self.account_path(directory_url), &json)
     }
@@ -128,7 +139,10 @@ impl Store {
 
     fn set_aside(&self, path: &Path) -> PathBuf {
         let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let to = self.dir.join("bad").join(format!("{}.{stamp}", path.file_name().unwrap_or_default().to_string_lossy()));
+        let to = self
+            .dir
+            .join("bad")
+            .join(format!("{}.{stamp}", path.file_name().unwrap_or_default().to_string_lossy()));
         if let Err(e) = std::fs::rename(path, &to) {
             tracing::warn!(path = %path.display(), "acme: cannot set the file aside: {e}");
         }
@@ -145,7 +159,12 @@ impl Store {
     /// Takes the lock that says "this agent is ordering `name`". `None`: another agent
     /// (alive) holds it. Released when the returned file is dropped or the process dies.
     pub fn try_lock(&self, name: &str) -> io::Result<Option<File>> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(self.dir.join("locks").join(format!("{name}.lock")))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.dir.join("locks").join(format!("{name}.lock")))?;
         match file.try_lock() {
             Ok(()) => Ok(Some(file)),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -157,7 +176,11 @@ impl Store {
 /// Writes `bytes` to `path` so that readers see the old file or the new one, never a part:
 /// a `0600` temporary file beside it, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_file_name(format!("{}.tmp.{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let tmp = path.with_file_name(format!(
+        "{}.tmp.{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
     let mut file = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -177,7 +200,10 @@ mod tests {
 
     fn pem_pair(names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         (cert.pem(), key.serialize_pem())
     }
 

@@ -35,7 +35,11 @@ impl Follower {
         let connector = match self.identity.client_config() {
             Ok(tls) => TlsConnector::from(Arc::new(tls)),
             Err(e) => {
-                self.parts.readiness.set(NAME, false, format!("the cluster secret cannot be used for TLS: {e}"));
+                self.parts.readiness.set(
+                    NAME,
+                    false,
+                    format!("the cluster secret cannot be used for TLS: {e}"),
+                );
                 return;
             }
         };
@@ -78,7 +82,9 @@ impl Follower {
     }
 
     fn mark_stale(&self, progress: &Progress, failures: &[String]) {
-        let since = progress.last_heard.map_or_else(|| "never".to_owned(), |t| humantime::format_rfc3339_seconds(t).to_string());
+        let since = progress
+            .last_heard
+            .map_or_else(|| "never".to_owned(), |t| humantime::format_rfc3339_seconds(t).to_string());
         if self.take_state {
             self.metrics.stale.set(i64::from(progress.generation.is_some()));
             match progress.generation {
@@ -93,9 +99,17 @@ impl Follower {
         }
     }
 
-    async fn follow_one(&self, peer: &str, connector: &TlsConnector, progress: &mut Progress) -> Result<(), Lost> {
+    async fn follow_one(
+        &self,
+        peer: &str,
+        connector: &TlsConnector,
+        progress: &mut Progress,
+    ) -> Result<(), Lost> {
         let timeout = self.cfg.timeout;
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(peer)).await.map_err(|_| Lost::BeforeHello("connect timed out".into()))?.map_err(|e| Lost::BeforeHello(e.to_string()))?;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(peer))
+            .await
+            .map_err(|_| Lost::BeforeHello("connect timed out".into()))?
+            .map_err(|e| Lost::BeforeHello(e.to_string()))?;
         tcp.set_nodelay(true).ok();
         let name = rustls::pki_types::ServerName::try_from(CLUSTER_NAME).expect("valid name");
         let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
@@ -103,7 +117,12 @@ impl Follower {
             .map_err(|_| Lost::BeforeHello("TLS handshake timed out".into()))?
             .map_err(|e| Lost::BeforeHello(format!("TLS refused (not the same cluster secret?): {e}")))?;
         let (mut rd, mut wr) = tokio::io::split(tls);
-        let read = async |rd: &mut tokio::io::ReadHalf<_>| tokio::time::timeout(timeout, wire::read(rd)).await.map_err(|_| format!("silent for {}", humantime::format_duration(timeout)))?.map_err(|e| e.to_string());
+        let read = async |rd: &mut tokio::io::ReadHalf<_>| {
+            tokio::time::timeout(timeout, wire::read(rd))
+                .await
+                .map_err(|_| format!("silent for {}", humantime::format_duration(timeout)))?
+                .map_err(|e| e.to_string())
+        };
         let Frame::Hello { node, leader } = read(&mut rd).await.map_err(Lost::BeforeHello)? else {
             return Err(Lost::BeforeHello("the first frame was not a hello".into()));
         };
@@ -116,7 +135,9 @@ impl Follower {
             let frame = read(&mut rd).await.map_err(Lost::After)?;
             let now = SystemTime::now();
             progress.last_heard = Some(now);
-            self.metrics.state_received.set(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64);
+            self.metrics
+                .state_received
+                .set(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64);
             match frame {
                 Frame::State { generation, state } if self.take_state => {
                     self.save(&state);
@@ -132,7 +153,9 @@ impl Follower {
                         // A manager relays them: acknowledge once its own followers have them.
                         share.challenges.propagated(timeout / 2).await;
                     }
-                    wire::write(&mut wr, &Frame::Ack { challenges: version }).await.map_err(|e| Lost::After(e.to_string()))?;
+                    wire::write(&mut wr, &Frame::Ack { challenges: version })
+                        .await
+                        .map_err(|e| Lost::After(e.to_string()))?;
                 }
             }
         }
@@ -143,7 +166,13 @@ impl Follower {
         let (ready, what) = match (self.take_state, progress.generation) {
             (true, Some(g)) => (true, format!("{}: following {following}, state generation {g}", self.role)),
             (true, None) => (false, format!("{}: following {following}, waiting for its state", self.role)),
-            (false, _) => (true, format!("{}: serving the feed; following {following} for certificates and challenges", self.role)),
+            (false, _) => (
+                true,
+                format!(
+                    "{}: serving the feed; following {following} for certificates and challenges",
+                    self.role
+                ),
+            ),
         };
         self.parts.readiness.set(NAME, ready, what);
     }
@@ -160,13 +189,18 @@ impl Follower {
                 tracing::warn!(name = %pair.name, "cluster: a certificate with an unusable name was skipped");
                 continue;
             }
-            let same = |ext: &str, want: &str| std::fs::read_to_string(dir.join(format!("{}.{ext}", pair.name))).is_ok_and(|have| have == want);
+            let same = |ext: &str, want: &str| {
+                std::fs::read_to_string(dir.join(format!("{}.{ext}", pair.name)))
+                    .is_ok_and(|have| have == want)
+            };
             if same("crt", &pair.chain_pem) && same("key", &pair.key_pem) {
                 continue;
             }
             match share.store.write_cert(&pair.name, &pair.chain_pem, &pair.key_pem) {
                 Ok(()) => wrote += 1,
-                Err(e) => tracing::error!(certificate = %pair.name, "cluster: cannot store the certificate received from the issuer: {e}"),
+                Err(e) => {
+                    tracing::error!(certificate = %pair.name, "cluster: cannot store the certificate received from the issuer: {e}")
+                }
             }
         }
         if wrote > 0 {
@@ -177,7 +211,9 @@ impl Follower {
 
     fn save(&self, state: &MeshState) {
         let Some(path) = &self.cfg.state_file else { return };
-        let written = serde_json::to_vec(state).map_err(std::io::Error::other).and_then(|json| crate::acme::store::write_atomic(path, &json));
+        let written = serde_json::to_vec(state)
+            .map_err(std::io::Error::other)
+            .and_then(|json| crate::acme::store::write_atomic(path, &json));
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), "cluster: cannot save the state: {e}");
         }

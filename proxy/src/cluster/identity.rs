@@ -41,14 +41,24 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Reads the PEM file written by [`generate`].
     pub fn load(path: &Path) -> Result<Self, String> {
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
-        Self::from_pem(&pem).map_err(|e| format!("the cluster secret {} {e} (make a new one with `meshgate --new-cluster-secret`)", path.display()))
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
+        Self::from_pem(&pem).map_err(|e| {
+            format!(
+                "the cluster secret {} {e} (make a new one with `meshgate --new-cluster-secret`)",
+                path.display()
+            )
+        })
     }
 
     pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
         use rustls::pki_types::pem::PemObject as _;
-        let cert = CertificateDer::pem_slice_iter(pem).next().ok_or("holds no certificate")?.map_err(|e| format!("has a broken certificate: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("has no usable private key: {e}"))?;
+        let cert = CertificateDer::pem_slice_iter(pem)
+            .next()
+            .ok_or("holds no certificate")?
+            .map_err(|e| format!("has a broken certificate: {e}"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("has no usable private key: {e}"))?;
         Ok(Self { cert, key: Arc::new(key) })
     }
 
@@ -95,15 +105,32 @@ impl Pinned {
 }
 
 impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         self.check(end_entity).map(|()| ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(message, cert, dss, self.algorithms())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(message, cert, dss, self.algorithms())
     }
 
@@ -117,15 +144,30 @@ impl ClientCertVerifier for Pinned {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         self.check(end_entity).map(|()| ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(message, cert, dss, self.algorithms())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(message, cert, dss, self.algorithms())
     }
 

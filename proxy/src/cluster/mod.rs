@@ -11,8 +11,8 @@
 //!
 //! Swarm stays the only source of truth: the feed carries what the managers' engines say.
 
-pub mod identity;
 mod follow;
+pub mod identity;
 mod serve;
 pub mod wire;
 
@@ -110,8 +110,13 @@ pub enum Position {
     Unknown,
     /// Not in a Swarm.
     Standalone,
-    Manager { leader: bool, leader_address: Option<IpAddr> },
-    Worker { managers: Vec<IpAddr> },
+    Manager {
+        leader: bool,
+        leader_address: Option<IpAddr>,
+    },
+    Worker {
+        managers: Vec<IpAddr>,
+    },
 }
 
 /// The links between the cluster and the Docker provider.
@@ -136,17 +141,34 @@ struct Plan {
 
 fn plan(cfg: &ClusterConfig, position: &Position) -> Option<Plan> {
     let port = cfg.listen.port();
-    let peers = |addrs: &[IpAddr]| if cfg.peers.is_empty() { addrs.iter().map(|a| SocketAddr::new(*a, port).to_string()).collect() } else { cfg.peers.clone() };
+    let peers = |addrs: &[IpAddr]| {
+        if cfg.peers.is_empty() {
+            addrs.iter().map(|a| SocketAddr::new(*a, port).to_string()).collect()
+        } else {
+            cfg.peers.clone()
+        }
+    };
     let standalone = Plan { role: "standalone", serve: false, issuer: true, follow: None };
     Some(match (cfg.role, position) {
         (RoleSetting::Standalone, _) | (RoleSetting::Auto, Position::Standalone) => standalone,
-        (RoleSetting::Leader, _) | (RoleSetting::Auto, Position::Manager { leader: true, .. }) => Plan { role: "leader", serve: true, issuer: true, follow: None },
-        (RoleSetting::Manager, _) => Plan { role: "manager", serve: true, issuer: false, follow: Some((cfg.peers.clone(), false)) },
-        (RoleSetting::Auto, Position::Manager { leader: false, leader_address }) => {
-            Plan { role: "manager", serve: true, issuer: false, follow: Some((peers(leader_address.as_slice()), false)) }
+        (RoleSetting::Leader, _) | (RoleSetting::Auto, Position::Manager { leader: true, .. }) => {
+            Plan { role: "leader", serve: true, issuer: true, follow: None }
         }
-        (RoleSetting::Worker, _) => Plan { role: "worker", serve: false, issuer: false, follow: Some((cfg.peers.clone(), true)) },
-        (RoleSetting::Auto, Position::Worker { managers }) => Plan { role: "worker", serve: false, issuer: false, follow: Some((peers(managers), true)) },
+        (RoleSetting::Manager, _) => {
+            Plan { role: "manager", serve: true, issuer: false, follow: Some((cfg.peers.clone(), false)) }
+        }
+        (RoleSetting::Auto, Position::Manager { leader: false, leader_address }) => Plan {
+            role: "manager",
+            serve: true,
+            issuer: false,
+            follow: Some((peers(leader_address.as_slice()), false)),
+        },
+        (RoleSetting::Worker, _) => {
+            Plan { role: "worker", serve: false, issuer: false, follow: Some((cfg.peers.clone(), true)) }
+        }
+        (RoleSetting::Auto, Position::Worker { managers }) => {
+            Plan { role: "worker", serve: false, issuer: false, follow: Some((peers(managers), true)) }
+        }
         (RoleSetting::Auto, Position::Unknown) => return None,
     })
 }
@@ -179,13 +201,26 @@ impl ClusterMetrics {
             registry.register(Box::new(g.clone())).ok();
             g
         };
-        let reconnects = IntCounter::with_opts(Opts::new("meshgate_cluster_reconnects_total", "Times this follower lost its feed and connected again (to the same or another manager)")).expect("valid metric");
+        let reconnects = IntCounter::with_opts(Opts::new(
+            "meshgate_cluster_reconnects_total",
+            "Times this follower lost its feed and connected again (to the same or another manager)",
+        ))
+        .expect("valid metric");
         registry.register(Box::new(reconnects.clone())).ok();
         Self {
             issuer: gauge("meshgate_cluster_issuer", "1 if this agent orders the cluster's certificates"),
-            feed_connected: gauge("meshgate_cluster_feed_connected", "1 while this follower receives a manager's feed"),
-            stale: gauge("meshgate_cluster_state_stale", "1 while this follower serves a state no manager confirms (none reachable)"),
-            state_received: gauge("meshgate_cluster_state_received_timestamp_seconds", "When this follower last heard from a manager (Unix time)"),
+            feed_connected: gauge(
+                "meshgate_cluster_feed_connected",
+                "1 while this follower receives a manager's feed",
+            ),
+            stale: gauge(
+                "meshgate_cluster_state_stale",
+                "1 while this follower serves a state no manager confirms (none reachable)",
+            ),
+            state_received: gauge(
+                "meshgate_cluster_state_received_timestamp_seconds",
+                "When this follower last heard from a manager (Unix time)",
+            ),
             followers: gauge("meshgate_cluster_followers", "Agents following this agent's feed"),
             reconnects,
         }
@@ -215,7 +250,8 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
     let (position_tx, position_rx) = watch::channel(Position::Unknown);
     let (following_tx, following_rx) = watch::channel(false);
     let (issuer_tx, issuer_rx) = watch::channel(true);
-    let handles = Handles { issuer: issuer_rx, docker: DockerLink { position: position_tx, following: following_rx } };
+    let handles =
+        Handles { issuer: issuer_rx, docker: DockerLink { position: position_tx, following: following_rx } };
     let metrics = ClusterMetrics::register(&parts.registry);
     metrics.issuer.set(1);
     if cfg.role == RoleSetting::Standalone {
@@ -236,7 +272,11 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
     };
     issuer_tx.send_replace(cfg.role == RoleSetting::Leader);
     if cfg.role == RoleSetting::Auto {
-        parts.readiness.set(NAME, false, "waiting for the engine to say whether this node is a Swarm manager or worker");
+        parts.readiness.set(
+            NAME,
+            false,
+            "waiting for the engine to say whether this node is a Swarm manager or worker",
+        );
     }
     background.push(tokio::spawn(run(cfg, identity, parts, metrics, position_rx, issuer_tx, following_tx)));
     handles
@@ -256,7 +296,15 @@ async fn warn_if_swarm(mut position: watch::Receiver<Position>) {
 }
 
 /// Applies the plan of each new position: issuer or not, serving or not, following whom.
-async fn run(cfg: ClusterConfig, identity: identity::Identity, parts: Parts, metrics: ClusterMetrics, mut position: watch::Receiver<Position>, issuer: watch::Sender<bool>, following: watch::Sender<bool>) {
+async fn run(
+    cfg: ClusterConfig,
+    identity: identity::Identity,
+    parts: Parts,
+    metrics: ClusterMetrics,
+    mut position: watch::Receiver<Position>,
+    issuer: watch::Sender<bool>,
+    following: watch::Sender<bool>,
+) {
     let parts = Arc::new(parts);
     let mut current: Option<Plan> = None;
     let mut server: Option<tokio::task::JoinHandle<()>> = None;
@@ -271,7 +319,14 @@ async fn run(cfg: ClusterConfig, identity: identity::Identity, parts: Parts, met
             if p.serve && server.is_none() {
                 match serve::bind(&cfg, &identity) {
                     Ok(bound) => {
-                        let src = serve::Source { hub: parts.hub.clone(), certs: parts.certs.clone(), node: parts.node.clone(), leader: issuer.subscribe(), heartbeat: cfg.heartbeat, followers: metrics.followers.clone() };
+                        let src = serve::Source {
+                            hub: parts.hub.clone(),
+                            certs: parts.certs.clone(),
+                            node: parts.node.clone(),
+                            leader: issuer.subscribe(),
+                            heartbeat: cfg.heartbeat,
+                            followers: metrics.followers.clone(),
+                        };
                         server = Some(tokio::spawn(serve::run(bound, src)));
                     }
                     Err(e) => {
@@ -296,7 +351,15 @@ async fn run(cfg: ClusterConfig, identity: identity::Identity, parts: Parts, met
                 }
                 following.send_replace(takes_state);
                 if let Some((peers, take_state)) = p.follow.clone() {
-                    let f = follow::Follower { cfg: cfg.clone(), identity: identity.clone(), parts: parts.clone(), metrics: metrics.clone(), peers, take_state, role: p.role };
+                    let f = follow::Follower {
+                        cfg: cfg.clone(),
+                        identity: identity.clone(),
+                        parts: parts.clone(),
+                        metrics: metrics.clone(),
+                        peers,
+                        take_state,
+                        role: p.role,
+                    };
                     follower = Some(tokio::spawn(f.run()));
                 } else {
                     metrics.feed_connected.set(0);
@@ -304,7 +367,11 @@ async fn run(cfg: ClusterConfig, identity: identity::Identity, parts: Parts, met
                 }
             }
             if p.follow.is_none() {
-                let what = if p.serve { format!("{}: serving the feed on {}", p.role, cfg.listen) } else { p.role.to_owned() };
+                let what = if p.serve {
+                    format!("{}: serving the feed on {}", p.role, cfg.listen)
+                } else {
+                    p.role.to_owned()
+                };
                 parts.readiness.set(NAME, server.is_some() || !p.serve, what);
             }
             current = next;
@@ -332,12 +399,27 @@ mod tests {
         assert!(p.issuer && p.serve && p.follow.is_none());
         let p = plan(&cfg, &manager).unwrap();
         assert!(!p.issuer && p.serve);
-        assert_eq!(p.follow, Some((vec!["10.0.0.1:7380".to_owned()], false)), "a manager follows the leader, for certificates only");
+        assert_eq!(
+            p.follow,
+            Some((vec!["10.0.0.1:7380".to_owned()], false)),
+            "a manager follows the leader, for certificates only"
+        );
         let p = plan(&cfg, &worker).unwrap();
         assert!(!p.issuer && !p.serve);
-        assert_eq!(p.follow, Some((vec!["10.0.0.1:7380".to_owned(), "10.0.0.2:7380".to_owned()], true)), "a worker follows every manager, for everything");
-        let fixed = ClusterConfig { role: RoleSetting::Worker, peers: vec!["m:1".into()], ..ClusterConfig::default() };
+        assert_eq!(
+            p.follow,
+            Some((vec!["10.0.0.1:7380".to_owned(), "10.0.0.2:7380".to_owned()], true)),
+            "a worker follows every manager, for everything"
+        );
+        let fixed = ClusterConfig {
+            role: RoleSetting::Worker,
+            peers: vec!["m:1".into()],
+            ..ClusterConfig::default()
+        };
         assert_eq!(plan(&fixed, &Position::Unknown).unwrap().follow, Some((vec!["m:1".to_owned()], true)));
-        assert!(ClusterConfig { role: RoleSetting::Worker, ..ClusterConfig::default() }.validate().unwrap_err().contains("cluster.peers"));
+        assert!(ClusterConfig { role: RoleSetting::Worker, ..ClusterConfig::default() }
+            .validate()
+            .unwrap_err()
+            .contains("cluster.peers"));
     }
 }

@@ -25,7 +25,9 @@ pub struct Bound {
 
 pub fn bind(cfg: &ClusterConfig, identity: &Identity) -> Result<Bound, String> {
     let tls = identity.server_config().map_err(|e| format!("the cluster secret cannot serve TLS: {e}"))?;
-    let listener = crate::agent::reusable_listener(cfg.listen, true).map_err(|e| format!("cannot listen on {} for the cluster feed: {e} (set cluster.listen)", cfg.listen))?;
+    let listener = crate::agent::reusable_listener(cfg.listen, true).map_err(|e| {
+        format!("cannot listen on {} for the cluster feed: {e} (set cluster.listen)", cfg.listen)
+    })?;
     tracing::info!(addr = %cfg.listen, "cluster: serving the feed");
     Ok(Bound { listener, acceptor: TlsAcceptor::from(Arc::new(tls)) })
 }
@@ -68,7 +70,12 @@ pub async fn run(bound: Bound, src: Source) {
     }
 }
 
-async fn feed(stream: TcpStream, acceptor: &TlsAcceptor, src: &Source, mut certs: watch::Receiver<Arc<Vec<CertPair>>>) -> std::io::Result<()> {
+async fn feed(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    src: &Source,
+    mut certs: watch::Receiver<Arc<Vec<CertPair>>>,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
@@ -94,7 +101,11 @@ async fn feed(stream: TcpStream, acceptor: &TlsAcceptor, src: &Source, mut certs
         if send_state {
             states.mark_unchanged();
             let snapshot = src.hub.load();
-            wire::write(&mut tls, &Frame::State { generation: snapshot.generation, state: snapshot.state.clone() }).await?;
+            wire::write(
+                &mut tls,
+                &Frame::State { generation: snapshot.generation, state: snapshot.state.clone() },
+            )
+            .await?;
         }
         if send_certs {
             let pairs = certs.borrow_and_update().as_ref().clone();
@@ -104,7 +115,8 @@ async fn feed(stream: TcpStream, acceptor: &TlsAcceptor, src: &Source, mut certs
             if let (Some(rx), Some(share)) = (challenges.as_mut(), src.certs.as_ref()) {
                 rx.mark_unchanged();
                 let version = share.challenges.version();
-                wire::write(&mut tls, &Frame::Challenges { version, set: share.challenges.snapshot() }).await?;
+                wire::write(&mut tls, &Frame::Challenges { version, set: share.challenges.snapshot() })
+                    .await?;
             }
         }
         let challenge_change = async {
@@ -127,7 +139,9 @@ async fn feed(stream: TcpStream, acceptor: &TlsAcceptor, src: &Source, mut certs
 
 /// The stored certificates, read again whenever the directory changes (checked every
 /// second).
-fn watch_certs(share: Option<CertShare>) -> (watch::Receiver<Arc<Vec<CertPair>>>, Option<tokio::task::JoinHandle<()>>) {
+fn watch_certs(
+    share: Option<CertShare>,
+) -> (watch::Receiver<Arc<Vec<CertPair>>>, Option<tokio::task::JoinHandle<()>>) {
     let (tx, rx) = watch::channel(Arc::new(Vec::new()));
     let Some(share) = share else { return (rx, None) };
     let task = tokio::spawn(async move {
@@ -177,8 +191,14 @@ fn read_pairs(dir: &std::path::Path) -> Vec<CertPair> {
     let Ok(entries) = std::fs::read_dir(dir) else { return pairs };
     for entry in entries.flatten() {
         let path = entry.path();
-        let (Some(name), Some("crt")) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str())) else { continue };
-        if let (Ok(chain_pem), Ok(key_pem)) = (std::fs::read_to_string(&path), std::fs::read_to_string(path.with_extension("key"))) {
+        let (Some(name), Some("crt")) =
+            (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str()))
+        else {
+            continue;
+        };
+        if let (Ok(chain_pem), Ok(key_pem)) =
+            (std::fs::read_to_string(&path), std::fs::read_to_string(path.with_extension("key")))
+        {
             pairs.push(CertPair { name: name.to_owned(), chain_pem, key_pem });
         }
     }

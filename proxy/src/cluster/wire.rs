@@ -58,7 +58,9 @@ pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
     let len = r.read_u32().await? as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!("a frame of {len} bytes is larger than the {MAX_FRAME} allowed")));
+        return Err(std::io::Error::other(format!(
+            "a frame of {len} bytes is larger than the {MAX_FRAME} allowed"
+        )));
     }
     let mut body = vec![0; len];
     r.read_exact(&mut body).await?;
@@ -73,7 +75,10 @@ mod tests {
     async fn frames_round_trip_and_oversized_ones_are_refused() {
         let frames = [
             Frame::Hello { node: "n1".into(), leader: true },
-            Frame::Challenges { version: 3, set: ChallengeSet { http: [("tok".into(), "tok.x".into())].into(), alpn: BTreeMap::new() } },
+            Frame::Challenges {
+                version: 3,
+                set: ChallengeSet { http: [("tok".into(), "tok.x".into())].into(), alpn: BTreeMap::new() },
+            },
             Frame::Ack { challenges: 3 },
             Frame::Heartbeat,
         ];

@@ -118,7 +118,8 @@ impl Endpoint {
                 return Ok(Sender::H2(sender.clone()));
             }
             let io = TokioIo::new(self.connect(connect_timeout).await?);
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await.map_err(ConnectError::Handshake)?;
+            let (sender, conn) =
+                http2::handshake(TokioExecutor::new(), io).await.map_err(ConnectError::Handshake)?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -131,10 +132,11 @@ impl Endpoint {
         let tcp = self.connect(connect_timeout).await?;
         let sender = if self.protocol == UpstreamProtocol::Https {
             let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
-            let tls = tokio::time::timeout(connect_timeout, crate::tls::upstream::connector().connect(name, tcp))
-                .await
-                .map_err(|_| ConnectError::Timeout(connect_timeout))?
-                .map_err(ConnectError::Tls)?;
+            let tls =
+                tokio::time::timeout(connect_timeout, crate::tls::upstream::connector().connect(name, tcp))
+                    .await
+                    .map_err(|_| ConnectError::Timeout(connect_timeout))?
+                    .map_err(ConnectError::Tls)?;
             h1_handshake(tls).await?
         } else {
             h1_handshake(tcp).await?
@@ -220,7 +222,14 @@ impl EndpointRegistry {
     }
 
     /// The endpoint for a task, shared with the table in force if it already knows it.
-    pub fn get(&self, addr: SocketAddr, protocol: UpstreamProtocol, service: &str, task: &str, node: &str) -> Arc<Endpoint> {
+    pub fn get(
+        &self,
+        addr: SocketAddr,
+        protocol: UpstreamProtocol,
+        service: &str,
+        task: &str,
+        node: &str,
+    ) -> Arc<Endpoint> {
         let key = Key { addr, protocol, service: service.into(), task: task.into() };
         let mut live = self.live.lock().expect("registry lock");
         if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {

@@ -73,18 +73,34 @@ pub struct Https {
 impl Proxy {
     #[must_use]
     pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>, https: Option<Https>) -> Self {
-        Self { table: ArcSwap::from_pointee(RouteTable::default()), unrouted: metrics.route("none"), cfg, metrics, https }
+        Self {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            unrouted: metrics.route("none"),
+            cfg,
+            metrics,
+            https,
+        }
     }
 
     /// Compiles the route table from the hub's state now (so the listener never serves an
     /// empty table once the agent has started), then again on every new generation.
-    pub fn follow(self: Arc<Self>, hub: Arc<StateHub>, default_host: Option<String>) -> tokio::task::JoinHandle<()> {
+    pub fn follow(
+        self: Arc<Self>,
+        hub: Arc<StateHub>,
+        default_host: Option<String>,
+    ) -> tokio::task::JoinHandle<()> {
         let registry = EndpointRegistry::new(self.metrics.backend_up.clone());
         let mut changes = hub.subscribe();
         changes.mark_unchanged();
         let compile = move || {
             let snapshot = hub.load();
-            let table = RouteTable::compile(&snapshot.state, snapshot.generation, default_host.as_deref(), &registry, &self.metrics);
+            let table = RouteTable::compile(
+                &snapshot.state,
+                snapshot.generation,
+                default_host.as_deref(),
+                &registry,
+                &self.metrics,
+            );
             self.table.store(Arc::new(table));
             registry.prune();
             self.metrics.state_generation.set(snapshot.generation as i64);
@@ -99,21 +115,30 @@ impl Proxy {
 
     /// The answer HTTPS settings give before proxying: a redirect to HTTPS, or a refusal
     /// (`HTTPS_METHOD=nohttp` / `nohttps`). `None`: proxy the request.
-    fn https_policy(&self, route: &Route, req: &Request<Incoming>, secure: bool) -> Option<Response<ProxyBody>> {
+    fn https_policy(
+        &self,
+        route: &Route,
+        req: &Request<Incoming>,
+        secure: bool,
+    ) -> Option<Response<ProxyBody>> {
         match (secure, route.https_method) {
-            (true, HttpsMethod::Nohttps) => Some(local(StatusCode::NOT_FOUND, "meshgate: this host is not served over HTTPS\n".into())),
+            (true, HttpsMethod::Nohttps) => {
+                Some(local(StatusCode::NOT_FOUND, "meshgate: this host is not served over HTTPS\n".into()))
+            }
             (false, HttpsMethod::Redirect | HttpsMethod::Nohttp) => {
                 let https = self.https.as_ref()?;
                 let host = request_host(req).unwrap_or("");
                 let name = super::router::normalise_host(host);
                 if !https.certs.has_certificate(&name) {
-                    return (route.https_method == HttpsMethod::Nohttp)
-                        .then(|| local(StatusCode::FORBIDDEN, "meshgate: this host is served over HTTPS only\n".into()));
+                    return (route.https_method == HttpsMethod::Nohttp).then(|| {
+                        local(StatusCode::FORBIDDEN, "meshgate: this host is served over HTTPS only\n".into())
+                    });
                 }
                 let port = if https.port == 443 { String::new() } else { format!(":{}", https.port) };
                 let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
                 let location = format!("https://{name}{port}{path}");
-                let mut resp = local(StatusCode::MOVED_PERMANENTLY, format!("meshgate: moved to {location}\n"));
+                let mut resp =
+                    local(StatusCode::MOVED_PERMANENTLY, format!("meshgate: moved to {location}\n"));
                 resp.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).ok()?);
                 Some(resp)
             }
@@ -136,7 +161,8 @@ impl Proxy {
             if req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
                 if let Some(answer) = https.certs.challenges.http_answer(req.uri().path()) {
                     let mut resp = local(StatusCode::OK, answer);
-                    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
                     self.unrouted.observe(resp.status(), started.elapsed().as_secs_f64());
                     return resp.map(|b| b.with_guard(guard));
                 }
@@ -186,7 +212,8 @@ impl Proxy {
                 let task = endpoint.as_ref().map_or("-", |e| &*e.task);
                 let addr = endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default();
                 tracing::warn!(route = %route.name, service = %route.service, task, addr, %status, "{error}");
-                local(status, format!("meshgate: {}\n", status.canonical_reason().unwrap_or("error"))).map(|b| b.with_guard(guard))
+                local(status, format!("meshgate: {}\n", status.canonical_reason().unwrap_or("error")))
+                    .map(|b| b.with_guard(guard))
             }
         };
         route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
@@ -227,7 +254,11 @@ impl Proxy {
 
     /// One request on one endpoint. A pooled connection that turns out closed before the
     /// request was written is replaced by a fresh one transparently.
-    async fn send(&self, endpoint: &Arc<Endpoint>, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
+    async fn send(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Failure> {
         let timeout = self.cfg.upstream_response_timeout;
         loop {
             let sender = match endpoint.checkout(self.cfg.connect_timeout).await {
@@ -251,10 +282,12 @@ impl Proxy {
                         },
                     }
                 }
-                Sender::H2(mut sender) => match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
-                    Err(_) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
-                    Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
-                },
+                Sender::H2(mut sender) => {
+                    match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
+                        Err(_) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
+                        Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
+                    }
+                }
             };
             return result.map_err(|e| Failure::Sent(ProxyError::Upstream(e)));
         }
@@ -311,7 +344,11 @@ fn check_switch<B>(resp: &Response<B>, asked: Option<&HeaderValue>) -> Result<()
     let agreed = to.is_some_and(|v| !names_h2c(v))
         && !to_text.is_empty()
         && offered.split(',').any(|p| p.trim().eq_ignore_ascii_case(&to_text));
-    if agreed { Ok(()) } else { Err(ProxyError::UnaskedSwitch(to_text)) }
+    if agreed {
+        Ok(())
+    } else {
+        Err(ProxyError::UnaskedSwitch(to_text))
+    }
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -369,9 +406,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Turns the client's request into the one a task gets: hop-by-hop headers out,
 /// forwarding headers in, `Host` kept (an HTTP/2 client's `:authority` becomes `Host`).
 fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: bool) {
-    let host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
 
@@ -408,7 +447,9 @@ fn set_upstream_form(req: &mut Request<Incoming>, route: &Route) {
             let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("localhost");
             let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
             let path = route.upstream_path(path);
-            if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path.as_ref()).build() {
+            if let Ok(uri) =
+                Uri::builder().scheme("http").authority(authority).path_and_query(path.as_ref()).build()
+            {
                 *req.uri_mut() = uri;
             }
             *req.version_mut() = Version::HTTP_2;
@@ -426,7 +467,12 @@ fn set_upstream_form(req: &mut Request<Incoming>, route: &Route) {
 }
 
 /// Joins the client's and the task's upgraded connections and copies bytes both ways.
-fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, route: Arc<Route>, endpoint: Arc<Endpoint>) {
+fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    route: Arc<Route>,
+    endpoint: Arc<Endpoint>,
+) {
     tokio::spawn(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,

@@ -50,9 +50,8 @@ impl Route {
     pub fn pick(&self, exclude: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
         let allowed = |e: &&Arc<Endpoint>| exclude.is_none_or(|x| !Arc::ptr_eq(x, e));
         let healthy = self.endpoints.iter().filter(allowed).filter(|e| !e.is_ejected()).count();
-        let candidates = || {
-            self.endpoints.iter().filter(allowed).filter(move |e| healthy == 0 || !e.is_ejected())
-        };
+        let candidates =
+            || self.endpoints.iter().filter(allowed).filter(move |e| healthy == 0 || !e.is_ejected());
         let n = if healthy > 0 { healthy } else { candidates().count() };
         match n {
             0 => None,
@@ -174,7 +173,9 @@ impl RouteTable {
                 HostPattern::Prefix(p) => table.prefix.push((p, routes)),
                 HostPattern::Regex(r) => match regex::Regex::new(&r) {
                     Ok(re) => table.regex.push((re, routes)),
-                    Err(e) => tracing::warn!(regex = %r, error = %e, "host regex does not compile; route skipped"),
+                    Err(e) => {
+                        tracing::warn!(regex = %r, error = %e, "host regex does not compile; route skipped")
+                    }
                 },
             }
         }
@@ -190,7 +191,11 @@ impl RouteTable {
         let suffix = self.suffix.iter().map(|(s, r)| (format!("*{s}"), r));
         let prefix = self.prefix.iter().map(|(p, r)| (format!("{p}*"), r));
         let regex = self.regex.iter().map(|(re, r)| (format!("~{}", re.as_str()), r));
-        exact.chain(suffix).chain(prefix).chain(regex).flat_map(|(host, routes)| routes.0.iter().map(move |r| (host.clone(), r)))
+        exact
+            .chain(suffix)
+            .chain(prefix)
+            .chain(regex)
+            .flat_map(|(host, routes)| routes.0.iter().map(move |r| (host.clone(), r)))
     }
 
     /// The route for a request. `host` is the raw `Host` value (any case, maybe a port).
@@ -209,9 +214,10 @@ impl RouteTable {
         }
         let suffix = self.suffix.iter().filter(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()));
         let prefix = self.prefix.iter().filter(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()));
-        suffix.chain(prefix).find_map(|(_, r)| r.find(path)).or_else(|| {
-            self.regex.iter().filter(|(re, _)| re.is_match(host)).find_map(|(_, r)| r.find(path))
-        })
+        suffix
+            .chain(prefix)
+            .find_map(|(_, r)| r.find(path))
+            .or_else(|| self.regex.iter().filter(|(re, _)| re.is_match(host)).find_map(|(_, r)| r.find(path)))
     }
 }
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use hyper::service::service_fn;
-use ipnet::IpNet;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,7 +58,8 @@ impl ConnActivity {
             secure: listener.tls.is_some(),
             port_header: HeaderValue::from(listener.port),
             client_ip,
-            client_ip_header: HeaderValue::from_str(&client_ip.to_string()).expect("an IP is a valid header value"),
+            client_ip_header: HeaderValue::from_str(&client_ip.to_string())
+                .expect("an IP is a valid header value"),
             trusted: trusted.iter().any(|n| n.contains(&client_ip)),
             origin: Instant::now(),
             active: AtomicUsize::new(0),
@@ -135,7 +136,11 @@ struct TrackedIo<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -149,7 +154,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -187,7 +196,13 @@ pub struct Listener {
 
 /// Serves `listener` until `shutdown` turns true, then stops accepting and gives in-flight
 /// requests up to `cfg.shutdown_grace` to finish.
-pub async fn serve(listener: TcpListener, kind: Listener, proxy: Arc<Proxy>, cfg: ProxyConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    kind: Listener,
+    proxy: Arc<Proxy>,
+    cfg: ProxyConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let builder = Arc::new(builder(&cfg));
     let (drain, stop) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -233,10 +248,9 @@ pub async fn serve(listener: TcpListener, kind: Listener, proxy: Arc<Proxy>, cfg
     drain.send_replace(true);
     let open = connections.len();
     tracing::info!(open_connections = open, grace = ?cfg.shutdown_grace, "HTTP listener closed; draining");
-    let drained = tokio::time::timeout(cfg.shutdown_grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(cfg.shutdown_grace, async { while connections.join_next().await.is_some() {} })
+            .await;
     if drained.is_err() {
         tracing::warn!(cut = connections.len(), "shutdown grace over; closing the remaining connections");
         connections.shutdown().await;
@@ -263,8 +277,13 @@ async fn serve_connection<S>(
             let http1 = req.version() < http::Version::HTTP_2;
             async move {
                 let mut response = proxy.handle(req, activity.clone()).await;
-                if http1 && activity.is_draining() && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                if http1
+                    && activity.is_draining()
+                    && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 Ok::<_, Infallible>(response)
             }
@@ -277,7 +296,11 @@ async fn serve_connection<S>(
     let mut closing = false;
     loop {
         let draining = activity.is_draining();
-        let (tick, idle_limit) = if draining { (check_every.min(DRAIN_CHECK), cfg.idle_timeout.min(DRAIN_IDLE)) } else { (check_every, cfg.idle_timeout) };
+        let (tick, idle_limit) = if draining {
+            (check_every.min(DRAIN_CHECK), cfg.idle_timeout.min(DRAIN_IDLE))
+        } else {
+            (check_every, cfg.idle_timeout)
+        };
         tokio::select! {
             _ = conn.as_mut() => return,
             () = tokio::time::sleep(tick) => match activity.verdict(cfg.request_head_timeout, idle_limit) {

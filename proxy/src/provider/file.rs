@@ -17,8 +17,8 @@ use toml::Spanned;
 use crate::config::line_of;
 use crate::metrics::Metrics;
 use crate::state::{
-    Health, HostPattern, HttpRoute, HttpsMethod, L4Protocol, MeshState, PublishedPort, Service, StateHub, Task,
-    TlsWish, UpstreamProtocol,
+    Health, HostPattern, HttpRoute, HttpsMethod, L4Protocol, MeshState, PublishedPort, Service, StateHub,
+    Task, TlsWish, UpstreamProtocol,
 };
 
 /// The provider name used in the hub, metrics and `/api/state`.
@@ -126,8 +126,8 @@ pub fn parse(path: &Path, text: &str, provider: &str) -> Result<MeshState, Route
         line: line_of(text, span.start),
         message,
     };
-    let file: RoutesFile = toml::from_str(text)
-        .map_err(|e| fail(e.span().unwrap_or(0..0), e.message().trim().to_owned()))?;
+    let file: RoutesFile =
+        toml::from_str(text).map_err(|e| fail(e.span().unwrap_or(0..0), e.message().trim().to_owned()))?;
 
     let mut services: Vec<Service> = Vec::with_capacity(file.services.len());
     for entry in file.services {
@@ -159,7 +159,12 @@ pub fn parse(path: &Path, text: &str, provider: &str) -> Result<MeshState, Route
                 if l.published == 0 || l.target == 0 {
                     return Err(fail(span, "l4 ports must be between 1 and 65535".into()));
                 }
-                Ok(PublishedPort { protocol: l.protocol, published: l.published, target: l.target, local_only: l.local_only })
+                Ok(PublishedPort {
+                    protocol: l.protocol,
+                    published: l.published,
+                    target: l.target,
+                    local_only: l.local_only,
+                })
             })
             .collect::<Result<_, _>>()?;
         services.push(Service { name, stack: entry.stack, provider: provider.into(), tasks, http, l4 });
@@ -167,7 +172,14 @@ pub fn parse(path: &Path, text: &str, provider: &str) -> Result<MeshState, Route
     let nodes = file
         .nodes
         .into_iter()
-        .map(|n| crate::state::Node { id: n.name.clone(), name: n.name, address: Some(n.address), manager: false, leader: false, ready: true })
+        .map(|n| crate::state::Node {
+            id: n.name.clone(),
+            name: n.name,
+            address: Some(n.address),
+            manager: false,
+            leader: false,
+            ready: true,
+        })
         .collect();
     Ok(MeshState { services, nodes, ..MeshState::default() })
 }
@@ -242,8 +254,11 @@ pub fn load_and_watch(
     mut reload: tokio::sync::watch::Receiver<()>,
 ) -> Result<tokio::task::JoinHandle<()>, RoutesError> {
     let mut seen = Stamp::read(&path);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| RoutesError { path: path.clone(), line: 0, message: format!("cannot read: {e}") })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| RoutesError {
+        path: path.clone(),
+        line: 0,
+        message: format!("cannot read: {e}"),
+    })?;
     let state = parse(&path, &text, NAME)?;
     let mut last_text = text;
     hub.publish(NAME, state);
@@ -300,7 +315,11 @@ struct Stamp(Option<(SystemTime, u64, u64)>);
 impl Stamp {
     fn read(path: &Path) -> Self {
         use std::os::unix::fs::MetadataExt;
-        Self(std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.ino())))
+        Self(
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.ino())),
+        )
     }
 }
 
@@ -349,11 +368,23 @@ target = 53
     fn errors_name_the_line_and_problem() {
         let cases = [
             ("[[services]]\nname = \"a\"\ntasks = [{ address = \"nope\" }]\n", 3, "not an IP address"),
-            ("[[services]]\nname = \"a\"\n[[services.http]]\nhosts = [\"bad host\"]\nport = 80\n", 4, "not a valid host"),
-            ("[[services]]\nname = \"a\"\n[[services.http]]\nhosts = [\"a\"]\nport = 80\npath = \"x\"\n", 6, "must start with"),
+            (
+                "[[services]]\nname = \"a\"\n[[services.http]]\nhosts = [\"bad host\"]\nport = 80\n",
+                4,
+                "not a valid host",
+            ),
+            (
+                "[[services]]\nname = \"a\"\n[[services.http]]\nhosts = [\"a\"]\nport = 80\npath = \"x\"\n",
+                6,
+                "must start with",
+            ),
             ("[[services]]\nname = \"a\"\n\n[[services]]\nname = \"a\"\n", 5, "defined twice"),
             ("[[services]]\nname = \"a\"\nprot = 1\n", 3, "unknown field"),
-            ("[[services]]\nname = \"a\"\n[[services.http]]\nhosts = [\"a\"]\nport = \"abc\"\n", 5, "invalid type"),
+            (
+                "[[services]]\nname = \"a\"\n[[services.http]]\nhosts = [\"a\"]\nport = \"abc\"\n",
+                5,
+                "invalid type",
+            ),
         ];
         for (text, line, needle) in cases {
             let err = p(text).unwrap_err();

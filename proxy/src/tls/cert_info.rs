@@ -19,7 +19,8 @@ pub struct CertInfo {
 impl CertInfo {
     /// Parses a DER certificate.
     pub fn parse(der: &[u8]) -> Result<Self, String> {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
         let mut dns_names = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
@@ -36,7 +37,11 @@ impl CertInfo {
                 SystemTime::UNIX_EPOCH
             }
         };
-        Ok(Self { dns_names, not_before: at(cert.validity().not_before), not_after: at(cert.validity().not_after) })
+        Ok(Self {
+            dns_names,
+            not_before: at(cert.validity().not_before),
+            not_after: at(cert.validity().not_after),
+        })
     }
 
     /// Whether the certificate names every one of `names` (exactly; wildcards are not ordered).
@@ -59,7 +64,8 @@ mod tests {
     #[test]
     fn names_and_validity_of_a_generated_certificate() {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["A.test".to_owned(), "b.test".to_owned()]).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["A.test".to_owned(), "b.test".to_owned()]).unwrap();
         params.not_before = rcgen::date_time_ymd(2030, 1, 1);
         params.not_after = rcgen::date_time_ymd(2030, 4, 1);
         let cert = params.self_signed(&key).unwrap();

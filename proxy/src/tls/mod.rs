@@ -15,7 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-pub use resolver::{certified, dir_stamp, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair};
+pub use resolver::{
+    certified, dir_stamp, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair,
+};
 
 /// What a client gets for a name without a certificate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -48,16 +50,25 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { https_listen: None, certs_dir: None, unknown_names: UnknownNames::SelfSigned, session_resumption: true, poll_interval: Duration::from_secs(1) }
+        Self {
+            https_listen: None,
+            certs_dir: None,
+            unknown_names: UnknownNames::SelfSigned,
+            session_resumption: true,
+            poll_interval: Duration::from_secs(1),
+        }
     }
 }
 
 /// The rustls server settings: TLS 1.2 and 1.3 only, ALPN h2 then http/1.1.
 #[must_use]
 pub fn server_config(resolver: Arc<CertResolver>, session_resumption: bool) -> rustls::ServerConfig {
-    let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+    let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_cert_resolver(resolver);
     // acme-tls/1 last: only a CA validating TLS-ALPN-01 offers it, and then nothing else.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()];
     if !session_resumption {
@@ -69,7 +80,12 @@ pub fn server_config(resolver: Arc<CertResolver>, session_resumption: bool) -> r
 
 /// Loads `dir` into `resolver` as `source`; a pair that fails keeps its version from
 /// `previous`. Returns what was loaded, to pass as `previous` next time.
-pub fn load_into(dir: &Path, resolver: &CertResolver, source: CertSource, previous: Option<&LoadedCerts>) -> LoadedCerts {
+pub fn load_into(
+    dir: &Path,
+    resolver: &CertResolver,
+    source: CertSource,
+    previous: Option<&LoadedCerts>,
+) -> LoadedCerts {
     let loaded = load_dir(dir, previous);
     for p in &loaded.problems {
         tracing::warn!("certificates: {p}; skipped");

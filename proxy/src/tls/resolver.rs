@@ -37,14 +37,22 @@ impl CertResolver {
     /// `fallback` answers names without a certificate (`None`: the handshake fails).
     #[must_use]
     pub fn new(fallback: Option<Arc<CertifiedKey>>) -> Self {
-        Self { certs: ArcSwap::from_pointee(HashMap::new()), sources: Mutex::default(), fallback, challenges: Arc::default() }
+        Self {
+            certs: ArcSwap::from_pointee(HashMap::new()),
+            sources: Mutex::default(),
+            fallback,
+            challenges: Arc::default(),
+        }
     }
 
     /// A self-signed certificate for names meshgate has no certificate for.
     #[must_use]
     pub fn self_signed() -> Arc<CertifiedKey> {
         let key = rcgen::KeyPair::generate().expect("key generation");
-        let cert = rcgen::CertificateParams::new(vec!["meshgate.invalid".to_owned()]).expect("valid name").self_signed(&key).expect("self-signing");
+        let cert = rcgen::CertificateParams::new(vec!["meshgate.invalid".to_owned()])
+            .expect("valid name")
+            .self_signed(&key)
+            .expect("self-signing");
         Arc::new(certified(cert.der().clone(), &key))
     }
 
@@ -129,7 +137,8 @@ impl LoadedCerts {
     /// several host names is one file).
     #[must_use]
     pub fn index(&self) -> HashMap<String, Arc<CertifiedKey>> {
-        let mut out: HashMap<String, Arc<CertifiedKey>> = self.files.iter().map(|(n, p)| (n.clone(), p.key.clone())).collect();
+        let mut out: HashMap<String, Arc<CertifiedKey>> =
+            self.files.iter().map(|(n, p)| (n.clone(), p.key.clone())).collect();
         for pair in self.files.values() {
             for name in &pair.info.dns_names {
                 if !name.starts_with("*.") {
@@ -159,7 +168,9 @@ pub fn load_dir(dir: &Path, previous: Option<&LoadedCerts>) -> LoadedCerts {
         if path.extension().and_then(|e| e.to_str()) != Some("crt") {
             continue;
         }
-        let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_ascii_lowercase) else { continue };
+        let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_ascii_lowercase) else {
+            continue;
+        };
         match load_pair(&path, &path.with_extension("key")) {
             Ok(pair) => {
                 out.files.insert(name, pair);
@@ -184,8 +195,10 @@ pub fn load_pair(crt: &Path, key: &Path) -> Result<LoadedPair, String> {
     if chain.is_empty() {
         return Err("no certificate in the file".into());
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| format!("{}: unsupported key: {e}", key.display()))?;
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| format!("{}: unsupported key: {e}", key.display()))?;
     let info = CertInfo::parse(&chain[0])?;
     let certified = CertifiedKey::new(chain, signer);
     certified.keys_match().map_err(|e| format!("the key does not match the certificate ({e})"))?;
@@ -214,7 +227,10 @@ mod tests {
 
     fn pair(dir: &Path, file: &str, names: &[&str]) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         std::fs::write(dir.join(format!("{file}.crt")), cert.pem()).unwrap();
         std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
     }
@@ -231,7 +247,10 @@ mod tests {
         let resolver = CertResolver::new(None);
         resolver.replace(CertSource::Files, loaded.index());
         assert!(resolver.has_certificate("SHOP.example.com"));
-        assert!(resolver.has_certificate("a.b.example.org"), "a parent domain's certificate covers subdomains");
+        assert!(
+            resolver.has_certificate("a.b.example.org"),
+            "a parent domain's certificate covers subdomains"
+        );
         assert!(!resolver.has_certificate("other.example.com"));
         pair(dir.path(), "default", &["default.invalid"]);
         resolver.replace(CertSource::Files, load_dir(dir.path(), None).index());

@@ -82,7 +82,10 @@ impl DockerConfig {
     /// The engine address in effect.
     #[must_use]
     pub fn endpoint(&self) -> String {
-        self.endpoint.clone().or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| DEFAULT_SOCKET.into())
+        self.endpoint
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok())
+            .unwrap_or_else(|| DEFAULT_SOCKET.into())
     }
 
     /// Whether discovery should run, and if not, why (for the start-up log line).
@@ -93,7 +96,9 @@ impl DockerConfig {
             DockerMode::Auto => {
                 let endpoint = self.endpoint();
                 match endpoint.strip_prefix("unix://") {
-                    Some(path) if !std::path::Path::new(path).exists() => Err(format!("no Docker socket at {path}")),
+                    Some(path) if !std::path::Path::new(path).exists() => {
+                        Err(format!("no Docker socket at {path}"))
+                    }
                     _ => Ok(()),
                 }
             }
@@ -102,7 +107,13 @@ impl DockerConfig {
 }
 
 /// Runs the provider until the task is dropped.
-pub async fn run(cfg: DockerConfig, hub: Arc<StateHub>, metrics: Arc<Metrics>, readiness: Arc<Readiness>, mut link: DockerLink) {
+pub async fn run(
+    cfg: DockerConfig,
+    hub: Arc<StateHub>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut link: DockerLink,
+) {
     let endpoint = cfg.endpoint();
     let up = metrics.provider_up.with_label_values(&[NAME]);
     readiness.set(NAME, false, format!("connecting to {endpoint}"));
@@ -114,10 +125,26 @@ pub async fn run(cfg: DockerConfig, hub: Arc<StateHub>, metrics: Arc<Metrics>, r
         let error = match connect(&endpoint).await {
             Ok(docker) => {
                 backoff = Duration::from_millis(250);
-                let Err(ended) = session(&docker, &cfg, &mut discovery, &hub, &metrics, &readiness, &up, &mut logged_problems, &mut link).await;
+                let Err(ended) = session(
+                    &docker,
+                    &cfg,
+                    &mut discovery,
+                    &hub,
+                    &metrics,
+                    &readiness,
+                    &up,
+                    &mut logged_problems,
+                    &mut link,
+                )
+                .await;
                 reported = false;
                 tracing::warn!(%endpoint, "lost the Docker engine ({ended}); the last known routes stay in force; reconnecting");
-                continue_after(&readiness, &up, &endpoint, "engine connection lost; serving the last known routes");
+                continue_after(
+                    &readiness,
+                    &up,
+                    &endpoint,
+                    "engine connection lost; serving the last known routes",
+                );
                 None
             }
             Err(e) => Some(e),
@@ -160,22 +187,26 @@ async fn session(
     link: &mut DockerLink,
 ) -> Result<std::convert::Infallible, String> {
     // Subscribe first, then list: nothing that happens in between is missed.
-    let filters = [("type".to_owned(), vec!["container".into(), "service".into(), "node".into(), "network".into()])].into();
+    let filters =
+        [("type".to_owned(), vec!["container".into(), "service".into(), "node".into(), "network".into()])]
+            .into();
     let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
-    let mut resync = async |discovery: &mut workloads::Discovery, leave_swarm_tasks: bool| -> Result<(), String> {
-        let (state, problems, position) = discovery.resync(docker, leave_swarm_tasks).await.map_err(|e| e.to_string())?;
-        link.position.send_if_modified(|p| std::mem::replace(p, position.clone()) != position);
-        for p in &problems {
-            if logged_problems.insert(p.clone()) {
-                tracing::warn!("{p}; skipped, the other routes are kept");
+    let mut resync =
+        async |discovery: &mut workloads::Discovery, leave_swarm_tasks: bool| -> Result<(), String> {
+            let (state, problems, position) =
+                discovery.resync(docker, leave_swarm_tasks).await.map_err(|e| e.to_string())?;
+            link.position.send_if_modified(|p| std::mem::replace(p, position.clone()) != position);
+            for p in &problems {
+                if logged_problems.insert(p.clone()) {
+                    tracing::warn!("{p}; skipped, the other routes are kept");
+                }
             }
-        }
-        let services = state.services.len();
-        let generation = hub.publish(NAME, state);
-        metrics.provider_reloads.with_label_values(&[NAME]).inc();
-        tracing::debug!(services, generation, "docker state published");
-        Ok(())
-    };
+            let services = state.services.len();
+            let generation = hub.publish(NAME, state);
+            metrics.provider_reloads.with_label_values(&[NAME]).inc();
+            tracing::debug!(services, generation, "docker state published");
+            Ok(())
+        };
     let mut following = link.following.clone();
     let leave = *following.borrow_and_update();
     resync(discovery, leave).await?;

@@ -48,7 +48,11 @@ fn parse_bool(v: &str) -> Option<bool> {
 }
 
 fn parse_port(v: &str) -> Result<u16, String> {
-    v.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("port `{v}` is not a number from 1 to 65535"))
+    v.trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port `{v}` is not a number from 1 to 65535"))
 }
 
 fn parse_proto(v: &str) -> Result<UpstreamProtocol, String> {
@@ -130,10 +134,19 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
     if traefik_enabled {
         from_traefik_labels(w, &mut out);
     }
-    if out.routes.is_empty() && out.problems.is_empty() && (defaults.expose_by_default || enabled == Some(true)) {
+    if out.routes.is_empty()
+        && out.problems.is_empty()
+        && (defaults.expose_by_default || enabled == Some(true))
+    {
         if let Some(domain) = &defaults.default_domain {
             match HostPattern::parse(&format!("{}.{domain}", w.name)) {
-                Ok(host) => out.routes.push(route(vec![host], "/".into(), w.default_port(), UpstreamProtocol::Http, TlsWish::None)),
+                Ok(host) => out.routes.push(route(
+                    vec![host],
+                    "/".into(),
+                    w.default_port(),
+                    UpstreamProtocol::Http,
+                    TlsWish::None,
+                )),
                 Err(p) => out.problems.push(format!("default host for `{}`: {p}", w.name)),
             }
         }
@@ -142,8 +155,23 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
     out
 }
 
-fn route(hosts: Vec<HostPattern>, path: String, port: u16, protocol: UpstreamProtocol, tls: TlsWish) -> HttpRoute {
-    HttpRoute { hosts, path, port, protocol, tls, rewrite: None, https_method: HttpsMethod::Redirect, hsts: None }
+fn route(
+    hosts: Vec<HostPattern>,
+    path: String,
+    port: u16,
+    protocol: UpstreamProtocol,
+    tls: TlsWish,
+) -> HttpRoute {
+    HttpRoute {
+        hosts,
+        path,
+        port,
+        protocol,
+        tls,
+        rewrite: None,
+        https_method: HttpsMethod::Redirect,
+        hsts: None,
+    }
 }
 
 /// nginx-proxy's variables.
@@ -152,13 +180,15 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, String> {
     let at = |k: &'static str| move |e: String| format!("env `{k}`: {e}");
     let hosts = parse_hosts(var("VIRTUAL_HOST").unwrap_or("")).map_err(at("VIRTUAL_HOST"))?;
     let port = var("VIRTUAL_PORT").map_or(Ok(w.default_port()), parse_port).map_err(at("VIRTUAL_PORT"))?;
-    let protocol = var("VIRTUAL_PROTO").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(at("VIRTUAL_PROTO"))?;
+    let protocol =
+        var("VIRTUAL_PROTO").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(at("VIRTUAL_PROTO"))?;
     let path = var("VIRTUAL_PATH").map_or(Ok("/".into()), parse_path).map_err(at("VIRTUAL_PATH"))?;
     let rewrite = var("VIRTUAL_DEST").map(parse_path).transpose().map_err(at("VIRTUAL_DEST"))?;
     let https_method = match var("HTTPS_METHOD") {
         None => HttpsMethod::Redirect,
-        Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase()))
-            .map_err(|_| format!("env `HTTPS_METHOD`: `{v}` is not redirect, noredirect, nohttp or nohttps"))?,
+        Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase())).map_err(
+            |_| format!("env `HTTPS_METHOD`: `{v}` is not redirect, noredirect, nohttp or nohttps"),
+        )?,
     };
     let hsts = match var("HSTS") {
         Some("off") => None,
@@ -178,12 +208,19 @@ fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, String> {
     let label = |k: &str| w.labels.get(k).map(String::as_str);
     let at = |k: &'static str| move |e: String| format!("label `{k}`: {e}");
     let hosts = parse_hosts(label("meshgate.http.hosts").unwrap_or("")).map_err(at("meshgate.http.hosts"))?;
-    let port = label("meshgate.http.port").map_or(Ok(w.default_port()), parse_port).map_err(at("meshgate.http.port"))?;
-    let protocol = label("meshgate.http.proto").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(at("meshgate.http.proto"))?;
-    let path = label("meshgate.http.path").map_or(Ok("/".into()), parse_path).map_err(at("meshgate.http.path"))?;
+    let port = label("meshgate.http.port")
+        .map_or(Ok(w.default_port()), parse_port)
+        .map_err(at("meshgate.http.port"))?;
+    let protocol = label("meshgate.http.proto")
+        .map_or(Ok(UpstreamProtocol::Http), parse_proto)
+        .map_err(at("meshgate.http.proto"))?;
+    let path =
+        label("meshgate.http.path").map_or(Ok("/".into()), parse_path).map_err(at("meshgate.http.path"))?;
     let tls = match label("meshgate.tls").map(|v| v.trim().to_ascii_lowercase()) {
         None => TlsWish::None,
-        Some(v) if v == "acme" || v == "true" => TlsWish::Acme { email: label("meshgate.tls.email").map(str::to_owned) },
+        Some(v) if v == "acme" || v == "true" => {
+            TlsWish::Acme { email: label("meshgate.tls.email").map(str::to_owned) }
+        }
         Some(v) if v == "off" || v == "false" || v == "none" => TlsWish::None,
         Some(v) => return Err(format!("label `meshgate.tls`: `{v}` is not acme or off")),
     };
@@ -201,7 +238,10 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
     for r in &routers {
         let key = |suffix: &str| format!("traefik.http.routers.{r}.{suffix}");
         let Some(rule) = label(&key("rule")) else {
-            out.problems.push(format!("label `{}`: missing; a router needs a rule such as Host(`app.example.com`)", key("rule")));
+            out.problems.push(format!(
+                "label `{}`: missing; a router needs a rule such as Host(`app.example.com`)",
+                key("rule")
+            ));
             continue;
         };
         let alternatives = match traefik_rule::parse(rule) {
@@ -211,7 +251,9 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
                 continue;
             }
         };
-        let service = label(&key("service")).map(str::to_owned).or_else(|| (services.len() == 1).then(|| services.iter().next().cloned()).flatten());
+        let service = label(&key("service"))
+            .map(str::to_owned)
+            .or_else(|| (services.len() == 1).then(|| services.iter().next().cloned()).flatten());
         // A setting of the router's service, parsed; `Err` names the label.
         let setting = |suffix: &str| -> Option<(String, &str)> {
             let k = format!("traefik.http.services.{}.loadbalancer.server.{suffix}", service.as_deref()?);
@@ -220,22 +262,39 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
         };
         let parsed = (
             setting("port").map(|(k, v)| parse_port(v).map_err(|e| format!("label `{k}`: {e}"))).transpose(),
-            setting("scheme").map(|(k, v)| parse_proto(v).map_err(|e| format!("label `{k}`: {e}"))).transpose(),
+            setting("scheme")
+                .map(|(k, v)| parse_proto(v).map_err(|e| format!("label `{k}`: {e}")))
+                .transpose(),
         );
         let (port, protocol) = match parsed {
-            (Ok(port), Ok(protocol)) => (port.unwrap_or_else(|| w.default_port()), protocol.unwrap_or_default()),
+            (Ok(port), Ok(protocol)) => {
+                (port.unwrap_or_else(|| w.default_port()), protocol.unwrap_or_default())
+            }
             (Err(e), _) | (_, Err(e)) => {
                 out.problems.push(e);
                 continue;
             }
         };
-        let tls = if label(&key("tls.certresolver")).is_some() { TlsWish::Acme { email: None } } else { TlsWish::None };
+        let tls = if label(&key("tls.certresolver")).is_some() {
+            TlsWish::Acme { email: None }
+        } else {
+            TlsWish::None
+        };
         for alt in alternatives {
             if alt.hosts.is_empty() {
-                out.problems.push(format!("label `{}`: the rule matches no host; meshgate routes by host, add Host(...)", key("rule")));
+                out.problems.push(format!(
+                    "label `{}`: the rule matches no host; meshgate routes by host, add Host(...)",
+                    key("rule")
+                ));
                 continue;
             }
-            out.routes.push(route(alt.hosts, alt.path.unwrap_or_else(|| "/".into()), port, protocol, tls.clone()));
+            out.routes.push(route(
+                alt.hosts,
+                alt.path.unwrap_or_else(|| "/".into()),
+                port,
+                protocol,
+                tls.clone(),
+            ));
         }
     }
 }
@@ -246,8 +305,12 @@ mod tests {
 
     fn read_with(env: &[(&str, &str)], labels: &[(&str, &str)], exposed: &[u16]) -> OptIn {
         let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-        let labels: HashMap<String, String> = labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-        read(&Workload { env: &env, labels: &labels, exposed_ports: exposed, name: "app" }, &Defaults::default())
+        let labels: HashMap<String, String> =
+            labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        read(
+            &Workload { env: &env, labels: &labels, exposed_ports: exposed, name: "app" },
+            &Defaults::default(),
+        )
     }
 
     #[test]
@@ -269,7 +332,10 @@ mod tests {
         assert!(o.problems.is_empty(), "{:?}", o.problems);
         let r = &o.routes[0];
         assert_eq!(r.hosts.len(), 3);
-        assert_eq!((r.port, r.protocol, r.path.as_str(), r.rewrite.as_deref()), (8080, UpstreamProtocol::H2c, "/api", Some("/")));
+        assert_eq!(
+            (r.port, r.protocol, r.path.as_str(), r.rewrite.as_deref()),
+            (8080, UpstreamProtocol::H2c, "/api", Some("/"))
+        );
         assert_eq!((r.https_method, r.hsts.clone()), (HttpsMethod::Noredirect, None));
         assert_eq!(r.tls, TlsWish::Acme { email: Some("me@a.test".into()) });
     }
@@ -278,14 +344,24 @@ mod tests {
     fn default_port_is_the_single_exposed_port_else_80() {
         assert_eq!(read_with(&[("VIRTUAL_HOST", "a.test")], &[], &[3000]).routes[0].port, 3000);
         assert_eq!(read_with(&[("VIRTUAL_HOST", "a.test")], &[], &[3000, 3001]).routes[0].port, 80);
-        assert_eq!(read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "81")], &[], &[3000]).routes[0].port, 81);
+        assert_eq!(
+            read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "81")], &[], &[3000]).routes[0].port,
+            81
+        );
     }
 
     #[test]
     fn our_labels() {
         let o = read_with(
             &[],
-            &[("meshgate.http.hosts", "x.test,y.test"), ("meshgate.http.port", "9000"), ("meshgate.http.path", "/p"), ("meshgate.tls", "acme"), ("meshgate.tls.email", "e@x"), ("meshgate.network", "front")],
+            &[
+                ("meshgate.http.hosts", "x.test,y.test"),
+                ("meshgate.http.port", "9000"),
+                ("meshgate.http.path", "/p"),
+                ("meshgate.tls", "acme"),
+                ("meshgate.tls.email", "e@x"),
+                ("meshgate.network", "front"),
+            ],
             &[],
         );
         assert!(o.problems.is_empty(), "{:?}", o.problems);
@@ -302,7 +378,10 @@ mod tests {
             &[],
             &[
                 ("traefik.enable", "true"),
-                ("traefik.http.routers.web.rule", "Host(`shop.test`) && PathPrefix(`/api`) || Host(`www.shop.test`)"),
+                (
+                    "traefik.http.routers.web.rule",
+                    "Host(`shop.test`) && PathPrefix(`/api`) || Host(`www.shop.test`)",
+                ),
                 ("traefik.http.routers.web.entrypoints", "websecure"),
                 ("traefik.http.routers.web.tls.certresolver", "le"),
                 ("traefik.http.services.shop.loadbalancer.server.port", "3000"),
@@ -324,11 +403,19 @@ mod tests {
     fn problems_name_the_key_and_keep_the_rest() {
         let o = read_with(
             &[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "abc")],
-            &[("traefik.enable", "true"), ("traefik.http.routers.bad.rule", "Host(`b.test`"), ("traefik.http.routers.good.rule", "Host(`c.test`)")],
+            &[
+                ("traefik.enable", "true"),
+                ("traefik.http.routers.bad.rule", "Host(`b.test`"),
+                ("traefik.http.routers.good.rule", "Host(`c.test`)"),
+            ],
             &[],
         );
         assert_eq!(o.routes.len(), 1, "the good router stays");
-        assert!(o.problems.iter().any(|p| p.contains("`VIRTUAL_PORT`") && p.contains("abc")), "{:?}", o.problems);
+        assert!(
+            o.problems.iter().any(|p| p.contains("`VIRTUAL_PORT`") && p.contains("abc")),
+            "{:?}",
+            o.problems
+        );
         assert!(o.problems.iter().any(|p| p.contains("traefik.http.routers.bad.rule")), "{:?}", o.problems);
         let empty = read_with(&[("VIRTUAL_HOST", " , ")], &[], &[]);
         assert!(empty.problems[0].contains("no host"), "{:?}", empty.problems);

@@ -226,7 +226,10 @@ mod tests {
 
     #[test]
     fn common_rules() {
-        assert_eq!(parse("Host(`a.com`)").unwrap(), vec![Alternative { hosts: vec![host("a.com")], path: None }]);
+        assert_eq!(
+            parse("Host(`a.com`)").unwrap(),
+            vec![Alternative { hosts: vec![host("a.com")], path: None }]
+        );
         assert_eq!(
             parse("Host(`a.com`, `b.com`) && PathPrefix(`/api`)").unwrap(),
             vec![Alternative { hosts: vec![host("a.com"), host("b.com")], path: Some("/api".into()) }]
@@ -252,7 +255,11 @@ mod tests {
         let v2 = parse("HostRegexp(`{sub:[a-z]+}.example.com`)").unwrap();
         let HostPattern::Regex(re) = &v2[0].hosts[0] else { panic!() };
         let re = regex::Regex::new(re).unwrap();
-        assert!(re.is_match("abc.example.com") && !re.is_match("abc.examplexcom") && !re.is_match("a1.example.com"));
+        assert!(
+            re.is_match("abc.example.com")
+                && !re.is_match("abc.examplexcom")
+                && !re.is_match("a1.example.com")
+        );
         let v3 = parse("HostRegexp(`^[a-z]+\\.example\\.com$`)").unwrap();
         assert!(matches!(&v3[0].hosts[0], HostPattern::Regex(_)));
     }

@@ -11,7 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use bollard::models::{ContainerSummary, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, LocalNodeState, TaskState};
+use bollard::models::{
+    ContainerSummary, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, LocalNodeState,
+    TaskState,
+};
 use bollard::query_parameters::{InspectNetworkOptions, ListContainersOptions, ListTasksOptions};
 use bollard::Docker;
 
@@ -51,11 +54,19 @@ struct Member<'a> {
 }
 
 fn env_map(env: Option<Vec<String>>) -> BTreeMap<String, String> {
-    env.unwrap_or_default().into_iter().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))).collect()
+    env.unwrap_or_default()
+        .into_iter()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
 }
 
 fn ports_of(exposed: Option<Vec<String>>) -> Vec<u16> {
-    exposed.unwrap_or_default().iter().filter(|p| p.ends_with("/tcp")).filter_map(|p| p.trim_end_matches("/tcp").parse().ok()).collect()
+    exposed
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p.ends_with("/tcp"))
+        .filter_map(|p| p.trim_end_matches("/tcp").parse().ok())
+        .collect()
 }
 
 /// Health from the list's status text: `Up 3 minutes (healthy)`, `(health: starting)`.
@@ -92,14 +103,23 @@ struct Reach<'a> {
 /// else one the agent shares with it, else the first by name (the same on every node).
 /// Swarm's `ingress` network carries the routing mesh, not service traffic: it is used only
 /// when named.
-fn choose_network(networks: &BTreeMap<String, IpAddr>, wanted: Option<&str>, reach: &Reach<'_>, who: &str, problems: &mut Vec<String>) -> Option<(String, IpAddr)> {
+fn choose_network(
+    networks: &BTreeMap<String, IpAddr>,
+    wanted: Option<&str>,
+    reach: &Reach<'_>,
+    who: &str,
+    problems: &mut Vec<String>,
+) -> Option<(String, IpAddr)> {
     for name in [wanted, reach.configured].into_iter().flatten() {
         if let Some(ip) = networks.get(name) {
             return Some((name.to_owned(), *ip));
         }
     }
     if let Some(name) = wanted {
-        problems.push(format!("{who}: network `{name}` (from its labels) is not one of its networks ({}); using another", networks.keys().cloned().collect::<Vec<_>>().join(", ")));
+        problems.push(format!(
+            "{who}: network `{name}` (from its labels) is not one of its networks ({}); using another",
+            networks.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
     }
     let mut candidates = networks.iter().filter(|(n, _)| n.as_str() != "ingress");
     let shared = reach.agent_networks.and_then(|mine| candidates.clone().find(|(n, _)| mine.contains(*n)));
@@ -109,7 +129,10 @@ fn choose_network(networks: &BTreeMap<String, IpAddr>, wanted: Option<&str>, rea
 impl Discovery {
     pub fn new(cfg: &DockerConfig) -> Self {
         Self {
-            defaults: Defaults { expose_by_default: cfg.expose_by_default, default_domain: cfg.default_domain.clone() },
+            defaults: Defaults {
+                expose_by_default: cfg.expose_by_default,
+                default_domain: cfg.default_domain.clone(),
+            },
             network: cfg.network.clone(),
             inspected: HashMap::new(),
             mode: "containers",
@@ -126,7 +149,11 @@ impl Discovery {
     /// Lists everything and builds the state, plus the problems found in opt-in settings.
     /// With `leave_swarm_tasks` (a worker following the cluster feed), Swarm task containers
     /// are left to the feed. Also returns where the engine puts this node in the Swarm.
-    pub async fn resync(&mut self, docker: &Docker, leave_swarm_tasks: bool) -> Result<(MeshState, Vec<String>, Position), bollard::errors::Error> {
+    pub async fn resync(
+        &mut self,
+        docker: &Docker,
+        leave_swarm_tasks: bool,
+    ) -> Result<(MeshState, Vec<String>, Position), bollard::errors::Error> {
         let info = docker.info().await?;
         let node = info.name.clone().unwrap_or_else(|| "local".into());
         let swarm = info.swarm.as_ref();
@@ -146,11 +173,16 @@ impl Discovery {
             // In a container, the hostname is the container id's prefix.
             let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             let own = docker.inspect_container(hostname.trim(), None).await.ok();
-            let nets = own.and_then(|c| c.network_settings?.networks).map(|n| n.into_keys().collect()).unwrap_or_default();
+            let nets = own
+                .and_then(|c| c.network_settings?.networks)
+                .map(|n| n.into_keys().collect())
+                .unwrap_or_default();
             self.agent_networks = Some(nets);
         }
-        let reach = Reach { configured: self.network.as_deref(), agent_networks: self.agent_networks.as_ref() };
-        let containers = docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
+        let reach =
+            Reach { configured: self.network.as_deref(), agent_networks: self.agent_networks.as_ref() };
+        let containers =
+            docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
         let live: HashSet<&str> = containers.iter().filter_map(|c| c.id.as_deref()).collect();
         self.inspected.retain(|id, _| live.contains(id.as_str()));
         for c in &containers {
@@ -167,10 +199,20 @@ impl Discovery {
                     .and_then(|n| n.networks)
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|(net, ep)| (net, ep.aliases.unwrap_or_default().into_iter().filter(|a| a != short_id).collect()))
+                    .map(|(net, ep)| {
+                        (net, ep.aliases.unwrap_or_default().into_iter().filter(|a| a != short_id).collect())
+                    })
                     .collect();
                 let config = inspect.config.unwrap_or_default();
-                self.inspected.insert(id.to_owned(), Inspected { env: env_map(config.env), exposed: ports_of(config.exposed_ports), networks, aliases });
+                self.inspected.insert(
+                    id.to_owned(),
+                    Inspected {
+                        env: env_map(config.env),
+                        exposed: ports_of(config.exposed_ports),
+                        networks,
+                        aliases,
+                    },
+                );
             }
         }
 
@@ -181,7 +223,11 @@ impl Discovery {
         for c in &containers {
             let labels = c.labels.as_ref();
             let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
-            let name = c.names.as_ref().and_then(|n| n.first()).map_or_else(|| "?".into(), |n| n.trim_start_matches('/').to_owned());
+            let name = c
+                .names
+                .as_ref()
+                .and_then(|n| n.first())
+                .map_or_else(|| "?".into(), |n| n.trim_start_matches('/').to_owned());
             let key = if let Some(svc) = label(SWARM_SERVICE) {
                 if manager || leave_swarm_tasks {
                     continue;
@@ -197,10 +243,15 @@ impl Discovery {
         for ((name, stack), mut members) in groups {
             members.sort_by(|a, b| a.name.cmp(&b.name));
             let first = &members[0];
-            let Some(inspected) = first.summary.id.as_deref().and_then(|id| self.inspected.get(id)) else { continue };
+            let Some(inspected) = first.summary.id.as_deref().and_then(|id| self.inspected.get(id)) else {
+                continue;
+            };
             let empty = HashMap::new();
             let labels = first.summary.labels.as_ref().unwrap_or(&empty);
-            let opt = optin::read(&Workload { env: &inspected.env, labels, exposed_ports: &inspected.exposed, name: &name }, &self.defaults);
+            let opt = optin::read(
+                &Workload { env: &inspected.env, labels, exposed_ports: &inspected.exposed, name: &name },
+                &self.defaults,
+            );
             problems.extend(opt.problems.iter().map(|p| format!("container `{}`: {p}", first.name)));
             // Workloads that did not opt in stay in the state without routes: mesh-dns
             // answers their names, the proxy exposes nothing of them.
@@ -208,20 +259,47 @@ impl Discovery {
                 .iter()
                 .filter_map(|m| {
                     let who = format!("container `{}`", m.name);
-                    let (network, address) = choose_network(&networks_of(m.summary), opt.network.as_deref(), &reach, &who, &mut problems)?;
+                    let (network, address) = choose_network(
+                        &networks_of(m.summary),
+                        opt.network.as_deref(),
+                        &reach,
+                        &who,
+                        &mut problems,
+                    )?;
                     // A Swarm task's container is named like the task (`web.1.abc`).
                     let id = m.name.clone();
-                    let aliases = m.summary.id.as_deref().and_then(|id| self.inspected.get(id)?.aliases.get(&network).cloned()).unwrap_or_default();
-                    Some(Task { id, address, port: None, node: node.clone(), health: health_of(m.summary.status.as_deref()), network: Some(network), aliases })
+                    let aliases = m
+                        .summary
+                        .id
+                        .as_deref()
+                        .and_then(|id| self.inspected.get(id)?.aliases.get(&network).cloned())
+                        .unwrap_or_default();
+                    Some(Task {
+                        id,
+                        address,
+                        port: None,
+                        node: node.clone(),
+                        health: health_of(m.summary.status.as_deref()),
+                        network: Some(network),
+                        aliases,
+                    })
                 })
                 .collect();
-            services.push(Service { name, stack, provider: NAME.into(), tasks, http: opt.routes, l4: Vec::new() });
+            services.push(Service {
+                name,
+                stack,
+                provider: NAME.into(),
+                tasks,
+                http: opt.routes,
+                l4: Vec::new(),
+            });
         }
 
         let mut nodes = Vec::new();
         if manager {
             nodes = swarm_nodes(docker).await?;
-            self.swarm_services(docker, &containers, &node, &nodes, &reach, &mut services, &mut problems).await?;
+            self.swarm_services(docker, &containers, &node, &nodes, &reach, &mut services, &mut problems)
+                .await?;
         }
         let position = position_of(swarm, in_swarm, manager, &nodes);
         Ok((MeshState { services, problems: problems.clone(), nodes }, problems, position))
@@ -240,7 +318,8 @@ impl Discovery {
         services: &mut Vec<Service>,
         problems: &mut Vec<String>,
     ) -> Result<(), bollard::errors::Error> {
-        let by_id: HashMap<&str, &ContainerSummary> = containers.iter().filter_map(|c| Some((c.id.as_deref()?, c))).collect();
+        let by_id: HashMap<&str, &ContainerSummary> =
+            containers.iter().filter_map(|c| Some((c.id.as_deref()?, c))).collect();
         let nodes: HashMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.name.as_str())).collect();
         // Task addresses on other nodes come from the verbose inspect of each network the
         // services attach to (the engine's own view, shared across the cluster by gossip).
@@ -249,22 +328,36 @@ impl Discovery {
         let filters = [("desired-state".to_owned(), vec!["running".to_owned()])].into();
         let tasks = docker.list_tasks(Some(ListTasksOptions { filters: Some(filters) })).await?;
         let mut list = docker.list_services(None).await?;
-        list.sort_by(|a, b| a.spec.as_ref().and_then(|s| s.name.clone()).cmp(&b.spec.as_ref().and_then(|s| s.name.clone())));
+        list.sort_by(|a, b| {
+            a.spec.as_ref().and_then(|s| s.name.clone()).cmp(&b.spec.as_ref().and_then(|s| s.name.clone()))
+        });
         for svc in list {
             let (Some(id), Some(spec)) = (svc.id.clone(), svc.spec.clone()) else { continue };
             let name = spec.name.clone().unwrap_or_else(|| id.clone());
             let labels = spec.labels.clone().unwrap_or_default();
-            let container_spec = spec.task_template.as_ref().and_then(|t| t.container_spec.clone()).unwrap_or_default();
+            let container_spec =
+                spec.task_template.as_ref().and_then(|t| t.container_spec.clone()).unwrap_or_default();
             let env = env_map(container_spec.env);
             let ports: Vec<_> = svc.endpoint.as_ref().and_then(|e| e.ports.clone()).unwrap_or_default();
             let targets: Vec<u16> = ports.iter().filter_map(|p| u16::try_from(p.target_port?).ok()).collect();
-            let opt = optin::read(&Workload { env: &env, labels: &labels, exposed_ports: &targets, name: &name }, &self.defaults);
+            let opt = optin::read(
+                &Workload { env: &env, labels: &labels, exposed_ports: &targets, name: &name },
+                &self.defaults,
+            );
             problems.extend(opt.problems.iter().map(|p| format!("service `{name}`: {p}")));
-            let attached = spec.task_template.as_ref().and_then(|t| t.networks.clone()).or(spec.networks.clone()).unwrap_or_default();
+            let attached = spec
+                .task_template
+                .as_ref()
+                .and_then(|t| t.networks.clone())
+                .or(spec.networks.clone())
+                .unwrap_or_default();
             for net in attached.iter().filter_map(|n| n.target.clone()) {
                 if inspected_networks.insert(net.clone()) {
                     // A network that vanished meanwhile only loses its remote addresses.
-                    if let Ok(inspect) = docker.inspect_network(&net, Some(InspectNetworkOptions { verbose: true, scope: None })).await {
+                    if let Ok(inspect) = docker
+                        .inspect_network(&net, Some(InspectNetworkOptions { verbose: true, scope: None }))
+                        .await
+                    {
                         let net_name = inspect.name.clone().unwrap_or(net);
                         for (task, ip) in task_addresses(inspect.services.as_ref()) {
                             remote.entry(task).or_default().insert(net_name.clone(), ip);
@@ -304,12 +397,37 @@ impl Discovery {
                     None => (remote.get(&task_name).cloned().unwrap_or_default(), Health::Unknown),
                 };
                 let who = format!("service `{name}` task `{task_name}`");
-                let Some((network, address)) = choose_network(&networks, opt.network.as_deref(), reach, &who, problems) else { continue };
-                let task_node = t.node_id.as_deref().and_then(|n| nodes.get(n)).map_or_else(|| node.to_owned(), |n| (*n).to_owned());
-                let aliases = local.and_then(|c| self.inspected.get(c.id.as_deref()?)?.aliases.get(&network).cloned()).unwrap_or_default();
-                service_tasks.push(Task { id: task_name, address, port: None, node: task_node, health, network: Some(network), aliases });
+                let Some((network, address)) =
+                    choose_network(&networks, opt.network.as_deref(), reach, &who, problems)
+                else {
+                    continue;
+                };
+                let task_node = t
+                    .node_id
+                    .as_deref()
+                    .and_then(|n| nodes.get(n))
+                    .map_or_else(|| node.to_owned(), |n| (*n).to_owned());
+                let aliases = local
+                    .and_then(|c| self.inspected.get(c.id.as_deref()?)?.aliases.get(&network).cloned())
+                    .unwrap_or_default();
+                service_tasks.push(Task {
+                    id: task_name,
+                    address,
+                    port: None,
+                    node: task_node,
+                    health,
+                    network: Some(network),
+                    aliases,
+                });
             }
-            services.push(Service { name, stack: labels.get(STACK).cloned(), provider: NAME.into(), tasks: service_tasks, http: opt.routes, l4 });
+            services.push(Service {
+                name,
+                stack: labels.get(STACK).cloned(),
+                provider: NAME.into(),
+                tasks: service_tasks,
+                http: opt.routes,
+                l4,
+            });
         }
         Ok(())
     }
@@ -317,14 +435,24 @@ impl Discovery {
 
 /// Where the engine puts this node: the leader is found in the node list (managers only);
 /// a worker knows its managers' addresses from `docker info`.
-fn position_of(swarm: Option<&bollard::models::SwarmInfo>, in_swarm: bool, manager: bool, nodes: &[Node]) -> Position {
+fn position_of(
+    swarm: Option<&bollard::models::SwarmInfo>,
+    in_swarm: bool,
+    manager: bool,
+    nodes: &[Node],
+) -> Position {
     if manager {
         let me = swarm.and_then(|s| s.node_id.as_deref());
         let leader = nodes.iter().find(|n| n.leader);
-        Position::Manager { leader: leader.is_some_and(|l| Some(l.id.as_str()) == me), leader_address: leader.and_then(|l| l.address) }
+        Position::Manager {
+            leader: leader.is_some_and(|l| Some(l.id.as_str()) == me),
+            leader_address: leader.and_then(|l| l.address),
+        }
     } else if in_swarm {
         let managers = swarm.and_then(|s| s.remote_managers.as_ref()).into_iter().flatten();
-        let mut managers: Vec<IpAddr> = managers.filter_map(|m| m.addr.as_deref()?.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())).collect();
+        let mut managers: Vec<IpAddr> = managers
+            .filter_map(|m| m.addr.as_deref()?.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+            .collect();
         managers.sort();
         managers.dedup();
         Position::Worker { managers }
@@ -363,7 +491,9 @@ fn task_addresses(services: Option<&HashMap<String, serde_json::Value>>) -> Vec<
         .flat_map(HashMap::values)
         .filter_map(|svc| svc.get("Tasks")?.as_array())
         .flatten()
-        .filter_map(|t| Some((t.get("Name")?.as_str()?.to_owned(), t.get("EndpointIP")?.as_str()?.parse().ok()?)))
+        .filter_map(|t| {
+            Some((t.get("Name")?.as_str()?.to_owned(), t.get("EndpointIP")?.as_str()?.parse().ok()?))
+        })
         .collect()
 }
 
@@ -377,7 +507,10 @@ mod tests {
             r#"{"web": {"VIP": "10.0.1.2", "Tasks": [{"Name": "web.1.abc", "EndpointIP": "10.0.1.5"}, {"Name": "web.2.def", "EndpointIP": "bogus"}]}, "": {}}"#,
         )
         .unwrap();
-        assert_eq!(task_addresses(Some(&services)), vec![("web.1.abc".to_owned(), "10.0.1.5".parse().unwrap())]);
+        assert_eq!(
+            task_addresses(Some(&services)),
+            vec![("web.1.abc".to_owned(), "10.0.1.5".parse().unwrap())]
+        );
     }
 
     #[test]
@@ -390,19 +523,33 @@ mod tests {
 
     #[test]
     fn network_choice_prefers_the_label_then_the_setting_then_the_first() {
-        let nets: BTreeMap<String, IpAddr> = [("b".to_owned(), [10, 0, 0, 2].into()), ("a".to_owned(), [10, 0, 0, 1].into())].into();
+        let nets: BTreeMap<String, IpAddr> =
+            [("b".to_owned(), [10, 0, 0, 2].into()), ("a".to_owned(), [10, 0, 0, 1].into())].into();
         let mut problems = Vec::new();
         let configured = |c| Reach { configured: Some(c), agent_networks: None };
         assert_eq!(choose_network(&nets, Some("b"), &configured("a"), "x", &mut problems).unwrap().0, "b");
         assert_eq!(choose_network(&nets, None, &configured("b"), "x", &mut problems).unwrap().0, "b");
         assert_eq!(choose_network(&nets, None, &Reach::default(), "x", &mut problems).unwrap().0, "a");
         let mine: BTreeSet<String> = ["b".to_owned()].into();
-        assert_eq!(choose_network(&nets, None, &Reach { configured: None, agent_networks: Some(&mine) }, "x", &mut problems).unwrap().0, "b");
+        assert_eq!(
+            choose_network(
+                &nets,
+                None,
+                &Reach { configured: None, agent_networks: Some(&mine) },
+                "x",
+                &mut problems
+            )
+            .unwrap()
+            .0,
+            "b"
+        );
         assert!(problems.is_empty());
         assert_eq!(choose_network(&nets, Some("zzz"), &Reach::default(), "x", &mut problems).unwrap().0, "a");
         let only_ingress: BTreeMap<String, IpAddr> = [("ingress".to_owned(), [10, 0, 0, 9].into())].into();
         assert!(choose_network(&only_ingress, None, &Reach::default(), "x", &mut problems).is_none());
-        assert!(choose_network(&only_ingress, Some("ingress"), &Reach::default(), "x", &mut problems).is_some());
+        assert!(
+            choose_network(&only_ingress, Some("ingress"), &Reach::default(), "x", &mut problems).is_some()
+        );
         assert!(problems[0].contains("`zzz`"), "{problems:?}");
     }
 }
