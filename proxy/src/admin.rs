@@ -118,7 +118,7 @@ fn state_json(s: &AdminState) -> serde_json::Value {
         "generation": snapshot.generation,
         "routes": routes,
         "conflicts": table.conflicts,
-        "problems": snapshot.state.problems,
+        "problems": snapshot.state.problems.iter().chain(&table.unreachable).collect::<Vec<_>>(),
         "nodes": snapshot.state.nodes,
         "mesh": s.mesh.get(),
         "services": snapshot.state.services,

@@ -13,9 +13,11 @@ use crate::admin::{self, AdminState};
 use crate::cluster;
 use crate::config::Config;
 use crate::dns::{self, DnsConfig};
+use crate::http::endpoint::Reach;
 use crate::http::proxy::{Https, Proxy};
 use crate::http::server::{self, Listener};
 use crate::metrics::Metrics;
+use crate::net;
 use crate::provider::docker;
 use crate::provider::file::{self, RoutesError};
 use crate::readiness::Readiness;
@@ -103,32 +105,7 @@ impl RunningAgent {
 }
 
 fn bind(what: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, StartError> {
-    reusable_listener(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
-}
-
-/// A bound, non-blocking socket; with `reuse_port`, several agents on one host can hold the
-/// same address at once (the kernel spreads new connections and datagrams between them),
-/// which is how an agent is replaced without a moment where nobody listens.
-fn reusable_socket(
-    addr: SocketAddr,
-    kind: socket2::Type,
-    reuse_port: bool,
-) -> std::io::Result<socket2::Socket> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
-    if kind == socket2::Type::STREAM {
-        socket.set_reuse_address(true)?;
-    }
-    socket.set_reuse_port(reuse_port)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket)
-}
-
-/// A TCP listener, see [`reusable_socket`]. Needs a Tokio runtime.
-pub fn reusable_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
-    let socket = reusable_socket(addr, socket2::Type::STREAM, reuse_port)?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    net::reusable_listener(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
 }
 
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
@@ -159,63 +136,19 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let (hub, metrics, readiness, reuse_port) =
         (core.hub.clone(), core.metrics.clone(), core.readiness.clone(), core.reuse_port);
     let mut background = Vec::new();
-
-    let whoami_listen = match whoami_cfg.listen {
-        Some(addr) => Some(addr),
-        None if sources.example => Some(EXAMPLE_WHOAMI.parse().expect("valid address")),
-        None => None,
-    };
-    if let Some(addr) = whoami_listen {
-        let listener = bind("the whoami demo backend", addr, false)?;
-        tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "whoami demo backend listening");
-        background.push(tokio::spawn(whoami::serve(listener, whoami_cfg.name.clone())));
-    }
+    start_whoami(&whoami_cfg, sources.example, &mut background)?;
 
     let http_listener = bind("HTTP", proxy_cfg.http_listen, reuse_port)?;
     let http_addr = http_listener.local_addr().expect("bound socket has an address");
     let admin_listener = bind("the admin endpoints", admin_cfg.listen, reuse_port)?;
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
-    if let Some(path) = sources.file {
-        let watcher = file::load_and_watch(
-            path.clone(),
-            file_cfg.poll_interval,
-            hub.clone(),
-            metrics.clone(),
-            core.reloads.clone(),
-        )?;
-        readiness.set(file::NAME, true, format!("watching {}", path.display()));
-        background.push(watcher);
-    }
-    if sources.example {
-        let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example")
-            .map_err(StartError::Example)?;
-        hub.publish("example", state);
-        readiness.set("example", true, "bundled example routes (whoami.localhost)");
-    }
+    start_files(&sources, &file_cfg, &core, &mut background)?;
     let (https, acme) = start_https(&tls_cfg, acme_cfg, &core, &mut background)?;
-    let node = mesh_cfg.node_name.clone().unwrap_or_else(|| {
+    let node_name = mesh_cfg.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map_or_else(|_| "local".into(), |h| h.trim().to_owned())
     });
-    let cluster_parts = cluster::Parts {
-        hub: hub.clone(),
-        readiness: readiness.clone(),
-        registry: metrics.registry.clone(),
-        certs: acme.as_ref().map(|(_, share)| share.clone()),
-        node,
-    };
-    let cluster = cluster::start(cluster_cfg, cluster_parts, &mut background);
-    if let Some((manager, _)) = acme {
-        match manager {
-            Ok(manager) => {
-                background.push(tokio::spawn(Arc::new(manager).run(hub.clone(), cluster.issuer.clone())))
-            }
-            Err(why) => {
-                tracing::error!("acme: {why}");
-                readiness.set("acme", false, why);
-            }
-        }
-    }
+    let cluster = start_cluster(cluster_cfg, node_name.clone(), acme, &core, &mut background);
     if sources.docker {
         background.push(tokio::spawn(docker::run(
             docker_cfg,
@@ -225,7 +158,6 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
             cluster.docker.clone(),
         )));
     }
-
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
     let proxy = Arc::new(Proxy::new(
         proxy_cfg.clone(),
@@ -234,7 +166,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
             .as_ref()
             .map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() }),
     ));
-    background.push(proxy.clone().follow(hub.clone(), proxy_cfg.default_host.clone()));
+    let reach = Reach { node: node_name.clone(), hop: cluster.hop.clone() };
+    background.push(proxy.clone().follow(hub.clone(), proxy_cfg.default_host.clone(), reach));
 
     let dns_addr = match dns_cfg.listen {
         Some(listen) => Some(start_dns(listen, dns_cfg, &core, &mut background)?),
@@ -262,28 +195,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     };
     start_admin(admin_listener, admin_cfg.socket.as_deref(), admin_state, &mut background)?;
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut servers = vec![tokio::spawn(server::serve(
-        http_listener,
-        Listener { port: http_addr.port(), tls: None },
-        proxy.clone(),
-        proxy_cfg.clone(),
-        shutdown_rx.clone(),
-    ))];
-    if let (Some((listener, resolver)), Some(addr)) = (https, https_addr) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(
-            resolver,
-            tls_cfg.session_resumption,
-        )));
-        servers.push(tokio::spawn(server::serve(
-            listener,
-            Listener { port: addr.port(), tls: Some(acceptor) },
-            proxy.clone(),
-            proxy_cfg,
-            shutdown_rx,
-        )));
-        readiness.set("https", true, format!("listening on {addr}"));
-    }
+    let (shutdown, servers) = start_servers(http_listener, https, &proxy, &proxy_cfg, &tls_cfg, &readiness);
     tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
     Ok(RunningAgent {
         http_addr,
@@ -299,6 +211,111 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         servers,
         background,
     })
+}
+
+/// The cluster feed (which says whether this agent orders certificates) and the ACME manager
+/// that waits on it.
+fn start_cluster(
+    cfg: cluster::ClusterConfig,
+    node: String,
+    acme: Option<AcmeParts>,
+    core: &Core,
+    background: &mut Vec<JoinHandle<()>>,
+) -> cluster::Handles {
+    let parts = cluster::Parts {
+        hub: core.hub.clone(),
+        readiness: core.readiness.clone(),
+        registry: core.metrics.registry.clone(),
+        certs: acme.as_ref().map(|(_, share)| share.clone()),
+        node,
+    };
+    let handles = cluster::start(cfg, parts, background);
+    match acme.map(|(manager, _)| manager) {
+        Some(Ok(manager)) => {
+            background.push(tokio::spawn(Arc::new(manager).run(core.hub.clone(), handles.issuer.clone())));
+        }
+        Some(Err(why)) => {
+            tracing::error!("acme: {why}");
+            core.readiness.set("acme", false, why);
+        }
+        None => {}
+    }
+    handles
+}
+
+/// The built-in whoami backend, where asked for (and always with the bundled example).
+fn start_whoami(
+    cfg: &crate::config::WhoamiConfig,
+    example: bool,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<(), StartError> {
+    let listen = match cfg.listen {
+        Some(addr) => addr,
+        None if example => EXAMPLE_WHOAMI.parse().expect("valid address"),
+        None => return Ok(()),
+    };
+    let listener = bind("the whoami demo backend", listen, false)?;
+    tracing::info!(addr = %listener.local_addr().unwrap_or(listen), "whoami demo backend listening");
+    background.push(tokio::spawn(whoami::serve(listener, cfg.name.clone())));
+    Ok(())
+}
+
+/// The routes file (read now, refused at start when broken, then watched) and the bundled
+/// example.
+fn start_files(
+    sources: &Sources,
+    cfg: &crate::config::FileProviderConfig,
+    core: &Core,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<(), StartError> {
+    if let Some(path) = &sources.file {
+        let watcher = file::load_and_watch(
+            path.clone(),
+            cfg.poll_interval,
+            core.hub.clone(),
+            core.metrics.clone(),
+            core.reloads.clone(),
+        )?;
+        core.readiness.set(file::NAME, true, format!("watching {}", path.display()));
+        background.push(watcher);
+    }
+    if sources.example {
+        let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example")
+            .map_err(StartError::Example)?;
+        core.hub.publish("example", state);
+        core.readiness.set("example", true, "bundled example routes (whoami.localhost)");
+    }
+    Ok(())
+}
+
+/// The HTTP and HTTPS servers, and the switch that drains them.
+fn start_servers(
+    http: TcpListener,
+    https: Option<HttpsParts>,
+    proxy: &Arc<Proxy>,
+    proxy_cfg: &crate::config::ProxyConfig,
+    tls_cfg: &tls::TlsConfig,
+    readiness: &Readiness,
+) -> (watch::Sender<bool>, Vec<JoinHandle<()>>) {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let port = |l: &TcpListener| l.local_addr().expect("bound socket has an address").port();
+    let plain = Listener { port: port(&http), tls: None };
+    let mut servers =
+        vec![tokio::spawn(server::serve(http, plain, proxy.clone(), proxy_cfg.clone(), shutdown_rx.clone()))];
+    if let Some((listener, resolver)) = https {
+        let config = tls::server_config(resolver, tls_cfg.session_resumption);
+        let secure =
+            Listener { port: port(&listener), tls: Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))) };
+        readiness.set("https", true, format!("listening on port {}", secure.port));
+        servers.push(tokio::spawn(server::serve(
+            listener,
+            secure,
+            proxy.clone(),
+            proxy_cfg.clone(),
+            shutdown_rx,
+        )));
+    }
+    (shutdown, servers)
 }
 
 /// The admin endpoints on their TCP listener, and on the Unix socket if one is configured.
@@ -326,7 +343,7 @@ struct Core {
     readiness: Arc<Readiness>,
     /// Changes on SIGHUP: watchers of files re-read them at once.
     reloads: watch::Receiver<()>,
-    /// Listeners share their address with the next agent (see [`reusable_socket`]).
+    /// Listeners share their address with the next agent (see [`net::reusable_socket`]).
     reuse_port: bool,
 }
 
@@ -451,7 +468,7 @@ fn start_dns(
 ) -> Result<SocketAddr, StartError> {
     let Core { hub, metrics, readiness, reuse_port, .. } = core;
     let reuse_port = *reuse_port;
-    let udp = reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
+    let udp = net::reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
         .and_then(|s| tokio::net::UdpSocket::from_std(s.into()))
         .map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;
     let addr = udp.local_addr().expect("bound socket has an address");

@@ -205,6 +205,9 @@ pub struct Overrides {
     /// [cluster.listen] Where managers serve the cluster feed (mutual TLS) [default: 0.0.0.0:7380]
     #[arg(long, env = "MESHGATE_CLUSTER_LISTEN", value_name = "ADDR", help_heading = "Cluster")]
     pub cluster_listen: Option<SocketAddr>,
+    /// [cluster.hop_listen] Where other nodes reach this node's tasks (mutual TLS; same port on every node) [default: 0.0.0.0:7381]
+    #[arg(long, env = "MESHGATE_CLUSTER_HOP_LISTEN", value_name = "ADDR", help_heading = "Cluster")]
+    pub cluster_hop_listen: Option<SocketAddr>,
     /// [cluster.peers] Comma-separated feeds to follow (host:port) [default: from the engine]
     #[arg(
         long,
@@ -350,6 +353,7 @@ impl Overrides {
         let k = &mut c.cluster;
         set(&mut k.role, self.cluster_role);
         set(&mut k.listen, self.cluster_listen);
+        set(&mut k.hop_listen, self.cluster_hop_listen);
         set(&mut k.peers, self.cluster_peers);
         set(&mut k.secret_file, self.cluster_secret_file);
         set(&mut k.state_file, self.cluster_state_file.map(Some));

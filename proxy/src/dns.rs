@@ -131,6 +131,8 @@ pub async fn follow(hub: Arc<StateHub>, dns: Arc<MeshDns>, cfg: DnsConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
     use crate::state::{Health, Node, PublishedPort, Service, Task};
     use hickory_proto::rr::{LowerName, Name, RecordType};
     use mesh_dns::Answer;
@@ -153,6 +155,7 @@ mod tests {
             health,
             network: None,
             aliases: vec![],
+            node_local: false,
         };
         let state = MeshState {
             services: vec![Service {
@@ -193,6 +196,7 @@ mod tests {
                 leader: true,
                 ready: true,
             }],
+            local_addresses: BTreeMap::new(),
         };
         let cfg = DnsConfig { answer_routed_hosts: true, ..DnsConfig::default() };
         let zone = zone_of(&state, &cfg);

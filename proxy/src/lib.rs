@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: providers publish [`state::MeshState`] snapshots into the
 //! [`state::StateHub`]; consumers (the HTTP route table today) compile their own view from
-//! the newest snapshot and swap it in atomically. See `ARCHITECTURE.md` in the shared docs.
+//! the newest snapshot and swap it in atomically. See `docs/architecture.md`.
 
 pub mod acme;
 pub mod admin;
@@ -14,6 +14,7 @@ pub mod dns;
 pub mod http;
 pub mod mesh;
 pub mod metrics;
+pub mod net;
 pub mod provider;
 pub mod readiness;
 pub mod state;

@@ -12,6 +12,7 @@ use meshgate::provider::file;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    forget_empty_settings();
     let cli = Cli::parse();
     if cli.new_cluster_secret {
         return match meshgate::cluster::identity::generate() {
@@ -39,6 +40,16 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("meshgate: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// An empty `MESHGATE_*` variable means "not set", as a stack file's `${NAME:-}` passes
+/// an optional setting the user left out. Runs before any other thread exists.
+fn forget_empty_settings() {
+    for (name, value) in std::env::vars_os() {
+        if value.is_empty() && name.to_str().is_some_and(|n| n.starts_with("MESHGATE_")) {
+            std::env::remove_var(name);
         }
     }
 }

@@ -389,6 +389,7 @@ mod tests {
             health,
             network: None,
             aliases: vec![],
+            node_local: false,
         }
     }
 

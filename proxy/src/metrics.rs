@@ -3,6 +3,7 @@
 //! Per-route handles are resolved once when the route table is compiled (see
 //! [`RouteMetrics`]), so the request path only touches atomics.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -34,106 +35,82 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let registry = Registry::new();
-        let http_requests = IntCounterVec::new(
-            Opts::new(
+        let r = &registry;
+        Self {
+            http_requests: counter_vec(
+                r,
                 "meshgate_http_requests_total",
                 "HTTP requests answered, by route and status class (2xx, 4xx, ...).",
+                &["route", "class"],
             ),
-            &["route", "class"],
-        )
-        .expect("valid metric");
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "meshgate_http_request_duration_seconds",
-                "Time from request head received to response head sent, by route.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["route"],
-        )
-        .expect("valid metric");
-        let http_in_flight =
-            IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.")
-                .expect("valid metric");
-        let backend_up = IntGaugeVec::new(
-            Opts::new(
+            http_duration: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "meshgate_http_request_duration_seconds",
+                        "Time from request head received to response head sent, by route.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                    &["route"],
+                ),
+            ),
+            http_in_flight: register(
+                r,
+                IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now."),
+            ),
+            backend_up: gauge_vec(
+                r,
                 "meshgate_backend_up",
                 "1 while a task takes traffic, 0 while it is ejected after connect failures.",
+                &["service", "task", "address"],
             ),
-            &["service", "task", "address"],
-        )
-        .expect("valid metric");
-        let state_generation =
-            IntGauge::new("meshgate_state_generation", "Generation of the routing state in force.")
-                .expect("valid metric");
-        let provider_reloads = IntCounterVec::new(
-            Opts::new("meshgate_provider_reloads_total", "States accepted from a provider."),
-            &["provider"],
-        )
-        .expect("valid metric");
-        let provider_reload_rejected = IntCounterVec::new(
-            Opts::new(
+            state_generation: register(
+                r,
+                IntGauge::new("meshgate_state_generation", "Generation of the routing state in force."),
+            ),
+            provider_reloads: counter_vec(
+                r,
+                "meshgate_provider_reloads_total",
+                "States accepted from a provider.",
+                &["provider"],
+            ),
+            provider_reload_rejected: counter_vec(
+                r,
                 "meshgate_provider_reload_rejected_total",
                 "Provider updates rejected as invalid (the previous state stays).",
+                &["provider"],
             ),
-            &["provider"],
-        )
-        .expect("valid metric");
-        let provider_up = IntGaugeVec::new(
-            Opts::new("meshgate_provider_up", "1 while a provider is connected to its source (e.g. the Docker engine), 0 while it serves its last known state."),
-            &["provider"],
-        )
-        .expect("valid metric");
-        let acme_days_left = GaugeVec::new(
-            Opts::new(
-                "meshgate_acme_certificate_days_left",
-                "Days until the stored ACME certificate expires, by certificate (its first host name).",
+            provider_up: gauge_vec(
+                r,
+                "meshgate_provider_up",
+                "1 while a provider is connected to its source (e.g. the Docker engine), 0 while it serves its last known state.",
+                &["provider"],
             ),
-            &["certificate"],
-        )
-        .expect("valid metric");
-        let acme_issued = IntCounterVec::new(
-            Opts::new(
+            acme_days_left: register(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "meshgate_acme_certificate_days_left",
+                        "Days until the stored ACME certificate expires, by certificate (its first host name).",
+                    ),
+                    &["certificate"],
+                ),
+            ),
+            acme_issued: counter_vec(
+                r,
                 "meshgate_acme_certificates_issued_total",
                 "Certificates issued or renewed through ACME by this agent.",
+                &["certificate"],
             ),
-            &["certificate"],
-        )
-        .expect("valid metric");
-        let acme_failures = IntCounterVec::new(
-            Opts::new("meshgate_acme_failures_total", "Failed ACME orders, by certificate and reason (ca_unreachable, rate_limited, challenge_failed, ca_error, storage)."),
-            &["certificate", "reason"],
-        )
-        .expect("valid metric");
-        for c in [
-            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(http_duration.clone()),
-            Box::new(http_in_flight.clone()),
-            Box::new(backend_up.clone()),
-            Box::new(state_generation.clone()),
-            Box::new(provider_reloads.clone()),
-            Box::new(provider_reload_rejected.clone()),
-            Box::new(provider_up.clone()),
-            Box::new(acme_days_left.clone()),
-            Box::new(acme_issued.clone()),
-            Box::new(acme_failures.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
-        Self {
+            acme_failures: counter_vec(
+                r,
+                "meshgate_acme_failures_total",
+                "Failed ACME orders, by certificate and reason (ca_unreachable, rate_limited, challenge_failed, ca_error, storage).",
+                &["certificate", "reason"],
+            ),
             registry,
-            http_requests,
-            http_duration,
-            http_in_flight,
-            backend_up,
-            state_generation,
-            provider_reloads,
-            provider_reload_rejected,
-            provider_up,
-            acme_days_left,
-            acme_issued,
-            acme_failures,
         }
     }
 
@@ -169,4 +146,24 @@ impl RouteMetrics {
         self.by_class[class].inc();
         self.duration.observe(seconds);
     }
+}
+
+/// Registers a metric the agent defines itself: its name and labels are fixed in the code,
+/// so an invalid or duplicate one is a bug found by the first test, not a runtime condition.
+pub fn register<C: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<C>) -> C {
+    let metric = metric.expect("valid metric definition");
+    registry.register(Box::new(metric.clone())).expect("metric names are unique");
+    metric
+}
+
+/// An integer counter with labels, registered.
+#[must_use]
+pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+/// An integer gauge with labels, registered.
+#[must_use]
+pub fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
 }

@@ -24,6 +24,12 @@ pub struct MeshState {
     pub problems: Vec<String>,
     /// The cluster's nodes (Swarm), for the L4 mesh and `/api/state`.
     pub nodes: Vec<Node>,
+    /// How this node reaches its own tasks, by task id: the address a node-local task
+    /// (see [`Task::node_local`]) is dialled on from here (its `docker_gwbridge` address for
+    /// a task on an overlay network). Read from this node's engine; never sent to other
+    /// nodes, whose own engines say how they reach theirs.
+    #[serde(skip)]
+    pub local_addresses: BTreeMap<String, IpAddr>,
 }
 
 /// A Swarm node and the address other nodes reach it on.
@@ -66,6 +72,12 @@ pub struct Task {
     pub network: Option<String>,
     /// Other names of the task on that network (Docker network aliases), for mesh-dns.
     pub aliases: Vec<String>,
+    /// The address is reachable only on `node`, through the address that node's engine
+    /// gives (a Docker task: a container's networks are local to its host, an overlay is
+    /// reached from inside only). Other nodes go through that node's agent. `false` for
+    /// addresses the user wrote down (routes file), dialled as they are.
+    #[serde(default)]
+    pub node_local: bool,
 }
 
 impl Task {
@@ -300,6 +312,7 @@ impl StateHub {
             services: slots.values().flat_map(|s| s.services.iter().cloned()).collect(),
             problems: slots.values().flat_map(|s| s.problems.iter().cloned()).collect(),
             nodes: slots.values().flat_map(|s| s.nodes.iter().cloned()).collect(),
+            local_addresses: slots.values().flat_map(|s| s.local_addresses.clone()).collect(),
         };
         let generation = self.current.load().generation + 1;
         self.current.store(Arc::new(Snapshot { generation, state: merged }));
@@ -351,18 +364,9 @@ mod tests {
             http: vec![],
             l4: vec![],
         };
-        assert_eq!(
-            hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("one")] }),
-            1
-        );
-        assert_eq!(
-            hub.publish("b", MeshState { problems: vec![], nodes: vec![], services: vec![svc("two")] }),
-            2
-        );
-        assert_eq!(
-            hub.publish("a", MeshState { problems: vec![], nodes: vec![], services: vec![svc("three")] }),
-            3
-        );
+        assert_eq!(hub.publish("a", MeshState { services: vec![svc("one")], ..MeshState::default() }), 1);
+        assert_eq!(hub.publish("b", MeshState { services: vec![svc("two")], ..MeshState::default() }), 2);
+        assert_eq!(hub.publish("a", MeshState { services: vec![svc("three")], ..MeshState::default() }), 3);
         let names: Vec<_> = hub.load().state.services.iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, ["three", "two"]);
         assert!(rx.has_changed().unwrap());

@@ -135,7 +135,7 @@ impl Challenges {
                     alpn.insert(name.clone(), cert);
                 }
                 Err(e) => {
-                    tracing::warn!(host = %name, "cluster: cannot make the TLS-ALPN-01 certificate the issuer asked for: {e}")
+                    tracing::warn!(host = %name, "cluster: cannot make the TLS-ALPN-01 certificate the issuer asked for: {e}");
                 }
             }
         }

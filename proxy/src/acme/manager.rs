@@ -180,8 +180,15 @@ impl Manager {
                     tracing::info!(certificate = %primary, names = %names.join(","), took_ms = started.elapsed().as_millis() as u64, "acme: certificate {what}");
                 }
                 Err(failure) => {
-                    self.failed(&primary, &names, failure, &mut backoff, &mut last_failure, current.is_some())
-                        .await
+                    self.failed(
+                        &primary,
+                        &names,
+                        failure,
+                        &mut backoff,
+                        &mut last_failure,
+                        current.is_some(),
+                    )
+                    .await;
                 }
             }
         }
@@ -344,7 +351,7 @@ impl Manager {
             if slot.is_none() {
                 match self.store.load_account(&url) {
                     Ok(creds) => {
-                        *slot = creds.map(|c| serde_json::to_string(&c).expect("credentials serialize"))
+                        *slot = creds.map(|c| serde_json::to_string(&c).expect("credentials serialize"));
                     }
                     Err(e) => tracing::warn!("acme: {e}"),
                 }
@@ -405,7 +412,7 @@ pub fn wanted_certificates(state: &MeshState, max_names: usize) -> BTreeMap<Stri
                     HostPattern::Exact(h) if claimed.insert(h.clone()) => names.push(h.clone()),
                     HostPattern::Exact(_) => {}
                     other => {
-                        tracing::debug!(service = %svc.name, host = %other, "acme: only exact host names get certificates (wildcards need DNS-01)")
+                        tracing::debug!(service = %svc.name, host = %other, "acme: only exact host names get certificates (wildcards need DNS-01)");
                     }
                 }
             }

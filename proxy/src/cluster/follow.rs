@@ -199,7 +199,7 @@ impl Follower {
             match share.store.write_cert(&pair.name, &pair.chain_pem, &pair.key_pem) {
                 Ok(()) => wrote += 1,
                 Err(e) => {
-                    tracing::error!(certificate = %pair.name, "cluster: cannot store the certificate received from the issuer: {e}")
+                    tracing::error!(certificate = %pair.name, "cluster: cannot store the certificate received from the issuer: {e}");
                 }
             }
         }

@@ -12,6 +12,7 @@
 //! Swarm stays the only source of truth: the feed carries what the managers' engines say.
 
 mod follow;
+pub mod hop;
 pub mod identity;
 mod serve;
 pub mod wire;
@@ -60,6 +61,9 @@ pub struct ClusterConfig {
     pub role: RoleSetting,
     /// Where managers serve the feed (TCP, mutual TLS).
     pub listen: SocketAddr,
+    /// Where every agent lets the others reach the tasks of its node (TCP, mutual TLS; the
+    /// port is the same on every node).
+    pub hop_listen: SocketAddr,
     /// Feeds to follow (`host:port`), in order of preference. Empty: from the engine (the
     /// leader for managers, every manager for workers) at `listen`'s port.
     pub peers: Vec<String>,
@@ -81,6 +85,7 @@ impl Default for ClusterConfig {
         Self {
             role: RoleSetting::Auto,
             listen: SocketAddr::from(([0, 0, 0, 0], 7380)),
+            hop_listen: SocketAddr::from(([0, 0, 0, 0], 7381)),
             peers: Vec::new(),
             secret_file: PathBuf::from("/run/secrets/meshgate_cluster"),
             state_file: None,
@@ -238,10 +243,11 @@ pub struct Parts {
 }
 
 /// The handles the rest of the agent keeps: whether this agent orders certificates, the
-/// Docker provider's link.
+/// Docker provider's link, and the way to other nodes' tasks (with the cluster credential).
 pub struct Handles {
     pub issuer: watch::Receiver<bool>,
     pub docker: DockerLink,
+    pub hop: Option<Arc<hop::Dialer>>,
 }
 
 /// Starts the cluster task. Without the credential (or with `role = standalone`) it only
@@ -250,8 +256,11 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
     let (position_tx, position_rx) = watch::channel(Position::Unknown);
     let (following_tx, following_rx) = watch::channel(false);
     let (issuer_tx, issuer_rx) = watch::channel(true);
-    let handles =
-        Handles { issuer: issuer_rx, docker: DockerLink { position: position_tx, following: following_rx } };
+    let mut handles = Handles {
+        issuer: issuer_rx,
+        docker: DockerLink { position: position_tx, following: following_rx },
+        hop: None,
+    };
     let metrics = ClusterMetrics::register(&parts.registry);
     metrics.issuer.set(1);
     if cfg.role == RoleSetting::Standalone {
@@ -270,6 +279,10 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
             return handles;
         }
     };
+    match hop::start(cfg.hop_listen, &identity, parts.hub.clone(), background) {
+        Ok(dialer) => handles.hop = Some(dialer),
+        Err(e) => tracing::error!("cluster: {e}; tasks on this node cannot be reached from the other nodes"),
+    }
     issuer_tx.send_replace(cfg.role == RoleSetting::Leader);
     if cfg.role == RoleSetting::Auto {
         parts.readiness.set(

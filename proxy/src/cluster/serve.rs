@@ -25,7 +25,7 @@ pub struct Bound {
 
 pub fn bind(cfg: &ClusterConfig, identity: &Identity) -> Result<Bound, String> {
     let tls = identity.server_config().map_err(|e| format!("the cluster secret cannot serve TLS: {e}"))?;
-    let listener = crate::agent::reusable_listener(cfg.listen, true).map_err(|e| {
+    let listener = crate::net::reusable_listener(cfg.listen, true).map_err(|e| {
         format!("cannot listen on {} for the cluster feed: {e} (set cluster.listen)", cfg.listen)
     })?;
     tracing::info!(addr = %cfg.listen, "cluster: serving the feed");

@@ -6,18 +6,22 @@
 //! endpoint and idle connections go with it; requests still in flight hold their own `Arc`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::{IntGauge, IntGaugeVec};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::state::UpstreamProtocol;
+use crate::cluster::hop::{Dialer, HopError, HopStream};
+use crate::state::{MeshState, Task, UpstreamProtocol};
 
 /// Idle upstream connections kept per task; more are closed.
 const MAX_IDLE_PER_TASK: usize = 256;
@@ -42,6 +46,69 @@ pub enum ConnectError {
     Handshake(hyper::Error),
     #[error("TLS handshake with the task failed: {0}")]
     Tls(std::io::Error),
+    #[error("{0}")]
+    Hop(#[from] HopError),
+    #[error("not reachable from this node: {0}")]
+    Nowhere(Arc<str>),
+}
+
+/// How this node reaches a task.
+#[derive(Clone)]
+pub enum Via {
+    /// At its address, from here.
+    Direct,
+    /// Through the agent of the task's node, at this address (see [`crate::cluster::hop`]).
+    Hop(Arc<Dialer>, IpAddr),
+    /// Not at all: never dialled (least of all through the default route), reported.
+    Nowhere(Arc<str>),
+}
+
+impl Via {
+    fn hop_node(&self) -> Option<IpAddr> {
+        match self {
+            Self::Hop(_, node) => Some(*node),
+            _ => None,
+        }
+    }
+}
+
+/// What this node knows to decide how it reaches each task.
+#[derive(Clone, Default)]
+pub struct Reach {
+    /// This node's name, as tasks name their node.
+    pub node: String,
+    /// Hops to other nodes' agents, when this agent has the cluster credential.
+    pub hop: Option<Arc<Dialer>>,
+}
+
+impl Reach {
+    /// Where and how a task's `port` is dialled. An address the user wrote is dialled as it
+    /// is; a node-local task (Docker's) at the address this node's engine gives for it, or
+    /// through its node's agent, or not at all.
+    #[must_use]
+    pub fn resolve(&self, state: &MeshState, task: &Task, port: u16) -> (SocketAddr, Via) {
+        let port = task.port.unwrap_or(port);
+        if !task.node_local {
+            return (SocketAddr::new(task.address, port), Via::Direct);
+        }
+        if let Some(local) = state.local_addresses.get(&task.id) {
+            return (SocketAddr::new(*local, port), Via::Direct);
+        }
+        let at = SocketAddr::new(task.address, port);
+        let node = state.nodes.iter().find(|n| n.name == task.node).and_then(|n| n.address);
+        let why = match (&self.hop, node) {
+            _ if task.node == self.node => {
+                "it runs on this node, whose engine gives no address to reach it at (see the problems)".into()
+            }
+            (Some(dialer), Some(node)) => return (at, Via::Hop(dialer.clone(), node)),
+            (None, _) => format!(
+                "it runs on node `{}` and is reached through that node's agent, which needs the cluster secret on both (cluster.secret_file)",
+                task.node
+            ),
+            (Some(_), None) => format!("it runs on node `{}`, whose address is not known", task.node),
+        };
+        (at, Via::Nowhere(why.into()))
+    }
 }
 
 /// A connection ready to carry one request.
@@ -51,7 +118,9 @@ pub enum Sender {
 }
 
 pub struct Endpoint {
+    /// The address dialled (directly, or by the agent a hop goes through).
     pub addr: SocketAddr,
+    pub via: Via,
     pub protocol: UpstreamProtocol,
     pub service: Arc<str>,
     pub task: Arc<str>,
@@ -89,6 +158,15 @@ impl Endpoint {
     #[must_use]
     pub fn is_ejected(&self) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Why this node cannot reach the task at all, if it cannot.
+    #[must_use]
+    pub fn unreachable(&self) -> Option<&str> {
+        match &self.via {
+            Via::Nowhere(why) => Some(why),
+            _ => None,
+        }
     }
 
     /// Records a refused or timed-out connect: eject for `base * 2^(failures-1)`, capped.
@@ -144,12 +222,21 @@ impl Endpoint {
         Ok(Sender::H1 { sender, reused: false })
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| ConnectError::Timeout(timeout))??;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+    async fn connect(&self, timeout: Duration) -> Result<Upstream, ConnectError> {
+        let connecting = async {
+            match &self.via {
+                Via::Direct => {
+                    let stream = TcpStream::connect(self.addr).await?;
+                    stream.set_nodelay(true)?;
+                    Ok(Upstream::Tcp(stream))
+                }
+                Via::Hop(dialer, node) => {
+                    Ok(Upstream::Hop(Box::new(dialer.dial(*node, &self.task, self.addr.port()).await?)))
+                }
+                Via::Nowhere(why) => Err(ConnectError::Nowhere(why.clone())),
+            }
+        };
+        tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout(timeout))?
     }
 
     fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
@@ -201,6 +288,66 @@ where
     Ok(sender)
 }
 
+/// A connection to a task: straight, or through its node's agent.
+pub enum Upstream {
+    Tcp(TcpStream),
+    Hop(Box<HopStream>),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Hop(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Hop(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Hop(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Hop(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Hop(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Hop(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// Hands out one shared [`Endpoint`] per task and upstream protocol.
 pub struct EndpointRegistry {
     live: Mutex<HashMap<Key, Weak<Endpoint>>>,
@@ -210,6 +357,8 @@ pub struct EndpointRegistry {
 #[derive(Hash, PartialEq, Eq)]
 struct Key {
     addr: SocketAddr,
+    hop: Option<IpAddr>,
+    nowhere: bool,
     protocol: UpstreamProtocol,
     service: Arc<str>,
     task: Arc<str>,
@@ -224,21 +373,24 @@ impl EndpointRegistry {
     /// The endpoint for a task, shared with the table in force if it already knows it.
     pub fn get(
         &self,
-        addr: SocketAddr,
+        (addr, via): (SocketAddr, Via),
         protocol: UpstreamProtocol,
         service: &str,
         task: &str,
         node: &str,
     ) -> Arc<Endpoint> {
-        let key = Key { addr, protocol, service: service.into(), task: task.into() };
+        let nowhere = matches!(via, Via::Nowhere(_));
+        let key =
+            Key { addr, hop: via.hop_node(), nowhere, protocol, service: service.into(), task: task.into() };
         let mut live = self.live.lock().expect("registry lock");
         if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
             return existing;
         }
         let up = self.up_vec.with_label_values(&[service, task, &addr.to_string()]);
-        up.set(1);
+        up.set(i64::from(!nowhere));
         let endpoint = Arc::new(Endpoint {
             addr,
+            via,
             protocol,
             service: key.service.clone(),
             task: key.task.clone(),

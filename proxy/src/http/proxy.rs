@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, RequestGuard};
-use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Sender};
+use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Reach, Sender};
 use super::router::{Route, RouteTable};
 use super::server::ConnActivity;
 use crate::config::ProxyConfig;
@@ -83,24 +83,34 @@ impl Proxy {
     }
 
     /// Compiles the route table from the hub's state now (so the listener never serves an
-    /// empty table once the agent has started), then again on every new generation.
+    /// empty table once the agent has started), then again on every new generation. Tasks
+    /// that cannot be reached are logged when they become so.
     pub fn follow(
         self: Arc<Self>,
         hub: Arc<StateHub>,
         default_host: Option<String>,
+        reach: Reach,
     ) -> tokio::task::JoinHandle<()> {
         let registry = EndpointRegistry::new(self.metrics.backend_up.clone());
         let mut changes = hub.subscribe();
         changes.mark_unchanged();
-        let compile = move || {
+        let mut told = std::collections::HashSet::new();
+        let mut compile = move || {
             let snapshot = hub.load();
             let table = RouteTable::compile(
                 &snapshot.state,
                 snapshot.generation,
                 default_host.as_deref(),
                 &registry,
+                &reach,
                 &self.metrics,
             );
+            told.retain(|p| table.unreachable.contains(p));
+            for problem in &table.unreachable {
+                if told.insert(problem.clone()) {
+                    tracing::warn!("{problem}");
+                }
+            }
             self.table.store(Arc::new(table));
             registry.prune();
             self.metrics.state_generation.set(snapshot.generation as i64);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::endpoint::{Endpoint, EndpointRegistry};
+use super::endpoint::{Endpoint, EndpointRegistry, Reach};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::state::{HostPattern, HttpsMethod, MeshState, UpstreamProtocol};
 
@@ -48,7 +48,8 @@ impl Route {
     /// `exclude` (the endpoint that just failed).
     #[must_use]
     pub fn pick(&self, exclude: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
-        let allowed = |e: &&Arc<Endpoint>| exclude.is_none_or(|x| !Arc::ptr_eq(x, e));
+        let allowed =
+            |e: &&Arc<Endpoint>| e.unreachable().is_none() && exclude.is_none_or(|x| !Arc::ptr_eq(x, e));
         let healthy = self.endpoints.iter().filter(allowed).filter(|e| !e.is_ejected()).count();
         let candidates =
             || self.endpoints.iter().filter(allowed).filter(move |e| healthy == 0 || !e.is_ejected());
@@ -99,6 +100,8 @@ pub struct RouteTable {
     regex: Vec<(regex::Regex, HostRoutes)>,
     default_host: Option<String>,
     pub conflicts: Vec<Conflict>,
+    /// Tasks this node cannot reach, each with the reason (never dialled).
+    pub unreachable: Vec<String>,
     pub generation: u64,
 }
 
@@ -111,20 +114,36 @@ impl RouteTable {
         generation: u64,
         default_host: Option<&str>,
         registry: &EndpointRegistry,
+        reach: &Reach,
         metrics: &Metrics,
     ) -> Self {
         let mut by_pattern: HashMap<HostPattern, Vec<Arc<Route>>> = HashMap::new();
         let mut conflicts = Vec::new();
+        let mut unreachable = Vec::new();
         let mut services: Vec<_> = state.services.iter().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         for svc in services {
             for http in &svc.http {
-                let endpoints = svc
+                let endpoints: Vec<Arc<Endpoint>> = svc
                     .tasks
                     .iter()
                     .filter(|t| t.health.routable())
-                    .map(|t| registry.get(t.socket_addr(http.port), http.protocol, &svc.name, &t.id, &t.node))
+                    .map(|t| {
+                        let target = reach.resolve(state, t, http.port);
+                        registry.get(target, http.protocol, &svc.name, &t.id, &t.node)
+                    })
                     .collect();
+                for e in &endpoints {
+                    if let Some(why) = e.unreachable() {
+                        let problem = format!(
+                            "service `{}` task `{}` ({}): {why}; not routed",
+                            svc.name, e.task, e.addr
+                        );
+                        if !unreachable.contains(&problem) {
+                            unreachable.push(problem);
+                        }
+                    }
+                }
                 let name = format!("{}{}", http.hosts[0], http.path);
                 let route = Arc::new(Route {
                     metrics: metrics.route(&name),
@@ -159,6 +178,7 @@ impl RouteTable {
         let mut table = Self {
             default_host: default_host.map(str::to_ascii_lowercase),
             conflicts,
+            unreachable,
             generation,
             ..Self::default()
         };
@@ -174,7 +194,7 @@ impl RouteTable {
                 HostPattern::Regex(r) => match regex::Regex::new(&r) {
                     Ok(re) => table.regex.push((re, routes)),
                     Err(e) => {
-                        tracing::warn!(regex = %r, error = %e, "host regex does not compile; route skipped")
+                        tracing::warn!(regex = %r, error = %e, "host regex does not compile; route skipped");
                     }
                 },
             }
@@ -261,6 +281,7 @@ mod tests {
                     health: Health::Unknown,
                     network: None,
                     aliases: vec![],
+                    node_local: false,
                 })
                 .collect(),
             http: vec![HttpRoute {
@@ -280,7 +301,14 @@ mod tests {
     fn table(services: Vec<Service>, default: Option<&str>) -> RouteTable {
         let m = Metrics::new();
         let reg = EndpointRegistry::new(m.backend_up.clone());
-        RouteTable::compile(&MeshState { services, ..MeshState::default() }, 1, default, &reg, &m)
+        RouteTable::compile(
+            &MeshState { services, ..MeshState::default() },
+            1,
+            default,
+            &reg,
+            &Reach::default(),
+            &m,
+        )
     }
 
     fn svc_of<'a>(t: &'a RouteTable, host: &str, path: &str) -> Option<&'a str> {

@@ -201,6 +201,7 @@ fn parse_task(service: &str, index: usize, t: TaskEntry) -> Result<Task, (Range<
         health: t.health,
         network: None,
         aliases: Vec::new(),
+        node_local: false,
     })
 }
 

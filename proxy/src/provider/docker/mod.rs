@@ -8,6 +8,7 @@
 //! and resyncs. It never blocks the other providers.
 
 pub mod optin;
+mod raw;
 pub mod traefik_rule;
 mod workloads;
 
@@ -193,7 +194,7 @@ async fn session(
     let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
     let mut resync =
         async |discovery: &mut workloads::Discovery, leave_swarm_tasks: bool| -> Result<(), String> {
-            let (state, problems, position) =
+            let workloads::Found { state, problems, position } =
                 discovery.resync(docker, leave_swarm_tasks).await.map_err(|e| e.to_string())?;
             link.position.send_if_modified(|p| std::mem::replace(p, position.clone()) != position);
             for p in &problems {

@@ -4,22 +4,29 @@
 //!   tasks), else per container; running ones only, and with a health check only while
 //!   healthy.
 //! - On a Swarm manager: every service with its running tasks and published ports. A task's
-//!   address is read from its container when the task runs on this node.
+//!   addresses come from the task API (`NetworksAttachments`, known on every manager for
+//!   every node), its health from its container when it runs here.
 //! - On a Swarm worker (the Swarm API is refused): the local containers of Swarm tasks,
 //!   grouped by their `com.docker.swarm.service.name` label.
+//!
+//! Every task is node-local (see [`Task::node_local`]): the state also says how this node
+//! reaches its own tasks (`local_addresses`): on a network the agent shares with the task,
+//! or a bridge of this host, the task's address there; on an overlay network, from the host
+//! namespace, its `docker_gwbridge` address (the overlay itself is reached only from inside).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use bollard::models::{
-    ContainerSummary, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, LocalNodeState,
-    TaskState,
+    ContainerSummary, EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum,
+    LocalNodeState,
 };
-use bollard::query_parameters::{InspectNetworkOptions, ListContainersOptions, ListTasksOptions};
+use bollard::query_parameters::{InspectNetworkOptions, ListContainersOptions};
 use bollard::Docker;
+use serde::Deserialize;
 
 use super::optin::{self, Defaults, Workload};
-use super::{DockerConfig, NAME};
+use super::{raw, DockerConfig, NAME};
 use crate::cluster::Position;
 use crate::state::{Health, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
 
@@ -27,6 +34,8 @@ const SWARM_SERVICE: &str = "com.docker.swarm.service.name";
 const STACK: &str = "com.docker.stack.namespace";
 const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+/// The bridge that gives tasks on overlay networks a way out, and the host a way in.
+const GWBRIDGE: &str = "docker_gwbridge";
 
 /// What the list does not say about a container: read with an inspect, then cached until
 /// the container's set of networks changes (aliases are per network).
@@ -40,6 +49,7 @@ struct Inspected {
 pub struct Discovery {
     defaults: Defaults,
     network: Option<String>,
+    endpoint: String,
     inspected: HashMap<String, Inspected>,
     mode: &'static str,
     said_worker: bool,
@@ -47,9 +57,119 @@ pub struct Discovery {
     agent_networks: Option<BTreeSet<String>>,
 }
 
+/// What one resync found.
+pub struct Found {
+    pub state: MeshState,
+    /// Opt-in settings that could not be used, and tasks that cannot be reached.
+    pub problems: Vec<String>,
+    pub position: Position,
+}
+
+/// The engine's own view of this node.
+struct Engine {
+    node: String,
+    swarm: Option<bollard::models::SwarmInfo>,
+    in_swarm: bool,
+    manager: bool,
+}
+
+/// The engine's networks as far as reaching tasks goes.
+#[derive(Default)]
+struct Networks {
+    /// Network name to driver (`bridge`, `overlay`, ...).
+    drivers: HashMap<String, String>,
+    /// Container id to its `docker_gwbridge` address.
+    gateways: HashMap<String, IpAddr>,
+}
+
+impl Networks {
+    async fn read(docker: &Docker) -> Result<Self, bollard::errors::Error> {
+        let drivers = docker
+            .list_networks(None)
+            .await?
+            .into_iter()
+            .filter_map(|n| Some((n.name?, n.driver.unwrap_or_default())))
+            .collect();
+        // Absent until the first task on an overlay network starts on this node.
+        let gateways = match docker.inspect_network(GWBRIDGE, None::<InspectNetworkOptions>).await {
+            Ok(net) => net
+                .containers
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(id, c)| Some((id, strip_prefix_len(c.ipv4_address.as_deref()?)?)))
+                .collect(),
+            Err(_) => HashMap::new(),
+        };
+        Ok(Self { drivers, gateways })
+    }
+}
+
+/// `10.0.1.5/24` to `10.0.1.5`.
+fn strip_prefix_len(cidr: &str) -> Option<IpAddr> {
+    cidr.split('/').next()?.parse().ok()
+}
+
 /// A container as a task candidate.
 struct Member<'a> {
     summary: &'a ContainerSummary,
+    name: String,
+}
+
+/// What the resync builds up.
+#[derive(Default)]
+struct Building {
+    services: Vec<Service>,
+    problems: Vec<String>,
+    local_addresses: BTreeMap<String, IpAddr>,
+}
+
+/// A task from the task API, with the fields bollard's model leaves out.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SwarmTask {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "ServiceID")]
+    service_id: String,
+    #[serde(rename = "NodeID", default)]
+    node_id: String,
+    slot: Option<u64>,
+    status: SwarmTaskStatus,
+    #[serde(default)]
+    networks_attachments: Vec<Attachment>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SwarmTaskStatus {
+    state: String,
+    container_status: Option<ContainerStatus>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ContainerStatus {
+    #[serde(rename = "ContainerID", default)]
+    container_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Attachment {
+    network: AttachedNetwork,
+    #[serde(default)]
+    addresses: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AttachedNetwork {
+    spec: NetworkSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NetworkSpec {
     name: String,
 }
 
@@ -99,6 +219,27 @@ struct Reach<'a> {
     agent_networks: Option<&'a BTreeSet<String>>,
 }
 
+impl Reach<'_> {
+    /// How this node reaches a task of its own that is `address` on `network`: there, if the
+    /// agent is on that network too or the network is a bridge of this host (routed by the
+    /// host); through `docker_gwbridge` if it is an overlay. `None`: not from here.
+    fn local_address(
+        &self,
+        container: &str,
+        network: &str,
+        address: IpAddr,
+        networks: &Networks,
+    ) -> Option<IpAddr> {
+        if self.agent_networks.is_some_and(|mine| mine.contains(network)) {
+            return Some(address);
+        }
+        match networks.drivers.get(network).map(String::as_str) {
+            Some("overlay") => networks.gateways.get(container).copied(),
+            _ => Some(address),
+        }
+    }
+}
+
 /// The network a task is reached on: the one the workload names, else the configured one,
 /// else one the agent shares with it, else the first by name (the same on every node).
 /// Swarm's `ingress` network carries the routing mesh, not service traffic: it is used only
@@ -126,6 +267,33 @@ fn choose_network(
     shared.or_else(|| candidates.next()).map(|(n, ip)| (n.clone(), *ip))
 }
 
+/// The published ports of a service's endpoint.
+fn published_ports(ports: &[EndpointPortConfig]) -> Vec<PublishedPort> {
+    ports
+        .iter()
+        .filter_map(|p| {
+            Some(PublishedPort {
+                protocol: match p.protocol {
+                    Some(EndpointPortConfigProtocolEnum::UDP) => L4Protocol::Udp,
+                    Some(EndpointPortConfigProtocolEnum::TCP) | None => L4Protocol::Tcp,
+                    _ => return None,
+                },
+                published: u16::try_from(p.published_port?).ok()?,
+                target: u16::try_from(p.target_port?).ok()?,
+                local_only: p.publish_mode == Some(EndpointPortConfigPublishModeEnum::HOST),
+            })
+        })
+        .collect()
+}
+
+/// The container's name without the leading `/`.
+fn container_name(c: &ContainerSummary) -> String {
+    c.names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map_or_else(|| "?".into(), |n| n.trim_start_matches('/').to_owned())
+}
+
 impl Discovery {
     pub fn new(cfg: &DockerConfig) -> Self {
         Self {
@@ -134,6 +302,7 @@ impl Discovery {
                 default_domain: cfg.default_domain.clone(),
             },
             network: cfg.network.clone(),
+            endpoint: cfg.endpoint(),
             inspected: HashMap::new(),
             mode: "containers",
             said_worker: false,
@@ -147,18 +316,38 @@ impl Discovery {
     }
 
     /// Lists everything and builds the state, plus the problems found in opt-in settings.
-    /// With `leave_swarm_tasks` (a worker following the cluster feed), Swarm task containers
-    /// are left to the feed. Also returns where the engine puts this node in the Swarm.
-    pub async fn resync(
-        &mut self,
-        docker: &Docker,
-        leave_swarm_tasks: bool,
-    ) -> Result<(MeshState, Vec<String>, Position), bollard::errors::Error> {
+    /// With `leave_swarm_tasks` (a worker following the cluster feed), Swarm tasks are left
+    /// to the feed, except for how this node reaches its own.
+    pub async fn resync(&mut self, docker: &Docker, leave_swarm_tasks: bool) -> Result<Found, ResyncError> {
+        let engine = self.engine(docker, leave_swarm_tasks).await?;
+        self.learn_agent_networks(docker).await;
+        let containers =
+            docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
+        self.refresh_inspected(docker, &containers).await;
+        let networks = Networks::read(docker).await?;
+        let mut out = Building::default();
+        let leave = engine.manager || leave_swarm_tasks;
+        self.container_services(&containers, &engine.node, leave, &networks, &mut out);
+        let mut nodes = Vec::new();
+        if engine.manager {
+            nodes = swarm_nodes(docker).await?;
+            self.swarm_services(docker, &containers, &engine.node, &nodes, &networks, &mut out).await?;
+        } else if leave_swarm_tasks {
+            self.own_swarm_tasks(&containers, &networks, &mut out);
+        }
+        let position = position_of(engine.swarm.as_ref(), engine.in_swarm, engine.manager, &nodes);
+        let Building { services, problems, local_addresses } = out;
+        let state = MeshState { services, problems: problems.clone(), nodes, local_addresses };
+        Ok(Found { state, problems, position })
+    }
+
+    /// The engine's name for this node and its place in the Swarm.
+    async fn engine(&mut self, docker: &Docker, leave_swarm_tasks: bool) -> Result<Engine, ResyncError> {
         let info = docker.info().await?;
-        let node = info.name.clone().unwrap_or_else(|| "local".into());
-        let swarm = info.swarm.as_ref();
-        let in_swarm = swarm.and_then(|s| s.local_node_state.as_ref()) == Some(&LocalNodeState::ACTIVE);
-        let manager = in_swarm && swarm.and_then(|s| s.control_available) == Some(true);
+        let swarm = info.swarm;
+        let in_swarm =
+            swarm.as_ref().and_then(|s| s.local_node_state.as_ref()) == Some(&LocalNodeState::ACTIVE);
+        let manager = in_swarm && swarm.as_ref().and_then(|s| s.control_available) == Some(true);
         self.mode = match (in_swarm, manager) {
             (true, true) => "swarm manager",
             (true, false) => "swarm worker",
@@ -168,68 +357,75 @@ impl Discovery {
             tracing::info!("this engine is a Swarm worker: until the cluster feed answers, only the tasks running on this node are routed");
             self.said_worker = true;
         }
+        Ok(Engine { node: info.name.unwrap_or_else(|| "local".into()), swarm, in_swarm, manager })
+    }
 
-        if self.agent_networks.is_none() {
-            // In a container, the hostname is the container id's prefix.
-            let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-            let own = docker.inspect_container(hostname.trim(), None).await.ok();
-            let nets = own
-                .and_then(|c| c.network_settings?.networks)
-                .map(|n| n.into_keys().collect())
-                .unwrap_or_default();
-            self.agent_networks = Some(nets);
+    /// The networks of the agent's own container, once (in a container, the hostname is the
+    /// container id's prefix; on the host network nothing matches).
+    async fn learn_agent_networks(&mut self, docker: &Docker) {
+        if self.agent_networks.is_some() {
+            return;
         }
-        let reach =
-            Reach { configured: self.network.as_deref(), agent_networks: self.agent_networks.as_ref() };
-        let containers =
-            docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
+        let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let own = docker.inspect_container(hostname.trim(), None).await.ok();
+        let nets = own.and_then(|c| c.network_settings?.networks).map(|n| n.into_keys().collect());
+        self.agent_networks = Some(nets.unwrap_or_default());
+    }
+
+    /// Inspects the containers not seen yet (or whose networks changed); forgets the gone.
+    async fn refresh_inspected(&mut self, docker: &Docker, containers: &[ContainerSummary]) {
         let live: HashSet<&str> = containers.iter().filter_map(|c| c.id.as_deref()).collect();
         self.inspected.retain(|id, _| live.contains(id.as_str()));
-        for c in &containers {
+        for c in containers {
             let Some(id) = c.id.as_deref() else { continue };
             let networks: BTreeSet<String> = networks_of(c).into_keys().collect();
             if self.inspected.get(id).is_some_and(|i| i.networks == networks) {
                 continue;
             }
             // A container that vanished between list and inspect is simply skipped.
-            if let Ok(inspect) = docker.inspect_container(id, None).await {
-                let short_id = &id[..id.len().min(12)];
-                let aliases = inspect
-                    .network_settings
-                    .and_then(|n| n.networks)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(net, ep)| {
-                        (net, ep.aliases.unwrap_or_default().into_iter().filter(|a| a != short_id).collect())
-                    })
-                    .collect();
-                let config = inspect.config.unwrap_or_default();
-                self.inspected.insert(
-                    id.to_owned(),
-                    Inspected {
-                        env: env_map(config.env),
-                        exposed: ports_of(config.exposed_ports),
-                        networks,
-                        aliases,
-                    },
-                );
-            }
+            let Ok(inspect) = docker.inspect_container(id, None).await else { continue };
+            let short_id = &id[..id.len().min(12)];
+            let aliases = inspect
+                .network_settings
+                .and_then(|n| n.networks)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(net, ep)| {
+                    (net, ep.aliases.unwrap_or_default().into_iter().filter(|a| a != short_id).collect())
+                })
+                .collect();
+            let config = inspect.config.unwrap_or_default();
+            let inspected = Inspected {
+                env: env_map(config.env),
+                exposed: ports_of(config.exposed_ports),
+                networks,
+                aliases,
+            };
+            self.inspected.insert(id.to_owned(), inspected);
         }
+    }
 
-        let mut problems = Vec::new();
-        let mut services = Vec::new();
-        // Containers grouped into services (Swarm tasks only when no manager view covers them).
+    fn reach(&self) -> Reach<'_> {
+        Reach { configured: self.network.as_deref(), agent_networks: self.agent_networks.as_ref() }
+    }
+
+    /// Containers grouped into services: Compose services, single containers, and Swarm
+    /// tasks unless `leave_swarm_tasks` (a manager's task view, or the feed, covers them).
+    fn container_services(
+        &self,
+        containers: &[ContainerSummary],
+        node: &str,
+        leave_swarm_tasks: bool,
+        networks: &Networks,
+        out: &mut Building,
+    ) {
         let mut groups: BTreeMap<(String, Option<String>), Vec<Member<'_>>> = BTreeMap::new();
-        for c in &containers {
+        for c in containers {
             let labels = c.labels.as_ref();
             let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
-            let name = c
-                .names
-                .as_ref()
-                .and_then(|n| n.first())
-                .map_or_else(|| "?".into(), |n| n.trim_start_matches('/').to_owned());
+            let name = container_name(c);
             let key = if let Some(svc) = label(SWARM_SERVICE) {
-                if manager || leave_swarm_tasks {
+                if leave_swarm_tasks {
                     continue;
                 }
                 (svc, label(STACK))
@@ -252,40 +448,14 @@ impl Discovery {
                 &Workload { env: &inspected.env, labels, exposed_ports: &inspected.exposed, name: &name },
                 &self.defaults,
             );
-            problems.extend(opt.problems.iter().map(|p| format!("container `{}`: {p}", first.name)));
+            out.problems.extend(opt.problems.iter().map(|p| format!("container `{}`: {p}", first.name)));
             // Workloads that did not opt in stay in the state without routes: mesh-dns
             // answers their names, the proxy exposes nothing of them.
             let tasks = members
                 .iter()
-                .filter_map(|m| {
-                    let who = format!("container `{}`", m.name);
-                    let (network, address) = choose_network(
-                        &networks_of(m.summary),
-                        opt.network.as_deref(),
-                        &reach,
-                        &who,
-                        &mut problems,
-                    )?;
-                    // A Swarm task's container is named like the task (`web.1.abc`).
-                    let id = m.name.clone();
-                    let aliases = m
-                        .summary
-                        .id
-                        .as_deref()
-                        .and_then(|id| self.inspected.get(id)?.aliases.get(&network).cloned())
-                        .unwrap_or_default();
-                    Some(Task {
-                        id,
-                        address,
-                        port: None,
-                        node: node.clone(),
-                        health: health_of(m.summary.status.as_deref()),
-                        network: Some(network),
-                        aliases,
-                    })
-                })
+                .filter_map(|m| self.container_task(m, node, opt.network.as_deref(), networks, out))
                 .collect();
-            services.push(Service {
+            out.services.push(Service {
                 name,
                 stack,
                 provider: NAME.into(),
@@ -294,39 +464,85 @@ impl Discovery {
                 l4: Vec::new(),
             });
         }
-
-        let mut nodes = Vec::new();
-        if manager {
-            nodes = swarm_nodes(docker).await?;
-            self.swarm_services(docker, &containers, &node, &nodes, &reach, &mut services, &mut problems)
-                .await?;
-        }
-        let position = position_of(swarm, in_swarm, manager, &nodes);
-        Ok((MeshState { services, problems: problems.clone(), nodes }, problems, position))
     }
 
-    /// Every Swarm service with its running tasks: addresses from the task's container when it
-    /// runs here, else from the engine's verbose network view.
-    #[allow(clippy::too_many_arguments)] // one call site; the inputs are the resync's own locals
+    /// One container as a task of this node, noting how this node reaches it.
+    fn container_task(
+        &self,
+        m: &Member<'_>,
+        node: &str,
+        wanted: Option<&str>,
+        networks: &Networks,
+        out: &mut Building,
+    ) -> Option<Task> {
+        let reach = self.reach();
+        let who = format!("container `{}`", m.name);
+        let (network, address) =
+            choose_network(&networks_of(m.summary), wanted, &reach, &who, &mut out.problems)?;
+        let id = m.summary.id.as_deref().unwrap_or("");
+        // A Swarm task's container is named like the task (`web.1.abc`).
+        match reach.local_address(id, &network, address, networks) {
+            Some(local) => {
+                out.local_addresses.insert(m.name.clone(), local);
+            }
+            None => out.problems.push(unreachable_here(&who, &network)),
+        }
+        let aliases =
+            self.inspected.get(id).and_then(|i| i.aliases.get(&network).cloned()).unwrap_or_default();
+        Some(Task {
+            id: m.name.clone(),
+            address,
+            port: None,
+            node: node.to_owned(),
+            health: health_of(m.summary.status.as_deref()),
+            network: Some(network),
+            aliases,
+            node_local: true,
+        })
+    }
+
+    /// A worker following the feed: the feed says which tasks exist, this engine how this
+    /// node reaches the ones it runs.
+    fn own_swarm_tasks(&self, containers: &[ContainerSummary], networks: &Networks, out: &mut Building) {
+        let reach = self.reach();
+        for c in
+            containers.iter().filter(|c| c.labels.as_ref().is_some_and(|l| l.contains_key(SWARM_SERVICE)))
+        {
+            let name = container_name(c);
+            let id = c.id.as_deref().unwrap_or("");
+            let who = format!("container `{name}`");
+            let Some((network, address)) =
+                choose_network(&networks_of(c), None, &reach, &who, &mut Vec::new())
+            else {
+                continue;
+            };
+            if let Some(local) = reach.local_address(id, &network, address, networks) {
+                out.local_addresses.insert(name, local);
+            }
+        }
+    }
+
+    /// Every Swarm service with its running tasks: addresses from the task API, health and
+    /// the local address from the task's container when it runs here.
     async fn swarm_services(
         &self,
         docker: &Docker,
         containers: &[ContainerSummary],
         node: &str,
         nodes: &[Node],
-        reach: &Reach<'_>,
-        services: &mut Vec<Service>,
-        problems: &mut Vec<String>,
-    ) -> Result<(), bollard::errors::Error> {
+        networks: &Networks,
+        out: &mut Building,
+    ) -> Result<(), ResyncError> {
         let by_id: HashMap<&str, &ContainerSummary> =
             containers.iter().filter_map(|c| Some((c.id.as_deref()?, c))).collect();
-        let nodes: HashMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.name.as_str())).collect();
-        // Task addresses on other nodes come from the verbose inspect of each network the
-        // services attach to (the engine's own view, shared across the cluster by gossip).
-        let mut remote: HashMap<String, BTreeMap<String, IpAddr>> = HashMap::new();
-        let mut inspected_networks = HashSet::new();
-        let filters = [("desired-state".to_owned(), vec!["running".to_owned()])].into();
-        let tasks = docker.list_tasks(Some(ListTasksOptions { filters: Some(filters) })).await?;
+        let node_names: HashMap<&str, &str> =
+            nodes.iter().map(|n| (n.id.as_str(), n.name.as_str())).collect();
+        let version = docker.client_version();
+        let path = format!(
+            "/v{}.{}/tasks?filters=%7B%22desired-state%22%3A%5B%22running%22%5D%7D",
+            version.major_version, version.minor_version
+        );
+        let tasks: Vec<SwarmTask> = raw::get(&self.endpoint, &path).await?;
         let mut list = docker.list_services(None).await?;
         list.sort_by(|a, b| {
             a.spec.as_ref().and_then(|s| s.name.clone()).cmp(&b.spec.as_ref().and_then(|s| s.name.clone()))
@@ -344,93 +560,95 @@ impl Discovery {
                 &Workload { env: &env, labels: &labels, exposed_ports: &targets, name: &name },
                 &self.defaults,
             );
-            problems.extend(opt.problems.iter().map(|p| format!("service `{name}`: {p}")));
-            let attached = spec
-                .task_template
-                .as_ref()
-                .and_then(|t| t.networks.clone())
-                .or(spec.networks.clone())
-                .unwrap_or_default();
-            for net in attached.iter().filter_map(|n| n.target.clone()) {
-                if inspected_networks.insert(net.clone()) {
-                    // A network that vanished meanwhile only loses its remote addresses.
-                    if let Ok(inspect) = docker
-                        .inspect_network(&net, Some(InspectNetworkOptions { verbose: true, scope: None }))
-                        .await
-                    {
-                        let net_name = inspect.name.clone().unwrap_or(net);
-                        for (task, ip) in task_addresses(inspect.services.as_ref()) {
-                            remote.entry(task).or_default().insert(net_name.clone(), ip);
-                        }
-                    }
-                }
-            }
-            let l4: Vec<PublishedPort> = ports
-                .iter()
-                .filter_map(|p| {
-                    Some(PublishedPort {
-                        protocol: match p.protocol {
-                            Some(EndpointPortConfigProtocolEnum::UDP) => L4Protocol::Udp,
-                            Some(EndpointPortConfigProtocolEnum::TCP) | None => L4Protocol::Tcp,
-                            _ => return None,
-                        },
-                        published: u16::try_from(p.published_port?).ok()?,
-                        target: u16::try_from(p.target_port?).ok()?,
-                        local_only: p.publish_mode == Some(EndpointPortConfigPublishModeEnum::HOST),
-                    })
-                })
-                .collect();
+            out.problems.extend(opt.problems.iter().map(|p| format!("service `{name}`: {p}")));
             let mut service_tasks = Vec::new();
-            for t in tasks.iter().filter(|t| t.service_id.as_deref() == Some(id.as_str())) {
-                if t.status.as_ref().and_then(|s| s.state.as_ref()) != Some(&TaskState::RUNNING) {
-                    continue;
+            for t in tasks.iter().filter(|t| t.service_id == id && t.status.state == "running") {
+                let task_node = node_names.get(t.node_id.as_str()).map_or(node, |n| *n);
+                let container = t.status.container_status.as_ref().map(|c| c.container_id.as_str());
+                let local = container.and_then(|cid| by_id.get(cid).copied());
+                if let Some(task) =
+                    self.swarm_task(&name, t, task_node, local, opt.network.as_deref(), networks, out)
+                {
+                    service_tasks.push(task);
                 }
-                let task_name = format!("{name}.{}.{}", t.slot.unwrap_or(0), t.id.as_deref().unwrap_or(""));
-                let local = t
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_status.as_ref())
-                    .and_then(|c| c.container_id.as_deref())
-                    .and_then(|cid| by_id.get(cid));
-                let (networks, health) = match local {
-                    Some(c) => (networks_of(c), health_of(c.status.as_deref())),
-                    None => (remote.get(&task_name).cloned().unwrap_or_default(), Health::Unknown),
-                };
-                let who = format!("service `{name}` task `{task_name}`");
-                let Some((network, address)) =
-                    choose_network(&networks, opt.network.as_deref(), reach, &who, problems)
-                else {
-                    continue;
-                };
-                let task_node = t
-                    .node_id
-                    .as_deref()
-                    .and_then(|n| nodes.get(n))
-                    .map_or_else(|| node.to_owned(), |n| (*n).to_owned());
-                let aliases = local
-                    .and_then(|c| self.inspected.get(c.id.as_deref()?)?.aliases.get(&network).cloned())
-                    .unwrap_or_default();
-                service_tasks.push(Task {
-                    id: task_name,
-                    address,
-                    port: None,
-                    node: task_node,
-                    health,
-                    network: Some(network),
-                    aliases,
-                });
             }
-            services.push(Service {
+            out.services.push(Service {
                 name,
                 stack: labels.get(STACK).cloned(),
                 provider: NAME.into(),
                 tasks: service_tasks,
                 http: opt.routes,
-                l4,
+                l4: published_ports(&ports),
             });
         }
         Ok(())
     }
+
+    /// One running task of a Swarm service, named like its container (`web.1.<id>`, or
+    /// `web.<node id>.<id>` for a global service).
+    #[allow(clippy::too_many_arguments)] // the task's own facts and where to note what it found
+    fn swarm_task(
+        &self,
+        service: &str,
+        t: &SwarmTask,
+        node: &str,
+        local: Option<&ContainerSummary>,
+        wanted: Option<&str>,
+        networks: &Networks,
+        out: &mut Building,
+    ) -> Option<Task> {
+        let task_name = local.map_or_else(
+            || format!("{service}.{}.{}", t.slot.map_or_else(|| t.node_id.clone(), |s| s.to_string()), t.id),
+            container_name,
+        );
+        let attached: BTreeMap<String, IpAddr> = t
+            .networks_attachments
+            .iter()
+            .filter_map(|a| Some((a.network.spec.name.clone(), strip_prefix_len(a.addresses.first()?)?)))
+            .collect();
+        let attached =
+            if attached.is_empty() { local.map(networks_of).unwrap_or_default() } else { attached };
+        let who = format!("service `{service}` task `{task_name}`");
+        let reach = self.reach();
+        let (network, address) = choose_network(&attached, wanted, &reach, &who, &mut out.problems)?;
+        let mut aliases = Vec::new();
+        if let Some(c) = local {
+            let id = c.id.as_deref().unwrap_or("");
+            match reach.local_address(id, &network, address, networks) {
+                Some(addr) => {
+                    out.local_addresses.insert(task_name.clone(), addr);
+                }
+                None => out.problems.push(unreachable_here(&who, &network)),
+            }
+            aliases =
+                self.inspected.get(id).and_then(|i| i.aliases.get(&network).cloned()).unwrap_or_default();
+        }
+        Some(Task {
+            id: task_name,
+            address,
+            port: None,
+            node: node.to_owned(),
+            health: local.map_or(Health::Unknown, |c| health_of(c.status.as_deref())),
+            network: Some(network),
+            aliases,
+            node_local: true,
+        })
+    }
+}
+
+fn unreachable_here(who: &str, network: &str) -> String {
+    format!(
+        "{who}: not reachable from this node on network `{network}` (an overlay network is reached through {GWBRIDGE}, which this task has no address on: is the network internal?); not routed"
+    )
+}
+
+/// What can go wrong reading the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    #[error(transparent)]
+    Api(#[from] bollard::errors::Error),
+    #[error(transparent)]
+    Raw(#[from] raw::RawError),
 }
 
 /// Where the engine puts this node: the leader is found in the node list (managers only);
@@ -483,35 +701,9 @@ async fn swarm_nodes(docker: &Docker) -> Result<Vec<Node>, bollard::errors::Erro
     Ok(nodes)
 }
 
-/// Task name to address, from a verbose network inspect's `Services` section:
-/// `{"web": {"Tasks": [{"Name": "web.1.abc", "EndpointIP": "10.0.1.5"}]}}`.
-fn task_addresses(services: Option<&HashMap<String, serde_json::Value>>) -> Vec<(String, IpAddr)> {
-    services
-        .into_iter()
-        .flat_map(HashMap::values)
-        .filter_map(|svc| svc.get("Tasks")?.as_array())
-        .flatten()
-        .filter_map(|t| {
-            Some((t.get("Name")?.as_str()?.to_owned(), t.get("EndpointIP")?.as_str()?.parse().ok()?))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn task_addresses_from_a_verbose_network_inspect() {
-        let services: HashMap<String, serde_json::Value> = serde_json::from_str(
-            r#"{"web": {"VIP": "10.0.1.2", "Tasks": [{"Name": "web.1.abc", "EndpointIP": "10.0.1.5"}, {"Name": "web.2.def", "EndpointIP": "bogus"}]}, "": {}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            task_addresses(Some(&services)),
-            vec![("web.1.abc".to_owned(), "10.0.1.5".parse().unwrap())]
-        );
-    }
 
     #[test]
     fn health_from_the_status_text() {

@@ -1,0 +1,30 @@
+//! Sockets the agent listens on.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+/// A bound, non-blocking socket; with `reuse_port`, several agents on one host can hold the
+/// same address at once (the kernel spreads new connections and datagrams between them),
+/// which is how an agent is replaced without a moment where nobody listens.
+pub fn reusable_socket(
+    addr: SocketAddr,
+    kind: socket2::Type,
+    reuse_port: bool,
+) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    if kind == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// A TCP listener, see [`reusable_socket`]. Needs a Tokio runtime.
+pub fn reusable_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = reusable_socket(addr, socket2::Type::STREAM, reuse_port)?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
