@@ -14,6 +14,8 @@ root=$(mktemp -d)
 chmod 0755 "$root"
 trap 'rm -rf "$root"' EXIT
 install -D -m 0755 "$binary" "$root/usr/local/bin/meshgate"
+# Debug information stays in the build (for profiling), not in the image.
+strip --strip-debug "$root/usr/local/bin/meshgate"
 # The dynamic loader and every library `ldd` names, at the same paths.
 for lib in $(ldd "$binary" | grep -o '/[^ ]*'); do
   install -D -m 0755 "$lib" "$root$lib"

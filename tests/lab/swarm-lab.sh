@@ -35,6 +35,8 @@ start_node() {
   dir=$ROOT/n$i
   mkdir -p "$dir/etc-docker" "$dir/data"
   echo '{}' > "$dir/etc-docker/daemon.json"
+  # No resolver: a registry lookup fails at once instead of timing out in the sink.
+  echo 'nameserver 127.0.0.1' > "$dir/resolv.conf"
   local mounts
   mounts=$(cgroup_mounts)
   # `ip netns exec` re-mounts /sys (hiding the cgroups) in a mount namespace of its own: mount
@@ -50,6 +52,7 @@ start_node() {
     mount -t tmpfs mglab-run /run
     mkdir -p /run/lock
     mount --bind "$2/etc-docker" /etc/docker
+    mount --bind "$2/resolv.conf" /etc/resolv.conf
     hostname "$3"
     exec dockerd --config-file /etc/docker/daemon.json --data-root "$2/data" --exec-root /run/docker \
       --pidfile "$2/dockerd.pid" -H unix:///var/run/docker.sock -H "unix://$2/docker.sock" \
@@ -94,8 +97,13 @@ up() {
   ip netns exec "$LAB-sink" sysctl -qw net.ipv4.ip_forward=0
   ip netns exec "$LAB-sink" iptables -t raw -N COUNT
   ip netns exec "$LAB-sink" iptables -t raw -A PREROUTING -i eth0 -m addrtype ! --dst-type LOCAL -j COUNT
-  ip netns exec "$LAB-sink" iptables -t raw -A COUNT -p tcp
-  ip netns exec "$LAB-sink" iptables -t raw -A COUNT -p udp
+  # What must never leave a node: traffic to task and overlay addresses (the engines'
+  # address pools) and to the ports the lab routes or publishes.
+  for dst in 10.0.0.0/8 172.16.0.0/12; do
+    ip netns exec "$LAB-sink" iptables -t raw -A COUNT -d "$dst" -p tcp
+    ip netns exec "$LAB-sink" iptables -t raw -A COUNT -d "$dst" -p udp
+  done
+  ip netns exec "$LAB-sink" iptables -t raw -A COUNT -p tcp -m multiport --dports 80,443,7380,7381,8080:8099
   for i in $(seq 1 "$NODES"); do
     local ns
     ns=$(node_ns "$i")

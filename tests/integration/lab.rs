@@ -1,0 +1,105 @@
+//! The three-engine lab (`tests/lab/swarm-lab.sh`): real, separate Docker engines in network
+//! namespaces forming a real Swarm. One lab at a time; it is torn down (by PID, the machine's
+//! own engine untouched) when the guard is dropped.
+
+use std::process::Output;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/lab/swarm-lab.sh");
+
+/// One lab at a time: the underlay's addresses are fixed.
+static ONE_LAB: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Which Swarm the lab forms.
+#[derive(Clone, Copy)]
+pub enum Shape {
+    /// Node 1 manages, nodes 2 and 3 work.
+    OneManager,
+    /// All three manage.
+    #[allow(dead_code)]
+    ThreeManagers,
+}
+
+pub struct Lab {
+    _one: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    pub async fn up(shape: Shape) -> Self {
+        let one = ONE_LAB.lock().await;
+        let arg = match shape {
+            Shape::OneManager => "one",
+            Shape::ThreeManagers => "managers",
+        };
+        let out = script(&["up", arg]).await;
+        assert!(out.status.success(), "the lab did not come up: {}", String::from_utf8_lossy(&out.stderr));
+        Self { _one: one }
+    }
+
+    /// Node `i`'s (1-based) address on the underlay, which the machine reaches.
+    pub fn addr(i: usize) -> String {
+        format!("198.18.50.1{i}")
+    }
+
+    /// Node `i`'s engine, for `docker -H`.
+    pub fn docker_host(i: usize) -> String {
+        format!("unix:///var/lib/mglab/n{i}/docker.sock")
+    }
+
+    /// Runs the docker CLI against node `i`; panics with its stderr if it fails.
+    pub async fn docker(i: usize, args: &[&str]) -> String {
+        let out = Self::docker_output(i, args).await;
+        assert!(
+            out.status.success(),
+            "docker (node {i}) {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub async fn docker_output(i: usize, args: &[&str]) -> Output {
+        Command::new("docker").arg("-H").arg(Self::docker_host(i)).args(args).output().await.unwrap()
+    }
+
+    /// Copies images of the machine's engine into every node.
+    pub async fn load(images: &[&str]) {
+        let mut args = vec!["load"];
+        args.extend_from_slice(images);
+        let out = script(&args).await;
+        assert!(out.status.success(), "loading {images:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// TCP and UDP packets that reached the sink (every node's default route) for task or
+    /// overlay addresses or the lab's routed and published ports.
+    pub async fn sink_count() -> u64 {
+        let out = script(&["sink-count"]).await;
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a packet count")
+    }
+
+    /// curl from the machine to `url` with `Host: host`; (exit ok, body).
+    pub async fn curl(host: &str, url: &str) -> (bool, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-H", &format!("Host: {host}"), url])
+            .output()
+            .await
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = std::process::Command::new("bash").args([SCRIPT, "down"]).output();
+        if let Some(out) = out.ok().filter(|o| !o.status.success()) {
+            eprintln!("lab teardown: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+async fn script(args: &[&str]) -> Output {
+    let run = Command::new("bash").arg(SCRIPT).args(args).output();
+    tokio::time::timeout(Duration::from_secs(120), run).await.expect("the lab script finishes").unwrap()
+}

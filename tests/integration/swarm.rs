@@ -1,0 +1,193 @@
+//! meshgate on a real multi-node Swarm: three Docker engines of the lab (`lab.rs`), the
+//! stack deployed as the README says, services on overlay networks reached from every node.
+
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::harness::eventually;
+use crate::lab::{Lab, Shape};
+
+const TEST_IMAGE: &str = "meshgate-test/busybox:local";
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// An HTTP server on port 80 answering with its container's host name (the container id).
+const HTTPD: &str = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
+
+/// Builds the test image into every node (busybox-static, imported: nothing is pulled).
+async fn import_test_image() {
+    let root = tempfile::tempdir().unwrap();
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("/bin/busybox (busybox-static)");
+    for applet in ["sh", "httpd", "hostname", "mkdir", "sleep", "cat"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    for i in 1..=3 {
+        let import = format!(
+            "tar -C {} -c . | docker -H {} import - {TEST_IMAGE}",
+            root.path().display(),
+            Lab::docker_host(i)
+        );
+        let out = Command::new("sh").args(["-c", &import]).output().await.unwrap();
+        assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Runs one line of the README's deploy commands against node `node`, from the repository.
+async fn readme_line(node: usize, line: &str) {
+    let out = Command::new("sh")
+        .args(["-c", line])
+        .current_dir(REPO)
+        .env("DOCKER_HOST", Lab::docker_host(node))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{line}` on node {node}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The sh block under "Deploy on a Swarm" in the README, line by line.
+fn readme_deploy_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(format!("{REPO}/README.md")).unwrap();
+    let section = readme.split("## Deploy on a Swarm").nth(1).expect("the README has \"Deploy on a Swarm\"");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    block
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or(l).trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// A user's stack: a service on the stack's default overlay, pinned to node 3, and one on an
+/// external attachable overlay (as Traefik and nginx-proxy guides have it), pinned to node 2.
+fn user_stack() -> String {
+    format!(
+        r#"version: "3.8"
+services:
+  web:
+    image: {TEST_IMAGE}
+    command: ["sh", "-c", "{HTTPD}"]
+    environment:
+      VIRTUAL_HOST: web.test
+    stop_grace_period: 1s
+    deploy:
+      placement:
+        constraints: ["node.hostname == mglab-n3"]
+  api:
+    image: {TEST_IMAGE}
+    command: ["sh", "-c", "{HTTPD}"]
+    labels:
+      meshgate.enable: "true"
+    environment:
+      VIRTUAL_HOST: api.test
+    networks: [proxy]
+    stop_grace_period: 1s
+    deploy:
+      placement:
+        constraints: ["node.hostname == mglab-n2"]
+networks:
+  proxy:
+    external: true
+"#
+    )
+}
+
+/// The container id (its host name) of the one task of `service`, from the node it runs on.
+async fn task_container(service: &str) -> String {
+    let mut found = String::new();
+    eventually(&format!("{service} runs"), CONVERGE, async || {
+        for i in 1..=3 {
+            let ids = Lab::docker(
+                i,
+                &["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={service}")],
+            )
+            .await;
+            if let Some(id) = ids.lines().next() {
+                found = id.to_owned();
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_services_on_overlays() {
+    let _lab = Lab::up(Shape::OneManager).await;
+    import_test_image().await;
+
+    // The README's commands, as written: the image on every node, the secret and the stack
+    // from the manager. Swapped: the agent binary under test for a release build, and the
+    // README's public nginx image for the test image.
+    let commands = readme_deploy_commands();
+    assert!(commands.len() >= 4, "{commands:?}");
+    let binary = env!("CARGO_BIN_EXE_meshgate");
+    for i in 1..=3 {
+        readme_line(i, &format!("{} {binary}", commands[0])).await;
+    }
+    readme_line(1, &commands[1]).await;
+    readme_line(1, &commands[2]).await;
+    let hello =
+        commands[3].replace(" nginx", &format!(" --stop-grace-period 1s {TEST_IMAGE} sh -c '{HTTPD}'"));
+    readme_line(1, &hello).await;
+
+    eventually("the agent runs healthy on all three nodes", CONVERGE, async || {
+        let states = Lab::docker(
+            1,
+            &[
+                "service",
+                "ps",
+                "meshgate_agent",
+                "--filter",
+                "desired-state=running",
+                "--format",
+                "{{.CurrentState}}",
+            ],
+        )
+        .await;
+        states.lines().filter(|s| s.starts_with("Running")).count() == 3
+    })
+    .await;
+
+    let sink_before = Lab::sink_count().await;
+    Lab::docker(1, &["network", "create", "-d", "overlay", "--attachable", "proxy"]).await;
+    let stack = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(stack.path(), user_stack()).unwrap();
+    Lab::docker(1, &["stack", "deploy", "-c", stack.path().to_str().unwrap(), "shop"]).await;
+
+    for (host, service) in
+        [("web.test", "shop_web"), ("api.test", "shop_api"), ("hello.example.com", "hello")]
+    {
+        let want = task_container(service).await;
+        for i in 1..=3 {
+            let url = format!("http://{}/", Lab::addr(i));
+            let mut last = String::new();
+            eventually(
+                &format!(
+                    "{host} answers through node {i} from {service}'s task {want} (last answer: see below)"
+                ),
+                CONVERGE,
+                async || {
+                    let (ok, body) = Lab::curl(host, &url).await;
+                    last = body.clone();
+                    ok && body == want
+                },
+            )
+            .await;
+            assert_eq!(last, want);
+        }
+    }
+    assert_eq!(
+        Lab::sink_count().await,
+        sink_before,
+        "no packet to a task, an overlay address or a routed port left a node through its default route"
+    );
+}
