@@ -64,14 +64,6 @@ impl Lab {
         Command::new("docker").arg("-H").arg(Self::docker_host(i)).args(args).output().await.unwrap()
     }
 
-    /// Copies images of the machine's engine into every node.
-    pub async fn load(images: &[&str]) {
-        let mut args = vec!["load"];
-        args.extend_from_slice(images);
-        let out = script(&args).await;
-        assert!(out.status.success(), "loading {images:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
     /// TCP and UDP packets that reached the sink (every node's default route) for task or
     /// overlay addresses or the lab's routed and published ports.
     pub async fn sink_count() -> u64 {

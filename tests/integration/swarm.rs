@@ -109,7 +109,7 @@ async fn task_container(service: &str) -> String {
             )
             .await;
             if let Some(id) = ids.lines().next() {
-                found = id.to_owned();
+                id.clone_into(&mut found);
                 return true;
             }
         }

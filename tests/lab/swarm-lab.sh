@@ -3,7 +3,6 @@
 # ../shared/SWARM-LAB.md for what was observed and the traps this script gets past).
 #
 #   tests/lab/swarm-lab.sh up [WORKERS_AS_MANAGERS]   1 manager + 2 workers (or 3 managers with "managers")
-#   tests/lab/swarm-lab.sh load IMAGE...              copies images of the machine's engine into every node
 #   tests/lab/swarm-lab.sh down                       stops the engines by PID, removes everything
 #   tests/lab/swarm-lab.sh env                        prints the addresses and sockets (sourceable)
 #
@@ -128,15 +127,6 @@ up() {
   echo "lab $LAB up: $NODES nodes ($([ "$role" = manager ] && echo "all managers" || echo "1 manager"))"
 }
 
-load() {
-  local tmp
-  tmp=$(mktemp)
-  docker save "$@" -o "$tmp"
-  for i in $(seq 1 "$NODES"); do dk "$i" load -q -i "$tmp" >/dev/null & done
-  wait
-  rm -f "$tmp"
-}
-
 stop_engine() {
   local i=$1 pidfile=$ROOT/n$1/dockerd.pid pid
   [ -f "$pidfile" ] || return 0
@@ -174,7 +164,6 @@ sink_count() {
 
 case "${1:-}" in
   up) shift; up "$@" ;;
-  load) shift; load "$@" ;;
   down) down ;;
   sink-count) sink_count ;;
   env)
