@@ -45,6 +45,15 @@ struct {
 	__type(value, struct reply_val);
 } replies SEC(".maps");
 
+/* This node's tasks as other nodes name them (an overlay address, network order) -> the
+ * address this node reaches them at (their docker_gwbridge address). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, __u32);
+} local_addrs SEC(".maps");
+
 /* Packets and bytes by verdict (STAT_*). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -8,7 +8,9 @@
  * header's ID carries the published port) and sent back out of the uplink.
  *
  * meshgate_tc_in (tc, the uplink's ingress): IP-in-IP from another node is unwrapped for the
- * local task, noting the node and port the client contacted, so that the reply can carry them.
+ * local task (given the address this node reaches it at, when the other node named it by its
+ * overlay address), noting the node and port the client contacted, so that the reply can
+ * carry them.
  * Then every translated packet for a local task is sent straight to the device its route
  * uses (a Docker bridge), past the node's netfilter: Docker's FORWARD chain drops forwarded
  * packets it did not publish itself.
@@ -323,6 +325,33 @@ static __always_inline int redirect_route(struct __sk_buff *skb, __u32 src, __u3
 	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }
 
+/* An unwrapped packet from another node names the task by the address that node knows (an
+ * overlay address); this node reaches the task at another one (docker_gwbridge): the
+ * destination becomes that one, checksums fixed by the helpers. Returns -1 on a helper
+ * failure, 0 otherwise. */
+static __always_inline int to_local_address(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct packet pkt = {};
+	if (parse(data, data_end, &pkt) >= 0)
+		return 0;
+	__u32 old_addr = pkt.ip->daddr;
+	__u32 *local = bpf_map_lookup_elem(&local_addrs, &old_addr);
+	if (!local)
+		return 0;
+	__u32 new_addr = *local;
+	__u32 ip_off = sizeof(struct ethhdr);
+	__u32 l4_off = ip_off + sizeof(struct iphdr);
+	__u32 check_off = l4_off + (pkt.proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check) : __builtin_offsetof(struct udphdr, check));
+	if (!(pkt.proto == IPPROTO_UDP && *pkt.l4_check == 0) &&
+	    bpf_l4_csum_replace(skb, check_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | sizeof(new_addr) | (pkt.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0)))
+		return -1;
+	if (bpf_l3_csum_replace(skb, ip_off + __builtin_offsetof(struct iphdr, check), old_addr, new_addr, sizeof(new_addr)))
+		return -1;
+	return bpf_skb_store_bytes(skb, ip_off + __builtin_offsetof(struct iphdr, daddr), &new_addr, sizeof(new_addr), 0) ? -1 : 0;
+}
+
 /* The reply key of a packet going to a task: what the task's answers will look like. */
 static __always_inline struct flow_key reply_key(const struct packet *pkt)
 {
@@ -341,29 +370,33 @@ int meshgate_tc_in(struct __sk_buff *skb)
 	struct iphdr *outer = (void *)(eth + 1);
 	if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_UNSPEC;
+	struct packet pkt = {};
 	if (outer->protocol == IPPROTO_IPIP && outer->ihl == 5 && outer->daddr == node_ip) {
 		struct packet inner = {};
 		if (parse_ip((void *)(outer + 1), data_end, &inner) >= 0)
 			return TC_ACT_UNSPEC; /* not a flow of ours: the next program, or the kernel */
-		struct flow_key back = reply_key(&inner);
-		struct reply_val *known = bpf_map_lookup_elem(&replies, &back);
-		if (known) {
-			/* Keeps the SYN's sequence number noted below. */
-			known->addr = outer->saddr;
-			known->port = outer->id;
-		} else {
-			struct reply_val reply = {.addr = outer->saddr, .port = outer->id};
-			bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
-		}
+		struct reply_val from = {.addr = outer->saddr, .port = outer->id};
 		if (bpf_skb_adjust_room(skb, -(int)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4))
 			return TC_ACT_SHOT;
 		count(STAT_DECAP, skb->len);
+		if (to_local_address(skb) < 0)
+			return TC_ACT_SHOT;
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
-	}
-	struct packet pkt = {};
-	if (parse(data, data_end, &pkt) >= 0)
+		if (parse(data, data_end, &pkt) >= 0)
+			return TC_ACT_SHOT; /* it parsed before the unwrapping */
+		struct flow_key back = reply_key(&pkt);
+		struct reply_val *known = bpf_map_lookup_elem(&replies, &back);
+		if (known) {
+			/* Keeps the SYN's sequence number noted below. */
+			known->addr = from.addr;
+			known->port = from.port;
+		} else {
+			bpf_map_update_elem(&replies, &back, &from, BPF_ANY);
+		}
+	} else if (parse(data, data_end, &pkt) >= 0) {
 		return TC_ACT_UNSPEC;
+	}
 	if (pkt.ip->daddr == node_ip) {
 		/* Still to a published port: no XDP program translated it (one agent hands over to
 		 * the next during an update). Dropped, the client sends it again; handed to the

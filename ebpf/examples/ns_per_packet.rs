@@ -35,6 +35,7 @@ fn main() {
         .collect();
     mesh.sync(&PortTable {
         ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends, local_only: false }],
+        ..PortTable::default()
     })
     .expect("sync");
     let mut time = |packet: &dyn Fn(u32) -> Vec<u8>| {

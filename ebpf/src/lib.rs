@@ -56,6 +56,10 @@ pub struct Backend {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortTable {
     pub ports: Vec<PublishedPort>,
+    /// This node's tasks as other nodes name them (e.g. an overlay address), and the address
+    /// this node reaches them at (e.g. their `docker_gwbridge` address): a flow another node
+    /// sends is delivered there.
+    pub local_addresses: Vec<(Ipv4Addr, Ipv4Addr)>,
 }
 
 #[cfg(test)]

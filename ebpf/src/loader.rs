@@ -50,6 +50,7 @@ pub struct Mesh {
     maglev: Array<MapData, u32>,
     backends: Array<MapData, BackendSlot>,
     flows: BpfHashMap<MapData, FlowKey, FlowVal>,
+    local_addrs: BpfHashMap<MapData, u32, u32>,
     verdicts: PerCpuArray<MapData, Counters>,
     service_stats: PerCpuArray<MapData, Counters>,
     ids: Allocator<(Protocol, u16)>,
@@ -99,6 +100,7 @@ impl Mesh {
             maglev: map(&mut ebpf, "maglev")?,
             backends: map(&mut ebpf, "backends")?,
             flows: map(&mut ebpf, "flows")?,
+            local_addrs: map(&mut ebpf, "local_addrs")?,
             verdicts: map(&mut ebpf, "verdict_stats")?,
             service_stats: map(&mut ebpf, "service_stats")?,
             ebpf,
@@ -220,10 +222,29 @@ impl Mesh {
             let info = SvcInfo { id, flags: if published.local_only { SVC_LOCAL_ONLY } else { 0 } };
             self.services.insert(svc_key(proto, port), info, 0).map_err(|e| MeshError::Map("services", e))?;
         }
+        self.sync_local_addresses(table)?;
         // Flows on these tasks end (reset) from here on; the slots are free for later syncs.
         for (_, slot) in gone {
             self.backends.set(slot, BackendSlot::default(), 0).map_err(|e| MeshError::Map("backends", e))?;
             self.slots.free(slot);
+        }
+        Ok(())
+    }
+
+    /// The addresses other nodes name this node's tasks by, and where this node reaches them.
+    fn sync_local_addresses(&mut self, table: &PortTable) -> Result<(), MeshError> {
+        let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        let wanted: HashMap<u32, u32> =
+            table.local_addresses.iter().map(|(from, to)| (ne(*from), ne(*to))).collect();
+        let stale: Vec<u32> =
+            self.local_addrs.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
+        for key in stale {
+            let _ = self.local_addrs.remove(&key);
+        }
+        for (from, to) in wanted {
+            if self.local_addrs.get(&from, 0).ok() != Some(to) {
+                self.local_addrs.insert(from, to, 0).map_err(|e| MeshError::Map("local_addrs", e))?;
+            }
         }
         Ok(())
     }

@@ -158,6 +158,7 @@ fn mesh() -> Mesh {
             published(Protocol::Tcp, 9000, vec![]),
             published(Protocol::Tcp, 7000, vec![task([10, 0, 9, 2], 70, OTHER_NODE)]),
         ],
+        ..PortTable::default()
     })
     .unwrap();
     mesh
@@ -256,8 +257,10 @@ fn a_published_port_without_tasks_drops_and_a_removed_task_ends_its_flows() {
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 9000)).bytes()).unwrap();
     assert_eq!(verdict, XDP_DROP, "published, but nothing serves it");
 
-    let only =
-        |ip: [u8; 4]| PortTable { ports: vec![published(Protocol::Tcp, 8080, vec![task(ip, 80, NODE)])] };
+    let only = |ip: [u8; 4]| PortTable {
+        ports: vec![published(Protocol::Tcp, 8080, vec![task(ip, 80, NODE)])],
+        ..PortTable::default()
+    };
     mesh.sync(&only([10, 0, 9, 2])).unwrap();
     let syn = Pkt::tcp(at(CLIENT, 41000), at(NODE, 8080));
     let established = Pkt::tcp(at(CLIENT, 41001), at(NODE, 8080)).acking();
@@ -318,6 +321,7 @@ fn a_local_only_port_never_leaves_the_node() {
     let both = vec![task([10, 0, 9, 2], 80, NODE), task([10, 0, 9, 2], 80, OTHER_NODE)];
     mesh.sync(&PortTable {
         ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends: both, local_only: true }],
+        ..PortTable::default()
     })
     .unwrap();
     for port in 40000..40032 {
@@ -336,6 +340,7 @@ fn a_local_only_port_never_leaves_the_node() {
             backends: only_remote,
             local_only: true,
         }],
+        ..PortTable::default()
     })
     .unwrap();
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 50000), at(NODE, 8080)).bytes()).unwrap();

@@ -38,6 +38,15 @@ fn device_for(routes: &[Route], addr: Ipv4Addr) -> Option<&str> {
         .map(|r| r.device.as_str())
 }
 
+/// The device of the node's own network: the one the main table reaches `addr` (the node's
+/// address) through, by a route that is not the default. `None` without such a route.
+#[must_use]
+pub fn device_of_network(addr: Ipv4Addr) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    let routes: Vec<Route> = parse(&table).into_iter().filter(|r| r.mask != 0).collect();
+    device_for(&routes, addr).map(str::to_owned)
+}
+
 /// The devices (name and ifindex) the main routing table sends `addrs` through. Addresses
 /// without a route, and devices that vanished meanwhile, are left out.
 #[must_use]

@@ -169,8 +169,15 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let reach = Reach { node: node_name.clone(), hop: cluster.hop.clone() };
     background.push(proxy.clone().follow(hub.clone(), proxy_cfg.default_host.clone(), reach));
 
-    let dns_addr = match dns_cfg.listen {
-        Some(listen) => Some(start_dns(listen, dns_cfg, &core, &mut background)?),
+    // mesh-dns that cannot bind (port 53 held by the host's resolver) is reported and left
+    // off: it must not take HTTP down with it, nor make a health check restart the agent.
+    let dns_addr = match dns_cfg.listen.map(|listen| start_dns(listen, dns_cfg, &core, &mut background)) {
+        Some(Ok(addr)) => Some(addr),
+        Some(Err(e)) => {
+            tracing::error!("mesh-dns is off: {e}");
+            readiness.set("dns", true, format!("off: {e}"));
+            None
+        }
         None => None,
     };
 

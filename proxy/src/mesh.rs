@@ -14,11 +14,15 @@ use serde::{Deserialize, Serialize};
 use crate::readiness::Readiness;
 use crate::state::{L4Protocol, MeshState, StateHub};
 
+/// `mesh.uplink` for "the device of this node's address".
+pub const AUTO: &str = "auto";
+
 /// The `[mesh]` section.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeshConfig {
-    /// The interface published ports are served on (XDP attaches to it). Unset: no L4 mesh.
+    /// The interface published ports are served on (XDP attaches to it); `auto`: the one
+    /// that holds this node's address. Unset: no L4 mesh.
     pub uplink: Option<String>,
     /// This node's IPv4 address on the uplink: packets to it on a published port are
     /// balanced; it is also the address other nodes reach this node's tasks through.
@@ -41,8 +45,11 @@ impl MeshConfig {
 }
 
 /// The port table for this node: every published port of every service, each with the
-/// routable tasks that serve it (only this node's if the port is local-only). A task on a
-/// node whose address is unknown cannot be reached and is left out.
+/// routable tasks that serve it (only this node's if the port is local-only). A task of this
+/// node is translated to the address this node reaches it at; a node-local task of another
+/// node to the address that node knows it by (its overlay address: that node delivers it to
+/// its own local address, see [`PortTable::local_addresses`]). A task whose node's address is
+/// unknown, or that this node cannot reach, is left out.
 #[must_use]
 pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) -> PortTable {
     let addresses: HashMap<&str, Ipv4Addr> = state
@@ -53,16 +60,29 @@ pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) ->
             _ => None,
         })
         .collect();
+    let v4 = |a: &IpAddr| match a {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    };
     let mut ports = Vec::new();
+    let mut local_addresses = Vec::new();
     for svc in &state.services {
+        for t in svc.tasks.iter().filter(|t| t.node_local && t.node == node_name) {
+            if let (Some(from), Some(to)) = (v4(&t.address), state.local_addresses.get(&t.id).and_then(v4)) {
+                local_addresses.push((from, to));
+            }
+        }
         for l4 in &svc.l4 {
             let backends = svc
                 .tasks
                 .iter()
                 .filter(|t| t.health.routable())
                 .filter_map(|t| {
-                    let IpAddr::V4(ip) = t.address else { return None };
                     let local = t.node == node_name;
+                    let ip = match (local && t.node_local, v4(&t.address)?) {
+                        (true, _) => v4(state.local_addresses.get(&t.id)?)?,
+                        (false, ip) => ip,
+                    };
                     let node_addr = if local { node_address } else { *addresses.get(t.node.as_str())? };
                     Some(Backend {
                         task: t.id.clone(),
@@ -81,7 +101,9 @@ pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) ->
         }
     }
     ports.sort_by_key(|p| (p.protocol, p.port));
-    PortTable { ports }
+    local_addresses.sort_unstable();
+    local_addresses.dedup();
+    PortTable { ports, local_addresses }
 }
 
 /// BPF counters as Prometheus counters (read from the per-CPU maps every second).
@@ -312,6 +334,17 @@ pub async fn run(
     let down = |e: &dyn std::fmt::Display| {
         tracing::error!("L4 mesh is down: {e}; the HTTP proxy and DNS keep running");
         readiness.set("mesh", false, e.to_string());
+    };
+    let uplink = if uplink == AUTO {
+        match meshgate_ebpf::route::device_of_network(node_address) {
+            Some(device) => {
+                tracing::info!(%device, %node_address, "L4 mesh: the uplink is the device of this node's address");
+                device
+            }
+            None => return down(&format!("mesh.uplink = \"auto\": no device has a route to this node's address {node_address} (name the uplink)")),
+        }
+    } else {
+        uplink
     };
     let mut mesh = match Mesh::load(node_address) {
         Ok(m) => m,

@@ -71,6 +71,17 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).trim().parse().expect("a packet count")
     }
 
+    /// Node `i`'s agent's `/readyz` (its admin listener is on the node's loopback).
+    pub async fn readyz(i: usize) -> String {
+        let ns = format!("mglab-n{i}");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "curl", "-s", "--max-time", "3", "http://127.0.0.1:9090/readyz"])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// curl from the machine to `url` with `Host: host`; (exit ok, body).
     pub async fn curl(host: &str, url: &str) -> (bool, String) {
         let out = Command::new("curl")

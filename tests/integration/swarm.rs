@@ -9,13 +9,15 @@ use crate::harness::eventually;
 use crate::lab::{Lab, Shape};
 
 const TEST_IMAGE: &str = "meshgate-test/busybox:local";
+/// The test image that serves HTTP on port 80 by itself (in place of a public image).
+const WEB_IMAGE: &str = "meshgate-test/web:local";
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const CONVERGE: Duration = Duration::from_secs(90);
 
 /// An HTTP server on port 80 answering with its container's host name (the container id).
 const HTTPD: &str = "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w";
 
-/// Builds the test image into every node (busybox-static, imported: nothing is pulled).
+/// Builds the test images into every node (busybox-static, imported: nothing is pulled).
 async fn import_test_image() {
     let root = tempfile::tempdir().unwrap();
     let bin = root.path().join("bin");
@@ -24,14 +26,17 @@ async fn import_test_image() {
     for applet in ["sh", "httpd", "hostname", "mkdir", "sleep", "cat"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
+    let web = format!("--change 'CMD [\"sh\", \"-c\", \"{HTTPD}\"]'");
     for i in 1..=3 {
-        let import = format!(
-            "tar -C {} -c . | docker -H {} import - {TEST_IMAGE}",
-            root.path().display(),
-            Lab::docker_host(i)
-        );
-        let out = Command::new("sh").args(["-c", &import]).output().await.unwrap();
-        assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+        for (image, change) in [(TEST_IMAGE, ""), (WEB_IMAGE, web.as_str())] {
+            let import = format!(
+                "tar -C {} -c . | docker -H {} import {change} - {image}",
+                root.path().display(),
+                Lab::docker_host(i)
+            );
+            let out = Command::new("sh").args(["-c", &import]).output().await.unwrap();
+            assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
 }
 
@@ -100,23 +105,21 @@ networks:
 
 /// The container id (its host name) of the one task of `service`, from the node it runs on.
 async fn task_container(service: &str) -> String {
-    let mut found = String::new();
-    eventually(&format!("{service} runs"), CONVERGE, async || {
+    let started = std::time::Instant::now();
+    loop {
         for i in 1..=3 {
-            let ids = Lab::docker(
-                i,
-                &["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={service}")],
-            )
-            .await;
+            let label = format!("label=com.docker.swarm.service.name={service}");
+            let ids = Lab::docker(i, &["ps", "-q", "--filter", &label]).await;
             if let Some(id) = ids.lines().next() {
-                id.clone_into(&mut found);
-                return true;
+                return id.to_owned();
             }
         }
-        false
-    })
-    .await;
-    found
+        if started.elapsed() > CONVERGE {
+            let ps = Lab::docker_output(1, &["service", "ps", "--no-trunc", service]).await;
+            panic!("{service} has no running container after {CONVERGE:?}: {}", String::from_utf8_lossy(&ps.stdout));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,4 +193,38 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
         sink_before,
         "no packet to a task, an overlay address or a routed port left a node through its default route"
     );
+
+    // The L4 mesh's capability file added, as the README says (this engine is 20.10): no
+    // variable to set, the uplink is the device of each node's Swarm address.
+    readme_line(
+        1,
+        "docker stack deploy -c helm-free-deploy/stack.yml -c helm-free-deploy/mesh-docker20.yml meshgate",
+    )
+    .await;
+    for i in 1..=3 {
+        eventually(&format!("node {i}'s agent has the L4 mesh attached"), CONVERGE, async || {
+            Lab::readyz(i).await.contains("XDP")
+        })
+        .await;
+    }
+
+    // The field's WordPress stack, unchanged but for its images: `ports: - 8080:80` (ingress
+    // mode) answers on every node through the L4 mesh, the task being on one node only.
+    let field =
+        std::fs::read_to_string(format!("{REPO}/../shared/field/wordpress/stack_wordpress.yml")).unwrap();
+    let wordpress = field
+        .replace("image: wordpress", &format!("image: {WEB_IMAGE}"))
+        .replace("image: mysql:5.7", &format!("image: {WEB_IMAGE}"));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), wordpress).unwrap();
+    Lab::docker(1, &["stack", "deploy", "-c", file.path().to_str().unwrap(), "wordpress"]).await;
+    let want = task_container("wordpress_wordpress").await;
+    for i in 1..=3 {
+        let url = format!("http://{}:8080/", Lab::addr(i));
+        eventually(&format!("{url} answers from the WordPress task {want}"), CONVERGE, async || {
+            Lab::curl("any", &url).await == (true, want.clone())
+        })
+        .await;
+    }
+    assert_eq!(Lab::sink_count().await, sink_before, "nothing left a node through its default route");
 }

@@ -86,6 +86,9 @@ up() {
   ip -n "$LAB-br" link set host master br0 up
   ip addr add "$NET.1/24" dev "$LAB-host"
   ip link set "$LAB-host" up
+  # A local sender's checksums are partial on a veth, a NIC's are full (XDP-NOTES): make the
+  # machine's test traffic look like a NIC's.
+  ethtool -K "$LAB-host" tx off >/dev/null
   # The sink: every node's default route; counts, forwards nothing.
   ip netns add "$LAB-sink"
   ip -n "$LAB-sink" link set lo up
@@ -110,6 +113,8 @@ up() {
     ip -n "$ns" link set lo up
     ip -n "$LAB-br" link add "v$i" type veth peer name eth0 netns "$ns"
     ip -n "$LAB-br" link set "v$i" master br0 up
+    # XDP sends out of a veth reach its peer only with GRO on there (XDP-NOTES).
+    ip netns exec "$LAB-br" ethtool -K "v$i" gro on >/dev/null
     ip -n "$ns" addr add "$NET.1$i/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" route add default via "$SINK"

@@ -601,13 +601,14 @@ impl Discovery {
             || format!("{service}.{}.{}", t.slot.map_or_else(|| t.node_id.clone(), |s| s.to_string()), t.id),
             container_name,
         );
-        let attached: BTreeMap<String, IpAddr> = t
+        // The task API knows the overlay addresses on every node; a container here knows
+        // its node-local networks too (a swarm-scoped bridge), and has the last word.
+        let mut attached: BTreeMap<String, IpAddr> = t
             .networks_attachments
             .iter()
             .filter_map(|a| Some((a.network.spec.name.clone(), strip_prefix_len(a.addresses.first()?)?)))
             .collect();
-        let attached =
-            if attached.is_empty() { local.map(networks_of).unwrap_or_default() } else { attached };
+        attached.extend(local.map(networks_of).unwrap_or_default());
         let who = format!("service `{service}` task `{task_name}`");
         let reach = self.reach();
         let (network, address) = choose_network(&attached, wanted, &reach, &who, &mut out.problems)?;
