@@ -116,7 +116,10 @@ async fn task_container(service: &str) -> String {
         }
         if started.elapsed() > CONVERGE {
             let ps = Lab::docker_output(1, &["service", "ps", "--no-trunc", service]).await;
-            panic!("{service} has no running container after {CONVERGE:?}: {}", String::from_utf8_lossy(&ps.stdout));
+            panic!(
+                "{service} has no running container after {CONVERGE:?}: {}",
+                String::from_utf8_lossy(&ps.stdout)
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
