@@ -32,6 +32,20 @@ pub struct MeshState {
     pub local_addresses: BTreeMap<String, IpAddr>,
 }
 
+impl MeshState {
+    /// Takes task `id` out of every service and out of `local_addresses`. Returns whether it
+    /// was there.
+    pub fn forget_task(&mut self, id: &str) -> bool {
+        let mut found = self.local_addresses.remove(id).is_some();
+        for svc in &mut self.services {
+            let before = svc.tasks.len();
+            svc.tasks.retain(|t| t.id != id);
+            found |= svc.tasks.len() != before;
+        }
+        found
+    }
+}
+
 /// A Swarm node and the address other nodes reach it on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -308,6 +322,11 @@ impl StateHub {
     pub fn publish(&self, provider: &str, state: MeshState) -> u64 {
         let mut slots = self.per_provider.lock().expect("state hub lock poisoned");
         slots.insert(provider.to_owned(), state);
+        self.merge(&slots)
+    }
+
+    /// Publishes the merge of `slots` (the locked per-provider states).
+    fn merge(&self, slots: &BTreeMap<String, MeshState>) -> u64 {
         let merged = MeshState {
             services: slots.values().flat_map(|s| s.services.iter().cloned()).collect(),
             problems: slots.values().flat_map(|s| s.problems.iter().cloned()).collect(),
@@ -318,6 +337,17 @@ impl StateHub {
         self.current.store(Arc::new(Snapshot { generation, state: merged }));
         self.generation.send_replace(generation);
         generation
+    }
+
+    /// Edits `provider`'s state in place and publishes the merge if `edit` says it changed
+    /// anything (under the same lock as [`Self::publish`], so no update is lost). Returns the
+    /// new generation, if any.
+    pub fn amend(&self, provider: &str, edit: impl FnOnce(&mut MeshState) -> bool) -> Option<u64> {
+        let mut slots = self.per_provider.lock().expect("state hub lock poisoned");
+        if !edit(slots.get_mut(provider)?) {
+            return None;
+        }
+        Some(self.merge(&slots))
     }
 
     /// The newest snapshot.

@@ -173,3 +173,43 @@ async fn sighup_reloads_the_routes_file_and_keeps_serving() {
     assert!(ok && out.contains("Name: other"), "the route added before the SIGHUP is served: {out}");
     assert!(agent.child.try_wait().unwrap().is_none(), "the agent still runs after SIGHUP");
 }
+
+/// Finding 5: headers that claim a client address (`Forwarded`, `True-Client-IP`,
+/// `X-Client-IP`, `CF-Connecting-IP`) reach the task only from a trusted front proxy.
+#[tokio::test]
+async fn client_address_claims_from_untrusted_clients_never_reach_the_task() {
+    let web = Backend::start("web").await;
+    let routes = service("web", &["claims.test"], "/", &[&web]);
+    let claims = [
+        ("forwarded", "for=6.6.6.6;proto=https"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
+        ("cf-connecting-ip", "6.6.6.6"),
+    ];
+    let ask = async |mesh: &Mesh| {
+        let mut args = vec!["-H".to_owned(), "Host: claims.test".to_owned()];
+        for (name, value) in claims {
+            args.extend(["-H".to_owned(), format!("{name}: {value}")]);
+        }
+        args.push(mesh.url("/"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, body) = curl(&args).await;
+        assert!(ok, "{body}");
+        body
+    };
+    let untrusted = Mesh::start(&routes).await;
+    let body = ask(&untrusted).await;
+    for (name, _) in claims {
+        assert_eq!(crate::harness::header_of(&body, name), None, "{name} from an untrusted client: {body}");
+    }
+    let trusted =
+        Mesh::start_with(&routes, |c| c.proxy.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()]).await;
+    let body = ask(&trusted).await;
+    for (name, value) in claims {
+        assert_eq!(
+            crate::harness::header_of(&body, name),
+            Some(value),
+            "{name} from a trusted proxy is kept"
+        );
+    }
+}

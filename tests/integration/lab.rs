@@ -106,3 +106,61 @@ async fn script(args: &[&str]) -> Output {
     let run = Command::new("bash").arg(SCRIPT).args(args).output();
     tokio::time::timeout(Duration::from_secs(120), run).await.expect("the lab script finishes").unwrap()
 }
+
+/// Steady load from the machine: one loop of new connections per URL (curl, as a user
+/// would), each answer's HTTP code and curl's exit code on a line of its own file.
+pub struct Load {
+    children: Vec<(String, std::process::Child)>,
+    dir: tempfile::TempDir,
+}
+
+impl Load {
+    /// `targets`: (Host header, URL).
+    pub fn start(targets: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = dir.path().join("stop");
+        let children = targets
+            .iter()
+            .enumerate()
+            .map(|(i, (host, url))| {
+                let codes = dir.path().join(format!("codes-{i}"));
+                let script = format!(
+                    "while [ ! -e {stop} ]; do curl -s -o /dev/null --max-time 5 -H 'Host: {host}' -w '%{{http_code}} %{{exitcode}}\\n' {url} >> {codes}; done",
+                    stop = stop.display(),
+                    codes = codes.display()
+                );
+                let child = std::process::Command::new("sh").args(["-c", &script]).spawn().unwrap();
+                (format!("{host} {url}"), child)
+            })
+            .collect();
+        Self { children, dir }
+    }
+
+    /// Answers seen so far, all targets together.
+    pub fn answers(&self) -> usize {
+        (0..self.children.len())
+            .map(|i| {
+                let codes =
+                    std::fs::read_to_string(self.dir.path().join(format!("codes-{i}"))).unwrap_or_default();
+                codes.lines().count()
+            })
+            .sum()
+    }
+
+    /// Stops the loops; per target: (its name, answered with 200, the other lines).
+    pub async fn finish(mut self) -> Vec<(String, usize, Vec<String>)> {
+        std::fs::write(self.dir.path().join("stop"), "").unwrap();
+        let mut out = Vec::new();
+        for (i, (name, child)) in self.children.iter_mut().enumerate() {
+            crate::harness::eventually("the load stops", Duration::from_secs(10), async || {
+                child.try_wait().unwrap().is_some()
+            })
+            .await;
+            let codes =
+                std::fs::read_to_string(self.dir.path().join(format!("codes-{i}"))).unwrap_or_default();
+            let failed: Vec<String> = codes.lines().filter(|l| *l != "200 0").map(str::to_owned).collect();
+            out.push((name.clone(), codes.lines().count() - failed.len(), failed));
+        }
+        out
+    }
+}

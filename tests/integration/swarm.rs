@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use crate::harness::eventually;
-use crate::lab::{Lab, Shape};
+use crate::lab::{Lab, Load, Shape};
 
 const TEST_IMAGE: &str = "meshgate-test/busybox:local";
 /// The test image that serves HTTP on port 80 by itself (in place of a public image).
@@ -23,7 +23,7 @@ async fn import_test_image() {
     let bin = root.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/bin/busybox", bin.join("busybox")).expect("/bin/busybox (busybox-static)");
-    for applet in ["sh", "httpd", "hostname", "mkdir", "sleep", "cat"] {
+    for applet in ["sh", "httpd", "hostname", "mkdir", "sleep", "cat", "nslookup"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
     let web = format!("--change 'CMD [\"sh\", \"-c\", \"{HTTPD}\"]'");
@@ -67,6 +67,35 @@ fn readme_deploy_commands() -> Vec<String> {
         .map(|l| l.split(" #").next().unwrap_or(l).trim().to_owned())
         .filter(|l| !l.is_empty())
         .collect()
+}
+
+/// What Docker's DNS answers for `name` inside the `proxy` overlay (a container on it asks).
+async fn dockers_answer(name: &str) -> Vec<String> {
+    let out = Lab::docker(1, &["run", "--rm", "--network", "proxy", TEST_IMAGE, "nslookup", name]).await;
+    // After the server's own lines: `Address: 10.0.2.5` per answer.
+    let mut addrs: Vec<String> = out
+        .split("Name:")
+        .skip(1)
+        .flat_map(|answer| {
+            answer.lines().filter_map(|l| l.strip_prefix("Address:")).map(|a| a.trim().to_owned())
+        })
+        .filter(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// What node `i`'s mesh-dns answers for `name` (A records), asked from the machine.
+async fn mesh_dns_answer(i: usize, name: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .args([&format!("@{}", Lab::addr(i)), "+short", "+time=2", name])
+        .output()
+        .await
+        .unwrap();
+    let mut addrs: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    addrs.sort();
+    addrs
 }
 
 /// A user's stack: a service on the stack's default overlay, pinned to node 3, and one on an
@@ -197,6 +226,43 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
         "no packet to a task, an overlay address or a routed port left a node through its default route"
     );
 
+    // mesh-dns on every node answers service and task names with the tasks of all nodes,
+    // as Docker's own DNS does inside the overlay (`dnsrr`: the VIP needs IPVS).
+    Lab::docker(
+        1,
+        &[
+            "service",
+            "create",
+            "--name",
+            "names",
+            "--replicas",
+            "3",
+            "--endpoint-mode",
+            "dnsrr",
+            "--network",
+            "proxy",
+            "--stop-grace-period",
+            "1s",
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            HTTPD,
+        ],
+    )
+    .await;
+    for name in ["names", "tasks.names", "tasks.shop_api"] {
+        let docker = dockers_answer(name).await;
+        assert!(!docker.is_empty(), "Docker's DNS knows {name}");
+        for i in 1..=3 {
+            eventually(
+                &format!("node {i}'s mesh-dns answers {name} as Docker does: {docker:?}"),
+                CONVERGE,
+                async || mesh_dns_answer(i, name).await == docker,
+            )
+            .await;
+        }
+    }
+
     // The L4 mesh's capability file added, as the README says (this engine is 20.10): no
     // variable to set, the uplink is the device of each node's Swarm address.
     readme_line(
@@ -230,4 +296,132 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
         .await;
     }
     assert_eq!(Lab::sink_count().await, sink_before, "nothing left a node through its default route");
+}
+
+/// The agents on every node with the L4 mesh, deployed as the README says; waits until each
+/// has attached.
+async fn agents_with_mesh() {
+    import_test_image().await;
+    let binary = env!("CARGO_BIN_EXE_meshgate");
+    for i in 1..=3 {
+        readme_line(i, &format!("helm-free-deploy/build-image.sh {binary}")).await;
+    }
+    readme_line(1, &format!("{binary} --new-cluster-secret | docker secret create meshgate_cluster -")).await;
+    readme_line(
+        1,
+        "docker stack deploy -c helm-free-deploy/stack.yml -c helm-free-deploy/mesh-docker20.yml meshgate",
+    )
+    .await;
+    for i in 1..=3 {
+        eventually(&format!("node {i}'s agent has the L4 mesh attached"), CONVERGE, async || {
+            Lab::readyz(i).await.contains("XDP")
+        })
+        .await;
+    }
+}
+
+/// The load's targets on `nodes`: the routed host and the published port of each.
+fn both_ways(nodes: &[usize]) -> Vec<(&'static str, String)> {
+    nodes
+        .iter()
+        .flat_map(|&i| {
+            [
+                ("load.test", format!("http://{}/", Lab::addr(i))),
+                ("any", format!("http://{}:8090/", Lab::addr(i))),
+            ]
+        })
+        .collect()
+}
+
+/// Runs `load` until it has some answers, then `change`, then stops it.
+async fn through(
+    targets: &[(&str, String)],
+    change: impl AsyncFnOnce(),
+) -> Vec<(String, usize, Vec<String>)> {
+    let load = Load::start(targets);
+    eventually("the load is answered", CONVERGE, async || load.answers() >= 20 * targets.len()).await;
+    change().await;
+    load.finish().await
+}
+
+fn assert_none_failed(results: &[(String, usize, Vec<String>)], during: &str) {
+    for (target, answered, failed) in results {
+        assert!(*answered > 0, "{target} answered nothing during {during}");
+        assert!(
+            failed.is_empty(),
+            "{target} during {during}: {} of {} failed: {failed:?}",
+            failed.len(),
+            answered + failed.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshgates_own_update() {
+    let _lab = Lab::up(Shape::OneManager).await;
+    agents_with_mesh().await;
+    Lab::docker(1, &["network", "create", "-d", "overlay", "apps"]).await;
+    Lab::docker(
+        1,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "load",
+            "--replicas",
+            "3",
+            "--network",
+            "apps",
+            "--publish",
+            "8090:80",
+            "--stop-grace-period",
+            "1s",
+            "-e",
+            "VIRTUAL_HOST=load.test",
+            WEB_IMAGE,
+        ],
+    )
+    .await;
+    for (host, url) in both_ways(&[1, 2, 3]) {
+        eventually(&format!("{url} answers"), CONVERGE, async || Lab::curl(host, &url).await.0).await;
+    }
+
+    let results = through(&both_ways(&[1, 2, 3]), async || {
+        Lab::docker(1, &["service", "update", "--detach=false", "--env-add", "GENERATION=2", "load"]).await;
+    })
+    .await;
+    assert_none_failed(&results, "a rolling update of the service");
+
+    // Draining a node stops its tasks and its agent: the load goes to the two others.
+    let results = through(&both_ways(&[1, 2]), async || {
+        Lab::docker(1, &["node", "update", "--availability", "drain", "mglab-n3"]).await;
+        eventually("node 3 runs no task", CONVERGE, async || Lab::docker(3, &["ps", "-q"]).await.is_empty())
+            .await;
+    })
+    .await;
+    assert_none_failed(&results, "the drain of node 3");
+    Lab::docker(1, &["node", "update", "--availability", "active", "mglab-n3"]).await;
+    eventually("node 3's agent is back", CONVERGE, async || Lab::readyz(3).await.contains("XDP")).await;
+
+    let results = through(&both_ways(&[1, 2, 3]), async || {
+        Lab::docker(
+            1,
+            &["service", "update", "--detach=false", "--env-add", "GENERATION=2", "meshgate_agent"],
+        )
+        .await;
+    })
+    .await;
+    for (target, answered, failed) in &results {
+        if target.starts_with("load.test") {
+            assert!(failed.is_empty(), "{target} during meshgate's own update: {failed:?}");
+        } else {
+            eprintln!(
+                "{target} during meshgate's own update: {} of {} new connections failed",
+                failed.len(),
+                answered + failed.len()
+            );
+            assert!(failed.len() * 1000 < answered + failed.len(), "{target}: {failed:?}");
+        }
+    }
 }

@@ -26,6 +26,14 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+/// Headers that name the client and that backends believe: kept only from a trusted front
+/// proxy (`proxy.trusted_networks`), like `X-Forwarded-*`.
+static CLIENT_CLAIMS: [HeaderName; 4] = [
+    header::FORWARDED,
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+];
 
 /// What went wrong, and so what the client is told.
 #[derive(Debug, thiserror::Error)]
@@ -425,6 +433,11 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: 
     strip_hop_by_hop(headers, upgrade);
 
     let trusted = client.trusted;
+    if !trusted {
+        for name in &CLIENT_CLAIMS {
+            headers.remove(name);
+        }
+    }
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if trusted => HeaderValue::from_str(&format!("{prior}, {}", client.client_ip))
             .unwrap_or_else(|_| client.client_ip_header.clone()),

@@ -29,6 +29,8 @@ use crate::state::StateHub;
 /// The provider name used in the hub, metrics and `/api/state`.
 pub const NAME: &str = "docker";
 const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
+/// How often a manager checks the Swarm's tasks for changes on other nodes.
+const TASK_POLL: Duration = Duration::from_secs(1);
 
 /// Whether Docker discovery runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -162,6 +164,21 @@ pub async fn run(
     }
 }
 
+/// The name of a container that an event says is stopping: killed with SIGTERM or SIGKILL
+/// (what `docker stop` and Swarm do first), or dead.
+fn stopping_container(ev: &bollard::models::EventMessage) -> Option<&str> {
+    if ev.typ != Some(bollard::models::EventMessageTypeEnum::CONTAINER) {
+        return None;
+    }
+    let attributes = ev.actor.as_ref()?.attributes.as_ref()?;
+    let stops = match ev.action.as_deref()? {
+        "kill" => matches!(attributes.get("signal").map(String::as_str), Some("15" | "9")),
+        "die" | "stop" => true,
+        _ => false,
+    };
+    stops.then(|| attributes.get("name").map(String::as_str)).flatten()
+}
+
 fn continue_after(readiness: &Readiness, up: &prometheus::IntGauge, endpoint: &str, why: &str) {
     up.set(0);
     readiness.set(NAME, false, format!("{endpoint}: {why}"));
@@ -218,6 +235,11 @@ async fn session(
     let mut dirty_since: Option<tokio::time::Instant> = None;
     let mut periodic = tokio::time::interval(cfg.resync_interval);
     periodic.tick().await;
+    // A manager learns of task changes on other nodes by polling the task API (cheap: one
+    // request), so that the whole cluster stops routing to a stopped task within a second.
+    let mut task_poll = tokio::time::interval(TASK_POLL);
+    task_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tasks_seen = discovery.tasks_fingerprint(docker).await;
     loop {
         let debounce = async {
             match dirty_since {
@@ -229,6 +251,13 @@ async fn session(
             event = events.next() => match event {
                 Some(Ok(ev)) => {
                     let action = ev.action.as_deref().unwrap_or("");
+                    if let Some(name) = stopping_container(&ev) {
+                        // Out of routing now, not at the next resync: requests stop going to
+                        // a task that is going away, here and (their hops refused) elsewhere.
+                        if hub.amend(NAME, |state| state.forget_task(name)).is_some() {
+                            tracing::debug!(task = name, "container stopping: out of routing");
+                        }
+                    }
                     if !action.starts_with("exec_") && dirty_since.is_none() {
                         dirty_since = Some(tokio::time::Instant::now());
                     }
@@ -242,12 +271,22 @@ async fn session(
                 true
             }
             _ = periodic.tick() => true,
+            _ = task_poll.tick(), if tasks_seen.is_some() => {
+                let now = discovery.tasks_fingerprint(docker).await;
+                let changed = now != tasks_seen;
+                tasks_seen = now;
+                changed
+            }
             // The cluster feed took over the Swarm tasks, or gave them back.
             Ok(()) = following.changed() => true,
         };
         if now {
             let leave = *following.borrow_and_update();
             resync(discovery, leave).await?;
+            if tasks_seen.is_none() {
+                // A node promoted to manager starts polling.
+                tasks_seen = discovery.tasks_fingerprint(docker).await;
+            }
         }
     }
 }

@@ -537,12 +537,7 @@ impl Discovery {
             containers.iter().filter_map(|c| Some((c.id.as_deref()?, c))).collect();
         let node_names: HashMap<&str, &str> =
             nodes.iter().map(|n| (n.id.as_str(), n.name.as_str())).collect();
-        let version = docker.client_version();
-        let path = format!(
-            "/v{}.{}/tasks?filters=%7B%22desired-state%22%3A%5B%22running%22%5D%7D",
-            version.major_version, version.minor_version
-        );
-        let tasks: Vec<SwarmTask> = raw::get(&self.endpoint, &path).await?;
+        let tasks = self.running_tasks(docker).await?;
         let mut list = docker.list_services(None).await?;
         list.sort_by(|a, b| {
             a.spec.as_ref().and_then(|s| s.name.clone()).cmp(&b.spec.as_ref().and_then(|s| s.name.clone()))
@@ -582,6 +577,33 @@ impl Discovery {
             });
         }
         Ok(())
+    }
+
+    /// The tasks the orchestrator wants running (a task it is about to stop is left out
+    /// already), from the task API.
+    async fn running_tasks(&self, docker: &Docker) -> Result<Vec<SwarmTask>, ResyncError> {
+        let version = docker.client_version();
+        let path = format!(
+            "/v{}.{}/tasks?filters=%7B%22desired-state%22%3A%5B%22running%22%5D%7D",
+            version.major_version, version.minor_version
+        );
+        Ok(raw::get(&self.endpoint, &path).await?)
+    }
+
+    /// On a manager: what the tasks of the whole Swarm are doing, in a value that changes
+    /// when any of them starts or stops (the engine sends no event for tasks on other nodes).
+    /// `None` elsewhere.
+    pub async fn tasks_fingerprint(&self, docker: &Docker) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        if self.mode != "swarm manager" {
+            return None;
+        }
+        let tasks = self.running_tasks(docker).await.ok()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for t in &tasks {
+            (&t.id, &t.status.state).hash(&mut h);
+        }
+        Some(h.finish())
     }
 
     /// One running task of a Swarm service, named like its container (`web.1.<id>`, or
