@@ -108,6 +108,14 @@ fn bind(what: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<TcpLis
     net::reusable_listener(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// Claims an address for a proxy listener, which listens once the state is complete.
+fn claim(what: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<net::Bound, StartError> {
+    net::Bound::new(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// How long a new agent waits for its sources' first answers before it serves anyway.
+const COMPLETE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
 /// Async although it never waits: the listeners register with the running Tokio runtime.
 #[allow(clippy::unused_async)]
@@ -138,7 +146,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let mut background = Vec::new();
     start_whoami(&whoami_cfg, sources.example, &mut background)?;
 
-    let http_listener = bind("HTTP", proxy_cfg.http_listen, reuse_port)?;
+    let http_listener = claim("HTTP", proxy_cfg.http_listen, reuse_port)?;
     let http_addr = http_listener.local_addr().expect("bound socket has an address");
     let admin_listener = bind("the admin endpoints", admin_cfg.listen, reuse_port)?;
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
@@ -150,6 +158,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     });
     let cluster = start_cluster(cluster_cfg, node_name.clone(), acme, &core, &mut background);
     if sources.docker {
+        hub.expect(docker::NAME);
         background.push(tokio::spawn(docker::run(
             docker_cfg,
             hub.clone(),
@@ -192,7 +201,6 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         )));
     }
 
-    readiness.set("http", true, format!("listening on {http_addr}"));
     let admin_state = AdminState {
         hub: hub.clone(),
         proxy: proxy.clone(),
@@ -202,7 +210,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     };
     start_admin(admin_listener, admin_cfg.socket.as_deref(), admin_state, &mut background)?;
 
-    let (shutdown, servers) = start_servers(http_listener, https, &proxy, &proxy_cfg, &tls_cfg, &readiness);
+    let (shutdown, servers) = start_servers(http_listener, https, &proxy, &proxy_cfg, &tls_cfg, &core);
     tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
     Ok(RunningAgent {
         http_addr,
@@ -295,33 +303,62 @@ fn start_files(
     Ok(())
 }
 
-/// The HTTP and HTTPS servers, and the switch that drains them.
+/// The HTTP and HTTPS servers, and the switch that drains them. They listen once every
+/// source has given its first state (at once when it is already so, as with a routes file),
+/// or after [`COMPLETE_PATIENCE`]: before, a new agent sharing the port with the previous
+/// one would answer 404 for routes it does not know yet.
 fn start_servers(
-    http: TcpListener,
+    http: net::Bound,
     https: Option<HttpsParts>,
     proxy: &Arc<Proxy>,
     proxy_cfg: &crate::config::ProxyConfig,
     tls_cfg: &tls::TlsConfig,
-    readiness: &Readiness,
+    core: &Core,
 ) -> (watch::Sender<bool>, Vec<JoinHandle<()>>) {
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let port = |l: &TcpListener| l.local_addr().expect("bound socket has an address").port();
-    let plain = Listener { port: port(&http), tls: None };
-    let mut servers =
-        vec![tokio::spawn(server::serve(http, plain, proxy.clone(), proxy_cfg.clone(), shutdown_rx.clone()))];
-    if let Some((listener, resolver)) = https {
+    let port = |b: &net::Bound| b.local_addr().expect("bound socket has an address").port();
+    let mut listeners = vec![("http", Listener { port: port(&http), tls: None }, http)];
+    if let Some((bound, resolver)) = https {
         let config = tls::server_config(resolver, tls_cfg.session_resumption);
-        let secure =
-            Listener { port: port(&listener), tls: Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))) };
-        readiness.set("https", true, format!("listening on port {}", secure.port));
-        servers.push(tokio::spawn(server::serve(
-            listener,
-            secure,
-            proxy.clone(),
-            proxy_cfg.clone(),
-            shutdown_rx,
-        )));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        listeners.push(("https", Listener { port: port(&bound), tls: Some(acceptor) }, bound));
     }
+    let complete_now = core.hub.pending().is_empty();
+    let servers = listeners
+        .into_iter()
+        .map(|(name, listener, bound)| {
+            let (proxy, cfg, shutdown, hub, readiness) =
+                (proxy.clone(), proxy_cfg.clone(), shutdown_rx.clone(), core.hub.clone(), core.readiness.clone());
+            let listen = move || match bound.listen() {
+                Ok(l) => {
+                    readiness.set(name, true, format!("listening on port {}", listener.port));
+                    Some(server::serve(l, listener, proxy, cfg, shutdown))
+                }
+                Err(e) => {
+                    tracing::error!("cannot listen for {name}: {e}");
+                    readiness.set(name, false, format!("cannot listen: {e}"));
+                    None
+                }
+            };
+            if complete_now {
+                let serve = listen();
+                return tokio::spawn(async move {
+                    if let Some(serve) = serve {
+                        serve.await;
+                    }
+                });
+            }
+            core.readiness.set(name, false, "waiting for the first state of every source");
+            tokio::spawn(async move {
+                if tokio::time::timeout(COMPLETE_PATIENCE, hub.complete()).await.is_err() {
+                    tracing::warn!(waiting_for = ?hub.pending(), "serving {name} before every source answered");
+                }
+                if let Some(serve) = listen() {
+                    serve.await;
+                }
+            })
+        })
+        .collect();
     (shutdown, servers)
 }
 
@@ -358,7 +395,7 @@ struct Core {
 /// orders) and the store and challenges the cluster feed shares.
 type AcmeParts = (Result<acme::Manager, String>, cluster::CertShare);
 /// The HTTPS listener and the resolver its handshakes ask.
-type HttpsParts = (TcpListener, Arc<CertResolver>);
+type HttpsParts = (net::Bound, Arc<CertResolver>);
 
 /// HTTPS: a listener, a resolver swapped whole on certificate changes, the fallback, and
 /// the ACME store feeding the resolver. `None` without `tls.https_listen`.
@@ -372,7 +409,7 @@ fn start_https(
         background.push(tokio::spawn(warn_unserved_acme_wishes(core.hub.clone(), acme_cfg.enabled)));
         return Ok((None, None));
     };
-    let listener = bind("HTTPS", addr, core.reuse_port)?;
+    let listener = claim("HTTPS", addr, core.reuse_port)?;
     let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
     let resolver = Arc::new(CertResolver::new(fallback));
     if let Some(dir) = &tls_cfg.certs_dir {

@@ -65,8 +65,8 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
     };
     let skip = |what: &str, e: &mesh_dns::NameError| tracing::debug!("dns: {what} left out: {e}");
     for svc in &state.services {
-        let healthy: Vec<IpAddr> =
-            svc.tasks.iter().filter(|t| t.health.routable()).map(|t| t.address).collect();
+        let answerable = |t: &&crate::state::Task| t.health.routable() && !t.address.is_unspecified();
+        let healthy: Vec<IpAddr> = svc.tasks.iter().filter(answerable).map(|t| t.address).collect();
         let mut names = vec![svc.name.clone()];
         if let Some(short) = svc.stack.as_ref().and_then(|stack| svc.name.strip_prefix(&format!("{stack}_")))
         {
@@ -90,7 +90,7 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
                 }
             }
         }
-        for task in svc.tasks.iter().filter(|t| t.health.routable()) {
+        for task in svc.tasks.iter().filter(answerable) {
             for name in std::iter::once(&task.id).chain(&task.aliases) {
                 if let Err(e) = zone.add(name, &[task.address]) {
                     skip("task name", &e);

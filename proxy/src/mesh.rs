@@ -61,8 +61,8 @@ pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) ->
         })
         .collect();
     let v4 = |a: &IpAddr| match a {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
+        IpAddr::V4(a) if !a.is_unspecified() => Some(*a),
+        _ => None,
     };
     let mut ports = Vec::new();
     let mut local_addresses = Vec::new();

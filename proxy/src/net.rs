@@ -28,3 +28,24 @@ pub fn reusable_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
 }
+
+/// A bound TCP socket that takes no connection until [`Bound::listen`]: with `SO_REUSEPORT`
+/// the kernel hands a listening agent its share of new connections, so a new agent listens
+/// only once it can answer them (the address is claimed, and a conflict reported, at once).
+pub struct Bound(socket2::Socket);
+
+impl Bound {
+    pub fn new(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Self> {
+        reusable_socket(addr, socket2::Type::STREAM, reuse_port).map(Self)
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))
+    }
+
+    /// Starts taking connections. Needs a Tokio runtime.
+    pub fn listen(self) -> std::io::Result<TcpListener> {
+        self.0.listen(1024)?;
+        TcpListener::from_std(self.0.into())
+    }
+}

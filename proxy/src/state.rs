@@ -6,7 +6,7 @@
 //! router, later the BPF map sync and the DNS zone) wait on that channel and derive their own
 //! compiled view from [`StateHub::load`]. Nothing ever reaches back into a provider.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -76,6 +76,8 @@ pub struct Service {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,
+    /// Unspecified (`0.0.0.0`) when only the task's own node knows it (a Swarm task on no
+    /// network of the Swarm's, seen from a manager): it is then reached through that node.
     pub address: IpAddr,
     /// Overrides the route's target port for this task (the file provider allows it so
     /// several tasks can share one address, e.g. on loopback).
@@ -299,6 +301,8 @@ pub struct StateHub {
     current: ArcSwap<Snapshot>,
     per_provider: Mutex<BTreeMap<String, MeshState>>,
     generation: watch::Sender<u64>,
+    /// Sources expected to publish before the state is complete (see [`Self::expect`]).
+    pending: watch::Sender<BTreeSet<String>>,
 }
 
 impl Default for StateHub {
@@ -314,6 +318,7 @@ impl StateHub {
             current: ArcSwap::from_pointee(Snapshot::default()),
             per_provider: Mutex::new(BTreeMap::new()),
             generation: watch::channel(0).0,
+            pending: watch::channel(BTreeSet::new()).0,
         }
     }
 
@@ -322,7 +327,37 @@ impl StateHub {
     pub fn publish(&self, provider: &str, state: MeshState) -> u64 {
         let mut slots = self.per_provider.lock().expect("state hub lock poisoned");
         slots.insert(provider.to_owned(), state);
-        self.merge(&slots)
+        let generation = self.merge(&slots);
+        self.fulfil(provider);
+        generation
+    }
+
+    /// Says that `source` will publish (or [`Self::fulfil`]) before the state is complete: a
+    /// new agent does not serve requests from half a state (its providers' first answers).
+    pub fn expect(&self, source: &str) {
+        let published = self.per_provider.lock().expect("state hub lock poisoned").contains_key(source);
+        if !published {
+            self.pending.send_modify(|p| {
+                p.insert(source.to_owned());
+            });
+        }
+    }
+
+    /// `source` has said what it had to say.
+    pub fn fulfil(&self, source: &str) {
+        self.pending.send_if_modified(|p| p.remove(source));
+    }
+
+    /// The sources still awaited; empty once the state is complete.
+    #[must_use]
+    pub fn pending(&self) -> BTreeSet<String> {
+        self.pending.borrow().clone()
+    }
+
+    /// Waits until every expected source has published.
+    pub async fn complete(&self) {
+        let mut pending = self.pending.subscribe();
+        let _ = pending.wait_for(BTreeSet::is_empty).await;
     }
 
     /// Publishes the merge of `slots` (the locked per-provider states).

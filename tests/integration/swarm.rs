@@ -220,6 +220,22 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
             assert_eq!(last, want);
         }
     }
+    // The README's hello on no network of its own, its tasks on every node: each node uses
+    // all three (the managers do not know the workers' task addresses: their agents do).
+    Lab::docker(1, &["service", "scale", "hello=3"]).await;
+    for i in 1..=3 {
+        let url = format!("http://{}/", Lab::addr(i));
+        eventually(&format!("node {i} reaches the three hello tasks"), CONVERGE, async || {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                if let (true, body) = Lab::curl("hello.example.com", &url).await {
+                    seen.insert(body);
+                }
+            }
+            seen.len() == 3
+        })
+        .await;
+    }
     assert_eq!(
         Lab::sink_count().await,
         sink_before,

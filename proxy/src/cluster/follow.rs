@@ -72,6 +72,8 @@ impl Follower {
                 self.metrics.feed_connected.set(0);
                 self.mark_stale(&progress, &failures);
             }
+            // Nothing to wait for any more: the proxy serves what it has.
+            self.parts.hub.fulfil(PROVIDER);
             if !said_unreachable {
                 tracing::warn!(peers = %failures.join("; "), "cluster: no manager's feed answers; {}", if connected_once || progress.generation.is_some() { "serving the last state received" } else { "nothing to serve from the cluster yet" });
                 said_unreachable = true;

@@ -35,6 +35,8 @@ use crate::state::StateHub;
 pub const NAME: &str = "cluster";
 /// The provider name of the state received from the feed.
 pub const PROVIDER: &str = "cluster";
+/// What the state waits for until this agent knows its role (see `StateHub::expect`).
+const PLAN: &str = "cluster role";
 
 /// What this agent is in the cluster.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -279,6 +281,8 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
             return handles;
         }
     };
+    // Until the engine says whether this node follows a feed, the state may be half of it.
+    parts.hub.expect(PLAN);
     match hop::start(cfg.hop_listen, &identity, parts.hub.clone(), background) {
         Ok(dialer) => handles.hop = Some(dialer),
         Err(e) => tracing::error!("cluster: {e}; tasks on this node cannot be reached from the other nodes"),
@@ -357,6 +361,10 @@ async fn run(
                     f.abort();
                 }
                 let takes_state = p.follow.as_ref().is_some_and(|(_, take)| *take);
+                if takes_state {
+                    // The proxy waits for the feed's first state (or its failure) to serve.
+                    parts.hub.expect(PROVIDER);
+                }
                 if !takes_state && *following.borrow() {
                     // No longer a worker (promoted): the engine is the source now, the
                     // feed's last state must not linger beside it.
@@ -388,6 +396,7 @@ async fn run(
                 parts.readiness.set(NAME, server.is_some() || !p.serve, what);
             }
             current = next;
+            parts.hub.fulfil(PLAN);
         }
         if position.changed().await.is_err() {
             return;

@@ -153,6 +153,8 @@ pub async fn run(
             Err(e) => Some(e),
         };
         if let Some(e) = error {
+            // No engine to wait for: the proxy serves what the other sources have.
+            hub.fulfil(NAME);
             if !reported {
                 tracing::warn!(%endpoint, "cannot reach the Docker engine: {e}; the other providers keep serving; retrying with backoff");
                 reported = true;

@@ -633,7 +633,23 @@ impl Discovery {
         attached.extend(local.map(networks_of).unwrap_or_default());
         let who = format!("service `{service}` task `{task_name}`");
         let reach = self.reach();
-        let (network, address) = choose_network(&attached, wanted, &reach, &who, &mut out.problems)?;
+        let chosen = choose_network(&attached, wanted, &reach, &who, &mut out.problems);
+        let Some((network, address)) = chosen else {
+            // A task on no Swarm network (on its node's default bridge) running on another
+            // node: no manager knows its address, but its node's agent does; it is reached
+            // through that agent by its id.
+            let attached_nowhere = attached.is_empty() && local.is_none();
+            return attached_nowhere.then(|| Task {
+                id: task_name,
+                address: IpAddr::from([0, 0, 0, 0]),
+                port: None,
+                node: node.to_owned(),
+                health: Health::Unknown,
+                network: None,
+                aliases: Vec::new(),
+                node_local: true,
+            });
+        };
         let mut aliases = Vec::new();
         if let Some(c) = local {
             let id = c.id.as_deref().unwrap_or("");
