@@ -20,6 +20,7 @@
 /* backend.flags */
 #define BACKEND_LOCAL 1 /* the task runs on this node */
 #define BACKEND_LIVE 2  /* the slot holds a task (cleared when it is removed) */
+#define BACKEND_DRAINING 4 /* the task is gone from the table: its established flows go on, nothing new */
 
 /* Indexes of verdict_stats: what happened to each packet the program saw. */
 #define STAT_PASS_NOT_IPV4 0     /* not IPv4 (ARP, IPv6, ...) */

@@ -263,8 +263,10 @@ int meshgate_xdp(struct xdp_md *ctx)
 	if (known) {
 		slot = known->backend;
 		be = bpf_map_lookup_elem(&backends, &slot);
-		/* The task is gone (its slot is empty or now holds another task). */
-		if (be && (!(be->flags & BACKEND_LIVE) || be->addr != known->addr || be->port != known->port))
+		/* The task is gone (its slot is empty or now holds another task), or it drains and
+		 * this SYN opens nothing yet (a retransmitted first SYN): a live task takes it. */
+		if (be && (!(be->flags & BACKEND_LIVE) || be->addr != known->addr || be->port != known->port ||
+			   ((be->flags & BACKEND_DRAINING) && pkt.proto == IPPROTO_TCP && is_syn(&pkt))))
 			be = 0;
 		if (!be) {
 			bpf_map_delete_elem(&flows, &flow);
@@ -308,8 +310,10 @@ int meshgate_xdp(struct xdp_md *ctx)
 
 /* Sends the packet out of the device the route to `dst` uses, with the neighbour's MAC
  * (resolved by the kernel if it is not known yet): forwarding without netfilter. Returns
- * -1 when there is no route. */
-static __always_inline int redirect_route(struct __sk_buff *skb, __u32 src, __u32 dst)
+ * -1 when there is no route, or, with `direct_only`, when the route goes through a gateway:
+ * a task is on a network of this node, and a packet for one must never leave by the
+ * default route (a task gone, an address no longer mapped). */
+static __always_inline int redirect_route(struct __sk_buff *skb, __u32 src, __u32 dst, int direct_only)
 {
 	struct bpf_fib_lookup fib = {};
 	fib.family = 2; /* AF_INET */
@@ -319,6 +323,8 @@ static __always_inline int redirect_route(struct __sk_buff *skb, __u32 src, __u3
 	/* tot_len 0: the kernel checks the MTU itself, knowing GSO packets. */
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return -1;
+	if (direct_only && fib.ipv4_dst != dst)
 		return -1;
 	/* The lookup left the next hop (the gateway, else dst itself) in ipv4_dst. */
 	struct bpf_redir_neigh nh = {.nh_family = 2, .ipv4_nh = fib.ipv4_dst};
@@ -415,7 +421,7 @@ int meshgate_tc_in(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	if (pkt.proto == IPPROTO_TCP && is_syn(&pkt))
 		reply->syn_seq = ((struct tcphdr *)pkt.sport)->seq;
-	int sent = redirect_route(skb, pkt.ip->saddr, pkt.ip->daddr);
+	int sent = redirect_route(skb, pkt.ip->saddr, pkt.ip->daddr, 1);
 	if (sent < 0) {
 		count(STAT_DROP_NO_ROUTE, skb->len);
 		return TC_ACT_SHOT;
@@ -465,7 +471,7 @@ int meshgate_tc_reply(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, l4_off, &new_port, sizeof(new_port), 0); /* source port: first field of TCP and UDP */
 	/* Handed to the stack, a packet from a local address arriving on this device would be
 	 * dropped: send it on toward the client instead. */
-	int sent = redirect_route(skb, new_addr, client);
+	int sent = redirect_route(skb, new_addr, client, 0);
 	if (sent < 0) {
 		count(STAT_DROP_NO_ROUTE, skb->len);
 		return TC_ACT_SHOT;

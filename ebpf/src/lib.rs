@@ -10,7 +10,7 @@ pub mod route;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-pub use loader::{Attached, Mesh, MeshError, OBJECT};
+pub use loader::{Attached, Mesh, MeshError, DEFAULT_DRAIN, OBJECT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::tc::SchedClassifierLinkId;
@@ -12,8 +13,8 @@ use aya::{Ebpf, EbpfLoader};
 
 use crate::maglev;
 use crate::maps::{
-    BackendSlot, Counters, FlowKey, FlowVal, SvcInfo, SvcKey, BACKEND_LIVE, BACKEND_LOCAL, MAGLEV_SIZE,
-    MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS,
+    BackendSlot, Counters, FlowKey, FlowVal, SvcInfo, SvcKey, BACKEND_DRAINING, BACKEND_LIVE, BACKEND_LOCAL,
+    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS,
 };
 use crate::{PortTable, Protocol};
 
@@ -64,7 +65,16 @@ pub struct Mesh {
     task_devices: HashMap<(String, u32), SchedClassifierLinkId>,
     /// `meshgate_tc_in` is on the uplink (attached once, before XDP).
     tc_in: bool,
+    /// How long a task gone from the table keeps its established flows (see [`Mesh::set_drain`]).
+    drain: Duration,
+    /// Slots of gone tasks, live for their established flows until then.
+    draining: Vec<(Instant, u32)>,
+    /// `local_addrs` entries of gone tasks, kept until then.
+    addresses_draining: HashMap<u32, Instant>,
 }
+
+/// What [`Mesh::set_drain`] is until set.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
 
 fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
@@ -109,6 +119,9 @@ impl Mesh {
             rows: HashMap::new(),
             task_devices: HashMap::new(),
             tc_in: false,
+            drain: DEFAULT_DRAIN,
+            draining: Vec::new(),
+            addresses_draining: HashMap::new(),
         })
     }
 
@@ -223,10 +236,46 @@ impl Mesh {
             self.services.insert(svc_key(proto, port), info, 0).map_err(|e| MeshError::Map("services", e))?;
         }
         self.sync_local_addresses(table)?;
-        // Flows on these tasks end (reset) from here on; the slots are free for later syncs.
+        // No new flow reaches these tasks (no row names them); their established flows go on
+        // until the drain ends, then end with a reset and the slots are free again.
+        let until = Instant::now() + self.drain;
         for (_, slot) in gone {
+            let mut value = self.backends.get(&slot, 0).map_err(|e| MeshError::Map("backends", e))?;
+            value.flags |= BACKEND_DRAINING;
+            self.backends.set(slot, value, 0).map_err(|e| MeshError::Map("backends", e))?;
+            self.draining.push((until, slot));
+        }
+        self.expire_drained()
+    }
+
+    /// A task gone from the table keeps its established flows this long, taking no new one:
+    /// a task being stopped finishes what it serves (Docker gives it 10 s by default). Zero:
+    /// its flows are reset at once. A shorter drain applies to the tasks draining now too.
+    pub fn set_drain(&mut self, drain: Duration) {
+        self.drain = drain;
+        let latest = Instant::now() + drain;
+        for until in
+            self.draining.iter_mut().map(|(until, _)| until).chain(self.addresses_draining.values_mut())
+        {
+            *until = (*until).min(latest);
+        }
+    }
+
+    /// Ends the drains that are over: their flows are reset from here on. Called by every
+    /// sync, and by the agent every second.
+    pub fn expire_drained(&mut self) -> Result<(), MeshError> {
+        let now = Instant::now();
+        let (over, kept): (Vec<_>, Vec<_>) = self.draining.drain(..).partition(|(until, _)| *until <= now);
+        self.draining = kept;
+        for (_, slot) in over {
             self.backends.set(slot, BackendSlot::default(), 0).map_err(|e| MeshError::Map("backends", e))?;
             self.slots.free(slot);
+        }
+        let over: Vec<u32> =
+            self.addresses_draining.iter().filter(|(_, until)| **until <= now).map(|(k, _)| *k).collect();
+        for key in over {
+            self.addresses_draining.remove(&key);
+            let _ = self.local_addrs.remove(&key);
         }
         Ok(())
     }
@@ -238,10 +287,13 @@ impl Mesh {
             table.local_addresses.iter().map(|(from, to)| (ne(*from), ne(*to))).collect();
         let stale: Vec<u32> =
             self.local_addrs.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
+        let until = Instant::now() + self.drain;
         for key in stale {
-            let _ = self.local_addrs.remove(&key);
+            // Established flows from other nodes keep reaching the task while it drains.
+            self.addresses_draining.entry(key).or_insert(until);
         }
         for (from, to) in wanted {
+            self.addresses_draining.remove(&from);
             if self.local_addrs.get(&from, 0).ok() != Some(to) {
                 self.local_addrs.insert(from, to, 0).map_err(|e| MeshError::Map("local_addrs", e))?;
             }

@@ -10,6 +10,7 @@ pub const MAGLEV_SIZE: u32 = 1021;
 pub const SVC_LOCAL_ONLY: u32 = 1;
 pub const BACKEND_LOCAL: u16 = 1;
 pub const BACKEND_LIVE: u16 = 2;
+pub const BACKEND_DRAINING: u16 = 4;
 
 /// `verdict_stats` indexes, with the names the metrics use.
 pub const VERDICTS: [&str; 14] = [

@@ -147,6 +147,8 @@ fn published(protocol: Protocol, port: u16, backends: Vec<Backend>) -> Published
 fn mesh() -> Mesh {
     let mut mesh =
         Mesh::load(NODE).expect("the BPF object loads (the test command runs as root and installs clang)");
+    // A removed task's flows end at once unless a test drains them.
+    mesh.set_drain(std::time::Duration::ZERO);
     mesh.sync(&PortTable {
         ports: vec![
             published(
@@ -292,6 +294,44 @@ fn a_published_port_without_tasks_drops_and_a_removed_task_ends_its_flows() {
     );
     // The unpublished port now passes.
     assert_eq!(mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 9000)).bytes()).unwrap().0, XDP_PASS);
+}
+
+#[test]
+fn a_removed_task_keeps_its_established_flows_while_it_drains_and_takes_no_new_one() {
+    let mut mesh = mesh();
+    mesh.set_drain(std::time::Duration::from_secs(3600));
+    let two = |ips: &[[u8; 4]]| PortTable {
+        ports: vec![published(Protocol::Tcp, 8080, ips.iter().map(|ip| task(*ip, 80, NODE)).collect())],
+        ..PortTable::default()
+    };
+    mesh.sync(&two(&[[10, 0, 9, 2], [10, 0, 9, 3]])).unwrap();
+    // Flows on the task about to go: enough client ports that Maglev puts some there.
+    let on_first: Vec<Pkt> = (42000..42064)
+        .map(|port| Pkt::tcp(at(CLIENT, port), at(NODE, 8080)).acking())
+        .filter(|p| mesh.test_run(&p.bytes()).unwrap().1[30..34] == [10, 0, 9, 2])
+        .collect();
+    assert!(!on_first.is_empty());
+    mesh.sync(&two(&[[10, 0, 9, 3]])).unwrap();
+    for flow in &on_first {
+        assert_eq!(
+            mesh.test_run(&flow.bytes()).unwrap(),
+            (XDP_PASS, flow.to(at(Ipv4Addr::new(10, 0, 9, 2), 80)).bytes()),
+            "a draining task keeps its flows"
+        );
+    }
+    for port in 43000..43032 {
+        let (_, out) = mesh.test_run(&Pkt::tcp(at(CLIENT, port), at(NODE, 8080)).bytes()).unwrap();
+        assert_eq!(out[30..34], [10, 0, 9, 3], "no new flow reaches a draining task");
+    }
+    // A SYN again on a draining task's flow (its first SYN got no answer: the task may be
+    // gone already) opens nothing yet: a live task takes it.
+    let again = Pkt { ack: false, ..on_first[on_first.len() - 1].clone() };
+    assert_eq!(mesh.test_run(&again.bytes()).unwrap().1[30..34], [10, 0, 9, 3]);
+    // The drain over: its flows end with a reset.
+    mesh.set_drain(std::time::Duration::ZERO);
+    mesh.expire_drained().unwrap();
+    let (verdict, out) = mesh.test_run(&on_first[0].bytes()).unwrap();
+    assert_eq!((verdict, out), (XDP_REDIRECT, reset_for(&on_first[0])));
 }
 
 #[test]

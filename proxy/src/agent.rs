@@ -503,6 +503,26 @@ async fn warn_unserved_acme_wishes(hub: Arc<StateHub>, enabled: bool) {
     }
 }
 
+/// UDP and TCP on one port. With port 0, the kernel picks the UDP port, which TCP may have
+/// taken already: a few picks are tried.
+fn bind_dns(
+    listen: SocketAddr,
+    reuse_port: bool,
+) -> Result<(tokio::net::UdpSocket, TcpListener), StartError> {
+    let mut tries = if listen.port() == 0 { 8 } else { 1 };
+    loop {
+        let udp = net::reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
+            .and_then(|s| tokio::net::UdpSocket::from_std(s.into()))
+            .map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;
+        let addr = udp.local_addr().expect("bound socket has an address");
+        match bind("DNS over TCP", addr, reuse_port) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if tries == 1 => return Err(e),
+            Err(_) => tries -= 1,
+        }
+    }
+}
+
 /// Binds mesh-dns (UDP, then TCP on the same port), keeps its zone in step with the hub.
 fn start_dns(
     listen: SocketAddr,
@@ -511,12 +531,8 @@ fn start_dns(
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<SocketAddr, StartError> {
     let Core { hub, metrics, readiness, reuse_port, .. } = core;
-    let reuse_port = *reuse_port;
-    let udp = net::reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
-        .and_then(|s| tokio::net::UdpSocket::from_std(s.into()))
-        .map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;
+    let (udp, tcp) = bind_dns(listen, *reuse_port)?;
     let addr = udp.local_addr().expect("bound socket has an address");
-    let tcp = bind("DNS over TCP", addr, reuse_port)?;
     let upstreams = if cfg.upstreams.is_empty() {
         mesh_dns::resolv_conf_upstreams(
             &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),

@@ -194,6 +194,9 @@ pub struct Overrides {
     /// [mesh.node_name] This node's name as task nodes are named (Swarm node name) [default: local]
     #[arg(long, env = "MESHGATE_MESH_NODE_NAME", value_name = "NAME", help_heading = "L4 mesh")]
     pub mesh_node_name: Option<String>,
+    /// [mesh.drain] A task gone from the state keeps its established connections this long, then they are reset [default: 10s]
+    #[arg(long, env = "MESHGATE_MESH_DRAIN", value_name = "DURATION", value_parser = duration, help_heading = "L4 mesh")]
+    pub mesh_drain: Option<Duration>,
 
     /// [proxy.reuse_port] Share listening addresses with another agent on this host, for updates without a gap [default: false]
     #[arg(long, env = "MESHGATE_REUSE_PORT", value_name = "BOOL", help_heading = "Proxy")]
@@ -370,6 +373,7 @@ impl Overrides {
         set(&mut c.mesh.uplink, self.mesh_uplink.filter(|u| !u.is_empty()).map(Some));
         set(&mut c.mesh.node_address, self.mesh_node_address.map(Some));
         set(&mut c.mesh.node_name, self.mesh_node_name.map(Some));
+        set(&mut c.mesh.drain, self.mesh_drain);
         let a = &mut c.acme;
         set(&mut a.enabled, self.acme_enabled);
         set(&mut a.directory, self.acme_directory);

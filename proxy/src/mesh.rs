@@ -18,7 +18,7 @@ use crate::state::{L4Protocol, MeshState, StateHub};
 pub const AUTO: &str = "auto";
 
 /// The `[mesh]` section.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeshConfig {
     /// The interface published ports are served on (XDP attaches to it); `auto`: the one
@@ -31,6 +31,16 @@ pub struct MeshConfig {
     /// This node's name as the providers name task nodes (Swarm node name; `local` for tasks
     /// of the routes file without a `node`). Tasks on it are local.
     pub node_name: Option<String>,
+    /// A task gone from the state keeps its established connections this long (no new one
+    /// reaches it), then they are reset: a stopping task finishes what it serves.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self { uplink: None, node_address: None, node_name: None, drain: meshgate_ebpf::DEFAULT_DRAIN }
+    }
 }
 
 impl MeshConfig {
@@ -350,6 +360,7 @@ pub async fn run(
         Ok(m) => m,
         Err(e) => return down(&e),
     };
+    mesh.set_drain(cfg.drain);
     // The maps and the reply translation are ready before XDP attaches: its first packet
     // finds them. During a rolling update the previous agent holds XDP on the uplink until
     // it stops: wait for it (still ready, so the update can go on and stop it), up to a limit.
@@ -391,6 +402,9 @@ pub async fn run(
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             _ = tick.tick() => {
+                if let Err(e) = mesh.expire_drained() {
+                    tracing::warn!("L4 mesh: ending drained tasks' flows failed: {e}");
+                }
                 // Walking the connection table costs a system call per flow, and neighbour
                 // entries last far longer: both every 5 s.
                 let slow = ticks.is_multiple_of(5);

@@ -18,7 +18,6 @@ pub enum Shape {
     /// Node 1 manages, nodes 2 and 3 work.
     OneManager,
     /// All three manage.
-    #[allow(dead_code)]
     ThreeManagers,
 }
 
@@ -27,6 +26,9 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// The machine's own address on the underlay (where a test's CA can listen).
+    pub const MACHINE: &str = "198.18.50.1";
+
     pub async fn up(shape: Shape) -> Self {
         let one = ONE_LAB.lock().await;
         let arg = match shape {
@@ -62,6 +64,33 @@ impl Lab {
 
     pub async fn docker_output(i: usize, args: &[&str]) -> Output {
         Command::new("docker").arg("-H").arg(Self::docker_host(i)).args(args).output().await.unwrap()
+    }
+
+    /// Stops node `i`'s engine by its PID (its containers, the agent among them, stop too).
+    pub async fn stop_engine(i: usize) {
+        let out = script(&["stop", &i.to_string()]).await;
+        assert!(out.status.success(), "stopping node {i}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts node `i`'s engine again; returns once it answers.
+    pub async fn start_engine(i: usize) {
+        let out = script(&["start", &i.to_string()]).await;
+        assert!(out.status.success(), "starting node {i}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Node `i`'s agent's metric lines starting with `prefix`, their values summed.
+    pub async fn metric(i: usize, prefix: &str) -> u64 {
+        let ns = format!("mglab-n{i}");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "curl", "-s", "--max-time", "3", "http://127.0.0.1:9090/metrics"])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 
     /// TCP and UDP packets that reached the sink (every node's default route) for task or

@@ -289,3 +289,26 @@ fn help_teaches_with_examples_and_env_vars() {
         assert!(help.contains(needle), "--help should mention {needle}:\n{help}");
     }
 }
+
+/// A stack file passes an optional setting the user left out as `${NAME:-}`, an empty
+/// variable: it means "not set", for every setting.
+#[test]
+fn an_empty_variable_means_the_setting_is_not_set() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .envs([
+            ("MESHGATE_MESH_NODE_ADDRESS", ""),
+            ("MESHGATE_MESH_UPLINK", ""),
+            ("MESHGATE_HTTP_LISTEN", ""),
+        ])
+        .args(["--check"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .env("MESHGATE_HTTP_LISTEN", "")
+        .args(["--print-config"])
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&out.stdout);
+    assert!(config.contains("http_listen = \"0.0.0.0:80\""), "the default stays: {config}");
+}

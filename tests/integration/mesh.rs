@@ -534,6 +534,9 @@ impl Cluster {
                 NODE_IPS[node],
                 "--mesh-node-name",
                 &format!("n{}", node + 1),
+                // A removed task's connections end at once (no drain): what the test checks.
+                "--mesh-drain",
+                "0s",
             ],
         );
         agent.wait_for("L4 mesh attached");

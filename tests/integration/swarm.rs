@@ -440,4 +440,169 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
             assert!(failed.len() * 1000 < answered + failed.len(), "{target}: {failed:?}");
         }
     }
+
+    // A worker's engine stops and starts again: the other nodes keep every route.
+    Lab::stop_engine(3).await;
+    for (host, url) in both_ways(&[1, 2]) {
+        eventually(&format!("{url} answers with node 3 down"), CONVERGE, async || {
+            Lab::curl(host, &url).await.0
+        })
+        .await;
+    }
+    Lab::start_engine(3).await;
+    eventually("node 3's agent is back", CONVERGE, async || Lab::readyz(3).await.contains("XDP")).await;
+    for (host, url) in both_ways(&[1, 2, 3]) {
+        eventually(&format!("{url} answers with node 3 back"), CONVERGE, async || {
+            Lab::curl(host, &url).await.0
+        })
+        .await;
+    }
+
+    // No manager reachable: the workers keep serving what they last knew, and say so.
+    Lab::stop_engine(1).await;
+    for i in 2..=3 {
+        eventually(&format!("node {i} says no manager is reachable"), CONVERGE, async || {
+            Lab::readyz(i).await.contains("stale: no manager reachable")
+        })
+        .await;
+        let url = format!("http://{}/", Lab::addr(i));
+        eventually(&format!("node {i} still serves load.test"), CONVERGE, async || {
+            Lab::curl("load.test", &url).await.0
+        })
+        .await;
+    }
+}
+
+/// The agents' stack with ACME against `pebble` (its root trusted through a secret) and
+/// mesh-dns answering routed hosts with the nodes' addresses (pebble asks it where to
+/// validate): the README's deployment plus a file of the test's, added with `-c`.
+async fn agents_with_acme(pebble: &crate::acme::Pebble) {
+    import_test_image().await;
+    let binary = env!("CARGO_BIN_EXE_meshgate");
+    for i in 1..=3 {
+        readme_line(i, &format!("helm-free-deploy/build-image.sh {binary}")).await;
+    }
+    readme_line(1, &format!("{binary} --new-cluster-secret | docker secret create meshgate_cluster -")).await;
+    let acme = format!(
+        r#"version: "3.8"
+services:
+  agent:
+    environment:
+      MESHGATE_ACME_DIRECTORY: "{directory}"
+      MESHGATE_ACME_TRUST_ROOTS: /run/secrets/pebble_listener_ca
+      MESHGATE_DNS_ANSWER_ROUTED_HOSTS: "true"
+    secrets: [pebble_listener_ca]
+secrets:
+  pebble_listener_ca:
+    file: {trust}
+"#,
+        directory = pebble.directory(),
+        trust = pebble.trust.display()
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), acme).unwrap();
+    let deploy =
+        format!("docker stack deploy -c helm-free-deploy/stack.yml -c {} meshgate", file.path().display());
+    readme_line(1, &deploy).await;
+    for i in 1..=3 {
+        eventually(&format!("node {i}'s agent is ready"), CONVERGE, async || {
+            Lab::readyz(i).await.contains("\"ready\": true")
+        })
+        .await;
+    }
+}
+
+/// A service that asks for a certificate for `host`, created from manager `node`.
+async fn secure_service(node: usize, name: &str, host: &str) {
+    Lab::docker(
+        node,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            name,
+            "--stop-grace-period",
+            "1s",
+            "-e",
+            &format!("VIRTUAL_HOST={host}"),
+            "-e",
+            &format!("LETSENCRYPT_HOST={host}"),
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            HTTPD,
+        ],
+    )
+    .await;
+}
+
+/// Whether node `i` serves `host` over HTTPS with a certificate pebble's `root` verifies.
+async fn serves_verified(i: usize, host: &str, root: &std::path::Path) -> bool {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--resolve", &format!("{host}:443:{}", Lab::addr(i))])
+        .args(["--cacert", root.to_str().unwrap(), &format!("https://{host}/")])
+        .output()
+        .await
+        .unwrap();
+    out.status.success()
+}
+
+/// Certificates ordered by each node's agent, from its metrics.
+async fn orders_by_node() -> Vec<u64> {
+    let mut orders = Vec::new();
+    for i in 1..=3 {
+        orders.push(Lab::metric(i, "meshgate_acme_certificates_issued_total").await);
+    }
+    orders
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_orders_certificates_and_ordering_moves_with_leadership() {
+    let _lab = Lab::up(Shape::ThreeManagers).await;
+    // The CA on the machine's side of the underlay; it validates HTTP-01 on port 80 of the
+    // address node 2's mesh-dns gives for the name (any node, as a public DNS would).
+    let pebble = crate::acme::Pebble::start_on(
+        crate::acme::PebbleSetup {
+            http_port: 80,
+            tls_port: 443,
+            dns: format!("{}:53", Lab::addr(2)).parse().unwrap(),
+            validity_secs: 3600,
+            eab: None,
+            blocklist: Vec::new(),
+        },
+        Lab::MACHINE.parse().unwrap(),
+    )
+    .await;
+    agents_with_acme(&pebble).await;
+    let root = pebble.root().await;
+
+    secure_service(1, "secure", "secure.test").await;
+    for i in 1..=3 {
+        eventually(
+            &format!("node {i} serves secure.test with a verified certificate"),
+            CONVERGE,
+            async || serves_verified(i, "secure.test", &root).await,
+        )
+        .await;
+    }
+    assert_eq!(orders_by_node().await, [1, 0, 0], "the leader (node 1) ordered the one certificate");
+
+    // The leader's engine stops: another manager leads, and its agent orders from now on.
+    Lab::stop_engine(1).await;
+    secure_service(2, "second", "second.test").await;
+    for i in 2..=3 {
+        eventually(
+            &format!("node {i} serves second.test with a verified certificate"),
+            CONVERGE,
+            async || serves_verified(i, "second.test", &root).await,
+        )
+        .await;
+        assert!(
+            serves_verified(i, "secure.test", &root).await,
+            "node {i} still serves the first certificate"
+        );
+    }
+    let orders = orders_by_node().await;
+    assert_eq!(orders[1] + orders[2], 1, "one of the remaining managers ordered second.test: {orders:?}");
 }

@@ -3,6 +3,7 @@
 # ../shared/SWARM-LAB.md for what was observed and the traps this script gets past).
 #
 #   tests/lab/swarm-lab.sh up [WORKERS_AS_MANAGERS]   1 manager + 2 workers (or 3 managers with "managers")
+#   tests/lab/swarm-lab.sh stop N | start N           stops node N's engine by PID (its containers stop too), starts it again
 #   tests/lab/swarm-lab.sh down                       stops the engines by PID, removes everything
 #   tests/lab/swarm-lab.sh env                        prints the addresses and sockets (sourceable)
 #
@@ -170,6 +171,8 @@ sink_count() {
 case "${1:-}" in
   up) shift; up "$@" ;;
   down) down ;;
+  stop) stop_engine "$2" ;;
+  start) start_node "$2"; wait_engine "$2" ;;
   sink-count) sink_count ;;
   env)
     for i in $(seq 1 "$NODES"); do echo "NODE${i}_ADDR=$NET.1$i NODE${i}_DOCKER_HOST=$(node_sock "$i") NODE${i}_NS=$(node_ns "$i")"; done
