@@ -107,3 +107,26 @@ frontend fe
 backend be
   server s1 127.0.0.1:{backend_port}
 """
+
+
+def http_status(url, host):
+    """The status of GET `url` with `Host: host`; 0 when nothing answers."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host}), timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception:
+        return 0
+
+
+def wait(what, check, limit=120):
+    """Polls `check` until true; the seconds it took. Exits with `what` after `limit`."""
+    import time
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > limit:
+            raise SystemExit(f"{what}: not within {limit}s")
+        time.sleep(0.01)
+    return time.monotonic() - t0

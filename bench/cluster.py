@@ -7,9 +7,8 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 
-from benchlib import ROOT, replace_section
+from benchlib import ROOT, http_status, replace_section, wait
 from discovery import proc_stat
 
 SAMPLES = int(os.environ.get("SAMPLES", "5"))
@@ -31,23 +30,7 @@ def dk(i, *args, check=True):
 
 
 def status(i, host):
-    req = urllib.request.Request(f"http://{addr(i)}/", headers={"Host": host})
-    try:
-        with urllib.request.urlopen(req, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except Exception:
-        return 0
-
-
-def wait(what, check, limit=120):
-    t0 = time.monotonic()
-    while not check():
-        if time.monotonic() - t0 > limit:
-            raise SystemExit(f"{what}: not within {limit}s")
-        time.sleep(0.01)
-    return time.monotonic() - t0
+    return http_status(f"http://{addr(i)}/", host)
 
 
 def images():

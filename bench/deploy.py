@@ -5,9 +5,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-import urllib.request
 
-from benchlib import ROOT, replace_section
+from benchlib import ROOT, http_status, replace_section, wait
 from discovery import IMAGE, image, proc_stat, sh
 
 SAMPLES = int(os.environ.get("SAMPLES", "5"))
@@ -19,22 +18,7 @@ HTTP = f"127.0.0.1:{PORTS['MESHGATE_HTTP_PORT']}"
 
 
 def status(host):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(f"http://{HTTP}/", headers={"Host": host}), timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except Exception:
-        return 0
-
-
-def wait(what, check, limit=120):
-    t0 = time.monotonic()
-    while not check():
-        if time.monotonic() - t0 > limit:
-            raise SystemExit(f"{what}: not within {limit}s")
-        time.sleep(0.02)
-    return time.monotonic() - t0
+    return http_status(f"http://{HTTP}/", host)
 
 
 def agent_pid():

@@ -143,18 +143,7 @@ async fn sighup_reloads_the_routes_file_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, service("slow", &["slow.test"], "/", &[&slow])).unwrap();
-    let mut agent = Binary::spawn(&[
-        "--routes",
-        routes.to_str().unwrap(),
-        "--routes-poll-interval",
-        "1h",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--docker",
-        "off",
-    ]);
+    let mut agent = Binary::with_routes(&routes, "1h");
     let (http, _) = agent.addresses();
 
     let in_flight =

@@ -221,6 +221,24 @@ impl Binary {
         Self::spawn_env(args, &[])
     }
 
+    /// The binary serving a routes file polled every `poll`, on ephemeral ports, without
+    /// Docker.
+    pub fn with_routes(routes: &std::path::Path, poll: &str) -> Self {
+        let routes = routes.to_str().unwrap();
+        Self::spawn(&[
+            "--routes",
+            routes,
+            "--routes-poll-interval",
+            poll,
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--docker",
+            "off",
+        ])
+    }
+
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshgate"));
         cmd.args(["--log-format", "json"]).args(args).envs(env.iter().copied());

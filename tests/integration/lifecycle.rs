@@ -12,18 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::harness::{curl, eventually, name_of, send, service, Backend, Binary};
 
 fn spawn_with_routes(routes: &std::path::Path) -> Binary {
-    Binary::spawn(&[
-        "--routes",
-        routes.to_str().unwrap(),
-        "--routes-poll-interval",
-        "50ms",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--docker",
-        "off",
-    ])
+    Binary::with_routes(routes, "50ms")
 }
 
 #[tokio::test]
