@@ -80,13 +80,8 @@ impl Lab {
 
     /// Node `i`'s agent's metric lines starting with `prefix`, their values summed.
     pub async fn metric(i: usize, prefix: &str) -> u64 {
-        let ns = format!("mglab-n{i}");
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns, "curl", "-s", "--max-time", "3", "http://127.0.0.1:9090/metrics"])
-            .output()
+        Self::admin(i, "/metrics")
             .await
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -100,15 +95,26 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).trim().parse().expect("a packet count")
     }
 
-    /// Node `i`'s agent's `/readyz` (its admin listener is on the node's loopback).
-    pub async fn readyz(i: usize) -> String {
+    /// GET `path` of node `i`'s admin endpoints (on the node's loopback).
+    pub async fn admin(i: usize, path: &str) -> String {
         let ns = format!("mglab-n{i}");
+        let url = format!("http://127.0.0.1:9090{path}");
         let out = Command::new("ip")
-            .args(["netns", "exec", &ns, "curl", "-s", "--max-time", "3", "http://127.0.0.1:9090/readyz"])
+            .args(["netns", "exec", &ns, "curl", "-s", "--max-time", "3", &url])
             .output()
             .await
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Node `i`'s agent's `/readyz`.
+    pub async fn readyz(i: usize) -> String {
+        Self::admin(i, "/readyz").await
+    }
+
+    /// Node `i`'s agent's `/api/state`.
+    pub async fn api_state(i: usize) -> serde_json::Value {
+        serde_json::from_str(&Self::admin(i, "/api/state").await).unwrap_or_default()
     }
 
     /// curl from the machine to `url` with `Host: host`; (exit ok, body).

@@ -23,7 +23,7 @@ async fn import_test_image() {
     let bin = root.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/bin/busybox", bin.join("busybox")).expect("/bin/busybox (busybox-static)");
-    for applet in ["sh", "httpd", "hostname", "mkdir", "sleep", "cat", "nslookup"] {
+    for applet in ["sh", "httpd", "hostname", "mkdir", "sleep", "cat", "nslookup", "printf", "chmod"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
     let web = format!("--change 'CMD [\"sh\", \"-c\", \"{HTTPD}\"]'");
@@ -311,6 +311,90 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
         })
         .await;
     }
+
+    // The client's address reaches the task through any node (ingress mode), and a port
+    // published in host mode answers only on the node that runs its task.
+    let who = "mkdir -p /w/cgi-bin && printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho $REMOTE_ADDR\\n' > /w/cgi-bin/ip && chmod +x /w/cgi-bin/ip && exec httpd -f -p 80 -h /w";
+    for (name, publish) in [("who", "8091:80"), ("local", "mode=host,published=8092,target=80")] {
+        Lab::docker(
+            1,
+            &[
+                "service",
+                "create",
+                "--name",
+                name,
+                "--publish",
+                publish,
+                "--constraint",
+                "node.hostname==mglab-n2",
+                "--stop-grace-period",
+                "1s",
+                TEST_IMAGE,
+                "sh",
+                "-c",
+                who,
+            ],
+        )
+        .await;
+    }
+    for i in 1..=3 {
+        let url = format!("http://{}:8091/cgi-bin/ip", Lab::addr(i));
+        eventually(&format!("{url}: the task sees the machine's address"), CONVERGE, async || {
+            Lab::curl("any", &url).await == (true, Lab::MACHINE.to_owned())
+        })
+        .await;
+        let url = format!("http://{}:8092/cgi-bin/ip", Lab::addr(i));
+        if i == 2 {
+            eventually(&format!("{url} (host mode, the task's node) answers"), CONVERGE, async || {
+                Lab::curl("any", &url).await == (true, Lab::MACHINE.to_owned())
+            })
+            .await;
+        } else {
+            assert!(!Lab::curl("any", &url).await.0, "{url}: host mode stays on the task's node");
+        }
+    }
+
+    // A task this node cannot reach (an internal overlay gives it no docker_gwbridge
+    // address) is reported and never dialled: its node says why, the request fails fast.
+    Lab::docker(1, &["network", "create", "-d", "overlay", "--internal", "sealed"]).await;
+    Lab::docker(
+        1,
+        &[
+            "service",
+            "create",
+            "--name",
+            "sealed",
+            "--network",
+            "sealed",
+            "--constraint",
+            "node.hostname==mglab-n1",
+            "--stop-grace-period",
+            "1s",
+            "-e",
+            "VIRTUAL_HOST=sealed.test",
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            HTTPD,
+        ],
+    )
+    .await;
+    eventually("node 1 reports the sealed task as unreachable", CONVERGE, async || {
+        let state = Lab::api_state(1).await;
+        state["problems"].as_array().is_some_and(|p| {
+            p.iter().any(|p| p.as_str().is_some_and(|p| p.contains("sealed") && p.contains("not reachable")))
+        })
+    })
+    .await;
+    let metrics = Lab::admin(1, "/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("meshgate_backend_up{")
+            && l.contains("service=\"sealed\"")
+            && l.ends_with(" 0")),
+        "the sealed task is shown down: {metrics}"
+    );
+    let (_, body) = Lab::curl("sealed.test", &format!("http://{}/", Lab::addr(1))).await;
+    assert!(body.contains("Service Unavailable"), "no task to send it to, at once: {body}");
     assert_eq!(Lab::sink_count().await, sink_before, "nothing left a node through its default route");
 }
 
