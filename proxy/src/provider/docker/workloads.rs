@@ -242,8 +242,8 @@ impl Reach<'_> {
 
 /// The network a task is reached on: the one the workload names, else the configured one,
 /// else one the agent shares with it, else the first by name (the same on every node).
-/// Swarm's `ingress` network carries the routing mesh, not service traffic: it is used only
-/// when named.
+/// Swarm's `ingress` network carries the routing mesh, not service traffic: it is used when
+/// named, or when it is the task's only network.
 fn choose_network(
     networks: &BTreeMap<String, IpAddr>,
     wanted: Option<&str>,
@@ -264,7 +264,10 @@ fn choose_network(
     }
     let mut candidates = networks.iter().filter(|(n, _)| n.as_str() != "ingress");
     let shared = reach.agent_networks.and_then(|mine| candidates.clone().find(|(n, _)| mine.contains(*n)));
-    shared.or_else(|| candidates.next()).map(|(n, ip)| (n.clone(), *ip))
+    // A service that only publishes ports has only `ingress`: its tasks are still reached
+    // (from their node through docker_gwbridge, from others through that node).
+    let ingress = || networks.get_key_value("ingress");
+    shared.or_else(|| candidates.next()).or_else(ingress).map(|(n, ip)| (n.clone(), *ip))
 }
 
 /// The published ports of a service's endpoint.
@@ -777,7 +780,10 @@ mod tests {
         assert!(problems.is_empty());
         assert_eq!(choose_network(&nets, Some("zzz"), &Reach::default(), "x", &mut problems).unwrap().0, "a");
         let only_ingress: BTreeMap<String, IpAddr> = [("ingress".to_owned(), [10, 0, 0, 9].into())].into();
-        assert!(choose_network(&only_ingress, None, &Reach::default(), "x", &mut problems).is_none());
+        assert_eq!(
+            choose_network(&only_ingress, None, &Reach::default(), "x", &mut problems).unwrap().0,
+            "ingress"
+        );
         assert!(
             choose_network(&only_ingress, Some("ingress"), &Reach::default(), "x", &mut problems).is_some()
         );
