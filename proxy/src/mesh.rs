@@ -89,9 +89,12 @@ pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) ->
                 .filter(|t| t.health.routable())
                 .filter_map(|t| {
                     let local = t.node == node_name;
-                    let ip = match (local && t.node_local, v4(&t.address)?) {
-                        (true, _) => v4(state.local_addresses.get(&t.id)?)?,
-                        (false, ip) => ip,
+                    // A task of this node by the address this node reaches it at; another's by
+                    // its own (unknown here for a task on no Swarm network: left out).
+                    let ip = if local && t.node_local {
+                        v4(state.local_addresses.get(&t.id)?)?
+                    } else {
+                        v4(&t.address)?
                     };
                     let node_addr = if local { node_address } else { *addresses.get(t.node.as_str())? };
                     Some(Backend {
