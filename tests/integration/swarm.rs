@@ -279,19 +279,8 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
         }
     }
 
-    // The L4 mesh's capability file added, as the README says (this engine is 20.10): no
-    // variable to set, the uplink is the device of each node's Swarm address.
-    readme_line(
-        1,
-        "docker stack deploy -c helm-free-deploy/stack.yml -c helm-free-deploy/mesh-docker20.yml meshgate",
-    )
-    .await;
-    for i in 1..=3 {
-        eventually(&format!("node {i}'s agent has the L4 mesh attached"), CONVERGE, async || {
-            Lab::readyz(i).await.contains("XDP")
-        })
-        .await;
-    }
+    // The L4 mesh's capability file added.
+    deploy_with_mesh().await;
 
     // The field's WordPress stack, unchanged but for its images: `ports: - 8080:80` (ingress
     // mode) answers on every node through the L4 mesh, the task being on one node only.
@@ -399,15 +388,20 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
     assert_eq!(Lab::sink_count().await, sink_before, "nothing left a node through its default route");
 }
 
-/// The agents on every node with the L4 mesh, deployed as the README says; waits until each
-/// has attached.
-async fn agents_with_mesh() {
+/// The test images and the agent's on every node, and the cluster secret, as the README says.
+async fn images_and_secret() {
     import_test_image().await;
     let binary = env!("CARGO_BIN_EXE_meshgate");
     for i in 1..=3 {
         readme_line(i, &format!("helm-free-deploy/build-image.sh {binary}")).await;
     }
     readme_line(1, &format!("{binary} --new-cluster-secret | docker secret create meshgate_cluster -")).await;
+}
+
+/// The stack with the L4 mesh's capability file, as the README says (this engine is 20.10):
+/// no variable to set, the uplink is the device of each node's Swarm address. Waits until
+/// every agent has attached.
+async fn deploy_with_mesh() {
     readme_line(
         1,
         "docker stack deploy -c helm-free-deploy/stack.yml -c helm-free-deploy/mesh-docker20.yml meshgate",
@@ -419,6 +413,13 @@ async fn agents_with_mesh() {
         })
         .await;
     }
+}
+
+/// The agents on every node with the L4 mesh, deployed as the README says; waits until each
+/// has attached.
+async fn agents_with_mesh() {
+    images_and_secret().await;
+    deploy_with_mesh().await;
 }
 
 /// The load's targets on `nodes`: the routed host and the published port of each.
@@ -568,12 +569,7 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
 /// mesh-dns answering routed hosts with the nodes' addresses (pebble asks it where to
 /// validate): the README's deployment plus a file of the test's, added with `-c`.
 async fn agents_with_acme(pebble: &crate::acme::Pebble) {
-    import_test_image().await;
-    let binary = env!("CARGO_BIN_EXE_meshgate");
-    for i in 1..=3 {
-        readme_line(i, &format!("helm-free-deploy/build-image.sh {binary}")).await;
-    }
-    readme_line(1, &format!("{binary} --new-cluster-secret | docker secret create meshgate_cluster -")).await;
+    images_and_secret().await;
     let acme = format!(
         r#"version: "3.8"
 services:
