@@ -187,3 +187,55 @@ pub async fn reqwest_text(url: &str) -> String {
     let req = http::Request::get(url).body(http_body_util::Full::<bytes::Bytes>::default()).unwrap();
     crate::harness::send(&client, req).await.1
 }
+
+/// A task (or the agent a hop goes through) that closes a kept-alive connection just as the
+/// next request is written on it: an idempotent request without a body is sent again on a
+/// new connection, once; a request with a body is not (it may have been acted on).
+#[tokio::test]
+async fn a_kept_alive_connection_closed_under_a_request_replays_only_idempotent_bodiless_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers the first request of each connection (keeping it alive), then reads the
+    // second and closes without an answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                let mut answered = false;
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    if answered {
+                        return; // the second request: closed under it
+                    }
+                    answered = true;
+                    seen.clear();
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n").await;
+                }
+            });
+        }
+    });
+    let mesh = Mesh::start(&service_with("flaky", &["flaky.test"], "/", "http", &[addr.to_string()])).await;
+    for i in 0..6 {
+        let (status, body) = mesh.get("flaky.test", "/").await;
+        assert_eq!(status, StatusCode::OK, "GET {i}: replayed on a new connection: {body}");
+    }
+    let mut failed = 0;
+    for _ in 0..6 {
+        let req = http::Request::post(mesh.url("/"))
+            .header("host", "flaky.test")
+            .body(http_body_util::Full::from("x"))
+            .unwrap();
+        let (status, _) = crate::harness::send(mesh.client(), req).await;
+        failed += usize::from(status == StatusCode::BAD_GATEWAY);
+    }
+    assert!(failed > 0, "a POST with a body is never sent twice: the closed connection answers 502");
+}

@@ -109,3 +109,51 @@ impl Drop for RequestGuard {
         self.conn.request_finished();
     }
 }
+
+/// The body a task gets: the client's, streamed, or none. A request without a body can be
+/// sent again when the connection it went out on turns out closed (see `Proxy::send`).
+pub enum UpstreamBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl UpstreamBody {
+    /// The client's body, or `Empty` when it has none.
+    #[must_use]
+    pub fn of(body: Incoming) -> Self {
+        if body.is_end_stream() {
+            Self::Empty
+        } else {
+            Self::Client(body)
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Client(body) => Pin::new(body).poll_frame(cx),
+            Self::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Client(body) => body.is_end_stream(),
+            Self::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Client(body) => body.size_hint(),
+            Self::Empty => SizeHint::with_exact(0),
+        }
+    }
+}

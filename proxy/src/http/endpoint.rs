@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::{IntGauge, IntGaugeVec};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::body::UpstreamBody;
 use crate::cluster::hop::{Dialer, HopError, HopStream};
 use crate::state::{MeshState, Task, UpstreamProtocol};
 
@@ -113,8 +113,8 @@ impl Reach {
 
 /// A connection ready to carry one request.
 pub enum Sender {
-    H1 { sender: http1::SendRequest<Incoming>, reused: bool },
-    H2(http2::SendRequest<Incoming>),
+    H1 { sender: http1::SendRequest<UpstreamBody>, reused: bool },
+    H2(http2::SendRequest<UpstreamBody>),
 }
 
 pub struct Endpoint {
@@ -128,8 +128,8 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     failures: AtomicU32,
     ejected_until_ms: AtomicU64,
-    idle: Mutex<Vec<(http1::SendRequest<Incoming>, Instant)>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     up: IntGauge,
     up_vec: IntGaugeVec,
 }
@@ -239,7 +239,7 @@ impl Endpoint {
         tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout(timeout))?
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.idle.lock().expect("pool lock");
         while let Some((sender, since)) = idle.pop() {
             if sender.is_ready() && since.elapsed() < MAX_IDLE_AGE {
@@ -250,7 +250,7 @@ impl Endpoint {
     }
 
     /// Puts an HTTP/1.1 connection back in the pool once its response has been read.
-    pub fn recycle(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+    pub fn recycle(self: &Arc<Self>, mut sender: http1::SendRequest<UpstreamBody>) {
         // A response whose body came with its head leaves the connection ready at once.
         if sender.is_ready() {
             self.park(sender);
@@ -267,7 +267,7 @@ impl Endpoint {
         });
     }
 
-    fn park(&self, sender: http1::SendRequest<Incoming>) {
+    fn park(&self, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < MAX_IDLE_PER_TASK {
             idle.push((sender, Instant::now()));
@@ -276,7 +276,7 @@ impl Endpoint {
 }
 
 /// An HTTP/1.1 connection over `io` (TCP or TLS), driven by its own task.
-async fn h1_handshake<S>(io: S) -> Result<http1::SendRequest<Incoming>, ConnectError>
+async fn h1_handshake<S>(io: S) -> Result<http1::SendRequest<UpstreamBody>, ConnectError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

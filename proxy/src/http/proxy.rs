@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{ProxyBody, RequestGuard};
+use super::body::{ProxyBody, RequestGuard, UpstreamBody};
 use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Reach, Sender};
 use super::router::{Route, RouteTable};
 use super::server::ConnActivity;
@@ -205,6 +205,7 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
+        let req = req.map(UpstreamBody::of);
         let exchanged = self.exchange(&route, req, &mut guard).await.and_then(|(resp, endpoint)| {
             match check_switch(&resp, asked.as_ref()) {
                 Ok(()) => Ok((resp, endpoint)),
@@ -243,7 +244,7 @@ impl Proxy {
     async fn exchange(
         &self,
         route: &Route,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
         guard: &mut RequestGuard,
     ) -> Result<(Response<Incoming>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let mut failed: Option<Arc<Endpoint>> = None;
@@ -271,13 +272,17 @@ impl Proxy {
     }
 
     /// One request on one endpoint. A pooled connection that turns out closed before the
-    /// request was written is replaced by a fresh one transparently.
+    /// request was written is replaced by a fresh one transparently; so is one that closes
+    /// under an idempotent request without a body (once): nothing of it can have been acted
+    /// on twice. (A task, or the agent a hop goes through, closing an idle kept-alive
+    /// connection as a request is written on it: the classic keep-alive race.)
     async fn send(
         &self,
         endpoint: &Arc<Endpoint>,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, Failure> {
         let timeout = self.cfg.upstream_response_timeout;
+        let mut replays = 1;
         loop {
             let sender = match endpoint.checkout(self.cfg.connect_timeout).await {
                 Ok(s) => s,
@@ -285,15 +290,21 @@ impl Proxy {
             };
             let result = match sender {
                 Sender::H1 { mut sender, reused } => {
+                    let replay = (reused && replays > 0).then(|| replayable(&req)).flatten();
                     match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
                         Err(_) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
                         Ok(Ok(resp)) => {
                             endpoint.recycle(sender);
                             Ok(resp)
                         }
-                        Ok(Err(mut e)) => match e.take_message() {
-                            Some(back) if reused => {
+                        Ok(Err(mut e)) => match (e.take_message(), replay) {
+                            (Some(back), _) if reused => {
                                 req = back;
+                                continue;
+                            }
+                            (_, Some(copy)) => {
+                                replays -= 1;
+                                req = copy;
                                 continue;
                             }
                             _ => Err(e.into_error()),
@@ -314,8 +325,22 @@ impl Proxy {
 
 enum Failure {
     /// Nothing reached the task: the request comes back for a retry elsewhere.
-    NotSent(ConnectError, Box<Request<Incoming>>),
+    NotSent(ConnectError, Box<Request<UpstreamBody>>),
     Sent(ProxyError),
+}
+
+/// A copy of an idempotent request without a body, to send again (its extensions stay
+/// behind: the proxy sets none that the task needs).
+fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    if !req.method().is_idempotent() || !matches!(req.body(), UpstreamBody::Empty) {
+        return None;
+    }
+    let mut copy = Request::new(UpstreamBody::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 fn local(status: StatusCode, text: String) -> Response<ProxyBody> {
