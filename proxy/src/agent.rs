@@ -153,10 +153,9 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
 
     start_files(&sources, &file_cfg, &core, &mut background)?;
     let (https, acme) = start_https(&tls_cfg, acme_cfg, &core, &mut background)?;
-    let node_name = mesh_cfg.node_name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/etc/hostname").map_or_else(|_| "local".into(), |h| h.trim().to_owned())
-    });
-    let cluster = start_cluster(cluster_cfg, node_name.clone(), acme, &core, &mut background);
+    let (node_name, (shutdown, shutdown_rx)) = (this_node(&mesh_cfg), watch::channel(false));
+    let stopping = (shutdown_rx.clone(), proxy_cfg.shutdown_grace);
+    let mut cluster = start_cluster(cluster_cfg, node_name.clone(), acme, stopping, &core, &mut background);
     if sources.docker {
         hub.expect(docker::NAME);
         background.push(tokio::spawn(docker::run(
@@ -210,7 +209,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     };
     start_admin(admin_listener, admin_cfg.socket.as_deref(), admin_state, &mut background)?;
 
-    let (shutdown, servers) = start_servers(http_listener, https, &proxy, &proxy_cfg, &tls_cfg, &core);
+    let mut servers = start_servers(http_listener, https, &proxy, &proxy_cfg, &tls_cfg, &core, &shutdown_rx);
+    servers.extend(cluster.hop_server.take());
     tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
     Ok(RunningAgent {
         http_addr,
@@ -228,12 +228,20 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     })
 }
 
+/// This node's name as tasks name their node: `mesh.node_name`, else the host name.
+fn this_node(cfg: &crate::mesh::MeshConfig) -> String {
+    let hostname =
+        || std::fs::read_to_string("/etc/hostname").map_or_else(|_| "local".into(), |h| h.trim().to_owned());
+    cfg.node_name.clone().unwrap_or_else(hostname)
+}
+
 /// The cluster feed (which says whether this agent orders certificates) and the ACME manager
 /// that waits on it.
 fn start_cluster(
     cfg: cluster::ClusterConfig,
     node: String,
     acme: Option<AcmeParts>,
+    shutdown: (watch::Receiver<bool>, std::time::Duration),
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
 ) -> cluster::Handles {
@@ -243,6 +251,7 @@ fn start_cluster(
         registry: core.metrics.registry.clone(),
         certs: acme.as_ref().map(|(_, share)| share.clone()),
         node,
+        shutdown,
     };
     let handles = cluster::start(cfg, parts, background);
     match acme.map(|(manager, _)| manager) {
@@ -303,7 +312,7 @@ fn start_files(
     Ok(())
 }
 
-/// The HTTP and HTTPS servers, and the switch that drains them. They listen once every
+/// The HTTP and HTTPS servers, which drain when `shutdown_rx` turns true. They listen once every
 /// source has given its first state (at once when it is already so, as with a routes file),
 /// or after [`COMPLETE_PATIENCE`]: before, a new agent sharing the port with the previous
 /// one would answer 404 for routes it does not know yet.
@@ -314,8 +323,8 @@ fn start_servers(
     proxy_cfg: &crate::config::ProxyConfig,
     tls_cfg: &tls::TlsConfig,
     core: &Core,
-) -> (watch::Sender<bool>, Vec<JoinHandle<()>>) {
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
     let port = |b: &net::Bound| b.local_addr().expect("bound socket has an address").port();
     let mut listeners = vec![("http", Listener { port: port(&http), tls: None }, http)];
     if let Some((bound, resolver)) = https {
@@ -359,7 +368,7 @@ fn start_servers(
             })
         })
         .collect();
-    (shutdown, servers)
+    servers
 }
 
 /// The admin endpoints on their TCP listener, and on the Unix socket if one is configured.

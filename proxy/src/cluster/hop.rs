@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::{client, TlsAcceptor, TlsConnector};
 
 use super::identity::Identity;
@@ -78,28 +79,40 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<String> {
     String::from_utf8(line).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
 }
 
-/// Binds the hop listener and makes the dialer, both with the cluster credential.
+/// Binds the hop listener and makes the dialer, both with the cluster credential. The server
+/// stops accepting when `shutdown` turns true and lets the hops it carries finish, for up to
+/// `grace`: they carry other nodes' requests in flight.
 pub fn start(
     listen: SocketAddr,
     identity: &Identity,
     hub: Arc<StateHub>,
-    background: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Result<Arc<Dialer>, String> {
+    (shutdown, grace): (watch::Receiver<bool>, Duration),
+) -> Result<(Arc<Dialer>, tokio::task::JoinHandle<()>), String> {
     let server = identity.server_config().map_err(|e| format!("the cluster secret cannot serve TLS: {e}"))?;
     let client = identity.client_config().map_err(|e| format!("the cluster secret cannot be used: {e}"))?;
     let listener = crate::net::reusable_listener(listen, true).map_err(|e| {
         format!("cannot listen on {listen} for hops from other nodes: {e} (set cluster.hop_listen)")
     })?;
     tracing::info!(addr = %listen, "cluster: other nodes reach this node's tasks through {listen}");
-    background.push(tokio::spawn(serve(listener, TlsAcceptor::from(Arc::new(server)), hub)));
-    Ok(Arc::new(Dialer { tls: TlsConnector::from(Arc::new(client)), port: listen.port() }))
+    let server = tokio::spawn(serve(listener, TlsAcceptor::from(Arc::new(server)), hub, shutdown, grace));
+    Ok((Arc::new(Dialer { tls: TlsConnector::from(Arc::new(client)), port: listen.port() }), server))
 }
 
-async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<StateHub>) {
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    hub: Arc<StateHub>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors, most likely: wait instead of spinning.
@@ -115,6 +128,12 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<StateHub>)
             }
         });
     }
+    drop(listener);
+    let open = conns.len();
+    if open > 0 {
+        tracing::info!(open, "cluster: no new hops; letting the open ones finish");
+    }
+    let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
 }
 
 /// Serves one hop: who, then the task's connection, then bytes both ways.

@@ -242,6 +242,8 @@ pub struct Parts {
     pub certs: Option<CertShare>,
     /// This node's name, for the feed's hello and logs.
     pub node: String,
+    /// Turns true when the agent stops, and the time it gives requests in flight.
+    pub shutdown: (watch::Receiver<bool>, Duration),
 }
 
 /// The handles the rest of the agent keeps: whether this agent orders certificates, the
@@ -250,6 +252,8 @@ pub struct Handles {
     pub issuer: watch::Receiver<bool>,
     pub docker: DockerLink,
     pub hop: Option<Arc<hop::Dialer>>,
+    /// The hop server, which the agent waits for when it stops.
+    pub hop_server: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starts the cluster task. Without the credential (or with `role = standalone`) it only
@@ -262,6 +266,7 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
         issuer: issuer_rx,
         docker: DockerLink { position: position_tx, following: following_rx },
         hop: None,
+        hop_server: None,
     };
     let metrics = ClusterMetrics::register(&parts.registry);
     metrics.issuer.set(1);
@@ -283,8 +288,11 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
     };
     // Until the engine says whether this node follows a feed, the state may be half of it.
     parts.hub.expect(PLAN);
-    match hop::start(cfg.hop_listen, &identity, parts.hub.clone(), background) {
-        Ok(dialer) => handles.hop = Some(dialer),
+    match hop::start(cfg.hop_listen, &identity, parts.hub.clone(), parts.shutdown.clone()) {
+        Ok((dialer, server)) => {
+            handles.hop = Some(dialer);
+            handles.hop_server = Some(server);
+        }
         Err(e) => tracing::error!("cluster: {e}; tasks on this node cannot be reached from the other nodes"),
     }
     issuer_tx.send_replace(cfg.role == RoleSetting::Leader);
