@@ -156,6 +156,13 @@ impl Mesh {
         cfg.validate().unwrap();
         let sources = Sources { file: Some(path), docker, example: false };
         let agent = agent::start(cfg, sources).await.expect("agent starts");
+        // With Docker as a source it listens once the engine answered (or could not be
+        // reached): the state is complete then.
+        let readiness = agent.readiness.clone();
+        eventually("the agent listens for HTTP", Duration::from_secs(20), async || {
+            readiness.report().1.get("http").is_some_and(|s| s.ready)
+        })
+        .await;
         Self { agent, dir, client: Client::builder(TokioExecutor::new()).build_http() }
     }
 
