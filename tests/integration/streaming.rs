@@ -60,16 +60,7 @@ async fn hundred_megabytes_stream_up_and_down_without_being_buffered() {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, service("web", &["big.test"], "/", &[&web])).unwrap();
-    let mut agent = Binary::spawn(&[
-        "--routes",
-        routes.to_str().unwrap(),
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--docker",
-        "off",
-    ]);
+    let mut agent = Binary::with_routes(&routes, "200ms");
     let (http, _) = agent.addresses();
     let rss_at_start = agent.peak_rss_kib();
 
