@@ -37,7 +37,8 @@ struct {
 	__type(value, struct flow_val);
 } flows SEC(".maps");
 
-/* Reply translation: task -> client flow -> the address and port the client contacted. */
+/* Reply translation: task -> client flow -> the address and port the client contacted.
+ * Pinned when mesh.pin_dir is set: the agents of one node share it across an update. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MAX_FLOWS);

@@ -292,8 +292,16 @@ int meshgate_xdp(struct xdp_md *ctx)
 		if (be->flags & BACKEND_LOCAL) {
 			/* (For a task on another node, its node notes this when it unwraps the packet.) */
 			struct flow_key back = {.saddr = be->addr, .daddr = flow.saddr, .sport = be->port, .dport = flow.sport, .proto = flow.proto};
-			struct reply_val reply = {.addr = flow.daddr, .port = flow.dport};
-			bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+			struct reply_val *had = bpf_map_lookup_elem(&replies, &back);
+			if (had) {
+				/* Kept by the previous agent (the table is shared across an update):
+				 * keeps the SYN's sequence number too. */
+				had->addr = flow.daddr;
+				had->port = flow.dport;
+			} else {
+				struct reply_val reply = {.addr = flow.daddr, .port = flow.dport};
+				bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
+			}
 		}
 	}
 	count_service(svc->id, bytes);

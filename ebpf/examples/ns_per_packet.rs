@@ -26,7 +26,7 @@ fn syn(sport: u16) -> Vec<u8> {
 
 fn main() {
     let runs: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let mut mesh = Mesh::load(NODE).expect("load the BPF object (run as root, built with clang)");
+    let mut mesh = Mesh::load(NODE, None).expect("load the BPF object (run as root, built with clang)");
     let backends = (2..=9)
         .map(|i| {
             let addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 9, i), 80);

@@ -35,6 +35,24 @@ pub enum MeshError {
     NoInterface(String),
     #[error("too many {0} for the BPF maps (at most {1})")]
     Full(&'static str, u32),
+    #[error("cannot keep the reply table in {0}: {1} (mesh.pin_dir must be on a bpffs: mount one with `mount -t bpf bpf /sys/fs/bpf`, and mount that into the agent's container)")]
+    Pin(std::path::PathBuf, String),
+}
+
+/// The reply table's pin, named by its layout (a version with another layout uses another
+/// file) under a directory per network namespace (the addresses it holds mean something only
+/// there).
+fn replies_pin(dir: &std::path::Path) -> Result<std::path::PathBuf, MeshError> {
+    use std::os::unix::fs::MetadataExt;
+    let netns =
+        std::fs::metadata("/proc/self/ns/net").map_err(|e| MeshError::Pin(dir.to_owned(), e.to_string()))?;
+    let dir = dir.join(format!("net-{}", netns.ino()));
+    std::fs::create_dir_all(&dir).map_err(|e| MeshError::Pin(dir.clone(), e.to_string()))?;
+    Ok(dir.join(format!(
+        "replies-{}-{}",
+        std::mem::size_of::<FlowKey>(),
+        std::mem::size_of::<crate::maps::ReplyVal>()
+    )))
 }
 
 /// How the XDP program ended up attached.
@@ -88,12 +106,24 @@ fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 impl Mesh {
     /// Loads the programs (not attached yet) for a node whose uplink address is `node_ip`.
-    pub fn load(node_ip: Ipv4Addr) -> Result<Self, MeshError> {
+    /// With `pin_dir` (a directory on a bpffs), the reply table is pinned there and shared
+    /// with the next agent of this node: during a rolling update, the replies of connections
+    /// this agent translated keep their translation once it is gone.
+    pub fn load(node_ip: Ipv4Addr, pin_dir: Option<&std::path::Path>) -> Result<Self, MeshError> {
         if OBJECT.is_empty() {
             return Err(MeshError::NotBuilt);
         }
         let node = u32::from_ne_bytes(node_ip.octets());
-        let mut ebpf = EbpfLoader::new().override_global("node_ip", &node, true).load(OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global("node_ip", &node, true);
+        let pin = pin_dir.map(replies_pin).transpose()?;
+        if let Some(pin) = &pin {
+            loader.map_pin_path("replies", pin.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| match (&pin, e) {
+            (Some(pin), aya::EbpfError::MapError(e)) => MeshError::Pin(pin.clone(), e.to_string()),
+            (_, e) => MeshError::Load(e),
+        })?;
         for name in ["meshgate_xdp", "meshgate_tc_in", "meshgate_tc_reply"] {
             let program = ebpf
                 .program_mut(name)

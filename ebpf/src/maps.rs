@@ -84,11 +84,22 @@ pub struct FlowVal {
     pub svc: u16,
 }
 
+/// What a task's reply must look like to the client (`replies`, shared between agents).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyVal {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+    pub syn_seq: u32,
+}
+
 /// `consts.h`: MAX_FLOWS, the connection table's size.
 pub const MAX_FLOWS: u32 = 65536;
 
 const _: () = assert!(size_of::<FlowKey>() == 16);
 const _: () = assert!(size_of::<FlowVal>() == 12);
+const _: () = assert!(size_of::<ReplyVal>() == 12);
 const _: () = assert!(size_of::<SvcKey>() == 4);
 const _: () = assert!(size_of::<SvcInfo>() == 8);
 const _: () = assert!(size_of::<BackendSlot>() == 12);

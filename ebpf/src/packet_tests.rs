@@ -145,8 +145,8 @@ fn published(protocol: Protocol, port: u16, backends: Vec<Backend>) -> Published
 }
 
 fn mesh() -> Mesh {
-    let mut mesh =
-        Mesh::load(NODE).expect("the BPF object loads (the test command runs as root and installs clang)");
+    let mut mesh = Mesh::load(NODE, None)
+        .expect("the BPF object loads (the test command runs as root and installs clang)");
     // A removed task's flows end at once unless a test drains them.
     mesh.set_drain(std::time::Duration::ZERO);
     mesh.sync(&PortTable {
@@ -357,7 +357,7 @@ fn a_task_on_a_node_without_a_route_is_dropped_and_counted() {
 
 #[test]
 fn a_local_only_port_never_leaves_the_node() {
-    let mut mesh = Mesh::load(NODE).unwrap();
+    let mut mesh = Mesh::load(NODE, None).unwrap();
     let both = vec![task([10, 0, 9, 2], 80, NODE), task([10, 0, 9, 2], 80, OTHER_NODE)];
     mesh.sync(&PortTable {
         ports: vec![PublishedPort { protocol: Protocol::Tcp, port: 8080, backends: both, local_only: true }],

@@ -197,6 +197,9 @@ pub struct Overrides {
     /// [mesh.drain] A task gone from the state keeps its established connections this long, then they are reset [default: 10s]
     #[arg(long, env = "MESHGATE_MESH_DRAIN", value_name = "DURATION", value_parser = duration, help_heading = "L4 mesh")]
     pub mesh_drain: Option<Duration>,
+    /// [mesh.pin_dir] A directory on a bpffs where the reply table is kept for the next agent of the node (updates without a failed connection)
+    #[arg(long, env = "MESHGATE_MESH_PIN_DIR", value_name = "DIR", help_heading = "L4 mesh")]
+    pub mesh_pin_dir: Option<PathBuf>,
 
     /// [proxy.reuse_port] Share listening addresses with another agent on this host, for updates without a gap [default: false]
     #[arg(long, env = "MESHGATE_REUSE_PORT", value_name = "BOOL", help_heading = "Proxy")]
@@ -374,6 +377,7 @@ impl Overrides {
         set(&mut c.mesh.node_address, self.mesh_node_address.map(Some));
         set(&mut c.mesh.node_name, self.mesh_node_name.map(Some));
         set(&mut c.mesh.drain, self.mesh_drain);
+        set(&mut c.mesh.pin_dir, self.mesh_pin_dir.map(Some));
         let a = &mut c.acme;
         set(&mut a.enabled, self.acme_enabled);
         set(&mut a.directory, self.acme_directory);

@@ -35,11 +35,21 @@ pub struct MeshConfig {
     /// reaches it), then they are reset: a stopping task finishes what it serves.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+    /// A directory on a bpffs (`/sys/fs/bpf/meshgate`) where the reply table is kept, shared
+    /// with the next agent of this node: a connection opened in the instant of an update
+    /// keeps working. Unset, or not a bpffs: not kept (reported).
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for MeshConfig {
     fn default() -> Self {
-        Self { uplink: None, node_address: None, node_name: None, drain: meshgate_ebpf::DEFAULT_DRAIN }
+        Self {
+            uplink: None,
+            node_address: None,
+            node_name: None,
+            drain: meshgate_ebpf::DEFAULT_DRAIN,
+            pin_dir: None,
+        }
     }
 }
 
@@ -359,8 +369,16 @@ pub async fn run(
     } else {
         uplink
     };
-    let mut mesh = match Mesh::load(node_address) {
-        Ok(m) => m,
+    let (mut mesh, kept) = match Mesh::load(node_address, cfg.pin_dir.as_deref()) {
+        Ok(m) => (m, cfg.pin_dir.as_ref().map(|dir| format!("; reply table kept in {}", dir.display()))),
+        // Sharing is for updates without a failed connection; the mesh works without it.
+        Err(e @ meshgate_ebpf::MeshError::Pin(..)) => {
+            tracing::warn!("L4 mesh: {e}; connections opened during an update of the agent may fail");
+            match Mesh::load(node_address, None) {
+                Ok(m) => (m, Some(format!("; reply table not kept across updates: {e}"))),
+                Err(e) => return down(&e),
+            }
+        }
         Err(e) => return down(&e),
     };
     mesh.set_drain(cfg.drain);
@@ -394,7 +412,11 @@ pub async fn run(
             Err(e) => return down(&e),
         }
     };
-    readiness.set("mesh", true, format!("XDP ({mode:?}) on {uplink}, node {node_name} at {node_address}"));
+    readiness.set(
+        "mesh",
+        true,
+        format!("XDP ({mode:?}) on {uplink}, node {node_name} at {node_address}{}", kept.unwrap_or_default()),
+    );
     tracing::info!(%uplink, %node_address, ?mode, "L4 mesh attached");
     let metrics = MeshMetrics::register(&registry).ok();
     let mut changes = hub.subscribe();

@@ -400,7 +400,8 @@ async fn images_and_secret() {
 
 /// The stack with the L4 mesh's capability file, as the README says (this engine is 20.10):
 /// no variable to set, the uplink is the device of each node's Swarm address. Waits until
-/// every agent has attached.
+/// every agent has attached, with its reply table on the node's bpffs (kept for the next
+/// agent: no connection fails during meshgate's own update).
 async fn deploy_with_mesh() {
     readme_line(
         1,
@@ -412,6 +413,17 @@ async fn deploy_with_mesh() {
             Lab::readyz(i).await.contains("XDP")
         })
         .await;
+        let ready = Lab::readyz(i).await;
+        assert!(ready.contains("reply table kept in /sys/fs/bpf/meshgate"), "node {i}: {ready}");
+    }
+}
+
+/// Prints the agents' warnings (every node's, old agents' too): why a request failed.
+async fn agents_warnings() {
+    let out = Lab::docker_output(1, &["service", "logs", "--raw", "meshgate_agent"]).await;
+    let logs = [out.stdout, out.stderr].concat();
+    for line in String::from_utf8_lossy(&logs).lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+        eprintln!("agent: {line}");
     }
 }
 
@@ -529,11 +541,11 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
         .await;
     })
     .await;
-    // During meshgate's own update the target is no failure at all; what is left (see the
-    // README, "Upgrading"): a published-port connection that meets the instant one agent's
-    // programs hand over to the next's (about 1 in 1,600), and, in some CI-like runs, one
-    // HTTP request through a hop answered 502 (cause not found yet). Both are reported and
-    // held well under 1 in 100.
+    // During meshgate's own update: the failed new connections are reported and stay under
+    // 1 in 1,000, for HTTP and published ports alike (none failed in the runs so far: the
+    // new agent listens once its state is complete, the reply table is shared through the
+    // node's bpffs). A failure's reason is in the agents' warnings, printed with it.
+    let mut failed_any = false;
     for kind in ["load.test", "any"] {
         let (mut total, mut failures) = (0, Vec::new());
         for (target, answered, failed) in results.iter().filter(|r| r.0.starts_with(kind)) {
@@ -541,7 +553,14 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
             failures.extend(failed.iter().map(|f| format!("{target}: {f}")));
         }
         eprintln!("{kind} during meshgate's own update: {} of {total} failed: {failures:?}", failures.len());
-        assert!(failures.len() * 100 < total, "{kind} during meshgate's own update: {failures:?}");
+        failed_any |= !failures.is_empty();
+        if failures.len() * 1000 >= total {
+            agents_warnings().await;
+            panic!("{kind} during meshgate's own update: {} of {total} failed: {failures:?}", failures.len());
+        }
+    }
+    if failed_any {
+        agents_warnings().await;
     }
 
     // A worker's engine stops and starts again: the other nodes keep every route.

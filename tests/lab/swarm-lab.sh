@@ -40,7 +40,7 @@ start_node() {
   local mounts
   mounts=$(cgroup_mounts)
   # `ip netns exec` re-mounts /sys (hiding the cgroups) in a mount namespace of its own: mount
-  # the cgroups again, give the node its own /run (so a container mounting
+  # the cgroups (and a bpffs) again, give the node its own /run (so a container mounting
   # /var/run/docker.sock gets this node's engine) and /etc/docker, and its own host name.
   ip netns exec "$ns" unshare --uts --mount --propagation private sh -c '
     set -e
@@ -49,6 +49,9 @@ start_node() {
       mkdir -p "$path"
       mount -t "$type" -o "$opts" "$type" "$path"
     done
+    # A bpffs of its own, as systemd mounts one on every machine (the agent keeps its L4
+    # reply table there across updates); gone with the namespace.
+    mount -t bpf mglab-bpf /sys/fs/bpf
     mount -t tmpfs mglab-run /run
     mkdir -p /run/lock
     mount --bind "$2/etc-docker" /etc/docker
