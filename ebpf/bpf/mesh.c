@@ -93,6 +93,27 @@ static __always_inline struct backend *pick(const struct svc_info *svc, const st
 	return be;
 }
 
+/* Another live task of service `svc` than the one in `avoid`, for a SYN the task it went to
+ * did not answer: the Maglev row read at a few other places along the flow's hash. None
+ * found (a service of one task): 0, and the caller keeps the task it had. */
+static __always_inline struct backend *pick_other(const struct svc_info *svc, const struct flow_key *f, __u32 avoid, __u32 *slot)
+{
+	__u32 h = flow_hash(f);
+#pragma unroll
+	for (int i = 1; i <= 4; i++) {
+		__u32 idx = svc->id * MAGLEV_SIZE + (h + i * 0x9e3779b1u) % MAGLEV_SIZE;
+		__u32 *b = bpf_map_lookup_elem(&maglev, &idx);
+		if (!b || *b == avoid)
+			continue;
+		struct backend *be = bpf_map_lookup_elem(&backends, b);
+		if (be && (be->flags & BACKEND_LIVE) && !(be->flags & BACKEND_DRAINING)) {
+			*slot = *b;
+			return be;
+		}
+	}
+	return 0;
+}
+
 /* A TCP connection request: SYN without ACK. */
 static __always_inline int is_syn(const struct packet *pkt)
 {
@@ -260,6 +281,16 @@ int meshgate_xdp(struct xdp_md *ctx)
 	struct backend *be = 0;
 	__u32 slot = 0;
 	struct flow_val *known = bpf_map_lookup_elem(&flows, &flow);
+	if (known && pkt.proto == IPPROTO_TCP && is_syn(&pkt)) {
+		/* A SYN again: the first got no answer (the task stopped before this node learned
+		 * it, or is overloaded), or a new connection reuses the addresses. Another task
+		 * takes it when the service has one. */
+		struct backend *other = pick_other(svc, &flow, known->backend, &slot);
+		if (other) {
+			be = other;
+			known = 0;
+		}
+	}
 	if (known) {
 		slot = known->backend;
 		be = bpf_map_lookup_elem(&backends, &slot);
@@ -282,7 +313,8 @@ int meshgate_xdp(struct xdp_md *ctx)
 		}
 	}
 	if (!known) {
-		be = pick(svc, &flow, &slot);
+		if (!be)
+			be = pick(svc, &flow, &slot);
 		if (!be) {
 			count(STAT_DROP_NO_BACKEND, bytes);
 			return XDP_DROP;

@@ -228,7 +228,7 @@ fn a_flow_to_a_published_port_is_translated_to_a_local_task_with_valid_checksums
         });
     // The same flow stays on its task.
     for _ in 0..5 {
-        assert_eq!(mesh.test_run(&syn.bytes()).unwrap().1, syn.to(chosen).bytes());
+        assert_eq!(mesh.test_run(&syn.acking().bytes()).unwrap().1, syn.acking().to(chosen).bytes());
     }
     // Many flows use both tasks.
     let mut seen = std::collections::HashSet::new();
@@ -332,6 +332,27 @@ fn a_removed_task_keeps_its_established_flows_while_it_drains_and_takes_no_new_o
     mesh.expire_drained().unwrap();
     let (verdict, out) = mesh.test_run(&on_first[0].bytes()).unwrap();
     assert_eq!((verdict, out), (XDP_REDIRECT, reset_for(&on_first[0])));
+}
+
+#[test]
+fn a_syn_sent_again_goes_to_another_task_and_its_connection_stays_there() {
+    let mut mesh = mesh();
+    let tasks = [[10, 0, 9, 2], [10, 0, 9, 3]];
+    for port in 44000..44016 {
+        let syn = Pkt::tcp(at(CLIENT, port), at(NODE, 8080));
+        let first = mesh.test_run(&syn.bytes()).unwrap().1[30..34].to_vec();
+        // The first SYN got no answer (its task stopped before this node learned it): the
+        // client sends it again, and the other task takes it, ACKs included.
+        let again = mesh.test_run(&syn.bytes()).unwrap().1[30..34].to_vec();
+        assert_ne!(again, first, "client port {port}: a SYN sent again goes to another task");
+        assert!(tasks.iter().any(|t| t[..] == again[..]));
+        let ack = mesh.test_run(&syn.acking().bytes()).unwrap().1[30..34].to_vec();
+        assert_eq!(ack, again, "client port {port}: the connection stays on the task that took the SYN");
+    }
+    // A service of one task keeps it.
+    let syn = Pkt::tcp(at(CLIENT, 44100), at(NODE, 7000));
+    let (first, again) = (mesh.test_run(&syn.bytes()).unwrap(), mesh.test_run(&syn.bytes()).unwrap());
+    assert_eq!(first, again);
 }
 
 #[test]
