@@ -69,7 +69,7 @@ def proc_stat(pid):
 def main():
     image()
     agent = subprocess.Popen([os.path.join(ROOT, "target/release/meshgate"), "--http-listen", HTTP, "--admin-listen", ADMIN,
-                              "--docker", "on", "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--docker-mode", "on", "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     names = []
     try:
         deadline = time.time() + 20
@@ -104,7 +104,7 @@ def main():
         section = f"""## Docker discovery: from `docker run` to the first request served
 
 Made by `bench/discovery.sh` (SAMPLES={SAMPLES}, BURST={BURST}) on {time.strftime('%Y-%m-%d')}: the release
-agent follows the local engine (`--docker on`, debounce 100 ms); each sample starts one
+agent follows the local engine (`--docker-mode on`, debounce 100 ms); each sample starts one
 busybox httpd container with `VIRTUAL_HOST` and polls through meshgate every 5 ms until it
 answers 200, timed from `docker run -d` returning.
 

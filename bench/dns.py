@@ -67,7 +67,7 @@ forward-zone:
     upstream = start(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={UPSTREAM}",
                       "--no-resolv", "--no-hosts", "--address=/fwd.test/192.0.2.9", "--local-ttl=300", "--pid-file="], "1")
     try:
-        procs["meshgate"] = start([exe, "--routes", write("routes.toml", routes), "--docker", "off", "--http-listen", "127.0.0.1:0",
+        procs["meshgate"] = start([exe, "--routes-file", write("routes.toml", routes), "--docker-mode", "off", "--http-listen", "127.0.0.1:0",
                                    "--admin-listen", "127.0.0.1:0", "--dns-listen", f"127.0.0.1:{PORTS['meshgate']}",
                                    "--dns-upstreams", f"127.0.0.1:{UPSTREAM}", "--log-level", "warn"], "0", {"TOKIO_WORKER_THREADS": "1"})
         procs["dnsmasq"] = start(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--bind-interfaces", "--listen-address=127.0.0.1",

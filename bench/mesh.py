@@ -81,7 +81,7 @@ def servers():
               "[[services.l4]]\nprotocol = \"tcp\"\npublished = 8080\ntarget = 80\n"
               "[[services.l4]]\nprotocol = \"udp\"\npublished = 5353\ntarget = 53\n")
     exe = os.path.join(ROOT, "target", "release", "meshgate")
-    spawn(exe, "--docker", "off", "--routes", write_file(tmp, "routes.toml", routes), "--http-listen", "127.0.0.1:0",
+    spawn(exe, "--docker-mode", "off", "--routes-file", write_file(tmp, "routes.toml", routes), "--http-listen", "127.0.0.1:0",
           "--admin-listen", "127.0.0.1:0", "--log-level", "warn", "--mesh-uplink", "u0", "--mesh-node-address", NODE_IP,
           "--mesh-node-name", "n1", ns=NODE, cpu="0")
     deadline = time.time() + 20

@@ -92,7 +92,7 @@ def main():
     exe = os.path.join(ROOT, "target", "release", "meshgate")
     backend = start(["nginx", "-c", write("backend.conf", BACKEND)], LOAD_CPU)
     procs = {
-        "meshgate": start([exe, "--routes", write("routes.toml", ROUTES), "--http-listen", f"127.0.0.1:{PORTS['meshgate']}",
+        "meshgate": start([exe, "--routes-file", write("routes.toml", ROUTES), "--http-listen", f"127.0.0.1:{PORTS['meshgate']}",
                            "--admin-listen", "127.0.0.1:19090", "--log-level", "warn"], PROXY_CPU, {"TOKIO_WORKER_THREADS": "1"}),
         "nginx": start(["nginx", "-c", write("nginx.conf", NGINX)], PROXY_CPU),
         "haproxy": start(["haproxy", "-f", write("haproxy.cfg", HAPROXY)], PROXY_CPU),

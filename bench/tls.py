@@ -108,9 +108,9 @@ def bench_key(kind, exe):
     d = make_cert(kind)
     nginx, haproxy, routes = configs(d)
     procs = {
-        "meshgate": start([exe, "--routes", write(f"routes-{PORTS['meshgate']}.toml", routes), "--http-listen", "127.0.0.1:0",
-                           "--https-listen", f"127.0.0.1:{PORTS['meshgate']}", "--certs-dir", d, "--admin-listen", "127.0.0.1:19091",
-                           "--log-level", "warn", "--acme", "false"], PROXY_CPU,
+        "meshgate": start([exe, "--routes-file", write(f"routes-{PORTS['meshgate']}.toml", routes), "--http-listen", "127.0.0.1:0",
+                           "--tls-https-listen", f"127.0.0.1:{PORTS['meshgate']}", "--tls-certs-dir", d, "--admin-listen", "127.0.0.1:19091",
+                           "--log-level", "warn", "--acme-enabled", "false"], PROXY_CPU,
                           {"TOKIO_WORKER_THREADS": "1", "MESHGATE_TLS_SESSION_RESUMPTION": "false"}),
         "nginx": start(["nginx", "-c", write_file(d, "nginx.conf", nginx)], PROXY_CPU),
         "haproxy": start(["haproxy", "-f", write_file(d, "haproxy.cfg", haproxy)], PROXY_CPU),

@@ -55,8 +55,8 @@ impl Sources {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} for {what}: {source} (is another program using it? pick another address with the flag or setting shown in `meshgate --help`)")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr} for {}: {source} (is another program using it? choose another address: {})", .setting.0, setting_names(.setting.1))]
+    Bind { setting: (&'static str, &'static str), addr: SocketAddr, source: std::io::Error },
     #[error("cannot serve the admin endpoints on the socket {path}: {source} (set admin.socket to a writable place)")]
     BindSocket { path: PathBuf, source: std::io::Error },
     #[error("routes file: {0}")]
@@ -104,13 +104,30 @@ impl RunningAgent {
     }
 }
 
-fn bind(what: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, StartError> {
-    net::reusable_listener(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
+/// `key`, its flag and its variable, for an error that asks to change it.
+fn setting_names(key: &str) -> String {
+    crate::settings::find(key).map_or_else(
+        || key.to_owned(),
+        |s| format!("{key} in the config file, --{} or {}", s.flag(), s.env()),
+    )
+}
+
+/// `setting`: what listens there, and the key of its address.
+fn bind(
+    setting: (&'static str, &'static str),
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> Result<TcpListener, StartError> {
+    net::reusable_listener(addr, reuse_port).map_err(|source| StartError::Bind { setting, addr, source })
 }
 
 /// Claims an address for a proxy listener, which listens once the state is complete.
-fn claim(what: &'static str, addr: SocketAddr, reuse_port: bool) -> Result<net::Bound, StartError> {
-    net::Bound::new(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
+fn claim(
+    setting: (&'static str, &'static str),
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> Result<net::Bound, StartError> {
+    net::Bound::new(addr, reuse_port).map_err(|source| StartError::Bind { setting, addr, source })
 }
 
 /// How long a new agent waits for its sources' first answers before it serves anyway.
@@ -123,7 +140,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let Config {
         proxy: proxy_cfg,
         admin: admin_cfg,
-        file: file_cfg,
+        routes: file_cfg,
         docker: docker_cfg,
         dns: dns_cfg,
         tls: tls_cfg,
@@ -146,9 +163,9 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let mut background = Vec::new();
     start_whoami(&whoami_cfg, sources.example, &mut background)?;
 
-    let http_listener = claim("HTTP", proxy_cfg.http_listen, reuse_port)?;
+    let http_listener = claim(("HTTP", "proxy.http_listen"), proxy_cfg.http_listen, reuse_port)?;
     let http_addr = http_listener.local_addr().expect("bound socket has an address");
-    let admin_listener = bind("the admin endpoints", admin_cfg.listen, reuse_port)?;
+    let admin_listener = bind(("the admin endpoints", "admin.listen"), admin_cfg.listen, reuse_port)?;
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
     start_files(&sources, &file_cfg, &core, &mut background)?;
@@ -278,7 +295,7 @@ fn start_whoami(
         None if example => EXAMPLE_WHOAMI.parse().expect("valid address"),
         None => return Ok(()),
     };
-    let listener = bind("the whoami demo backend", listen, false)?;
+    let listener = bind(("the whoami demo backend", "whoami.listen"), listen, false)?;
     tracing::info!(addr = %listener.local_addr().unwrap_or(listen), "whoami demo backend listening");
     background.push(tokio::spawn(whoami::serve(listener, cfg.name.clone())));
     Ok(())
@@ -288,7 +305,7 @@ fn start_whoami(
 /// example.
 fn start_files(
     sources: &Sources,
-    cfg: &crate::config::FileProviderConfig,
+    cfg: &crate::config::RoutesConfig,
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<(), StartError> {
@@ -418,7 +435,7 @@ fn start_https(
         background.push(tokio::spawn(warn_unserved_acme_wishes(core.hub.clone(), acme_cfg.enabled)));
         return Ok((None, None));
     };
-    let listener = claim("HTTPS", addr, core.reuse_port)?;
+    let listener = claim(("HTTPS", "tls.https_listen"), addr, core.reuse_port)?;
     let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
     let resolver = Arc::new(CertResolver::new(fallback));
     if let Some(dir) = &tls_cfg.certs_dir {
@@ -522,9 +539,13 @@ fn bind_dns(
     loop {
         let udp = net::reusable_socket(listen, socket2::Type::DGRAM, reuse_port)
             .and_then(|s| tokio::net::UdpSocket::from_std(s.into()))
-            .map_err(|source| StartError::Bind { what: "DNS over UDP", addr: listen, source })?;
+            .map_err(|source| StartError::Bind {
+                setting: ("DNS over UDP", "dns.listen"),
+                addr: listen,
+                source,
+            })?;
         let addr = udp.local_addr().expect("bound socket has an address");
-        match bind("DNS over TCP", addr, reuse_port) {
+        match bind(("DNS over TCP", "dns.listen"), addr, reuse_port) {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(e) if tries == 1 => return Err(e),
             Err(_) => tries -= 1,

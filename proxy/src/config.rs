@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
-    pub file: FileProviderConfig,
+    /// `[routes]`; `[file]` before (still read).
+    #[serde(alias = "file")]
+    pub routes: RoutesConfig,
     pub docker: crate::provider::docker::DockerConfig,
     pub dns: crate::dns::DnsConfig,
     pub tls: crate::tls::TlsConfig,
@@ -110,17 +112,18 @@ impl Default for AdminConfig {
 /// The file provider: services and routes from a watched TOML file.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct FileProviderConfig {
-    /// The routes file. Unset: the file provider is off.
-    pub path: Option<PathBuf>,
+pub struct RoutesConfig {
+    /// The routes file (`path` before, still read). Unset: the file provider is off.
+    #[serde(alias = "path")]
+    pub file: Option<PathBuf>,
     /// How often the file is checked for changes.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
 }
 
-impl Default for FileProviderConfig {
+impl Default for RoutesConfig {
     fn default() -> Self {
-        Self { path: None, poll_interval: Duration::from_millis(200) }
+        Self { file: None, poll_interval: Duration::from_millis(200) }
     }
 }
 
@@ -240,7 +243,7 @@ impl Config {
             ("proxy.idle_timeout", p.idle_timeout),
             ("proxy.upstream_response_timeout", p.upstream_response_timeout),
             ("proxy.eject_base", p.eject_base),
-            ("file.poll_interval", self.file.poll_interval),
+            ("routes.poll_interval", self.routes.poll_interval),
         ];
         for (key, value) in positive {
             if value.is_zero() {

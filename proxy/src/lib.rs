@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod net;
 pub mod provider;
 pub mod readiness;
+pub mod settings;
 pub mod state;
 pub mod tls;
 pub mod whoami;

@@ -4,16 +4,17 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
 use meshgate::agent::{self, Sources};
 use meshgate::cli::Cli;
 use meshgate::config::{Config, LogFormat};
 use meshgate::provider::file;
+use meshgate::settings::Given;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     forget_empty_settings();
-    let cli = Cli::parse();
+    let (args, warnings) = meshgate::settings::accept_old_names(std::env::args_os().collect());
+    let (cli, given) = Cli::parse_from(args);
     if cli.new_cluster_secret {
         return match meshgate::cluster::identity::generate() {
             Ok(pem) => {
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match run(cli) {
+    match run(&cli, &given, &warnings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshgate: {e:#}");
@@ -54,12 +55,12 @@ fn forget_empty_settings() {
     }
 }
 
-fn load_config(cli: Cli) -> anyhow::Result<(Config, bool, bool, bool)> {
-    let mut config = match &cli.config {
+fn load_config(cli: &Cli, given: &[Given]) -> anyhow::Result<(Config, bool, bool, bool)> {
+    let file = match &cli.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    cli.overrides.apply(&mut config);
+    let config = meshgate::settings::apply(&file, given)?;
     config.validate()?;
     Ok((config, cli.example, cli.check, cli.print_config))
 }
@@ -81,7 +82,7 @@ fn choose_sources(config: &Config, example: bool) -> (Sources, String) {
         return (Sources::example(), "serving the bundled example (asked for with --example)".into());
     }
     let docker = config.docker.wanted();
-    let file = config.file.path.clone();
+    let file = config.routes.file.clone();
     let mut parts = Vec::new();
     if let Some(path) = &file {
         parts.push(format!("routes file {}", path.display()));
@@ -102,14 +103,19 @@ fn choose_sources(config: &Config, example: bool) -> (Sources, String) {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let (config, example, check, print_config) = load_config(cli)?;
+fn run(cli: &Cli, given: &[Given], warnings: &[String]) -> anyhow::Result<()> {
+    let (config, example, check, print_config) = load_config(cli, given)?;
+    if print_config || check {
+        for warning in warnings {
+            eprintln!("meshgate: {warning}");
+        }
+    }
     if print_config {
         print!("{}", toml::to_string_pretty(&config).context("cannot print the config")?);
         return Ok(());
     }
     if check {
-        if let Some(path) = &config.file.path {
+        if let Some(path) = &config.routes.file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read routes file {}", path.display()))?;
             let state = file::parse(path, &text, file::NAME)?;
@@ -120,6 +126,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config);
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     let (sources, why) = choose_sources(&config, example);
     tracing::info!("{why}");
 

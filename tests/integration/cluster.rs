@@ -129,11 +129,12 @@ async fn a_worker_follows_the_managers_fails_over_and_keeps_its_last_state_when_
     let common = ["--http-listen", "0.0.0.0:80", "--cluster-secret-file", &secret, "--cluster-timeout", "3s"];
     let with =
         |extra: &[&str]| -> Vec<String> { common.iter().chain(extra).map(ToString::to_string).collect() };
-    let leader = Agent::start(lan.ns(0), &refs(&with(&["--routes", routes, "--cluster-role", "leader"])));
+    let leader =
+        Agent::start(lan.ns(0), &refs(&with(&["--routes-file", routes, "--cluster-role", "leader"])));
     let manager = Agent::start(
         lan.ns(1),
         &refs(&with(&[
-            "--routes",
+            "--routes-file",
             routes,
             "--cluster-role",
             "manager",
@@ -280,11 +281,11 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
         [
             "--http-listen",
             "0.0.0.0:80",
-            "--https-listen",
+            "--tls-https-listen",
             "0.0.0.0:443",
             "--cluster-secret-file",
             &secret,
-            "--certs-poll-interval",
+            "--tls-poll-interval",
             "100ms",
             "--acme-directory",
             &pebble.directory(),
@@ -305,11 +306,19 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
         base.extend(extra.iter().map(ToString::to_string));
         base
     };
-    let leader_args = args(acme(&leader_store, "http-01"), &["--routes", routes, "--cluster-role", "leader"]);
+    let leader_args =
+        args(acme(&leader_store, "http-01"), &["--routes-file", routes, "--cluster-role", "leader"]);
     let leader = Agent::start(lan.ns(0), &refs(&leader_args));
     let manager_args = args(
         acme(&manager_store, "http-01"),
-        &["--routes", routes, "--cluster-role", "manager", "--cluster-peers", &format!("{leader_ip}:7380")],
+        &[
+            "--routes-file",
+            routes,
+            "--cluster-role",
+            "manager",
+            "--cluster-peers",
+            &format!("{leader_ip}:7380"),
+        ],
     );
     let manager = Agent::start(lan.ns(1), &refs(&manager_args));
     let dns = format!("{worker_ip}:53");
@@ -386,7 +395,10 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
     leader.stop();
     let leader = Agent::start(
         lan.ns(0),
-        &refs(&args(acme(&leader_store, "tls-alpn-01"), &["--routes", routes, "--cluster-role", "leader"])),
+        &refs(&args(
+            acme(&leader_store, "tls-alpn-01"),
+            &["--routes-file", routes, "--cluster-role", "leader"],
+        )),
     );
     std::fs::write(
         routes,

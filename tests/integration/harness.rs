@@ -123,7 +123,7 @@ pub fn test_config() -> Config {
     let mut cfg = Config::default();
     cfg.proxy.http_listen = "127.0.0.1:0".parse().unwrap();
     cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.file.poll_interval = Duration::from_millis(50);
+    cfg.routes.poll_interval = Duration::from_millis(50);
     cfg.proxy.shutdown_grace = Duration::from_secs(5);
     cfg
 }
@@ -151,7 +151,7 @@ impl Mesh {
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, routes).unwrap();
         let mut cfg = test_config();
-        cfg.file.path = Some(path.clone());
+        cfg.routes.file = Some(path.clone());
         tweak(&mut cfg);
         cfg.validate().unwrap();
         let sources = Sources { file: Some(path), docker, example: false };
@@ -233,7 +233,7 @@ impl Binary {
     pub fn with_routes(routes: &std::path::Path, poll: &str) -> Self {
         let routes = routes.to_str().unwrap();
         Self::spawn(&[
-            "--routes",
+            "--routes-file",
             routes,
             "--routes-poll-interval",
             poll,
@@ -241,7 +241,7 @@ impl Binary {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
-            "--docker",
+            "--docker-mode",
             "off",
         ])
     }

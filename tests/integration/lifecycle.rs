@@ -153,13 +153,13 @@ async fn a_stopping_agent_hands_kept_alive_clients_to_the_next_one_without_a_fai
     std::fs::write(&routes, service("web", &["web.test"], "/", &[&web])).unwrap();
     let listen = format!("127.0.0.1:{}", crate::acme::free_port());
     let args = [
-        "--routes",
+        "--routes-file",
         routes.to_str().unwrap(),
         "--http-listen",
         &listen,
         "--admin-listen",
         "127.0.0.1:0",
-        "--docker",
+        "--docker-mode",
         "off",
         "--reuse-port",
         "true",
@@ -261,7 +261,39 @@ async fn bad_settings_are_refused_with_the_key_and_what_to_do() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains(&addr) && err.contains("--help"), "{err}");
+    assert!(!out.status.success() && err.contains(&addr), "{err}");
+    assert!(
+        err.contains("proxy.http_listen in the config file, --http-listen or MESHGATE_HTTP_LISTEN"),
+        "{err}"
+    );
+}
+
+/// Names from before the names followed the keys still work, and say the new one; a bad
+/// value is reported with the name it was given by, not as a flag.
+#[test]
+fn old_setting_names_still_work_and_bad_values_name_their_variable() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .env("MESHGATE_ROUTES", "/etc/meshgate/routes.toml")
+        .args(["--https-listen", "127.0.0.1:8443", "--print-config"])
+        .output()
+        .unwrap();
+    let (config, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(config.contains("[routes]\nfile = \"/etc/meshgate/routes.toml\""), "{config}");
+    assert!(config.contains("https_listen = \"127.0.0.1:8443\""), "{config}");
+    assert!(err.contains("MESHGATE_ROUTES is now MESHGATE_ROUTES_FILE"), "{err}");
+    assert!(err.contains("--https-listen is now --tls-https-listen"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .env("MESHGATE_HTTP_LISTEN", "abc")
+        .arg("--check")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("MESHGATE_HTTP_LISTEN=\"abc\" (proxy.http_listen)") && !err.contains("--http-listen"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -114,7 +114,7 @@ impl Agent {
             env!("CARGO_BIN_EXE_meshgate"),
             "--log-format",
             "json",
-            "--docker",
+            "--docker-mode",
             "off",
         ])
         .args(args);
@@ -205,7 +205,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
             &task,
             &[
                 env!("CARGO_BIN_EXE_meshgate"),
-                "--docker",
+                "--docker-mode",
                 "off",
                 "--whoami-listen",
                 "0.0.0.0:80",
@@ -257,7 +257,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     let agent = Agent::start(
         &node,
         &[
-            "--routes",
+            "--routes-file",
             routes.to_str().unwrap(),
             "--http-listen",
             "127.0.0.1:0",
@@ -337,7 +337,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     agent.stop();
     assert_eq!(attached(&node, "u0"), before, "no program left on the uplink");
     let mesh_args = [
-        "--routes",
+        "--routes-file",
         routes.to_str().unwrap(),
         "--http-listen",
         "127.0.0.1:0",
@@ -456,7 +456,7 @@ impl Cluster {
             &ns,
             &[
                 env!("CARGO_BIN_EXE_meshgate"),
-                "--docker",
+                "--docker-mode",
                 "off",
                 "--whoami-listen",
                 "0.0.0.0:80",
@@ -520,7 +520,7 @@ impl Cluster {
         let agent = Agent::start(
             &self.nodes[node],
             &[
-                "--routes",
+                "--routes-file",
                 routes.to_str().unwrap(),
                 "--routes-poll-interval",
                 "50ms",
