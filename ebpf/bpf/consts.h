@@ -15,7 +15,6 @@
 #endif
 
 /* svc_info.flags */
-#define SVC_LOCAL_ONLY 1 /* only tasks on this node serve it */
 
 /* backend.flags */
 #define BACKEND_LOCAL 1 /* the task runs on this node */

@@ -175,7 +175,7 @@ static __always_inline int encap(struct xdp_md *ctx, __u32 owner, __u16 publishe
 	outer->ihl = 5;
 	outer->tos = 0;
 	outer->tot_len = bpf_htons(inner_len + sizeof(struct iphdr));
-	outer->id = published; /* read back by the owner's meshgate_tc_decap */
+	outer->id = published; /* read back by the owner's meshgate_tc_in */
 	outer->frag_off = bpf_htons(IP_DF);
 	outer->ttl = 64;
 	outer->protocol = IPPROTO_IPIP;
@@ -319,7 +319,7 @@ int meshgate_xdp(struct xdp_md *ctx)
 			count(STAT_DROP_NO_BACKEND, bytes);
 			return XDP_DROP;
 		}
-		struct flow_val val = {.backend = slot, .addr = be->addr, .port = be->port, .svc = (__u16)svc->id};
+		struct flow_val val = {.backend = slot, .addr = be->addr, .port = be->port};
 		bpf_map_update_elem(&flows, &flow, &val, BPF_ANY);
 		if (be->flags & BACKEND_LOCAL) {
 			/* (For a task on another node, its node notes this when it unwraps the packet.) */

@@ -11,7 +11,6 @@ struct svc_key {
 
 struct svc_info {
 	__u32 id; /* row in maglev, slot in service_stats */
-	__u32 flags;
 };
 
 /* A task, by slot. Addresses and ports in network order. */
@@ -38,7 +37,7 @@ struct flow_val {
 	__u32 backend;
 	__u32 addr;
 	__u16 port;
-	__u16 svc;
+	__u16 pad;
 };
 
 /* What a task's reply must look like to the client: the address and port it contacted. */

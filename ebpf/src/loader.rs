@@ -14,7 +14,7 @@ use aya::{Ebpf, EbpfLoader};
 use crate::maglev;
 use crate::maps::{
     BackendSlot, Counters, FlowKey, FlowVal, SvcInfo, SvcKey, BACKEND_DRAINING, BACKEND_LIVE, BACKEND_LOCAL,
-    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, SVC_LOCAL_ONLY, VERDICTS,
+    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VERDICTS,
 };
 use crate::{PortTable, Protocol};
 
@@ -262,7 +262,7 @@ impl Mesh {
                 }
                 self.rows.insert(id, row);
             }
-            let info = SvcInfo { id, flags: if published.local_only { SVC_LOCAL_ONLY } else { 0 } };
+            let info = SvcInfo { id };
             self.services.insert(svc_key(proto, port), info, 0).map_err(|e| MeshError::Map("services", e))?;
         }
         self.sync_local_addresses(table)?;

@@ -7,7 +7,6 @@ pub const MAX_SERVICES: u32 = 256;
 pub const MAX_BACKENDS: u32 = 4096;
 pub const MAGLEV_SIZE: u32 = 1021;
 
-pub const SVC_LOCAL_ONLY: u32 = 1;
 pub const BACKEND_LOCAL: u16 = 1;
 pub const BACKEND_LIVE: u16 = 2;
 pub const BACKEND_DRAINING: u16 = 4;
@@ -43,7 +42,6 @@ pub struct SvcKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SvcInfo {
     pub id: u32,
-    pub flags: u32,
 }
 
 /// Addresses and ports in network order.
@@ -81,7 +79,7 @@ pub struct FlowVal {
     pub backend: u32,
     pub addr: u32,
     pub port: u16,
-    pub svc: u16,
+    pub pad: u16,
 }
 
 /// What a task's reply must look like to the client (`replies`, shared between agents).
@@ -101,7 +99,7 @@ const _: () = assert!(size_of::<FlowKey>() == 16);
 const _: () = assert!(size_of::<FlowVal>() == 12);
 const _: () = assert!(size_of::<ReplyVal>() == 12);
 const _: () = assert!(size_of::<SvcKey>() == 4);
-const _: () = assert!(size_of::<SvcInfo>() == 8);
+const _: () = assert!(size_of::<SvcInfo>() == 4);
 const _: () = assert!(size_of::<BackendSlot>() == 12);
 const _: () = assert!(size_of::<Counters>() == 16);
 

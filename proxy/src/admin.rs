@@ -13,10 +13,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::http::proxy::Proxy;
 use crate::metrics::Metrics;
+use crate::net::{self, Accept};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
 
@@ -31,20 +31,13 @@ pub struct AdminState {
     pub mesh: Arc<crate::mesh::MeshView>,
 }
 
-pub async fn serve(listener: TcpListener, state: AdminState) {
+/// Serves the endpoints on a TCP listener, or on a Unix socket: a health check run inside
+/// the agent's container reaches exactly that agent, even while a second one shares the TCP
+/// port (an update).
+pub async fn serve<L: Accept>(listener: L, state: AdminState) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        spawn_connection(stream, state.clone(), builder.clone());
-    }
-}
-
-/// The same endpoints on a Unix socket: a health check run inside the agent's container
-/// reaches exactly that agent, even while a second one shares the TCP port (an update).
-pub async fn serve_unix(listener: tokio::net::UnixListener, state: AdminState) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, _) = net::accept(&listener, "admin").await;
         spawn_connection(stream, state.clone(), builder.clone());
     }
 }

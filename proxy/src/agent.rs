@@ -130,9 +130,6 @@ fn claim(
     net::Bound::new(addr, reuse_port).map_err(|source| StartError::Bind { setting, addr, source })
 }
 
-/// How long a new agent waits for its sources' first answers before it serves anyway.
-const COMPLETE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
-
 /// Starts every part. Returns once the listeners are bound and the first routes compiled.
 /// Async although it never waits: the listeners register with the running Tokio runtime.
 #[allow(clippy::unused_async)]
@@ -331,7 +328,7 @@ fn start_files(
 
 /// The HTTP and HTTPS servers, which drain when `shutdown_rx` turns true. They listen once every
 /// source has given its first state (at once when it is already so, as with a routes file),
-/// or after [`COMPLETE_PATIENCE`]: before, a new agent sharing the port with the previous
+/// or after [`crate::state::COMPLETE_PATIENCE`]: before, a new agent sharing the port with the previous
 /// one would answer 404 for routes it does not know yet.
 fn start_servers(
     http: net::Bound,
@@ -376,7 +373,7 @@ fn start_servers(
             }
             core.readiness.set(name, false, "waiting for the first state of every source");
             tokio::spawn(async move {
-                if tokio::time::timeout(COMPLETE_PATIENCE, hub.complete()).await.is_err() {
+                if tokio::time::timeout(crate::state::COMPLETE_PATIENCE, hub.complete()).await.is_err() {
                     tracing::warn!(waiting_for = ?hub.pending(), "serving {name} before every source answered");
                 }
                 if let Some(serve) = listen() {
@@ -400,7 +397,7 @@ fn start_admin(
         let _ = std::fs::remove_file(path);
         let unix = tokio::net::UnixListener::bind(path)
             .map_err(|source| StartError::BindSocket { path: path.to_owned(), source })?;
-        background.push(tokio::spawn(admin::serve_unix(unix, state.clone())));
+        background.push(tokio::spawn(admin::serve(unix, state.clone())));
     }
     background.push(tokio::spawn(admin::serve(listener, state)));
     Ok(())

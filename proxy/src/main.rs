@@ -39,10 +39,23 @@ fn main() -> ExitCode {
     match run(&cli, &given, &warnings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshgate: {e:#}");
+            eprintln!("meshgate: {}", message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once (an error that names its cause in its own text
+/// is not followed by the cause again).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out = format!("{out}: {cause}");
+        }
+    }
+    out
 }
 
 /// An empty `MESHGATE_*` variable means "not set", as a stack file's `${NAME:-}` passes
@@ -69,7 +82,10 @@ fn init_logging(config: &Config) {
     // hickory logs every DNS query at info: keep it to warnings unless asked for.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("hickory_server=warn,{}", config.log.level)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: not into files, journald or `docker logs`.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.log.format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

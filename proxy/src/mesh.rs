@@ -12,7 +12,7 @@ use prometheus::{IntCounterVec, IntGauge, Opts};
 use serde::{Deserialize, Serialize};
 
 use crate::readiness::Readiness;
-use crate::state::{L4Protocol, MeshState, StateHub};
+use crate::state::{L4Protocol, MeshState, StateHub, THIS_NODE};
 
 /// `mesh.uplink` for "the device of this node's address".
 pub const AUTO: &str = "auto";
@@ -98,7 +98,8 @@ pub fn port_table(state: &MeshState, node_name: &str, node_address: Ipv4Addr) ->
                 .iter()
                 .filter(|t| t.health.routable())
                 .filter_map(|t| {
-                    let local = t.node == node_name;
+                    // `local` (the routes file's default) is this node, whatever its name.
+                    let local = t.node == node_name || t.node == THIS_NODE;
                     // A task of this node by the address this node reaches it at; another's by
                     // its own (unknown here for a task on no Swarm network: left out).
                     let ip = if local && t.node_local {
@@ -349,7 +350,7 @@ pub async fn run(
     view: Arc<MeshView>,
 ) {
     let Some(uplink) = cfg.uplink.clone() else { return };
-    let node_name = cfg.node_name.clone().unwrap_or_else(|| "local".into());
+    let node_name = cfg.node_name.clone().unwrap_or_else(|| THIS_NODE.into());
     let node_address = match cfg.node_address {
         Some(address) => address,
         None => node_address_from_state(&hub, &node_name, &readiness).await,
@@ -511,5 +512,11 @@ mod tests {
             "unhealthy tasks and tasks on a node without an address are left out; the same address on two nodes is two tasks"
         );
         assert!(table.ports[1].local_only);
+
+        // A routes file's task without a node is on this node, named or not.
+        let mut state = state;
+        state.services[0].tasks = vec![task("e", [127, 0, 0, 1], THIS_NODE, Health::Healthy)];
+        let table = port_table(&state, "n1", Ipv4Addr::new(192, 0, 2, 10));
+        assert!(table.ports[0].backends[0].local, "{:?}", table.ports[0].backends);
     }
 }

@@ -1,8 +1,11 @@
-//! Sockets the agent listens on.
+//! Sockets the agent listens on, and accepting on them.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 /// A bound, non-blocking socket; with `reuse_port`, several agents on one host can hold the
 /// same address at once (the kernel spreads new connections and datagrams between them),
@@ -47,5 +50,47 @@ impl Bound {
     pub fn listen(self) -> std::io::Result<TcpListener> {
         self.0.listen(1024)?;
         TcpListener::from_std(self.0.into())
+    }
+}
+
+/// A listener: TCP, or a Unix socket.
+pub trait Accept {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Peer;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<(Self::Stream, Self::Peer)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send {
+        self.accept()
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    type Peer = tokio::net::unix::SocketAddr;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<(UnixStream, Self::Peer)>> + Send {
+        self.accept()
+    }
+}
+
+/// How long a listener rests after a failed accept.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The next connection on `listener` (`what` names it in the log). A failed accept (out of
+/// file descriptors, most often: the listener stays readable) is logged and retried after
+/// a pause, so a full descriptor table never makes a listener spin; connections already
+/// open go on meanwhile and free descriptors as they end.
+pub async fn accept<L: Accept>(listener: &L, what: &'static str) -> (L::Stream, L::Peer) {
+    loop {
+        match listener.accept_one().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(listener = what, "accept failed: {e}; pausing {ACCEPT_PAUSE:?}");
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+            }
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Named readiness components behind `/readyz` (providers, listeners, later the BPF mesh).
+//! Named readiness components behind `/readyz` (providers, listeners, the L4 mesh, the cluster, ACME).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -3,7 +3,7 @@
 //! A [`MeshState`] is plain, immutable data. Providers hand complete states to the
 //! [`StateHub`]; the hub merges the newest state of every provider into one [`Snapshot`],
 //! swaps it in atomically and bumps a generation on a `watch` channel. Consumers (the HTTP
-//! router, later the BPF map sync and the DNS zone) wait on that channel and derive their own
+//! router, the BPF map sync, the DNS zone, ACME) wait on that channel and derive their own
 //! compiled view from [`StateHub::load`]. Nothing ever reaches back into a provider.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,6 +14,14 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+/// The node name that always means the node the agent runs on (the routes file's default
+/// for a task without `node`).
+pub const THIS_NODE: &str = "local";
+
+/// How long a new agent waits for its sources' first answers ([`StateHub::complete`]) before
+/// it listens anyway.
+pub const COMPLETE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Everything one provider (or the merge of all of them) knows about the node's services.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,7 +146,7 @@ pub struct HttpRoute {
     /// Replaces the matched path prefix before the request goes to the task
     /// (nginx-proxy's `VIRTUAL_DEST`): path `/api` with rewrite `/` sends `/api/x` as `/x`.
     pub rewrite: Option<String>,
-    /// What plain HTTP does once the host has a certificate (consumed by the TLS work).
+    /// What plain HTTP does once the host has a certificate (redirect, serve both, refuse).
     pub https_method: HttpsMethod,
     /// `Strict-Transport-Security` value to send over HTTPS; `None` sends none.
     pub hsts: Option<String>,

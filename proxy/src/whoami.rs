@@ -29,8 +29,7 @@ pub async fn serve(listener: TcpListener, name: String) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
+            (stream, peer) = crate::net::accept(&listener, "whoami") => {
                 let _ = stream.set_nodelay(true);
                 let name = name.clone();
                 let builder = builder.clone();

@@ -333,3 +333,30 @@ fn an_empty_variable_means_the_setting_is_not_set() {
     let config = String::from_utf8_lossy(&out.stdout);
     assert!(config.contains("http_listen = \"0.0.0.0:80\""), "the default stays: {config}");
 }
+
+/// An error says each cause once; the human log has no colour codes when it goes to a file
+/// or a pipe (journald, `docker logs`).
+#[test]
+fn errors_say_each_cause_once_and_a_piped_log_has_no_colour_codes() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["--config", "/nonexistent/meshgate.toml", "--check"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["--example", "--log-format", "human", "--http-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0", "--whoami-listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = agent.stderr.take().unwrap();
+    let line = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map_while(Result::ok)
+        .find(|l| l.contains("serving the bundled example"));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let line = line.expect("the agent says what it serves");
+    assert!(!line.contains('\u{1b}'), "no escape codes: {line:?}");
+}

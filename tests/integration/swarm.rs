@@ -409,21 +409,34 @@ async fn deploy_with_mesh() {
     )
     .await;
     for i in 1..=3 {
-        eventually(&format!("node {i}'s agent has the L4 mesh attached"), CONVERGE, async || {
-            Lab::readyz(i).await.contains("XDP")
-        })
+        // (While the agents are replaced, the old one may answer too: asked until the new.)
+        eventually(
+            &format!("node {i}'s agent has the L4 mesh attached, its reply table kept in the node's bpffs"),
+            CONVERGE,
+            async || Lab::readyz(i).await.contains("reply table kept in /sys/fs/bpf/meshgate"),
+        )
         .await;
-        let ready = Lab::readyz(i).await;
-        assert!(ready.contains("reply table kept in /sys/fs/bpf/meshgate"), "node {i}: {ready}");
     }
 }
 
-/// Prints the agents' warnings (every node's, old agents' too): why a request failed.
+/// Prints the agents' warnings (every node's, old agents' too): why a request failed. From
+/// each engine's containers (`docker service logs` can wait forever on a node).
 async fn agents_warnings() {
-    let out = Lab::docker_output(1, &["service", "logs", "--raw", "meshgate_agent"]).await;
-    let logs = [out.stdout, out.stderr].concat();
-    for line in String::from_utf8_lossy(&logs).lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
-        eprintln!("agent: {line}");
+    for i in 1..=3 {
+        let ids = Lab::docker_output(
+            i,
+            &["ps", "-aq", "--filter", "label=com.docker.swarm.service.name=meshgate_agent"],
+        )
+        .await;
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let out = Lab::docker_output(i, &["logs", id]).await;
+            let logs = [out.stdout, out.stderr].concat();
+            for line in
+                String::from_utf8_lossy(&logs).lines().filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            {
+                eprintln!("agent (node {i}, {id}): {line}");
+            }
+        }
     }
 }
 
@@ -677,13 +690,16 @@ async fn orders_by_node() -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_orders_certificates_and_ordering_moves_with_leadership() {
     let _lab = Lab::up(Shape::ThreeManagers).await;
-    // The CA on the machine's side of the underlay; it validates HTTP-01 on port 80 of the
-    // address node 2's mesh-dns gives for the name (any node, as a public DNS would).
+    // The CA on the machine's side of the underlay. It validates at the address its DNS gives
+    // for the name, and that DNS sends it to a node that does not order: node 3 while node 1
+    // leads, so the challenge is answered by another node than the one that ordered.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut dns = PinnedDns::start(port, &[("secure.test", 3)]).await;
     let pebble = crate::acme::Pebble::start_on(
         crate::acme::PebbleSetup {
             http_port: 80,
             tls_port: 443,
-            dns: format!("{}:53", Lab::addr(2)).parse().unwrap(),
+            dns: format!("127.0.0.1:{port}").parse().unwrap(),
             validity_secs: 3600,
             eab: None,
             blocklist: Vec::new(),
@@ -705,8 +721,22 @@ async fn only_the_leader_orders_certificates_and_ordering_moves_with_leadership(
     }
     assert_eq!(orders_by_node().await, [1, 0, 0], "the leader (node 1) ordered the one certificate");
 
-    // The leader's engine stops: another manager leads, and its agent orders from now on.
+    // The leader's engine stops: another manager leads, and its agent orders from now on;
+    // the CA validates at the manager that does not lead.
     Lab::stop_engine(1).await;
+    let mut leader = 1;
+    eventually("another manager leads", CONVERGE, async || {
+        let nodes =
+            Lab::docker_output(2, &["node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}"]).await;
+        let nodes = String::from_utf8_lossy(&nodes.stdout).into_owned();
+        let now =
+            nodes.lines().find_map(|l| l.strip_suffix(" Leader")?.strip_prefix("mglab-n")?.parse().ok());
+        leader = now.unwrap_or(1);
+        leader != 1
+    })
+    .await;
+    drop(dns);
+    dns = PinnedDns::start(port, &[("second.test", 5 - leader)]).await;
     secure_service(2, "second", "second.test").await;
     for i in 2..=3 {
         eventually(
@@ -721,5 +751,48 @@ async fn only_the_leader_orders_certificates_and_ordering_moves_with_leadership(
         );
     }
     let orders = orders_by_node().await;
-    assert_eq!(orders[1] + orders[2], 1, "one of the remaining managers ordered second.test: {orders:?}");
+    assert_eq!(orders[leader - 1], 1, "the new leader, node {leader}, ordered second.test: {orders:?}");
+    assert_eq!(orders[1] + orders[2], 1, "one certificate ordered since: {orders:?}");
+    drop(dns);
+}
+
+/// A DNS server for the CA (dnsmasq, on the machine's loopback) that gives each name the
+/// address of one node: where the CA sends its validation. Stopped on drop.
+struct PinnedDns(std::process::Child);
+
+impl PinnedDns {
+    async fn start(port: u16, names: &[(&str, usize)]) -> Self {
+        let child = std::process::Command::new("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args(["--conf-file=/dev/null", "--pid-file=", &format!("--port={port}")])
+            .args(names.iter().map(|(name, node)| format!("--address=/{name}/{}", Lab::addr(*node))))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq runs (the test command installs dnsmasq-base)");
+        let (name, node) = names[0];
+        eventually("the CA's DNS answers", CONVERGE, async || {
+            let out = Command::new("dig")
+                .args(["+short", "-p", &port.to_string(), "@127.0.0.1", name])
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim() == Lab::addr(node)
+        })
+        .await;
+        Self(child)
+    }
+}
+
+impl Drop for PinnedDns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_rustls::{client, TlsAcceptor, TlsConnector};
 
 use super::identity::Identity;
-use crate::state::StateHub;
+use crate::state::{StateHub, COMPLETE_PATIENCE};
 
 const MAGIC: &str = "meshgate-hop 1";
 /// The longest request or answer line.
@@ -90,11 +90,25 @@ pub fn start(
 ) -> Result<(Arc<Dialer>, tokio::task::JoinHandle<()>), String> {
     let server = identity.server_config().map_err(|e| format!("the cluster secret cannot serve TLS: {e}"))?;
     let client = identity.client_config().map_err(|e| format!("the cluster secret cannot be used: {e}"))?;
-    let listener = crate::net::reusable_listener(listen, true).map_err(|e| {
-        format!("cannot listen on {listen} for hops from other nodes: {e} (set cluster.hop_listen)")
-    })?;
-    tracing::info!(addr = %listen, "cluster: other nodes reach this node's tasks through {listen}");
-    let server = tokio::spawn(serve(listener, TlsAcceptor::from(Arc::new(server)), hub, shutdown, grace));
+    let cannot =
+        move |e| format!("cannot listen on {listen} for hops from other nodes: {e} (set cluster.hop_listen)");
+    let bound = crate::net::Bound::new(listen, true).map_err(cannot)?;
+    let acceptor = TlsAcceptor::from(Arc::new(server));
+    let server = tokio::spawn(async move {
+        // Like the proxy's listeners, hops are taken only once this agent knows its node's
+        // tasks: during an update the previous agent takes them meanwhile (a new agent would
+        // refuse every task as not on this node).
+        if tokio::time::timeout(COMPLETE_PATIENCE, hub.complete()).await.is_err() {
+            tracing::warn!(waiting_for = ?hub.pending(), "cluster: taking hops before every source answered");
+        }
+        match bound.listen() {
+            Ok(listener) => {
+                tracing::info!(addr = %listen, "cluster: other nodes reach this node's tasks through {listen}");
+                serve(listener, acceptor, hub, shutdown, grace).await;
+            }
+            Err(e) => tracing::error!("cluster: {}", cannot(e)),
+        }
+    });
     Ok((Arc::new(Dialer { tls: TlsConnector::from(Arc::new(client)), port: listen.port() }), server))
 }
 
@@ -108,18 +122,9 @@ async fn serve(
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let (stream, peer) = tokio::select! {
+            accepted = crate::net::accept(&listener, "cluster hops") => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of descriptors, most likely: wait instead of spinning.
-                tracing::warn!("cluster: hop accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
         };
         let (acceptor, hub) = (acceptor.clone(), hub.clone());
         conns.spawn(async move {

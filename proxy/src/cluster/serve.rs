@@ -52,14 +52,7 @@ pub async fn run(bound: Bound, src: Source) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let (stream, peer) = match bound.listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!("cluster: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::net::accept(&bound.listener, "cluster feed").await;
         let (acceptor, src, certs) = (bound.acceptor.clone(), src.clone(), certs.clone());
         conns.spawn(async move {
             let _counted = Counted::new(src.followers.clone());

@@ -77,7 +77,7 @@ struct TaskEntry {
 }
 
 fn local_node() -> String {
-    "local".into()
+    crate::state::THIS_NODE.into()
 }
 
 #[derive(Deserialize)]
