@@ -279,6 +279,13 @@ impl Config {
         self.mesh.validate().map_err(|message| ConfigError::Mesh { message })?;
         self.cluster.validate().map_err(|message| ConfigError::Cluster { message })?;
         self.listeners_apart()?;
+        if mesh_dns::ZoneBuilder::new(&self.dns.domain, 5).is_err() {
+            return Err(ConfigError::Invalid {
+                key: "dns.domain",
+                value: self.dns.domain.clone(),
+                expected: "a domain name such as `mesh.internal`",
+            });
+        }
         if let Some(host) = &p.default_host {
             crate::state::HostPattern::parse(host).map_err(|_| ConfigError::Invalid {
                 key: "proxy.default_host",
@@ -320,6 +327,19 @@ mod tests {
         let c = Config::from_toml("[proxy]\neject_base = \"10s\"\neject_max = \"1s\"\n").unwrap();
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("proxy.eject_max"), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_dns_domain_is_refused_not_an_empty_zone() {
+        let c = Config::from_toml("[dns]\ndomain = \"bad..domain\"\n").unwrap();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("dns.domain") && msg.contains("bad..domain"), "{msg}");
+        let old = Config::from_toml("[file]\npath = \"/etc/meshgate/routes.toml\"\n").unwrap();
+        assert_eq!(
+            old.routes.file.as_deref(),
+            Some(Path::new("/etc/meshgate/routes.toml")),
+            "[file] is read as [routes]"
+        );
     }
 
     #[test]

@@ -7,14 +7,13 @@
 //! In a cluster, the issuer's challenges reach the other agents through the feed
 //! ([`Challenges::set_remote`]), so a validation that reaches any node is answered.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use rustls::sign::CertifiedKey;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-use crate::cluster::wire::ChallengeSet;
 
 /// The path prefix of HTTP-01 validation requests.
 pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -272,6 +271,14 @@ impl Drop for Answer {
             }
         }
     }
+}
+
+/// HTTP-01 answers by token; TLS-ALPN-01 by host name, as the hex SHA-256 of the key
+/// authorization (each node makes its own validation certificate from it: no key travels).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeSet {
+    pub http: BTreeMap<String, String>,
+    pub alpn: BTreeMap<String, String>,
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use challenges::{Challenges, HTTP01_PREFIX};
+pub use challenges::{ChallengeSet, Challenges, HTTP01_PREFIX};
 pub use manager::Manager;
 
 /// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).

@@ -28,6 +28,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::acme::store::Store;
 use crate::acme::Challenges;
+use crate::provider::docker::{DockerLink, Position};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
 
@@ -107,33 +108,6 @@ impl ClusterConfig {
         }
         Ok(())
     }
-}
-
-/// Where the local engine puts this node, as the Docker provider last saw it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Position {
-    /// The engine has not answered yet.
-    #[default]
-    Unknown,
-    /// Not in a Swarm.
-    Standalone,
-    Manager {
-        leader: bool,
-        leader_address: Option<IpAddr>,
-    },
-    Worker {
-        managers: Vec<IpAddr>,
-    },
-}
-
-/// The links between the cluster and the Docker provider.
-#[derive(Clone)]
-pub struct DockerLink {
-    /// Written by the provider after every resync.
-    pub position: watch::Sender<Position>,
-    /// True while this agent takes its state from a feed: the provider then leaves the
-    /// local containers of Swarm tasks to it.
-    pub following: watch::Receiver<bool>,
 }
 
 /// What this agent does, derived from the setting and the engine's answer.

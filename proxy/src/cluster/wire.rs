@@ -2,11 +2,10 @@
 //! the heartbeat replaces its part of the follower's copy whole, so a follower that joins
 //! late, or reconnects to another manager, is complete after the first three frames.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::acme::ChallengeSet;
 use crate::state::MeshState;
 
 /// A frame larger than this is refused (a state of thousands of services is a few MiB).
@@ -39,14 +38,6 @@ pub struct CertPair {
     pub key_pem: String,
 }
 
-/// HTTP-01 answers by token; TLS-ALPN-01 by host name, as the hex SHA-256 of the key
-/// authorization (each node makes its own validation certificate from it: no key travels).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChallengeSet {
-    pub http: BTreeMap<String, String>,
-    pub alpn: BTreeMap<String, String>,
-}
-
 pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
     let body = serde_json::to_vec(frame).map_err(std::io::Error::other)?;
     let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
@@ -70,6 +61,7 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[tokio::test]
     async fn frames_round_trip_and_oversized_ones_are_refused() {

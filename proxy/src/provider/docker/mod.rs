@@ -13,6 +13,7 @@ pub mod traefik_rule;
 mod workloads;
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +21,8 @@ use bollard::query_parameters::EventsOptions;
 use bollard::Docker;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::cluster::DockerLink;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::state::StateHub;
@@ -291,4 +292,31 @@ async fn session(
             }
         }
     }
+}
+
+/// Where the local engine puts this node, as the Docker provider last saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Position {
+    /// The engine has not answered yet.
+    #[default]
+    Unknown,
+    /// Not in a Swarm.
+    Standalone,
+    Manager {
+        leader: bool,
+        leader_address: Option<IpAddr>,
+    },
+    Worker {
+        managers: Vec<IpAddr>,
+    },
+}
+
+/// The links between the cluster and the Docker provider.
+#[derive(Clone)]
+pub struct DockerLink {
+    /// Written by the provider after every resync.
+    pub position: watch::Sender<Position>,
+    /// True while this agent takes its state from a feed: the provider then leaves the
+    /// local containers of Swarm tasks to it.
+    pub following: watch::Receiver<bool>,
 }

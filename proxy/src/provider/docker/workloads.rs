@@ -26,8 +26,8 @@ use bollard::Docker;
 use serde::Deserialize;
 
 use super::optin::{self, Defaults, Workload};
+use super::Position;
 use super::{raw, DockerConfig, NAME};
-use crate::cluster::Position;
 use crate::state::{Health, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
 
 const SWARM_SERVICE: &str = "com.docker.swarm.service.name";
