@@ -24,11 +24,11 @@ pub async fn serve(
     handler: Arc<MeshDns>,
     udp: tokio::net::UdpSocket,
     tcp: tokio::net::TcpListener,
-) -> Result<(), String> {
+) -> Result<(), hickory_server::net::NetError> {
     let mut server = hickory_server::Server::new(Shared(handler));
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE, 64);
-    server.block_until_done().await.map_err(|e| e.to_string())
+    server.block_until_done().await
 }
 
 /// Lets the agent keep a handle on the handler (to swap zones) while the server owns one.

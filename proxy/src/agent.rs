@@ -416,7 +416,7 @@ struct Core {
 
 /// What ACME left for later: the manager (started once the cluster says whether this agent
 /// orders) and the store and challenges the cluster feed shares.
-type AcmeParts = (Result<acme::Manager, String>, cluster::CertShare);
+type AcmeParts = (Result<acme::Manager, acme::RootsError>, cluster::CertShare);
 /// The HTTPS listener and the resolver its handshakes ask.
 type HttpsParts = (net::Bound, Arc<CertResolver>);
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::invalid::Invalid;
+
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -173,16 +175,10 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}, line {line}: {message}")]
     Parse { path: PathBuf, line: usize, message: String },
-    #[error("invalid [mesh] setting: {message}")]
-    Mesh { message: String },
     #[error("{first} and {second} both listen on {addr}: give each its own port")]
     SameListener { first: &'static str, second: &'static str, addr: SocketAddr },
-    #[error("invalid [cluster] setting: {message}")]
-    Cluster { message: String },
-    #[error("invalid [acme] setting: {message}")]
-    Acme { message: String },
-    #[error("invalid setting `{key}` = {value}: {expected}")]
-    Invalid { key: &'static str, value: String, expected: &'static str },
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
 }
 
 impl Config {
@@ -247,50 +243,44 @@ impl Config {
         ];
         for (key, value) in positive {
             if value.is_zero() {
-                return Err(ConfigError::Invalid {
-                    key,
-                    value: "0s".into(),
-                    expected: "a duration above zero, e.g. \"2s\" or \"500ms\"",
-                });
+                return Err(Invalid::new(key, "0s", "a duration above zero, e.g. \"2s\" or \"500ms\"").into());
             }
         }
         if p.eject_max < p.eject_base {
-            return Err(ConfigError::Invalid {
-                key: "proxy.eject_max",
-                value: humantime::format_duration(p.eject_max).to_string(),
-                expected: "a duration at least as long as proxy.eject_base",
-            });
+            return Err(Invalid::new(
+                "proxy.eject_max",
+                humantime::format_duration(p.eject_max),
+                "a duration at least as long as proxy.eject_base",
+            )
+            .into());
         }
         if p.max_header_bytes < 8192 {
-            return Err(ConfigError::Invalid {
-                key: "proxy.max_header_bytes",
-                value: p.max_header_bytes.to_string(),
-                expected: "at least 8192 bytes",
-            });
+            return Err(
+                Invalid::new("proxy.max_header_bytes", p.max_header_bytes, "at least 8192 bytes").into()
+            );
         }
         if p.max_headers == 0 {
-            return Err(ConfigError::Invalid {
-                key: "proxy.max_headers",
-                value: "0".into(),
-                expected: "at least 1",
-            });
+            return Err(Invalid::new("proxy.max_headers", 0, "at least 1").into());
         }
-        self.acme.validate().map_err(|message| ConfigError::Acme { message })?;
-        self.mesh.validate().map_err(|message| ConfigError::Mesh { message })?;
-        self.cluster.validate().map_err(|message| ConfigError::Cluster { message })?;
+        self.acme.validate()?;
+        self.mesh.validate()?;
+        self.cluster.validate()?;
         self.listeners_apart()?;
         if mesh_dns::ZoneBuilder::new(&self.dns.domain, 5).is_err() {
-            return Err(ConfigError::Invalid {
-                key: "dns.domain",
-                value: self.dns.domain.clone(),
-                expected: "a domain name such as `mesh.internal`",
-            });
+            return Err(Invalid::new(
+                "dns.domain",
+                &self.dns.domain,
+                "a domain name such as `mesh.internal`",
+            )
+            .into());
         }
         if let Some(host) = &p.default_host {
-            crate::state::HostPattern::parse(host).map_err(|_| ConfigError::Invalid {
-                key: "proxy.default_host",
-                value: host.clone(),
-                expected: "a host name such as `www.example.com`",
+            crate::state::HostPattern::parse(host).map_err(|_| {
+                ConfigError::from(Invalid::new(
+                    "proxy.default_host",
+                    host,
+                    "a host name such as `www.example.com`",
+                ))
             })?;
         }
         Ok(())

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod dns;
 pub mod http;
+pub mod invalid;
 pub mod mesh;
 pub mod metrics;
 pub mod net;

@@ -11,6 +11,7 @@ use meshgate_ebpf::{Backend, Mesh, PortTable, Protocol, PublishedPort};
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use serde::{Deserialize, Serialize};
 
+use crate::invalid::Invalid;
 use crate::readiness::Readiness;
 use crate::state::{L4Protocol, MeshState, StateHub, THIS_NODE};
 
@@ -54,11 +55,13 @@ impl Default for MeshConfig {
 }
 
 impl MeshConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         match (&self.uplink, self.node_address) {
-            (None, Some(_)) => {
-                Err("mesh.node_address is set but mesh.uplink is not: name the interface to attach to".into())
-            }
+            (None, Some(address)) => Err(Invalid::new(
+                "mesh.node_address",
+                address,
+                "set only with mesh.uplink (name the interface to attach to, or auto)",
+            )),
             _ => Ok(()),
         }
     }

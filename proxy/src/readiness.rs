@@ -17,11 +17,11 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn set(&self, component: &str, ready: bool, detail: impl Into<String>) {
+    pub fn set(&self, component: &str, ready: bool, detail: impl std::fmt::Display) {
         self.components
             .lock()
             .expect("readiness lock")
-            .insert(component.to_owned(), Status { ready, detail: detail.into() });
+            .insert(component.to_owned(), Status { ready, detail: detail.to_string() });
     }
 
     /// All components, and whether every one is ready.

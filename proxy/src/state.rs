@@ -181,15 +181,26 @@ pub enum HostPattern {
     Regex(String),
 }
 
+/// Why a host name or pattern was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("empty host name")]
+    Empty,
+    #[error("`{0}` is not a valid host name (letters, digits, `-` and `.`; a wildcard only as `*.domain` or `name.*`)")]
+    Invalid(String),
+    #[error("`{pattern}` is not a valid regular expression: {error}")]
+    Regex { pattern: String, error: regex::Error },
+}
+
 impl HostPattern {
     /// Parses a host pattern as users write it (`app.example.com`, `*.example.com`, `example.*`).
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, HostError> {
         if let Some(re) = raw.trim().strip_prefix('~') {
             return Self::regex(re);
         }
         let host = raw.trim().trim_end_matches('.').to_ascii_lowercase();
         if host.is_empty() {
-            return Err("empty host name".into());
+            return Err(HostError::Empty);
         }
         let (pattern, name) = if let Some(rest) = host.strip_prefix("*.") {
             (Self::Suffix(format!(".{rest}")), rest)
@@ -204,9 +215,7 @@ impl HostPattern {
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
         if name.len() > 253 || !name.split('.').all(valid_label) {
-            return Err(format!(
-                "`{raw}` is not a valid host name (letters, digits, `-` and `.`; a wildcard only as `*.domain` or `name.*`)"
-            ));
+            return Err(HostError::Invalid(raw.to_owned()));
         }
         Ok(pattern)
     }
@@ -214,9 +223,9 @@ impl HostPattern {
 
 impl HostPattern {
     /// A host regex, anchored at both ends if it is not already.
-    pub fn regex(re: &str) -> Result<Self, String> {
+    pub fn regex(re: &str) -> Result<Self, HostError> {
         let anchored = format!("^(?:{})$", re.trim_start_matches('^').trim_end_matches('$'));
-        regex::Regex::new(&anchored).map_err(|e| format!("`{re}` is not a valid regular expression: {e}"))?;
+        regex::Regex::new(&anchored).map_err(|error| HostError::Regex { pattern: re.to_owned(), error })?;
         Ok(Self::Regex(anchored))
     }
 }
@@ -412,12 +421,18 @@ mod tests {
 
     #[test]
     fn host_patterns_parse_and_normalise() {
-        assert_eq!(HostPattern::parse("App.Example.COM."), Ok(HostPattern::Exact("app.example.com".into())));
-        assert_eq!(HostPattern::parse("*.example.com"), Ok(HostPattern::Suffix(".example.com".into())));
-        assert_eq!(HostPattern::parse("example.*"), Ok(HostPattern::Prefix("example.".into())));
         assert_eq!(
-            HostPattern::parse("~^a[0-9]+\\.test$"),
-            Ok(HostPattern::Regex("^(?:a[0-9]+\\.test)$".into()))
+            HostPattern::parse("App.Example.COM.").ok(),
+            Some(HostPattern::Exact("app.example.com".into()))
+        );
+        assert_eq!(
+            HostPattern::parse("*.example.com").ok(),
+            Some(HostPattern::Suffix(".example.com".into()))
+        );
+        assert_eq!(HostPattern::parse("example.*").ok(), Some(HostPattern::Prefix("example.".into())));
+        assert_eq!(
+            HostPattern::parse("~^a[0-9]+\\.test$").ok(),
+            Some(HostPattern::Regex("^(?:a[0-9]+\\.test)$".into()))
         );
         assert!(HostPattern::parse("~(unclosed").is_err());
         for bad in ["", "a..b", "*", "a.*.b", "exa mple.com", "*.", "-/x"] {

@@ -28,25 +28,36 @@ pub struct AcmeHttp {
     retry_after: Arc<Mutex<Option<SystemTime>>>,
 }
 
+/// Why the CA's client cannot be made: the extra roots (`acme.trust_roots`).
+#[derive(Debug, thiserror::Error)]
+pub enum RootsError {
+    #[error("acme.trust_roots: cannot read {}: {error}", .path.display())]
+    Read { path: std::path::PathBuf, error: rustls::pki_types::pem::Error },
+    #[error("acme.trust_roots: {} holds no PEM certificate", .0.display())]
+    Empty(std::path::PathBuf),
+    #[error("acme.trust_roots: {}: {error}", .path.display())]
+    Refused { path: std::path::PathBuf, error: rustls::Error },
+}
+
 impl AcmeHttp {
     /// `extra_root`: a PEM file of CA certificates to trust besides the public roots.
-    pub fn new(extra_root: Option<&Path>, timeout: Duration) -> Result<Self, String> {
+    pub fn new(extra_root: Option<&Path>, timeout: Duration) -> Result<Self, RootsError> {
         let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         if let Some(path) = extra_root {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .and_then(Iterator::collect)
-                .map_err(|e| format!("acme.trust_roots: cannot read {}: {e}", path.display()))?;
+                .map_err(|error| RootsError::Read { path: path.to_owned(), error })?;
             if certs.is_empty() {
-                return Err(format!("acme.trust_roots: {} holds no PEM certificate", path.display()));
+                return Err(RootsError::Empty(path.to_owned()));
             }
             for cert in certs {
-                roots.add(cert).map_err(|e| format!("acme.trust_roots: {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|error| RootsError::Refused { path: path.to_owned(), error })?;
             }
         }
         let tls =
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
+                .expect("ring supports the default TLS versions")
                 .with_root_certificates(roots)
                 .with_no_client_auth();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()

@@ -49,7 +49,7 @@ impl Manager {
         challenges: Arc<Challenges>,
         metrics: Arc<Metrics>,
         reload: Arc<Notify>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, super::RootsError> {
         let http = AcmeHttp::new(cfg.trust_roots.as_deref(), cfg.request_timeout)?;
         challenges.share_through(store.challenges_dir());
         Ok(Self {
@@ -370,7 +370,10 @@ impl Manager {
                     }
                     let contact = self.cfg.email.as_ref().map(|e| format!("mailto:{e}"));
                     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-                    let eab = self.cfg.external_account().map_err(|e| Failure::new(Reason::CaError, e))?;
+                    let eab = self
+                        .cfg
+                        .external_account()
+                        .map_err(|e| Failure::new(Reason::CaError, e.to_string()))?;
                     let new = NewAccount {
                         contact: &contacts,
                         terms_of_service_agreed: true,

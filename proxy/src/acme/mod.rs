@@ -19,7 +19,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::invalid::Invalid;
+
 pub use challenges::{ChallengeSet, Challenges, HTTP01_PREFIX};
+pub use client::RootsError;
 pub use manager::Manager;
 
 /// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
@@ -133,43 +136,53 @@ impl AcmeConfig {
     }
 
     /// The external account key, when one is configured.
-    pub fn external_account(&self) -> Result<Option<instant_acme::ExternalAccountKey>, String> {
+    pub fn external_account(&self) -> Result<Option<instant_acme::ExternalAccountKey>, Invalid> {
         use base64::Engine as _;
         match (&self.eab_kid, &self.eab_hmac_key) {
             (None, None) => Ok(None),
             (Some(kid), Some(key)) => {
                 let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
                     .decode(key.trim().trim_end_matches('='))
-                    .map_err(|e| format!("acme.eab_hmac_key is not base64url: {e}"))?;
+                    .map_err(|e| Invalid::new("acme.eab_hmac_key", "(hidden)", format!("base64url ({e})")))?;
                 Ok(Some(instant_acme::ExternalAccountKey::new(kid.clone(), &bytes)))
             }
-            _ => Err("acme.eab_kid and acme.eab_hmac_key go together: set both or neither".into()),
+            (kid, _) => Err(Invalid::new(
+                if kid.is_some() { "acme.eab_kid" } else { "acme.eab_hmac_key" },
+                "set alone",
+                "acme.eab_kid and acme.eab_hmac_key go together: set both or neither",
+            )),
         }
     }
 
-    /// Checks what types cannot; each message names the key.
-    pub fn validate(&self) -> Result<(), String> {
-        let url = self.directory_url();
-        if !url.starts_with("https://") {
-            return Err(format!(
-                "acme.directory = {:?}: write letsencrypt, letsencrypt-staging or an https:// directory URL",
-                self.directory
+    /// Checks what types cannot; each error names the key.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !self.directory_url().starts_with("https://") {
+            return Err(Invalid::new(
+                "acme.directory",
+                &self.directory,
+                "letsencrypt, letsencrypt-staging or an https:// directory URL",
             ));
         }
         self.external_account()?;
         if !(1..=100).contains(&self.max_names) {
-            return Err(format!("acme.max_names = {}: between 1 and 100", self.max_names));
+            return Err(Invalid::new("acme.max_names", self.max_names, "between 1 and 100"));
         }
-        if self.retry_base.is_zero() || self.request_timeout.is_zero() {
-            return Err("acme.retry_base and acme.request_timeout must be above zero".into());
+        for (key, value) in
+            [("acme.retry_base", self.retry_base), ("acme.request_timeout", self.request_timeout)]
+        {
+            if value.is_zero() {
+                return Err(Invalid::new(key, "0s", "above zero, e.g. \"30s\""));
+            }
         }
         if self.retry_max < self.retry_base {
-            return Err("acme.retry_max must be at least acme.retry_base".into());
+            return Err(Invalid::new(
+                "acme.retry_max",
+                humantime::format_duration(self.retry_max),
+                "at least acme.retry_base",
+            ));
         }
-        if let Some(email) = &self.email {
-            if !email.contains('@') {
-                return Err(format!("acme.email = {email:?}: an address such as ops@example.com"));
-            }
+        if let Some(email) = self.email.as_ref().filter(|e| !e.contains('@')) {
+            return Err(Invalid::new("acme.email", email, "an address such as ops@example.com"));
         }
         Ok(())
     }
@@ -187,12 +200,12 @@ mod tests {
         c.directory = "letsencrypt-staging".into();
         assert_eq!(c.directory_url(), LETSENCRYPT_STAGING);
         c.directory = "http://ca.test/dir".into();
-        assert!(c.validate().unwrap_err().contains("acme.directory"));
+        assert!(c.validate().unwrap_err().to_string().contains("acme.directory"));
         c.directory = "https://ca.test/dir".into();
         c.eab_kid = Some("kid".into());
-        assert!(c.validate().unwrap_err().contains("together"));
+        assert!(c.validate().unwrap_err().to_string().contains("together"));
         c.eab_hmac_key = Some("not base64!".into());
-        assert!(c.validate().unwrap_err().contains("base64url"));
+        assert!(c.validate().unwrap_err().to_string().contains("base64url"));
         c.eab_hmac_key = Some("c2VjcmV0".into());
         c.validate().unwrap();
     }

@@ -31,7 +31,7 @@ pub enum Stored {
     Missing,
     Usable(LoadedPair),
     /// Present but unusable (unreadable, not PEM, key and certificate that do not match).
-    Corrupt(String),
+    Corrupt(crate::tls::PairError),
 }
 
 impl Store {

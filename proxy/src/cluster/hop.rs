@@ -87,11 +87,15 @@ pub fn start(
     identity: &Identity,
     hub: Arc<StateHub>,
     (shutdown, grace): (watch::Receiver<bool>, Duration),
-) -> Result<(Arc<Dialer>, tokio::task::JoinHandle<()>), String> {
-    let server = identity.server_config().map_err(|e| format!("the cluster secret cannot serve TLS: {e}"))?;
-    let client = identity.client_config().map_err(|e| format!("the cluster secret cannot be used: {e}"))?;
-    let cannot =
-        move |e| format!("cannot listen on {listen} for hops from other nodes: {e} (set cluster.hop_listen)");
+) -> Result<(Arc<Dialer>, tokio::task::JoinHandle<()>), super::StartError> {
+    let server = identity.server_config().map_err(super::StartError::Tls)?;
+    let client = identity.client_config().map_err(super::StartError::Tls)?;
+    let cannot = move |error| super::StartError::Listen {
+        what: "hops from other nodes",
+        key: "cluster.hop_listen",
+        addr: listen,
+        error,
+    };
     let bound = crate::net::Bound::new(listen, true).map_err(cannot)?;
     let acceptor = TlsAcceptor::from(Arc::new(server));
     let server = tokio::spawn(async move {

@@ -38,27 +38,40 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+/// Why the cluster secret cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read the cluster secret {}: {error}", .path.display())]
+    Read { path: std::path::PathBuf, error: std::io::Error },
+    #[error("the cluster secret {} {problem} (make a new one with `meshgate --new-cluster-secret`)", .path.display())]
+    Broken { path: std::path::PathBuf, problem: PemProblem },
+}
+
+/// What is wrong with a secret's PEM.
+#[derive(Debug, thiserror::Error)]
+pub enum PemProblem {
+    #[error("holds no certificate")]
+    NoCertificate,
+    #[error("has a broken certificate: {0}")]
+    BrokenCertificate(rustls::pki_types::pem::Error),
+    #[error("has no usable private key: {0}")]
+    NoKey(rustls::pki_types::pem::Error),
+}
+
 impl Identity {
     /// Reads the PEM file written by [`generate`].
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
-        Self::from_pem(&pem).map_err(|e| {
-            format!(
-                "the cluster secret {} {e} (make a new one with `meshgate --new-cluster-secret`)",
-                path.display()
-            )
-        })
+    pub fn load(path: &Path) -> Result<Self, SecretError> {
+        let pem = std::fs::read(path).map_err(|error| SecretError::Read { path: path.to_owned(), error })?;
+        Self::from_pem(&pem).map_err(|problem| SecretError::Broken { path: path.to_owned(), problem })
     }
 
-    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
+    pub fn from_pem(pem: &[u8]) -> Result<Self, PemProblem> {
         use rustls::pki_types::pem::PemObject as _;
         let cert = CertificateDer::pem_slice_iter(pem)
             .next()
-            .ok_or("holds no certificate")?
-            .map_err(|e| format!("has a broken certificate: {e}"))?;
-        let key =
-            PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("has no usable private key: {e}"))?;
+            .ok_or(PemProblem::NoCertificate)?
+            .map_err(PemProblem::BrokenCertificate)?;
+        let key = PrivateKeyDer::from_pem_slice(pem).map_err(PemProblem::NoKey)?;
         Ok(Self { cert, key: Arc::new(key) })
     }
 

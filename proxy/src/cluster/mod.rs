@@ -28,6 +28,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::acme::store::Store;
 use crate::acme::Challenges;
+use crate::invalid::Invalid;
 use crate::provider::docker::{DockerLink, Position};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
@@ -99,15 +100,33 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if matches!(self.role, RoleSetting::Manager | RoleSetting::Worker) && self.peers.is_empty() {
-            return Err(format!("cluster.role = \"{}\" needs cluster.peers (the managers' feed addresses, e.g. 10.0.0.1:7380), or role = \"auto\" to take them from the engine", if self.role == RoleSetting::Manager { "manager" } else { "worker" }));
+            let role = if self.role == RoleSetting::Manager { "manager" } else { "worker" };
+            return Err(Invalid::new(
+                "cluster.role",
+                role,
+                "needs cluster.peers (the managers' feed addresses, e.g. 10.0.0.1:7380), or role = \"auto\" to take them from the engine",
+            ));
         }
         if self.heartbeat.is_zero() || self.timeout <= self.heartbeat {
-            return Err("cluster.timeout must be longer than cluster.heartbeat".into());
+            return Err(Invalid::new(
+                "cluster.timeout",
+                humantime::format_duration(self.timeout),
+                format!("longer than cluster.heartbeat ({})", humantime::format_duration(self.heartbeat)),
+            ));
         }
         Ok(())
     }
+}
+
+/// Why a part of the cluster could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the cluster secret cannot be used for TLS: {0}")]
+    Tls(rustls::Error),
+    #[error("cannot listen on {addr} for {what}: {error} (set {key})")]
+    Listen { what: &'static str, key: &'static str, addr: SocketAddr, error: std::io::Error },
 }
 
 /// What this agent does, derived from the setting and the engine's answer.
@@ -256,7 +275,7 @@ pub fn start(cfg: ClusterConfig, parts: Parts, background: &mut Vec<tokio::task:
         }
         Err(e) => {
             tracing::error!("cluster: {e}; this agent cannot join the cluster");
-            parts.readiness.set(NAME, false, e);
+            parts.readiness.set(NAME, false, e.to_string());
             return handles;
         }
     };
@@ -330,7 +349,7 @@ async fn run(
                     }
                     Err(e) => {
                         tracing::error!("cluster: {e}");
-                        parts.readiness.set(NAME, false, e);
+                        parts.readiness.set(NAME, false, e.to_string());
                     }
                 }
             } else if !p.serve {
@@ -424,6 +443,7 @@ mod tests {
         assert!(ClusterConfig { role: RoleSetting::Worker, ..ClusterConfig::default() }
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("cluster.peers"));
     }
 }

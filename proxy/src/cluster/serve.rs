@@ -23,10 +23,10 @@ pub struct Bound {
     acceptor: TlsAcceptor,
 }
 
-pub fn bind(cfg: &ClusterConfig, identity: &Identity) -> Result<Bound, String> {
-    let tls = identity.server_config().map_err(|e| format!("the cluster secret cannot serve TLS: {e}"))?;
-    let listener = crate::net::reusable_listener(cfg.listen, true).map_err(|e| {
-        format!("cannot listen on {} for the cluster feed: {e} (set cluster.listen)", cfg.listen)
+pub fn bind(cfg: &ClusterConfig, identity: &Identity) -> Result<Bound, super::StartError> {
+    let tls = identity.server_config().map_err(super::StartError::Tls)?;
+    let listener = crate::net::reusable_listener(cfg.listen, true).map_err(|error| {
+        super::StartError::Listen { what: "the cluster feed", key: "cluster.listen", addr: cfg.listen, error }
     })?;
     tracing::info!(addr = %cfg.listen, "cluster: serving the feed");
     Ok(Bound { listener, acceptor: TlsAcceptor::from(Arc::new(tls)) })

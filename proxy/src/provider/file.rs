@@ -212,7 +212,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
     let hosts = h
         .hosts
         .iter()
-        .map(|s| HostPattern::parse(s.get_ref()).map_err(|m| (s.span(), m)))
+        .map(|s| HostPattern::parse(s.get_ref()).map_err(|m| (s.span(), m.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
     let path = h.path.get_ref();
     if !path.starts_with('/') {

@@ -16,11 +16,15 @@ pub struct CertInfo {
     pub not_after: SystemTime,
 }
 
+/// A certificate that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("not an X.509 certificate: {0}")]
+pub struct NotX509(x509_parser::nom::Err<x509_parser::error::X509Error>);
+
 impl CertInfo {
     /// Parses a DER certificate.
-    pub fn parse(der: &[u8]) -> Result<Self, String> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    pub fn parse(der: &[u8]) -> Result<Self, NotX509> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(NotX509)?;
         let mut dns_names = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 pub use resolver::{
-    certified, dir_stamp, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair,
+    certified, dir_stamp, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair, PairError,
 };
 
 /// What a client gets for a name without a certificate.

@@ -186,22 +186,37 @@ pub fn load_dir(dir: &Path, previous: Option<&LoadedCerts>) -> LoadedCerts {
     out
 }
 
+/// Why a certificate and key pair cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("cannot read the certificate: {0}")]
+    ReadCertificate(rustls::pki_types::pem::Error),
+    #[error("no certificate in the file")]
+    NoCertificate,
+    #[error("{}: no usable private key: {error}", .path.display())]
+    NoKey { path: std::path::PathBuf, error: rustls::pki_types::pem::Error },
+    #[error("{}: unsupported key: {error}", .path.display())]
+    UnsupportedKey { path: std::path::PathBuf, error: rustls::Error },
+    #[error(transparent)]
+    NotX509(#[from] super::cert_info::NotX509),
+    #[error("the key does not match the certificate ({0})")]
+    Mismatch(rustls::Error),
+}
+
 /// Reads a certificate chain and its key, and checks that they belong together.
-pub fn load_pair(crt: &Path, key: &Path) -> Result<LoadedPair, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(crt)
-        .map_err(|e| format!("cannot read the certificate: {e}"))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+pub fn load_pair(crt: &Path, key: &Path) -> Result<LoadedPair, PairError> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(crt).and_then(Iterator::collect).map_err(PairError::ReadCertificate)?;
     if chain.is_empty() {
-        return Err("no certificate in the file".into());
+        return Err(PairError::NoCertificate);
     }
     let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
+        .map_err(|error| PairError::NoKey { path: key.to_owned(), error })?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| format!("{}: unsupported key: {e}", key.display()))?;
+        .map_err(|error| PairError::UnsupportedKey { path: key.to_owned(), error })?;
     let info = CertInfo::parse(&chain[0])?;
     let certified = CertifiedKey::new(chain, signer);
-    certified.keys_match().map_err(|e| format!("the key does not match the certificate ({e})"))?;
+    certified.keys_match().map_err(PairError::Mismatch)?;
     Ok(LoadedPair { key: Arc::new(certified), info })
 }
 

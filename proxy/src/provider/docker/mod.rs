@@ -93,15 +93,15 @@ impl DockerConfig {
     }
 
     /// Whether discovery should run, and if not, why (for the start-up log line).
-    pub fn wanted(&self) -> Result<(), String> {
+    pub fn wanted(&self) -> Result<(), NotWanted> {
         match self.mode {
             DockerMode::On => Ok(()),
-            DockerMode::Off => Err("Docker discovery is off (docker.mode = \"off\")".into()),
+            DockerMode::Off => Err(NotWanted::Off),
             DockerMode::Auto => {
                 let endpoint = self.endpoint();
                 match endpoint.strip_prefix("unix://") {
                     Some(path) if !std::path::Path::new(path).exists() => {
-                        Err(format!("no Docker socket at {path}"))
+                        Err(NotWanted::NoSocket(path.into()))
                     }
                     _ => Ok(()),
                 }
@@ -206,16 +206,16 @@ async fn session(
     up: &prometheus::IntGauge,
     logged_problems: &mut HashSet<String>,
     link: &mut DockerLink,
-) -> Result<std::convert::Infallible, String> {
+) -> Result<std::convert::Infallible, Lost> {
     // Subscribe first, then list: nothing that happens in between is missed.
     let filters =
         [("type".to_owned(), vec!["container".into(), "service".into(), "node".into(), "network".into()])]
             .into();
     let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
     let mut resync =
-        async |discovery: &mut workloads::Discovery, leave_swarm_tasks: bool| -> Result<(), String> {
+        async |discovery: &mut workloads::Discovery, leave_swarm_tasks: bool| -> Result<(), Lost> {
             let workloads::Found { state, problems, position } =
-                discovery.resync(docker, leave_swarm_tasks).await.map_err(|e| e.to_string())?;
+                discovery.resync(docker, leave_swarm_tasks).await?;
             link.position.send_if_modified(|p| std::mem::replace(p, position.clone()) != position);
             for p in &problems {
                 if logged_problems.insert(p.clone()) {
@@ -266,8 +266,8 @@ async fn session(
                     }
                     false
                 }
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("the event stream ended".into()),
+                Some(Err(e)) => return Err(Lost::Events(e)),
+                None => return Err(Lost::EventsEnded),
             },
             () = debounce => {
                 dirty_since = None;
@@ -292,6 +292,26 @@ async fn session(
             }
         }
     }
+}
+
+/// Why Docker discovery does not run.
+#[derive(Debug, thiserror::Error)]
+pub enum NotWanted {
+    #[error("Docker discovery is off (docker.mode = \"off\")")]
+    Off,
+    #[error("no Docker socket at {}", .0.display())]
+    NoSocket(std::path::PathBuf),
+}
+
+/// Why following the engine stopped (it is reconnected to with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Lost {
+    #[error(transparent)]
+    Resync(#[from] workloads::ResyncError),
+    #[error("{0}")]
+    Events(bollard::errors::Error),
+    #[error("the event stream ended")]
+    EventsEnded,
 }
 
 /// Where the local engine puts this node, as the Docker provider last saw it.

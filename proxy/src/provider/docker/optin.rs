@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::traefik_rule;
-use crate::state::{HostPattern, HttpRoute, HttpsMethod, TlsWish, UpstreamProtocol};
+use crate::state::{HostError, HostPattern, HttpRoute, HttpsMethod, TlsWish, UpstreamProtocol};
 
 /// What discovery knows about one container or service.
 pub struct Workload<'a> {
@@ -47,39 +47,76 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-fn parse_port(v: &str) -> Result<u16, String> {
-    v.trim()
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("port `{v}` is not a number from 1 to 65535"))
+/// Why a label's or variable's value cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    #[error("port `{0}` is not a number from 1 to 65535")]
+    Port(String),
+    #[error("protocol `{0}` is not supported (http, https or h2c)")]
+    Protocol(String),
+    #[error("path `{0}` must start with `/` (regex paths are not supported)")]
+    Path(String),
+    #[error("no host name given")]
+    NoHost,
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("`{0}` is not {1}")]
+    NotOneOf(String, &'static str),
+    #[error(transparent)]
+    Rule(#[from] traefik_rule::RuleError),
+    #[error("missing; a router needs a rule such as Host(`app.example.com`)")]
+    NoRule,
+    #[error("the rule matches no host; meshgate routes by host, add Host(...)")]
+    NoHostInRule,
 }
 
-fn parse_proto(v: &str) -> Result<UpstreamProtocol, String> {
+/// One opt-in setting that cannot be used: where (`env` or `label`, its name) and why. Its
+/// text is what `/api/state` lists as the workload's problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} `{name}`: {error}")]
+pub struct OptInError {
+    kind: &'static str,
+    name: String,
+    error: ValueError,
+}
+
+fn env(name: &str) -> impl Fn(ValueError) -> OptInError + '_ {
+    move |error| OptInError { kind: "env", name: name.to_owned(), error }
+}
+
+fn label(name: &str) -> impl Fn(ValueError) -> OptInError + '_ {
+    move |error| OptInError { kind: "label", name: name.to_owned(), error }
+}
+
+fn parse_port(v: &str) -> Result<u16, ValueError> {
+    v.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| ValueError::Port(v.to_owned()))
+}
+
+fn parse_proto(v: &str) -> Result<UpstreamProtocol, ValueError> {
     match v.trim().to_ascii_lowercase().as_str() {
         "http" => Ok(UpstreamProtocol::Http),
         "https" => Ok(UpstreamProtocol::Https),
         "h2c" => Ok(UpstreamProtocol::H2c),
-        other => Err(format!("protocol `{other}` is not supported (http, https or h2c)")),
+        other => Err(ValueError::Protocol(other.to_owned())),
     }
 }
 
-fn parse_path(v: &str) -> Result<String, String> {
+fn parse_path(v: &str) -> Result<String, ValueError> {
     if v.starts_with('/') {
         Ok(v.to_owned())
     } else {
-        Err(format!("path `{v}` must start with `/` (regex paths are not supported)"))
+        Err(ValueError::Path(v.to_owned()))
     }
 }
 
-fn parse_hosts(v: &str) -> Result<Vec<HostPattern>, String> {
+fn parse_hosts(v: &str) -> Result<Vec<HostPattern>, ValueError> {
     let hosts: Vec<HostPattern> = v
         .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|h| !h.is_empty())
         .map(HostPattern::parse)
         .collect::<Result<_, _>>()?;
     if hosts.is_empty() {
-        return Err("no host name given".into());
+        return Err(ValueError::NoHost);
     }
     Ok(hosts)
 }
@@ -103,7 +140,8 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
     let enabled = match label("meshgate.enable").map(|v| (v, parse_bool(v))) {
         Some((_, Some(b))) => Some(b),
         Some((v, None)) => {
-            out.problems.push(format!("label `meshgate.enable`: `{v}` is not true or false"));
+            let e = self::label("meshgate.enable")(ValueError::NotOneOf(v.to_owned(), "true or false"));
+            out.problems.push(e.to_string());
             None
         }
         None => None,
@@ -115,18 +153,19 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
     if w.env.contains_key("VIRTUAL_HOST") {
         match from_env(w) {
             Ok(route) => out.routes.push(route),
-            Err(p) => out.problems.push(p),
+            Err(p) => out.problems.push(p.to_string()),
         }
     }
     if label("meshgate.http.hosts").is_some() {
         match from_our_labels(w) {
             Ok(route) => out.routes.push(route),
-            Err(p) => out.problems.push(p),
+            Err(p) => out.problems.push(p.to_string()),
         }
     }
     let traefik_enabled = match label("traefik.enable") {
         Some(v) => parse_bool(v).unwrap_or_else(|| {
-            out.problems.push(format!("label `traefik.enable`: `{v}` is not true or false"));
+            let e = self::label("traefik.enable")(ValueError::NotOneOf(v.to_owned(), "true or false"));
+            out.problems.push(e.to_string());
             false
         }),
         None => defaults.expose_by_default,
@@ -175,19 +214,23 @@ fn route(
 }
 
 /// nginx-proxy's variables.
-fn from_env(w: &Workload<'_>) -> Result<HttpRoute, String> {
+fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
     let var = |k: &str| w.env.get(k).map(String::as_str).filter(|v| !v.trim().is_empty());
-    let at = |k: &'static str| move |e: String| format!("env `{k}`: {e}");
-    let hosts = parse_hosts(var("VIRTUAL_HOST").unwrap_or("")).map_err(at("VIRTUAL_HOST"))?;
-    let port = var("VIRTUAL_PORT").map_or(Ok(w.default_port()), parse_port).map_err(at("VIRTUAL_PORT"))?;
+    let hosts = parse_hosts(var("VIRTUAL_HOST").unwrap_or("")).map_err(env("VIRTUAL_HOST"))?;
+    let port = var("VIRTUAL_PORT").map_or(Ok(w.default_port()), parse_port).map_err(env("VIRTUAL_PORT"))?;
     let protocol =
-        var("VIRTUAL_PROTO").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(at("VIRTUAL_PROTO"))?;
-    let path = var("VIRTUAL_PATH").map_or(Ok("/".into()), parse_path).map_err(at("VIRTUAL_PATH"))?;
-    let rewrite = var("VIRTUAL_DEST").map(parse_path).transpose().map_err(at("VIRTUAL_DEST"))?;
+        var("VIRTUAL_PROTO").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(env("VIRTUAL_PROTO"))?;
+    let path = var("VIRTUAL_PATH").map_or(Ok("/".into()), parse_path).map_err(env("VIRTUAL_PATH"))?;
+    let rewrite = var("VIRTUAL_DEST").map(parse_path).transpose().map_err(env("VIRTUAL_DEST"))?;
     let https_method = match var("HTTPS_METHOD") {
         None => HttpsMethod::Redirect,
         Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase())).map_err(
-            |_| format!("env `HTTPS_METHOD`: `{v}` is not redirect, noredirect, nohttp or nohttps"),
+            |_| {
+                env("HTTPS_METHOD")(ValueError::NotOneOf(
+                    v.to_owned(),
+                    "redirect, noredirect, nohttp or nohttps",
+                ))
+            },
         )?,
     };
     let hsts = match var("HSTS") {
@@ -204,25 +247,25 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, String> {
 }
 
 /// Our own `meshgate.*` labels.
-fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, String> {
-    let label = |k: &str| w.labels.get(k).map(String::as_str);
-    let at = |k: &'static str| move |e: String| format!("label `{k}`: {e}");
-    let hosts = parse_hosts(label("meshgate.http.hosts").unwrap_or("")).map_err(at("meshgate.http.hosts"))?;
-    let port = label("meshgate.http.port")
+fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
+    let get = |k: &str| w.labels.get(k).map(String::as_str);
+    let hosts =
+        parse_hosts(get("meshgate.http.hosts").unwrap_or("")).map_err(label("meshgate.http.hosts"))?;
+    let port = get("meshgate.http.port")
         .map_or(Ok(w.default_port()), parse_port)
-        .map_err(at("meshgate.http.port"))?;
-    let protocol = label("meshgate.http.proto")
+        .map_err(label("meshgate.http.port"))?;
+    let protocol = get("meshgate.http.proto")
         .map_or(Ok(UpstreamProtocol::Http), parse_proto)
-        .map_err(at("meshgate.http.proto"))?;
+        .map_err(label("meshgate.http.proto"))?;
     let path =
-        label("meshgate.http.path").map_or(Ok("/".into()), parse_path).map_err(at("meshgate.http.path"))?;
-    let tls = match label("meshgate.tls").map(|v| v.trim().to_ascii_lowercase()) {
+        get("meshgate.http.path").map_or(Ok("/".into()), parse_path).map_err(label("meshgate.http.path"))?;
+    let tls = match get("meshgate.tls").map(|v| v.trim().to_ascii_lowercase()) {
         None => TlsWish::None,
         Some(v) if v == "acme" || v == "true" => {
-            TlsWish::Acme { email: label("meshgate.tls.email").map(str::to_owned) }
+            TlsWish::Acme { email: get("meshgate.tls.email").map(str::to_owned) }
         }
         Some(v) if v == "off" || v == "false" || v == "none" => TlsWish::None,
-        Some(v) => return Err(format!("label `meshgate.tls`: `{v}` is not acme or off")),
+        Some(v) => return Err(label("meshgate.tls")(ValueError::NotOneOf(v, "acme or off"))),
     };
     Ok(route(hosts, path, port, protocol, tls))
 }
@@ -237,17 +280,15 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
     let services = names("traefik.http.services.");
     for r in &routers {
         let key = |suffix: &str| format!("traefik.http.routers.{r}.{suffix}");
-        let Some(rule) = label(&key("rule")) else {
-            out.problems.push(format!(
-                "label `{}`: missing; a router needs a rule such as Host(`app.example.com`)",
-                key("rule")
-            ));
+        let rule_key = key("rule");
+        let Some(rule) = label(&rule_key) else {
+            out.problems.push(self::label(&rule_key)(ValueError::NoRule).to_string());
             continue;
         };
         let alternatives = match traefik_rule::parse(rule) {
             Ok(a) => a,
             Err(e) => {
-                out.problems.push(format!("label `{}`: {e}", key("rule")));
+                out.problems.push(self::label(&rule_key)(e.into()).to_string());
                 continue;
             }
         };
@@ -261,17 +302,15 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             Some((k, v))
         };
         let parsed = (
-            setting("port").map(|(k, v)| parse_port(v).map_err(|e| format!("label `{k}`: {e}"))).transpose(),
-            setting("scheme")
-                .map(|(k, v)| parse_proto(v).map_err(|e| format!("label `{k}`: {e}")))
-                .transpose(),
+            setting("port").map(|(k, v)| parse_port(v).map_err(self::label(&k))).transpose(),
+            setting("scheme").map(|(k, v)| parse_proto(v).map_err(self::label(&k))).transpose(),
         );
         let (port, protocol) = match parsed {
             (Ok(port), Ok(protocol)) => {
                 (port.unwrap_or_else(|| w.default_port()), protocol.unwrap_or_default())
             }
             (Err(e), _) | (_, Err(e)) => {
-                out.problems.push(e);
+                out.problems.push(e.to_string());
                 continue;
             }
         };
@@ -282,10 +321,7 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
         };
         for alt in alternatives {
             if alt.hosts.is_empty() {
-                out.problems.push(format!(
-                    "label `{}`: the rule matches no host; meshgate routes by host, add Host(...)",
-                    key("rule")
-                ));
+                out.problems.push(self::label(&rule_key)(ValueError::NoHostInRule).to_string());
                 continue;
             }
             out.routes.push(route(

@@ -7,7 +7,50 @@
 //! alternative) is an error that names the problem, so the container is skipped with a
 //! warning instead of being routed wrongly.
 
-use crate::state::HostPattern;
+use crate::state::{HostError, HostPattern};
+
+/// Why a rule is refused; each names the problem (and where, when it can).
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("expected `{0}{0}` at position {1}")]
+    Doubled(char, usize),
+    #[error("negation (`!`) is not supported")]
+    Negation,
+    #[error("expected `(` after `{0}`")]
+    NoParenthesis(String),
+    #[error("unterminated string in `{0}(...)`")]
+    Unterminated(String),
+    #[error("unexpected `{0}` at position {1} in `{2}(...)`: quote arguments with backticks")]
+    Unquoted(char, usize, String),
+    #[error("`{0}(` is not closed")]
+    CallNotClosed(String),
+    #[error("unexpected `{0}` at position {1}")]
+    Unexpected(char, usize),
+    #[error("the rule ends too early")]
+    EndsEarly,
+    #[error("a `(` is not closed")]
+    NotClosed,
+    #[error("`&&` or `||` without a matcher before it")]
+    DanglingOperator,
+    #[error("unexpected `)`")]
+    UnexpectedClose,
+    #[error("two host matchers joined by `&&` are not supported")]
+    TwoHosts,
+    #[error("two path matchers joined by `&&` are not supported")]
+    TwoPaths,
+    #[error("`{0}()` needs an argument")]
+    NoArgument(String),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("`{0}` with several paths is not supported; use `||`")]
+    SeveralPaths(String),
+    #[error("path `{0}` must start with `/`")]
+    Path(String),
+    #[error("`{0}(...)` is not supported (only Host, HostRegexp, PathPrefix and Path)")]
+    Unsupported(String),
+    #[error("unexpected text after the end of the rule")]
+    Trailing,
+}
 
 /// One way the rule can match: any of `hosts` (none: any host) with `path` as the prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,7 +68,7 @@ enum Token {
     Close,
 }
 
-fn tokenize(rule: &str) -> Result<Vec<Token>, String> {
+fn tokenize(rule: &str) -> Result<Vec<Token>, RuleError> {
     let mut tokens = Vec::new();
     let mut chars = rule.char_indices().peekable();
     while let Some(&(i, c)) = chars.peek() {
@@ -44,11 +87,11 @@ fn tokenize(rule: &str) -> Result<Vec<Token>, String> {
             '&' | '|' => {
                 chars.next();
                 if chars.next().map(|(_, d)| d) != Some(c) {
-                    return Err(format!("expected `{c}{c}` at position {i}"));
+                    return Err(RuleError::Doubled(c, i));
                 }
                 tokens.push(if c == '&' { Token::And } else { Token::Or });
             }
-            '!' => return Err("negation (`!`) is not supported".into()),
+            '!' => return Err(RuleError::Negation),
             c if c.is_ascii_alphabetic() => {
                 let mut name = String::new();
                 while let Some(&(_, c)) = chars.peek() {
@@ -63,7 +106,7 @@ fn tokenize(rule: &str) -> Result<Vec<Token>, String> {
                     chars.next();
                 }
                 if chars.next().map(|(_, c)| c) != Some('(') {
-                    return Err(format!("expected `(` after `{name}`"));
+                    return Err(RuleError::NoParenthesis(name));
                 }
                 let mut args = Vec::new();
                 loop {
@@ -76,18 +119,18 @@ fn tokenize(rule: &str) -> Result<Vec<Token>, String> {
                                 match chars.next() {
                                     Some((_, c)) if c == q => break,
                                     Some((_, c)) => arg.push(c),
-                                    None => return Err(format!("unterminated string in `{name}(...)`")),
+                                    None => return Err(RuleError::Unterminated(name)),
                                 }
                             }
                             args.push(arg);
                         }
-                        Some((j, c)) => return Err(format!("unexpected `{c}` at position {j} in `{name}(...)`: quote arguments with backticks")),
-                        None => return Err(format!("`{name}(` is not closed")),
+                        Some((j, c)) => return Err(RuleError::Unquoted(c, j, name)),
+                        None => return Err(RuleError::CallNotClosed(name)),
                     }
                 }
                 tokens.push(Token::Func(name, args));
             }
-            _ => return Err(format!("unexpected `{c}` at position {i}")),
+            _ => return Err(RuleError::Unexpected(c, i)),
         }
     }
     Ok(tokens)
@@ -101,7 +144,7 @@ struct Parser {
 }
 
 impl Parser {
-    fn or(&mut self) -> Result<Vec<Alternative>, String> {
+    fn or(&mut self) -> Result<Vec<Alternative>, RuleError> {
         let mut alts = self.and()?;
         while self.tokens.get(self.pos) == Some(&Token::Or) {
             self.pos += 1;
@@ -110,7 +153,7 @@ impl Parser {
         Ok(alts)
     }
 
-    fn and(&mut self) -> Result<Vec<Alternative>, String> {
+    fn and(&mut self) -> Result<Vec<Alternative>, RuleError> {
         let mut alts = self.atom()?;
         while self.tokens.get(self.pos) == Some(&Token::And) {
             self.pos += 1;
@@ -126,31 +169,31 @@ impl Parser {
         Ok(alts)
     }
 
-    fn atom(&mut self) -> Result<Vec<Alternative>, String> {
-        let token = self.tokens.get(self.pos).cloned().ok_or("the rule ends too early")?;
+    fn atom(&mut self) -> Result<Vec<Alternative>, RuleError> {
+        let token = self.tokens.get(self.pos).cloned().ok_or(RuleError::EndsEarly)?;
         self.pos += 1;
         match token {
             Token::Open => {
                 let alts = self.or()?;
                 if self.tokens.get(self.pos) != Some(&Token::Close) {
-                    return Err("a `(` is not closed".into());
+                    return Err(RuleError::NotClosed);
                 }
                 self.pos += 1;
                 Ok(alts)
             }
             Token::Func(name, args) => matcher(&name, &args).map(|a| vec![a]),
-            Token::And | Token::Or => Err("`&&` or `||` without a matcher before it".into()),
-            Token::Close => Err("unexpected `)`".into()),
+            Token::And | Token::Or => Err(RuleError::DanglingOperator),
+            Token::Close => Err(RuleError::UnexpectedClose),
         }
     }
 }
 
-fn conjoin(a: &Alternative, b: &Alternative) -> Result<Alternative, String> {
+fn conjoin(a: &Alternative, b: &Alternative) -> Result<Alternative, RuleError> {
     if !a.hosts.is_empty() && !b.hosts.is_empty() {
-        return Err("two host matchers joined by `&&` are not supported".into());
+        return Err(RuleError::TwoHosts);
     }
     if a.path.is_some() && b.path.is_some() {
-        return Err("two path matchers joined by `&&` are not supported".into());
+        return Err(RuleError::TwoPaths);
     }
     Ok(Alternative {
         hosts: if a.hosts.is_empty() { b.hosts.clone() } else { a.hosts.clone() },
@@ -158,9 +201,9 @@ fn conjoin(a: &Alternative, b: &Alternative) -> Result<Alternative, String> {
     })
 }
 
-fn matcher(name: &str, args: &[String]) -> Result<Alternative, String> {
+fn matcher(name: &str, args: &[String]) -> Result<Alternative, RuleError> {
     if args.is_empty() {
-        return Err(format!("`{name}()` needs an argument"));
+        return Err(RuleError::NoArgument(name.to_owned()));
     }
     match name {
         "Host" => Ok(Alternative {
@@ -173,14 +216,14 @@ fn matcher(name: &str, args: &[String]) -> Result<Alternative, String> {
         }),
         "PathPrefix" | "Path" => {
             if args.len() != 1 {
-                return Err(format!("`{name}` with several paths is not supported; use `||`"));
+                return Err(RuleError::SeveralPaths(name.to_owned()));
             }
             if !args[0].starts_with('/') {
-                return Err(format!("path `{}` must start with `/`", args[0]));
+                return Err(RuleError::Path(args[0].clone()));
             }
             Ok(Alternative { hosts: Vec::new(), path: Some(args[0].clone()) })
         }
-        other => Err(format!("`{other}(...)` is not supported (only Host, HostRegexp, PathPrefix and Path)")),
+        other => Err(RuleError::Unsupported(other.to_owned())),
     }
 }
 
@@ -207,11 +250,11 @@ fn traefik_v2_regex(pattern: &str) -> String {
 }
 
 /// Parses a rule into its alternatives.
-pub fn parse(rule: &str) -> Result<Vec<Alternative>, String> {
+pub fn parse(rule: &str) -> Result<Vec<Alternative>, RuleError> {
     let mut parser = Parser { tokens: tokenize(rule)?, pos: 0 };
     let alts = parser.or()?;
     if parser.pos != parser.tokens.len() {
-        return Err("unexpected text after the end of the rule".into());
+        return Err(RuleError::Trailing);
     }
     Ok(alts)
 }
@@ -277,7 +320,7 @@ mod tests {
             ("Host(`bad host`)", "not a valid host"),
             ("", "ends too early"),
         ] {
-            let err = parse(rule).unwrap_err();
+            let err = parse(rule).unwrap_err().to_string();
             assert!(err.contains(needle), "{rule:?}: {err}");
         }
     }
