@@ -3,6 +3,7 @@
 //!
 //! The agent converts its state into a `PortTable`; this crate knows nothing of Docker.
 
+mod counters;
 mod loader;
 pub mod maglev;
 pub mod maps;
@@ -10,6 +11,7 @@ pub mod route;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+pub use counters::CounterReader;
 pub use loader::{Attached, Mesh, MeshError, DEFAULT_DRAIN, OBJECT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

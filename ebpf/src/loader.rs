@@ -6,15 +6,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 
+use crate::counters::{twin, CounterReader};
 use crate::maglev;
 use crate::maps::{
-    BackendSlot, Counters, FlowKey, FlowVal, SvcInfo, SvcKey, BACKEND_DRAINING, BACKEND_LIVE, BACKEND_LOCAL,
-    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, VERDICTS,
+    BackendSlot, FlowKey, SvcInfo, SvcKey, BACKEND_DRAINING, BACKEND_LIVE, BACKEND_LOCAL, MAGLEV_SIZE,
+    MAX_BACKENDS, MAX_SERVICES,
 };
 use crate::{PortTable, Protocol};
 
@@ -31,6 +32,8 @@ pub enum MeshError {
     Program(&'static str, aya::programs::ProgramError),
     #[error("BPF map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
+    #[error("BPF map {0}: cannot open another handle: {1}")]
+    Handle(&'static str, std::io::Error),
     #[error("there is no network interface `{0}` (check mesh.uplink: `ip link` lists them)")]
     NoInterface(String),
     #[error("too many {0} for the BPF maps (at most {1})")]
@@ -68,10 +71,8 @@ pub struct Mesh {
     services: BpfHashMap<MapData, SvcKey, SvcInfo>,
     maglev: Array<MapData, u32>,
     backends: Array<MapData, BackendSlot>,
-    flows: BpfHashMap<MapData, FlowKey, FlowVal>,
     local_addrs: BpfHashMap<MapData, u32, u32>,
-    verdicts: PerCpuArray<MapData, Counters>,
-    service_stats: PerCpuArray<MapData, Counters>,
+    counters: CounterReader,
     ids: Allocator<(Protocol, u16)>,
     /// Keyed by node and address: every node has the same task subnet.
     slots: Allocator<(Ipv4Addr, SocketAddrV4)>,
@@ -94,14 +95,23 @@ pub struct Mesh {
 /// What [`Mesh::set_drain`] is until set.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
 
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, MeshError> {
+    ebpf.take_map(name)
+        .ok_or(MeshError::Map(name, aya::maps::MapError::InvalidName { name: name.to_owned() }))
+}
+
+fn typed<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    name: &'static str,
+    map: aya::maps::Map,
+) -> Result<T, MeshError> {
+    T::try_from(map).map_err(|e| MeshError::Map(name, e))
+}
+
 fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, MeshError> {
-    let raw = ebpf
-        .take_map(name)
-        .ok_or(MeshError::Map(name, aya::maps::MapError::InvalidName { name: name.to_owned() }))?;
-    T::try_from(raw).map_err(|e| MeshError::Map(name, e))
+    typed(name, take(ebpf, name)?)
 }
 
 impl Mesh {
@@ -135,14 +145,19 @@ impl Mesh {
             };
             loaded.map_err(|e| MeshError::Program(name, e))?;
         }
+        let services = take(&mut ebpf, "services")?;
+        let counters = CounterReader::new(
+            twin("services", &services)?,
+            take(&mut ebpf, "verdict_stats")?,
+            take(&mut ebpf, "service_stats")?,
+            take(&mut ebpf, "flows")?,
+        );
         Ok(Self {
-            services: map(&mut ebpf, "services")?,
+            services: typed("services", services)?,
             maglev: map(&mut ebpf, "maglev")?,
             backends: map(&mut ebpf, "backends")?,
-            flows: map(&mut ebpf, "flows")?,
             local_addrs: map(&mut ebpf, "local_addrs")?,
-            verdicts: map(&mut ebpf, "verdict_stats")?,
-            service_stats: map(&mut ebpf, "service_stats")?,
+            counters,
             ebpf,
             ids: Allocator::new(MAX_SERVICES),
             slots: Allocator::new(MAX_BACKENDS),
@@ -331,23 +346,10 @@ impl Mesh {
         Ok(())
     }
 
-    /// Packets and bytes by verdict, summed over CPUs, with the metric label of each.
+    /// The programs' counters (see [`CounterReader::twin`] for a reader of one's own).
     #[must_use]
-    pub fn verdict_counters(&self) -> Vec<(&'static str, Counters)> {
-        VERDICTS.iter().enumerate().map(|(i, name)| (*name, sum(&self.verdicts, i as u32))).collect()
-    }
-
-    /// Flows in the connection table now (of `maps::MAX_FLOWS`; the oldest are evicted
-    /// beyond). Walks the table: call it every few seconds, not per packet.
-    #[must_use]
-    pub fn flow_count(&self) -> usize {
-        self.flows.keys().map_while(Result::ok).count()
-    }
-
-    /// Packets and bytes of one published port, summed over CPUs.
-    #[must_use]
-    pub fn port_counters(&self, proto: Protocol, port: u16) -> Option<Counters> {
-        self.ids.peek(&(proto, port)).map(|id| sum(&self.service_stats, id))
+    pub fn counters(&self) -> &CounterReader {
+        &self.counters
     }
 
     /// Runs the XDP program once on `packet` (BPF_PROG_TEST_RUN): the verdict and the packet
@@ -396,18 +398,6 @@ fn svc_key(proto: Protocol, port: u16) -> SvcKey {
     SvcKey { port: port.to_be(), proto: proto.ip_number(), pad: 0 }
 }
 
-fn sum(map: &PerCpuArray<MapData, Counters>, index: u32) -> Counters {
-    map.get(&index, 0).map_or_else(
-        |_| Counters::default(),
-        |values| {
-            values.iter().fold(Counters::default(), |acc, c| Counters {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            })
-        },
-    )
-}
-
 /// Stable small numbers for things that come and go (service ids, backend slots): a thing
 /// keeps its number while it exists; a freed number is reused later.
 struct Allocator<K> {
@@ -420,10 +410,6 @@ struct Allocator<K> {
 impl<K: std::hash::Hash + Eq + Clone> Allocator<K> {
     fn new(max: u32) -> Self {
         Self { given: HashMap::new(), free: Vec::new(), next: 0, max }
-    }
-
-    fn peek(&self, key: &K) -> Option<u32> {
-        self.given.get(key).copied()
     }
 
     fn get(&mut self, key: K) -> Option<u32> {

@@ -204,7 +204,7 @@ fn packets_the_program_leaves_alone_pass_unchanged() {
         assert_eq!(out, input, "{what}: the kernel gets the packet untouched");
     }
     let counted: std::collections::HashMap<_, _> =
-        mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
+        mesh.counters().verdicts().into_iter().map(|(k, c)| (k, c.packets)).collect();
     assert_eq!(counted["pass_not_ipv4"], 1);
     assert_eq!(counted["pass_truncated"], 3);
     assert_eq!(counted["pass_ip_options"], 1);
@@ -238,8 +238,8 @@ fn a_flow_to_a_published_port_is_translated_to_a_local_task_with_valid_checksums
         seen.insert(out[30..34].to_vec());
     }
     assert_eq!(seen.len(), 2, "both tasks get flows");
-    assert_eq!(mesh.flow_count(), 65, "the connection table holds every flow");
-    let counters = mesh.port_counters(Protocol::Tcp, 8080).unwrap();
+    assert_eq!(mesh.counters().flow_count(), 65, "the connection table holds every flow");
+    let counters = mesh.counters().port(Protocol::Tcp, 8080).unwrap();
     assert_eq!(counters.packets, 70);
 }
 
@@ -372,7 +372,7 @@ fn a_task_on_a_node_without_a_route_is_dropped_and_counted() {
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 40000), at(NODE, 7000)).bytes()).unwrap();
     assert_eq!(verdict, XDP_DROP);
     let counted: std::collections::HashMap<_, _> =
-        mesh.verdict_counters().into_iter().map(|(k, c)| (k, c.packets)).collect();
+        mesh.counters().verdicts().into_iter().map(|(k, c)| (k, c.packets)).collect();
     assert_eq!(counted["drop_no_route"], 1);
 }
 

@@ -172,47 +172,15 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let mut cluster = start_cluster(cluster_cfg, node_name.clone(), acme, stopping, &core, &mut background);
     if sources.docker {
         hub.expect(docker::NAME);
-        background.push(tokio::spawn(docker::run(
-            docker_cfg,
-            hub.clone(),
-            metrics.clone(),
-            readiness.clone(),
-            cluster.docker.clone(),
-        )));
+        let parts = (hub.clone(), metrics.clone(), readiness.clone(), cluster.docker.clone());
+        background.push(tokio::spawn(docker::run(docker_cfg, parts.0, parts.1, parts.2, parts.3)));
     }
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
-    let proxy = Arc::new(Proxy::new(
-        proxy_cfg.clone(),
-        metrics.clone(),
-        https
-            .as_ref()
-            .map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() }),
-    ));
     let reach = Reach { node: node_name.clone(), hop: cluster.hop.clone() };
-    background.push(proxy.clone().follow(hub.clone(), proxy_cfg.default_host.clone(), reach));
-
-    // mesh-dns that cannot bind (port 53 held by the host's resolver) is reported and left
-    // off: it must not take HTTP down with it, nor make a health check restart the agent.
-    let dns_addr = match dns_cfg.listen.map(|listen| start_dns(listen, dns_cfg, &core, &mut background)) {
-        Some(Ok(addr)) => Some(addr),
-        Some(Err(e)) => {
-            tracing::error!("mesh-dns is off: {e}");
-            readiness.set("dns", true, format!("off: {e}"));
-            None
-        }
-        None => None,
-    };
-
-    let mesh_view = Arc::new(crate::mesh::MeshView::default());
-    if mesh_cfg.uplink.is_some() {
-        background.push(tokio::spawn(crate::mesh::run(
-            mesh_cfg,
-            hub.clone(),
-            metrics.registry.clone(),
-            readiness.clone(),
-            mesh_view.clone(),
-        )));
-    }
+    let proxy = start_proxy(&proxy_cfg, https.as_ref(), reach, &core, &mut background);
+    let dns_addr =
+        dns_cfg.listen.and_then(|listen| start_dns_or_report(listen, dns_cfg, &core, &mut background));
+    let mesh_view = start_mesh(mesh_cfg, &core, &mut background);
 
     let admin_state = AdminState {
         hub: hub.clone(),
@@ -240,6 +208,53 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         servers,
         background,
     })
+}
+
+/// The proxy, following the state (its route table is compiled from every new one).
+fn start_proxy(
+    cfg: &crate::config::ProxyConfig,
+    https: Option<&HttpsParts>,
+    reach: Reach,
+    core: &Core,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Arc<Proxy> {
+    let https =
+        https.map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() });
+    let proxy = Arc::new(Proxy::new(cfg.clone(), core.metrics.clone(), https));
+    background.push(proxy.clone().follow(core.hub.clone(), cfg.default_host.clone(), reach));
+    proxy
+}
+
+/// mesh-dns; one that cannot bind (port 53 held by the host's resolver) is reported and
+/// left off: it must not take HTTP down with it, nor make a health check restart the agent.
+fn start_dns_or_report(
+    listen: SocketAddr,
+    cfg: crate::dns::DnsConfig,
+    core: &Core,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Option<SocketAddr> {
+    match start_dns(listen, cfg, core, background) {
+        Ok(addr) => Some(addr),
+        Err(e) => {
+            tracing::error!("mesh-dns is off: {e}");
+            core.readiness.set("dns", true, format!("off: {e}"));
+            None
+        }
+    }
+}
+
+/// The L4 mesh when an uplink is set; its port table in force, for the admin endpoints.
+fn start_mesh(
+    cfg: crate::mesh::MeshConfig,
+    core: &Core,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Arc<crate::mesh::MeshView> {
+    let view = Arc::new(crate::mesh::MeshView::default());
+    if cfg.uplink.is_some() {
+        let parts = (core.hub.clone(), core.metrics.registry.clone(), core.readiness.clone(), view.clone());
+        background.push(tokio::spawn(crate::mesh::run(cfg, parts.0, parts.1, parts.2, parts.3)));
+    }
+    view
 }
 
 /// This node's name as tasks name their node: `mesh.node_name`, else the host name.
@@ -571,7 +586,8 @@ fn start_dns(
     if upstreams.is_empty() {
         tracing::warn!("dns: no upstream resolver (dns.upstreams is empty and /etc/resolv.conf names none usable): names that are not local get SERVFAIL");
     }
-    let dns_metrics = mesh_dns::DnsMetrics::register(&metrics.registry).ok();
+    let dns_metrics =
+        Some(mesh_dns::DnsMetrics::register(&metrics.registry).expect("metric names are unique"));
     let forwarder = mesh_dns::Forwarder::new(upstreams, cfg.upstream_timeout, cfg.cache_size);
     let handler = Arc::new(mesh_dns::MeshDns::new(
         dns::zone_of(&hub.load().state, &cfg),

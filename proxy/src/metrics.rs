@@ -156,6 +156,11 @@ pub fn register<C: Collector + Clone + 'static>(registry: &Registry, metric: pro
     metric
 }
 
+/// Registers a collector the agent defines itself (metrics made at scrape time).
+pub fn register_collector(registry: &Registry, collector: impl Collector + 'static) {
+    registry.register(Box::new(collector)).expect("metric names are unique");
+}
+
 /// An integer counter with labels, registered.
 #[must_use]
 pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {

@@ -29,6 +29,7 @@ use tokio::sync::{watch, Notify};
 use crate::acme::store::Store;
 use crate::acme::Challenges;
 use crate::invalid::Invalid;
+use crate::metrics::register;
 use crate::provider::docker::{DockerLink, Position};
 use crate::readiness::Readiness;
 use crate::state::StateHub;
@@ -196,17 +197,14 @@ pub struct ClusterMetrics {
 
 impl ClusterMetrics {
     fn register(registry: &Registry) -> Self {
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::with_opts(Opts::new(name, help)).expect("valid metric");
-            registry.register(Box::new(g.clone())).ok();
-            g
-        };
-        let reconnects = IntCounter::with_opts(Opts::new(
-            "meshgate_cluster_reconnects_total",
-            "Times this follower lost its feed and connected again (to the same or another manager)",
-        ))
-        .expect("valid metric");
-        registry.register(Box::new(reconnects.clone())).ok();
+        let gauge = |name: &str, help: &str| register(registry, IntGauge::with_opts(Opts::new(name, help)));
+        let reconnects = register(
+            registry,
+            IntCounter::with_opts(Opts::new(
+                "meshgate_cluster_reconnects_total",
+                "Times this follower lost its feed and connected again (to the same or another manager)",
+            )),
+        );
         Self {
             issuer: gauge("meshgate_cluster_issuer", "1 if this agent orders the cluster's certificates"),
             feed_connected: gauge(

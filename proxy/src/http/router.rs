@@ -89,6 +89,22 @@ impl HostRoutes {
     }
 }
 
+/// The endpoints of the routable tasks of `svc` for one HTTP route, each reached the way
+/// this node can (directly, through a hop, or not at all: reported).
+fn endpoints_of(
+    svc: &crate::state::Service,
+    http: &crate::state::HttpRoute,
+    state: &MeshState,
+    registry: &EndpointRegistry,
+    reach: &Reach,
+) -> Vec<Arc<Endpoint>> {
+    svc.tasks
+        .iter()
+        .filter(|t| t.health.routable())
+        .map(|t| registry.get(reach.resolve(state, t, http.port), http.protocol, &svc.name, &t.id, &t.node))
+        .collect()
+}
+
 #[derive(Default)]
 pub struct RouteTable {
     exact: HashMap<String, HostRoutes>,
@@ -124,15 +140,7 @@ impl RouteTable {
         services.sort_by(|a, b| a.name.cmp(&b.name));
         for svc in services {
             for http in &svc.http {
-                let endpoints: Vec<Arc<Endpoint>> = svc
-                    .tasks
-                    .iter()
-                    .filter(|t| t.health.routable())
-                    .map(|t| {
-                        let target = reach.resolve(state, t, http.port);
-                        registry.get(target, http.protocol, &svc.name, &t.id, &t.node)
-                    })
-                    .collect();
+                let endpoints = endpoints_of(svc, http, state, registry, reach);
                 for e in &endpoints {
                     if let Some(why) = e.unreachable() {
                         let problem = format!(
@@ -182,6 +190,14 @@ impl RouteTable {
             generation,
             ..Self::default()
         };
+        table.index(by_pattern);
+        table
+    }
+
+    /// Files each host pattern's routes (longest path first) where lookups find them:
+    /// exact names in a map, wildcards longest first, regexes in a stable order.
+    fn index(&mut self, by_pattern: HashMap<HostPattern, Vec<Arc<Route>>>) {
+        let table = self;
         for (pattern, mut routes) in by_pattern {
             routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
             let routes = HostRoutes(routes);
@@ -202,7 +218,6 @@ impl RouteTable {
         table.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         table.prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         table.regex.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        table
     }
 
     /// Every (host pattern, route) pair, for `/api/state` and the status page.
