@@ -9,7 +9,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use tokio::net::UdpSocket;
 use tokio::process::Command;
 
-use crate::harness::{service_with, Mesh};
+use crate::harness::{service_with, Dnsmasq, Mesh};
 use crate::resilience::reqwest_text;
 
 /// Runs dig against `server`; returns its full output.
@@ -137,51 +137,24 @@ async fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
 }
 
 /// A dnsmasq serving a small test zone on an ephemeral port; stopped on drop.
-struct Dnsmasq {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl Dnsmasq {
-    fn start() -> Self {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = std::process::Command::new("dnsmasq")
-            .args([
-                "--no-daemon",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-            ])
-            .arg(format!("--port={port}"))
-            .args([
-                "--address=/up.test/192.0.2.7",
-                "--address=/gone.test/",
-                "--host-record=ttl.up.test,192.0.2.8",
-                "--local-ttl=60",
-                "--pid-file=",
-            ])
-            // 100 addresses for one name: too big for a 1232-byte UDP answer.
-            .args((0..100).map(|i| format!("--host-record=big.up.test,198.51.100.{}", i + 1)))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("dnsmasq runs (the README's test command installs dnsmasq-base)");
-        Self { child, addr: ([127, 0, 0, 1], port).into() }
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn test_zone() -> Dnsmasq {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut records: Vec<String> = [
+        "--address=/up.test/192.0.2.7",
+        "--address=/gone.test/",
+        "--host-record=ttl.up.test,192.0.2.8",
+        "--local-ttl=60",
+    ]
+    .map(str::to_owned)
+    .into();
+    // 100 addresses for one name: too big for a 1232-byte UDP answer.
+    records.extend((0..100).map(|i| format!("--host-record=big.up.test,198.51.100.{}", i + 1)));
+    Dnsmasq::start(port, &records)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_names_are_forwarded_cached_and_refused_to_outsiders() {
-    let upstream = Dnsmasq::start();
+    let upstream = test_zone();
     let (mesh, dns) = mesh_with_dns(ROUTES_STACK, |c| {
         c.dns.upstreams = vec![upstream.addr];
         c.dns.recursion_networks = vec!["127.0.0.1/32".parse().unwrap()];

@@ -374,3 +374,37 @@ pub async fn curl(args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// A dnsmasq on the loopback's `port` answering what `records` say (dnsmasq options such as
+/// `--address=/name/192.0.2.7`), nothing else; stopped on drop.
+pub struct Dnsmasq {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Dnsmasq {
+    pub fn start(port: u16, records: &[String]) -> Self {
+        let child = std::process::Command::new("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args(["--conf-file=/dev/null", "--pid-file=", &format!("--port={port}")])
+            .args(records)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq runs (the test command installs dnsmasq-base)");
+        Self { child, addr: ([127, 0, 0, 1], port).into() }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

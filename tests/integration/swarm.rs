@@ -694,7 +694,7 @@ async fn only_the_leader_orders_certificates_and_ordering_moves_with_leadership(
     // for the name, and that DNS sends it to a node that does not order: node 3 while node 1
     // leads, so the challenge is answered by another node than the one that ordered.
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut dns = PinnedDns::start(port, &[("secure.test", 3)]).await;
+    let mut dns = pinned_dns(port, &[("secure.test", 3)]).await;
     let pebble = crate::acme::Pebble::start_on(
         crate::acme::PebbleSetup {
             http_port: 80,
@@ -736,7 +736,7 @@ async fn only_the_leader_orders_certificates_and_ordering_moves_with_leadership(
     })
     .await;
     drop(dns);
-    dns = PinnedDns::start(port, &[("second.test", 5 - leader)]).await;
+    dns = pinned_dns(port, &[("second.test", 5 - leader)]).await;
     secure_service(2, "second", "second.test").await;
     for i in 2..=3 {
         eventually(
@@ -758,41 +758,19 @@ async fn only_the_leader_orders_certificates_and_ordering_moves_with_leadership(
 
 /// A DNS server for the CA (dnsmasq, on the machine's loopback) that gives each name the
 /// address of one node: where the CA sends its validation. Stopped on drop.
-struct PinnedDns(std::process::Child);
-
-impl PinnedDns {
-    async fn start(port: u16, names: &[(&str, usize)]) -> Self {
-        let child = std::process::Command::new("dnsmasq")
-            .args([
-                "--no-daemon",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--no-resolv",
-                "--no-hosts",
-            ])
-            .args(["--conf-file=/dev/null", "--pid-file=", &format!("--port={port}")])
-            .args(names.iter().map(|(name, node)| format!("--address=/{name}/{}", Lab::addr(*node))))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("dnsmasq runs (the test command installs dnsmasq-base)");
-        let (name, node) = names[0];
-        eventually("the CA's DNS answers", CONVERGE, async || {
-            let out = Command::new("dig")
-                .args(["+short", "-p", &port.to_string(), "@127.0.0.1", name])
-                .output()
-                .await
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim() == Lab::addr(node)
-        })
-        .await;
-        Self(child)
-    }
-}
-
-impl Drop for PinnedDns {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+async fn pinned_dns(port: u16, names: &[(&str, usize)]) -> crate::harness::Dnsmasq {
+    let records: Vec<String> =
+        names.iter().map(|(name, node)| format!("--address=/{name}/{}", Lab::addr(*node))).collect();
+    let dns = crate::harness::Dnsmasq::start(port, &records);
+    let (name, node) = names[0];
+    eventually("the CA's DNS answers", CONVERGE, async || {
+        let out = Command::new("dig")
+            .args(["+short", "-p", &port.to_string(), "@127.0.0.1", name])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == Lab::addr(node)
+    })
+    .await;
+    dns
 }
