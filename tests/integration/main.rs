@@ -16,6 +16,7 @@ mod lab;
 mod lifecycle;
 mod limits;
 mod mesh;
+mod readme;
 mod resilience;
 mod routing;
 mod streaming;
