@@ -78,6 +78,7 @@ pub struct RunningAgent {
     pub proxy: Arc<Proxy>,
     pub readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
+    shutdown_delay: std::time::Duration,
     reload: watch::Sender<()>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -91,9 +92,14 @@ impl RunningAgent {
         self.reload.send_replace(());
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to `proxy.shutdown_grace`), stops
+    /// Says "not ready" (`/readyz`) for `proxy.shutdown_delay` while still serving, then
+    /// stops accepting, lets in-flight requests finish (up to `proxy.shutdown_grace`), stops
     /// the rest.
     pub async fn shutdown(self) {
+        let delay = self.shutdown_delay;
+        tracing::info!(?delay, "stopping: /readyz says not ready; the listeners close after the delay");
+        self.readiness.set("agent", false, format!("stopping: the listeners close {delay:?} after SIGTERM, then requests in flight finish"));
+        tokio::time::sleep(delay).await;
         self.shutdown.send_replace(true);
         for server in self.servers {
             let _ = server.await;
@@ -204,6 +210,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         proxy,
         readiness,
         shutdown,
+        shutdown_delay: proxy_cfg.shutdown_delay,
         reload,
         servers,
         background,

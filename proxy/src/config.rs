@@ -55,6 +55,10 @@ pub struct ProxyConfig {
     /// Time a task has to send the response head once the request is sent.
     #[serde(with = "humantime_serde")]
     pub upstream_response_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long `/readyz` says "not ready" while the listeners still
+    /// accept, so a load balancer stops sending before they close.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -84,6 +88,7 @@ impl Default for ProxyConfig {
             request_head_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_response_timeout: Duration::from_secs(60),
+            shutdown_delay: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
             max_headers: 100,

@@ -157,7 +157,6 @@ fn run(cli: &Cli, given: &[Given], warnings: &[String]) -> anyhow::Result<()> {
         let signals = Signals::install();
         let agent = agent::start(config, sources).await?;
         signals.wait_for_stop(&agent).await;
-        tracing::info!("shutting down: no new connections, finishing requests in flight");
         agent.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())
@@ -170,6 +169,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -180,6 +180,7 @@ impl Signals {
             term: handler(SignalKind::terminate()),
             int: handler(SignalKind::interrupt()),
             hup: handler(SignalKind::hangup()),
+            usr1: handler(SignalKind::user_defined1()),
         }
     }
 
@@ -189,6 +190,9 @@ impl Signals {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
                 _ = self.hup.recv() => agent.reload(),
+                // logrotate's habit: the log goes to stderr, which the service manager or
+                // Docker owns and rotates; nothing to reopen, and the agent is not stopped.
+                _ = self.usr1.recv() => tracing::info!("SIGUSR1: the log goes to stderr (its owner rotates it); nothing to reopen"),
             }
         }
     }

@@ -202,3 +202,23 @@ async fn client_address_claims_from_untrusted_clients_never_reach_the_task() {
         );
     }
 }
+
+/// Finding 7: a client's own mistakes are the client's: a bad chunk size answers 400 (not a
+/// 502 blamed on the task), and a request with two `Host` headers is refused with 400
+/// instead of routed by the first.
+#[tokio::test]
+async fn a_bad_chunk_and_a_duplicate_host_are_the_clients_400() {
+    let web = Backend::start("web").await;
+    let mesh = Mesh::start(&service("web", &["chunk.test"], "/", &[&web])).await;
+    let ask = async |request: &[u8]| {
+        let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        read_head(&mut stream).await
+    };
+    let head = ask(b"POST / HTTP/1.1\r\nHost: chunk.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "bad chunk size: {head}");
+    let head = ask(b"GET / HTTP/1.1\r\nHost: chunk.test\r\nHost: other.test\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "two Host headers: {head}");
+    let head = ask(b"GET / HTTP/1.1\r\nHost: chunk.test\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "one Host: {head}");
+}

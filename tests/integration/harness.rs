@@ -125,6 +125,8 @@ pub fn test_config() -> Config {
     cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
     cfg.routes.poll_interval = Duration::from_millis(50);
     cfg.proxy.shutdown_grace = Duration::from_secs(5);
+    // No load balancer to tell: a test agent closes at once on shutdown.
+    cfg.proxy.shutdown_delay = Duration::ZERO;
     cfg
 }
 

@@ -360,3 +360,44 @@ fn errors_say_each_cause_once_and_a_piped_log_has_no_colour_codes() {
     let line = line.expect("the agent says what it serves");
     assert!(!line.contains('\u{1b}'), "no escape codes: {line:?}");
 }
+
+/// Finding 7 of "Hold under abuse", and the signals: on SIGTERM `/readyz` says not ready at
+/// once while the listeners still accept for `proxy.shutdown_delay`, so a load balancer
+/// stops sending before they close; SIGUSR1 (logrotate's habit) stops nothing.
+#[tokio::test]
+async fn sigterm_first_says_not_ready_then_closes_and_sigusr1_stops_nothing() {
+    let web = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, service("web", &["web.test"], "/", &[&web])).unwrap();
+    let mut agent = Binary::spawn(&[
+        "--routes-file",
+        routes.to_str().unwrap(),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--docker-mode",
+        "off",
+        "--shutdown-delay",
+        "3s",
+    ]);
+    let (http, admin) = agent.addresses();
+    let ready = format!("http://{admin}/readyz");
+    eventually("ready", Duration::from_secs(10), async || curl(&["-f", &ready]).await.0).await;
+    agent.signal(10); // SIGUSR1
+    agent.wait_for_log("SIGUSR1", Duration::from_secs(5));
+    assert!(curl(&["-f", &ready]).await.0, "still ready after SIGUSR1");
+
+    agent.signal(15);
+    eventually("/readyz says not ready", Duration::from_secs(2), async || {
+        let (ok, body) = curl(&[&ready]).await;
+        ok && body.contains("stopping")
+    })
+    .await;
+    let (ok, out) = curl(&["-H", "Host: web.test", &format!("http://{http}/")]).await;
+    assert!(ok && name_of(&out) == "web", "still served during the delay: {out}");
+    agent.wait_for_log("draining", Duration::from_secs(10));
+    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "closed after the delay");
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+}

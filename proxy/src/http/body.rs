@@ -129,16 +129,22 @@ impl UpstreamBody {
     }
 }
 
+/// The client's request body failed on its way to the task (a malformed chunk, a cut
+/// connection): the client's fault, answered 400, never blamed on the task.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body: {0}")]
+pub struct ClientBodyError(hyper::Error);
+
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Self::Client(body) => Pin::new(body).poll_frame(cx),
+            Self::Client(body) => Pin::new(body).poll_frame(cx).map_err(ClientBodyError),
             Self::Empty => Poll::Ready(None),
         }
     }

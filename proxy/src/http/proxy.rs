@@ -46,6 +46,8 @@ enum ProxyError {
     ResponseTimeout(Duration),
     #[error("upstream exchange failed: {0}")]
     Upstream(hyper::Error),
+    #[error("{0}")]
+    ClientBody(String),
     #[error("task switched protocols to {0:?}, which the client did not ask for")]
     UnaskedSwitch(String),
 }
@@ -56,7 +58,20 @@ impl ProxyError {
             Self::NoTask => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect(ConnectError::Timeout(_)) | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect(_) | Self::Upstream(_) | Self::UnaskedSwitch(_) => StatusCode::BAD_GATEWAY,
+            Self::ClientBody(_) => StatusCode::BAD_REQUEST,
         }
+    }
+
+    /// A failed exchange: the client's fault when its own body failed, else the task's.
+    fn of_exchange(e: hyper::Error) -> Self {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            if let Some(body) = c.downcast_ref::<super::body::ClientBodyError>() {
+                return Self::ClientBody(body.to_string());
+            }
+            cause = c.source();
+        }
+        Self::Upstream(e)
     }
 }
 
@@ -172,6 +187,13 @@ impl Proxy {
         }
         let upgrade = is_upgrade(&req);
         let secure = conn.secure;
+        // Two Host headers: which one routes is ambiguous (a proxy in front may have used the
+        // other), so neither does (RFC 9112 3.2).
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            let resp = local(StatusCode::BAD_REQUEST, "meshgate: a request has one Host header\n".to_owned());
+            self.unrouted.observe(resp.status(), started.elapsed().as_secs_f64());
+            return resp.map(|b| b.with_guard(RequestGuard::new(conn, &self.metrics.http_in_flight)));
+        }
         prepare_request(&mut req, &conn, upgrade);
         let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight);
         // ACME HTTP-01 validation comes before any routing or redirect.
@@ -318,7 +340,7 @@ impl Proxy {
                     }
                 }
             };
-            return result.map_err(|e| Failure::Sent(ProxyError::Upstream(e)));
+            return result.map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }
     }
 }
