@@ -29,13 +29,18 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     /// The L4 mesh's port table in force.
     pub mesh: Arc<crate::mesh::MeshView>,
+    /// A client has this long to send a request head (`proxy.request_head_timeout`, as on the
+    /// proxy's listeners).
+    pub head_timeout: std::time::Duration,
 }
 
 /// Serves the endpoints on a TCP listener, or on a Unix socket: a health check run inside
 /// the agent's container reaches exactly that agent, even while a second one shares the TCP
 /// port (an update).
 pub async fn serve<L: Accept>(listener: L, state: AdminState) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(state.head_timeout);
+    let builder = Arc::new(builder);
     loop {
         let (stream, _) = net::accept(&listener, "admin").await;
         spawn_connection(stream, state.clone(), builder.clone());

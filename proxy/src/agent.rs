@@ -189,6 +189,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let mesh_view = start_mesh(mesh_cfg, &core, &mut background);
 
     let admin_state = AdminState {
+        head_timeout: proxy_cfg.request_head_timeout,
         hub: hub.clone(),
         proxy: proxy.clone(),
         metrics: metrics.clone(),

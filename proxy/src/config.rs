@@ -55,6 +55,12 @@ pub struct ProxyConfig {
     /// Time a task has to send the response head once the request is sent.
     #[serde(with = "humantime_serde")]
     pub upstream_response_timeout: Duration,
+    /// A task's response body that sends nothing this long is cut (the client sees it end).
+    #[serde(with = "humantime_serde")]
+    pub upstream_body_timeout: Duration,
+    /// A client's request body that sends nothing this long ends the request (408).
+    #[serde(with = "humantime_serde")]
+    pub client_body_timeout: Duration,
     /// On SIGTERM/SIGINT, how long `/readyz` says "not ready" while the listeners still
     /// accept, so a load balancer stops sending before they close.
     #[serde(with = "humantime_serde")]
@@ -88,6 +94,8 @@ impl Default for ProxyConfig {
             request_head_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_response_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
             shutdown_delay: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
@@ -243,6 +251,8 @@ impl Config {
             ("proxy.request_head_timeout", p.request_head_timeout),
             ("proxy.idle_timeout", p.idle_timeout),
             ("proxy.upstream_response_timeout", p.upstream_response_timeout),
+            ("proxy.upstream_body_timeout", p.upstream_body_timeout),
+            ("proxy.client_body_timeout", p.client_body_timeout),
             ("proxy.eject_base", p.eject_base),
             ("routes.poll_interval", self.routes.poll_interval),
         ];

@@ -222,3 +222,58 @@ async fn a_bad_chunk_and_a_duplicate_host_are_the_clients_400() {
     let head = ask(b"GET / HTTP/1.1\r\nHost: chunk.test\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "one Host: {head}");
 }
+
+/// Finding 4 and "every timeout has a name": a task that stalls in the middle of its body
+/// is cut after `proxy.upstream_body_timeout`; a client that stops sending its body gets 408
+/// after `proxy.client_body_timeout`; an incomplete head on the admin listener is closed
+/// after `proxy.request_head_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_either_way_and_a_slow_admin_head_are_cut_by_their_timeouts() {
+    // A task that sends half its body, then nothing.
+    let stall = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let task = stall.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = stall.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf").await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let web = Backend::start("web").await;
+    let routes = format!(
+        "{}\n{}",
+        service_with("stall", &["stall.test"], "/", "http", &[task.to_string()]),
+        service("web", &["web.test"], "/", &[&web])
+    );
+    let mesh = Mesh::start_with(&routes, |c| {
+        c.proxy.upstream_body_timeout = Duration::from_secs(1);
+        c.proxy.client_body_timeout = Duration::from_secs(1);
+        c.proxy.request_head_timeout = Duration::from_secs(1);
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: stall.test\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(read.is_ok(), "the stalled body is cut, not held: {got}");
+    assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("half"), "{got}");
+    eprintln!("stalled task body cut after {:?}", started.elapsed());
+
+    let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+    stream.write_all(b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 100\r\n\r\nhalf").await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(20), read_head(&mut stream)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 408"), "a stalled request body: {head}");
+
+    let mut stream = TcpStream::connect(mesh.agent.admin_addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the admin listener closes an incomplete head");
+}

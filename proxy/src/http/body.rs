@@ -3,9 +3,11 @@
 //! aborted). Streaming keeps back-pressure end to end: a frame is pulled from the task only
 //! when the client side is ready for it.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -16,8 +18,57 @@ use super::endpoint::Endpoint;
 use super::server::ConnActivity;
 
 enum Kind {
-    Upstream(Incoming),
+    Upstream(Idle),
     Local(Option<Bytes>),
+}
+
+/// A peer's body that must move: a frame at least every `limit`, else it ends with
+/// [`Stalled`] (a task stuck in the middle of its response, a client that stops sending its
+/// request's body).
+pub struct Idle {
+    body: Incoming,
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// A body that sent nothing for its idle limit.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: no data for {1:?}")]
+pub struct Stalled(&'static str, Duration);
+
+impl Idle {
+    #[must_use]
+    pub fn new(body: Incoming, limit: Duration) -> Self {
+        Self { body, limit, timer: Box::pin(tokio::time::sleep(limit)) }
+    }
+
+    /// The next frame, or [`Stalled`] (`whose` body) when none came in time.
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        whose: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + self.limit;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(Stalled(whose, self.limit))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Why a streamed body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Peer(hyper::Error),
+    #[error(transparent)]
+    Stalled(Stalled),
 }
 
 pub struct ProxyBody {
@@ -33,9 +84,10 @@ impl ProxyBody {
         Self { kind: Kind::Local(Some(text.into())), guard: None }
     }
 
+    /// The task's response body, which must send a frame at least every `idle`.
     #[must_use]
-    pub fn upstream(body: Incoming, guard: RequestGuard) -> Self {
-        Self { kind: Kind::Upstream(body), guard: Some(guard) }
+    pub fn upstream(body: Incoming, idle: Duration, guard: RequestGuard) -> Self {
+        Self { kind: Kind::Upstream(Idle::new(body, idle)), guard: Some(guard) }
     }
 
     /// Ties the request's accounting to this body.
@@ -48,28 +100,28 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.kind {
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream(body) => body.poll_frame(cx, "the task's response body"),
             Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Upstream(idle) => idle.body.is_end_stream(),
             Kind::Local(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream(body) => body.size_hint(),
+            Kind::Upstream(idle) => idle.body.size_hint(),
             Kind::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
@@ -113,27 +165,29 @@ impl Drop for RequestGuard {
 /// The body a task gets: the client's, streamed, or none. A request without a body can be
 /// sent again when the connection it went out on turns out closed (see `Proxy::send`).
 pub enum UpstreamBody {
-    Client(Incoming),
+    Client(Idle),
     Empty,
 }
 
 impl UpstreamBody {
-    /// The client's body, or `Empty` when it has none.
+    /// The client's body, which must send a frame at least every `idle`, or `Empty` when it
+    /// has none.
     #[must_use]
-    pub fn of(body: Incoming) -> Self {
+    pub fn of(body: Incoming, idle: Duration) -> Self {
         if body.is_end_stream() {
             Self::Empty
         } else {
-            Self::Client(body)
+            Self::Client(Idle::new(body, idle))
         }
     }
 }
 
 /// The client's request body failed on its way to the task (a malformed chunk, a cut
-/// connection): the client's fault, answered 400, never blamed on the task.
+/// connection, a stall): the client's fault, answered 400 (408 for a stall), never blamed
+/// on the task.
 #[derive(Debug, thiserror::Error)]
 #[error("the client's request body: {0}")]
-pub struct ClientBodyError(hyper::Error);
+pub struct ClientBodyError(pub BodyError);
 
 impl Body for UpstreamBody {
     type Data = Bytes;
@@ -144,21 +198,21 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Self::Client(body) => Pin::new(body).poll_frame(cx).map_err(ClientBodyError),
+            Self::Client(body) => body.poll_frame(cx, "the client's request body").map_err(ClientBodyError),
             Self::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Client(body) => body.is_end_stream(),
+            Self::Client(idle) => idle.body.is_end_stream(),
             Self::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Client(body) => body.size_hint(),
+            Self::Client(idle) => idle.body.size_hint(),
             Self::Empty => SizeHint::with_exact(0),
         }
     }

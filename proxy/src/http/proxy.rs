@@ -46,8 +46,9 @@ enum ProxyError {
     ResponseTimeout(Duration),
     #[error("upstream exchange failed: {0}")]
     Upstream(hyper::Error),
-    #[error("{0}")]
-    ClientBody(String),
+    /// Whether it stalled (408) or broke (400), and why.
+    #[error("{1}")]
+    ClientBody(bool, String),
     #[error("task switched protocols to {0:?}, which the client did not ask for")]
     UnaskedSwitch(String),
 }
@@ -58,7 +59,8 @@ impl ProxyError {
             Self::NoTask => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect(ConnectError::Timeout(_)) | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect(_) | Self::Upstream(_) | Self::UnaskedSwitch(_) => StatusCode::BAD_GATEWAY,
-            Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::ClientBody(true, _) => StatusCode::REQUEST_TIMEOUT,
+            Self::ClientBody(false, _) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -67,7 +69,7 @@ impl ProxyError {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
         while let Some(c) = cause {
             if let Some(body) = c.downcast_ref::<super::body::ClientBodyError>() {
-                return Self::ClientBody(body.to_string());
+                return Self::ClientBody(matches!(body.0, super::body::BodyError::Stalled(_)), body.to_string());
             }
             cause = c.source();
         }
@@ -227,7 +229,7 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
-        let req = req.map(UpstreamBody::of);
+        let req = req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout));
         let exchanged = self.exchange(&route, req, &mut guard).await.and_then(|(resp, endpoint)| {
             match check_switch(&resp, asked.as_ref()) {
                 Ok(()) => Ok((resp, endpoint)),
@@ -246,7 +248,7 @@ impl Proxy {
                 if let (true, Some(hsts)) = (secure, &route.hsts) {
                     resp.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
                 }
-                resp.map(|body| ProxyBody::upstream(body, guard))
+                resp.map(|body| ProxyBody::upstream(body, self.cfg.upstream_body_timeout, guard))
             }
             Err((error, endpoint)) => {
                 let status = error.status();
