@@ -95,6 +95,20 @@ impl Reply<'_> {
     fn error(code: ResponseCode) -> Self {
         Self { code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), owned: None }
     }
+
+    /// The response's size on the wire without name compression (so never less than it
+    /// will be): header, question, records, and an OPT record.
+    fn wire_size_at_most(&self, request: &Request) -> usize {
+        use hickory_server::proto::serialize::binary::BinEncodable as _;
+        let size = |r: &Record| r.to_bytes().map_or(usize::MAX / 4, |b| b.len());
+        let question: usize =
+            request.queries.queries().iter().map(|q| q.to_bytes().map_or(512, |b| b.len())).sum();
+        let owned = self.owned.as_deref().map_or(0, |m| {
+            m.answers.iter().chain(&m.authorities).chain(&m.additionals).map(size).sum::<usize>()
+        });
+        let records: usize = self.answers.iter().chain(&self.authorities).map(|r| size(r)).sum();
+        12 + question + records + owned + 11
+    }
 }
 
 #[async_trait::async_trait]
@@ -149,6 +163,19 @@ impl RequestHandler for MeshDns {
             e.set_max_payload(req.max_payload().clamp(512, 1232));
             e
         });
+        // Over UDP, an answer that may not fit is replaced by an empty one with TC set: the
+        // client asks again over TCP. (A cut answer would be partial, and hickory's own
+        // cutting leaves stray bytes and drops the OPT record.)
+        let mut reply = reply;
+        let limit = edns.as_ref().map_or(512, |e| usize::from(e.max_payload()));
+        if request.protocol() == hickory_server::net::xfer::Protocol::Udp
+            && reply.wire_size_at_most(request) > limit
+        {
+            metadata.truncation = true;
+            reply.answers.clear();
+            reply.authorities.clear();
+            reply.owned = None;
+        }
         let mut builder = MessageResponseBuilder::from_message_request(request);
         if let Some(e) = &edns {
             builder.edns(e);

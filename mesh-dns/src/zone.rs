@@ -184,6 +184,10 @@ impl Zone {
     #[must_use]
     pub fn answer(&self, name: &LowerName, qtype: RecordType) -> Answer<'_> {
         let Some(records) = self.records.get(name) else {
+            // The apex exists (names exist below it): its SOA, or no data of other types.
+            if name == &self.domain {
+                return Answer::Records(if qtype == RecordType::SOA { vec![&self.soa] } else { Vec::new() });
+            }
             return if self.domain.zone_of(name) { Answer::NxDomain } else { Answer::NotOurs };
         };
         let mut out = match qtype {

@@ -98,7 +98,11 @@ impl RunningAgent {
     pub async fn shutdown(self) {
         let delay = self.shutdown_delay;
         tracing::info!(?delay, "stopping: /readyz says not ready; the listeners close after the delay");
-        self.readiness.set("agent", false, format!("stopping: the listeners close {delay:?} after SIGTERM, then requests in flight finish"));
+        self.readiness.set(
+            "agent",
+            false,
+            format!("stopping: the listeners close {delay:?} after SIGTERM, then requests in flight finish"),
+        );
         tokio::time::sleep(delay).await;
         self.shutdown.send_replace(true);
         for server in self.servers {

@@ -215,7 +215,10 @@ async fn a_bad_chunk_and_a_duplicate_host_are_the_clients_400() {
         stream.write_all(request).await.unwrap();
         read_head(&mut stream).await
     };
-    let head = ask(b"POST / HTTP/1.1\r\nHost: chunk.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").await;
+    let head = ask(
+        b"POST / HTTP/1.1\r\nHost: chunk.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 400"), "bad chunk size: {head}");
     let head = ask(b"GET / HTTP/1.1\r\nHost: chunk.test\r\nHost: other.test\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 400"), "two Host headers: {head}");

@@ -356,3 +356,25 @@ async fn zone_swaps_under_query_load_give_no_wrong_answer() {
     }
     assert!(total > 300, "the load ran ({total} answers)");
 }
+
+/// Finding 6 of "Hold under abuse": a truncated UDP answer is a well-formed message (TC set,
+/// no stray bytes, its OPT record when the query had one), and the apex of the mesh domain
+/// exists (its SOA; NODATA for other types), as names exist below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_answers_are_well_formed_and_the_apex_exists() {
+    let (_mesh, dns) =
+        mesh_with_dns(&service_with("big", &["big.test"], "/", "http", &tasks(200)), |_| {}).await;
+    for edns in ["+noedns", "+bufsize=1232"] {
+        let out = dig(dns, &["+ignore", edns, "big", "A"]).await;
+        assert!(out.contains("flags: qr aa tc"), "{edns}: truncated: {out}");
+        assert!(!out.to_lowercase().contains("extra bytes") && !out.contains("malformed"), "{edns}: {out}");
+        if edns == "+bufsize=1232" {
+            assert!(out.contains("OPT PSEUDOSECTION"), "the OPT record is kept: {out}");
+        }
+    }
+    let out = dig(dns, &["mesh.internal", "SOA"]).await;
+    assert_eq!(status(&out), "NOERROR", "{out}");
+    assert!(out.lines().any(|l| !l.starts_with(';') && l.contains("\tSOA\t")), "the apex's SOA: {out}");
+    let out = dig(dns, &["mesh.internal", "A"]).await;
+    assert_eq!(status(&out), "NOERROR", "the apex exists, without an A record: {out}");
+}

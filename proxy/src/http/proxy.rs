@@ -69,7 +69,10 @@ impl ProxyError {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
         while let Some(c) = cause {
             if let Some(body) = c.downcast_ref::<super::body::ClientBodyError>() {
-                return Self::ClientBody(matches!(body.0, super::body::BodyError::Stalled(_)), body.to_string());
+                return Self::ClientBody(
+                    matches!(body.0, super::body::BodyError::Stalled(_)),
+                    body.to_string(),
+                );
             }
             cause = c.source();
         }
