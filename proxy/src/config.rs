@@ -72,6 +72,11 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Most header fields accepted in one request; more get 431.
     pub max_headers: usize,
+    /// Client connections one listener holds at most; more are refused (503, then closed).
+    pub max_connections: usize,
+    /// Client connections one address holds at most on a listener (not counted for
+    /// `trusted_networks`: a load balancer in front).
+    pub max_connections_per_client: usize,
     /// First ejection of a task that refused a connection or timed out; doubles on each
     /// failure in a row up to `eject_max`.
     #[serde(with = "humantime_serde")]
@@ -100,6 +105,8 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
             max_headers: 100,
+            max_connections: 10_000,
+            max_connections_per_client: 1_000,
             eject_base: Duration::from_secs(1),
             eject_max: Duration::from_secs(30),
             reuse_port: false,

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
+    pub connections_open: IntGaugeVec,
+    pub connections_refused: IntCounterVec,
     pub backend_up: IntGaugeVec,
     pub state_generation: IntGauge,
     pub provider_reloads: IntCounterVec,
@@ -59,6 +61,18 @@ impl Metrics {
             http_in_flight: register(
                 r,
                 IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now."),
+            ),
+            connections_open: gauge_vec(
+                r,
+                "meshgate_connections_open",
+                "Client connections held now, by listener (http, https).",
+                &["listener"],
+            ),
+            connections_refused: counter_vec(
+                r,
+                "meshgate_connections_refused_total",
+                "Client connections refused at a limit, by listener and reason (listener_full: proxy.max_connections; client_full: proxy.max_connections_per_client).",
+                &["listener", "reason"],
             ),
             backend_up: gauge_vec(
                 r,

@@ -47,6 +47,8 @@ pub const SETTINGS: &[Setting] = &[
     s("proxy.shutdown_grace", "DURATION", "Time in-flight requests get on SIGTERM"),
     s("proxy.max_header_bytes", "BYTES", "Largest request head; larger gets 431"),
     s("proxy.max_headers", "N", "Most header fields per request; more gets 431"),
+    s("proxy.max_connections", "N", "Client connections one listener holds at most; more are refused (503, then closed)"),
+    s("proxy.max_connections_per_client", "N", "Client connections one address holds at most on a listener (trusted_networks are not counted)"),
     s("proxy.eject_base", "DURATION", "First ejection of a failing task; doubles per failure in a row"),
     s("proxy.eject_max", "DURATION", "Longest ejection of a failing task"),
     s("proxy.reuse_port", "BOOL", "Share listening addresses with another agent on this host (SO_REUSEPORT): updates without a gap"),

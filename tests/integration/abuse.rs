@@ -280,3 +280,49 @@ async fn a_stalled_body_either_way_and_a_slow_admin_head_are_cut_by_their_timeou
     let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the admin listener closes an incomplete head");
 }
+
+/// Finding 2: limits an operator can read and set. Past `proxy.max_connections_per_client`
+/// a client's next connection gets a 503 and is closed; past `proxy.max_connections` (a
+/// trusted load balancer is not counted per address) so does anyone's; both are counted in
+/// `/metrics`, and a connection that ends makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_gracefully_count_and_recover() {
+    let web = Backend::start("web").await;
+    let routes = service("web", &["limit.test"], "/", &[&web]);
+    let open = async |mesh: &Mesh| {
+        let mut s = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: limit.test\r\n\r\n").await.unwrap();
+        let head = read_head(&mut s).await;
+        (s, head)
+    };
+    let per_client = Mesh::start_with(&routes, |c| c.proxy.max_connections_per_client = 2).await;
+    let (a, head_a) = open(&per_client).await;
+    let (b, head_b) = open(&per_client).await;
+    assert!(head_a.starts_with("HTTP/1.1 200") && head_b.starts_with("HTTP/1.1 200"), "{head_a}{head_b}");
+    let (_, refused) = open(&per_client).await;
+    assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("Retry-After: 1"), "{refused}");
+    let metrics = curl(&[&per_client.admin_url("/metrics")]).await.1;
+    assert!(
+        metrics.contains("meshgate_connections_refused_total{listener=\"http\",reason=\"client_full\"} 1"),
+        "{metrics}"
+    );
+    drop(a);
+    eventually("room again after a connection ends", Duration::from_secs(5), async || {
+        open(&per_client).await.1.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    drop(b);
+
+    let full = Mesh::start_with(&routes, |c| {
+        c.proxy.max_connections = 2;
+        c.proxy.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let held = [open(&full).await.0, open(&full).await.0];
+    let (_, refused) = open(&full).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let metrics = curl(&[&full.admin_url("/metrics")]).await.1;
+    assert!(metrics.contains("meshgate_connections_open{listener=\"http\"} 2"), "{metrics}");
+    assert!(metrics.contains("reason=\"listener_full\"} 1"), "{metrics}");
+    drop(held);
+}

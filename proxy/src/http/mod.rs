@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod endpoint;
+pub mod limits;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -99,6 +99,12 @@ pub struct Https {
 }
 
 impl Proxy {
+    /// The agent's metrics (the listeners count their connections there).
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     #[must_use]
     pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>, https: Option<Https>) -> Self {
         Self {

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::limits::{self, ConnLimits};
 use super::proxy::Proxy;
 use crate::config::ProxyConfig;
 
@@ -206,12 +207,25 @@ pub async fn serve(
     let builder = Arc::new(builder(&cfg));
     let (drain, stop) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let name = if kind.tls.is_some() { "https" } else { "http" };
+    let limits = ConnLimits::new(name, cfg.max_connections, cfg.max_connections_per_client, proxy.metrics());
     loop {
         tokio::select! {
             (stream, peer) = crate::net::accept(&listener, "proxy") => {
+                let trusted = cfg.trusted_networks.iter().any(|n| n.contains(&peer.ip()));
+                let admitted = match limits.admit(peer.ip(), !trusted) {
+                    Ok(admitted) => admitted,
+                    Err(_) => {
+                        if kind.tls.is_none() {
+                            connections.spawn(refuse(stream));
+                        }
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let (proxy, builder, cfg, stop, kind) = (proxy.clone(), builder.clone(), cfg.clone(), stop.clone(), kind.clone());
                 connections.spawn(async move {
+                    let _admitted = admitted;
                     let activity = Arc::new(ConnActivity::new(peer.ip(), &cfg.trusted_networks, &kind));
                     match &kind.tls {
                         None => serve_connection(stream, activity, proxy, builder, cfg, stop).await,
@@ -246,6 +260,12 @@ pub async fn serve(
         tracing::warn!(cut = connections.len(), "shutdown grace over; closing the remaining connections");
         connections.shutdown().await;
     }
+}
+
+/// Tells a refused plain-HTTP client to come back (503, `Retry-After`), then closes.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(limits::REFUSAL)).await;
 }
 
 async fn serve_connection<S>(
