@@ -213,14 +213,11 @@ pub async fn serve(
         tokio::select! {
             (stream, peer) = crate::net::accept(&listener, "proxy") => {
                 let trusted = cfg.trusted_networks.iter().any(|n| n.contains(&peer.ip()));
-                let admitted = match limits.admit(peer.ip(), !trusted) {
-                    Ok(admitted) => admitted,
-                    Err(_) => {
-                        if kind.tls.is_none() {
-                            connections.spawn(refuse(stream));
-                        }
-                        continue;
+                let Ok(admitted) = limits.admit(peer.ip(), !trusted) else {
+                    if kind.tls.is_none() {
+                        connections.spawn(refuse(stream));
                     }
+                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let (proxy, builder, cfg, stop, kind) = (proxy.clone(), builder.clone(), cfg.clone(), stop.clone(), kind.clone());
