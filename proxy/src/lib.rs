@@ -13,6 +13,7 @@ pub mod config;
 pub mod dns;
 pub mod http;
 pub mod invalid;
+pub mod memory;
 pub mod mesh;
 pub mod metrics;
 pub mod net;

@@ -29,7 +29,12 @@ pub struct ConnLimits {
 struct Held {
     total: usize,
     per_client: HashMap<IpAddr, usize>,
+    /// The most held since memory was last given back.
+    peak: usize,
 }
+
+/// A storm this big (connections at once) gives its memory back once it has passed.
+const STORM: usize = 1_000;
 
 /// Why a connection was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +81,7 @@ impl ConnLimits {
             return Err(why);
         }
         held.total += 1;
+        held.peak = held.peak.max(held.total);
         if per_client {
             *held.per_client.entry(client).or_default() += 1;
         }
@@ -122,6 +128,19 @@ impl Drop for Admitted {
             }
         }
         self.limits.open.set(i64::try_from(held.total).unwrap_or(i64::MAX));
+        // A storm is passing (down to a quarter of its peak): a second later, once its last
+        // connections have closed too, the memory they used goes back to the system, which
+        // glibc's allocator does not do by itself.
+        if held.peak >= STORM && held.total * 4 <= held.peak {
+            held.peak = held.total;
+            drop(held);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let _ = tokio::task::spawn_blocking(crate::memory::give_back).await;
+                });
+            }
+        }
     }
 }
 
