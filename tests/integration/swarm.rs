@@ -471,31 +471,22 @@ async fn through(
     load.finish().await
 }
 
+/// No failed request, HTTP or published port: a stopping task (Docker's default stop grace
+/// of 10 s, which an L4 connection in flight needs: the mesh cannot send it again) takes
+/// no new connection once every node learned it stops (about 2 s), finishes the ones it
+/// has, and a SYN that went to it as it stopped is sent again to another task.
 fn assert_none_failed(results: &[(String, usize, Vec<String>)], during: &str) {
-    let (mut l4_total, mut l4_failed) = (0, Vec::new());
     for (target, answered, failed) in results {
         assert!(*answered > 0, "{target} answered nothing during {during}");
-        if target.starts_with("load.test") {
-            assert!(
-                failed.is_empty(),
-                "{target} during {during}: {} of {} failed: {failed:?}",
-                failed.len(),
-                answered + failed.len()
-            );
-        } else {
-            l4_total += answered + failed.len();
-            l4_failed.extend(failed.iter().map(|f| format!("{target}: {f}")));
-        }
+        assert!(
+            failed.is_empty(),
+            "{target} during {during}: {} of {} failed: {failed:?}",
+            failed.len(),
+            answered + failed.len()
+        );
     }
-    // Published ports: none failed in most runs; on a loaded 2-core CI machine one new
-    // connection in several hundred has timed out when its task was stopped before the
-    // entry node learned it (its SYN retransmits keep the same task until then). Reported,
-    // and held well under 1 in 100.
-    eprintln!(
-        "published ports during {during}: {} of {l4_total} new connections failed: {l4_failed:?}",
-        l4_failed.len()
-    );
-    assert!(l4_failed.len() * 100 < l4_total, "published ports during {during}: {l4_failed:?}");
+    let total: usize = results.iter().map(|r| r.1).sum();
+    eprintln!("during {during}: none of {total} requests and connections failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,8 +508,6 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
             "apps",
             "--publish",
             "8090:80",
-            "--stop-grace-period",
-            "1s",
             "-e",
             "VIRTUAL_HOST=load.test",
             WEB_IMAGE,
