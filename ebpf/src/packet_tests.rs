@@ -407,3 +407,32 @@ fn a_local_only_port_never_leaves_the_node() {
     let (verdict, _) = mesh.test_run(&Pkt::tcp(at(CLIENT, 50000), at(NODE, 8080)).bytes()).unwrap();
     assert_eq!(verdict, XDP_DROP, "no local task: nothing serves it here");
 }
+
+/// Random packets (seeded; `FUZZ_INPUTS` of them, 1,000 by default): every one gets a
+/// verdict, and one that is not to this node's address leaves exactly as it came.
+#[test]
+fn fuzzed_packets_get_a_verdict_and_others_pass_untouched() {
+    let mut mesh = mesh();
+    let inputs: u64 = std::env::var("FUZZ_INPUTS").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000);
+    let valid = Pkt::tcp(at(CLIENT, 40000), at(NODE, 8080)).bytes();
+    for i in 0..inputs {
+        let mut rng = fastrand::Rng::with_seed(0x7864_7000 ^ i);
+        let mut packet = valid.clone();
+        // A few random bytes anywhere, a random length (at least an Ethernet header).
+        for _ in 0..rng.usize(1..8) {
+            let at = rng.usize(..packet.len());
+            packet[at] = rng.u8(..);
+        }
+        packet.truncate(rng.usize(14..=packet.len()));
+        if rng.u8(..4) == 0 {
+            packet.extend((0..rng.usize(0..64)).map(|_| rng.u8(..)));
+        }
+        let (verdict, out) =
+            mesh.test_run(&packet).unwrap_or_else(|e| panic!("input {i}: {e}: {packet:02x?}"));
+        assert!([XDP_DROP, XDP_PASS, XDP_REDIRECT].contains(&verdict), "input {i}: verdict {verdict}");
+        let to_node = packet.len() >= 34 && packet[12..14] == [0x08, 0x00] && packet[30..34] == NODE.octets();
+        if !to_node {
+            assert_eq!((verdict, &out), (XDP_PASS, &packet), "input {i}: not ours, untouched");
+        }
+    }
+}

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dns;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod invalid;
 pub mod memory;

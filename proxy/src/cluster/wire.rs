@@ -89,4 +89,26 @@ mod tests {
         garbage.extend_from_slice(b"{]");
         assert!(read(&mut garbage.as_slice()).await.unwrap_err().to_string().contains("not a feed frame"));
     }
+
+    #[test]
+    fn fuzzed_frames_are_read_or_refused_never_a_crash() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        crate::fuzz::run(
+            "feed frame",
+            |rng| {
+                let body = crate::fuzz::text(
+                    rng,
+                    &["{", "}", "\"State\"", "\"Heartbeat\"", ":", "[", "]", "1", ",", "\"x\""],
+                    20,
+                );
+                let len = if rng.bool() { u32::try_from(body.len()).unwrap() } else { rng.u32(..) };
+                let mut bytes = len.to_be_bytes().to_vec();
+                bytes.extend(body.as_bytes());
+                bytes
+            },
+            |bytes| {
+                let _ = runtime.block_on(read(&mut bytes.as_slice()));
+            },
+        );
+    }
 }

@@ -394,4 +394,18 @@ target = 53
             assert!(err.to_string().starts_with("routes.toml, line"), "{err}");
         }
     }
+
+    #[test]
+    fn fuzzed_routes_files_are_taken_or_refused_with_a_line_never_a_crash() {
+        let valid =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/routes.example.toml"))
+                .unwrap();
+        crate::fuzz::run(
+            "routes file",
+            |rng| crate::fuzz::mutated(rng, &valid),
+            |text| {
+                let _ = parse(Path::new("routes.toml"), text, NAME);
+            },
+        );
+    }
 }

@@ -456,4 +456,67 @@ mod tests {
         let empty = read_with(&[("VIRTUAL_HOST", " , ")], &[], &[]);
         assert!(empty.problems[0].contains("no host"), "{:?}", empty.problems);
     }
+
+    #[test]
+    fn fuzzed_labels_and_variables_give_routes_or_problems_never_a_crash() {
+        let keys = [
+            "VIRTUAL_HOST",
+            "VIRTUAL_PORT",
+            "VIRTUAL_PROTO",
+            "VIRTUAL_PATH",
+            "VIRTUAL_DEST",
+            "HTTPS_METHOD",
+            "LETSENCRYPT_HOST",
+            "meshgate.enable",
+            "meshgate.http.hosts",
+            "meshgate.http.port",
+            "meshgate.tls",
+            "traefik.enable",
+            "traefik.http.routers.r.rule",
+            "traefik.http.routers.r.service",
+            "traefik.http.services.s.loadbalancer.server.port",
+            "traefik.http.services.s.loadbalancer.server.scheme",
+            "traefik.http.routers.r.tls.certresolver",
+        ];
+        let values = [
+            "a.test",
+            "a.test,b.test",
+            "*.c.test",
+            "80",
+            "0",
+            "99999",
+            "https",
+            "h2c",
+            "/api",
+            "true",
+            "off",
+            "Host(`x.test`)",
+            "",
+        ];
+        crate::fuzz::run(
+            "labels",
+            |rng| {
+                let mut env = BTreeMap::new();
+                let mut labels = HashMap::new();
+                for _ in 0..rng.usize(0..8) {
+                    let key = keys[rng.usize(..keys.len())].to_owned();
+                    let value = crate::fuzz::text(rng, &values, 3);
+                    if key.contains('.') {
+                        labels.insert(key, value);
+                    } else {
+                        env.insert(key, value);
+                    }
+                }
+                (env, labels)
+            },
+            |(env, labels)| {
+                let w = Workload { env, labels, exposed_ports: &[80], name: "w" };
+                let out =
+                    read(&w, &Defaults { expose_by_default: true, default_domain: Some("d.test".into()) });
+                for r in &out.routes {
+                    assert!(!r.hosts.is_empty() && r.path.starts_with('/') && r.port != 0, "{r:?}");
+                }
+            },
+        );
+    }
 }

@@ -324,4 +324,42 @@ mod tests {
             assert!(err.contains(needle), "{rule:?}: {err}");
         }
     }
+
+    #[test]
+    fn fuzzed_rules_are_parsed_or_refused_never_a_crash() {
+        let pieces = [
+            "Host(",
+            "HostRegexp(",
+            "PathPrefix(",
+            "Path(",
+            "Header(",
+            ")",
+            "(",
+            "`a.example.com`",
+            "`{sub:[a-z]+}.b.test`",
+            "`/api`",
+            "`*.c.test`",
+            ",",
+            " ",
+            "&&",
+            "||",
+            "!",
+            "\"",
+            "'",
+            "`",
+            "&",
+            "|",
+        ];
+        crate::fuzz::run(
+            "traefik rule",
+            |rng| crate::fuzz::text(rng, &pieces, 12),
+            |rule| {
+                if let Ok(alternatives) = parse(rule) {
+                    for a in alternatives {
+                        assert!(a.path.as_deref().is_none_or(|p| p.starts_with('/')), "{a:?}");
+                    }
+                }
+            },
+        );
+    }
 }
