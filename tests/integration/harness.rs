@@ -233,8 +233,13 @@ impl Binary {
     /// The binary serving a routes file polled every `poll`, on ephemeral ports, without
     /// Docker.
     pub fn with_routes(routes: &std::path::Path, poll: &str) -> Self {
+        Self::with_routes_and(routes, poll, &[])
+    }
+
+    /// [`Binary::with_routes`], with `more` flags.
+    pub fn with_routes_and(routes: &std::path::Path, poll: &str, more: &[&str]) -> Self {
         let routes = routes.to_str().unwrap();
-        Self::spawn(&[
+        let mut args = vec![
             "--routes-file",
             routes,
             "--routes-poll-interval",
@@ -245,7 +250,9 @@ impl Binary {
             "127.0.0.1:0",
             "--docker-mode",
             "off",
-        ])
+        ];
+        args.extend(more);
+        Self::spawn(&args)
     }
 
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Self {

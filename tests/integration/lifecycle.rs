@@ -370,18 +370,7 @@ async fn sigterm_first_says_not_ready_then_closes_and_sigusr1_stops_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, service("web", &["web.test"], "/", &[&web])).unwrap();
-    let mut agent = Binary::spawn(&[
-        "--routes-file",
-        routes.to_str().unwrap(),
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--docker-mode",
-        "off",
-        "--shutdown-delay",
-        "3s",
-    ]);
+    let mut agent = Binary::with_routes_and(&routes, "200ms", &["--shutdown-delay", "3s"]);
     let (http, admin) = agent.addresses();
     let ready = format!("http://{admin}/readyz");
     eventually("ready", Duration::from_secs(10), async || curl(&["-f", &ready]).await.0).await;

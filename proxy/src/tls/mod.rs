@@ -3,6 +3,37 @@
 //! Certificates ordered through ACME (see [`crate::acme`]) are stored in the same layout and
 //! loaded through the same resolver, as a second source.
 
+/// The signature checks every rustls certificate verifier repeats (whatever it decides of
+/// the certificate, the peer must hold its key), with the algorithms `algorithms` gives for
+/// the verifier by its method `algorithms`: `signature_checks!(algorithms)` inside the
+/// trait's `impl`.
+macro_rules! signature_checks {
+    ($algorithms:ident) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, self.$algorithms())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, self.$algorithms())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.$algorithms().supported_schemes()
+        }
+    };
+}
+pub(crate) use signature_checks;
+
 pub mod cert_info;
 mod resolver;
 pub mod upstream;
