@@ -179,6 +179,7 @@ mod tests {
                     rewrite: None,
                     https_method: crate::state::HttpsMethod::Redirect,
                     hsts: None,
+                    refused: None,
                 }],
                 l4: vec![PublishedPort {
                     protocol: L4Protocol::Tcp,

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
     pub connections_open: IntGaugeVec,
+    pub route_refused: IntGaugeVec,
     pub connections_refused: IntCounterVec,
     pub backend_up: IntGaugeVec,
     pub state_generation: IntGauge,
@@ -61,6 +62,12 @@ impl Metrics {
             http_in_flight: register(
                 r,
                 IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now."),
+            ),
+            route_refused: gauge_vec(
+                r,
+                "meshgate_route_refused",
+                "1 for each route not served because it asks for a restriction meshgate does not honour (its hosts answer 503; /api/state says why).",
+                &["route", "service"],
             ),
             connections_open: gauge_vec(
                 r,

@@ -150,6 +150,11 @@ pub struct HttpRoute {
     pub https_method: HttpsMethod,
     /// `Strict-Transport-Security` value to send over HTTPS; `None` sends none.
     pub hsts: Option<String>,
+    /// Why the route is not served: it asks for something that restricts access which
+    /// meshgate cannot honour (a Traefik middleware, an entrypoint it does not have, ...).
+    /// Its hosts answer 503 rather than be served open (fails closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// nginx-proxy's `HTTPS_METHOD`.

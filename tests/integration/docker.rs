@@ -896,3 +896,39 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     })
     .await;
 }
+
+/// Drop-in issue, "fail closed": a Traefik basicauth middleware that meshgate does not honour
+/// yet leaves the route not served (503, a problem naming the label, `meshgate_route_refused`),
+/// never open; a second container claiming the same host without it does not open it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let guarded = Container::run(
+        "guarded",
+        &[
+            "-l",
+            "traefik.enable=true",
+            "-l",
+            "traefik.http.routers.adm.rule=Host(`adm.docker.test`)",
+            "-l",
+            "traefik.http.routers.adm.middlewares=adm-auth",
+            "-l",
+            "traefik.http.middlewares.adm-auth.basicauth.users=admin:$apr1$H6uskkkW$IgXLP6ewTrSuBkTrqE8wj/",
+        ],
+        80,
+    )
+    .await;
+    until_status(&mesh, "adm.docker.test", StatusCode::SERVICE_UNAVAILABLE).await;
+    let open = Container::run("open", &["-e", "VIRTUAL_HOST=adm.docker.test"], 80).await;
+    let served = Container::run("served", &["-e", "VIRTUAL_HOST=served.docker.test"], 80).await;
+    until_served(&mesh, "served.docker.test", "/", &served.id).await;
+    let (status, body) = mesh.get("adm.docker.test", "/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "never the open one: {body}");
+    assert!(!body.contains(&open.id) && !body.contains(&guarded.id), "{body}");
+    let state: serde_json::Value =
+        serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
+    let problems = state["problems"].to_string();
+    assert!(problems.contains("traefik.http.routers.adm.middlewares=adm-auth"), "{problems}");
+    let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
+    assert!(metrics.contains("meshgate_route_refused{route=\"adm.docker.test/\""), "{metrics}");
+}

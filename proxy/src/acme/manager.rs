@@ -447,6 +447,7 @@ mod tests {
                 rewrite: None,
                 https_method: HttpsMethod::Redirect,
                 hsts: None,
+                refused: None,
             }],
             l4: vec![],
         }

@@ -230,6 +230,15 @@ impl Proxy {
             return resp.map(|b| b.with_guard(guard));
         };
 
+        if route.refused.is_some() {
+            let resp = local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "meshgate: this route is not served: it asks for a restriction meshgate does not honour (see /api/state)\n"
+                    .to_owned(),
+            );
+            route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
+            return resp.map(|b| b.with_guard(guard));
+        }
         if let Some(resp) = self.https_policy(&route, &req, secure) {
             route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
             return resp.map(|b| b.with_guard(guard));

@@ -27,6 +27,8 @@ pub struct Route {
     pub https_method: HttpsMethod,
     /// `Strict-Transport-Security` for HTTPS responses.
     pub hsts: Option<http::HeaderValue>,
+    /// Why it is not served (it asks for a restriction meshgate does not honour): 503.
+    pub refused: Option<String>,
 }
 
 impl Route {
@@ -138,9 +140,15 @@ impl RouteTable {
         let mut unreachable = Vec::new();
         let mut services: Vec<_> = state.services.iter().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
+        metrics.route_refused.reset();
         for svc in services {
             for http in &svc.http {
-                let endpoints = endpoints_of(svc, http, state, registry, reach);
+                // A refused route dials nothing.
+                let endpoints = if http.refused.is_some() {
+                    Vec::new()
+                } else {
+                    endpoints_of(svc, http, state, registry, reach)
+                };
                 for e in &endpoints {
                     if let Some(why) = e.unreachable() {
                         let problem = format!(
@@ -153,6 +161,9 @@ impl RouteTable {
                     }
                 }
                 let name = format!("{}{}", http.hosts[0], http.path);
+                if http.refused.is_some() {
+                    metrics.route_refused.with_label_values(&[&name, &svc.name]).set(1);
+                }
                 let route = Arc::new(Route {
                     metrics: metrics.route(&name),
                     name,
@@ -161,17 +172,26 @@ impl RouteTable {
                     rewrite: http.rewrite.clone(),
                     https_method: http.https_method,
                     hsts: http.hsts.as_deref().and_then(|h| http::HeaderValue::from_str(h).ok()),
+                    refused: http.refused.clone(),
                     protocol: http.protocol,
                     endpoints,
                 });
                 for host in &http.hosts {
                     let routes = by_pattern.entry(host.clone()).or_default();
-                    if let Some(kept) = routes.iter().find(|r| r.path == http.path) {
+                    if let Some(kept) = routes.iter_mut().find(|r| r.path == http.path) {
+                        // Fails closed: of two claims that differ in what restricts access,
+                        // the refused one is kept (503), never the open one.
+                        let (kept_name, ignored) = if route.refused.is_some() && kept.refused.is_none() {
+                            let open = std::mem::replace(kept, route.clone());
+                            (svc.name.clone(), open.service.clone())
+                        } else {
+                            (kept.service.clone(), svc.name.clone())
+                        };
                         conflicts.push(Conflict {
                             host: host.to_string(),
                             path: http.path.clone(),
-                            kept: kept.service.clone(),
-                            ignored: svc.name.clone(),
+                            kept: kept_name,
+                            ignored,
                         });
                         continue;
                     }
@@ -308,6 +328,7 @@ mod tests {
                 rewrite: None,
                 https_method: crate::state::HttpsMethod::Redirect,
                 hsts: None,
+                refused: None,
             }],
             l4: vec![],
         }

@@ -241,6 +241,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
             Some(v) => Some(v.to_owned()),
             None => Some("max-age=31536000".to_owned()),
         },
+        refused: None,
     })
 }
 

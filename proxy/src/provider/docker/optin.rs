@@ -190,8 +190,83 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
             }
         }
     }
-    out.network = label("meshgate.network").or_else(|| label("traefik.docker.network")).map(str::to_owned);
+    out.network = label("meshgate.network")
+        .or_else(|| label("traefik.docker.network"))
+        .or_else(|| label("traefik.swarm.network"))
+        .map(str::to_owned);
+    out.problems.extend(unknown_settings(w));
     out
+}
+
+/// Variables and labels under the prefixes meshgate reads that it does not know: listed,
+/// never silently dropped. (Those that restrict access refuse their route where they are
+/// read: `NETWORK_ACCESS`, a router's `middlewares`, `tls.options`, `entrypoints`.)
+fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
+    const ENV: &[&str] = &[
+        "VIRTUAL_HOST",
+        "VIRTUAL_PORT",
+        "VIRTUAL_PROTO",
+        "VIRTUAL_PATH",
+        "VIRTUAL_DEST",
+        "LETSENCRYPT_HOST",
+        "LETSENCRYPT_EMAIL",
+        "HTTPS_METHOD",
+        "HSTS",
+        "NETWORK_ACCESS",
+    ];
+    const ENV_PREFIXES: &[&str] = &["VIRTUAL_", "LETSENCRYPT_", "ACME_"];
+    const ENV_OTHERS: &[&str] = &["CERT_NAME", "SSL_POLICY"];
+    const OURS: &[&str] = &[
+        "meshgate.enable",
+        "meshgate.network",
+        "meshgate.http.hosts",
+        "meshgate.http.port",
+        "meshgate.http.proto",
+        "meshgate.http.path",
+        "meshgate.tls",
+        "meshgate.tls.email",
+    ];
+    let mut out = Vec::new();
+    for name in w.env.keys() {
+        let ours = ENV_PREFIXES.iter().any(|p| name.starts_with(p)) || ENV_OTHERS.contains(&name.as_str());
+        if ours && !ENV.contains(&name.as_str()) {
+            out.push(format!("env `{name}` is not supported yet: ignored"));
+        }
+    }
+    let mut labels: Vec<&String> = w.labels.keys().collect();
+    labels.sort();
+    for name in labels {
+        let known = if name.starts_with("meshgate.") {
+            OURS.contains(&name.as_str())
+        } else if name.starts_with("traefik.") {
+            known_traefik_label(name)
+        } else {
+            !name.starts_with("com.github.nginx-proxy.")
+        };
+        if !known {
+            out.push(format!("label `{name}` is not supported yet: ignored"));
+        }
+    }
+    out
+}
+
+/// The Traefik labels meshgate reads (v2 and v3 names).
+fn known_traefik_label(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    match parts.as_slice() {
+        ["traefik", "enable"] | ["traefik", "docker" | "swarm", "network"] => true,
+        ["traefik", "http", "routers", _, rest @ ..] => matches!(
+            rest,
+            ["rule"]
+                | ["service"]
+                | ["entrypoints"]
+                | ["middlewares"]
+                | ["tls"]
+                | ["tls", "certresolver" | "options"]
+        ),
+        ["traefik", "http", "services", _, "loadbalancer", "server", "port" | "scheme"] => true,
+        _ => false,
+    }
 }
 
 fn route(
@@ -210,6 +285,7 @@ fn route(
         rewrite: None,
         https_method: HttpsMethod::Redirect,
         hsts: None,
+        refused: None,
     }
 }
 
@@ -243,7 +319,12 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
     } else {
         TlsWish::None
     };
-    Ok(HttpRoute { rewrite, https_method, hsts, ..route(hosts, path, port, protocol, tls) })
+    // nginx-proxy's NETWORK_ACCESS=internal serves only private networks: not honoured yet,
+    // so not served at all.
+    let refused = var("NETWORK_ACCESS").filter(|v| v.trim() != "external").map(|v| {
+        format!("env `NETWORK_ACCESS={v}` restricts who may connect, which meshgate does not honour yet: not served rather than served to anyone")
+    });
+    Ok(HttpRoute { rewrite, https_method, hsts, refused, ..route(hosts, path, port, protocol, tls) })
 }
 
 /// Our own `meshgate.*` labels.
@@ -319,19 +400,54 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
         } else {
             TlsWish::None
         };
+        let (https_method, refused) = router_access(&key, label);
+        if let Some(why) = &refused {
+            out.problems.push(why.clone());
+        }
         for alt in alternatives {
             if alt.hosts.is_empty() {
                 out.problems.push(self::label(&rule_key)(ValueError::NoHostInRule).to_string());
                 continue;
             }
-            out.routes.push(route(
-                alt.hosts,
-                alt.path.unwrap_or_else(|| "/".into()),
-                port,
-                protocol,
-                tls.clone(),
-            ));
+            out.routes.push(HttpRoute {
+                https_method,
+                refused: refused.clone(),
+                ..route(alt.hosts, alt.path.unwrap_or_else(|| "/".into()), port, protocol, tls.clone())
+            });
         }
+    }
+}
+
+/// What a Traefik router's entrypoints, middlewares and TLS options ask of access: the
+/// listeners it is served on (`web`: HTTP, `websecure`: HTTPS, both by default), or why it
+/// cannot be served as asked (a middleware or TLS option meshgate does not honour yet, an
+/// entrypoint it does not have): then not at all.
+fn router_access<'a>(
+    key: &dyn Fn(&str) -> String,
+    label: impl Fn(&str) -> Option<&'a str>,
+) -> (HttpsMethod, Option<String>) {
+    let refuse = |k: String, v: &str, what: &str| {
+        Some(format!("label `{k}={v}`: {what}; the route is not served rather than served without it"))
+    };
+    if let Some(v) = label(&key("middlewares")) {
+        return (
+            HttpsMethod::Redirect,
+            refuse(key("middlewares"), v, "Traefik middlewares are not honoured yet"),
+        );
+    }
+    if let Some(v) = label(&key("tls.options")) {
+        return (HttpsMethod::Redirect, refuse(key("tls.options"), v, "TLS options are not honoured yet"));
+    }
+    let Some(v) = label(&key("entrypoints")) else { return (HttpsMethod::Redirect, None) };
+    let names: BTreeSet<&str> = v.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+    if let Some(other) = names.iter().find(|n| !matches!(**n, "web" | "websecure")) {
+        let what = format!("entrypoint `{other}` is not one of meshgate's (web: HTTP, websecure: HTTPS)");
+        return (HttpsMethod::Redirect, refuse(key("entrypoints"), v, &what));
+    }
+    match (names.contains("web"), names.contains("websecure")) {
+        (true, false) => (HttpsMethod::Nohttps, None),
+        (false, true) => (HttpsMethod::Nohttp, None),
+        _ => (HttpsMethod::Redirect, None),
     }
 }
 
@@ -347,6 +463,63 @@ mod tests {
             &Workload { env: &env, labels: &labels, exposed_ports: exposed, name: "app" },
             &Defaults::default(),
         )
+    }
+
+    /// Drop-in issue, "fail closed": a restriction meshgate does not honour refuses the route
+    /// (it answers 503), and settings it does not know are listed, never dropped silently.
+    #[test]
+    fn restrictions_not_honoured_refuse_the_route_and_unknown_settings_are_listed() {
+        let traefik = |more: &[(&'static str, &'static str)]| {
+            let mut labels =
+                vec![("traefik.enable", "true"), ("traefik.http.routers.adm.rule", "Host(`adm.test`)")];
+            labels.extend_from_slice(more);
+            read_with(&[], &labels, &[80])
+        };
+        let o = traefik(&[
+            ("traefik.http.routers.adm.middlewares", "adm-auth"),
+            ("traefik.http.middlewares.adm-auth.basicauth.users", "u:$apr1$x"),
+        ]);
+        assert!(o.routes[0].refused.as_deref().is_some_and(|w| w.contains("middlewares")), "{:?}", o.routes);
+        assert!(o.problems.iter().any(|p| p.contains("adm-auth")), "{:?}", o.problems);
+        assert!(
+            o.problems.iter().any(|p| p.contains("basicauth.users")),
+            "the definition is listed: {:?}",
+            o.problems
+        );
+
+        let o = traefik(&[("traefik.http.routers.adm.entrypoints", "websecure")]);
+        assert_eq!((o.routes[0].https_method, o.routes[0].refused.clone()), (HttpsMethod::Nohttp, None));
+        let o = traefik(&[("traefik.http.routers.adm.entrypoints", "web")]);
+        assert_eq!(o.routes[0].https_method, HttpsMethod::Nohttps);
+        let o = traefik(&[("traefik.http.routers.adm.entrypoints", "internal")]);
+        assert!(o.routes[0].refused.is_some(), "an entrypoint meshgate does not have");
+        let o = traefik(&[("traefik.http.routers.adm.tls.options", "mtls@file")]);
+        assert!(o.routes[0].refused.is_some(), "TLS options");
+
+        let o = read_with(&[("VIRTUAL_HOST", "in.test"), ("NETWORK_ACCESS", "internal")], &[], &[80]);
+        assert!(o.routes[0].refused.is_some(), "NETWORK_ACCESS=internal");
+        let o = read_with(&[("VIRTUAL_HOST", "in.test"), ("NETWORK_ACCESS", "external")], &[], &[80]);
+        assert!(o.routes[0].refused.is_none(), "external is the default");
+
+        let o = read_with(
+            &[
+                ("VIRTUAL_HOST", "x.test"),
+                ("VIRTUAL_HOST_MULTIPORTS", "{}"),
+                ("CERT_NAME", "shared"),
+                ("PATH", "/bin"),
+            ],
+            &[
+                ("meshgate.htpasswd", "x"),
+                ("com.github.nginx-proxy.nginx", ""),
+                ("org.opencontainers.image.title", "x"),
+            ],
+            &[80],
+        );
+        assert_eq!(o.problems.len(), 4, "each unknown setting of ours, and no other: {:?}", o.problems);
+        assert!(
+            o.routes[0].refused.is_none(),
+            "unknown settings that do not restrict access are listed, not refused"
+        );
     }
 
     #[test]
