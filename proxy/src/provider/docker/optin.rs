@@ -254,18 +254,17 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
 fn known_traefik_label(name: &str) -> bool {
     let parts: Vec<&str> = name.split('.').collect();
     match parts.as_slice() {
-        ["traefik", "enable"] | ["traefik", "docker" | "swarm", "network"] => true,
         ["traefik", "http", "routers", _, rest @ ..] => matches!(
             rest,
-            ["rule"]
-                | ["service"]
-                | ["entrypoints"]
-                | ["middlewares"]
-                | ["tls"]
+            ["rule" | "service" | "entrypoints" | "middlewares" | "tls"]
                 | ["tls", "certresolver" | "options"]
         ),
-        ["traefik", "http", "services", _, "loadbalancer", "server", "port" | "scheme"] => true,
-        _ => false,
+        other => matches!(
+            other,
+            ["traefik", "enable"]
+                | ["traefik", "docker" | "swarm", "network"]
+                | ["traefik", "http", "services", _, "loadbalancer", "server", "port" | "scheme"]
+        ),
     }
 }
 
