@@ -139,8 +139,19 @@ impl Proxy {
                 &reach,
                 &self.metrics,
             );
-            told.retain(|p| table.unreachable.contains(p));
-            for problem in &table.unreachable {
+            // Each problem and conflict logged once, while it lasts.
+            let conflicts: Vec<String> = table
+                .conflicts
+                .iter()
+                .map(|c| {
+                    format!(
+                        "two services claim host `{}` path `{}` and are served differently: `{}` keeps it, `{}` is not routed there",
+                        c.host, c.path, c.kept, c.ignored
+                    )
+                })
+                .collect();
+            told.retain(|p| table.unreachable.contains(p) || conflicts.contains(p));
+            for problem in table.unreachable.iter().chain(&conflicts) {
                 if told.insert(problem.clone()) {
                     tracing::warn!("{problem}");
                 }

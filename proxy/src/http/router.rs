@@ -91,6 +91,28 @@ impl HostRoutes {
     }
 }
 
+/// One route for two claims of a host and path that are served alike (neither refused, same
+/// protocol, path rewrite and HTTPS behaviour): the tasks of both. `None`: they differ, a
+/// conflict.
+fn merged(a: &Route, b: &Route) -> Option<Route> {
+    let alike = a.refused.is_none()
+        && b.refused.is_none()
+        && (a.protocol, &a.rewrite, a.https_method, &a.hsts)
+            == (b.protocol, &b.rewrite, b.https_method, &b.hsts);
+    alike.then(|| Route {
+        name: a.name.clone(),
+        service: format!("{}+{}", a.service, b.service),
+        path: a.path.clone(),
+        rewrite: a.rewrite.clone(),
+        protocol: a.protocol,
+        endpoints: a.endpoints.iter().chain(&b.endpoints).cloned().collect(),
+        metrics: a.metrics.clone(),
+        https_method: a.https_method,
+        hsts: a.hsts.clone(),
+        refused: None,
+    })
+}
+
 /// The endpoints of the routable tasks of `svc` for one HTTP route, each reached the way
 /// this node can (directly, through a hop, or not at all: reported).
 fn endpoints_of(
@@ -179,6 +201,12 @@ impl RouteTable {
                 for host in &http.hosts {
                     let routes = by_pattern.entry(host.clone()).or_default();
                     if let Some(kept) = routes.iter_mut().find(|r| r.path == http.path) {
+                        // As nginx-proxy: workloads sharing a host and path, alike in how they
+                        // are served, are one upstream.
+                        if let Some(merged) = merged(kept, &route) {
+                            *kept = Arc::new(merged);
+                            continue;
+                        }
                         // Fails closed: of two claims that differ in what restricts access,
                         // the refused one is kept (503), never the open one.
                         let (kept_name, ignored) = if route.refused.is_some() && kept.refused.is_none() {
@@ -198,10 +226,6 @@ impl RouteTable {
                     routes.push(route.clone());
                 }
             }
-        }
-        for c in &conflicts {
-            tracing::warn!(host = %c.host, path = %c.path, kept = %c.kept, ignored = %c.ignored,
-                "two services claim the same host and path; the first by name keeps it");
         }
         let mut table = Self {
             default_host: default_host.map(str::to_ascii_lowercase),
@@ -396,11 +420,24 @@ mod tests {
     }
 
     #[test]
-    fn conflicts_keep_the_first_service_by_name() {
-        let t = table(vec![svc("zeta", &["c.test"], "/", 1), svc("alpha", &["c.test"], "/", 1)], None);
-        assert_eq!(svc_of(&t, "c.test", "/"), Some("alpha"));
+    fn services_sharing_a_host_are_one_upstream_and_different_ones_conflict() {
+        // Drop-in issue: as nginx-proxy, two workloads with one VIRTUAL_HOST are balanced.
+        let t = table(vec![svc("zeta", &["c.test"], "/", 1), svc("alpha", &["c.test"], "/", 2)], None);
+        assert_eq!(svc_of(&t, "c.test", "/"), Some("alpha+zeta"));
+        assert_eq!(t.lookup("c.test", "/").unwrap().endpoints.len(), 3);
+        assert!(t.conflicts.is_empty());
+        // Served differently (here: another HTTPS behaviour): the first by name keeps it.
+        let mut other = svc("zeta", &["d.test"], "/", 1);
+        other.http[0].https_method = crate::state::HttpsMethod::Noredirect;
+        let t = table(vec![other, svc("alpha", &["d.test"], "/", 1)], None);
+        assert_eq!(svc_of(&t, "d.test", "/"), Some("alpha"));
         assert_eq!(t.conflicts.len(), 1);
         assert_eq!(t.conflicts[0].ignored, "zeta");
+        // One refused: it is kept, never the open one.
+        let mut refused = svc("zeta", &["e.test"], "/", 1);
+        refused.http[0].refused = Some("a middleware".into());
+        let t = table(vec![refused, svc("alpha", &["e.test"], "/", 1)], None);
+        assert!(t.lookup("e.test", "/").unwrap().refused.is_some());
     }
 
     #[test]
