@@ -28,7 +28,9 @@ enum Kind {
 pub struct Idle {
     body: Incoming,
     limit: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Armed the first time the body has nothing ready (most small bodies never wait:
+    /// no timer, no allocation), moved on at each frame.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A body that sent nothing for its idle limit.
@@ -39,7 +41,7 @@ pub struct Stalled(&'static str, Duration);
 impl Idle {
     #[must_use]
     pub fn new(body: Incoming, limit: Duration) -> Self {
-        Self { body, limit, timer: Box::pin(tokio::time::sleep(limit)) }
+        Self { body, limit, timer: None }
     }
 
     /// The next frame, or [`Stalled`] (`whose` body) when none came in time.
@@ -50,14 +52,19 @@ impl Idle {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + self.limit;
-                self.timer.as_mut().reset(deadline);
+                if let Some(timer) = &mut self.timer {
+                    timer.as_mut().reset(tokio::time::Instant::now() + self.limit);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer)))
             }
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(Stalled(whose, self.limit))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(Stalled(whose, limit))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 }
