@@ -17,12 +17,20 @@ def start(cmd, cpu, env=None):
 
 
 def stop_all(procs):
-    """Stops every process group started with `start` (already gone is fine)."""
+    """Stops every process group started with `start` (already gone is fine) and waits
+    until each has exited (its ports are free again: meshgate says "not ready" for
+    proxy.shutdown_delay before it closes), killing what is still there after 10 s."""
     for p in procs:
         try:
             os.killpg(p.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def write_file(folder, name, text):

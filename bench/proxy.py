@@ -25,6 +25,11 @@ SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
 RATE = int(os.environ.get("RATE", "4000"))
 CONNS = [16, 256]
 BACKEND_PORT, PORTS = 18000, {"meshgate": 18081, "nginx": 18082, "haproxy": 18083}
+# BASELINE=path/to/an/older/meshgate: measured beside the others in the same run (did a
+# change cost anything?); it gets the routes file through `--routes`, which every version takes.
+BASELINE = os.environ.get("BASELINE")
+if BASELINE:
+    PORTS["meshgate-before"] = 18084
 HOST = "bench.local"
 PROXY_CPU, LOAD_CPU = "0", "1"
 
@@ -97,6 +102,10 @@ def main():
         "nginx": start(["nginx", "-c", write("nginx.conf", NGINX)], PROXY_CPU),
         "haproxy": start(["haproxy", "-f", write("haproxy.cfg", HAPROXY)], PROXY_CPU),
     }
+    if BASELINE:
+        procs["meshgate-before"] = start([BASELINE, "--routes", write("routes.toml", ROUTES), "--http-listen",
+                                          f"127.0.0.1:{PORTS['meshgate-before']}", "--admin-listen", "127.0.0.1:19091",
+                                          "--log-level", "warn"], PROXY_CPU, {"TOKIO_WORKER_THREADS": "1"})
     try:
         time.sleep(0.5)
         for name, port in PORTS.items():
@@ -159,6 +168,8 @@ def report(results, idle, peak):
         runs = results[name]["rate"]
         lines.append(f"| {name} | {med(runs, 'mean'):.2f} | {med(runs, 'cpu_per_100k'):.2f} | {med(runs, 'cpu_per_100k') / base:.2f} | "
                      f"{idle[name] / 1024:.1f} | {peak[name] / 1024:.1f} |")
+    if BASELINE:
+        lines += ["", f"`meshgate-before`: `{BASELINE}` (BASELINE=), the same measurements in the same run."]
     replace_section("## HTTP proxy:", "\n".join(lines) + "\n")
 
 

@@ -80,7 +80,10 @@ def wait_ready(port):
 def run_wrk(port, conns, close):
     extra = ["-H", "Connection: close"] if close else []
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{SECONDS}s", "--latency", "-H", f"Host: {HOST}", *extra,
-                          f"https://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+                          f"https://127.0.0.1:{port}/"], capture_output=True, text=True)
+    if "Requests/sec:" not in out.stdout:
+        sys.exit(f"wrk -c{conns} against port {port} gave no result (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+    out = out.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     lat = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
