@@ -28,10 +28,14 @@ enum Kind {
 pub struct Idle {
     body: Incoming,
     limit: Duration,
-    /// Armed the first time the body has nothing ready (most small bodies never wait:
-    /// no timer, no allocation), moved on at each frame.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Made (or, handed over from the wait for the response head, reused: one timer per
+    /// request) and armed the first time the body has nothing ready; moved on at each frame.
+    timer: Option<Timer>,
+    armed: bool,
 }
+
+/// A request's one timer: the response head's deadline, then its body's idle limit.
+pub type Timer = Pin<Box<tokio::time::Sleep>>;
 
 /// A body that sent nothing for its idle limit.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +45,13 @@ pub struct Stalled(&'static str, Duration);
 impl Idle {
     #[must_use]
     pub fn new(body: Incoming, limit: Duration) -> Self {
-        Self { body, limit, timer: None }
+        Self { body, limit, timer: None, armed: false }
+    }
+
+    /// An idle limit that reuses `timer` (the request's, done with).
+    #[must_use]
+    pub fn with_timer(body: Incoming, limit: Duration, timer: Timer) -> Self {
+        Self { body, limit, timer: Some(timer), armed: false }
     }
 
     /// The next frame, or [`Stalled`] (`whose` body) when none came in time.
@@ -52,14 +62,18 @@ impl Idle {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                if let Some(timer) = &mut self.timer {
+                if let (true, Some(timer)) = (self.armed, &mut self.timer) {
                     timer.as_mut().reset(tokio::time::Instant::now() + self.limit);
                 }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer)))
             }
             Poll::Pending => {
                 let limit = self.limit;
-                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                let deadline = tokio::time::Instant::now() + limit;
+                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !std::mem::replace(&mut self.armed, true) {
+                    timer.as_mut().reset(deadline);
+                }
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(Stalled(whose, limit))))),
                     Poll::Pending => Poll::Pending,
@@ -91,10 +105,11 @@ impl ProxyBody {
         Self { kind: Kind::Local(Some(text.into())), guard: None }
     }
 
-    /// The task's response body, which must send a frame at least every `idle`.
+    /// The task's response body, which must send a frame at least every `idle` (`timer`:
+    /// the request's, reused).
     #[must_use]
-    pub fn upstream(body: Incoming, idle: Duration, guard: RequestGuard) -> Self {
-        Self { kind: Kind::Upstream(Idle::new(body, idle)), guard: Some(guard) }
+    pub fn upstream(body: Incoming, idle: Duration, timer: Timer, guard: RequestGuard) -> Self {
+        Self { kind: Kind::Upstream(Idle::with_timer(body, idle, timer)), guard: Some(guard) }
     }
 
     /// Ties the request's accounting to this body.

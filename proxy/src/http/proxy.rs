@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, RequestGuard, UpstreamBody};
+use super::body::Timer;
 use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Reach, Sender};
 use super::router::{Route, RouteTable};
 use super::server::ConnActivity;
@@ -259,14 +260,14 @@ impl Proxy {
         set_upstream_form(&mut req, &route);
 
         let req = req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout));
-        let exchanged = self.exchange(&route, req, &mut guard).await.and_then(|(resp, endpoint)| {
+        let exchanged = self.exchange(&route, req, &mut guard).await.and_then(|(resp, endpoint, timer)| {
             match check_switch(&resp, asked.as_ref()) {
-                Ok(()) => Ok((resp, endpoint)),
+                Ok(()) => Ok((resp, endpoint, timer)),
                 Err(e) => Err((e, Some(endpoint))),
             }
         });
         let resp = match exchanged {
-            Ok((mut resp, endpoint)) => {
+            Ok((mut resp, endpoint, timer)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
                         tunnel(client, hyper::upgrade::on(&mut resp), route.clone(), endpoint);
@@ -277,7 +278,7 @@ impl Proxy {
                 if let (true, Some(hsts)) = (secure, &route.hsts) {
                     resp.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
                 }
-                resp.map(|body| ProxyBody::upstream(body, self.cfg.upstream_body_timeout, guard))
+                resp.map(|body| ProxyBody::upstream(body, self.cfg.upstream_body_timeout, timer, guard))
             }
             Err((error, endpoint)) => {
                 let status = error.status();
@@ -299,16 +300,16 @@ impl Proxy {
         route: &Route,
         mut req: Request<UpstreamBody>,
         guard: &mut RequestGuard,
-    ) -> Result<(Response<Incoming>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
+    ) -> Result<(Response<Incoming>, Arc<Endpoint>, Timer), (ProxyError, Option<Arc<Endpoint>>)> {
         let mut failed: Option<Arc<Endpoint>> = None;
         let mut last_error = ProxyError::NoTask;
         for _ in 0..2 {
             let Some(endpoint) = route.pick(failed.as_ref()) else { break };
             guard.set_endpoint(&endpoint);
             match self.send(&endpoint, req).await {
-                Ok(resp) => {
+                Ok((resp, timer)) => {
                     endpoint.record_success();
-                    return Ok((resp, endpoint));
+                    return Ok((resp, endpoint, timer));
                 }
                 Err(Failure::NotSent(error, back)) => {
                     let ejected = endpoint.record_failure(self.cfg.eject_base, self.cfg.eject_max);
@@ -333,10 +334,13 @@ impl Proxy {
         &self,
         endpoint: &Arc<Endpoint>,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<(Response<Incoming>, Timer), Failure> {
         let timeout = self.cfg.upstream_response_timeout;
+        // One timer for the whole request: each attempt's response head, then the body.
+        let mut timer: Timer = Box::pin(tokio::time::sleep(timeout));
         let mut replays = 1;
         loop {
+            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
             let sender = match endpoint.checkout(self.cfg.connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::NotSent(e, Box::new(req))),
@@ -344,8 +348,8 @@ impl Proxy {
             let result = match sender {
                 Sender::H1 { mut sender, reused } => {
                     let replay = (reused && replays > 0).then(|| replayable(&req)).flatten();
-                    match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
-                        Err(_) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
+                    match within(&mut timer, sender.try_send_request(req)).await {
+                        Err(()) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
                         Ok(Ok(resp)) => {
                             endpoint.recycle(sender);
                             Ok(resp)
@@ -365,14 +369,23 @@ impl Proxy {
                     }
                 }
                 Sender::H2(mut sender) => {
-                    match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
-                        Err(_) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
+                    match within(&mut timer, sender.try_send_request(req)).await {
+                        Err(()) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
                         Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
                     }
                 }
             };
-            return result.map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
+            return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }
+    }
+}
+
+/// `work`, unless `timer` fires first.
+async fn within<T>(timer: &mut Timer, work: impl std::future::Future<Output = T>) -> Result<T, ()> {
+    tokio::select! {
+        biased;
+        done = work => Ok(done),
+        () = timer.as_mut() => Err(()),
     }
 }
 
