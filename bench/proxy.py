@@ -113,7 +113,11 @@ def main():
         idle = {name: rss_kib(p, "VmRSS") for name, p in procs.items()}
         results = {name: {c: [] for c in CONNS + ["rate"]} for name in procs}
         for rnd in range(ROUNDS):
-            for name, proc in procs.items():
+            # Each round starts with another proxy: the first of a round ran slower in
+            # every run so far (whichever it was), which must not fall on one of them.
+            names = list(procs)
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                proc = procs[name]
                 for conns in CONNS:
                     before = cpu_seconds(proc)
                     r = run_wrk(PORTS[name], conns)
