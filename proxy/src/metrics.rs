@@ -16,8 +16,8 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
     pub connections_open: IntGaugeVec,
-    pub route_refused: IntGaugeVec,
     pub connections_refused: IntCounterVec,
+    pub route_refused: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub state_generation: IntGauge,
     pub provider_reloads: IntCounterVec,
@@ -38,100 +38,27 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let registry = Registry::new();
-        let r = &registry;
+        let (http_requests, http_duration, http_in_flight) = request_metrics(&registry);
+        let (connections_open, connections_refused) = connection_metrics(&registry);
+        let (route_refused, backend_up, state_generation) = routing_metrics(&registry);
+        let (provider_reloads, provider_reload_rejected, provider_up) = provider_metrics(&registry);
+        let (acme_days_left, acme_issued, acme_failures) = acme_metrics(&registry);
         Self {
-            http_requests: counter_vec(
-                r,
-                "meshgate_http_requests_total",
-                "HTTP requests answered, by route and status class (2xx, 4xx, ...).",
-                &["route", "class"],
-            ),
-            http_duration: register(
-                r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "meshgate_http_request_duration_seconds",
-                        "Time from request head received to response head sent, by route.",
-                    )
-                    .buckets(vec![
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    ]),
-                    &["route"],
-                ),
-            ),
-            http_in_flight: register(
-                r,
-                IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now."),
-            ),
-            route_refused: gauge_vec(
-                r,
-                "meshgate_route_refused",
-                "1 for each route not served because it asks for a restriction meshgate does not honour (its hosts answer 503; /api/state says why).",
-                &["route", "service"],
-            ),
-            connections_open: gauge_vec(
-                r,
-                "meshgate_connections_open",
-                "Client connections held now, by listener (http, https).",
-                &["listener"],
-            ),
-            connections_refused: counter_vec(
-                r,
-                "meshgate_connections_refused_total",
-                "Client connections refused at a limit, by listener and reason (listener_full: proxy.max_connections; client_full: proxy.max_connections_per_client).",
-                &["listener", "reason"],
-            ),
-            backend_up: gauge_vec(
-                r,
-                "meshgate_backend_up",
-                "1 while a task takes traffic, 0 while it is ejected after connect failures.",
-                &["service", "task", "address"],
-            ),
-            state_generation: register(
-                r,
-                IntGauge::new("meshgate_state_generation", "Generation of the routing state in force."),
-            ),
-            provider_reloads: counter_vec(
-                r,
-                "meshgate_provider_reloads_total",
-                "States accepted from a provider.",
-                &["provider"],
-            ),
-            provider_reload_rejected: counter_vec(
-                r,
-                "meshgate_provider_reload_rejected_total",
-                "Provider updates rejected as invalid (the previous state stays).",
-                &["provider"],
-            ),
-            provider_up: gauge_vec(
-                r,
-                "meshgate_provider_up",
-                "1 while a provider is connected to its source (e.g. the Docker engine), 0 while it serves its last known state.",
-                &["provider"],
-            ),
-            acme_days_left: register(
-                r,
-                GaugeVec::new(
-                    Opts::new(
-                        "meshgate_acme_certificate_days_left",
-                        "Days until the stored ACME certificate expires, by certificate (its first host name).",
-                    ),
-                    &["certificate"],
-                ),
-            ),
-            acme_issued: counter_vec(
-                r,
-                "meshgate_acme_certificates_issued_total",
-                "Certificates issued or renewed through ACME by this agent.",
-                &["certificate"],
-            ),
-            acme_failures: counter_vec(
-                r,
-                "meshgate_acme_failures_total",
-                "Failed ACME orders, by certificate and reason (ca_unreachable, rate_limited, challenge_failed, ca_error, storage).",
-                &["certificate", "reason"],
-            ),
             registry,
+            http_requests,
+            http_duration,
+            http_in_flight,
+            connections_open,
+            connections_refused,
+            route_refused,
+            backend_up,
+            state_generation,
+            provider_reloads,
+            provider_reload_rejected,
+            provider_up,
+            acme_days_left,
+            acme_issued,
+            acme_failures,
         }
     }
 
@@ -167,6 +94,124 @@ impl RouteMetrics {
         self.by_class[class].inc();
         self.duration.observe(seconds);
     }
+}
+
+/// Requests answered: counts and durations by route, and those in flight.
+fn request_metrics(r: &Registry) -> (IntCounterVec, HistogramVec, IntGauge) {
+    (
+        counter_vec(
+            r,
+            "meshgate_http_requests_total",
+            "HTTP requests answered, by route and status class (2xx, 4xx, ...).",
+            &["route", "class"],
+        ),
+        register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "meshgate_http_request_duration_seconds",
+                    "Time from request head received to response head sent, by route.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["route"],
+            ),
+        ),
+        register(r, IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.")),
+    )
+}
+
+/// Client connections held and refused, by listener.
+fn connection_metrics(r: &Registry) -> (IntGaugeVec, IntCounterVec) {
+    (
+        gauge_vec(
+            r,
+            "meshgate_connections_open",
+            "Client connections held now, by listener (http, https).",
+            &["listener"],
+        ),
+        counter_vec(
+            r,
+            "meshgate_connections_refused_total",
+            "Client connections refused at a limit, by listener and reason (listener_full: proxy.max_connections; client_full: proxy.max_connections_per_client).",
+            &["listener", "reason"],
+        ),
+    )
+}
+
+/// What routing stands on: refused routes, tasks up, the state's generation.
+fn routing_metrics(r: &Registry) -> (IntGaugeVec, IntGaugeVec, IntGauge) {
+    (
+        gauge_vec(
+            r,
+            "meshgate_route_refused",
+            "1 for each route not served because it asks for a restriction meshgate does not honour (its hosts answer 503; /api/state says why).",
+            &["route", "service"],
+        ),
+        gauge_vec(
+            r,
+            "meshgate_backend_up",
+            "1 while a task takes traffic, 0 while it is ejected after connect failures.",
+            &["service", "task", "address"],
+        ),
+        register(
+            r,
+            IntGauge::new("meshgate_state_generation", "Generation of the routing state in force."),
+        ),
+    )
+}
+
+/// The providers' updates and connections.
+fn provider_metrics(r: &Registry) -> (IntCounterVec, IntCounterVec, IntGaugeVec) {
+    (
+        counter_vec(
+            r,
+            "meshgate_provider_reloads_total",
+            "States accepted from a provider.",
+            &["provider"],
+        ),
+        counter_vec(
+            r,
+            "meshgate_provider_reload_rejected_total",
+            "Provider updates rejected as invalid (the previous state stays).",
+            &["provider"],
+        ),
+        gauge_vec(
+            r,
+            "meshgate_provider_up",
+            "1 while a provider is connected to its source (e.g. the Docker engine), 0 while it serves its last known state.",
+            &["provider"],
+        ),
+    )
+}
+
+/// Certificates: days left, orders issued and failed.
+fn acme_metrics(r: &Registry) -> (GaugeVec, IntCounterVec, IntCounterVec) {
+    (
+        register(
+            r,
+            GaugeVec::new(
+                Opts::new(
+                    "meshgate_acme_certificate_days_left",
+                    "Days until the stored ACME certificate expires, by certificate (its first host name).",
+                ),
+                &["certificate"],
+            ),
+        ),
+        counter_vec(
+            r,
+            "meshgate_acme_certificates_issued_total",
+            "Certificates issued or renewed through ACME by this agent.",
+            &["certificate"],
+        ),
+        counter_vec(
+            r,
+            "meshgate_acme_failures_total",
+            "Failed ACME orders, by certificate and reason (ca_unreachable, rate_limited, challenge_failed, ca_error, storage).",
+            &["certificate", "reason"],
+        ),
+    )
 }
 
 /// Registers a metric the agent defines itself: its name and labels are fixed in the code,

@@ -59,6 +59,17 @@ fn curl_line(readme: &str, prefix: &str) -> String {
     readme[start..start + end].to_owned()
 }
 
+/// The output of `line` once it succeeds with some (the agent just started).
+async fn answered(line: &str) -> String {
+    let mut answer = String::new();
+    eventually(&format!("`{line}` answers"), Duration::from_secs(20), async || {
+        answer = sh(line).await.unwrap_or_default();
+        !answer.is_empty()
+    })
+    .await;
+    answer
+}
+
 #[tokio::test]
 async fn the_quick_start_works_as_written() {
     let readme = readme();
@@ -68,12 +79,7 @@ async fn the_quick_start_works_as_written() {
     let agent = Running::start(&format!("{start} --example"), dir.path());
     // Step 2: the request.
     let request = curl_line(&readme, "curl -H 'Host: whoami.localhost' http://127.0.0.1:8080/");
-    let mut answer = String::new();
-    eventually("the example answers", Duration::from_secs(20), async || {
-        answer = sh(&request).await.unwrap_or_default();
-        !answer.is_empty()
-    })
-    .await;
+    let answer = answered(&request).await;
     assert!(answer.contains("whoami") && answer.contains("x-forwarded-for"), "{answer}");
     // Step 3: look at it.
     let ready = sh(&curl_line(&readme, "curl 127.0.0.1:9090/readyz")).await.unwrap();
@@ -86,12 +92,6 @@ async fn the_quick_start_works_as_written() {
     let toml: String = toml.lines().map(str::trim_start).collect::<Vec<_>>().join("\n");
     std::fs::write(dir.path().join("routes.toml"), toml).unwrap();
     let _agent = Running::start(&agent_command(&readme, "--routes-file routes.toml"), dir.path());
-    let shop = request.replace("whoami.localhost", "shop.localhost");
-    let mut answer = String::new();
-    eventually("shop.localhost answers", Duration::from_secs(20), async || {
-        answer = sh(&shop).await.unwrap_or_default();
-        !answer.is_empty()
-    })
-    .await;
+    let answer = answered(&request.replace("whoami.localhost", "shop.localhost")).await;
     assert!(answer.contains("whoami") && answer.contains("host: shop.localhost"), "{answer}");
 }

@@ -10,8 +10,8 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{ProxyBody, RequestGuard, UpstreamBody};
 use super::body::Timer;
+use super::body::{ProxyBody, RequestGuard, UpstreamBody};
 use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Reach, Sender};
 use super::router::{Route, RouteTable};
 use super::server::ConnActivity;
@@ -260,12 +260,13 @@ impl Proxy {
         set_upstream_form(&mut req, &route);
 
         let req = req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout));
-        let exchanged = self.exchange(&route, req, &mut guard).await.and_then(|(resp, endpoint, timer)| {
-            match check_switch(&resp, asked.as_ref()) {
-                Ok(()) => Ok((resp, endpoint, timer)),
-                Err(e) => Err((e, Some(endpoint))),
-            }
-        });
+        let exchanged =
+            self.exchange(&route, req, &mut guard).await.and_then(
+                |(resp, endpoint, timer)| match check_switch(&resp, asked.as_ref()) {
+                    Ok(()) => Ok((resp, endpoint, timer)),
+                    Err(e) => Err((e, Some(endpoint))),
+                },
+            );
         let resp = match exchanged {
             Ok((mut resp, endpoint, timer)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -368,12 +369,10 @@ impl Proxy {
                         },
                     }
                 }
-                Sender::H2(mut sender) => {
-                    match within(&mut timer, sender.try_send_request(req)).await {
-                        Err(()) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
-                        Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
-                    }
-                }
+                Sender::H2(mut sender) => match within(&mut timer, sender.try_send_request(req)).await {
+                    Err(()) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
+                    Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
+                },
             };
             return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }
