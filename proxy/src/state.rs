@@ -181,8 +181,9 @@ pub enum HostPattern {
     Suffix(String),
     /// `example.*`, stored as `example.`: any name starting with it.
     Prefix(String),
-    /// A regular expression matched against the whole lower-case host (nginx-proxy's
-    /// `~regex`, Traefik's `HostRegexp`), checked after the wildcards.
+    /// A regular expression searched in the lower-case host, as nginx and Traefik v3 do
+    /// (nginx-proxy's `~regex`, Traefik's `HostRegexp`): anchors are the pattern's own
+    /// (`^`, `$`). Checked after the wildcards.
     Regex(String),
 }
 
@@ -227,11 +228,10 @@ impl HostPattern {
 }
 
 impl HostPattern {
-    /// A host regex, anchored at both ends if it is not already.
+    /// A host regex, searched as written (nginx's and Traefik v3's semantics).
     pub fn regex(re: &str) -> Result<Self, HostError> {
-        let anchored = format!("^(?:{})$", re.trim_start_matches('^').trim_end_matches('$'));
-        regex::Regex::new(&anchored).map_err(|error| HostError::Regex { pattern: re.to_owned(), error })?;
-        Ok(Self::Regex(anchored))
+        regex::Regex::new(re).map_err(|error| HostError::Regex { pattern: re.to_owned(), error })?;
+        Ok(Self::Regex(re.to_owned()))
     }
 }
 
@@ -437,7 +437,7 @@ mod tests {
         assert_eq!(HostPattern::parse("example.*").ok(), Some(HostPattern::Prefix("example.".into())));
         assert_eq!(
             HostPattern::parse("~^a[0-9]+\\.test$").ok(),
-            Some(HostPattern::Regex("^(?:a[0-9]+\\.test)$".into()))
+            Some(HostPattern::Regex("^a[0-9]+\\.test$".into()))
         );
         assert!(HostPattern::parse("~(unclosed").is_err());
         for bad in ["", "a..b", "*", "a.*.b", "exa mple.com", "*.", "-/x"] {

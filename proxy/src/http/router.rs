@@ -384,9 +384,13 @@ mod tests {
                 svc("deeper", &["*.b.example.com"], "/", 1),
                 svc("pre", &["example.*"], "/", 1),
                 svc("re", &["~^api[0-9]+\\.test$"], "/", 1),
+                // Drop-in issue: nginx searches a `~regex` (its anchors are its own).
+                svc("search", &["~^web3\\..*\\.example"], "/", 1),
             ],
             None,
         );
+        assert_eq!(svc_of(&t, "web3.x.example-and-more", "/"), Some("search"));
+        assert_eq!(svc_of(&t, "www.web3.x.example", "/"), None);
         assert_eq!(svc_of(&t, "A.Example.Com:8080", "/x"), Some("exact"));
         assert_eq!(svc_of(&t, "z.example.com", "/"), Some("wild"));
         assert_eq!(svc_of(&t, "x.b.example.com.", "/"), Some("deeper"));

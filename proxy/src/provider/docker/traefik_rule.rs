@@ -227,8 +227,9 @@ fn matcher(name: &str, args: &[String]) -> Result<Alternative, RuleError> {
     }
 }
 
-/// Traefik v2 writes `{name:regex}` placeholders (`{sub:[a-z]+}.example.com`); v3 takes a
-/// plain regex. Placeholders become groups; a v2 pattern's dots become literal.
+/// Traefik v2 writes `{name:regex}` placeholders (`{sub:[a-z]+}.example.com`), matched
+/// against the whole host; v3 takes a plain regex, searched. Placeholders become groups, a v2
+/// pattern's dots become literal, and it is anchored at both ends.
 fn traefik_v2_regex(pattern: &str) -> String {
     if !pattern.contains('{') {
         return pattern.to_owned();
@@ -246,7 +247,7 @@ fn traefik_v2_regex(pattern: &str) -> String {
         rest = &rest[start + end + 1..];
     }
     out.push_str(&regex::escape(rest));
-    out
+    format!("^(?:{out})$")
 }
 
 /// Parses a rule into its alternatives.
