@@ -287,6 +287,10 @@ pub enum TlsWish {
     None,
     Acme {
         email: Option<String>,
+        /// The certificate's names (nginx-proxy's `LETSENCRYPT_HOST` value); none: the
+        /// route's exact hosts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        names: Option<Vec<String>>,
     },
 }
 

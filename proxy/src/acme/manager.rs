@@ -409,7 +409,13 @@ pub fn wanted_certificates(state: &MeshState, max_names: usize) -> BTreeMap<Stri
     let mut out = BTreeMap::new();
     for svc in &state.services {
         let mut names = Vec::new();
-        for route in svc.http.iter().filter(|r| matches!(r.tls, TlsWish::Acme { .. })) {
+        for route in &svc.http {
+            let TlsWish::Acme { names: named, .. } = &route.tls else { continue };
+            // The names asked for (LETSENCRYPT_HOST), else the route's exact hosts.
+            if let Some(named) = named {
+                names.extend(named.iter().filter(|n| claimed.insert((*n).clone())).cloned());
+                continue;
+            }
             for host in &route.hosts {
                 match host {
                     HostPattern::Exact(h) if claimed.insert(h.clone()) => names.push(h.clone()),
@@ -443,7 +449,7 @@ mod tests {
                 path: "/".into(),
                 port: 80,
                 protocol: UpstreamProtocol::Http,
-                tls: if acme { TlsWish::Acme { email: None } } else { TlsWish::None },
+                tls: if acme { TlsWish::Acme { email: None, names: None } } else { TlsWish::None },
                 rewrite: None,
                 https_method: HttpsMethod::Redirect,
                 hsts: None,
@@ -451,6 +457,19 @@ mod tests {
             }],
             l4: vec![],
         }
+    }
+
+    /// Drop-in issue: LETSENCRYPT_HOST names the certificate's names exactly, not every host
+    /// of the service.
+    #[test]
+    fn the_names_asked_for_are_the_certificates_names() {
+        let mut web = svc("web", &["a.test", "b.test"], true);
+        web.http[0].tls = TlsWish::Acme { email: None, names: Some(vec!["b.test".into()]) };
+        let wanted = wanted_certificates(&MeshState { services: vec![web], ..MeshState::default() }, 100);
+        assert_eq!(
+            wanted.into_iter().collect::<Vec<_>>(),
+            [("b.test".to_owned(), vec!["b.test".to_owned()])]
+        );
     }
 
     #[test]

@@ -221,7 +221,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
     if *h.port.get_ref() == 0 {
         return Err((h.port.span(), "port must be between 1 and 65535".into()));
     }
-    let tls = if h.tls.acme { TlsWish::Acme { email: h.tls.email } } else { TlsWish::None };
+    let tls = if h.tls.acme { TlsWish::Acme { email: h.tls.email, names: None } } else { TlsWish::None };
     if let Some(r) = &h.rewrite {
         if !r.get_ref().starts_with('/') {
             return Err((r.span(), format!("rewrite `{}` must start with `/`", r.get_ref())));
@@ -362,7 +362,7 @@ target = 53
         assert_eq!(web.tasks[1].socket_addr(8080).to_string(), "127.0.0.1:8001");
         assert_eq!(web.http[0].hosts[0], HostPattern::Exact("shop.example.com".into()));
         assert_eq!(web.http[0].protocol, UpstreamProtocol::H2c);
-        assert_eq!(web.http[0].tls, TlsWish::Acme { email: Some("ops@example.com".into()) });
+        assert_eq!(web.http[0].tls, TlsWish::Acme { email: Some("ops@example.com".into()), names: None });
         assert_eq!(web.l4[0].protocol, L4Protocol::Udp);
     }
 

@@ -313,10 +313,19 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         Some(v) => Some(v.to_owned()),
         None => Some("max-age=31536000".into()),
     };
-    let tls = if var("LETSENCRYPT_HOST").is_some() {
-        TlsWish::Acme { email: var("LETSENCRYPT_EMAIL").map(str::to_owned) }
-    } else {
-        TlsWish::None
+    // As acme-companion: LETSENCRYPT_HOST names the certificate's names exactly.
+    let tls = match var("LETSENCRYPT_HOST") {
+        Some(names) => TlsWish::Acme {
+            email: var("LETSENCRYPT_EMAIL").map(str::to_owned),
+            names: Some(
+                names
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|n| !n.is_empty())
+                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+            ),
+        },
+        None => TlsWish::None,
     };
     // nginx-proxy's NETWORK_ACCESS=internal serves only private networks: not honoured yet,
     // so not served at all.
@@ -342,7 +351,7 @@ fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
     let tls = match get("meshgate.tls").map(|v| v.trim().to_ascii_lowercase()) {
         None => TlsWish::None,
         Some(v) if v == "acme" || v == "true" => {
-            TlsWish::Acme { email: get("meshgate.tls.email").map(str::to_owned) }
+            TlsWish::Acme { email: get("meshgate.tls.email").map(str::to_owned), names: None }
         }
         Some(v) if v == "off" || v == "false" || v == "none" => TlsWish::None,
         Some(v) => return Err(label("meshgate.tls")(ValueError::NotOneOf(v, "acme or off"))),
@@ -395,7 +404,7 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             }
         };
         let tls = if label(&key("tls.certresolver")).is_some() {
-            TlsWish::Acme { email: None }
+            TlsWish::Acme { email: None, names: None }
         } else {
             TlsWish::None
         };
@@ -545,7 +554,10 @@ mod tests {
             (8080, UpstreamProtocol::H2c, "/api", Some("/"))
         );
         assert_eq!((r.https_method, r.hsts.clone()), (HttpsMethod::Noredirect, None));
-        assert_eq!(r.tls, TlsWish::Acme { email: Some("me@a.test".into()) });
+        assert_eq!(
+            r.tls,
+            TlsWish::Acme { email: Some("me@a.test".into()), names: Some(vec!["a.test".into()]) }
+        );
     }
 
     #[test]
@@ -574,7 +586,7 @@ mod tests {
         );
         assert!(o.problems.is_empty(), "{:?}", o.problems);
         assert_eq!((o.routes[0].port, o.routes[0].path.as_str()), (9000, "/p"));
-        assert_eq!(o.routes[0].tls, TlsWish::Acme { email: Some("e@x".into()) });
+        assert_eq!(o.routes[0].tls, TlsWish::Acme { email: Some("e@x".into()), names: None });
         assert_eq!(o.network.as_deref(), Some("front"));
         let off = read_with(&[("VIRTUAL_HOST", "a.test")], &[("meshgate.enable", "false")], &[]);
         assert!(off.routes.is_empty(), "an explicit opt-out wins");
