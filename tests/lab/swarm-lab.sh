@@ -142,10 +142,16 @@ stop_engine() {
   pid=$(cat "$pidfile")
   kill -TERM "$pid" 2>/dev/null || return 0
   for _ in $(seq 1 200); do
-    kill -0 "$pid" 2>/dev/null || return 0
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.05
   done
   kill -KILL "$pid" 2>/dev/null || true
+  # An engine killed before it stopped its containers leaves them running under their
+  # shims (a manager's agent would go on serving the feed): a stopped engine's containers
+  # stop with it, as on a machine that goes down.
+  for procs in /sys/fs/cgroup/pids/"$LAB-n$i"/*/cgroup.procs; do
+    [ -f "$procs" ] && xargs -r kill -KILL < "$procs" 2>/dev/null || true
+  done
 }
 
 down() {
