@@ -321,19 +321,26 @@ int meshgate_xdp(struct xdp_md *ctx)
 		}
 		struct flow_val val = {.backend = slot, .addr = be->addr, .port = be->port};
 		bpf_map_update_elem(&flows, &flow, &val, BPF_ANY);
-		if (be->flags & BACKEND_LOCAL) {
-			/* (For a task on another node, its node notes this when it unwraps the packet.) */
-			struct flow_key back = {.saddr = be->addr, .daddr = flow.saddr, .sport = be->port, .dport = flow.sport, .proto = flow.proto};
-			struct reply_val *had = bpf_map_lookup_elem(&replies, &back);
-			if (had) {
-				/* Kept by the previous agent (the table is shared across an update):
-				 * keeps the SYN's sequence number too. */
+	}
+	/* A local task's replies go out as from this node's published port: noted for a new
+	 * flow, and again for each SYN of a known one. The client may have reached the same
+	 * task with the same port through another node since (its ports are chosen per
+	 * destination), which pointed the entry there: the SYN-ACK would go out as from that
+	 * node, and the client would reset it, SYN after SYN. (For a task on another node, its
+	 * node notes this when it unwraps the packet, every packet.) */
+	if ((be->flags & BACKEND_LOCAL) && (!known || pkt.proto != IPPROTO_TCP || is_syn(&pkt))) {
+		struct flow_key back = {.saddr = be->addr, .daddr = flow.saddr, .sport = be->port, .dport = flow.sport, .proto = flow.proto};
+		struct reply_val *had = bpf_map_lookup_elem(&replies, &back);
+		if (had) {
+			/* Kept by the previous agent (the table is shared across an update), or
+			 * pointed elsewhere: keeps the SYN's sequence number too. */
+			if (had->addr != flow.daddr || had->port != flow.dport) {
 				had->addr = flow.daddr;
 				had->port = flow.dport;
-			} else {
-				struct reply_val reply = {.addr = flow.daddr, .port = flow.dport};
-				bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
 			}
+		} else {
+			struct reply_val reply = {.addr = flow.daddr, .port = flow.dport};
+			bpf_map_update_elem(&replies, &back, &reply, BPF_ANY);
 		}
 	}
 	count_service(svc->id, bytes);

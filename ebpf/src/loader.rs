@@ -369,6 +369,22 @@ impl Mesh {
         Ok((result.return_value, out))
     }
 
+    /// The reply table's entry for `key` (a task's answer to a client), for tests.
+    #[cfg(test)]
+    pub(crate) fn reply(&mut self, key: crate::maps::FlowKey) -> Option<crate::maps::ReplyVal> {
+        let map: BpfHashMap<&MapData, crate::maps::FlowKey, crate::maps::ReplyVal> =
+            BpfHashMap::try_from(self.ebpf.map("replies")?).ok()?;
+        map.get(&key, 0).ok()
+    }
+
+    /// Sets the reply table's entry for `key`, as another node's packet would, for tests.
+    #[cfg(test)]
+    pub(crate) fn set_reply(&mut self, key: crate::maps::FlowKey, value: crate::maps::ReplyVal) {
+        let mut map: BpfHashMap<&mut MapData, crate::maps::FlowKey, crate::maps::ReplyVal> =
+            BpfHashMap::try_from(self.ebpf.map_mut("replies").unwrap()).unwrap();
+        map.insert(key, value, 0).unwrap();
+    }
+
     /// Nanoseconds per run of the XDP program on `packet`, over `repeat` runs.
     pub fn time_per_packet(&mut self, packet: &[u8], repeat: u32) -> Result<std::time::Duration, MeshError> {
         use aya::programs::{TestRun, TestRunOptions};

@@ -115,3 +115,5 @@ unsafe impl aya::Pod for Counters {}
 unsafe impl aya::Pod for FlowKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowVal {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ReplyVal {}

@@ -355,6 +355,72 @@ fn a_syn_sent_again_goes_to_another_task_and_its_connection_stays_there() {
     assert_eq!(first, again);
 }
 
+/// The reply table's key for `task`'s answers to `client` (network order).
+fn reply_key(task: SocketAddrV4, client: SocketAddrV4, proto: u8) -> crate::maps::FlowKey {
+    crate::maps::FlowKey {
+        saddr: u32::from_ne_bytes(task.ip().octets()),
+        daddr: u32::from_ne_bytes(client.ip().octets()),
+        sport: task.port().to_be(),
+        dport: client.port().to_be(),
+        proto,
+        pad: [0; 3],
+    }
+}
+
+#[test]
+fn a_local_tasks_replies_go_out_as_from_the_node_the_latest_syn_came_through() {
+    // Seen on the lab: the client reached a task through this node, then through another
+    // with the same port (ports are chosen per destination), which pointed the task's
+    // replies to that node; a new connection through this node again, on the same port,
+    // had its SYN-ACK sent as from the other node, reset by the client, SYN after SYN.
+    let mut mesh = mesh();
+    let one_task = vec![task([10, 0, 9, 5], 80, NODE)];
+    mesh.sync(&PortTable {
+        ports: vec![
+            published(Protocol::Tcp, 6000, one_task.clone()),
+            published(Protocol::Udp, 6053, one_task),
+        ],
+        ..PortTable::default()
+    })
+    .unwrap();
+    let node_side = |port: u16| crate::maps::ReplyVal {
+        addr: u32::from_ne_bytes(NODE.octets()),
+        port: port.to_be(),
+        ..Default::default()
+    };
+    let elsewhere = crate::maps::ReplyVal {
+        addr: u32::from_ne_bytes(OTHER_NODE.octets()),
+        port: 6000u16.to_be(),
+        ..Default::default()
+    };
+    let task_addr = at(Ipv4Addr::new(10, 0, 9, 5), 80);
+    for (proto, port, packet) in [
+        (6, 6000, Pkt::tcp(at(CLIENT, 45000), at(NODE, 6000))),
+        (17, 6053, Pkt::udp(at(CLIENT, 45000), at(NODE, 6053))),
+    ] {
+        let key = reply_key(task_addr, at(CLIENT, 45000), proto);
+        mesh.test_run(&packet.bytes()).unwrap();
+        assert_eq!(
+            mesh.reply(key).map(|r| (r.addr, r.port)),
+            Some((node_side(port).addr, node_side(port).port))
+        );
+        // The other node's agent unwraps a packet of the same client and port to the task.
+        mesh.set_reply(key, elsewhere);
+        let again = mesh.test_run(&packet.bytes()).unwrap();
+        assert_eq!(again.0, XDP_PASS);
+        assert_eq!(
+            mesh.reply(key).map(|r| (r.addr, r.port)),
+            Some((node_side(port).addr, node_side(port).port)),
+            "proto {proto}: replies go out as from this node again"
+        );
+    }
+    // An ACK of an established connection leaves the entry as it is.
+    let key = reply_key(task_addr, at(CLIENT, 45000), 6);
+    mesh.set_reply(key, elsewhere);
+    mesh.test_run(&Pkt::tcp(at(CLIENT, 45000), at(NODE, 6000)).acking().bytes()).unwrap();
+    assert_eq!(mesh.reply(key).map(|r| r.addr), Some(elsewhere.addr));
+}
+
 #[test]
 fn nanoseconds_per_packet_are_measured() {
     // A measurement for bench/, not a timed assertion: only that it runs and reports.

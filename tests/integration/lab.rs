@@ -160,7 +160,7 @@ impl Load {
             .map(|(i, (host, url))| {
                 let codes = dir.path().join(format!("codes-{i}"));
                 let script = format!(
-                    "while [ ! -e {stop} ]; do curl -s -o /dev/null --max-time 5 -H 'Host: {host}' -w '%{{http_code}} %{{exitcode}}\\n' {url} >> {codes}; done",
+                    "while [ ! -e {stop} ]; do curl -s -o /dev/null --max-time 5 -H 'Host: {host}' -w '%{{http_code}} %{{exitcode}} connect=%{{time_connect}} total=%{{time_total}} port=%{{local_port}} at='\"$(date +%T.%N)\"'\\n' {url} >> {codes}; done",
                     stop = stop.display(),
                     codes = codes.display()
                 );
@@ -193,7 +193,8 @@ impl Load {
             .await;
             let codes =
                 std::fs::read_to_string(self.dir.path().join(format!("codes-{i}"))).unwrap_or_default();
-            let failed: Vec<String> = codes.lines().filter(|l| *l != "200 0").map(str::to_owned).collect();
+            let failed: Vec<String> =
+                codes.lines().filter(|l| !l.starts_with("200 0 ")).map(str::to_owned).collect();
             out.push((name.clone(), codes.lines().count() - failed.len(), failed));
         }
         out

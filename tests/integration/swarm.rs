@@ -789,3 +789,55 @@ async fn pinned_dns(port: u16, names: &[(&str, usize)]) -> crate::harness::Dnsma
     .await;
     dns
 }
+
+/// Rolling updates of a published service, over and over, with load on its port through all
+/// three nodes: for finding what a rare failed connection was (`SOAK_ROUNDS`, default 5).
+/// `cargo test -p integration soak -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak for diagnosis, minutes long"]
+async fn soak_rolling_updates_of_a_published_service() {
+    let _lab = Lab::up(Shape::OneManager).await;
+    agents_with_mesh().await;
+    Lab::docker(1, &["network", "create", "-d", "overlay", "apps"]).await;
+    Lab::docker(
+        1,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "load",
+            "--replicas",
+            "3",
+            "--network",
+            "apps",
+            "--publish",
+            "8090:80",
+            WEB_IMAGE,
+        ],
+    )
+    .await;
+    let targets: Vec<_> = (1..=3).map(|i| ("any", format!("http://{}:8090/", Lab::addr(i)))).collect();
+    for (host, url) in &targets {
+        eventually(&format!("{url} answers"), CONVERGE, async || Lab::curl(host, url).await.0).await;
+    }
+    let rounds: usize = std::env::var("SOAK_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+    let (mut total, mut failed) = (0, 0);
+    for round in 0..rounds {
+        let results = through(&targets, async || {
+            let generation = format!("GENERATION={round}");
+            Lab::docker(1, &["service", "update", "--detach=false", "--env-add", &generation, "load"]).await;
+        })
+        .await;
+        for (target, answered, failures) in &results {
+            total += answered + failures.len();
+            failed += failures.len();
+            for f in failures {
+                eprintln!("round {round}: {target}: {f}");
+            }
+        }
+        eprintln!("round {round}: {failed} of {total} failed so far");
+    }
+    mesh_counters().await;
+    assert_eq!(failed, 0, "{failed} of {total} new connections failed");
+}
