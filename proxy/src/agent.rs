@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::cluster;
 use crate::config::Config;
 use crate::dns::{self, DnsConfig};
+use crate::http::access_log::AccessLog;
 use crate::http::endpoint::Reach;
 use crate::http::proxy::{Https, Proxy};
 use crate::http::server::{self, Listener};
@@ -63,6 +64,8 @@ pub enum StartError {
     Routes(#[from] RoutesError),
     #[error("bundled example routes are broken: {0}")]
     Example(RoutesError),
+    #[error("access log: {0}")]
+    AccessLog(#[from] crate::http::access_log::StartError),
 }
 
 /// A running agent; dropping it does not stop it, call [`RunningAgent::shutdown`].
@@ -90,6 +93,16 @@ impl RunningAgent {
     pub fn reload(&self) {
         tracing::info!("reloading the routes file and the certificate directories (SIGHUP)");
         self.reload.send_replace(());
+    }
+
+    /// Reopens the access log's file (SIGUSR1, after logrotate moved it away).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = self.proxy.access_log() {
+            tracing::info!("SIGUSR1: reopening the access log");
+            log.reopen();
+        } else {
+            tracing::info!("SIGUSR1: no access log to reopen (the agent's own log goes to stderr, which its owner rotates)");
+        }
     }
 
     /// Says "not ready" (`/readyz`) for `proxy.shutdown_delay` while still serving, then
@@ -155,7 +168,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         mesh: mesh_cfg,
         cluster: cluster_cfg,
         whoami: whoami_cfg,
-        log: _,
+        log: log_cfg,
     } = cfg;
     let (reload, reloads) = watch::channel(());
     let core = Core {
@@ -187,7 +200,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     }
     let https_addr = https.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"));
     let reach = Reach { node: node_name.clone(), hop: cluster.hop.clone() };
-    let proxy = start_proxy(&proxy_cfg, https.as_ref(), reach, &core, &mut background);
+    let access = AccessLog::start(&log_cfg, metrics.access_log_dropped.clone())?;
+    let proxy = start_proxy(&proxy_cfg, https.as_ref(), reach, access, &core, &mut background);
     let dns_addr =
         dns_cfg.listen.and_then(|listen| start_dns_or_report(listen, dns_cfg, &core, &mut background));
     let mesh_view = start_mesh(mesh_cfg, &core, &mut background);
@@ -204,7 +218,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
 
     let mut servers = start_servers(http_listener, https, &proxy, &proxy_cfg, &tls_cfg, &core, &shutdown_rx);
     servers.extend(cluster.hop_server.take());
-    tracing::info!(http = %http_addr, https = ?https_addr, admin = %admin_addr, dns = ?dns_addr, "meshgate is serving");
+    let off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(http = %http_addr, https = %off(https_addr), admin = %admin_addr, dns = %off(dns_addr), "meshgate is serving");
     Ok(RunningAgent {
         http_addr,
         https_addr,
@@ -227,12 +242,13 @@ fn start_proxy(
     cfg: &crate::config::ProxyConfig,
     https: Option<&HttpsParts>,
     reach: Reach,
+    access: Option<Arc<AccessLog>>,
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Arc<Proxy> {
     let https =
         https.map(|(l, r)| Https { port: l.local_addr().map_or(443, |a| a.port()), certs: r.clone() });
-    let proxy = Arc::new(Proxy::new(cfg.clone(), core.metrics.clone(), https));
+    let proxy = Arc::new(Proxy::new(cfg.clone(), core.metrics.clone(), https, access));
     background.push(proxy.clone().follow(core.hub.clone(), cfg.default_host.clone(), reach));
     proxy
 }
@@ -401,7 +417,7 @@ fn start_servers(
             core.readiness.set(name, false, "waiting for the first state of every source");
             tokio::spawn(async move {
                 if tokio::time::timeout(crate::state::COMPLETE_PATIENCE, hub.complete()).await.is_err() {
-                    tracing::warn!(waiting_for = ?hub.pending(), "serving {name} before every source answered");
+                    tracing::warn!(waiting_for = %hub.pending().into_iter().collect::<Vec<_>>().join(","), "serving {name} before every source answered");
                 }
                 if let Some(serve) = listen() {
                     serve.await;

@@ -172,12 +172,48 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter such as `info` or `meshgate=debug,info`. `RUST_LOG` wins if set.
     pub level: String,
+    /// Where the access log goes: `stdout` (as nginx-proxy's, so `docker logs` shows it),
+    /// `stderr`, a file path (reopened on SIGUSR1, for logrotate), or `off`.
+    pub access: String,
+    pub access_format: AccessFormat,
+    /// Only requests whose status is in one of these (`404`, `500-599`) are logged; empty:
+    /// all. With `access_min_duration`, a request matching either is logged (as Traefik).
+    pub access_status: Vec<String>,
+    /// Only requests at least this slow are logged (0: no such filter).
+    #[serde(with = "humantime_serde")]
+    pub access_min_duration: Duration,
+    /// Request headers written into each line (JSON only); credentials and cookies are
+    /// written as `REDACTED`.
+    pub access_headers: Vec<String>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: "info".into() }
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+            access: "stdout".into(),
+            access_format: AccessFormat::Combined,
+            access_status: Vec::new(),
+            access_min_duration: Duration::ZERO,
+            access_headers: Vec::new(),
+        }
     }
+}
+
+/// The access log's line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    /// NCSA common: client, user, time, request line, status, bytes.
+    Common,
+    /// NCSA combined: common plus referer and user agent (nginx's default).
+    #[default]
+    Combined,
+    /// nginx-proxy's `vhost`: the host first, then combined, then the task's address.
+    Vhost,
+    /// One JSON object per line, with Traefik's access log field names.
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]

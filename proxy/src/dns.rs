@@ -180,6 +180,7 @@ mod tests {
                     https_method: crate::state::HttpsMethod::Redirect,
                     hsts: None,
                     refused: None,
+                    access_log: true,
                 }],
                 l4: vec![PublishedPort {
                     protocol: L4Protocol::Tcp,

@@ -190,9 +190,8 @@ impl Signals {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
                 _ = self.hup.recv() => agent.reload(),
-                // logrotate's habit: the log goes to stderr, which the service manager or
-                // Docker owns and rotates; nothing to reopen, and the agent is not stopped.
-                _ = self.usr1.recv() => tracing::info!("SIGUSR1: the log goes to stderr (its owner rotates it); nothing to reopen"),
+                // logrotate's habit: reopen the access log's file; the agent is not stopped.
+                _ = self.usr1.recv() => agent.reopen_logs(),
             }
         }
     }

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
+    pub access_log_dropped: IntCounter,
     pub connections_open: IntGaugeVec,
     pub connections_refused: IntCounterVec,
     pub route_refused: IntGaugeVec,
@@ -38,7 +39,7 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let registry = Registry::new();
-        let (http_requests, http_duration, http_in_flight) = request_metrics(&registry);
+        let (http_requests, http_duration, http_in_flight, access_log_dropped) = request_metrics(&registry);
         let (connections_open, connections_refused) = connection_metrics(&registry);
         let (route_refused, backend_up, state_generation) = routing_metrics(&registry);
         let (provider_reloads, provider_reload_rejected, provider_up) = provider_metrics(&registry);
@@ -48,6 +49,7 @@ impl Metrics {
             http_requests,
             http_duration,
             http_in_flight,
+            access_log_dropped,
             connections_open,
             connections_refused,
             route_refused,
@@ -96,8 +98,8 @@ impl RouteMetrics {
     }
 }
 
-/// Requests answered: counts and durations by route, and those in flight.
-fn request_metrics(r: &Registry) -> (IntCounterVec, HistogramVec, IntGauge) {
+/// Requests answered: counts and durations by route, those in flight, access log lines lost.
+fn request_metrics(r: &Registry) -> (IntCounterVec, HistogramVec, IntGauge, IntCounter) {
     (
         counter_vec(
             r,
@@ -119,6 +121,13 @@ fn request_metrics(r: &Registry) -> (IntCounterVec, HistogramVec, IntGauge) {
             ),
         ),
         register(r, IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.")),
+        register(
+            r,
+            IntCounter::new(
+                "meshgate_access_log_dropped_total",
+                "Access log lines not written because the writer fell behind (requests are never held up for the log).",
+            ),
+        ),
     )
 }
 

@@ -108,6 +108,11 @@ pub const SETTINGS: &[Setting] = &[
     s("whoami.name", "NAME", "The name the demo backend answers with"),
     s("log.format", "FORMAT", "human or json"),
     s("log.level", "FILTER", "Filter such as info or meshgate=debug"),
+    s("log.access", "WHERE", "Access log: stdout, stderr, a file (reopened on SIGUSR1) or off"),
+    s("log.access_format", "FORMAT", "combined, common, vhost (nginx-proxy's) or json (Traefik's field names)"),
+    s("log.access_status", "CODES,...", "Log only these statuses (404, 500-599); empty: all"),
+    s("log.access_min_duration", "DURATION", "Log only requests this slow (either filter suffices); 0: all"),
+    s("log.access_headers", "NAME,...", "Request headers added to JSON lines (credentials and cookies redacted)"),
 ];
 
 /// Names settings had before their names followed the keys: (old flag, old variable, key).

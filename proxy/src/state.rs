@@ -155,6 +155,19 @@ pub struct HttpRoute {
     /// Its hosts answer 503 rather than be served open (fails closed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Whether its requests are written to the access log (a label turns it off for a
+    /// health-check or metrics route).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub access_log: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 /// nginx-proxy's `HTTPS_METHOD`.

@@ -7,6 +7,7 @@
 mod harness;
 
 mod abuse;
+mod access_log;
 mod acme;
 mod admin;
 mod cluster;

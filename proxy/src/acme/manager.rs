@@ -201,7 +201,8 @@ impl Manager {
             Stored::Usable(_) | Stored::Missing => None,
             Stored::Corrupt(why) => {
                 let moved = self.store.set_aside_cert(primary);
-                tracing::warn!(certificate = %primary, moved_to = ?moved, "acme: stored certificate is unusable ({why}); set aside, ordering a new one");
+                let moved: Vec<String> = moved.iter().map(|p| p.display().to_string()).collect();
+                tracing::warn!(certificate = %primary, moved_to = %moved.join(","), "acme: stored certificate is unusable ({why}); set aside, ordering a new one");
                 None
             }
         }
@@ -454,6 +455,7 @@ mod tests {
                 https_method: HttpsMethod::Redirect,
                 hsts: None,
                 refused: None,
+                access_log: true,
             }],
             l4: vec![],
         }

@@ -103,7 +103,7 @@ pub fn start(
         // tasks: during an update the previous agent takes them meanwhile (a new agent would
         // refuse every task as not on this node).
         if tokio::time::timeout(COMPLETE_PATIENCE, hub.complete()).await.is_err() {
-            tracing::warn!(waiting_for = ?hub.pending(), "cluster: taking hops before every source answered");
+            tracing::warn!(waiting_for = %hub.pending().into_iter().collect::<Vec<_>>().join(","), "cluster: taking hops before every source answered");
         }
         match bound.listen() {
             Ok(listener) => {

@@ -329,7 +329,7 @@ async fn run(
         let next = plan(&cfg, &position.borrow_and_update());
         if next.is_some() && next != current {
             let p = next.clone().expect("checked");
-            tracing::info!(role = p.role, serve = p.serve, issuer = p.issuer, follow = ?p.follow.as_ref().map(|f| &f.0), "cluster: role");
+            tracing::info!(role = p.role, serve = p.serve, issuer = p.issuer, follow = %p.follow.as_ref().map(|f| f.0.join(",")).unwrap_or_default(), "cluster: role");
             issuer.send_replace(p.issuer);
             metrics.issuer.set(i64::from(p.issuer));
             if p.serve && server.is_none() {

@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 
+use super::access_log::Pending;
 use super::endpoint::Endpoint;
 use super::server::ConnActivity;
 
@@ -94,8 +95,7 @@ pub enum BodyError {
 
 pub struct ProxyBody {
     kind: Kind,
-    /// Held, never read: dropping it ends the request's accounting.
-    #[allow(dead_code)]
+    /// Dropping it ends the request's accounting; counts the bytes sent for the access log.
     guard: Option<RequestGuard>,
 }
 
@@ -128,10 +128,17 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.kind {
+        let this = &mut *self;
+        let frame = match &mut this.kind {
             Kind::Upstream(body) => body.poll_frame(cx, "the task's response body"),
             Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let (Poll::Ready(Some(Ok(f))), Some(guard)) = (&frame, &mut this.guard) {
+            if let (Some(data), Some(access)) = (f.data_ref(), &mut guard.access) {
+                access.sent(data.len() as u64);
+            }
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -155,19 +162,24 @@ pub struct RequestGuard {
     conn: Arc<ConnActivity>,
     in_flight: IntGauge,
     endpoint: Option<Arc<Endpoint>>,
+    /// The request's access log line, written when the guard goes (the response is done).
+    pub access: Option<Pending>,
 }
 
 impl RequestGuard {
     #[must_use]
-    pub fn new(conn: Arc<ConnActivity>, in_flight: &IntGauge) -> Self {
+    pub fn new(conn: Arc<ConnActivity>, in_flight: &IntGauge, access: Option<Pending>) -> Self {
         conn.request_started();
         in_flight.inc();
-        Self { conn, in_flight: in_flight.clone(), endpoint: None }
+        Self { conn, in_flight: in_flight.clone(), endpoint: None, access }
     }
 
     /// Moves the request's endpoint accounting to `endpoint` (on the first try or a retry).
     pub fn set_endpoint(&mut self, endpoint: &Arc<Endpoint>) {
         endpoint.begin();
+        if let Some(access) = &mut self.access {
+            access.task(endpoint.addr);
+        }
         if let Some(old) = self.endpoint.replace(endpoint.clone()) {
             old.end();
         }
@@ -181,6 +193,9 @@ impl Drop for RequestGuard {
         }
         self.in_flight.dec();
         self.conn.request_finished();
+        if let Some(access) = self.access.take() {
+            access.finish();
+        }
     }
 }
 

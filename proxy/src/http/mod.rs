@@ -1,5 +1,6 @@
 //! The HTTP reverse proxy: listener, route table, endpoints and the request path.
 
+pub mod access_log;
 pub mod body;
 pub mod endpoint;
 pub mod limits;

@@ -10,6 +10,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::access_log::{AccessLog, Pending};
 use super::body::Timer;
 use super::body::{ProxyBody, RequestGuard, UpstreamBody};
 use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Reach, Sender};
@@ -91,6 +92,7 @@ pub struct Proxy {
     /// The HTTPS side, when there is one: where to redirect to, and which hosts have a
     /// certificate.
     https: Option<Https>,
+    access: Option<Arc<AccessLog>>,
 }
 
 /// What the plain-HTTP side needs to know about HTTPS.
@@ -107,14 +109,40 @@ impl Proxy {
     }
 
     #[must_use]
-    pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>, https: Option<Https>) -> Self {
+    pub fn new(
+        cfg: ProxyConfig,
+        metrics: Arc<Metrics>,
+        https: Option<Https>,
+        access: Option<Arc<AccessLog>>,
+    ) -> Self {
         Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
             unrouted: metrics.route("none"),
             cfg,
             metrics,
             https,
+            access,
         }
+    }
+
+    /// The access log, when there is one.
+    #[must_use]
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access.as_deref()
+    }
+
+    /// Ends a request meshgate answered itself (or refused): counted on `metrics` (those
+    /// of `route`, or of no route), its log line told the status and route.
+    fn answered(
+        &self,
+        resp: Response<ProxyBody>,
+        mut guard: RequestGuard,
+        route: Option<&Route>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        route.map_or(&self.unrouted, |r| &r.metrics).observe(resp.status(), started.elapsed().as_secs_f64());
+        note(&mut guard, resp.status(), false, route);
+        resp.map(|b| b.with_guard(guard))
     }
 
     /// Compiles the route table from the hub's state now (so the listener never serves an
@@ -210,15 +238,20 @@ impl Proxy {
         }
         let upgrade = is_upgrade(&req);
         let secure = conn.secure;
+        let access = self.access.as_ref().map(|log| log.begin(&req, conn.peer, secure));
         // Two Host headers: which one routes is ambiguous (a proxy in front may have used the
         // other), so neither does (RFC 9112 3.2).
         if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
             let resp = local(StatusCode::BAD_REQUEST, "meshgate: a request has one Host header\n".to_owned());
-            self.unrouted.observe(resp.status(), started.elapsed().as_secs_f64());
-            return resp.map(|b| b.with_guard(RequestGuard::new(conn, &self.metrics.http_in_flight)));
+            return self.answered(
+                resp,
+                RequestGuard::new(conn, &self.metrics.http_in_flight, access),
+                None,
+                started,
+            );
         }
         prepare_request(&mut req, &conn, upgrade);
-        let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight);
+        let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight, access);
         // ACME HTTP-01 validation comes before any routing or redirect.
         if let (false, Some(https)) = (secure, &self.https) {
             if req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
@@ -226,8 +259,7 @@ impl Proxy {
                     let mut resp = local(StatusCode::OK, answer);
                     resp.headers_mut()
                         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-                    self.unrouted.observe(resp.status(), started.elapsed().as_secs_f64());
-                    return resp.map(|b| b.with_guard(guard));
+                    return self.answered(resp, guard, None, started);
                 }
             }
         }
@@ -238,8 +270,7 @@ impl Proxy {
         let Some(route) = route else {
             let host = request_host(&req).unwrap_or("").to_owned();
             let resp = local(StatusCode::NOT_FOUND, format!("meshgate: no route for host `{host}`\n"));
-            self.unrouted.observe(resp.status(), started.elapsed().as_secs_f64());
-            return resp.map(|b| b.with_guard(guard));
+            return self.answered(resp, guard, None, started);
         };
 
         if route.refused.is_some() {
@@ -248,12 +279,10 @@ impl Proxy {
                 "meshgate: this route is not served: it asks for a restriction meshgate does not honour (see /api/state)\n"
                     .to_owned(),
             );
-            route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
-            return resp.map(|b| b.with_guard(guard));
+            return self.answered(resp, guard, Some(&route), started);
         }
         if let Some(resp) = self.https_policy(&route, &req, secure) {
-            route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
-            return resp.map(|b| b.with_guard(guard));
+            return self.answered(resp, guard, Some(&route), started);
         }
         let asked = upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -267,11 +296,14 @@ impl Proxy {
                     Err(e) => Err((e, Some(endpoint))),
                 },
             );
-        let resp = match exchanged {
+        match exchanged {
             Ok((mut resp, endpoint, timer)) => {
+                note(&mut guard, resp.status(), true, Some(&route));
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
-                        tunnel(client, hyper::upgrade::on(&mut resp), route.clone(), endpoint);
+                        // The upgraded connection's line is written when it ends.
+                        let line = guard.access.take();
+                        tunnel(client, hyper::upgrade::on(&mut resp), route.clone(), endpoint, line);
                     }
                 } else {
                     strip_hop_by_hop(resp.headers_mut(), false);
@@ -279,6 +311,7 @@ impl Proxy {
                 if let (true, Some(hsts)) = (secure, &route.hsts) {
                     resp.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
                 }
+                route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
                 resp.map(|body| ProxyBody::upstream(body, self.cfg.upstream_body_timeout, timer, guard))
             }
             Err((error, endpoint)) => {
@@ -286,12 +319,11 @@ impl Proxy {
                 let task = endpoint.as_ref().map_or("-", |e| &*e.task);
                 let addr = endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default();
                 tracing::warn!(route = %route.name, service = %route.service, task, addr, %status, "{error}");
-                local(status, format!("meshgate: {}\n", status.canonical_reason().unwrap_or("error")))
-                    .map(|b| b.with_guard(guard))
+                let resp =
+                    local(status, format!("meshgate: {}\n", status.canonical_reason().unwrap_or("error")));
+                self.answered(resp, guard, Some(&route), started)
             }
-        };
-        route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
-        resp
+        }
     }
 
     /// Sends the request to one endpoint; when the connect fails (nothing was sent), ejects
@@ -375,6 +407,20 @@ impl Proxy {
                 },
             };
             return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
+        }
+    }
+}
+
+/// Tells the request's log line its status (`origin`: the task's) and route; a route with
+/// its log turned off writes none.
+fn note(guard: &mut RequestGuard, status: StatusCode, origin: bool, route: Option<&Route>) {
+    if route.is_some_and(|r| !r.access_log) {
+        guard.access = None;
+    }
+    if let Some(access) = &mut guard.access {
+        access.status(status.as_u16(), origin);
+        if let Some(route) = route {
+            access.route(&route.log_names);
         }
     }
 }
@@ -585,19 +631,34 @@ fn tunnel(
     upstream: hyper::upgrade::OnUpgrade,
     route: Arc<Route>,
     endpoint: Arc<Endpoint>,
+    mut line: Option<Pending>,
 ) {
     tokio::spawn(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!(route = %route.name, task = %endpoint.task, error = %e, "upgrade did not complete");
+                if let Some(line) = line {
+                    line.finish();
+                }
                 return;
             }
         };
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(route = %route.name, task = %endpoint.task, error = %e, "upgraded connection ended with an error");
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((received, sent)) => {
+                if let Some(line) = &mut line {
+                    line.received(received);
+                    line.sent(sent);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(route = %route.name, task = %endpoint.task, error = %e, "upgraded connection ended with an error");
+            }
+        }
+        if let Some(line) = line {
+            line.finish();
         }
     });
 }

@@ -29,6 +29,10 @@ pub struct Route {
     pub hsts: Option<http::HeaderValue>,
     /// Why it is not served (it asks for a restriction meshgate does not honour): 503.
     pub refused: Option<String>,
+    /// Whether its requests are written to the access log.
+    pub access_log: bool,
+    /// Its names in access log lines.
+    pub log_names: Arc<super::access_log::RouteNames>,
 }
 
 impl Route {
@@ -110,6 +114,11 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         https_method: a.https_method,
         hsts: a.hsts.clone(),
         refused: None,
+        access_log: a.access_log || b.access_log,
+        log_names: Arc::new(super::access_log::RouteNames {
+            router: a.name.clone(),
+            service: format!("{}+{}", a.service, b.service),
+        }),
     })
 }
 
@@ -188,6 +197,10 @@ impl RouteTable {
                 }
                 let route = Arc::new(Route {
                     metrics: metrics.route(&name),
+                    log_names: Arc::new(super::access_log::RouteNames {
+                        router: name.clone(),
+                        service: svc.name.clone(),
+                    }),
                     name,
                     service: svc.name.clone(),
                     path: http.path.clone(),
@@ -195,6 +208,7 @@ impl RouteTable {
                     https_method: http.https_method,
                     hsts: http.hsts.as_deref().and_then(|h| http::HeaderValue::from_str(h).ok()),
                     refused: http.refused.clone(),
+                    access_log: http.access_log,
                     protocol: http.protocol,
                     endpoints,
                 });
@@ -353,6 +367,7 @@ mod tests {
                 https_method: crate::state::HttpsMethod::Redirect,
                 hsts: None,
                 refused: None,
+                access_log: true,
             }],
             l4: vec![],
         }

@@ -35,6 +35,8 @@ pub struct ConnActivity {
     /// (for `X-Forwarded-Proto` and `-Port`).
     pub secure: bool,
     pub port_header: HeaderValue,
+    /// The client's address and port (for the access log).
+    pub peer: std::net::SocketAddr,
     /// The client's address, and the same as a header value (made once per connection).
     pub client_ip: IpAddr,
     pub client_ip_header: HeaderValue,
@@ -54,8 +56,10 @@ pub struct ConnActivity {
 }
 
 impl ConnActivity {
-    fn new(client_ip: IpAddr, trusted: &[IpNet], listener: &Listener) -> Self {
+    fn new(peer: std::net::SocketAddr, trusted: &[IpNet], listener: &Listener) -> Self {
+        let client_ip = peer.ip();
         Self {
+            peer,
             secure: listener.tls.is_some(),
             port_header: HeaderValue::from(listener.port),
             client_ip,
@@ -223,7 +227,7 @@ pub async fn serve(
                 let (proxy, builder, cfg, stop, kind) = (proxy.clone(), builder.clone(), cfg.clone(), stop.clone(), kind.clone());
                 connections.spawn(async move {
                     let _admitted = admitted;
-                    let activity = Arc::new(ConnActivity::new(peer.ip(), &cfg.trusted_networks, &kind));
+                    let activity = Arc::new(ConnActivity::new(peer, &cfg.trusted_networks, &kind));
                     match &kind.tls {
                         None => serve_connection(stream, activity, proxy, builder, cfg, stop).await,
                         Some(acceptor) => {

@@ -31,7 +31,7 @@ impl TaskDevices {
             .filter(|d| !names.contains(*d))
             .collect();
         if !added.is_empty() {
-            tracing::info!(devices = ?added, "L4 mesh: reply translation on the devices of local tasks");
+            tracing::info!(devices = %added.join(","), "L4 mesh: reply translation on the devices of local tasks");
         }
         self.failing = names;
         self.current = wanted;

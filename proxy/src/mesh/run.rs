@@ -144,7 +144,7 @@ pub async fn run(
         true,
         format!("XDP ({mode:?}) on {uplink}, node {node_name} at {node_address}{}", kept.unwrap_or_default()),
     );
-    tracing::info!(%uplink, %node_address, ?mode, "L4 mesh attached");
+    tracing::info!(%uplink, %node_address, mode = %format!("{mode:?}"), "L4 mesh attached");
     match mesh.counters().twin() {
         Ok(reader) => crate::metrics::register_collector(&registry, MeshCollector::new(reader)),
         Err(e) => tracing::warn!("L4 mesh: no counters in /metrics: {e}"),

@@ -95,6 +95,13 @@ struct HttpEntry {
     #[serde(default)]
     https_method: HttpsMethod,
     hsts: Option<String>,
+    /// `false`: its requests are not written to the access log.
+    #[serde(default = "yes")]
+    access_log: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn root_path() -> Spanned<String> {
@@ -242,6 +249,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
             None => Some("max-age=31536000".to_owned()),
         },
         refused: None,
+        access_log: h.access_log,
     })
 }
 

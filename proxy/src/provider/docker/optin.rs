@@ -190,6 +190,16 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
             }
         }
     }
+    // `meshgate.access_log=false`: none of the workload's requests are logged (a health
+    // check, a metrics endpoint).
+    match label("meshgate.access_log").map(|v| (v, parse_bool(v))) {
+        Some((_, Some(false))) => out.routes.iter_mut().for_each(|r| r.access_log = false),
+        Some((v, None)) => out.problems.push(
+            self::label("meshgate.access_log")(ValueError::NotOneOf(v.to_owned(), "true or false"))
+                .to_string(),
+        ),
+        _ => {}
+    }
     out.network = label("meshgate.network")
         .or_else(|| label("traefik.docker.network"))
         .or_else(|| label("traefik.swarm.network"))
@@ -225,6 +235,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.path",
         "meshgate.tls",
         "meshgate.tls.email",
+        "meshgate.access_log",
     ];
     let mut out = Vec::new();
     for name in w.env.keys() {
@@ -258,6 +269,7 @@ fn known_traefik_label(name: &str) -> bool {
             rest,
             ["rule" | "service" | "entrypoints" | "middlewares" | "tls"]
                 | ["tls", "certresolver" | "options"]
+                | ["observability", "accesslogs"]
         ),
         other => matches!(
             other,
@@ -285,6 +297,7 @@ fn route(
         https_method: HttpsMethod::Redirect,
         hsts: None,
         refused: None,
+        access_log: true,
     }
 }
 
@@ -409,6 +422,16 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             TlsWish::None
         };
         let (https_method, refused) = router_access(&key, label);
+        let access_log = match label(&key("observability.accesslogs")).map(|v| (v, parse_bool(v))) {
+            Some((_, Some(on))) => on,
+            Some((v, None)) => {
+                let k = key("observability.accesslogs");
+                out.problems
+                    .push(self::label(&k)(ValueError::NotOneOf(v.to_owned(), "true or false")).to_string());
+                true
+            }
+            None => true,
+        };
         if let Some(why) = &refused {
             out.problems.push(why.clone());
         }
@@ -420,6 +443,7 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             out.routes.push(HttpRoute {
                 https_method,
                 refused: refused.clone(),
+                access_log,
                 ..route(alt.hosts, alt.path.unwrap_or_else(|| "/".into()), port, protocol, tls.clone())
             });
         }
@@ -568,6 +592,30 @@ mod tests {
             read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "81")], &[], &[3000]).routes[0].port,
             81
         );
+    }
+
+    #[test]
+    fn the_access_log_is_turned_off_per_workload_or_per_traefik_router() {
+        let o = read_with(&[("VIRTUAL_HOST", "a.test")], &[("meshgate.access_log", "false")], &[80]);
+        assert!(!o.routes[0].access_log);
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert!(read_with(&[("VIRTUAL_HOST", "a.test")], &[], &[80]).routes[0].access_log);
+        let o = read_with(
+            &[],
+            &[
+                ("traefik.enable", "true"),
+                ("traefik.http.routers.ping.rule", "Host(`a.test`) && Path(`/ping`)"),
+                ("traefik.http.routers.ping.observability.accesslogs", "false"),
+                ("traefik.http.routers.app.rule", "Host(`a.test`)"),
+            ],
+            &[80],
+        );
+        let by_path: std::collections::HashMap<_, _> =
+            o.routes.iter().map(|r| (r.path.as_str(), r.access_log)).collect();
+        assert_eq!((by_path["/ping"], by_path["/"]), (false, true));
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        let o = read_with(&[("VIRTUAL_HOST", "a.test")], &[("meshgate.access_log", "maybe")], &[80]);
+        assert!(o.problems.iter().any(|p| p.contains("meshgate.access_log")), "{:?}", o.problems);
     }
 
     #[test]
