@@ -2,9 +2,10 @@
 
 Fairness rules: every proxy gets one worker (nginx worker_processes 1, HAProxy nbthread 1,
 meshgate TOKIO_WORKER_THREADS=1) pinned to CPU 0; the backend (nginx answering a fixed 2-byte
-body) and the load generator share CPU 1; logging is off everywhere; every proxy keeps
-upstream connections alive and sets X-Forwarded-For/X-Real-IP; rounds are interleaved so
-machine noise hits all proxies alike.
+body) and the load generator share CPU 1; logging is off everywhere (LOGGING=1: meshgate
+writes JSON access lines to a file, nginx a JSON line with as many fields to a file, HAProxy
+sits out: it logs through syslog only); every proxy keeps upstream connections alive and sets
+X-Forwarded-For/X-Real-IP; rounds are interleaved so machine noise hits all proxies alike.
 """
 
 import os
@@ -30,6 +31,11 @@ BACKEND_PORT, PORTS = 18000, {"meshgate": 18081, "nginx": 18082, "haproxy": 1808
 BASELINE = os.environ.get("BASELINE")
 if BASELINE:
     PORTS["meshgate-before"] = 18084
+# LOGGING=1: meshgate and nginx each logging and silent, in the same run.
+LOGGING = os.environ.get("LOGGING") == "1"
+if LOGGING:
+    del PORTS["haproxy"]
+    PORTS.update({"meshgate-silent": 18085, "nginx-silent": 18086})
 HOST = "bench.local"
 PROXY_CPU, LOAD_CPU = "0", "1"
 
@@ -45,10 +51,23 @@ def nginx_conf(body):
 
 
 BACKEND = nginx_conf(f"server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 'ok'; }} }}")
-NGINX = nginx_conf(f"""upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
-server {{ listen 127.0.0.1:{PORTS['nginx']}; location / {{ proxy_pass http://be; proxy_http_version 1.1;
+# The fields of meshgate's JSON lines that nginx has variables for, as JSON, buffered as
+# nginx users do (`buffer=64k flush=1s`; meshgate writes through a 64 KiB buffer too).
+NGINX_LOG = f"""log_format json escape=json '{{"ClientAddr":"$remote_addr:$remote_port","ClientHost":"$remote_addr",'
+'"DownstreamContentSize":$body_bytes_sent,"DownstreamStatus":$status,"Duration":"$request_time",'
+'"OriginStatus":"$upstream_status","RequestAddr":"$http_host","RequestHost":"$host","RequestMethod":"$request_method",'
+'"RequestPath":"$request_uri","RequestProtocol":"$server_protocol","RequestScheme":"$scheme","ServiceAddr":"$upstream_addr",'
+'"StartUTC":"$time_iso8601","request_User-Agent":"$http_user_agent"}}';
+access_log {tmp}/nginx-access.log json buffer=64k flush=1s;"""
+
+
+def nginx_proxy(port, log):
+    return nginx_conf(f"""{NGINX_LOG if log else ""} upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
+server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://be; proxy_http_version 1.1;
 proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr;
 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""")
+
+
 HAPROXY = benchlib.haproxy_conf(f"127.0.0.1:{PORTS['haproxy']}", BACKEND_PORT)
 ROUTES = f"""[[services]]
 name = "bench"
@@ -96,12 +115,20 @@ def run_rate(port):
 def main():
     exe = os.path.join(ROOT, "target", "release", "meshgate")
     backend = start(["nginx", "-c", write("backend.conf", BACKEND)], LOAD_CPU)
+    def meshgate(port, admin, env):
+        return start([exe, "--routes-file", write("routes.toml", ROUTES), "--http-listen", f"127.0.0.1:{port}",
+                      "--admin-listen", f"127.0.0.1:{admin}", "--log-level", "warn"], PROXY_CPU, {"TOKIO_WORKER_THREADS": "1", **env})
+
+    logs = {"MESHGATE_LOG_ACCESS": f"{tmp}/meshgate-access.log", "MESHGATE_LOG_ACCESS_FORMAT": "json"} if LOGGING else {}
     procs = {
-        "meshgate": start([exe, "--routes-file", write("routes.toml", ROUTES), "--http-listen", f"127.0.0.1:{PORTS['meshgate']}",
-                           "--admin-listen", "127.0.0.1:19090", "--log-level", "warn"], PROXY_CPU, {"TOKIO_WORKER_THREADS": "1"}),
-        "nginx": start(["nginx", "-c", write("nginx.conf", NGINX)], PROXY_CPU),
-        "haproxy": start(["haproxy", "-f", write("haproxy.cfg", HAPROXY)], PROXY_CPU),
+        "meshgate": meshgate(PORTS["meshgate"], 19090, logs),
+        "nginx": start(["nginx", "-c", write("nginx.conf", nginx_proxy(PORTS["nginx"], LOGGING))], PROXY_CPU),
     }
+    if LOGGING:
+        procs["meshgate-silent"] = meshgate(PORTS["meshgate-silent"], 19092, {})
+        procs["nginx-silent"] = start(["nginx", "-c", write("nginx-silent.conf", nginx_proxy(PORTS["nginx-silent"], False))], PROXY_CPU)
+    else:
+        procs["haproxy"] = start(["haproxy", "-f", write("haproxy.cfg", HAPROXY)], PROXY_CPU)
     if BASELINE:
         procs["meshgate-before"] = start([BASELINE, "--routes", write("routes.toml", ROUTES), "--http-listen",
                                           f"127.0.0.1:{PORTS['meshgate-before']}", "--admin-listen", "127.0.0.1:19091",
@@ -143,16 +170,19 @@ def med(runs, key):
 
 def report(results, idle, peak):
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
-    versions = {
-        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
-        "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
-    }
+    versions = [subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()]
+    if not LOGGING:
+        versions.append(subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0])
+    heading = "## HTTP proxy with access logs: meshgate vs nginx" if LOGGING else "## HTTP proxy: meshgate vs nginx vs HAProxy"
+    logging = ("`meshgate` and `nginx` write a JSON access line per request to a file (meshgate: `log.access_format=json`, "
+               "Traefik's fields; nginx: a `log_format escape=json` with the same fields it has, `buffer=64k`); "
+               "`-silent`: the same without." if LOGGING else "logging off")
     lines = [
-        "## HTTP proxy: meshgate vs nginx vs HAProxy",
+        heading,
         "",
-        f"Made by `bench/proxy.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}, RATE={RATE}) on {time.strftime('%Y-%m-%d')}, "
-        f"2 cores ({cpu}); {versions['nginx']}; {versions['haproxy']}. Medians of {ROUNDS} interleaved rounds.",
-        "Each proxy: one worker pinned to CPU 0, logging off, upstream keep-alive, X-Forwarded-For set. "
+        f"Made by `{'LOGGING=1 ' if LOGGING else ''}bench/proxy.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}, RATE={RATE}) on {time.strftime('%Y-%m-%d')}, "
+        f"2 cores ({cpu}); {'; '.join(versions)}. Medians of {ROUNDS} interleaved rounds.",
+        f"Each proxy: one worker pinned to CPU 0, {logging}, upstream keep-alive, X-Forwarded-For set. "
         "Backend (nginx `return 200 'ok'`) and load generator on CPU 1. "
         "Peak: `wrk -t1 -cN -d10s --latency`. Fixed rate: `h2load --h1 -c16 --rps=RATE/16`.",
         "",
@@ -174,7 +204,15 @@ def report(results, idle, peak):
                      f"{idle[name] / 1024:.1f} | {peak[name] / 1024:.1f} |")
     if BASELINE:
         lines += ["", f"`meshgate-before`: `{BASELINE}` (BASELINE=), the same measurements in the same run."]
-    replace_section("## HTTP proxy:", "\n".join(lines) + "\n")
+    if LOGGING:
+        lines += ["", "What logging costs each (req/s logging / silent) and meshgate's ratio to nginx both ways:", "",
+                  "| conns | meshgate logging/silent | nginx logging/silent | meshgate/nginx logging | meshgate/nginx silent |",
+                  "|---|---|---|---|---|"]
+        for conns in CONNS:
+            rps = {name: med(results[name][conns], "rps") for name in results}
+            lines.append(f"| {conns} | {rps['meshgate'] / rps['meshgate-silent']:.2f} | {rps['nginx'] / rps['nginx-silent']:.2f} | "
+                         f"{rps['meshgate'] / rps['nginx']:.2f} | {rps['meshgate-silent'] / rps['nginx-silent']:.2f} |")
+    replace_section(heading.split(":")[0] + ":", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -478,6 +478,7 @@ fn start_https(
     let listener = claim(("HTTPS", "tls.https_listen"), addr, core.reuse_port)?;
     let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
     let resolver = Arc::new(CertResolver::new(fallback));
+    crate::metrics::register_collector(&core.metrics.registry, tls::ExpiryCollector::new(resolver.clone()));
     if let Some(dir) = &tls_cfg.certs_dir {
         // Loaded before serving, so the first handshake already sees them.
         let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);

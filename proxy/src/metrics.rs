@@ -3,6 +3,9 @@
 //! Per-route handles are resolved once when the route table is compiled (see
 //! [`RouteMetrics`]), so the request path only touches atomics.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -14,10 +17,14 @@ pub struct Metrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub http_request_bytes: IntCounterVec,
+    pub http_response_bytes: IntCounterVec,
+    pub http_retries: IntCounterVec,
     pub http_in_flight: IntGauge,
     pub access_log_dropped: IntCounter,
     pub connections_open: IntGaugeVec,
     pub connections_refused: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
     pub route_refused: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub state_generation: IntGauge,
@@ -39,19 +46,24 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let registry = Registry::new();
-        let (http_requests, http_duration, http_in_flight, access_log_dropped) = request_metrics(&registry);
-        let (connections_open, connections_refused) = connection_metrics(&registry);
+        let requests = request_metrics(&registry);
+        let (connections_open, connections_refused, tls_handshakes) = connection_metrics(&registry);
         let (route_refused, backend_up, state_generation) = routing_metrics(&registry);
         let (provider_reloads, provider_reload_rejected, provider_up) = provider_metrics(&registry);
         let (acme_days_left, acme_issued, acme_failures) = acme_metrics(&registry);
+        process_metrics(&registry);
         Self {
             registry,
-            http_requests,
-            http_duration,
-            http_in_flight,
-            access_log_dropped,
+            http_requests: requests.answered,
+            http_duration: requests.duration,
+            http_request_bytes: requests.request_bytes,
+            http_response_bytes: requests.response_bytes,
+            http_retries: requests.retries,
+            http_in_flight: requests.in_flight,
+            access_log_dropped: requests.access_log_dropped,
             connections_open,
             connections_refused,
+            tls_handshakes,
             route_refused,
             backend_up,
             state_generation,
@@ -72,79 +84,221 @@ impl Metrics {
         out
     }
 
-    /// Resolves the label handles of one route.
+    /// Resolves the label handles of one route (`none`/`none`: requests no route took).
     #[must_use]
-    pub fn route(&self, route: &str) -> RouteMetrics {
-        let class = |c: &str| self.http_requests.with_label_values(&[route, c]);
-        RouteMetrics {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
-            duration: self.http_duration.with_label_values(&[route]),
+    pub fn route(&self, route: &str, service: &str) -> RouteMetrics {
+        let labels = [service, route];
+        RouteMetrics(Arc::new(RouteHandles {
+            service: service.to_owned(),
+            route: route.to_owned(),
+            requests: self.http_requests.clone(),
+            by_kind: RwLock::new(HashMap::new()),
+            duration: self.http_duration.with_label_values(&labels),
+            request_bytes: self.http_request_bytes.with_label_values(&labels),
+            response_bytes: self.http_response_bytes.with_label_values(&labels),
+            retries: self.http_retries.with_label_values(&labels),
+        }))
+    }
+}
+
+/// The methods requests are counted by; any other is `other` (bounded label values).
+const METHODS: [&str; 10] =
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other"];
+
+/// What kind of exchange a request is, for the `protocol` label (Traefik's values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http = 0,
+    Websocket = 1,
+    /// Server-sent events (`Accept: text/event-stream`).
+    Sse = 2,
+    Grpc = 3,
+}
+
+impl Protocol {
+    const LABELS: [&str; 4] = ["http", "websocket", "sse", "grpc"];
+
+    /// The kind of `req`, from its headers.
+    #[must_use]
+    pub fn of<B>(req: &http::Request<B>) -> Self {
+        let h = req.headers();
+        let has = |name: http::header::HeaderName, prefix: &[u8]| {
+            h.get(name).is_some_and(|v| {
+                v.as_bytes().len() >= prefix.len()
+                    && v.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix)
+            })
+        };
+        if has(http::header::UPGRADE, b"websocket") {
+            Self::Websocket
+        } else if has(http::header::CONTENT_TYPE, b"application/grpc") {
+            Self::Grpc
+        } else if has(http::header::ACCEPT, b"text/event-stream") {
+            Self::Sse
+        } else {
+            Self::Http
         }
     }
 }
 
-/// A route's counters, resolved once per compile.
-#[derive(Clone)]
-pub struct RouteMetrics {
-    by_class: [IntCounter; 5],
-    duration: Histogram,
-}
+/// A request's labels besides its route: method and protocol, packed once per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestKind(u16);
 
-impl RouteMetrics {
-    pub fn observe(&self, status: http::StatusCode, seconds: f64) {
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.by_class[class].inc();
-        self.duration.observe(seconds);
+impl RequestKind {
+    #[must_use]
+    pub fn of<B>(req: &http::Request<B>) -> Self {
+        let method = METHODS.iter().position(|m| *m == req.method().as_str()).unwrap_or(METHODS.len() - 1);
+        Self(u16::try_from(method).unwrap_or(9) << 4 | Protocol::of(req) as u16)
     }
 }
 
-/// Requests answered: counts and durations by route, those in flight, access log lines lost.
-fn request_metrics(r: &Registry) -> (IntCounterVec, HistogramVec, IntGauge, IntCounter) {
-    (
-        counter_vec(
+/// A route's counters, resolved once per compile (those by status, method and protocol
+/// when first seen).
+#[derive(Clone)]
+pub struct RouteMetrics(Arc<RouteHandles>);
+
+struct RouteHandles {
+    service: String,
+    route: String,
+    requests: IntCounterVec,
+    /// By `status << 16 | kind`.
+    by_kind: RwLock<HashMap<u32, IntCounter>>,
+    duration: Histogram,
+    request_bytes: IntCounter,
+    response_bytes: IntCounter,
+    retries: IntCounter,
+}
+
+impl RouteMetrics {
+    /// One answered request: its count, by status, method and protocol, and its duration.
+    pub fn observe(&self, status: http::StatusCode, kind: RequestKind, seconds: f64) {
+        let key = u32::from(status.as_u16()) << 16 | u32::from(kind.0);
+        let known = self.0.by_kind.read().ok().and_then(|m| m.get(&key).cloned());
+        let counter = known.unwrap_or_else(|| {
+            let method = METHODS[usize::from(kind.0 >> 4).min(METHODS.len() - 1)];
+            let protocol = Protocol::LABELS[usize::from(kind.0 & 0xf).min(3)];
+            let code = status.as_str();
+            let c =
+                self.0.requests.with_label_values(&[&self.0.service, &self.0.route, code, method, protocol]);
+            if let Ok(mut m) = self.0.by_kind.write() {
+                m.insert(key, c.clone());
+            }
+            c
+        });
+        counter.inc();
+        self.0.duration.observe(seconds);
+    }
+
+    /// Bytes of a request's body (from the client) and of its response's (to the client).
+    pub fn bytes(&self, received: u64, sent: u64) {
+        self.0.request_bytes.inc_by(received);
+        self.0.response_bytes.inc_by(sent);
+    }
+
+    /// A request sent again (on another task, or on a fresh connection).
+    pub fn retried(&self) {
+        self.0.retries.inc();
+    }
+}
+
+/// Request metrics, made together.
+struct Requests {
+    answered: IntCounterVec,
+    duration: HistogramVec,
+    request_bytes: IntCounterVec,
+    response_bytes: IntCounterVec,
+    retries: IntCounterVec,
+    in_flight: IntGauge,
+    access_log_dropped: IntCounter,
+}
+
+/// Requests answered: counts by service, route, status, method and protocol; durations,
+/// bytes and retries by service and route; those in flight; access log lines lost.
+fn request_metrics(r: &Registry) -> Requests {
+    let by_route = ["service", "route"];
+    Requests {
+        answered: counter_vec(
             r,
             "meshgate_http_requests_total",
-            "HTTP requests answered, by route and status class (2xx, 4xx, ...).",
-            &["route", "class"],
+            "HTTP requests answered, by service, route, status code, method and protocol (http, websocket, sse, grpc). route=\"none\": no route took it.",
+            &["service", "route", "code", "method", "protocol"],
         ),
-        register(
+        duration: register(
             r,
             HistogramVec::new(
                 HistogramOpts::new(
                     "meshgate_http_request_duration_seconds",
-                    "Time from request head received to response head sent, by route.",
+                    "Time from request head received to response head sent, by service and route.",
                 )
                 .buckets(vec![
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ]),
-                &["route"],
+                &by_route,
             ),
         ),
-        register(r, IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.")),
-        register(
+        request_bytes: counter_vec(
+            r,
+            "meshgate_http_request_bytes_total",
+            "Bytes of request bodies received from clients (both ways of an upgraded connection: this way), by service and route.",
+            &by_route,
+        ),
+        response_bytes: counter_vec(
+            r,
+            "meshgate_http_response_bytes_total",
+            "Bytes of response bodies sent to clients, by service and route.",
+            &by_route,
+        ),
+        retries: counter_vec(
+            r,
+            "meshgate_http_retries_total",
+            "Requests sent again: on another task after a failed connect, or on a fresh connection after a kept-alive one closed under them.",
+            &by_route,
+        ),
+        in_flight: register(r, IntGauge::new("meshgate_http_requests_in_flight", "HTTP requests being served now.")),
+        access_log_dropped: register(
             r,
             IntCounter::new(
                 "meshgate_access_log_dropped_total",
                 "Access log lines not written because the writer fell behind (requests are never held up for the log).",
             ),
         ),
-    )
+    }
 }
 
-/// Client connections held and refused, by listener.
-fn connection_metrics(r: &Registry) -> (IntGaugeVec, IntCounterVec) {
+/// The process (`process_cpu_seconds_total`, `process_resident_memory_bytes`, open fds, ...)
+/// and the build (`meshgate_build_info{version}`).
+fn process_metrics(r: &Registry) {
+    register_collector(r, prometheus::process_collector::ProcessCollector::for_self());
+    let info = register(
+        r,
+        IntGaugeVec::new(
+            Opts::new("meshgate_build_info", "1, labelled with the running version."),
+            &["version"],
+        ),
+    );
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+}
+
+/// Client connections held and refused, by listener; TLS handshakes.
+fn connection_metrics(r: &Registry) -> (IntGaugeVec, IntCounterVec, IntCounterVec) {
     (
         gauge_vec(
             r,
             "meshgate_connections_open",
-            "Client connections held now, by listener (http, https).",
-            &["listener"],
+            "Client connections held now, by listener (http, https) and protocol (http/1.1, h2; a connection is http/1.1 until its first HTTP/2 request).",
+            &["listener", "protocol"],
         ),
         counter_vec(
             r,
             "meshgate_connections_refused_total",
             "Client connections refused at a limit, by listener and reason (listener_full: proxy.max_connections; client_full: proxy.max_connections_per_client).",
             &["listener", "reason"],
+        ),
+        counter_vec(
+            r,
+            "meshgate_tls_handshakes_total",
+            "TLS handshakes on the HTTPS listener, by result (ok, failed, timeout).",
+            &["result"],
         ),
     )
 }

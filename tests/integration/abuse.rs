@@ -322,7 +322,10 @@ async fn connection_limits_refuse_gracefully_count_and_recover() {
     let (_, refused) = open(&full).await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     let metrics = curl(&[&full.admin_url("/metrics")]).await.1;
-    assert!(metrics.contains("meshgate_connections_open{listener=\"http\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("meshgate_connections_open{listener=\"http\",protocol=\"http/1.1\"} 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("reason=\"listener_full\"} 1"), "{metrics}");
     drop(held);
 }

@@ -13,12 +13,43 @@ async fn admin_endpoints_show_traffic_state_and_health() {
         assert_eq!(mesh.get("admin.test", "/app/x").await.0, StatusCode::OK);
     }
     assert_eq!(mesh.get("admin.test", "/elsewhere").await.0, StatusCode::NOT_FOUND);
+    let post = http::Request::post(mesh.url("/app/upload"))
+        .header("host", "admin.test")
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; 1000])))
+        .unwrap();
+    assert_eq!(crate::harness::send(mesh.client(), post).await.0, StatusCode::OK);
+    let weird = http::Request::builder()
+        .method("BREW")
+        .uri(mesh.url("/app/x"))
+        .header("host", "admin.test")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    crate::harness::send(mesh.client(), weird).await;
 
     let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
+    let app = "route=\"admin.test/app\",service=\"web\"";
     for needle in [
-        "meshgate_http_requests_total{class=\"2xx\",route=\"admin.test/app\"} 3",
-        "meshgate_http_requests_total{class=\"4xx\",route=\"none\"} 1",
-        "meshgate_http_request_duration_seconds_count{route=\"admin.test/app\"} 3",
+        format!("meshgate_http_requests_total{{code=\"200\",method=\"GET\",protocol=\"http\",{app}}} 3"),
+        format!("meshgate_http_requests_total{{code=\"200\",method=\"POST\",protocol=\"http\",{app}}} 1"),
+        // Methods outside the standard ones share one label value (bounded cardinality).
+        format!("meshgate_http_requests_total{{code=\"200\",method=\"other\",protocol=\"http\",{app}}} 1"),
+        "meshgate_http_requests_total{code=\"404\",method=\"GET\",protocol=\"http\",route=\"none\",service=\"none\"} 1".into(),
+        format!("meshgate_http_request_duration_seconds_count{{{app}}} 5"),
+        format!("meshgate_http_request_bytes_total{{{app}}} 1000"),
+        "meshgate_connections_open{listener=\"http\",protocol=\"http/1.1\"} 1".into(),
+        format!("meshgate_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+        "process_resident_memory_bytes ".into(),
+        "process_open_fds ".into(),
+    ] {
+        assert!(metrics.contains(&needle), "/metrics lacks {needle}:\n{metrics}");
+    }
+    let sent: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("meshgate_http_response_bytes_total{{{app}}}")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("response bytes of the route");
+    assert!(sent > 5 * 50, "five whoami answers were sent: {sent} bytes");
+    for needle in [
         "meshgate_http_requests_in_flight 0",
         "meshgate_state_generation 1",
         "meshgate_provider_reloads_total{provider=\"file\"} 1",

@@ -196,6 +196,21 @@ async fn unknown_names_can_be_refused_at_the_handshake() {
     assert!(https(&mesh, certs.path(), "known.test", &[]).await.0);
     let (ok, out) = https(&mesh, certs.path(), "other.test", &["-k"]).await;
     assert!(!ok, "no certificate, no handshake: {out}");
+
+    // What an operator's board shows: handshakes by result, each certificate's expiry.
+    let metrics = String::from_utf8(mesh.agent.metrics.render()).unwrap();
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+    };
+    assert!(value("meshgate_tls_handshakes_total{result=\"ok\"}") >= 1.0);
+    assert!(value("meshgate_tls_handshakes_total{result=\"failed\"}") >= 1.0);
+    let not_after = value("meshgate_tls_certificate_not_after_seconds{name=\"known.test\",source=\"files\"}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(not_after > now, "the test CA's certificate is valid: {not_after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -226,9 +226,14 @@ impl Pending {
         self.record.bytes += bytes;
     }
 
-    /// The request's bytes as counted (an upgraded connection's, both ways).
+    /// Bytes received from the client on an upgraded connection.
     pub fn received(&mut self, bytes: u64) {
         self.record.request_bytes += bytes;
+    }
+
+    /// The request body's bytes as counted (in place of its `Content-Length`).
+    pub fn received_exactly(&mut self, bytes: u64) {
+        self.record.request_bytes = bytes;
     }
 
     /// Writes the line now.

@@ -5,6 +5,7 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use prometheus::IntGauge;
 use super::access_log::Pending;
 use super::endpoint::Endpoint;
 use super::server::ConnActivity;
+use crate::metrics::RouteMetrics;
 
 enum Kind {
     Upstream(Idle),
@@ -134,8 +136,8 @@ impl Body for ProxyBody {
             Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         if let (Poll::Ready(Some(Ok(f))), Some(guard)) = (&frame, &mut this.guard) {
-            if let (Some(data), Some(access)) = (f.data_ref(), &mut guard.access) {
-                access.sent(data.len() as u64);
+            if let Some(data) = f.data_ref() {
+                guard.sent += data.len() as u64;
             }
         }
         frame
@@ -164,6 +166,13 @@ pub struct RequestGuard {
     endpoint: Option<Arc<Endpoint>>,
     /// The request's access log line, written when the guard goes (the response is done).
     pub access: Option<Pending>,
+    /// Where its bytes are counted, once a route (or none) answered it.
+    pub metrics: Option<RouteMetrics>,
+    /// Body bytes sent to the client so far.
+    sent: u64,
+    /// Body bytes received from the client, counted as they go to the task (requests with
+    /// a body).
+    pub received: Option<Arc<AtomicU64>>,
 }
 
 impl RequestGuard {
@@ -171,7 +180,15 @@ impl RequestGuard {
     pub fn new(conn: Arc<ConnActivity>, in_flight: &IntGauge, access: Option<Pending>) -> Self {
         conn.request_started();
         in_flight.inc();
-        Self { conn, in_flight: in_flight.clone(), endpoint: None, access }
+        Self {
+            conn,
+            in_flight: in_flight.clone(),
+            endpoint: None,
+            access,
+            metrics: None,
+            sent: 0,
+            received: None,
+        }
     }
 
     /// Moves the request's endpoint accounting to `endpoint` (on the first try or a retry).
@@ -193,7 +210,15 @@ impl Drop for RequestGuard {
         }
         self.in_flight.dec();
         self.conn.request_finished();
-        if let Some(access) = self.access.take() {
+        let received = self.received.as_ref().map(|r| r.load(Ordering::Relaxed));
+        if let Some(metrics) = &self.metrics {
+            metrics.bytes(received.unwrap_or(0), self.sent);
+        }
+        if let Some(mut access) = self.access.take() {
+            access.sent(self.sent);
+            if let Some(received) = received {
+                access.received_exactly(received);
+            }
             access.finish();
         }
     }
@@ -202,19 +227,19 @@ impl Drop for RequestGuard {
 /// The body a task gets: the client's, streamed, or none. A request without a body can be
 /// sent again when the connection it went out on turns out closed (see `Proxy::send`).
 pub enum UpstreamBody {
-    Client(Idle),
+    Client(Idle, Arc<AtomicU64>),
     Empty,
 }
 
 impl UpstreamBody {
     /// The client's body, which must send a frame at least every `idle`, or `Empty` when it
-    /// has none.
+    /// has none; its bytes are counted in a counter left in `count`.
     #[must_use]
-    pub fn of(body: Incoming, idle: Duration) -> Self {
+    pub fn of(body: Incoming, idle: Duration, count: &mut Option<Arc<AtomicU64>>) -> Self {
         if body.is_end_stream() {
             Self::Empty
         } else {
-            Self::Client(Idle::new(body, idle))
+            Self::Client(Idle::new(body, idle), count.get_or_insert_with(Arc::default).clone())
         }
     }
 }
@@ -235,21 +260,29 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Self::Client(body) => body.poll_frame(cx, "the client's request body").map_err(ClientBodyError),
+            Self::Client(body, count) => {
+                let frame = body.poll_frame(cx, "the client's request body").map_err(ClientBodyError);
+                if let Poll::Ready(Some(Ok(f))) = &frame {
+                    if let Some(data) = f.data_ref() {
+                        count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                frame
+            }
             Self::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Client(idle) => idle.body.is_end_stream(),
+            Self::Client(idle, _) => idle.body.is_end_stream(),
             Self::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Client(idle) => idle.body.size_hint(),
+            Self::Client(idle, _) => idle.body.size_hint(),
             Self::Empty => SizeHint::with_exact(0),
         }
     }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prometheus::{IntCounter, IntGauge};
+use prometheus::IntCounter;
 
 use crate::metrics::Metrics;
 
@@ -20,7 +20,6 @@ pub struct ConnLimits {
     held: Mutex<Held>,
     /// While refusing, so the log says it once per episode.
     refusing: AtomicBool,
-    open: IntGauge,
     refused_full: IntCounter,
     refused_client: IntCounter,
 }
@@ -58,7 +57,6 @@ impl ConnLimits {
             max_per_client,
             held: Mutex::new(Held::default()),
             refusing: AtomicBool::new(false),
-            open: metrics.connections_open.with_label_values(&[listener]),
             refused_full: refused("listener_full"),
             refused_client: refused("client_full"),
         })
@@ -85,7 +83,6 @@ impl ConnLimits {
         if per_client {
             *held.per_client.entry(client).or_default() += 1;
         }
-        self.open.set(i64::try_from(held.total).unwrap_or(i64::MAX));
         if self.refusing.swap(false, Ordering::Relaxed) {
             tracing::info!(open = held.total, "connections are taken again");
         }
@@ -127,7 +124,6 @@ impl Drop for Admitted {
                 }
             }
         }
-        self.limits.open.set(i64::try_from(held.total).unwrap_or(i64::MAX));
         // A storm is passing (down to a quarter of its peak): a second later, once its last
         // connections have closed too, the memory they used goes back to the system, which
         // glibc's allocator does not do by itself.

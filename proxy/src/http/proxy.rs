@@ -17,7 +17,7 @@ use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Reach, Sender};
 use super::router::{Route, RouteTable};
 use super::server::ConnActivity;
 use crate::config::ProxyConfig;
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::{Metrics, RequestKind, RouteMetrics};
 use crate::state::{HttpsMethod, StateHub, UpstreamProtocol};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -117,7 +117,7 @@ impl Proxy {
     ) -> Self {
         Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
-            unrouted: metrics.route("none"),
+            unrouted: metrics.route("none", "none"),
             cfg,
             metrics,
             https,
@@ -138,9 +138,11 @@ impl Proxy {
         resp: Response<ProxyBody>,
         mut guard: RequestGuard,
         route: Option<&Route>,
-        started: Instant,
+        (started, kind): (Instant, RequestKind),
     ) -> Response<ProxyBody> {
-        route.map_or(&self.unrouted, |r| &r.metrics).observe(resp.status(), started.elapsed().as_secs_f64());
+        let metrics = route.map_or(&self.unrouted, |r| &r.metrics);
+        metrics.observe(resp.status(), kind, started.elapsed().as_secs_f64());
+        guard.metrics = Some(metrics.clone());
         note(&mut guard, resp.status(), false, route);
         resp.map(|b| b.with_guard(guard))
     }
@@ -239,6 +241,7 @@ impl Proxy {
         let upgrade = is_upgrade(&req);
         let secure = conn.secure;
         let access = self.access.as_ref().map(|log| log.begin(&req, conn.peer, secure));
+        let kind = RequestKind::of(&req);
         // Two Host headers: which one routes is ambiguous (a proxy in front may have used the
         // other), so neither does (RFC 9112 3.2).
         if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
@@ -247,7 +250,7 @@ impl Proxy {
                 resp,
                 RequestGuard::new(conn, &self.metrics.http_in_flight, access),
                 None,
-                started,
+                (started, kind),
             );
         }
         prepare_request(&mut req, &conn, upgrade);
@@ -259,7 +262,7 @@ impl Proxy {
                     let mut resp = local(StatusCode::OK, answer);
                     resp.headers_mut()
                         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-                    return self.answered(resp, guard, None, started);
+                    return self.answered(resp, guard, None, (started, kind));
                 }
             }
         }
@@ -270,7 +273,7 @@ impl Proxy {
         let Some(route) = route else {
             let host = request_host(&req).unwrap_or("").to_owned();
             let resp = local(StatusCode::NOT_FOUND, format!("meshgate: no route for host `{host}`\n"));
-            return self.answered(resp, guard, None, started);
+            return self.answered(resp, guard, None, (started, kind));
         };
 
         if route.refused.is_some() {
@@ -279,16 +282,16 @@ impl Proxy {
                 "meshgate: this route is not served: it asks for a restriction meshgate does not honour (see /api/state)\n"
                     .to_owned(),
             );
-            return self.answered(resp, guard, Some(&route), started);
+            return self.answered(resp, guard, Some(&route), (started, kind));
         }
         if let Some(resp) = self.https_policy(&route, &req, secure) {
-            return self.answered(resp, guard, Some(&route), started);
+            return self.answered(resp, guard, Some(&route), (started, kind));
         }
         let asked = upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
-        let req = req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout));
+        let req = req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout, &mut guard.received));
         let exchanged =
             self.exchange(&route, req, &mut guard).await.and_then(
                 |(resp, endpoint, timer)| match check_switch(&resp, asked.as_ref()) {
@@ -299,9 +302,10 @@ impl Proxy {
         match exchanged {
             Ok((mut resp, endpoint, timer)) => {
                 note(&mut guard, resp.status(), true, Some(&route));
+                guard.metrics = Some(route.metrics.clone());
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
-                        // The upgraded connection's line is written when it ends.
+                        // The upgraded connection's line and bytes are told when it ends.
                         let line = guard.access.take();
                         tunnel(client, hyper::upgrade::on(&mut resp), route.clone(), endpoint, line);
                     }
@@ -311,7 +315,7 @@ impl Proxy {
                 if let (true, Some(hsts)) = (secure, &route.hsts) {
                     resp.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
                 }
-                route.metrics.observe(resp.status(), started.elapsed().as_secs_f64());
+                route.metrics.observe(resp.status(), kind, started.elapsed().as_secs_f64());
                 resp.map(|body| ProxyBody::upstream(body, self.cfg.upstream_body_timeout, timer, guard))
             }
             Err((error, endpoint)) => {
@@ -321,7 +325,7 @@ impl Proxy {
                 tracing::warn!(route = %route.name, service = %route.service, task, addr, %status, "{error}");
                 let resp =
                     local(status, format!("meshgate: {}\n", status.canonical_reason().unwrap_or("error")));
-                self.answered(resp, guard, Some(&route), started)
+                self.answered(resp, guard, Some(&route), (started, kind))
             }
         }
     }
@@ -339,7 +343,7 @@ impl Proxy {
         for _ in 0..2 {
             let Some(endpoint) = route.pick(failed.as_ref()) else { break };
             guard.set_endpoint(&endpoint);
-            match self.send(&endpoint, req).await {
+            match self.send(&endpoint, req, &route.metrics).await {
                 Ok((resp, timer)) => {
                     endpoint.record_success();
                     return Ok((resp, endpoint, timer));
@@ -351,6 +355,7 @@ impl Proxy {
                     req = *back;
                     last_error = ProxyError::Connect(error);
                     failed = Some(endpoint);
+                    route.metrics.retried();
                 }
                 Err(Failure::Sent(error)) => return Err((error, Some(endpoint))),
             }
@@ -367,6 +372,7 @@ impl Proxy {
         &self,
         endpoint: &Arc<Endpoint>,
         mut req: Request<UpstreamBody>,
+        metrics: &RouteMetrics,
     ) -> Result<(Response<Incoming>, Timer), Failure> {
         let timeout = self.cfg.upstream_response_timeout;
         // One timer for the whole request: each attempt's response head, then the body.
@@ -389,10 +395,12 @@ impl Proxy {
                         }
                         Ok(Err(mut e)) => match (e.take_message(), replay) {
                             (Some(back), _) if reused => {
+                                metrics.retried();
                                 req = back;
                                 continue;
                             }
                             (_, Some(copy)) => {
+                                metrics.retried();
                                 replays -= 1;
                                 req = copy;
                                 continue;
@@ -648,6 +656,7 @@ fn tunnel(
         let mut upstream = TokioIo::new(upstream);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((received, sent)) => {
+                route.metrics.bytes(received, sent);
                 if let Some(line) = &mut line {
                     line.received(received);
                     line.sent(sent);

@@ -196,7 +196,7 @@ impl RouteTable {
                     metrics.route_refused.with_label_values(&[&name, &svc.name]).set(1);
                 }
                 let route = Arc::new(Route {
-                    metrics: metrics.route(&name),
+                    metrics: metrics.route(&name, &svc.name),
                     log_names: Arc::new(super::access_log::RouteNames {
                         router: name.clone(),
                         service: svc.name.clone(),

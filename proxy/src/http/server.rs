@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use ipnet::IpNet;
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -53,12 +54,23 @@ pub struct ConnActivity {
     http2: AtomicBool,
     /// The agent is stopping: HTTP/1 responses say `Connection: close`.
     draining: AtomicBool,
+    /// `meshgate_connections_open` of this listener for HTTP/1.1 and HTTP/2: the connection
+    /// counts in one of them while it lasts.
+    open: [IntGauge; 2],
+}
+
+impl Drop for ConnActivity {
+    fn drop(&mut self) {
+        self.open[usize::from(self.is_http2())].dec();
+    }
 }
 
 impl ConnActivity {
-    fn new(peer: std::net::SocketAddr, trusted: &[IpNet], listener: &Listener) -> Self {
+    fn new(peer: std::net::SocketAddr, trusted: &[IpNet], listener: &Listener, open: [IntGauge; 2]) -> Self {
         let client_ip = peer.ip();
+        open[0].inc();
         Self {
+            open,
             peer,
             secure: listener.tls.is_some(),
             port_header: HeaderValue::from(listener.port),
@@ -91,7 +103,10 @@ impl ConnActivity {
     }
 
     pub(crate) fn mark_http2(&self) {
-        self.http2.store(true, Ordering::Relaxed);
+        if !self.http2.swap(true, Ordering::Relaxed) {
+            self.open[0].dec();
+            self.open[1].inc();
+        }
     }
 
     fn is_http2(&self) -> bool {
@@ -213,6 +228,9 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let name = if kind.tls.is_some() { "https" } else { "http" };
     let limits = ConnLimits::new(name, cfg.max_connections, cfg.max_connections_per_client, proxy.metrics());
+    let open = ["http/1.1", "h2"].map(|p| proxy.metrics().connections_open.with_label_values(&[name, p]));
+    let handshakes =
+        ["ok", "failed", "timeout"].map(|r| proxy.metrics().tls_handshakes.with_label_values(&[r]));
     loop {
         tokio::select! {
             (stream, peer) = crate::net::accept(&listener, "proxy") => {
@@ -225,19 +243,32 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let (proxy, builder, cfg, stop, kind) = (proxy.clone(), builder.clone(), cfg.clone(), stop.clone(), kind.clone());
+                let (open, handshakes) = (open.clone(), handshakes.clone());
                 connections.spawn(async move {
                     let _admitted = admitted;
-                    let activity = Arc::new(ConnActivity::new(peer, &cfg.trusted_networks, &kind));
+                    let activity = Arc::new(ConnActivity::new(peer, &cfg.trusted_networks, &kind, open));
                     match &kind.tls {
                         None => serve_connection(stream, activity, proxy, builder, cfg, stop).await,
                         Some(acceptor) => {
                             // The handshake counts as part of the request head: same deadline.
                             match tokio::time::timeout(cfg.request_head_timeout, acceptor.accept(stream)).await {
                                 // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
-                                Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) => {}
-                                Ok(Ok(tls)) => serve_connection(tls, activity, proxy, builder, cfg, stop).await,
-                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) => handshakes[0].inc(),
+                                Ok(Ok(tls)) => {
+                                    handshakes[0].inc();
+                                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                        activity.mark_http2();
+                                    }
+                                    serve_connection(tls, activity, proxy, builder, cfg, stop).await;
+                                }
+                                Ok(Err(e)) => {
+                                    handshakes[1].inc();
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                }
+                                Err(_) => {
+                                    handshakes[2].inc();
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                }
                             }
                         }
                     }

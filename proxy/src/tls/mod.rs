@@ -35,6 +35,7 @@ macro_rules! signature_checks {
 pub(crate) use signature_checks;
 
 pub mod cert_info;
+mod expiry;
 mod resolver;
 pub mod upstream;
 
@@ -46,6 +47,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+pub use cert_info::CertInfo;
+pub use expiry::ExpiryCollector;
 pub use resolver::{
     certified, dir_stamp, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair, PairError,
 };

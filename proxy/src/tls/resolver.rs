@@ -86,6 +86,22 @@ impl CertResolver {
         certs.get("default").cloned()
     }
 
+    /// Every certificate served, with its source's label and the name it is served for.
+    #[must_use]
+    pub fn served(&self) -> Vec<(&'static str, String, Arc<CertifiedKey>)> {
+        let sources = self.sources.lock().expect("resolver lock poisoned");
+        sources
+            .iter()
+            .flat_map(|(source, certs)| {
+                let label = match source {
+                    CertSource::Acme => "acme",
+                    CertSource::Files => "files",
+                };
+                certs.iter().map(move |(name, key)| (label, name.clone(), key.clone()))
+            })
+            .collect()
+    }
+
     /// Whether `name` has a certificate of its own (not the fallback): plain HTTP for it is
     /// redirected to HTTPS.
     #[must_use]
