@@ -68,7 +68,7 @@ proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-
 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""")
 
 
-HAPROXY = benchlib.haproxy_conf(f"127.0.0.1:{PORTS['haproxy']}", BACKEND_PORT)
+HAPROXY = benchlib.haproxy_conf(f"127.0.0.1:{PORTS.get('haproxy', 0)}", BACKEND_PORT)
 ROUTES = f"""[[services]]
 name = "bench"
 tasks = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]

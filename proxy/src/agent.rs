@@ -180,6 +180,10 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     };
     let (hub, metrics, readiness, reuse_port) =
         (core.hub.clone(), core.metrics.clone(), core.readiness.clone(), core.reuse_port);
+    crate::metrics::register_collector(
+        &metrics.registry,
+        crate::readiness::ReadyCollector::new(readiness.clone()),
+    );
     let mut background = Vec::new();
     start_whoami(&whoami_cfg, sources.example, &mut background)?;
 

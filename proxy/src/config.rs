@@ -61,6 +61,10 @@ pub struct ProxyConfig {
     /// A client's request body that sends nothing this long ends the request (408).
     #[serde(with = "humantime_serde")]
     pub client_body_timeout: Duration,
+    /// An upgraded connection (WebSocket) over which nothing moved either way this long is
+    /// closed.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
     /// On SIGTERM/SIGINT, how long `/readyz` says "not ready" while the listeners still
     /// accept, so a load balancer stops sending before they close.
     #[serde(with = "humantime_serde")]
@@ -101,6 +105,7 @@ impl Default for ProxyConfig {
             upstream_response_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
             client_body_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(3600),
             shutdown_delay: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
@@ -296,6 +301,7 @@ impl Config {
             ("proxy.upstream_response_timeout", p.upstream_response_timeout),
             ("proxy.upstream_body_timeout", p.upstream_body_timeout),
             ("proxy.client_body_timeout", p.client_body_timeout),
+            ("proxy.tunnel_idle_timeout", p.tunnel_idle_timeout),
             ("proxy.eject_base", p.eject_base),
             ("routes.poll_interval", self.routes.poll_interval),
         ];

@@ -30,3 +30,42 @@ impl Readiness {
         (map.values().all(|s| s.ready), map)
     }
 }
+
+/// `meshgate_component_ready{component}`, 1 or 0 for each component of `/readyz`, read at
+/// each scrape (what an alert on a mesh that did not attach or a lost provider watches).
+pub struct ReadyCollector {
+    readiness: std::sync::Arc<Readiness>,
+    shape: prometheus::IntGaugeVec,
+}
+
+fn family() -> prometheus::IntGaugeVec {
+    prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "meshgate_component_ready",
+            "1 while a component of /readyz is ready (http, https, file, docker, mesh, dns, cluster, ...), else 0.",
+        ),
+        &["component"],
+    )
+    .expect("valid metric definition")
+}
+
+impl ReadyCollector {
+    #[must_use]
+    pub fn new(readiness: std::sync::Arc<Readiness>) -> Self {
+        Self { readiness, shape: family() }
+    }
+}
+
+impl prometheus::core::Collector for ReadyCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.shape.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let now = family();
+        for (component, status) in self.readiness.report().1 {
+            now.with_label_values(&[&component]).set(i64::from(status.ready));
+        }
+        now.collect()
+    }
+}

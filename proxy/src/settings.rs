@@ -43,6 +43,7 @@ pub const SETTINGS: &[Setting] = &[
     s("proxy.upstream_response_timeout", "DURATION", "Time a task has to start its response"),
     s("proxy.upstream_body_timeout", "DURATION", "A task's response body that sends nothing this long is cut"),
     s("proxy.client_body_timeout", "DURATION", "A client's request body that sends nothing this long ends the request (408)"),
+    s("proxy.tunnel_idle_timeout", "DURATION", "A WebSocket or other upgraded connection idle both ways this long is closed"),
     s("proxy.shutdown_delay", "DURATION", "On SIGTERM, /readyz says not ready this long before the listeners close"),
     s("proxy.shutdown_grace", "DURATION", "Time in-flight requests get on SIGTERM"),
     s("proxy.max_header_bytes", "BYTES", "Largest request head; larger gets 431"),

@@ -17,6 +17,7 @@ mod lab;
 mod lifecycle;
 mod limits;
 mod mesh;
+mod monitoring;
 mod readme;
 mod resilience;
 mod routing;

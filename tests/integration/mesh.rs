@@ -50,7 +50,7 @@ impl Namespaces {
     }
 
     /// Starts `args` inside `ns`, killed when this value drops.
-    fn spawn(&mut self, ns: &str, args: &[&str]) -> &mut Child {
+    pub(crate) fn spawn(&mut self, ns: &str, args: &[&str]) -> &mut Child {
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .args(args)

@@ -98,3 +98,50 @@ async fn hundred_megabytes_stream_up_and_down_without_being_buffered() {
         "the proxy's peak memory grew by {grown_mib} MiB moving 200 MB: bodies must stream, not buffer"
     );
 }
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed_after_its_limit_and_a_busy_one_stays() {
+    // Issue 13, timeouts: a forgotten tunnel must not hold a connection forever.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let idle = Duration::from_millis(400);
+    let mesh = crate::harness::Mesh::start_with(
+        &service_with("ws", &["ws.test"], "/", "http", &[ws_addr.to_string()]),
+        |c| c.proxy.tunnel_idle_timeout = idle,
+    )
+    .await;
+    let connect = async || {
+        let stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+        tokio_tungstenite::client_async("ws://ws.test/chat", stream).await.unwrap().0
+    };
+
+    // Busy: a message every 100 ms for three times the limit, each echoed.
+    let mut busy = connect().await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < 3 * idle {
+        busy.send(Message::text("ping")).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), busy.next()).await.unwrap();
+        assert!(matches!(echo, Some(Ok(Message::Text(_)))), "a busy tunnel stays open: {echo:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Idle: the proxy closes it once nothing moved for the limit.
+    let mut quiet = connect().await;
+    let started = std::time::Instant::now();
+    let end =
+        tokio::time::timeout(Duration::from_secs(10), quiet.next()).await.expect("the idle tunnel is closed");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    assert!(started.elapsed() >= idle, "closed only once idle for the limit");
+}

@@ -8,13 +8,13 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use crate::harness::{curl, eventually, service_with, Backend, Mesh};
 
 /// A test CA that signs host certificates into a directory.
-struct Ca {
+pub(crate) struct Ca {
     params: CertificateParams,
     key: KeyPair,
 }
 
 impl Ca {
-    fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -27,7 +27,7 @@ impl Ca {
     }
 
     /// Writes `<file>.crt`/`.key` for `names`; returns the certificate's DER.
-    fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> Vec<u8> {
+    pub(crate) fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> Vec<u8> {
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let mut params =

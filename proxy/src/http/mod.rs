@@ -7,3 +7,4 @@ pub mod limits;
 pub mod proxy;
 pub mod router;
 pub mod server;
+mod tunnel;

@@ -8,9 +8,8 @@ use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
-use super::access_log::{AccessLog, Pending};
+use super::access_log::AccessLog;
 use super::body::Timer;
 use super::body::{ProxyBody, RequestGuard, UpstreamBody};
 use super::endpoint::{ConnectError, Endpoint, EndpointRegistry, Reach, Sender};
@@ -307,7 +306,13 @@ impl Proxy {
                     if let Some(client) = client_upgrade {
                         // The upgraded connection's line and bytes are told when it ends.
                         let line = guard.access.take();
-                        tunnel(client, hyper::upgrade::on(&mut resp), route.clone(), endpoint, line);
+                        super::tunnel::spawn(
+                            (client, hyper::upgrade::on(&mut resp)),
+                            route.clone(),
+                            endpoint,
+                            line,
+                            self.cfg.tunnel_idle_timeout,
+                        );
                     }
                 } else {
                     strip_hop_by_hop(resp.headers_mut(), false);
@@ -631,45 +636,6 @@ fn set_upstream_form(req: &mut Request<Incoming>, route: &Route) {
             *req.version_mut() = Version::HTTP_11;
         }
     }
-}
-
-/// Joins the client's and the task's upgraded connections and copies bytes both ways.
-fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    route: Arc<Route>,
-    endpoint: Arc<Endpoint>,
-    mut line: Option<Pending>,
-) {
-    tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!(route = %route.name, task = %endpoint.task, error = %e, "upgrade did not complete");
-                if let Some(line) = line {
-                    line.finish();
-                }
-                return;
-            }
-        };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((received, sent)) => {
-                route.metrics.bytes(received, sent);
-                if let Some(line) = &mut line {
-                    line.received(received);
-                    line.sent(sent);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(route = %route.name, task = %endpoint.task, error = %e, "upgraded connection ended with an error");
-            }
-        }
-        if let Some(line) = line {
-            line.finish();
-        }
-    });
 }
 
 #[cfg(test)]
