@@ -48,7 +48,7 @@ def replace_section(heading, section):
     start_at = text.find(heading)
     if start_at >= 0:
         end = text.find("\n## ", start_at + 1)
-        text = text[:start_at] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start_at] + section.rstrip("\n") + "\n\n" + (text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     with open(RESULTS, "w") as f:

@@ -14,7 +14,8 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{header, HeaderMap, HeaderName, Method, Request, Version};
+use http::uri::PathAndQuery;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 use prometheus::IntCounter;
 
 use crate::config::{AccessFormat, LogConfig};
@@ -136,13 +137,13 @@ impl AccessLog {
     /// What is known of a request when its head arrives.
     #[must_use]
     pub fn begin<B>(self: &Arc<Self>, req: &Request<B>, client: SocketAddr, secure: bool) -> Pending {
-        let text = |v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        // Header values and the path are kept as they came (cheap clones of shared bytes):
+        // the writer's thread makes text of them.
         let h = req.headers();
         let host = h
             .get(header::HOST)
-            .map(text)
-            .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
-            .unwrap_or_default();
+            .cloned()
+            .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         Pending {
             log: self.clone(),
             record: Box::new(Record {
@@ -152,17 +153,13 @@ impl AccessLog {
                 client,
                 secure,
                 method: req.method().clone(),
-                target: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                target: req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
                 host,
                 version: req.version(),
                 request_bytes: content_length(h),
-                referer: h.get(header::REFERER).map(text),
-                user_agent: h.get(header::USER_AGENT).map(text),
-                headers: self
-                    .headers
-                    .iter()
-                    .filter_map(|n| Some((n.clone(), redacted(n, h.get(n)?))))
-                    .collect(),
+                referer: h.get(header::REFERER).cloned(),
+                user_agent: h.get(header::USER_AGENT).cloned(),
+                headers: self.headers.iter().filter_map(|n| Some((n.clone(), h.get(n)?.clone()))).collect(),
                 status: 0,
                 origin_status: 0,
                 bytes: 0,
@@ -188,12 +185,16 @@ fn content_length(h: &HeaderMap) -> u64 {
     h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
 }
 
-fn redacted(name: &HeaderName, value: &http::HeaderValue) -> String {
+fn redacted<'a>(name: &HeaderName, value: &'a HeaderValue) -> std::borrow::Cow<'a, str> {
     if SECRET.contains(name) {
-        "REDACTED".to_owned()
+        "REDACTED".into()
     } else {
-        String::from_utf8_lossy(value.as_bytes()).into_owned()
+        text(value)
     }
+}
+
+fn text(value: &HeaderValue) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(value.as_bytes())
 }
 
 /// One request's line in the making; written when it is dropped (the response is done),
@@ -250,13 +251,13 @@ struct Record {
     client: SocketAddr,
     secure: bool,
     method: Method,
-    target: String,
-    host: String,
+    target: PathAndQuery,
+    host: Option<HeaderValue>,
     version: Version,
     request_bytes: u64,
-    referer: Option<String>,
-    user_agent: Option<String>,
-    headers: Vec<(HeaderName, String)>,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    headers: Vec<(HeaderName, HeaderValue)>,
     status: u16,
     origin_status: u16,
     bytes: u64,
@@ -342,7 +343,7 @@ fn format_line(format: AccessFormat, r: &Record, line: &mut String) {
         return;
     }
     if format == AccessFormat::Vhost {
-        let _ = write!(line, "{} ", or_dash(&r.host));
+        let _ = write!(line, "{} ", or_dash(&r.host.as_ref().map(text).unwrap_or_default()));
     }
     let _ = write!(
         line,
@@ -350,7 +351,7 @@ fn format_line(format: AccessFormat, r: &Record, line: &mut String) {
         r.client.ip(),
         clf_time(&rfc3339),
         r.method,
-        escaped(&r.target),
+        escaped(r.target.as_str()),
         protocol(r.version),
         r.status,
         r.bytes
@@ -359,8 +360,8 @@ fn format_line(format: AccessFormat, r: &Record, line: &mut String) {
         let _ = write!(
             line,
             " \"{}\" \"{}\"",
-            escaped(r.referer.as_deref().unwrap_or("-")),
-            escaped(r.user_agent.as_deref().unwrap_or("-"))
+            escaped(&r.referer.as_ref().map_or("-".into(), text)),
+            escaped(&r.user_agent.as_ref().map_or("-".into(), text))
         );
     }
     if format == AccessFormat::Vhost {
@@ -416,57 +417,106 @@ fn protocol(v: Version) -> &'static str {
     }
 }
 
+/// One JSON object, written field by field into `line` (fields in Traefik's order:
+/// alphabetical, `request_*` headers, then `level`, `msg`, `time`).
 fn json_line(r: &Record, rfc3339: &str, line: &mut String) {
-    let (path, _) = r.target.split_once('?').unwrap_or((&r.target, ""));
-    let port = r.host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
-    let host = port.map_or(r.host.as_str(), |_| r.host.rsplit_once(':').map_or("", |(h, _)| h));
-    let scheme = if r.secure { "https" } else { "http" };
-    let mut o = serde_json::Map::with_capacity(32);
-    let mut put = |k: &str, v: serde_json::Value| {
-        o.insert(k.to_owned(), v);
-    };
-    put("ClientAddr", r.client.to_string().into());
-    put("ClientHost", r.client.ip().to_string().into());
-    put("ClientPort", r.client.port().to_string().into());
-    put("ClientUsername", "-".into());
-    put("DownstreamContentSize", r.bytes.into());
-    put("DownstreamStatus", r.status.into());
-    put("Duration", u64::try_from(r.took.as_nanos()).unwrap_or(u64::MAX).into());
-    put("OriginContentSize", if r.origin_status == 0 { 0 } else { r.bytes }.into());
-    put("OriginStatus", r.origin_status.into());
-    put("RequestAddr", r.host.clone().into());
-    put("RequestContentSize", r.request_bytes.into());
-    put("RequestHost", host.into());
-    put("RequestMethod", r.method.as_str().into());
-    put("RequestPath", r.target.clone().into());
-    put("RequestPort", port.map_or_else(|| "-".to_owned(), |p| p.to_string()).into());
-    put("RequestProtocol", protocol(r.version).into());
-    put("RequestScheme", scheme.into());
-    put("RetryAttempts", r.attempts.saturating_sub(1).into());
+    let path = r.target.path();
+    let addr = r.host.as_ref().map(text).unwrap_or_default();
+    let port = addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+    let host = port.map_or(&*addr, |_| addr.rsplit_once(':').map_or("", |(h, _)| h));
+    let mut j = Json(line);
+    j.0.push('{');
+    j.text("ClientAddr", format_args!("{}", r.client));
+    j.text("ClientHost", format_args!("{}", r.client.ip()));
+    j.text("ClientPort", format_args!("{}", r.client.port()));
+    j.text("ClientUsername", format_args!("-"));
+    j.number("DownstreamContentSize", r.bytes);
+    j.number("DownstreamStatus", u64::from(r.status));
+    j.number("Duration", u64::try_from(r.took.as_nanos()).unwrap_or(u64::MAX));
+    j.number("OriginContentSize", if r.origin_status == 0 { 0 } else { r.bytes });
+    j.number("OriginStatus", u64::from(r.origin_status));
+    j.text("RequestAddr", format_args!("{addr}"));
+    j.number("RequestContentSize", r.request_bytes);
+    j.text("RequestHost", format_args!("{host}"));
+    j.text("RequestMethod", format_args!("{}", r.method));
+    j.text("RequestPath", format_args!("{}", r.target));
+    match port {
+        Some(p) => j.text("RequestPort", format_args!("{p}")),
+        None => j.text("RequestPort", format_args!("-")),
+    }
+    j.text("RequestProtocol", format_args!("{}", protocol(r.version)));
+    j.text("RequestScheme", format_args!("{}", if r.secure { "https" } else { "http" }));
+    j.number("RetryAttempts", u64::from(r.attempts.saturating_sub(1)));
     if let Some(route) = &r.route {
-        put("RouterName", route.router.as_str().into());
-        put("ServiceName", route.service.as_str().into());
+        j.text("RouterName", format_args!("{}", route.router));
     }
     if let Some(task) = r.task {
-        put("ServiceAddr", task.to_string().into());
-        put("ServiceURL", format!("http://{task}{path}").into());
+        j.text("ServiceAddr", format_args!("{task}"));
     }
-    put("StartUTC", rfc3339.into());
-    put("entryPointName", if r.secure { "websecure" } else { "web" }.into());
+    if let Some(route) = &r.route {
+        j.text("ServiceName", format_args!("{}", route.service));
+    }
+    if let Some(task) = r.task {
+        j.text("ServiceURL", format_args!("http://{task}{path}"));
+    }
+    j.text("StartUTC", format_args!("{rfc3339}"));
+    j.text("entryPointName", format_args!("{}", if r.secure { "websecure" } else { "web" }));
     if let Some(v) = &r.referer {
-        put("request_Referer", v.clone().into());
+        j.text("request_Referer", format_args!("{}", text(v)));
     }
     if let Some(v) = &r.user_agent {
-        put("request_User-Agent", v.clone().into());
+        j.text("request_User-Agent", format_args!("{}", text(v)));
     }
     for (name, value) in &r.headers {
-        put(&format!("request_{}", title_case(name.as_str())), value.clone().into());
+        j.text(&format!("request_{}", title_case(name.as_str())), format_args!("{}", redacted(name, value)));
     }
-    put("level", "info".into());
-    put("msg", "".into());
-    put("time", rfc3339.into());
-    line.push_str(&serde_json::Value::Object(o).to_string());
-    line.push('\n');
+    j.text("level", format_args!("info"));
+    j.text("msg", format_args!(""));
+    j.text("time", format_args!("{rfc3339}"));
+    j.0.pop(); // the last comma
+    j.0.push_str("}\n");
+}
+
+/// Writes JSON members into a line without building a value first (a request's line is
+/// made on the writer's thread, often on the same core as the requests).
+struct Json<'a>(&'a mut String);
+
+impl Json<'_> {
+    fn key(&mut self, key: &str) {
+        self.0.push('"');
+        self.0.push_str(key);
+        self.0.push_str("\":");
+    }
+
+    fn number(&mut self, key: &str, value: u64) {
+        self.key(key);
+        let _ = write!(self.0, "{value},");
+    }
+
+    /// A string member; the value is escaped as JSON needs (quotes, backslashes, controls).
+    fn text(&mut self, key: &str, value: std::fmt::Arguments<'_>) {
+        self.key(key);
+        self.0.push('"');
+        let start = self.0.len();
+        let _ = self.0.write_fmt(value);
+        if self.0[start..].bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            let raw = self.0.split_off(start);
+            for c in raw.chars() {
+                match c {
+                    '"' => self.0.push_str("\\\""),
+                    '\\' => self.0.push_str("\\\\"),
+                    '\n' => self.0.push_str("\\n"),
+                    '\r' => self.0.push_str("\\r"),
+                    '\t' => self.0.push_str("\\t"),
+                    c if (c as u32) < 0x20 => {
+                        let _ = write!(self.0, "\\u{:04x}", c as u32);
+                    }
+                    c => self.0.push(c),
+                }
+            }
+        }
+        self.0.push_str("\",");
+    }
 }
 
 /// `x-request-id` as `X-Request-Id`, the spelling Traefik's `request_*` fields use.
@@ -492,13 +542,13 @@ mod tests {
             client: "203.0.113.7:51000".parse().unwrap(),
             secure: false,
             method: Method::GET,
-            target: "/a \"b\"?q=1".into(),
-            host: "app.test:8080".into(),
+            target: PathAndQuery::from_static("/a%20b?q=1"),
+            host: Some(HeaderValue::from_static("app.test:8080")),
             version: Version::HTTP_11,
             request_bytes: 0,
             referer: None,
-            user_agent: Some("curl/8".into()),
-            headers: vec![(header::AUTHORIZATION, "REDACTED".into())],
+            user_agent: Some(HeaderValue::from_static("curl/8 \"x\"")),
+            headers: vec![(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"))],
             status: 200,
             origin_status: 200,
             bytes: 12,
@@ -514,7 +564,7 @@ mod tests {
         format_line(AccessFormat::Combined, &record(), &mut line);
         assert_eq!(
             line,
-            "203.0.113.7 - - [28/Nov/2026:13:55:07 +0000] \"GET /a \\x22b\\x22?q=1 HTTP/1.1\" 200 12 \"-\" \"curl/8\"\n"
+            "203.0.113.7 - - [28/Nov/2026:13:55:07 +0000] \"GET /a%20b?q=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 \\x22x\\x22\"\n"
         );
         line.clear();
         format_line(AccessFormat::Common, &record(), &mut line);
@@ -522,7 +572,7 @@ mod tests {
         line.clear();
         format_line(AccessFormat::Vhost, &record(), &mut line);
         assert!(line.starts_with("app.test:8080 203.0.113.7 - - ["), "{line}");
-        assert!(line.ends_with("\"curl/8\" \"10.0.1.5:80\"\n"), "{line}");
+        assert!(line.ends_with("\"curl/8 \\x22x\\x22\" \"10.0.1.5:80\"\n"), "{line}");
     }
 
     #[test]
@@ -539,6 +589,10 @@ mod tests {
         assert_eq!(v["RetryAttempts"], 0);
         assert_eq!(v["Duration"], 3_000_000);
         assert_eq!(v["request_Authorization"], "REDACTED");
+        assert!(!line.contains("s3cret"));
+        assert_eq!(v["request_User-Agent"], "curl/8 \"x\"");
+        assert_eq!(v["RequestPath"], "/a%20b?q=1");
+        assert_eq!(v["ServiceURL"], "http://10.0.1.5:80/a%20b");
         assert_eq!(v["StartUTC"], "2026-11-28T13:55:07.000000000Z");
     }
 
