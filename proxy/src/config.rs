@@ -40,6 +40,9 @@ pub struct ProxyConfig {
     /// Clients whose `X-Forwarded-*` and `X-Real-IP` headers are kept (e.g. a load balancer
     /// in front of the nodes). From anyone else those headers are replaced.
     pub trusted_networks: Vec<IpNet>,
+    /// Load balancers in front that send the PROXY protocol (v1 or v2): a connection from
+    /// one of these networks starts with a header naming the client, used as its address.
+    pub proxy_protocol_networks: Vec<IpNet>,
     /// Requests for a host no route claims are served as if they asked for this host
     /// (nginx-proxy's `DEFAULT_HOST`). Unset: they get a 404 from the proxy.
     pub default_host: Option<String>,
@@ -98,6 +101,7 @@ impl Default for ProxyConfig {
         Self {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             trusted_networks: Vec::new(),
+            proxy_protocol_networks: Vec::new(),
             default_host: None,
             connect_timeout: Duration::from_secs(2),
             request_head_timeout: Duration::from_secs(10),

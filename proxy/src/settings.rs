@@ -36,6 +36,7 @@ const fn s(key: &'static str, value: &'static str, help: &'static str) -> Settin
 pub const SETTINGS: &[Setting] = &[
     s("proxy.http_listen", "ADDR", "Address of the plain-HTTP listener"),
     s("proxy.trusted_networks", "CIDR,...", "Clients (a load balancer in front) whose X-Forwarded-* and X-Real-IP headers are kept"),
+    s("proxy.proxy_protocol_networks", "CIDR,...", "Load balancers that send the PROXY protocol (v1/v2): the client it names is the client"),
     s("proxy.default_host", "HOST", "Host that answers requests for unknown hosts (nginx-proxy's DEFAULT_HOST); unset: 404"),
     s("proxy.connect_timeout", "DURATION", "Time to connect to a task before it counts as down"),
     s("proxy.request_head_timeout", "DURATION", "Time a client has to send a complete request head"),

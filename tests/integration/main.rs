@@ -10,6 +10,7 @@ mod abuse;
 mod access_log;
 mod acme;
 mod admin;
+mod balancer;
 mod cluster;
 mod dns;
 mod docker;

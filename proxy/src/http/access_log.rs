@@ -22,6 +22,9 @@ use crate::config::{AccessFormat, LogConfig};
 
 /// Records waiting for the writer at most; more are dropped.
 const QUEUE: usize = 16 * 1024;
+/// How often the writer writes what queued up (nginx's `flush=` for a buffered log): a line
+/// is in its file at most this late, and `QUEUE` lines a tick are kept at most.
+const TICK: Duration = Duration::from_millis(50);
 
 /// Headers never written as they are: they carry credentials.
 const SECRET: [HeaderName; 4] =
@@ -292,40 +295,40 @@ fn open(sink: &Sink) -> std::io::Result<Box<dyn std::io::Write + Send>> {
 }
 
 impl Writer {
-    /// Writes records as they come, flushing whenever none is waiting; ends when the
-    /// front is gone.
+    /// Every `TICK`, writes what queued up and flushes it in one go; ends when the front is
+    /// gone. The writer never blocks on the queue: a request handing over its record never
+    /// has to wake this thread (a wake-up and a write per request halved the proxy's
+    /// throughput when the thread shared its core).
     fn run(mut self, records: &Receiver<Record>) {
         let mut line = String::with_capacity(512);
         loop {
-            let record = match records.try_recv() {
-                Ok(r) => r,
-                Err(TryRecvError::Empty) => {
+            loop {
+                let record = match records.try_recv() {
+                    Ok(r) => r,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.flush();
+                        return;
+                    }
+                };
+                if self.reopen.swap(false, Ordering::Relaxed) {
                     self.flush();
-                    match records.recv() {
-                        Ok(r) => r,
-                        Err(_) => return,
+                    match open(&self.sink) {
+                        Ok(out) => self.out = out,
+                        Err(e) => tracing::warn!(
+                            "access log: cannot reopen {:?}: {e}; writing on to the old file",
+                            self.sink
+                        ),
                     }
                 }
-                Err(TryRecvError::Disconnected) => {
-                    self.flush();
-                    return;
-                }
-            };
-            if self.reopen.swap(false, Ordering::Relaxed) {
-                self.flush();
-                match open(&self.sink) {
-                    Ok(out) => self.out = out,
-                    Err(e) => tracing::warn!(
-                        "access log: cannot reopen {:?}: {e}; writing on to the old file",
-                        self.sink
-                    ),
+                line.clear();
+                format_line(self.format, &record, &mut line);
+                if let Err(e) = self.out.write_all(line.as_bytes()) {
+                    tracing::warn!("access log: cannot write: {e}");
                 }
             }
-            line.clear();
-            format_line(self.format, &record, &mut line);
-            if let Err(e) = self.out.write_all(line.as_bytes()) {
-                tracing::warn!("access log: cannot write: {e}");
-            }
+            self.flush();
+            std::thread::sleep(TICK);
         }
     }
 

@@ -5,6 +5,7 @@ pub mod body;
 pub mod endpoint;
 pub mod limits;
 pub mod proxy;
+mod proxy_protocol;
 pub mod router;
 pub mod server;
 mod tunnel;

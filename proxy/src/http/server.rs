@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use ipnet::IpNet;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -227,52 +227,35 @@ pub async fn serve(
     let (drain, stop) = watch::channel(false);
     let mut connections = JoinSet::new();
     let name = if kind.tls.is_some() { "https" } else { "http" };
-    let limits = ConnLimits::new(name, cfg.max_connections, cfg.max_connections_per_client, proxy.metrics());
-    let open = ["http/1.1", "h2"].map(|p| proxy.metrics().connections_open.with_label_values(&[name, p]));
-    let handshakes =
-        ["ok", "failed", "timeout"].map(|r| proxy.metrics().tls_handshakes.with_label_values(&[r]));
+    let shared = Arc::new(Shared {
+        limits: ConnLimits::new(name, cfg.max_connections, cfg.max_connections_per_client, proxy.metrics()),
+        open: ["http/1.1", "h2"].map(|p| proxy.metrics().connections_open.with_label_values(&[name, p])),
+        handshakes: ["ok", "failed", "timeout"]
+            .map(|r| proxy.metrics().tls_handshakes.with_label_values(&[r])),
+        proxy,
+        builder,
+        cfg: cfg.clone(),
+        kind,
+    });
     loop {
         tokio::select! {
             (stream, peer) = crate::net::accept(&listener, "proxy") => {
+                let (shared, stop) = (shared.clone(), stop.clone());
+                if cfg.proxy_protocol_networks.iter().any(|n| n.contains(&peer.ip())) {
+                    // A balancer in front: the client is the one its header names.
+                    connections.spawn(through_balancer(stream, peer, shared, stop));
+                    continue;
+                }
                 let trusted = cfg.trusted_networks.iter().any(|n| n.contains(&peer.ip()));
-                let Ok(admitted) = limits.admit(peer.ip(), !trusted) else {
-                    if kind.tls.is_none() {
+                match shared.limits.admit(peer.ip(), !trusted) {
+                    Ok(admitted) => {
+                        connections.spawn(take(stream, peer, admitted, shared, stop));
+                    }
+                    Err(_) if shared.kind.tls.is_none() => {
                         connections.spawn(refuse(stream));
                     }
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let (proxy, builder, cfg, stop, kind) = (proxy.clone(), builder.clone(), cfg.clone(), stop.clone(), kind.clone());
-                let (open, handshakes) = (open.clone(), handshakes.clone());
-                connections.spawn(async move {
-                    let _admitted = admitted;
-                    let activity = Arc::new(ConnActivity::new(peer, &cfg.trusted_networks, &kind, open));
-                    match &kind.tls {
-                        None => serve_connection(stream, activity, proxy, builder, cfg, stop).await,
-                        Some(acceptor) => {
-                            // The handshake counts as part of the request head: same deadline.
-                            match tokio::time::timeout(cfg.request_head_timeout, acceptor.accept(stream)).await {
-                                // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
-                                Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) => handshakes[0].inc(),
-                                Ok(Ok(tls)) => {
-                                    handshakes[0].inc();
-                                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                                        activity.mark_http2();
-                                    }
-                                    serve_connection(tls, activity, proxy, builder, cfg, stop).await;
-                                }
-                                Ok(Err(e)) => {
-                                    handshakes[1].inc();
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                }
-                                Err(_) => {
-                                    handshakes[2].inc();
-                                    tracing::debug!(%peer, "TLS handshake timed out");
-                                }
-                            }
-                        }
-                    }
-                });
+                    Err(_) => {}
+                }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = stopped(&mut shutdown) => break,
@@ -295,6 +278,81 @@ pub async fn serve(
 }
 
 /// Tells a refused plain-HTTP client to come back (503, `Retry-After`), then closes.
+/// What every connection of a listener shares.
+struct Shared {
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    cfg: ProxyConfig,
+    kind: Listener,
+    limits: Arc<ConnLimits>,
+    open: [IntGauge; 2],
+    handshakes: [IntCounter; 3],
+}
+
+/// A connection from `proxy.proxy_protocol_networks`: its PROXY header read (the client it
+/// names counts against the limits), then served; a bad or missing-in-time header closes it.
+async fn through_balancer(
+    mut stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let client = match super::proxy_protocol::read_header(&mut stream, shared.cfg.request_head_timeout).await
+    {
+        Ok(carried) => carried.unwrap_or(peer),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "closed: its PROXY header could not be read");
+            return;
+        }
+    };
+    let trusted = shared.cfg.trusted_networks.iter().any(|n| n.contains(&client.ip()));
+    match shared.limits.admit(client.ip(), !trusted) {
+        Ok(admitted) => take(stream, client, admitted, shared, stop).await,
+        Err(_) if shared.kind.tls.is_none() => refuse(stream).await,
+        Err(_) => {}
+    }
+}
+
+/// Serves an admitted connection from `client`: the TLS handshake first on HTTPS.
+async fn take(
+    stream: tokio::net::TcpStream,
+    client: std::net::SocketAddr,
+    admitted: limits::Admitted,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let _admitted = admitted;
+    let _ = stream.set_nodelay(true);
+    let s = &*shared;
+    let activity = Arc::new(ConnActivity::new(client, &s.cfg.trusted_networks, &s.kind, s.open.clone()));
+    let (proxy, builder, cfg) = (s.proxy.clone(), s.builder.clone(), s.cfg.clone());
+    let Some(acceptor) = &s.kind.tls else {
+        return serve_connection(stream, activity, proxy, builder, cfg, stop).await;
+    };
+    // The handshake counts as part of the request head: same deadline.
+    match tokio::time::timeout(s.cfg.request_head_timeout, acceptor.accept(stream)).await {
+        // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
+        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) => {
+            s.handshakes[0].inc();
+        }
+        Ok(Ok(tls)) => {
+            s.handshakes[0].inc();
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                activity.mark_http2();
+            }
+            serve_connection(tls, activity, proxy, builder, cfg, stop).await;
+        }
+        Ok(Err(e)) => {
+            s.handshakes[1].inc();
+            tracing::debug!(%client, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            s.handshakes[2].inc();
+            tracing::debug!(%client, "TLS handshake timed out");
+        }
+    }
+}
+
 async fn refuse(mut stream: tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt as _;
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(limits::REFUSAL)).await;
