@@ -176,7 +176,7 @@ def report(results, idle, peak):
     heading = "## HTTP proxy with access logs: meshgate vs nginx" if LOGGING else "## HTTP proxy: meshgate vs nginx vs HAProxy"
     logging = ("`meshgate` and `nginx` write a JSON access line per request to a file (meshgate: `log.access_format=json`, "
                "Traefik's fields; nginx: a `log_format escape=json` with the same fields it has, `buffer=64k`); "
-               "`-silent`: the same without." if LOGGING else "logging off")
+               "`-silent`: the same without" if LOGGING else "logging off")
     lines = [
         heading,
         "",
