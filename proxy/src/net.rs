@@ -1,10 +1,13 @@
 //! Sockets the agent listens on, and accepting on them.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 /// A bound, non-blocking socket; with `reuse_port`, several agents on one host can hold the
@@ -92,5 +95,56 @@ pub async fn accept<L: Accept>(listener: &L, what: &'static str) -> (L::Stream, 
                 tokio::time::sleep(ACCEPT_PAUSE).await;
             }
         }
+    }
+}
+
+/// A stream that calls `on_read` with the size of each read that brought bytes (a request
+/// head arriving, a tunnel's traffic); writes pass through.
+pub struct OnRead<S, F> {
+    inner: S,
+    on_read: F,
+}
+
+impl<S, F: FnMut(usize)> OnRead<S, F> {
+    pub fn new(inner: S, on_read: F) -> Self {
+        Self { inner, on_read }
+    }
+}
+
+impl<S: AsyncRead + Unpin, F: FnMut(usize) + Unpin> AsyncRead for OnRead<S, F> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            (self.on_read)(n);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin, F: Unpin> AsyncWrite for OnRead<S, F> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{curl, eventually, service, service_with, Backend, Binary, Mesh};
@@ -105,21 +105,7 @@ async fn json_lines_with_traefiks_fields_a_route_turned_off_and_a_new_file_after
 
 #[tokio::test]
 async fn combined_lines_filtered_by_status_and_a_websockets_line_when_it_ends() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                // A plain GET is no handshake: closed unanswered (the proxy says 502).
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() {
-                        ws.send(msg).await.unwrap();
-                    }
-                }
-            });
-        }
-    });
+    let ws_addr = crate::harness::websocket_echo().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let path = log.clone();

@@ -429,3 +429,24 @@ impl Drop for Dnsmasq {
         let _ = self.child.wait();
     }
 }
+
+/// A real WebSocket server (tungstenite) as a task: it echoes every text and binary message.
+/// A request that is no WebSocket handshake is closed unanswered (the proxy says 502).
+pub async fn websocket_echo() -> SocketAddr {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

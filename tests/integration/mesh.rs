@@ -165,6 +165,23 @@ impl Agent {
     }
 }
 
+/// A one-node underlay: namespaces `<prefix>c` (the client, 192.0.2.1 on `c0`) and
+/// `<prefix>n` (the node, 192.0.2.10 on its uplink `u0`), cabled. Returns (client, node).
+pub(crate) fn underlay(nets: &mut Namespaces, prefix: &str) -> (String, String) {
+    let client = nets.add(&format!("{prefix}c"));
+    let node = nets.add(&format!("{prefix}n"));
+    run(&["ip", "link", "add", "c0", "netns", &client, "type", "veth", "peer", "name", "u0", "netns", &node]);
+    run(&["ip", "-n", &client, "addr", "add", "192.0.2.1/24", "dev", "c0"]);
+    run(&["ip", "-n", &client, "link", "set", "c0", "up"]);
+    run(&["ip", "-n", &node, "addr", "add", "192.0.2.10/24", "dev", "u0"]);
+    run(&["ip", "-n", &node, "link", "set", "u0", "up"]);
+    (client, node)
+}
+
+/// The agent's flags for the L4 mesh on the node of [`underlay`].
+pub(crate) const NODE_MESH: [&str; 6] =
+    ["--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1"];
+
 /// What the uplink has attached: XDP and tc programs, as `bpftool net` lists them.
 fn attached(ns: &str, dev: &str) -> String {
     Namespaces::exec(ns, &["bpftool", "net", "show", "dev", dev])
@@ -173,16 +190,9 @@ fn attached(ns: &str, dev: &str) -> String {
 #[test]
 fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_nothing_behind() {
     let mut nets = Namespaces::new();
-    let client = nets.add("mgc");
-    let node = nets.add("mgn");
-    // Underlay: client 192.0.2.1 -- node 192.0.2.10 (the node's uplink is u0).
-    run(&["ip", "link", "add", "c0", "netns", &client, "type", "veth", "peer", "name", "u0", "netns", &node]);
-    run(&["ip", "-n", &client, "addr", "add", "192.0.2.1/24", "dev", "c0"]);
-    run(&["ip", "-n", &client, "link", "set", "c0", "up"]);
+    let (client, node) = underlay(&mut nets, "mg");
     // A local sender's checksums are partial on a veth; XDP rewrites full ones (as from a NIC).
     Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
-    run(&["ip", "-n", &node, "addr", "add", "192.0.2.10/24", "dev", "u0"]);
-    run(&["ip", "-n", &node, "link", "set", "u0", "up"]);
     Namespaces::exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     // The node's task bridge, 10.0.9.0/24, with two tasks.
     run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
@@ -257,19 +267,17 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     let agent = Agent::start(
         &node,
         &[
-            "--routes-file",
-            routes.to_str().unwrap(),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--mesh-uplink",
-            "u0",
-            "--mesh-node-address",
-            "192.0.2.10",
-            "--mesh-node-name",
-            "n1",
-        ],
+            &[
+                "--routes-file",
+                routes.to_str().unwrap(),
+                "--http-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ][..],
+            &NODE_MESH[..],
+        ]
+        .concat(),
     );
     agent.wait_for("L4 mesh attached");
     agent.wait_for("port table synced");

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::eventually;
-use crate::mesh::{run, Agent, Namespaces};
+use crate::mesh::{underlay, Agent, Namespaces, NODE_MESH};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm-free-deploy/monitoring");
 
@@ -56,13 +56,7 @@ fn quietly(ns: &str, args: &[&str]) {
 #[test]
 fn every_panel_of_the_board_has_data_from_a_real_prometheus_scraping_an_agent() {
     let mut nets = Namespaces::new();
-    let client = nets.add("mgmc");
-    let node = nets.add("mgmn");
-    run(&["ip", "link", "add", "c0", "netns", &client, "type", "veth", "peer", "name", "u0", "netns", &node]);
-    run(&["ip", "-n", &client, "addr", "add", "192.0.2.1/24", "dev", "c0"]);
-    run(&["ip", "-n", &client, "link", "set", "c0", "up"]);
-    run(&["ip", "-n", &node, "addr", "add", "192.0.2.10/24", "dev", "u0"]);
-    run(&["ip", "-n", &node, "link", "set", "u0", "up"]);
+    let (client, node) = underlay(&mut nets, "mgm");
 
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
@@ -77,27 +71,25 @@ fn every_panel_of_the_board_has_data_from_a_real_prometheus_scraping_an_agent() 
     let agent = Agent::start(
         &node,
         &[
-            "--routes-file",
-            routes.to_str().unwrap(),
-            "--whoami-listen",
-            "127.0.0.1:18080",
-            "--http-listen",
-            "0.0.0.0:8080",
-            "--tls-https-listen",
-            "0.0.0.0:8443",
-            "--tls-certs-dir",
-            certs.to_str().unwrap(),
-            "--admin-listen",
-            "127.0.0.1:19190",
-            "--dns-listen",
-            "127.0.0.1:5353",
-            "--mesh-uplink",
-            "u0",
-            "--mesh-node-address",
-            "192.0.2.10",
-            "--mesh-node-name",
-            "n1",
-        ],
+            &[
+                "--routes-file",
+                routes.to_str().unwrap(),
+                "--whoami-listen",
+                "127.0.0.1:18080",
+                "--http-listen",
+                "0.0.0.0:8080",
+                "--tls-https-listen",
+                "0.0.0.0:8443",
+                "--tls-certs-dir",
+                certs.to_str().unwrap(),
+                "--admin-listen",
+                "127.0.0.1:19190",
+                "--dns-listen",
+                "127.0.0.1:5353",
+            ][..],
+            &NODE_MESH[..],
+        ]
+        .concat(),
     );
     agent.wait_for("L4 mesh attached");
     agent.wait_for("meshgate is serving");

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{service, service_with, Backend, Binary};
@@ -19,20 +19,7 @@ const HUNDRED_MB: u64 = 100 * 1024 * 1024;
 #[tokio::test]
 async fn websocket_echo_passes_through_both_ways() {
     // A real WebSocket server (tungstenite) as the task: it echoes every message.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        ws.send(msg).await.unwrap();
-                    }
-                }
-            });
-        }
-    });
+    let ws_addr = crate::harness::websocket_echo().await;
     let mesh =
         crate::harness::Mesh::start(&service_with("ws", &["ws.test"], "/", "http", &[ws_addr.to_string()]))
             .await;
@@ -102,20 +89,7 @@ async fn hundred_megabytes_stream_up_and_down_without_being_buffered() {
 #[tokio::test]
 async fn an_idle_websocket_is_closed_after_its_limit_and_a_busy_one_stays() {
     // Issue 13, timeouts: a forgotten tunnel must not hold a connection forever.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let ws_addr = crate::harness::websocket_echo().await;
     let idle = Duration::from_millis(400);
     let mesh = crate::harness::Mesh::start_with(
         &service_with("ws", &["ws.test"], "/", "http", &[ws_addr.to_string()]),

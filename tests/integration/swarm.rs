@@ -515,31 +515,22 @@ async fn mesh_counters() {
     }
 }
 
+/// `load`: three tasks of the web image on the overlay `apps`, published on 8090, with
+/// `more` arguments (its opt-in variables).
+async fn load_service(more: &[&str]) {
+    Lab::docker(1, &["network", "create", "-d", "overlay", "apps"]).await;
+    let mut args = vec!["service", "create", "--detach", "--name", "load", "--replicas", "3"];
+    args.extend(["--network", "apps", "--publish", "8090:80"]);
+    args.extend_from_slice(more);
+    args.push(WEB_IMAGE);
+    Lab::docker(1, &args).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshgates_own_update() {
     let _lab = Lab::up(Shape::OneManager).await;
     agents_with_mesh().await;
-    Lab::docker(1, &["network", "create", "-d", "overlay", "apps"]).await;
-    Lab::docker(
-        1,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "load",
-            "--replicas",
-            "3",
-            "--network",
-            "apps",
-            "--publish",
-            "8090:80",
-            "-e",
-            "VIRTUAL_HOST=load.test",
-            WEB_IMAGE,
-        ],
-    )
-    .await;
+    load_service(&["-e", "VIRTUAL_HOST=load.test"]).await;
     for (host, url) in both_ways(&[1, 2, 3]) {
         eventually(&format!("{url} answers"), CONVERGE, async || Lab::curl(host, &url).await.0).await;
     }
@@ -798,25 +789,7 @@ async fn pinned_dns(port: u16, names: &[(&str, usize)]) -> crate::harness::Dnsma
 async fn soak_rolling_updates_of_a_published_service() {
     let _lab = Lab::up(Shape::OneManager).await;
     agents_with_mesh().await;
-    Lab::docker(1, &["network", "create", "-d", "overlay", "apps"]).await;
-    Lab::docker(
-        1,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "load",
-            "--replicas",
-            "3",
-            "--network",
-            "apps",
-            "--publish",
-            "8090:80",
-            WEB_IMAGE,
-        ],
-    )
-    .await;
+    load_service(&[]).await;
     let targets: Vec<_> = (1..=3).map(|i| ("any", format!("http://{}:8090/", Lab::addr(i)))).collect();
     for (host, url) in &targets {
         eventually(&format!("{url} answers"), CONVERGE, async || Lab::curl(host, url).await.0).await;

@@ -3,12 +3,9 @@
 //! and drains on shutdown.
 
 use std::convert::Infallible;
-use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -17,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use ipnet::IpNet;
 use prometheus::{IntCounter, IntGauge};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -147,49 +144,6 @@ enum Verdict {
     Fine,
     HeadTimeout,
     Idle,
-}
-
-/// A stream (TCP, or TLS over TCP) that tells its [`ConnActivity`] when bytes arrive.
-struct TrackedIo<S> {
-    inner: S,
-    activity: Arc<ConnActivity>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.bytes_received();
-        }
-        res
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Builds the hyper connection builder once, from the config.
@@ -369,7 +323,9 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = activity.client_ip;
-    let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
+    // Tells the connection's activity when bytes arrive (a request head in progress).
+    let tracked = activity.clone();
+    let io = TokioIo::new(crate::net::OnRead::new(stream, move |_| tracked.bytes_received()));
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {

@@ -3,15 +3,11 @@
 //! `proxy.tunnel_idle_timeout` (a forgotten tunnel must not hold a connection forever). Its
 //! bytes go to the route's metrics and its access log line when it ends.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::access_log::Pending;
 use super::endpoint::Endpoint;
@@ -38,8 +34,17 @@ pub fn spawn(
             }
         };
         let activity = Arc::new(Activity { origin: Instant::now(), last_ms: AtomicU64::new(0) });
-        let mut client = Watched { inner: TokioIo::new(client), read: 0, activity: activity.clone() };
-        let mut upstream = Watched { inner: TokioIo::new(upstream), read: 0, activity: activity.clone() };
+        // Each side counts what is read from it and notes when.
+        let (from_client, from_task) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let side = |io, count: Arc<AtomicU64>| {
+            let activity = activity.clone();
+            crate::net::OnRead::new(TokioIo::new(io), move |n: usize| {
+                count.fetch_add(n as u64, Ordering::Relaxed);
+                activity.touch();
+            })
+        };
+        let mut client = side(client, from_client.clone());
+        let mut upstream = side(upstream, from_task.clone());
         tokio::select! {
             done = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Err(e) = done {
@@ -50,11 +55,11 @@ pub fn spawn(
                 tracing::debug!(route = %route.name, task = %endpoint.task, ?idle, "upgraded connection idle: closed");
             }
         }
-        // What the client sent is what the task read from it, and the other way round.
-        route.metrics.bytes(client.read, upstream.read);
+        let (received, sent) = (from_client.load(Ordering::Relaxed), from_task.load(Ordering::Relaxed));
+        route.metrics.bytes(received, sent);
         if let Some(mut line) = line {
-            line.received(client.read);
-            line.sent(upstream.read);
+            line.received(received);
+            line.sent(sent);
             line.finish();
         }
     });
@@ -82,41 +87,5 @@ impl Activity {
             }
             tokio::time::sleep_until(deadline.into()).await;
         }
-    }
-}
-
-/// One side of a tunnel, counting what is read from it and noting when.
-struct Watched<T> {
-    inner: T,
-    read: u64,
-    activity: Arc<Activity>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read += n as u64;
-            self.activity.touch();
-        }
-        res
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
