@@ -264,21 +264,19 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
          [[services.l4]]\nprotocol = \"udp\"\npublished = 5353\ntarget = 53\n",
     )
     .unwrap();
-    let agent = Agent::start(
-        &node,
+    let mesh_args = [
         &[
-            &[
-                "--routes-file",
-                routes.to_str().unwrap(),
-                "--http-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ][..],
-            &NODE_MESH[..],
-        ]
-        .concat(),
-    );
+            "--routes-file",
+            routes.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ][..],
+        &NODE_MESH[..],
+    ]
+    .concat();
+    let agent = Agent::start(&node, &mesh_args);
     agent.wait_for("L4 mesh attached");
     agent.wait_for("port table synced");
     let now = attached(&node, "u0");
@@ -344,20 +342,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     // the process).
     agent.stop();
     assert_eq!(attached(&node, "u0"), before, "no program left on the uplink");
-    let mesh_args = [
-        "--routes-file",
-        routes.to_str().unwrap(),
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--mesh-uplink",
-        "u0",
-        "--mesh-node-address",
-        "192.0.2.10",
-        "--mesh-node-name",
-        "n1",
-    ];
+
     let again = Agent::start(&node, &mesh_args);
     again.wait_for("L4 mesh attached");
     assert_ne!(attached(&node, "u0"), before);
