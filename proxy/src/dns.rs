@@ -181,6 +181,7 @@ mod tests {
                     hsts: None,
                     refused: None,
                     access_log: true,
+                    basic_auth: None,
                 }],
                 l4: vec![PublishedPort {
                     protocol: L4Protocol::Tcp,

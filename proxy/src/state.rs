@@ -159,6 +159,36 @@ pub struct HttpRoute {
     /// health-check or metrics route).
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub access_log: bool,
+    /// Users who may use the route (Traefik's `basicauth`); `None`: anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// A route's users and realm, as they travel in the state and the cluster feed (hashes
+/// only, as an htpasswd file holds them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct BasicAuth {
+    /// `user:hash` entries: bcrypt (`$2y$`, `$2b$`, `$2a$`), Apache MD5 (`$apr1$`) or SHA-1
+    /// (`{SHA}`).
+    pub users: Vec<String>,
+    pub realm: String,
+    /// Whether `Authorization` is removed before the request goes to the task.
+    pub remove_header: bool,
+}
+
+impl BasicAuth {
+    /// The first entry that is not `user:hash` with a hash htpasswd writes.
+    #[must_use]
+    pub fn bad_entry(&self) -> Option<String> {
+        self.users.iter().find_map(|entry| {
+            let known = |h: &str| ["$2y$", "$2b$", "$2a$", "$apr1$", "{SHA}"].iter().any(|p| h.starts_with(p));
+            match entry.split_once(':') {
+                Some((user, hash)) if !user.is_empty() && known(hash.trim()) => None,
+                Some((user, _)) if !user.is_empty() => Some(format!("user `{user}`: the hash is none htpasswd writes (bcrypt $2y$, Apache MD5 $apr1$ or SHA-1 {{SHA}})")),
+                _ => Some(format!("`{entry}` is not `user:hash`")),
+            }
+        })
+    }
 }
 
 fn yes() -> bool {

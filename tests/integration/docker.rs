@@ -897,8 +897,8 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     .await;
 }
 
-/// Drop-in issue, "fail closed": a Traefik basicauth middleware that meshgate does not honour
-/// yet leaves the route not served (503, a problem naming the label, `meshgate_route_refused`),
+/// Drop-in issue, "fail closed": a Traefik middleware that meshgate does not honour yet (an
+/// IP allow list) leaves the route not served (503, a problem naming the label, `meshgate_route_refused`),
 /// never open; a second container claiming the same host without it does not open it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open() {
@@ -911,9 +911,9 @@ async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open
             "-l",
             "traefik.http.routers.adm.rule=Host(`adm.docker.test`)",
             "-l",
-            "traefik.http.routers.adm.middlewares=adm-auth",
+            "traefik.http.routers.adm.middlewares=adm-allow",
             "-l",
-            "traefik.http.middlewares.adm-auth.basicauth.users=admin:$apr1$H6uskkkW$IgXLP6ewTrSuBkTrqE8wj/",
+            "traefik.http.middlewares.adm-allow.ipallowlist.sourcerange=10.0.0.0/8",
         ],
         80,
     )
@@ -928,7 +928,62 @@ async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open
     let state: serde_json::Value =
         serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
     let problems = state["problems"].to_string();
-    assert!(problems.contains("traefik.http.routers.adm.middlewares=adm-auth"), "{problems}");
+    assert!(problems.contains("traefik.http.routers.adm.middlewares=adm-allow"), "{problems}");
     let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
     assert!(metrics.contains("meshgate_route_refused{route=\"adm.docker.test/\""), "{metrics}");
+}
+
+/// Drop-in issue: a Traefik `basicauth` middleware on the container is honoured, with users
+/// as `htpasswd` writes them (bcrypt here, made by the real tool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traefik_basicauth_middleware_asks_for_the_users_credentials() {
+    let made = std::process::Command::new("htpasswd")
+        .args(["-nbB", "admin", "s3cret"])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    let user = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    assert!(user.starts_with("admin:$2y$"), "{user}");
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let users = format!("traefik.http.middlewares.adm-auth.basicauth.users={user}");
+    let guarded = Container::run(
+        "authed",
+        &[
+            "-l",
+            "traefik.enable=true",
+            "-l",
+            "traefik.http.routers.adm.rule=Host(`auth.docker.test`)",
+            "-l",
+            "traefik.http.routers.adm.middlewares=adm-auth@docker",
+            "-l",
+            &users,
+            "-l",
+            "traefik.http.middlewares.adm-auth.basicauth.realm=admins",
+        ],
+        80,
+    )
+    .await;
+    until_status(&mesh, "auth.docker.test", StatusCode::UNAUTHORIZED).await;
+    let url = mesh.url("/");
+    let (_, head) = crate::harness::curl(&["-si", "-H", "Host: auth.docker.test", &url]).await;
+    assert!(
+        head.starts_with("HTTP/1.1 401") && head.contains("www-authenticate: Basic realm=\"admins\""),
+        "{head}"
+    );
+    let (_, wrong) = crate::harness::curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-u",
+        "admin:nope",
+        "-H",
+        "Host: auth.docker.test",
+        &url,
+    ])
+    .await;
+    assert_eq!(wrong, "401");
+    let (ok, body) =
+        crate::harness::curl(&["-sf", "-u", "admin:s3cret", "-H", "Host: auth.docker.test", &url]).await;
+    assert!(ok && body.trim() == guarded.id, "{body}");
 }

@@ -1,5 +1,6 @@
 //! Routing by host and path, forwarding headers, protocols on both sides.
 
+use base64::Engine as _;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -167,4 +168,37 @@ async fn requests_spread_over_tasks() {
         seen.insert(name_of(&body).to_owned());
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["a", "b", "c"]);
+}
+
+/// Basic authentication from the routes file, users as `openssl passwd -apr1` writes them:
+/// the task never sees the credentials when `remove_header` says so.
+#[tokio::test]
+async fn basic_auth_from_the_routes_file_and_the_header_kept_or_removed() {
+    let made = std::process::Command::new("openssl").args(["passwd", "-apr1", "s3cret"]).output().unwrap();
+    let hash = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let web = Backend::start("web").await;
+    let route = |host: &str, remove: bool| {
+        service(host, &[host], "/", &[&web]).replace(
+            "protocol = ",
+            &format!("basic_auth = {{ users = [\"ann:{hash}\"], realm = \"staff\", remove_header = {remove} }}\nprotocol = "),
+        )
+    };
+    let mesh = Mesh::start(&(route("kept.test", false) + &route("removed.test", true))).await;
+    let credentials = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("ann:s3cret"));
+    let get = async |host: &str, auth: Option<&str>| {
+        let mut req = http::Request::get(mesh.url("/")).header("host", host);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        crate::harness::send(mesh.client(), req.body(http_body_util::Full::default()).unwrap()).await
+    };
+    assert_eq!(get("kept.test", None).await.0, StatusCode::UNAUTHORIZED);
+    let (status, body) = get("kept.test", Some(&credentials)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(crate::harness::header_of(&body, "authorization").is_some(), "kept: {body}");
+    let (status, body) = get("removed.test", Some(&credentials)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(crate::harness::header_of(&body, "authorization").is_none(), "removed: {body}");
+    let wrong = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("ann:S3cret"));
+    assert_eq!(get("removed.test", Some(&wrong)).await.0, StatusCode::UNAUTHORIZED);
 }

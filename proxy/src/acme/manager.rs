@@ -456,6 +456,7 @@ mod tests {
                 hsts: None,
                 refused: None,
                 access_log: true,
+                basic_auth: None,
             }],
             l4: vec![],
         }

@@ -286,6 +286,9 @@ impl Proxy {
         if let Some(resp) = self.https_policy(&route, &req, secure) {
             return self.answered(resp, guard, Some(&route), (started, kind));
         }
+        if let Some(resp) = authenticate(&route, &mut req).await {
+            return self.answered(resp, guard, Some(&route), (started, kind));
+        }
         let asked = upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
@@ -422,6 +425,24 @@ impl Proxy {
             return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }
     }
+}
+
+/// The route's basic authentication: `Some` 401 until the request names a user with the
+/// right password; its `Authorization` removed after when the route says so.
+async fn authenticate(route: &Route, req: &mut Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let (auth, checker) = route.basic_auth.as_ref()?;
+    if !checker.allows(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).await {
+        let mut resp = local(StatusCode::UNAUTHORIZED, "meshgate: authentication required\n".to_owned());
+        let challenge = format!("Basic realm=\"{}\"", auth.realm.replace('"', "'"));
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        return Some(resp);
+    }
+    if auth.remove_header {
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
+    None
 }
 
 /// Tells the request's log line its status (`origin`: the task's) and route; a route with

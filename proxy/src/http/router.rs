@@ -33,6 +33,8 @@ pub struct Route {
     pub access_log: bool,
     /// Its names in access log lines.
     pub log_names: Arc<super::access_log::RouteNames>,
+    /// Who may use it (basic authentication), as configured and as checked.
+    pub basic_auth: Option<(crate::state::BasicAuth, Arc<super::basic_auth::Checker>)>,
 }
 
 impl Route {
@@ -99,10 +101,11 @@ impl HostRoutes {
 /// protocol, path rewrite and HTTPS behaviour): the tasks of both. `None`: they differ, a
 /// conflict.
 fn merged(a: &Route, b: &Route) -> Option<Route> {
+    let auth = |r: &Route| r.basic_auth.as_ref().map(|(data, _)| data.clone());
     let alike = a.refused.is_none()
         && b.refused.is_none()
-        && (a.protocol, &a.rewrite, a.https_method, &a.hsts)
-            == (b.protocol, &b.rewrite, b.https_method, &b.hsts);
+        && (a.protocol, &a.rewrite, a.https_method, &a.hsts, auth(a))
+            == (b.protocol, &b.rewrite, b.https_method, &b.hsts, auth(b));
     alike.then(|| Route {
         name: a.name.clone(),
         service: format!("{}+{}", a.service, b.service),
@@ -115,6 +118,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         hsts: a.hsts.clone(),
         refused: None,
         access_log: a.access_log || b.access_log,
+        basic_auth: a.basic_auth.clone(),
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -209,6 +213,10 @@ impl RouteTable {
                     hsts: http.hsts.as_deref().and_then(|h| http::HeaderValue::from_str(h).ok()),
                     refused: http.refused.clone(),
                     access_log: http.access_log,
+                    basic_auth: http
+                        .basic_auth
+                        .as_ref()
+                        .map(|a| (a.clone(), Arc::new(super::basic_auth::Checker::new(a)))),
                     protocol: http.protocol,
                     endpoints,
                 });
@@ -368,6 +376,7 @@ mod tests {
                 hsts: None,
                 refused: None,
                 access_log: true,
+                basic_auth: None,
             }],
             l4: vec![],
         }

@@ -98,6 +98,22 @@ struct HttpEntry {
     /// `false`: its requests are not written to the access log.
     #[serde(default = "yes")]
     access_log: bool,
+    /// Users who may use the route: `users = ["name:hash", ...]`, `realm`, `remove_header`.
+    basic_auth: Option<Spanned<BasicAuthEntry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BasicAuthEntry {
+    users: Vec<String>,
+    #[serde(default = "default_realm")]
+    realm: String,
+    #[serde(default)]
+    remove_header: bool,
+}
+
+fn default_realm() -> String {
+    "meshgate".into()
 }
 
 fn yes() -> bool {
@@ -234,6 +250,19 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
             return Err((r.span(), format!("rewrite `{}` must start with `/`", r.get_ref())));
         }
     }
+    let basic_auth = match h.basic_auth {
+        None => None,
+        Some(spanned) => {
+            let span = spanned.span();
+            let e = spanned.into_inner();
+            let auth =
+                crate::state::BasicAuth { users: e.users, realm: e.realm, remove_header: e.remove_header };
+            if let Some(bad) = auth.bad_entry() {
+                return Err((span, format!("basic_auth: {bad}")));
+            }
+            Some(auth)
+        }
+    };
     Ok(HttpRoute {
         hosts,
         path: path.clone(),
@@ -250,6 +279,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         },
         refused: None,
         access_log: h.access_log,
+        basic_auth,
     })
 }
 

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::traefik_rule;
-use crate::state::{HostError, HostPattern, HttpRoute, HttpsMethod, TlsWish, UpstreamProtocol};
+use crate::state::{BasicAuth, HostError, HostPattern, HttpRoute, HttpsMethod, TlsWish, UpstreamProtocol};
 
 /// What discovery knows about one container or service.
 pub struct Workload<'a> {
@@ -271,6 +271,7 @@ fn known_traefik_label(name: &str) -> bool {
                 | ["tls", "certresolver" | "options"]
                 | ["observability", "accesslogs"]
         ),
+        ["traefik", "http", "middlewares", _, "basicauth", "users" | "realm" | "removeheader"] => true,
         other => matches!(
             other,
             ["traefik", "enable"]
@@ -298,6 +299,7 @@ fn route(
         hsts: None,
         refused: None,
         access_log: true,
+        basic_auth: None,
     }
 }
 
@@ -421,7 +423,19 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
         } else {
             TlsWish::None
         };
-        let (https_method, refused) = router_access(&key, label);
+        let (https_method, mut refused) = router_access(&key, label);
+        let mut basic_auth = None;
+        if let (None, Some(chain)) = (&refused, label(&key("middlewares"))) {
+            match middlewares(w, chain) {
+                Ok(auth) => basic_auth = auth,
+                Err(why) => {
+                    refused = Some(format!(
+                        "label `{}={chain}`: {why}; the route is not served rather than served without it",
+                        key("middlewares")
+                    ));
+                }
+            }
+        }
         let access_log = match label(&key("observability.accesslogs")).map(|v| (v, parse_bool(v))) {
             Some((_, Some(on))) => on,
             Some((v, None)) => {
@@ -444,10 +458,54 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
                 https_method,
                 refused: refused.clone(),
                 access_log,
+                basic_auth: basic_auth.clone(),
                 ..route(alt.hosts, alt.path.unwrap_or_else(|| "/".into()), port, protocol, tls.clone())
             });
         }
     }
+}
+
+/// A router's middleware chain, as far as meshgate honours it: `basicauth` defined on the
+/// same container or service (`name`, `name@docker`, `name@swarm`) with its users inline.
+/// Anything else is an `Err` saying why (the route is then refused, never served open).
+fn middlewares(w: &Workload<'_>, chain: &str) -> Result<Option<BasicAuth>, String> {
+    let mut auth: Option<BasicAuth> = None;
+    for name in chain.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let local = name.strip_suffix("@docker").or_else(|| name.strip_suffix("@swarm")).unwrap_or(name);
+        if local.contains('@') {
+            return Err(format!(
+                "middleware `{name}` comes from another provider, which meshgate does not read"
+            ));
+        }
+        let prefix = format!("traefik.http.middlewares.{local}.");
+        let kinds: BTreeSet<&str> =
+            w.labels.keys().filter_map(|k| k.strip_prefix(&prefix)?.split('.').next()).collect();
+        match kinds.iter().next() {
+            None => return Err(format!("middleware `{local}` is not defined on this container or service")),
+            Some(&"basicauth") if kinds.len() == 1 => {}
+            Some(kind) => return Err(format!("middleware `{local}` ({kind}) is not honoured yet")),
+        }
+        let get = |k: &str| w.labels.get(&format!("{prefix}basicauth.{k}")).map(String::as_str);
+        if get("usersfile").is_some() {
+            return Err(format!("`{prefix}basicauth.usersfile` names a file on the proxy's disk, which is not carried to every node: give the users in `basicauth.users`"));
+        }
+        let Some(users) = get("users") else {
+            return Err(format!("middleware `{local}` has no `basicauth.users`"));
+        };
+        if auth.is_some() {
+            return Err("two basicauth middlewares on one router".into());
+        }
+        let parsed = BasicAuth {
+            users: users.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect(),
+            realm: get("realm").unwrap_or("traefik").to_owned(),
+            remove_header: get("removeheader").and_then(parse_bool).unwrap_or(false),
+        };
+        if let Some(bad) = parsed.bad_entry() {
+            return Err(format!("middleware `{local}`: {bad}"));
+        }
+        auth = Some(parsed);
+    }
+    Ok(auth)
 }
 
 /// What a Traefik router's entrypoints, middlewares and TLS options ask of access: the
@@ -461,12 +519,6 @@ fn router_access<'a>(
     let refuse = |k: String, v: &str, what: &str| {
         Some(format!("label `{k}={v}`: {what}; the route is not served rather than served without it"))
     };
-    if let Some(v) = label(&key("middlewares")) {
-        return (
-            HttpsMethod::Redirect,
-            refuse(key("middlewares"), v, "Traefik middlewares are not honoured yet"),
-        );
-    }
     if let Some(v) = label(&key("tls.options")) {
         return (HttpsMethod::Redirect, refuse(key("tls.options"), v, "TLS options are not honoured yet"));
     }
@@ -508,16 +560,36 @@ mod tests {
             read_with(&[], &labels, &[80])
         };
         let o = traefik(&[
-            ("traefik.http.routers.adm.middlewares", "adm-auth"),
-            ("traefik.http.middlewares.adm-auth.basicauth.users", "u:$apr1$x"),
+            ("traefik.http.routers.adm.middlewares", "adm-limit"),
+            ("traefik.http.middlewares.adm-limit.ratelimit.average", "10"),
         ]);
         assert!(o.routes[0].refused.as_deref().is_some_and(|w| w.contains("middlewares")), "{:?}", o.routes);
-        assert!(o.problems.iter().any(|p| p.contains("adm-auth")), "{:?}", o.problems);
+        assert!(o.problems.iter().any(|p| p.contains("adm-limit")), "{:?}", o.problems);
         assert!(
-            o.problems.iter().any(|p| p.contains("basicauth.users")),
+            o.problems.iter().any(|p| p.contains("ratelimit.average")),
             "the definition is listed: {:?}",
             o.problems
         );
+        // Every form of basicauth meshgate cannot honour refuses the route too.
+        for more in [
+            &[("traefik.http.routers.adm.middlewares", "gone")][..],
+            &[("traefik.http.routers.adm.middlewares", "auth@file")][..],
+            &[
+                ("traefik.http.routers.adm.middlewares", "auth"),
+                ("traefik.http.middlewares.auth.basicauth.usersfile", "/etc/users"),
+            ][..],
+            &[
+                ("traefik.http.routers.adm.middlewares", "auth"),
+                ("traefik.http.middlewares.auth.basicauth.users", "u:cleartext"),
+            ][..],
+        ] {
+            let o = traefik(more);
+            assert!(
+                o.routes[0].refused.is_some() && o.routes[0].basic_auth.is_none(),
+                "{more:?}: {:?}",
+                o.routes
+            );
+        }
 
         let o = traefik(&[("traefik.http.routers.adm.entrypoints", "websecure")]);
         assert_eq!((o.routes[0].https_method, o.routes[0].refused.clone()), (HttpsMethod::Nohttp, None));
@@ -592,6 +664,30 @@ mod tests {
             read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "81")], &[], &[3000]).routes[0].port,
             81
         );
+    }
+
+    #[test]
+    fn a_traefik_basicauth_middleware_on_the_same_workload_is_honoured() {
+        let o = read_with(
+            &[],
+            &[
+                ("traefik.enable", "true"),
+                ("traefik.http.routers.adm.rule", "Host(`adm.test`)"),
+                ("traefik.http.routers.adm.middlewares", "adm-auth@swarm"),
+                (
+                    "traefik.http.middlewares.adm-auth.basicauth.users",
+                    "u:$apr1$5Ye4DyZe$OfueD4r9hh3Tvz8EwMEI5/, v:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=",
+                ),
+                ("traefik.http.middlewares.adm-auth.basicauth.realm", "admins"),
+                ("traefik.http.middlewares.adm-auth.basicauth.removeheader", "true"),
+            ],
+            &[80],
+        );
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        let auth = o.routes[0].basic_auth.as_ref().expect("the route carries its users");
+        assert_eq!(auth.users.len(), 2);
+        assert_eq!((auth.realm.as_str(), auth.remove_header), ("admins", true));
+        assert!(o.routes[0].refused.is_none());
     }
 
     #[test]
