@@ -119,8 +119,24 @@ fn state_json(s: &AdminState) -> serde_json::Value {
         "problems": snapshot.state.problems.iter().chain(&table.unreachable).collect::<Vec<_>>(),
         "nodes": snapshot.state.nodes,
         "mesh": s.mesh.get(),
-        "services": snapshot.state.services,
+        "services": without_secrets(serde_json::to_value(&snapshot.state.services).unwrap_or_default()),
     })
+}
+
+/// The services as `/api/state` shows them: basic auth users by name only (their hashes
+/// stay in the agent and the cluster feed).
+fn without_secrets(mut services: serde_json::Value) -> serde_json::Value {
+    for service in services.as_array_mut().into_iter().flatten() {
+        for route in service["http"].as_array_mut().into_iter().flatten() {
+            if let Some(users) = route.pointer_mut("/basic_auth/users").and_then(|u| u.as_array_mut()) {
+                for user in users.iter_mut() {
+                    let name = user.as_str().and_then(|u| u.split_once(':')).map(|(n, _)| n.to_owned());
+                    *user = json!(format!("{}:REDACTED", name.unwrap_or_default()));
+                }
+            }
+        }
+    }
+    services
 }
 
 fn status_page(s: &AdminState) -> String {

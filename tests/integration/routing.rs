@@ -201,4 +201,7 @@ async fn basic_auth_from_the_routes_file_and_the_header_kept_or_removed() {
     assert!(crate::harness::header_of(&body, "authorization").is_none(), "removed: {body}");
     let wrong = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("ann:S3cret"));
     assert_eq!(get("removed.test", Some(&wrong)).await.0, StatusCode::UNAUTHORIZED);
+    // The admin's state names the users, never their hashes.
+    let (_, state) = curl(&[&mesh.admin_url("/api/state")]).await;
+    assert!(state.contains("ann:REDACTED") && !state.contains(&hash), "{state}");
 }
