@@ -987,3 +987,31 @@ async fn a_traefik_basicauth_middleware_asks_for_the_users_credentials() {
         crate::harness::curl(&["-sf", "-u", "admin:s3cret", "-H", "Host: auth.docker.test", &url]).await;
     assert!(ok && body.trim() == guarded.id, "{body}");
 }
+
+/// Drop-in issue: nginx-proxy's htpasswd directory, a file named after a `VIRTUAL_HOST`
+/// (made by the real `htpasswd`), asks for its users; a host without a file is open; a file
+/// that cannot be used refuses its host rather than serving it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_htpasswd_file_named_after_a_virtual_host_asks_for_its_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new("htpasswd")
+        .arg("-cbm")
+        .arg(dir.path().join("locked.docker.test"))
+        .args(["ann", "s3cret"])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    std::fs::write(dir.path().join("broken.docker.test"), "ann:not-a-hash\n").unwrap();
+    let htpasswd = dir.path().to_owned();
+    let mesh = Mesh::start_docker(|c| c.docker.htpasswd_dir = Some(htpasswd)).await;
+    let locked =
+        Container::run("locked", &["-e", "VIRTUAL_HOST=locked.docker.test,open.docker.test"], 80).await;
+    let _broken = Container::run("broken", &["-e", "VIRTUAL_HOST=broken.docker.test"], 80).await;
+    until_served(&mesh, "open.docker.test", "/", &locked.id).await;
+    until_status(&mesh, "locked.docker.test", StatusCode::UNAUTHORIZED).await;
+    let url = mesh.url("/");
+    let (ok, body) =
+        crate::harness::curl(&["-sf", "-u", "ann:s3cret", "-H", "Host: locked.docker.test", &url]).await;
+    assert!(ok && body.trim() == locked.id, "{body}");
+    until_status(&mesh, "broken.docker.test", StatusCode::SERVICE_UNAVAILABLE).await;
+}

@@ -7,7 +7,8 @@
 //! goes away the last routes stay in force; the provider reconnects with capped backoff
 //! and resyncs. It never blocks the other providers.
 
-pub mod optin;
+mod htpasswd;
+mod optin;
 mod raw;
 pub mod traefik_rule;
 mod workloads;
@@ -60,6 +61,8 @@ pub struct DockerConfig {
     pub default_domain: Option<String>,
     /// The network to reach tasks on when a workload does not name one.
     pub network: Option<String>,
+    /// nginx-proxy's htpasswd directory: a file named after a host holds its users.
+    pub htpasswd_dir: Option<std::path::PathBuf>,
     /// Events closer together than this make one resync.
     #[serde(with = "humantime_serde")]
     pub debounce: Duration,
@@ -76,6 +79,7 @@ impl Default for DockerConfig {
             expose_by_default: false,
             default_domain: None,
             network: None,
+            htpasswd_dir: None,
             debounce: Duration::from_millis(100),
             resync_interval: Duration::from_secs(10),
         }

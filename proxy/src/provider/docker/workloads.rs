@@ -28,7 +28,7 @@ use serde::Deserialize;
 use super::optin::{self, Defaults, Workload};
 use super::Position;
 use super::{raw, DockerConfig, NAME};
-use crate::state::{Health, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
+use crate::state::{Health, HttpRoute, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
 
 const SWARM_SERVICE: &str = "com.docker.swarm.service.name";
 const STACK: &str = "com.docker.stack.namespace";
@@ -48,6 +48,7 @@ struct Inspected {
 
 pub struct Discovery {
     defaults: Defaults,
+    htpasswd_dir: Option<std::path::PathBuf>,
     network: Option<String>,
     endpoint: String,
     inspected: HashMap<String, Inspected>,
@@ -305,6 +306,7 @@ impl Discovery {
                 default_domain: cfg.default_domain.clone(),
             },
             network: cfg.network.clone(),
+            htpasswd_dir: cfg.htpasswd_dir.clone(),
             endpoint: cfg.endpoint(),
             inspected: HashMap::new(),
             mode: "containers",
@@ -463,9 +465,17 @@ impl Discovery {
                 stack,
                 provider: NAME.into(),
                 tasks,
-                http: opt.routes,
+                http: self.with_htpasswd(opt.routes),
                 l4: Vec::new(),
             });
+        }
+    }
+
+    /// `routes` with the users of their hosts' htpasswd files, when there is a directory.
+    fn with_htpasswd(&self, routes: Vec<HttpRoute>) -> Vec<HttpRoute> {
+        match &self.htpasswd_dir {
+            Some(dir) => super::htpasswd::apply(routes, dir),
+            None => routes,
         }
     }
 
@@ -575,7 +585,7 @@ impl Discovery {
                 stack: labels.get(STACK).cloned(),
                 provider: NAME.into(),
                 tasks: service_tasks,
-                http: opt.routes,
+                http: self.with_htpasswd(opt.routes),
                 l4: published_ports(&ports),
             });
         }

@@ -1,0 +1,114 @@
+//! nginx-proxy's htpasswd directory (`/etc/nginx/htpasswd/<VIRTUAL_HOST>`): a file named
+//! after a host holds the users who may reach it, lines as `htpasswd` writes them. Read at
+//! every resync, so a file added, changed or removed takes effect within one. A file that
+//! exists but cannot be used refuses its host (never served open).
+
+use std::path::Path;
+
+use crate::state::{BasicAuth, HostPattern, HttpRoute};
+
+/// What the directory says of one host.
+#[derive(Clone, PartialEq, Eq)]
+enum Says {
+    Nothing,
+    Users(BasicAuth),
+    Broken(String),
+}
+
+fn read(dir: &Path, host: &str) -> Says {
+    let path = dir.join(host);
+    match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Says::Nothing,
+        Err(e) => Says::Broken(format!("htpasswd file {} cannot be read: {e}", path.display())),
+        Ok(text) => {
+            let users: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            let auth = BasicAuth { users, realm: "Restricted".into(), remove_header: false };
+            match auth.bad_entry() {
+                Some(bad) => Says::Broken(format!("htpasswd file {}: {bad}", path.display())),
+                None if auth.users.is_empty() => {
+                    Says::Broken(format!("htpasswd file {} names no user", path.display()))
+                }
+                None => Says::Users(auth),
+            }
+        }
+    }
+}
+
+/// Gives the routes without a basic auth of their own the users of their hosts' files; a
+/// route whose hosts have different files is split, one route per file.
+pub fn apply(routes: Vec<HttpRoute>, dir: &Path) -> Vec<HttpRoute> {
+    let mut out = Vec::with_capacity(routes.len());
+    for route in routes {
+        if route.basic_auth.is_some() {
+            out.push(route);
+            continue;
+        }
+        let mut groups: Vec<(Says, Vec<HostPattern>)> = Vec::new();
+        for host in &route.hosts {
+            let says = match host {
+                HostPattern::Exact(name) => read(dir, name),
+                _ => Says::Nothing,
+            };
+            match groups.iter_mut().find(|(s, _)| *s == says) {
+                Some((_, hosts)) => hosts.push(host.clone()),
+                None => groups.push((says, vec![host.clone()])),
+            }
+        }
+        for (says, hosts) in groups {
+            let mut part = HttpRoute { hosts, ..route.clone() };
+            match says {
+                Says::Nothing => {}
+                Says::Users(auth) => part.basic_auth = Some(auth),
+                Says::Broken(why) => {
+                    part.refused
+                        .get_or_insert(format!("{why}; the host is not served rather than served open"));
+                }
+            }
+            out.push(part);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{HttpsMethod, TlsWish, UpstreamProtocol};
+
+    fn route(hosts: &[&str]) -> HttpRoute {
+        HttpRoute {
+            hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+            path: "/".into(),
+            port: 80,
+            protocol: UpstreamProtocol::Http,
+            tls: TlsWish::None,
+            rewrite: None,
+            https_method: HttpsMethod::Redirect,
+            hsts: None,
+            refused: None,
+            access_log: true,
+            basic_auth: None,
+        }
+    }
+
+    #[test]
+    fn each_host_gets_its_files_users_and_a_broken_file_refuses_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.test"), "ann:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n").unwrap();
+        std::fs::write(dir.path().join("b.test"), "bob:cleartext\n").unwrap();
+        let out = apply(vec![route(&["a.test", "b.test", "c.test"])], dir.path());
+        assert_eq!(out.len(), 3, "one route per file: {out:?}");
+        let of = |h: &str| out.iter().find(|r| r.hosts.iter().any(|p| p.to_string() == h)).unwrap();
+        assert_eq!(of("a.test").basic_auth.as_ref().unwrap().users.len(), 1);
+        assert!(of("a.test").refused.is_none());
+        assert!(of("b.test").refused.as_deref().is_some_and(|w| w.contains("b.test")), "{:?}", of("b.test"));
+        assert!(of("c.test").basic_auth.is_none() && of("c.test").refused.is_none());
+        // Hosts alike stay one route.
+        assert_eq!(apply(vec![route(&["c.test", "d.test"])], dir.path()).len(), 1);
+    }
+}
