@@ -7,6 +7,7 @@
 
 mod forward;
 mod handler;
+mod tcp;
 mod zone;
 
 use std::sync::Arc;
@@ -14,20 +15,20 @@ use std::time::Duration;
 
 pub use forward::{resolv_conf_upstreams, ForwardError, Forwarder};
 pub use handler::{DnsMetrics, MeshDns};
+pub use tcp::serve_connection;
 pub use zone::{Answer, Entry, NameError, Zone, ZoneBuilder};
 
 /// How long a TCP client may stay connected without sending a query.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Serves `handler` on a bound UDP socket and TCP listener until the future is dropped.
-pub async fn serve(
+/// Serves `handler` on a bound UDP socket until the future is dropped. (TCP: the caller
+/// accepts and hands each connection to [`serve_connection`].)
+pub async fn serve_udp(
     handler: Arc<MeshDns>,
     udp: tokio::net::UdpSocket,
-    tcp: tokio::net::TcpListener,
 ) -> Result<(), hickory_server::net::NetError> {
     let mut server = hickory_server::Server::new(Shared(handler));
     server.register_socket(udp);
-    server.register_listener(tcp, TCP_IDLE, 64);
     server.block_until_done().await
 }
 

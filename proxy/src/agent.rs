@@ -629,9 +629,18 @@ fn start_dns(
         dns_metrics,
     ));
     background.push(tokio::spawn(dns::follow(hub.clone(), handler.clone(), cfg)));
+    let tcp_handler = handler.clone();
     background.push(tokio::spawn(async move {
-        if let Err(e) = mesh_dns::serve(handler, udp, tcp).await {
+        if let Err(e) = mesh_dns::serve_udp(handler, udp).await {
             tracing::error!("dns server stopped: {e}");
+        }
+    }));
+    // DNS over TCP: accepted here (a pause when accepting fails, no spin at descriptor
+    // exhaustion), each connection answered by mesh-dns.
+    background.push(tokio::spawn(async move {
+        loop {
+            let (stream, peer) = net::accept(&tcp, "dns").await;
+            tokio::spawn(mesh_dns::serve_connection(tcp_handler.clone(), stream, peer));
         }
     }));
     readiness.set("dns", true, format!("listening on {addr} (UDP and TCP)"));

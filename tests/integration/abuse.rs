@@ -368,3 +368,58 @@ async fn memory_goes_back_after_a_connection_storm() {
     .await;
     eprintln!("RSS idle {idle} KiB, during 3000 connections {during} KiB, after {} KiB", agent.rss_kib());
 }
+
+/// Finding 2, descriptor exhaustion: with its descriptors used up by idle connections, the
+/// agent's accept loops (HTTP, admin, DNS over TCP) pause rather than spin, and everything
+/// answers again once the connections go.
+#[test]
+fn at_descriptor_exhaustion_no_accept_loop_spins() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, "").unwrap();
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=64:64", env!("CARGO_BIN_EXE_meshgate"), "--log-format", "json"]);
+    cmd.args(["--docker-mode", "off", "--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    cmd.args([
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--log-access",
+        "off",
+        "--routes-file",
+        routes.to_str().unwrap(),
+    ]);
+    let mut agent = Binary::spawn_command(cmd);
+    let line = agent.wait_for_log("meshgate is serving", Duration::from_secs(10));
+    let addr = |k: &str| line[k].as_str().unwrap().parse::<std::net::SocketAddr>().unwrap();
+    let (http, admin, dns) = (addr("http"), addr("admin"), addr("dns"));
+    // Fill its descriptors, then leave connections waiting in every listener's queue.
+    let mut held = Vec::new();
+    for target in [http, admin, dns].iter().cycle().take(150) {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(target, Duration::from_secs(1)) {
+            held.push(s);
+        }
+    }
+    let before = agent.cpu_time();
+    std::thread::sleep(Duration::from_secs(2)); // the window measured, not a synchronisation
+    let spent = agent.cpu_time().saturating_sub(before);
+    assert!(
+        spent < Duration::from_millis(600),
+        "the agent used {spent:?} of CPU in 2 s while out of descriptors: an accept loop spins"
+    );
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = std::process::Command::new("curl")
+            .args(["-sf", "--max-time", "1", &format!("http://{admin}/healthz")])
+            .status()
+            .unwrap()
+            .success();
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "/healthz answers again once the connections went");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.signal(15);
+    agent.wait_exit(Duration::from_secs(10));
+}
