@@ -182,6 +182,7 @@ mod tests {
                     refused: None,
                     access_log: true,
                     basic_auth: None,
+                    allow_from: None,
                 }],
                 l4: vec![PublishedPort {
                     protocol: L4Protocol::Tcp,

@@ -162,6 +162,40 @@ pub struct HttpRoute {
     /// Users who may use the route (Traefik's `basicauth`); `None`: anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
+    /// Only clients from these networks may use the route (Traefik's `ipallowlist`,
+    /// nginx-proxy's `NETWORK_ACCESS=internal`); others get 403. `None`: anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
+}
+
+/// A network (`10.0.0.0/8`) or one address (`192.0.2.7`, as a /32 or /128).
+///
+/// # Errors
+/// Neither.
+pub fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is neither a network (10.0.0.0/8) nor an address"))
+}
+
+/// The networks nginx-proxy's `NETWORK_ACCESS=internal` lets in (its `network_internal.conf`):
+/// loopback and the private ranges.
+#[must_use]
+pub fn internal_networks() -> Vec<ipnet::IpNet> {
+    [
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("a valid network"))
+    .collect()
 }
 
 /// A route's users and realm, as they travel in the state and the cluster feed (hashes

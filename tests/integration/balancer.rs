@@ -131,3 +131,26 @@ async fn the_client_a_trusted_balancer_names_is_the_client_and_nobody_else_can_n
     assert!(!forged.contains("6.6.6.6"), "{forged}");
     assert_eq!(web.served(), before, "nothing of it reached the task");
 }
+
+/// An allow list judges the client a trusted balancer names, not the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_judges_the_client_the_balancer_names() {
+    let web = Backend::start("web").await;
+    let routes = service("web", &["office.test"], "/", &[&web])
+        .replace("protocol = ", "allow_from = [\"127.0.0.0/8\"]\nprotocol = ");
+    let mesh = Mesh::start_with(&routes, |c| {
+        c.proxy.proxy_protocol_networks = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let agent = mesh.agent.http_addr;
+    let request = b"GET / HTTP/1.1\r\nHost: office.test\r\nConnection: close\r\n\r\n";
+    let near =
+        raw("127.0.0.1", agent, &[&b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 80\r\n"[..], request].concat())
+            .await;
+    assert!(near.starts_with("HTTP/1.1 200"), "{near}");
+    let far =
+        raw("127.0.0.1", agent, &[&b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 80\r\n"[..], request].concat())
+            .await;
+    assert!(far.starts_with("HTTP/1.1 403"), "{far}");
+    assert_eq!(web.served(), 1, "the far client never reached the task");
+}

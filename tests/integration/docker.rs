@@ -897,8 +897,8 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
     .await;
 }
 
-/// Drop-in issue, "fail closed": a Traefik middleware that meshgate does not honour yet (an
-/// IP allow list) leaves the route not served (503, a problem naming the label, `meshgate_route_refused`),
+/// Drop-in issue, "fail closed": a Traefik middleware that meshgate does not honour yet (a
+/// rate limit) leaves the route not served (503, a problem naming the label, `meshgate_route_refused`),
 /// never open; a second container claiming the same host without it does not open it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open() {
@@ -911,9 +911,9 @@ async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open
             "-l",
             "traefik.http.routers.adm.rule=Host(`adm.docker.test`)",
             "-l",
-            "traefik.http.routers.adm.middlewares=adm-allow",
+            "traefik.http.routers.adm.middlewares=adm-limit",
             "-l",
-            "traefik.http.middlewares.adm-allow.ipallowlist.sourcerange=10.0.0.0/8",
+            "traefik.http.middlewares.adm-limit.ratelimit.average=10",
         ],
         80,
     )
@@ -928,7 +928,7 @@ async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open
     let state: serde_json::Value =
         serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
     let problems = state["problems"].to_string();
-    assert!(problems.contains("traefik.http.routers.adm.middlewares=adm-allow"), "{problems}");
+    assert!(problems.contains("traefik.http.routers.adm.middlewares=adm-limit"), "{problems}");
     let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
     assert!(metrics.contains("meshgate_route_refused{route=\"adm.docker.test/\""), "{metrics}");
 }
@@ -1014,4 +1014,53 @@ async fn an_htpasswd_file_named_after_a_virtual_host_asks_for_its_users() {
         crate::harness::curl(&["-sf", "-u", "ann:s3cret", "-H", "Host: locked.docker.test", &url]).await;
     assert!(ok && body.trim() == locked.id, "{body}");
     until_status(&mesh, "broken.docker.test", StatusCode::SERVICE_UNAVAILABLE).await;
+}
+
+/// Drop-in issue: who may connect, honoured. A Traefik `ipallowlist` without this client's
+/// network answers 403; v2's `ipwhitelist` with it serves; nginx-proxy's
+/// `NETWORK_ACCESS=internal` lets the loopback in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_allow_list_and_network_access_internal_decide_by_the_clients_address() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let far = Container::run(
+        "far",
+        &[
+            "-l",
+            "traefik.enable=true",
+            "-l",
+            "traefik.http.routers.far.rule=Host(`far.docker.test`)",
+            "-l",
+            "traefik.http.routers.far.middlewares=office",
+            "-l",
+            "traefik.http.middlewares.office.ipallowlist.sourcerange=10.0.0.0/8, 192.0.2.7",
+        ],
+        80,
+    )
+    .await;
+    let near = Container::run(
+        "near",
+        &[
+            "-l",
+            "traefik.enable=true",
+            "-l",
+            "traefik.http.routers.near.rule=Host(`near.docker.test`)",
+            "-l",
+            "traefik.http.routers.near.middlewares=local",
+            "-l",
+            "traefik.http.middlewares.local.ipwhitelist.sourcerange=127.0.0.0/8",
+        ],
+        80,
+    )
+    .await;
+    let inside = Container::run(
+        "inside",
+        &["-e", "VIRTUAL_HOST=inside.docker.test", "-e", "NETWORK_ACCESS=internal"],
+        80,
+    )
+    .await;
+    until_status(&mesh, "far.docker.test", StatusCode::FORBIDDEN).await;
+    until_served(&mesh, "near.docker.test", "/", &near.id).await;
+    until_served(&mesh, "inside.docker.test", "/", &inside.id).await;
+    let (_, body) = mesh.get("far.docker.test", "/").await;
+    assert!(!body.contains(&far.id), "{body}");
 }

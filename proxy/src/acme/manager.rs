@@ -457,6 +457,7 @@ mod tests {
                 refused: None,
                 access_log: true,
                 basic_auth: None,
+                allow_from: None,
             }],
             l4: vec![],
         }

@@ -238,7 +238,7 @@ impl Proxy {
             conn.mark_http2();
         }
         let upgrade = is_upgrade(&req);
-        let secure = conn.secure;
+        let (secure, conn_ip) = (conn.secure, conn.client_ip);
         let access = self.access.as_ref().map(|log| log.begin(&req, conn.peer, secure));
         let kind = RequestKind::of(&req);
         // Two Host headers: which one routes is ambiguous (a proxy in front may have used the
@@ -275,12 +275,7 @@ impl Proxy {
             return self.answered(resp, guard, None, (started, kind));
         };
 
-        if route.refused.is_some() {
-            let resp = local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "meshgate: this route is not served: it asks for a restriction meshgate does not honour (see /api/state)\n"
-                    .to_owned(),
-            );
+        if let Some(resp) = barred(&route, conn_ip) {
             return self.answered(resp, guard, Some(&route), (started, kind));
         }
         if let Some(resp) = self.https_policy(&route, &req, secure) {
@@ -425,6 +420,22 @@ impl Proxy {
             return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }
     }
+}
+
+/// What a route answers before anything else: 503 when it asks for a restriction meshgate
+/// does not honour (fail closed), 403 to a client outside its allowed networks.
+fn barred(route: &Route, client: std::net::IpAddr) -> Option<Response<ProxyBody>> {
+    if route.refused.is_some() {
+        return Some(local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "meshgate: this route is not served: it asks for a restriction meshgate does not honour (see /api/state)\n"
+                .to_owned(),
+        ));
+    }
+    if route.allow_from.as_ref().is_some_and(|nets| !nets.iter().any(|n| n.contains(&client))) {
+        return Some(local(StatusCode::FORBIDDEN, "meshgate: not allowed from your address\n".to_owned()));
+    }
+    None
 }
 
 /// The route's basic authentication: `Some` 401 until the request names a user with the

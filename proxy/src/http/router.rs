@@ -35,6 +35,8 @@ pub struct Route {
     pub log_names: Arc<super::access_log::RouteNames>,
     /// Who may use it (basic authentication), as configured and as checked.
     pub basic_auth: Option<(crate::state::BasicAuth, Arc<super::basic_auth::Checker>)>,
+    /// Only clients from these networks; others get 403.
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
 }
 
 impl Route {
@@ -104,8 +106,8 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
     let auth = |r: &Route| r.basic_auth.as_ref().map(|(data, _)| data.clone());
     let alike = a.refused.is_none()
         && b.refused.is_none()
-        && (a.protocol, &a.rewrite, a.https_method, &a.hsts, auth(a))
-            == (b.protocol, &b.rewrite, b.https_method, &b.hsts, auth(b));
+        && (a.protocol, &a.rewrite, a.https_method, &a.hsts, auth(a), &a.allow_from)
+            == (b.protocol, &b.rewrite, b.https_method, &b.hsts, auth(b), &b.allow_from);
     alike.then(|| Route {
         name: a.name.clone(),
         service: format!("{}+{}", a.service, b.service),
@@ -119,6 +121,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         refused: None,
         access_log: a.access_log || b.access_log,
         basic_auth: a.basic_auth.clone(),
+        allow_from: a.allow_from.clone(),
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -213,6 +216,7 @@ impl RouteTable {
                     hsts: http.hsts.as_deref().and_then(|h| http::HeaderValue::from_str(h).ok()),
                     refused: http.refused.clone(),
                     access_log: http.access_log,
+                    allow_from: http.allow_from.clone(),
                     basic_auth: http
                         .basic_auth
                         .as_ref()
@@ -377,6 +381,7 @@ mod tests {
                 refused: None,
                 access_log: true,
                 basic_auth: None,
+                allow_from: None,
             }],
             l4: vec![],
         }

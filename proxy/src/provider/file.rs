@@ -100,6 +100,8 @@ struct HttpEntry {
     access_log: bool,
     /// Users who may use the route: `users = ["name:hash", ...]`, `realm`, `remove_header`.
     basic_auth: Option<Spanned<BasicAuthEntry>>,
+    /// Only clients from these networks (`["10.0.0.0/8", "192.0.2.7"]`).
+    allow_from: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +265,16 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
             Some(auth)
         }
     };
+    let allow_from = match h.allow_from {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .map(|n| {
+                    crate::state::parse_network(n).map_err(|e| (h.port.span(), format!("allow_from: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     Ok(HttpRoute {
         hosts,
         path: path.clone(),
@@ -280,6 +292,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         refused: None,
         access_log: h.access_log,
         basic_auth,
+        allow_from,
     })
 }
 

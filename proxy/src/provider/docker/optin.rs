@@ -271,7 +271,8 @@ fn known_traefik_label(name: &str) -> bool {
                 | ["tls", "certresolver" | "options"]
                 | ["observability", "accesslogs"]
         ),
-        ["traefik", "http", "middlewares", _, "basicauth", "users" | "realm" | "removeheader"] => true,
+        ["traefik", "http", "middlewares", _, "basicauth", "users" | "realm" | "removeheader"]
+        | ["traefik", "http", "middlewares", _, "ipallowlist" | "ipwhitelist", "sourcerange"] => true,
         other => matches!(
             other,
             ["traefik", "enable"]
@@ -300,6 +301,7 @@ fn route(
         refused: None,
         access_log: true,
         basic_auth: None,
+        allow_from: None,
     }
 }
 
@@ -342,12 +344,21 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         },
         None => TlsWish::None,
     };
-    // nginx-proxy's NETWORK_ACCESS=internal serves only private networks: not honoured yet,
-    // so not served at all.
-    let refused = var("NETWORK_ACCESS").filter(|v| v.trim() != "external").map(|v| {
-        format!("env `NETWORK_ACCESS={v}` restricts who may connect, which meshgate does not honour yet: not served rather than served to anyone")
-    });
-    Ok(HttpRoute { rewrite, https_method, hsts, refused, ..route(hosts, path, port, protocol, tls) })
+    // nginx-proxy's NETWORK_ACCESS=internal: only loopback and private networks; any other
+    // value but `external` is not understood, so not served at all.
+    let (allow_from, refused) = match var("NETWORK_ACCESS").map(str::trim) {
+        None | Some("external") => (None, None),
+        Some("internal") => (Some(crate::state::internal_networks()), None),
+        Some(v) => (None, Some(format!("env `NETWORK_ACCESS={v}` is neither internal nor external: not served rather than served to anyone"))),
+    };
+    Ok(HttpRoute {
+        rewrite,
+        https_method,
+        hsts,
+        refused,
+        allow_from,
+        ..route(hosts, path, port, protocol, tls)
+    })
 }
 
 /// Our own `meshgate.*` labels.
@@ -424,10 +435,10 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             TlsWish::None
         };
         let (https_method, mut refused) = router_access(&key, label);
-        let mut basic_auth = None;
+        let mut honoured = Chain::default();
         if let (None, Some(chain)) = (&refused, label(&key("middlewares"))) {
             match middlewares(w, chain) {
-                Ok(auth) => basic_auth = auth,
+                Ok(c) => honoured = c,
                 Err(why) => {
                     refused = Some(format!(
                         "label `{}={chain}`: {why}; the route is not served rather than served without it",
@@ -458,18 +469,28 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
                 https_method,
                 refused: refused.clone(),
                 access_log,
-                basic_auth: basic_auth.clone(),
+                basic_auth: honoured.basic_auth.clone(),
+                allow_from: honoured.allow_from.clone(),
                 ..route(alt.hosts, alt.path.unwrap_or_else(|| "/".into()), port, protocol, tls.clone())
             });
         }
     }
 }
 
-/// A router's middleware chain, as far as meshgate honours it: `basicauth` defined on the
-/// same container or service (`name`, `name@docker`, `name@swarm`) with its users inline.
-/// Anything else is an `Err` saying why (the route is then refused, never served open).
-fn middlewares(w: &Workload<'_>, chain: &str) -> Result<Option<BasicAuth>, String> {
-    let mut auth: Option<BasicAuth> = None;
+/// What a router's middlewares ask that meshgate honours.
+#[derive(Default)]
+struct Chain {
+    basic_auth: Option<BasicAuth>,
+    allow_from: Option<Vec<ipnet::IpNet>>,
+}
+
+/// A router's middleware chain, as far as meshgate honours it: `basicauth` (users inline) and
+/// `ipallowlist` (v2: `ipwhitelist`; `sourcerange` only, the connection's address, as
+/// Traefik's default strategy) defined on the same container or service (`name`,
+/// `name@docker`, `name@swarm`). Anything else is an `Err` saying why (the route is then
+/// refused, never served open).
+fn middlewares(w: &Workload<'_>, chain: &str) -> Result<Chain, String> {
+    let mut out = Chain::default();
     for name in chain.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         let local = name.strip_suffix("@docker").or_else(|| name.strip_suffix("@swarm")).unwrap_or(name);
         if local.contains('@') {
@@ -480,10 +501,36 @@ fn middlewares(w: &Workload<'_>, chain: &str) -> Result<Option<BasicAuth>, Strin
         let prefix = format!("traefik.http.middlewares.{local}.");
         let kinds: BTreeSet<&str> =
             w.labels.keys().filter_map(|k| k.strip_prefix(&prefix)?.split('.').next()).collect();
-        match kinds.iter().next() {
+        let kind = match kinds.iter().next() {
             None => return Err(format!("middleware `{local}` is not defined on this container or service")),
-            Some(&"basicauth") if kinds.len() == 1 => {}
+            Some(kind)
+                if kinds.len() == 1 && matches!(*kind, "basicauth" | "ipallowlist" | "ipwhitelist") =>
+            {
+                *kind
+            }
             Some(kind) => return Err(format!("middleware `{local}` ({kind}) is not honoured yet")),
+        };
+        if kind != "basicauth" {
+            let settings: Vec<&str> =
+                w.labels.keys().filter_map(|k| k.strip_prefix(&format!("{prefix}{kind}."))).collect();
+            if let Some(other) = settings.iter().find(|s| **s != "sourcerange") {
+                return Err(format!("`{prefix}{kind}.{other}` is not honoured yet (only `sourcerange`, the connection's address)"));
+            }
+            let range = w.labels.get(&format!("{prefix}{kind}.sourcerange")).map_or("", String::as_str);
+            let nets = range
+                .split(',')
+                .filter(|n| !n.trim().is_empty())
+                .map(crate::state::parse_network)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("middleware `{local}`: {e}"))?;
+            if nets.is_empty() {
+                return Err(format!("middleware `{local}` allows no network"));
+            }
+            // Two lists: a client must be in both, which a single list cannot say: refused.
+            if out.allow_from.replace(nets).is_some() {
+                return Err("two IP allow lists on one router".into());
+            }
+            continue;
         }
         let get = |k: &str| w.labels.get(&format!("{prefix}basicauth.{k}")).map(String::as_str);
         if get("usersfile").is_some() {
@@ -492,7 +539,7 @@ fn middlewares(w: &Workload<'_>, chain: &str) -> Result<Option<BasicAuth>, Strin
         let Some(users) = get("users") else {
             return Err(format!("middleware `{local}` has no `basicauth.users`"));
         };
-        if auth.is_some() {
+        if out.basic_auth.is_some() {
             return Err("two basicauth middlewares on one router".into());
         }
         let parsed = BasicAuth {
@@ -503,9 +550,9 @@ fn middlewares(w: &Workload<'_>, chain: &str) -> Result<Option<BasicAuth>, Strin
         if let Some(bad) = parsed.bad_entry() {
             return Err(format!("middleware `{local}`: {bad}"));
         }
-        auth = Some(parsed);
+        out.basic_auth = Some(parsed);
     }
-    Ok(auth)
+    Ok(out)
 }
 
 /// What a Traefik router's entrypoints, middlewares and TLS options ask of access: the
@@ -601,7 +648,9 @@ mod tests {
         assert!(o.routes[0].refused.is_some(), "TLS options");
 
         let o = read_with(&[("VIRTUAL_HOST", "in.test"), ("NETWORK_ACCESS", "internal")], &[], &[80]);
-        assert!(o.routes[0].refused.is_some(), "NETWORK_ACCESS=internal");
+        assert!(o.routes[0].refused.is_none() && o.routes[0].allow_from.is_some(), "NETWORK_ACCESS=internal");
+        let o = read_with(&[("VIRTUAL_HOST", "in.test"), ("NETWORK_ACCESS", "partners")], &[], &[80]);
+        assert!(o.routes[0].refused.is_some(), "NETWORK_ACCESS=partners");
         let o = read_with(&[("VIRTUAL_HOST", "in.test"), ("NETWORK_ACCESS", "external")], &[], &[80]);
         assert!(o.routes[0].refused.is_none(), "external is the default");
 
@@ -688,6 +737,26 @@ mod tests {
         assert_eq!(auth.users.len(), 2);
         assert_eq!((auth.realm.as_str(), auth.remove_header), ("admins", true));
         assert!(o.routes[0].refused.is_none());
+    }
+
+    #[test]
+    fn a_traefik_ip_allow_list_is_honoured_and_what_it_cannot_say_refuses() {
+        let allow = |range: &'static str, more: &[(&'static str, &'static str)]| {
+            let mut labels = vec![
+                ("traefik.enable", "true"),
+                ("traefik.http.routers.r.rule", "Host(`r.test`)"),
+                ("traefik.http.routers.r.middlewares", "list"),
+                ("traefik.http.middlewares.list.ipallowlist.sourcerange", range),
+            ];
+            labels.extend_from_slice(more);
+            read_with(&[], &labels, &[80])
+        };
+        let o = allow("10.0.0.0/8, 192.0.2.7", &[]);
+        assert_eq!(o.routes[0].allow_from.as_ref().map(Vec::len), Some(2), "{:?}", o.problems);
+        assert!(o.routes[0].refused.is_none() && o.problems.is_empty(), "{:?}", o.problems);
+        assert!(allow("not-a-net", &[]).routes[0].refused.is_some());
+        let o = allow("10.0.0.0/8", &[("traefik.http.middlewares.list.ipallowlist.ipstrategy.depth", "1")]);
+        assert!(o.routes[0].refused.is_some(), "an IP strategy is not honoured: refused");
     }
 
     #[test]
