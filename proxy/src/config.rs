@@ -77,6 +77,9 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Largest request head accepted; bigger heads get 431.
     pub max_header_bytes: usize,
+    /// Largest request body a route takes when it sets none of its own (413 past it); 0:
+    /// no limit (as Traefik; nginx's default is 1 MiB).
+    pub max_body_bytes: u64,
     /// Most header fields accepted in one request; more get 431.
     pub max_headers: usize,
     /// Client connections one listener holds at most; more are refused (503, then closed).
@@ -113,6 +116,7 @@ impl Default for ProxyConfig {
             shutdown_delay: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
+            max_body_bytes: 0,
             max_headers: 100,
             max_connections: 10_000,
             max_connections_per_client: 1_000,

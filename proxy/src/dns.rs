@@ -183,6 +183,7 @@ mod tests {
                     access_log: true,
                     basic_auth: None,
                     allow_from: None,
+                    max_body: None,
                 }],
                 l4: vec![PublishedPort {
                     protocol: L4Protocol::Tcp,

@@ -166,6 +166,35 @@ pub struct HttpRoute {
     /// nginx-proxy's `NETWORK_ACCESS=internal`); others get 403. `None`: anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_from: Option<Vec<ipnet::IpNet>>,
+    /// Largest request body the route takes, in bytes (413 past it); `None`: the agent's
+    /// `proxy.max_body_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<u64>,
+}
+
+/// A size as users write it: `1048576`, `512k`, `10m`, `1g` (powers of 1024, as nginx).
+///
+/// # Errors
+/// Not a number with an optional `k`, `m` or `g`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match t.strip_suffix(['k', 'm', 'g']) {
+        Some(d) => (
+            d,
+            t.chars().last().map_or(1, |u| match u {
+                'k' => 1u64 << 10,
+                'm' => 1 << 20,
+                _ => 1 << 30,
+            }),
+        ),
+        None => (t.as_str(), 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("`{text}` is not a size (write 1048576, 512k, 10m or 1g)"))
 }
 
 /// A network (`10.0.0.0/8`) or one address (`192.0.2.7`, as a /32 or /128).
@@ -545,5 +574,16 @@ mod tests {
         assert_eq!(names, ["three", "two"]);
         assert!(rx.has_changed().unwrap());
         assert_eq!(*rx.borrow_and_update(), 3);
+    }
+
+    #[test]
+    fn sizes_as_users_write_them() {
+        assert_eq!(super::parse_size("1048576"), Ok(1_048_576));
+        assert_eq!(super::parse_size("512k"), Ok(512 * 1024));
+        assert_eq!(super::parse_size(" 10M "), Ok(10 << 20));
+        assert_eq!(super::parse_size("1g"), Ok(1 << 30));
+        for bad in ["", "k", "1.5m", "-1", "10mb", "99999999999999999999g"] {
+            assert!(super::parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

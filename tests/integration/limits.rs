@@ -101,3 +101,38 @@ async fn oversized_or_too_many_headers_get_431() {
     }
     assert_eq!(web.served(), 1, "only the acceptable request reached the task");
 }
+
+/// Drop-in issue, per-host limits: a route's own body limit (`max_body`) and the agent's
+/// default (`proxy.max_body_bytes`) answer 413, whether the length is declared or the body
+/// streams in chunks past it; a body within the limit goes through.
+#[tokio::test]
+async fn request_bodies_past_the_routes_limit_get_413() {
+    let web = Backend::start("web").await;
+    let routes = service("upload", &["small.test"], "/", &[&web])
+        .replace("protocol = ", "max_body = \"1k\"\nprotocol = ")
+        + &service("other", &["default.test"], "/", &[&web]);
+    let mesh = Mesh::start_with(&routes, |c| c.proxy.max_body_bytes = 4096).await;
+    let post = async |host: &str, len: usize, chunked: bool| {
+        let body = "x".repeat(len);
+        let framing = if chunked {
+            format!("Transfer-Encoding: chunked\r\n\r\n{len:x}\r\n{body}\r\n0\r\n\r\n")
+        } else {
+            format!("Content-Length: {len}\r\n\r\n{body}")
+        };
+        let req = format!("POST /up HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{framing}");
+        let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+        answer.lines().next().unwrap_or_default().to_owned()
+    };
+    let served = web.served();
+    assert!(
+        post("small.test", 2000, false).await.starts_with("HTTP/1.1 413"),
+        "declared, past the route's 1k"
+    );
+    assert_eq!(web.served(), served, "refused before anything went to the task");
+    assert!(post("small.test", 2000, true).await.starts_with("HTTP/1.1 413"), "chunked, past the route's 1k");
+    assert!(post("small.test", 1000, false).await.starts_with("HTTP/1.1 200"), "within the route's limit");
+    assert!(post("default.test", 3000, true).await.starts_with("HTTP/1.1 200"), "within the agent's 4k");
+    assert!(post("default.test", 5000, false).await.starts_with("HTTP/1.1 413"), "past the agent's 4k");
+}

@@ -458,6 +458,7 @@ mod tests {
                 access_log: true,
                 basic_auth: None,
                 allow_from: None,
+                max_body: None,
             }],
             l4: vec![],
         }

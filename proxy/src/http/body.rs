@@ -93,6 +93,9 @@ pub enum BodyError {
     Peer(hyper::Error),
     #[error(transparent)]
     Stalled(Stalled),
+    /// More than the route takes (`max_body`): 413.
+    #[error("larger than the {0} bytes this route takes")]
+    TooLarge(u64),
 }
 
 pub struct ProxyBody {
@@ -227,7 +230,8 @@ impl Drop for RequestGuard {
 /// The body a task gets: the client's, streamed, or none. A request without a body can be
 /// sent again when the connection it went out on turns out closed (see `Proxy::send`).
 pub enum UpstreamBody {
-    Client(Idle, Arc<AtomicU64>),
+    /// The body, its bytes so far, and the most it may carry.
+    Client(Idle, Arc<AtomicU64>, u64),
     Empty,
 }
 
@@ -235,11 +239,11 @@ impl UpstreamBody {
     /// The client's body, which must send a frame at least every `idle`, or `Empty` when it
     /// has none; its bytes are counted in a counter left in `count`.
     #[must_use]
-    pub fn of(body: Incoming, idle: Duration, count: &mut Option<Arc<AtomicU64>>) -> Self {
+    pub fn of(body: Incoming, idle: Duration, count: &mut Option<Arc<AtomicU64>>, limit: u64) -> Self {
         if body.is_end_stream() {
             Self::Empty
         } else {
-            Self::Client(Idle::new(body, idle), count.get_or_insert_with(Arc::default).clone())
+            Self::Client(Idle::new(body, idle), count.get_or_insert_with(Arc::default).clone(), limit)
         }
     }
 }
@@ -260,11 +264,15 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Self::Client(body, count) => {
+            Self::Client(body, count, limit) => {
                 let frame = body.poll_frame(cx, "the client's request body").map_err(ClientBodyError);
                 if let Poll::Ready(Some(Ok(f))) = &frame {
                     if let Some(data) = f.data_ref() {
-                        count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        let so_far =
+                            count.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                        if so_far > *limit {
+                            return Poll::Ready(Some(Err(ClientBodyError(BodyError::TooLarge(*limit)))));
+                        }
                     }
                 }
                 frame
@@ -275,14 +283,14 @@ impl Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Client(idle, _) => idle.body.is_end_stream(),
+            Self::Client(idle, ..) => idle.body.is_end_stream(),
             Self::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Client(idle, _) => idle.body.size_hint(),
+            Self::Client(idle, ..) => idle.body.size_hint(),
             Self::Empty => SizeHint::with_exact(0),
         }
     }

@@ -47,9 +47,9 @@ enum ProxyError {
     ResponseTimeout(Duration),
     #[error("upstream exchange failed: {0}")]
     Upstream(hyper::Error),
-    /// Whether it stalled (408) or broke (400), and why.
+    /// What its answer says (408 stalled, 413 too large, 400 broken), and why.
     #[error("{1}")]
-    ClientBody(bool, String),
+    ClientBody(StatusCode, String),
     #[error("task switched protocols to {0:?}, which the client did not ask for")]
     UnaskedSwitch(String),
 }
@@ -60,8 +60,7 @@ impl ProxyError {
             Self::NoTask => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect(ConnectError::Timeout(_)) | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect(_) | Self::Upstream(_) | Self::UnaskedSwitch(_) => StatusCode::BAD_GATEWAY,
-            Self::ClientBody(true, _) => StatusCode::REQUEST_TIMEOUT,
-            Self::ClientBody(false, _) => StatusCode::BAD_REQUEST,
+            Self::ClientBody(status, _) => *status,
         }
     }
 
@@ -70,10 +69,12 @@ impl ProxyError {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
         while let Some(c) = cause {
             if let Some(body) = c.downcast_ref::<super::body::ClientBodyError>() {
-                return Self::ClientBody(
-                    matches!(body.0, super::body::BodyError::Stalled(_)),
-                    body.to_string(),
-                );
+                let status = match body.0 {
+                    super::body::BodyError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+                    super::body::BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                    super::body::BodyError::Peer(_) => StatusCode::BAD_REQUEST,
+                };
+                return Self::ClientBody(status, body.to_string());
             }
             cause = c.source();
         }
@@ -121,6 +122,15 @@ impl Proxy {
             metrics,
             https,
             access,
+        }
+    }
+
+    /// The body limit of routes that set none: `proxy.max_body_bytes` (0: none).
+    fn default_body_limit(&self) -> u64 {
+        if self.cfg.max_body_bytes == 0 {
+            u64::MAX
+        } else {
+            self.cfg.max_body_bytes
         }
     }
 
@@ -288,7 +298,12 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
-        let req = req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout, &mut guard.received));
+        let limit = route.max_body.unwrap_or(self.default_body_limit());
+        if let Some(resp) = too_large(req.headers(), limit) {
+            return self.answered(resp, guard, Some(&route), (started, kind));
+        }
+        let req =
+            req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout, &mut guard.received, limit));
         let exchanged =
             self.exchange(&route, req, &mut guard).await.and_then(
                 |(resp, endpoint, timer)| match check_switch(&resp, asked.as_ref()) {
@@ -420,6 +435,18 @@ impl Proxy {
             return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }
     }
+}
+
+/// A 413 for a request whose declared length is past `limit`: refused before anything of
+/// it goes to the task (a body that turns out longer is cut with 413 as it streams).
+fn too_large(headers: &HeaderMap, limit: u64) -> Option<Response<ProxyBody>> {
+    let declared: u64 = headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()?;
+    (declared > limit).then(|| {
+        local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("meshgate: the request body is larger than the {limit} bytes this route takes\n"),
+        )
+    })
 }
 
 /// What a route answers before anything else: 503 when it asks for a restriction meshgate

@@ -37,6 +37,8 @@ pub struct Route {
     pub basic_auth: Option<(crate::state::BasicAuth, Arc<super::basic_auth::Checker>)>,
     /// Only clients from these networks; others get 403.
     pub allow_from: Option<Vec<ipnet::IpNet>>,
+    /// Largest request body it takes (`None`: the agent's limit).
+    pub max_body: Option<u64>,
 }
 
 impl Route {
@@ -106,8 +108,8 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
     let auth = |r: &Route| r.basic_auth.as_ref().map(|(data, _)| data.clone());
     let alike = a.refused.is_none()
         && b.refused.is_none()
-        && (a.protocol, &a.rewrite, a.https_method, &a.hsts, auth(a), &a.allow_from)
-            == (b.protocol, &b.rewrite, b.https_method, &b.hsts, auth(b), &b.allow_from);
+        && (a.protocol, &a.rewrite, a.https_method, &a.hsts, auth(a), &a.allow_from, a.max_body)
+            == (b.protocol, &b.rewrite, b.https_method, &b.hsts, auth(b), &b.allow_from, b.max_body);
     alike.then(|| Route {
         name: a.name.clone(),
         service: format!("{}+{}", a.service, b.service),
@@ -122,6 +124,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         access_log: a.access_log || b.access_log,
         basic_auth: a.basic_auth.clone(),
         allow_from: a.allow_from.clone(),
+        max_body: a.max_body,
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -217,6 +220,7 @@ impl RouteTable {
                     refused: http.refused.clone(),
                     access_log: http.access_log,
                     allow_from: http.allow_from.clone(),
+                    max_body: http.max_body,
                     basic_auth: http
                         .basic_auth
                         .as_ref()
@@ -382,6 +386,7 @@ mod tests {
                 access_log: true,
                 basic_auth: None,
                 allow_from: None,
+                max_body: None,
             }],
             l4: vec![],
         }

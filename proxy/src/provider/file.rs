@@ -102,6 +102,8 @@ struct HttpEntry {
     basic_auth: Option<Spanned<BasicAuthEntry>>,
     /// Only clients from these networks (`["10.0.0.0/8", "192.0.2.7"]`).
     allow_from: Option<Vec<String>>,
+    /// Largest request body (`10m`).
+    max_body: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +277,12 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    let max_body = h
+        .max_body
+        .as_deref()
+        .map(crate::state::parse_size)
+        .transpose()
+        .map_err(|e| (h.port.span(), format!("max_body: {e}")))?;
     Ok(HttpRoute {
         hosts,
         path: path.clone(),
@@ -293,6 +301,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         access_log: h.access_log,
         basic_auth,
         allow_from,
+        max_body,
     })
 }
 

@@ -94,6 +94,7 @@ mod tests {
             access_log: true,
             basic_auth: None,
             allow_from: None,
+            max_body: None,
         }
     }
 

@@ -190,6 +190,13 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
             }
         }
     }
+    // `meshgate.http.max_body=10m`: the largest request body its routes take.
+    if let Some(v) = label("meshgate.http.max_body") {
+        match crate::state::parse_size(v) {
+            Ok(n) => out.routes.iter_mut().for_each(|r| r.max_body = Some(n)),
+            Err(e) => out.problems.push(format!("label `meshgate.http.max_body`: {e}")),
+        }
+    }
     // `meshgate.access_log=false`: none of the workload's requests are logged (a health
     // check, a metrics endpoint).
     match label("meshgate.access_log").map(|v| (v, parse_bool(v))) {
@@ -236,6 +243,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.tls",
         "meshgate.tls.email",
         "meshgate.access_log",
+        "meshgate.http.max_body",
     ];
     let mut out = Vec::new();
     for name in w.env.keys() {
@@ -302,6 +310,7 @@ fn route(
         access_log: true,
         basic_auth: None,
         allow_from: None,
+        max_body: None,
     }
 }
 
