@@ -167,24 +167,14 @@ mod tests {
                     task("shop_web.2.def", [10, 0, 0, 2], Health::Unknown),
                     task("shop_web.3.ghi", [10, 0, 0, 3], Health::Unhealthy),
                 ],
-                http: vec![crate::state::HttpRoute {
-                    hosts: vec![
+                http: vec![crate::state::HttpRoute::new(
+                    vec![
                         HostPattern::parse("shop.example.com").unwrap(),
                         HostPattern::parse("*.shop.example.com").unwrap(),
                     ],
-                    path: "/".into(),
-                    port: 80,
-                    protocol: crate::state::UpstreamProtocol::Http,
-                    tls: crate::state::TlsWish::None,
-                    rewrite: None,
-                    https_method: crate::state::HttpsMethod::Redirect,
-                    hsts: None,
-                    refused: None,
-                    access_log: true,
-                    basic_auth: None,
-                    allow_from: None,
-                    max_body: None,
-                }],
+                    "/".into(),
+                    80,
+                )],
                 l4: vec![PublishedPort {
                     protocol: L4Protocol::Tcp,
                     published: 8080,

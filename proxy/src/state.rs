@@ -172,6 +172,30 @@ pub struct HttpRoute {
     pub max_body: Option<u64>,
 }
 
+impl HttpRoute {
+    /// A route for `hosts` and `path` to `port` over plain HTTP, with every other setting at
+    /// its default (redirect to HTTPS once a certificate exists, no HSTS, no certificate
+    /// asked for, logged, open to anyone).
+    #[must_use]
+    pub fn new(hosts: Vec<HostPattern>, path: String, port: u16) -> Self {
+        Self {
+            hosts,
+            path,
+            port,
+            protocol: UpstreamProtocol::Http,
+            tls: TlsWish::None,
+            rewrite: None,
+            https_method: HttpsMethod::Redirect,
+            hsts: None,
+            refused: None,
+            access_log: true,
+            basic_auth: None,
+            allow_from: None,
+            max_body: None,
+        }
+    }
+}
+
 /// A size as users write it: `1048576`, `512k`, `10m`, `1g` (powers of 1024, as nginx).
 ///
 /// # Errors

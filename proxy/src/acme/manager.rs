@@ -437,7 +437,7 @@ pub fn wanted_certificates(state: &MeshState, max_names: usize) -> BTreeMap<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{HttpRoute, HttpsMethod, Service, UpstreamProtocol};
+    use crate::state::{HttpRoute, Service};
 
     fn svc(name: &str, hosts: &[&str], acme: bool) -> Service {
         Service {
@@ -446,19 +446,12 @@ mod tests {
             provider: "t".into(),
             tasks: vec![],
             http: vec![HttpRoute {
-                hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
-                path: "/".into(),
-                port: 80,
-                protocol: UpstreamProtocol::Http,
                 tls: if acme { TlsWish::Acme { email: None, names: None } } else { TlsWish::None },
-                rewrite: None,
-                https_method: HttpsMethod::Redirect,
-                hsts: None,
-                refused: None,
-                access_log: true,
-                basic_auth: None,
-                allow_from: None,
-                max_body: None,
+                ..HttpRoute::new(
+                    hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+                    "/".into(),
+                    80,
+                )
             }],
             l4: vec![],
         }

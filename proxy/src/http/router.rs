@@ -354,7 +354,7 @@ pub fn normalise_host(raw: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Health, HttpRoute, Service, Task, TlsWish};
+    use crate::state::{Health, HttpRoute, Service, Task};
 
     fn svc(name: &str, hosts: &[&str], path: &str, tasks: usize) -> Service {
         Service {
@@ -373,21 +373,11 @@ mod tests {
                     node_local: false,
                 })
                 .collect(),
-            http: vec![HttpRoute {
-                hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
-                path: path.into(),
-                port: 80,
-                protocol: UpstreamProtocol::Http,
-                tls: TlsWish::None,
-                rewrite: None,
-                https_method: crate::state::HttpsMethod::Redirect,
-                hsts: None,
-                refused: None,
-                access_log: true,
-                basic_auth: None,
-                allow_from: None,
-                max_body: None,
-            }],
+            http: vec![HttpRoute::new(
+                hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+                path.into(),
+                80,
+            )],
             l4: vec![],
         }
     }

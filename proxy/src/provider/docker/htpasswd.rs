@@ -78,24 +78,9 @@ pub fn apply(routes: Vec<HttpRoute>, dir: &Path) -> Vec<HttpRoute> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{HttpsMethod, TlsWish, UpstreamProtocol};
 
     fn route(hosts: &[&str]) -> HttpRoute {
-        HttpRoute {
-            hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
-            path: "/".into(),
-            port: 80,
-            protocol: UpstreamProtocol::Http,
-            tls: TlsWish::None,
-            rewrite: None,
-            https_method: HttpsMethod::Redirect,
-            hsts: None,
-            refused: None,
-            access_log: true,
-            basic_auth: None,
-            allow_from: None,
-            max_body: None,
-        }
+        HttpRoute::new(hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(), "/".into(), 80)
     }
 
     #[test]

@@ -297,21 +297,7 @@ fn route(
     protocol: UpstreamProtocol,
     tls: TlsWish,
 ) -> HttpRoute {
-    HttpRoute {
-        hosts,
-        path,
-        port,
-        protocol,
-        tls,
-        rewrite: None,
-        https_method: HttpsMethod::Redirect,
-        hsts: None,
-        refused: None,
-        access_log: true,
-        basic_auth: None,
-        allow_from: None,
-        max_body: None,
-    }
+    HttpRoute { protocol, tls, ..HttpRoute::new(hosts, path, port) }
 }
 
 /// nginx-proxy's variables.
