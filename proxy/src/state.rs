@@ -170,6 +170,10 @@ pub struct HttpRoute {
     /// `proxy.max_body_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body: Option<u64>,
+    /// How long its tasks have to send a response head (`None`: the agent's
+    /// `proxy.upstream_response_timeout`); a long report or export needs more.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
+    pub response_timeout: Option<std::time::Duration>,
 }
 
 impl HttpRoute {
@@ -192,6 +196,7 @@ impl HttpRoute {
             basic_auth: None,
             allow_from: None,
             max_body: None,
+            response_timeout: None,
         }
     }
 }

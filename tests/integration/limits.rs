@@ -136,3 +136,17 @@ async fn request_bodies_past_the_routes_limit_get_413() {
     assert!(post("default.test", 3000, true).await.starts_with("HTTP/1.1 200"), "within the agent's 4k");
     assert!(post("default.test", 5000, false).await.starts_with("HTTP/1.1 413"), "past the agent's 4k");
 }
+
+/// Drop-in issue, per-host limits: a route's own `response_timeout` gives its slow task
+/// the time the agent's default does not.
+#[tokio::test]
+async fn a_routes_response_timeout_overrides_the_agents() {
+    let slow = Backend::start_with_delay("slow", Duration::from_millis(800)).await;
+    let routes = service("report", &["report.test"], "/", &[&slow])
+        .replace("protocol = ", "response_timeout = \"5s\"\nprotocol = ")
+        + &service("other", &["other.test"], "/", &[&slow]);
+    let mesh =
+        Mesh::start_with(&routes, |c| c.proxy.upstream_response_timeout = Duration::from_millis(300)).await;
+    assert_eq!(mesh.get("other.test", "/").await.0, http::StatusCode::GATEWAY_TIMEOUT, "the agent's 300 ms");
+    assert_eq!(mesh.get("report.test", "/").await.0, http::StatusCode::OK, "the route's 5 s");
+}

@@ -361,7 +361,7 @@ impl Proxy {
         for _ in 0..2 {
             let Some(endpoint) = route.pick(failed.as_ref()) else { break };
             guard.set_endpoint(&endpoint);
-            match self.send(&endpoint, req, &route.metrics).await {
+            match self.send(&endpoint, req, route).await {
                 Ok((resp, timer)) => {
                     endpoint.record_success();
                     return Ok((resp, endpoint, timer));
@@ -390,9 +390,10 @@ impl Proxy {
         &self,
         endpoint: &Arc<Endpoint>,
         mut req: Request<UpstreamBody>,
-        metrics: &RouteMetrics,
+        route: &Route,
     ) -> Result<(Response<Incoming>, Timer), Failure> {
-        let timeout = self.cfg.upstream_response_timeout;
+        let (timeout, metrics) =
+            (route.response_timeout.unwrap_or(self.cfg.upstream_response_timeout), &route.metrics);
         // One timer for the whole request: each attempt's response head, then the body.
         let mut timer: Timer = Box::pin(tokio::time::sleep(timeout));
         let mut replays = 1;

@@ -39,6 +39,8 @@ pub struct Route {
     pub allow_from: Option<Vec<ipnet::IpNet>>,
     /// Largest request body it takes (`None`: the agent's limit).
     pub max_body: Option<u64>,
+    /// Time its tasks have for a response head (`None`: the agent's).
+    pub response_timeout: Option<std::time::Duration>,
 }
 
 impl Route {
@@ -108,8 +110,25 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
     let auth = |r: &Route| r.basic_auth.as_ref().map(|(data, _)| data.clone());
     let alike = a.refused.is_none()
         && b.refused.is_none()
-        && (a.protocol, &a.rewrite, a.https_method, &a.hsts, auth(a), &a.allow_from, a.max_body)
-            == (b.protocol, &b.rewrite, b.https_method, &b.hsts, auth(b), &b.allow_from, b.max_body);
+        && (
+            a.protocol,
+            &a.rewrite,
+            a.https_method,
+            &a.hsts,
+            auth(a),
+            &a.allow_from,
+            a.max_body,
+            a.response_timeout,
+        ) == (
+            b.protocol,
+            &b.rewrite,
+            b.https_method,
+            &b.hsts,
+            auth(b),
+            &b.allow_from,
+            b.max_body,
+            b.response_timeout,
+        );
     alike.then(|| Route {
         name: a.name.clone(),
         service: format!("{}+{}", a.service, b.service),
@@ -125,6 +144,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         basic_auth: a.basic_auth.clone(),
         allow_from: a.allow_from.clone(),
         max_body: a.max_body,
+        response_timeout: a.response_timeout,
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -221,6 +241,7 @@ impl RouteTable {
                     access_log: http.access_log,
                     allow_from: http.allow_from.clone(),
                     max_body: http.max_body,
+                    response_timeout: http.response_timeout,
                     basic_auth: http
                         .basic_auth
                         .as_ref()

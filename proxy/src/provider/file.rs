@@ -104,6 +104,9 @@ struct HttpEntry {
     allow_from: Option<Vec<String>>,
     /// Largest request body (`10m`).
     max_body: Option<String>,
+    /// Time its tasks have for a response head (`5m`).
+    #[serde(default, with = "humantime_serde")]
+    response_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +280,9 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    if h.response_timeout.is_some_and(|t| t.is_zero()) {
+        return Err((h.port.span(), "response_timeout must be above zero, e.g. \"5m\"".into()));
+    }
     let max_body = h
         .max_body
         .as_deref()
@@ -302,6 +308,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         basic_auth,
         allow_from,
         max_body,
+        response_timeout: h.response_timeout,
     })
 }
 

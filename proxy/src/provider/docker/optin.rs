@@ -197,6 +197,15 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
             Err(e) => out.problems.push(format!("label `meshgate.http.max_body`: {e}")),
         }
     }
+    // `meshgate.http.response_timeout=5m`: the time its tasks have for a response head.
+    if let Some(v) = label("meshgate.http.response_timeout") {
+        match humantime::parse_duration(v.trim()) {
+            Ok(d) if !d.is_zero() => out.routes.iter_mut().for_each(|r| r.response_timeout = Some(d)),
+            _ => out.problems.push(format!(
+                "label `meshgate.http.response_timeout`: `{v}` is not a duration above zero (write 90s or 5m)"
+            )),
+        }
+    }
     // `meshgate.access_log=false`: none of the workload's requests are logged (a health
     // check, a metrics endpoint).
     match label("meshgate.access_log").map(|v| (v, parse_bool(v))) {
@@ -244,6 +253,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.tls.email",
         "meshgate.access_log",
         "meshgate.http.max_body",
+        "meshgate.http.response_timeout",
     ];
     let mut out = Vec::new();
     for name in w.env.keys() {
