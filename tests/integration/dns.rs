@@ -138,7 +138,6 @@ async fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
 
 /// A dnsmasq serving a small test zone on an ephemeral port; stopped on drop.
 fn test_zone() -> Dnsmasq {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut records: Vec<String> = [
         "--address=/up.test/192.0.2.7",
         "--address=/gone.test/",
@@ -149,7 +148,7 @@ fn test_zone() -> Dnsmasq {
     .into();
     // 100 addresses for one name: too big for a 1232-byte UDP answer.
     records.extend((0..100).map(|i| format!("--host-record=big.up.test,198.51.100.{}", i + 1)));
-    Dnsmasq::start(port, &records)
+    Dnsmasq::start_anywhere(&records)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -431,6 +431,23 @@ impl Dnsmasq {
             .expect("dnsmasq runs (the test command installs dnsmasq-base)");
         Self { child, addr: ([127, 0, 0, 1], port).into() }
     }
+
+    /// dnsmasq on a free port. A port found free can be taken before dnsmasq binds it (by
+    /// another test's connection): dnsmasq then exits at once, and another port is tried.
+    pub fn start_anywhere(records: &[String]) -> Self {
+        for _ in 0..5 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut dns = Self::start(port, records);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while dns.child.try_wait().ok().flatten().is_none() {
+                if std::net::TcpStream::connect(dns.addr).is_ok() || Instant::now() > deadline {
+                    return dns;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("dnsmasq did not start on any of five free ports");
+    }
 }
 
 impl Drop for Dnsmasq {
