@@ -69,10 +69,6 @@ async fn haproxy(ports: (u16, u16), upstream: SocketAddr) -> Haproxy {
     Haproxy { child, _dir: dir }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_a_trusted_balancer_names_is_the_client_and_nobody_else_can_name_one() {
     let web = Backend::start("web").await;
@@ -82,7 +78,7 @@ async fn the_client_a_trusted_balancer_names_is_the_client_and_nobody_else_can_n
     })
     .await;
     let agent = mesh.agent.http_addr;
-    let ports = (free_port(), free_port());
+    let ports = (crate::acme::free_port(), crate::acme::free_port());
     let _haproxy = haproxy(ports, agent).await;
 
     // Through HAProxy, v1 and v2: the task sees the client's address, not the balancer's.

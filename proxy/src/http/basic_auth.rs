@@ -43,11 +43,10 @@ impl Kind {
     }
 }
 
-/// A route's checker: its users by name, and the credentials it verified lately.
+/// A route's checker: its users by name, and the credentials it verified lately (its realm
+/// and header choice stay in the route's `BasicAuth`).
 pub struct Checker {
     users: HashMap<String, String>,
-    pub realm: String,
-    pub remove_header: bool,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
@@ -60,12 +59,7 @@ impl Checker {
             .filter_map(|e| e.split_once(':'))
             .map(|(u, h)| (u.to_owned(), h.trim().to_owned()))
             .collect();
-        Self {
-            users,
-            realm: auth.realm.clone(),
-            remove_header: auth.remove_header,
-            verified: Mutex::default(),
-        }
+        Self { users, verified: Mutex::default() }
     }
 
     /// Whether `authorization` (the header's value) names a user with the right password.
