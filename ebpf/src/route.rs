@@ -58,11 +58,14 @@ pub fn devices_toward(addrs: impl IntoIterator<Item = Ipv4Addr>) -> HashSet<(Str
         .filter_map(|a| device_for(&routes, a))
         .collect::<HashSet<&str>>()
         .into_iter()
-        .filter_map(|d| {
-            let index = std::fs::read_to_string(format!("/sys/class/net/{d}/ifindex")).ok()?;
-            Some((d.to_owned(), index.trim().parse().ok()?))
-        })
+        .filter_map(|d| Some((d.to_owned(), ifindex(d)?)))
         .collect()
+}
+
+/// The interface index of `device`, `None` once it is gone.
+#[must_use]
+pub fn ifindex(device: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{device}/ifindex")).ok()?.trim().parse().ok()
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use meshgate_ebpf::{Mesh, PortTable};
 
 /// The devices this node's tasks are reached through (a Docker bridge, a veth), which get
-/// the reply translation on their ingress; problems are logged once each.
+/// the reply translation on their ingress until they are deleted; problems are logged once
+/// each.
 #[derive(Default)]
 pub(super) struct TaskDevices {
     current: std::collections::HashSet<(String, u32)>,
@@ -14,7 +15,15 @@ impl TaskDevices {
     pub(super) fn update(&mut self, mesh: &mut Mesh, table: &PortTable) {
         let local =
             table.ports.iter().flat_map(|p| p.backends.iter()).filter(|b| b.local).map(|b| *b.addr.ip());
-        let wanted = meshgate_ebpf::route::devices_toward(local);
+        // A device keeps the translation while it exists: a task gone from the table still
+        // answers through it while it stops and drains (and so may a task the table lists
+        // again), and an answer let through untranslated leaves masqueraded, from the wrong
+        // address: the client resets its connection. Detached, then attached again, at each
+        // rolling update, it cost about one connection in 10,000 there.
+        let kept =
+            self.current.iter().filter(|(name, index)| meshgate_ebpf::route::ifindex(name) == Some(*index));
+        let wanted: std::collections::HashSet<(String, u32)> =
+            meshgate_ebpf::route::devices_toward(local).into_iter().chain(kept.cloned()).collect();
         if wanted == self.current && self.failing.is_empty() {
             return;
         }
