@@ -66,6 +66,8 @@ pub enum StartError {
     Example(RoutesError),
     #[error("access log: {0}")]
     AccessLog(#[from] crate::http::access_log::StartError),
+    #[error("admin.users_file: {0} (write it with `htpasswd -B -c FILE USER`)")]
+    AdminUsers(String),
 }
 
 /// A running agent; dropping it does not stop it, call [`RunningAgent::shutdown`].
@@ -170,6 +172,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         whoami: whoami_cfg,
         log: log_cfg,
     } = cfg;
+    // Checked before anything starts: a dashboard meant for its users is never served open.
+    let viewers = admin::Viewers::load(admin_cfg.users_file.as_deref()).map_err(StartError::AdminUsers)?;
     let (reload, reloads) = watch::channel(());
     let core = Core {
         hub: Arc::new(StateHub::new()),
@@ -211,6 +215,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let mesh_view = start_mesh(mesh_cfg, &core, &mut background);
 
     let admin_state = AdminState {
+        certificates: https.as_ref().map(|(_, resolver)| resolver.clone()),
+        viewers,
         head_timeout: proxy_cfg.request_head_timeout,
         hub: hub.clone(),
         proxy: proxy.clone(),

@@ -131,16 +131,18 @@ impl Default for ProxyConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address for `/metrics`, `/healthz`, `/readyz`, `/api/state` and the status page.
-    /// Keep it private: it shows every route and task.
+    /// Address for `/metrics`, `/healthz`, `/readyz`, `/api/state` and the dashboard.
     pub listen: SocketAddr,
     /// Also serve them on this Unix socket (for `meshgate --probe unix:PATH` in a container).
     pub socket: Option<PathBuf>,
+    /// An htpasswd file: its users may see the dashboard and `/api/state` from beyond the
+    /// node. Unset: only from the node itself (loopback, the Unix socket).
+    pub users_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)), socket: None }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)), socket: None, users_file: None }
     }
 }
 

@@ -3,10 +3,11 @@
 //! Per-route handles are resolved once when the route table is compiled (see
 //! [`RouteMetrics`]), so the request path only touches atomics.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -81,6 +82,27 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        out
+    }
+
+    /// The samples of counter or gauge `family` summed by the values of `labels` (what the
+    /// dashboard shows: requests by route and code, mesh packets by verdict).
+    #[must_use]
+    pub fn sum_by(&self, family: &str, labels: &[&str]) -> BTreeMap<Vec<String>, f64> {
+        let mut out = BTreeMap::new();
+        for f in self.registry.gather().iter().filter(|f| f.name() == family) {
+            for m in f.get_metric() {
+                let value = match f.get_field_type() {
+                    MetricType::COUNTER => m.get_counter().get_value(),
+                    MetricType::GAUGE => m.get_gauge().get_value(),
+                    _ => continue,
+                };
+                let label = |name: &str| {
+                    m.get_label().iter().find(|p| p.name() == name).map_or("", |p| p.value()).to_owned()
+                };
+                *out.entry(labels.iter().map(|l| label(l)).collect()).or_insert(0.0) += value;
+            }
+        }
         out
     }
 

@@ -269,6 +269,28 @@ pub struct BasicAuth {
 }
 
 impl BasicAuth {
+    /// The users of an htpasswd file (`None`: there is no such file), realm `Restricted`;
+    /// an error says what is wrong with the file (unreadable, a bad line, no user).
+    pub fn from_htpasswd_file(path: &std::path::Path) -> Result<Option<Self>, String> {
+        let text = match std::fs::read_to_string(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("htpasswd file {} cannot be read: {e}", path.display())),
+            Ok(text) => text,
+        };
+        let users: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        let auth = Self { users, realm: "Restricted".into(), remove_header: false };
+        match auth.bad_entry() {
+            Some(bad) => Err(format!("htpasswd file {}: {bad}", path.display())),
+            None if auth.users.is_empty() => Err(format!("htpasswd file {} names no user", path.display())),
+            None => Ok(Some(auth)),
+        }
+    }
+
     /// The first entry that is not `user:hash` with a hash htpasswd writes.
     #[must_use]
     pub fn bad_entry(&self) -> Option<String> {

@@ -1,4 +1,4 @@
-//! The admin listener: metrics, health, readiness, state and the status page.
+//! The admin listener: metrics, health, readiness, state and the dashboard.
 
 use http::StatusCode;
 
@@ -80,6 +80,12 @@ async fn admin_endpoints_show_traffic_state_and_health() {
     assert_eq!(routes[1]["endpoints"][0]["address"], web.addr.to_string());
     assert_eq!(state["services"][0]["tasks"][0]["node"], "local");
 
+    // The dashboard draws this state in the browser (see dashboard.rs).
     let page = reqwest_text(&mesh.admin_url("/")).await;
-    assert!(page.contains("<td>admin.test</td>") && page.contains(&web.addr.to_string()), "{page}");
+    assert!(page.contains("<title>meshgate</title>") && page.contains("fetch(\"/api/state\""), "{page}");
+    assert_eq!(
+        routes[1]["name"], "admin.test/app",
+        "the route's metrics label, which the dashboard's rates use"
+    );
+    assert!(state["traffic"]["routes"].is_object() && state["ready"] == true, "{state:#}");
 }

@@ -45,14 +45,14 @@ async fn image() {
 }
 
 /// A container that is removed when dropped.
-struct Container {
-    id: String,
+pub(crate) struct Container {
+    pub(crate) id: String,
     name: String,
 }
 
 impl Container {
     /// Starts `busybox httpd` on `port` answering with the container's hostname.
-    async fn run(tag: &str, args: &[&str], port: u16) -> Self {
+    pub(crate) async fn run(tag: &str, args: &[&str], port: u16) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         image().await;
         let name = format!("mgtest-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
@@ -72,7 +72,7 @@ impl Drop for Container {
 }
 
 /// Waits until `host` answers with `want` (a container id), or panics.
-async fn until_served(mesh: &Mesh, host: &str, path: &str, want: &str) {
+pub(crate) async fn until_served(mesh: &Mesh, host: &str, path: &str, want: &str) {
     eventually(&format!("{host}{path} served by {want}"), WAIT, async || {
         let (status, body) = mesh.get(host, path).await;
         status == StatusCode::OK && body.trim() == want

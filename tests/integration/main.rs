@@ -12,6 +12,7 @@ mod acme;
 mod admin;
 mod balancer;
 mod cluster;
+mod dashboard;
 mod dns;
 mod docker;
 mod lab;

@@ -16,26 +16,10 @@ enum Says {
 }
 
 fn read(dir: &Path, host: &str) -> Says {
-    let path = dir.join(host);
-    match std::fs::read_to_string(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Says::Nothing,
-        Err(e) => Says::Broken(format!("htpasswd file {} cannot be read: {e}", path.display())),
-        Ok(text) => {
-            let users: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_owned)
-                .collect();
-            let auth = BasicAuth { users, realm: "Restricted".into(), remove_header: false };
-            match auth.bad_entry() {
-                Some(bad) => Says::Broken(format!("htpasswd file {}: {bad}", path.display())),
-                None if auth.users.is_empty() => {
-                    Says::Broken(format!("htpasswd file {} names no user", path.display()))
-                }
-                None => Says::Users(auth),
-            }
-        }
+    match BasicAuth::from_htpasswd_file(&dir.join(host)) {
+        Ok(None) => Says::Nothing,
+        Ok(Some(auth)) => Says::Users(auth),
+        Err(why) => Says::Broken(why),
     }
 }
 
