@@ -471,13 +471,14 @@ async fn through(
     load.finish().await
 }
 
-/// No failed HTTP request: a stopping task takes no new request from the moment its
-/// container is killed, and a request that met a closing connection is sent again. Published
-/// ports (Docker's default stop grace of 10 s, which an L4 connection in flight needs): a
-/// stopping task takes no new connection once every node learned it stops (about 2 s) and
-/// finishes the ones it has; a SYN that went to it as it stopped is sent again to another
-/// task. None failed in most runs; in a CI run on a loaded machine two of 1,519 timed out,
-/// cause not found yet: reported with each node's mesh counters, and held under 1 in 100.
+/// No failed HTTP request and no failed connection to a published port: a stopping task
+/// takes no new request from the moment its container is killed, and a request that met a
+/// closing connection is sent again. Published ports (Docker's default stop grace of 10 s,
+/// which an L4 connection in flight needs): a stopping task takes no new connection once
+/// every node learned it stops (about 2 s) and finishes the ones it has, its answers still
+/// translated; a SYN that went to it as it stopped is sent again to another task. (The soak
+/// below ran 44,639 connections over 10 rolling updates with none failed.) A failure is
+/// reported with each node's mesh counters.
 async fn assert_none_failed(results: &[(String, usize, Vec<String>)], during: &str) {
     let (mut l4_total, mut l4_failed) = (0, Vec::new());
     for (target, answered, failed) in results {
@@ -501,7 +502,7 @@ async fn assert_none_failed(results: &[(String, usize, Vec<String>)], during: &s
     if !l4_failed.is_empty() {
         mesh_counters().await;
     }
-    assert!(l4_failed.len() * 100 < l4_total, "published ports during {during}: {l4_failed:?}");
+    assert!(l4_failed.is_empty(), "published ports during {during}: {l4_failed:?}");
 }
 
 /// Prints every node's mesh counters (verdicts): where failed connections' packets went.
@@ -582,16 +583,33 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
         agents_warnings().await;
     }
 
-    // A worker's engine stops and starts again: the other nodes keep every route.
-    Lab::stop_engine(3).await;
-    for (host, url) in both_ways(&[1, 2]) {
-        eventually(&format!("{url} answers with node 3 down"), CONVERGE, async || {
-            Lab::curl(host, &url).await.0
-        })
-        .await;
+    // A worker's engine stops and starts again while requests flow through the two others
+    // (chaos, "Hold under abuse"): no HTTP request fails (a hop to the stopped node is
+    // refused at once and goes to another task; a SYN to a task that died is sent again by
+    // the client and goes to another), and at most the connection each load loop had open
+    // on the node's tasks when they were killed fails; every route stays.
+    let results = through(&both_ways(&[1, 2]), async || {
+        Lab::stop_engine(3).await;
+        Lab::start_engine(3).await;
+        eventually("node 3's agent is back", CONVERGE, async || Lab::readyz(3).await.contains("XDP")).await;
+    })
+    .await;
+    let l4_loops = results.iter().filter(|r| !r.0.starts_with("load.test")).count();
+    let (mut l4_total, mut l4_failed) = (0, Vec::new());
+    for (target, answered, failed) in &results {
+        assert!(*answered > 0, "{target} answered nothing while node 3's engine restarted");
+        if target.starts_with("load.test") {
+            assert!(failed.is_empty(), "{target} while node 3's engine restarted: {failed:?}");
+        } else {
+            l4_total += answered + failed.len();
+            l4_failed.extend(failed.iter().map(|f| format!("{target}: {f}")));
+        }
     }
-    Lab::start_engine(3).await;
-    eventually("node 3's agent is back", CONVERGE, async || Lab::readyz(3).await.contains("XDP")).await;
+    eprintln!(
+        "published ports while node 3's engine restarted: {} of {l4_total} failed: {l4_failed:?}",
+        l4_failed.len()
+    );
+    assert!(l4_failed.len() <= l4_loops, "more than the connections in flight failed: {l4_failed:?}");
     for (host, url) in both_ways(&[1, 2, 3]) {
         eventually(&format!("{url} answers with node 3 back"), CONVERGE, async || {
             Lab::curl(host, &url).await.0
