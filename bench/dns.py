@@ -69,7 +69,9 @@ forward-zone:
     try:
         procs["meshgate"] = start([exe, "--routes-file", write("routes.toml", routes), "--docker-mode", "off", "--http-listen", "127.0.0.1:0",
                                    "--admin-listen", "127.0.0.1:0", "--dns-listen", f"127.0.0.1:{PORTS['meshgate']}",
-                                   "--dns-upstreams", f"127.0.0.1:{UPSTREAM}", "--log-level", "warn"], "0", {"TOKIO_WORKER_THREADS": "1"})
+                                   "--dns-upstreams", f"127.0.0.1:{UPSTREAM}", "--log-level", "warn",
+                                   # dnsperf is one client at full speed; the peers have no rate limit either.
+                                   "--dns-udp-rate-limit", "0"], "0", {"TOKIO_WORKER_THREADS": "1"})
         procs["dnsmasq"] = start(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--bind-interfaces", "--listen-address=127.0.0.1",
                                   f"--port={PORTS['dnsmasq']}", "--no-resolv", "--no-hosts", "--pid-file=", "--cache-size=10000",
                                   f"--server=/fwd.test/127.0.0.1#{UPSTREAM}", "--local-ttl=5"] + hosts, "0")

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::forward::Forwarder;
+use crate::rate::{RateLimit, Verdict};
 use crate::zone::{Answer, Zone};
 
 /// The DNS metrics, registered on the agent's registry.
@@ -23,6 +24,7 @@ pub struct DnsMetrics {
     forwarded: IntCounter,
     cache_hits: IntCounter,
     duration: Histogram,
+    rate_limited: IntCounter,
 }
 
 impl DnsMetrics {
@@ -42,16 +44,23 @@ impl DnsMetrics {
         registry.register(Box::new(queries.clone()))?;
         registry.register(Box::new(forwarded.clone()))?;
         registry.register(Box::new(cache_hits.clone()))?;
+        let rate_limited = IntCounter::new(
+            "meshgate_dns_rate_limited_total",
+            "UDP answers over their client's rate (dns.udp_rate_limit), sent empty with TC set.",
+        )?;
         registry.register(Box::new(duration.clone()))?;
-        Ok(Self { queries, forwarded, cache_hits, duration })
+        registry.register(Box::new(rate_limited.clone()))?;
+        Ok(Self { queries, forwarded, cache_hits, duration, rate_limited })
     }
 }
 
-/// mesh-dns: the zone in force (swapped whole), the forwarder, and who may recurse.
+/// mesh-dns: the zone in force (swapped whole), the forwarder, who may recurse, and how many
+/// UDP answers a client gets a second.
 pub struct MeshDns {
     zone: ArcSwap<Zone>,
     forwarder: Forwarder,
     recursion_allowed: Vec<IpNet>,
+    udp_rate: RateLimit,
     metrics: Option<DnsMetrics>,
 }
 
@@ -61,9 +70,11 @@ impl MeshDns {
         zone: Zone,
         forwarder: Forwarder,
         recursion_allowed: Vec<IpNet>,
+        udp_answers_per_second: u32,
         metrics: Option<DnsMetrics>,
     ) -> Self {
-        Self { zone: ArcSwap::from_pointee(zone), forwarder, recursion_allowed, metrics }
+        let udp_rate = RateLimit::new(udp_answers_per_second);
+        Self { zone: ArcSwap::from_pointee(zone), forwarder, recursion_allowed, udp_rate, metrics }
     }
 
     /// Swaps in a new zone; queries in flight finish on the old one.
@@ -119,11 +130,21 @@ impl RequestHandler for MeshDns {
         mut response_handle: R,
     ) -> ResponseInfo {
         let started = Instant::now();
+        let udp = request.protocol() == hickory_server::net::xfer::Protocol::Udp;
+        let verdict = if udp { self.udp_rate.check(request.src().ip(), started) } else { Verdict::Answer };
+        if verdict == Verdict::Slip {
+            if let Some(m) = &self.metrics {
+                m.rate_limited.inc();
+            }
+        }
         let queries = request.queries.queries();
         let recursion = self.may_recurse(request.src().ip());
         // Held for the whole request: local answers borrow its records.
         let zone = self.zone.load();
-        let reply = if request.metadata.op_code != OpCode::Query {
+        let reply = if verdict == Verdict::Slip {
+            // Over the client's rate: no work for it, an empty truncated answer below.
+            Reply::error(ResponseCode::NoError)
+        } else if request.metadata.op_code != OpCode::Query {
             Reply::error(ResponseCode::NotImp)
         } else if queries.len() != 1 {
             Reply::error(ResponseCode::FormErr)
@@ -168,9 +189,7 @@ impl RequestHandler for MeshDns {
         // cutting leaves stray bytes and drops the OPT record.)
         let mut reply = reply;
         let limit = edns.as_ref().map_or(512, |e| usize::from(e.max_payload()));
-        if request.protocol() == hickory_server::net::xfer::Protocol::Udp
-            && reply.wire_size_at_most(request) > limit
-        {
+        if udp && (verdict == Verdict::Slip || reply.wire_size_at_most(request) > limit) {
             metadata.truncation = true;
             reply.answers.clear();
             reply.authorities.clear();

@@ -7,6 +7,7 @@
 
 mod forward;
 mod handler;
+mod rate;
 mod tcp;
 mod zone;
 

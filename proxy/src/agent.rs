@@ -632,6 +632,7 @@ fn start_dns(
         dns::zone_of(&hub.load().state, &cfg),
         forwarder,
         cfg.recursion_networks.clone(),
+        cfg.udp_rate_limit,
         dns_metrics,
     ));
     background.push(tokio::spawn(dns::follow(hub.clone(), handler.clone(), cfg)));

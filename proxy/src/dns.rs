@@ -34,6 +34,10 @@ pub struct DnsConfig {
     pub answer_routed_hosts: bool,
     /// Addresses given for routed host names. Empty: the Swarm nodes' addresses.
     pub node_addresses: Vec<IpAddr>,
+    /// UDP answers a client (an address, an IPv6 /64) gets a second; beyond, they go out
+    /// empty with TC set (the client asks again over TCP), so the node amplifies nothing for
+    /// a forged source. 0: no limit.
+    pub udp_rate_limit: u32,
 }
 
 impl Default for DnsConfig {
@@ -51,6 +55,7 @@ impl Default for DnsConfig {
                 .collect(),
             answer_routed_hosts: false,
             node_addresses: Vec::new(),
+            udp_rate_limit: 200,
         }
     }
 }

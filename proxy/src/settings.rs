@@ -105,6 +105,7 @@ pub const SETTINGS: &[Setting] = &[
     s("dns.ttl", "DURATION", "TTL of local answers"),
     s("dns.upstreams", "ADDR,...", "Resolvers (IP:port) for other names; empty: those of /etc/resolv.conf"),
     s("dns.upstream_timeout", "DURATION", "Forwarded queries answer SERVFAIL after this"),
+    s("dns.udp_rate_limit", "N", "UDP answers per second per client (address, IPv6 /64); beyond, empty answers with TC set (ask over TCP): the node amplifies nothing; 0: off"),
     s("dns.cache_size", "N", "Forwarded answers cached at most"),
     s("dns.recursion_networks", "CIDR,...", "Clients allowed to have other names forwarded"),
     s("dns.answer_routed_hosts", "BOOL", "Answer routed HTTP host names with node addresses"),

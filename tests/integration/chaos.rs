@@ -136,6 +136,8 @@ tasks = [{ address = "10.9.0.1" }]
         c.dns.upstreams = vec![upstream_addr];
         c.dns.upstream_timeout = Duration::from_millis(500);
         c.dns.recursion_networks = vec!["127.0.0.1/32".parse().unwrap()];
+        // One client asking without a pause: no rate limit here.
+        c.dns.udp_rate_limit = 0;
     })
     .await;
     let dns = mesh.agent.dns_addr.unwrap();

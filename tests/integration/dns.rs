@@ -308,7 +308,8 @@ async fn zone_swaps_under_query_load_give_no_wrong_answer() {
         &["10.1.0.1".into(), "10.1.0.2".into(), "10.1.0.3".into()],
     );
     let two = service_with("svc", &["svc.test"], "/", "http", &["10.2.0.1".into(), "10.2.0.2".into()]);
-    let (mesh, dns) = mesh_with_dns(&one, |_| {}).await;
+    // Four clients asking as fast as they can, from one address: no rate limit here.
+    let (mesh, dns) = mesh_with_dns(&one, |c| c.dns.udp_rate_limit = 0).await;
     let states = [
         meshgate::provider::file::parse("one".as_ref(), &one, "swap").unwrap(),
         meshgate::provider::file::parse("two".as_ref(), &two, "swap").unwrap(),
@@ -376,4 +377,46 @@ async fn truncated_answers_are_well_formed_and_the_apex_exists() {
     assert!(out.lines().any(|l| !l.starts_with(';') && l.contains("\tSOA\t")), "the apex's SOA: {out}");
     let out = dig(dns, &["mesh.internal", "A"]).await;
     assert_eq!(status(&out), "NOERROR", "the apex exists, without an A record: {out}");
+}
+
+/// Finding 6 of "Hold under abuse", amplification: a client over `dns.udp_rate_limit` gets
+/// empty answers with TC set (about the size of its query: nothing to amplify), a real client
+/// then asks over TCP and gets everything, and another client keeps its own rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_udp_rate_gets_truncated_answers_and_tcp_still_answers() {
+    let web = service_with("web", &["web.test"], "/", "http", &tasks(20));
+    let (mesh, dns) = mesh_with_dns(&web, |c| c.dns.udp_rate_limit = 20).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let q = query(7, "web.", RecordType::A).to_vec().unwrap();
+    let (mut full, mut slipped, mut biggest_slip) = (0, 0, 0);
+    for _ in 0..100 {
+        client.send_to(&q, dns).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .expect("every query is answered")
+            .unwrap();
+        let m = Message::from_vec(&buf[..n]).unwrap();
+        if m.metadata.truncation {
+            assert!(m.answers.is_empty(), "a slipped answer carries no record");
+            slipped += 1;
+            biggest_slip = biggest_slip.max(n);
+        } else {
+            assert_eq!(m.answers.len(), 20);
+            full += 1;
+        }
+    }
+    // 20 a second: the burst, plus what came back while asking.
+    assert!((20..40).contains(&full), "{full} full answers, {slipped} slipped");
+    assert!(
+        biggest_slip <= q.len() + 16,
+        "a slipped answer ({biggest_slip} bytes) is no bigger than the query ({})",
+        q.len()
+    );
+    assert_eq!(addresses(&dig(dns, &["+tcp", "web", "A"]).await).len(), 20, "TCP is not limited");
+    let out = dig(dns, &["-b", "127.0.0.2", "+notcp", "+ignore", "web", "A"]).await;
+    assert_eq!(addresses(&out).len(), 20, "another client has its own rate: {out}");
+    let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
+    let line = metrics.lines().find(|l| l.starts_with("meshgate_dns_rate_limited_total")).unwrap_or_default();
+    assert_eq!(line, format!("meshgate_dns_rate_limited_total {slipped}"), "{metrics}");
 }
