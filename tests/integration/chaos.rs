@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::harness::{eventually, send, service, Backend, Binary, Dnsmasq, Mesh};
+use crate::harness::{eventually, send, Backend, Dnsmasq, Mesh, SharedPort};
 
 /// Clients sending request after request (kept-alive, as browsers and balancers do), counting
 /// answers and failures until stopped.
@@ -77,35 +77,17 @@ impl Clients {
 async fn an_agent_killed_beside_another_fails_only_what_it_held_and_its_restart_serves() {
     const CLIENTS: usize = 4;
     let web = Backend::start("web").await;
-    let dir = tempfile::tempdir().unwrap();
-    let routes = dir.path().join("routes.toml");
-    std::fs::write(&routes, service("web", &["web.test"], "/", &[&web])).unwrap();
-    let listen = format!("127.0.0.1:{}", crate::acme::free_port());
-    let args = [
-        "--routes-file",
-        routes.to_str().unwrap(),
-        "--http-listen",
-        &listen,
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--docker-mode",
-        "off",
-        "--reuse-port",
-        "true",
-    ];
-    let mut first = Binary::spawn(&args);
-    first.addresses();
-    let mut second = Binary::spawn(&args);
-    second.addresses();
-    let clients = Clients::start(CLIENTS, &format!("http://{listen}/"), "web.test");
+    let port = SharedPort::new(&web);
+    let mut first = port.spawn();
+    let mut second = port.spawn();
+    let clients = Clients::start(CLIENTS, &format!("http://{}/", port.listen), "web.test");
     clients.until_answered(300, "both agents answer").await;
 
     first.signal(9);
     first.wait_exit(Duration::from_secs(5));
     clients.until_answered(300, "the survivor answers every client").await;
     let after_first = clients.failed();
-    let mut restarted = Binary::spawn(&args);
-    restarted.addresses();
+    let restarted = port.spawn();
     clients.until_answered(300, "the clients are answered with the agent back").await;
 
     second.signal(9);

@@ -477,3 +477,43 @@ pub async fn websocket_echo() -> SocketAddr {
     });
     addr
 }
+
+/// Agents sharing one HTTP port (`--reuse-port`, as two agents of a node during an update),
+/// routing `web.test` to one backend: start as many as a test needs with [`SharedPort::spawn`].
+pub struct SharedPort {
+    _dir: tempfile::TempDir,
+    pub listen: String,
+    args: Vec<String>,
+}
+
+impl SharedPort {
+    pub fn new(web: &Backend) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = dir.path().join("routes.toml");
+        std::fs::write(&routes, service("web", &["web.test"], "/", &[web])).unwrap();
+        let listen = format!("127.0.0.1:{}", crate::acme::free_port());
+        let args = [
+            "--routes-file",
+            routes.to_str().unwrap(),
+            "--http-listen",
+            &listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--docker-mode",
+            "off",
+            "--reuse-port",
+            "true",
+        ]
+        .map(str::to_owned)
+        .into();
+        Self { _dir: dir, listen, args }
+    }
+
+    /// Another agent on the port; returns once it serves.
+    pub fn spawn(&self) -> Binary {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut agent = Binary::spawn(&args);
+        agent.addresses();
+        agent
+    }
+}

@@ -78,6 +78,26 @@ impl Lab {
         assert!(out.status.success(), "starting node {i}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Pulls node `i`'s cable (its port on the underlay's bridge goes down: nothing reaches
+    /// it or leaves it), or plugs it back.
+    pub async fn cable(i: usize, plugged: bool) {
+        let state = if plugged { "up" } else { "down" };
+        let out = Command::new("ip")
+            .args(["-n", "mglab-br", "link", "set", &format!("v{i}"), state])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "ip link set v{i} {state}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Node `i`'s state as the manager (node 1) sees it: `ready`, `down`, ...
+    pub async fn node_state(i: usize) -> String {
+        let out =
+            Self::docker_output(1, &["node", "inspect", "-f", "{{.Status.State}}", &format!("mglab-n{i}")])
+                .await;
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Node `i`'s agent's metric lines starting with `prefix`, their values summed.
     pub async fn metric(i: usize, prefix: &str) -> u64 {
         Self::admin(i, "/metrics")

@@ -9,7 +9,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::harness::{curl, eventually, name_of, send, service, Backend, Binary};
+use crate::harness::{curl, eventually, name_of, send, service, Backend, Binary, SharedPort};
 
 fn spawn_with_routes(routes: &std::path::Path) -> Binary {
     Binary::with_routes(routes, "50ms")
@@ -148,24 +148,9 @@ async fn sigterm_stops_accepting_and_finishes_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_agent_hands_kept_alive_clients_to_the_next_one_without_a_failed_request() {
     let web = Backend::start("web").await;
-    let dir = tempfile::tempdir().unwrap();
-    let routes = dir.path().join("routes.toml");
-    std::fs::write(&routes, service("web", &["web.test"], "/", &[&web])).unwrap();
-    let listen = format!("127.0.0.1:{}", crate::acme::free_port());
-    let args = [
-        "--routes-file",
-        routes.to_str().unwrap(),
-        "--http-listen",
-        &listen,
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--docker-mode",
-        "off",
-        "--reuse-port",
-        "true",
-    ];
-    let mut old = Binary::spawn(&args);
-    old.addresses();
+    let port = SharedPort::new(&web);
+    let listen = port.listen.clone();
+    let mut old = port.spawn();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
     let clients: Vec<_> = (0..4)
@@ -191,8 +176,7 @@ async fn a_stopping_agent_hands_kept_alive_clients_to_the_next_one_without_a_fai
         .collect();
     eventually("the clients are answered", Duration::from_secs(5), async || ok.load(Ordering::SeqCst) > 200)
         .await;
-    let mut new = Binary::spawn(&args);
-    new.addresses();
+    let new = port.spawn();
     old.signal(15);
     assert!(old.wait_exit(Duration::from_secs(10)).success(), "the old agent drains and exits");
     let at_exit = ok.load(Ordering::SeqCst);

@@ -480,6 +480,11 @@ async fn through(
 /// below ran 44,639 connections over 10 rolling updates with none failed.) A failure is
 /// reported with each node's mesh counters.
 async fn assert_none_failed(results: &[(String, usize, Vec<String>)], during: &str) {
+    assert_l4_failed_at_most(results, during, 0).await;
+}
+
+/// No failed HTTP request, and at most `l4_allowed` failed connections to published ports.
+async fn assert_l4_failed_at_most(results: &[(String, usize, Vec<String>)], during: &str, l4_allowed: usize) {
     let (mut l4_total, mut l4_failed) = (0, Vec::new());
     for (target, answered, failed) in results {
         assert!(*answered > 0, "{target} answered nothing during {during}");
@@ -502,7 +507,7 @@ async fn assert_none_failed(results: &[(String, usize, Vec<String>)], during: &s
     if !l4_failed.is_empty() {
         mesh_counters().await;
     }
-    assert!(l4_failed.is_empty(), "published ports during {during}: {l4_failed:?}");
+    assert!(l4_failed.len() <= l4_allowed, "published ports during {during}: {l4_failed:?}");
 }
 
 /// Prints every node's mesh counters (verdicts): where failed connections' packets went.
@@ -594,24 +599,48 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
         eventually("node 3's agent is back", CONVERGE, async || Lab::readyz(3).await.contains("XDP")).await;
     })
     .await;
+    // At most one per load loop on published ports: the connection it had open there.
     let l4_loops = results.iter().filter(|r| !r.0.starts_with("load.test")).count();
-    let (mut l4_total, mut l4_failed) = (0, Vec::new());
-    for (target, answered, failed) in &results {
-        assert!(*answered > 0, "{target} answered nothing while node 3's engine restarted");
-        if target.starts_with("load.test") {
-            assert!(failed.is_empty(), "{target} while node 3's engine restarted: {failed:?}");
-        } else {
-            l4_total += answered + failed.len();
-            l4_failed.extend(failed.iter().map(|f| format!("{target}: {f}")));
-        }
-    }
-    eprintln!(
-        "published ports while node 3's engine restarted: {} of {l4_total} failed: {l4_failed:?}",
-        l4_failed.len()
-    );
-    assert!(l4_failed.len() <= l4_loops, "more than the connections in flight failed: {l4_failed:?}");
+    assert_l4_failed_at_most(&results, "the restart of node 3's engine", l4_loops).await;
     for (host, url) in both_ways(&[1, 2, 3]) {
         eventually(&format!("{url} answers with node 3 back"), CONVERGE, async || {
+            Lab::curl(host, &url).await.0
+        })
+        .await;
+    }
+
+    // A worker's cable is pulled while requests flow through the two others, and plugged
+    // back once the manager marked it down (chaos, "Hold under abuse"): both keep answering,
+    // and every node answers once it is back. The failures are printed, not yet bounded: in
+    // one run of several, node 1's agent refused connections for about a second during the
+    // cut (it restarted; cause not found yet); when any failed, the agents' task history and
+    // the logs of node 1's exited agents are printed with them.
+    let results = through(&both_ways(&[1, 3]), async || {
+        Lab::cable(2, false).await;
+        eventually("the manager marks node 2 down", CONVERGE, async || Lab::node_state(2).await == "down")
+            .await;
+        Lab::cable(2, true).await;
+        eventually("node 2 is ready again", CONVERGE, async || Lab::node_state(2).await == "ready").await;
+    })
+    .await;
+    let mut failed_any = false;
+    for (target, answered, failed) in &results {
+        eprintln!("node 2 cut off: {target}: {answered} answered, {} failed: {failed:?}", failed.len());
+        assert!(*answered > 0, "{target} answered nothing while node 2 was cut off");
+        failed_any |= !failed.is_empty();
+    }
+    if failed_any {
+        let history = ["service", "ps", "--no-trunc", "--format", "{{.Node}} {{.CurrentState}} {{.Error}}"];
+        eprintln!("{}", Lab::docker(1, &[&history[..], &["meshgate_agent"]].concat()).await);
+        let exited =
+            Lab::docker(1, &["ps", "-aq", "--filter", "status=exited", "--filter", "name=meshgate"]).await;
+        for id in exited.lines() {
+            let out = Lab::docker_output(1, &["logs", "--tail", "40", id]).await;
+            eprintln!("exited agent {id} on node 1:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    for (host, url) in both_ways(&[1, 2, 3]) {
+        eventually(&format!("{url} answers with node 2 back"), CONVERGE, async || {
             Lab::curl(host, &url).await.0
         })
         .await;
