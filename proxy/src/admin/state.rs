@@ -46,7 +46,7 @@ pub fn state_json(s: &AdminState) -> Value {
         "nodes": snapshot.state.nodes,
         "certificates": certificates(s),
         "mesh": s.mesh.get(),
-        "traffic": traffic(s),
+        "traffic": traffic(s, &routes),
         "services": without_secrets(serde_json::to_value(&snapshot.state.services).unwrap_or_default()),
     })
 }
@@ -79,12 +79,17 @@ fn certificates(s: &AdminState) -> Vec<Value> {
     out
 }
 
-/// Running totals from the metrics: requests and server errors by route, mesh packets by
-/// verdict and by published port.
-fn traffic(s: &AdminState) -> Value {
+/// Running totals from the metrics: requests and server errors by route (the routes in force
+/// only: the counters of a route that went stay in the registry), mesh packets by verdict
+/// and by published port.
+fn traffic(s: &AdminState, in_force: &[Value]) -> Value {
+    let names: std::collections::HashSet<&str> = in_force.iter().filter_map(|r| r["name"].as_str()).collect();
     let mut routes = serde_json::Map::new();
     for (labels, n) in s.metrics.sum_by("meshgate_http_requests_total", &["route", "code"]) {
         let [route, code] = &labels[..] else { continue };
+        if !names.contains(route.as_str()) {
+            continue;
+        }
         let entry = routes.entry(route.clone()).or_insert_with(|| json!({"requests": 0.0, "errors": 0.0}));
         entry["requests"] = json!(entry["requests"].as_f64().unwrap_or(0.0) + n);
         if code.starts_with('5') {
