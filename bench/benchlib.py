@@ -10,6 +10,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 
 
+def require_free(ports):
+    """Exits unless every TCP port is free on loopback: a server left from another run on a
+    port would be measured in place of the one meant (it happened: an nginx answered as
+    meshgate)."""
+    import socket
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                raise SystemExit(f"port {port} is in use: stop what holds it (ss -ltnp 'sport = :{port}') and run again")
+
+
 def start(cmd, cpu, env=None):
     """Starts `cmd` pinned to `cpu` in its own process group (stop it with os.killpg).
     meshgate's access log is off (as nginx's in these configs) unless `env` turns it on."""

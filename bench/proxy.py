@@ -19,7 +19,7 @@ import time
 import urllib.request
 
 import benchlib
-from benchlib import ROOT, cpu_seconds, ms, replace_section, rss_kib, start, stop_all, write_file
+from benchlib import ROOT, cpu_seconds, ms, replace_section, require_free, rss_kib, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
@@ -113,6 +113,7 @@ def run_rate(port):
 
 
 def main():
+    require_free([BACKEND_PORT, *PORTS.values(), 19090, 19091, 19092])
     exe = os.path.join(ROOT, "target", "release", "meshgate")
     backend = start(["nginx", "-c", write("backend.conf", BACKEND)], LOAD_CPU)
     def meshgate(port, admin, env):
