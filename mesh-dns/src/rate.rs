@@ -31,7 +31,15 @@ struct Bucket {
 /// Answers per second per client (0: no limit), with a burst of as many.
 pub struct RateLimit {
     per_second: u32,
-    clients: Mutex<HashMap<IpAddr, Bucket>>,
+    clients: Mutex<Clients>,
+}
+
+#[derive(Default)]
+struct Clients {
+    buckets: HashMap<IpAddr, Bucket>,
+    /// When the full table was last swept of quiet clients: at most once a second, so a
+    /// flood from as many forged addresses costs a sweep a second, not one a packet.
+    swept: Option<Instant>,
 }
 
 impl RateLimit {
@@ -53,14 +61,18 @@ impl RateLimit {
             v4 @ IpAddr::V4(_) => v4,
         };
         let mut clients = self.clients.lock().expect("rate limit lock");
-        if clients.len() >= CLIENTS && !clients.contains_key(&key) {
-            clients.retain(|_, b| now.duration_since(b.at).as_secs_f64() < 1.0);
-            if clients.len() >= CLIENTS {
+        let Clients { buckets, swept } = &mut *clients;
+        if buckets.len() >= CLIENTS && !buckets.contains_key(&key) {
+            if swept.is_none_or(|at| now.duration_since(at).as_secs() >= 1) {
+                buckets.retain(|_, b| now.duration_since(b.at).as_secs_f64() < 1.0);
+                *swept = Some(now);
+            }
+            if buckets.len() >= CLIENTS {
                 // Flooded from as many addresses: everything new slips (never open).
                 return Verdict::Slip;
             }
         }
-        let bucket = clients.entry(key).or_insert(Bucket { tokens: rate, at: now });
+        let bucket = buckets.entry(key).or_insert(Bucket { tokens: rate, at: now });
         bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
@@ -92,6 +104,23 @@ mod tests {
             "a token back after 1/10 s"
         );
         assert_eq!(RateLimit::new(0).check(client, t0), Verdict::Answer);
+    }
+
+    #[test]
+    fn a_full_table_slips_new_clients_and_is_swept_at_most_once_a_second() {
+        let limit = RateLimit::new(5);
+        let t0 = Instant::now();
+        for i in 0..CLIENTS as u32 {
+            assert_eq!(limit.check(IpAddr::V4(i.into()), t0), Verdict::Answer);
+        }
+        let newcomer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(limit.check(newcomer, t0), Verdict::Slip, "nobody quiet yet: a new client slips");
+        assert_eq!(
+            limit.check(newcomer, t0 + Duration::from_millis(1500)),
+            Verdict::Answer,
+            "the quiet were swept"
+        );
+        assert_eq!(limit.check(IpAddr::V4(1.into()), t0 + Duration::from_millis(1500)), Verdict::Answer);
     }
 
     #[test]

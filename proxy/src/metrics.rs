@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use prometheus::core::Collector;
-use prometheus::proto::MetricType;
+use prometheus::proto::{MetricFamily, MetricType};
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -82,27 +82,6 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
-        out
-    }
-
-    /// The samples of counter or gauge `family` summed by the values of `labels` (what the
-    /// dashboard shows: requests by route and code, mesh packets by verdict).
-    #[must_use]
-    pub fn sum_by(&self, family: &str, labels: &[&str]) -> BTreeMap<Vec<String>, f64> {
-        let mut out = BTreeMap::new();
-        for f in self.registry.gather().iter().filter(|f| f.name() == family) {
-            for m in f.get_metric() {
-                let value = match f.get_field_type() {
-                    MetricType::COUNTER => m.get_counter().get_value(),
-                    MetricType::GAUGE => m.get_gauge().get_value(),
-                    _ => continue,
-                };
-                let label = |name: &str| {
-                    m.get_label().iter().find(|p| p.name() == name).map_or("", |p| p.value()).to_owned()
-                };
-                *out.entry(labels.iter().map(|l| label(l)).collect()).or_insert(0.0) += value;
-            }
-        }
         out
     }
 
@@ -422,4 +401,26 @@ pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str])
 #[must_use]
 pub fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// The samples of counter or gauge `family` among `gathered` (one `Registry::gather`, read
+/// for several families) summed by the values of `labels`: what the dashboard shows
+/// (requests by route and code, mesh packets by verdict).
+#[must_use]
+pub fn sum_by(gathered: &[MetricFamily], family: &str, labels: &[&str]) -> BTreeMap<Vec<String>, f64> {
+    let mut out = BTreeMap::new();
+    for f in gathered.iter().filter(|f| f.name() == family) {
+        for m in f.get_metric() {
+            let value = match f.get_field_type() {
+                MetricType::COUNTER => m.get_counter().get_value(),
+                MetricType::GAUGE => m.get_gauge().get_value(),
+                _ => continue,
+            };
+            let label = |name: &str| {
+                m.get_label().iter().find(|p| p.name() == name).map_or("", |p| p.value()).to_owned()
+            };
+            *out.entry(labels.iter().map(|l| label(l)).collect()).or_insert(0.0) += value;
+        }
+    }
+    out
 }

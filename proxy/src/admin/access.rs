@@ -68,3 +68,26 @@ impl Viewers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_file_that_cannot_be_used_stops_the_start_and_without_one_only_the_node_sees_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nobody");
+        assert!(Viewers::load(Some(&missing)).err().unwrap().contains("does not exist"));
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "ops:plaintext\n").unwrap();
+        assert!(Viewers::load(Some(&bad)).err().unwrap().contains("ops"));
+        let Ok(none) = Viewers::load(None) else { panic!("no file is no error") };
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            assert!(matches!(none.decide("/api/state", false, None).await, Decision::Refuse));
+            assert!(matches!(none.decide("/", false, Some(b"Basic b3BzOng=")).await, Decision::Refuse));
+            assert!(matches!(none.decide("/metrics", false, None).await, Decision::Allow));
+            assert!(matches!(none.decide("/", true, None).await, Decision::Allow));
+        });
+    }
+}

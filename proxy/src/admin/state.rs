@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::AdminState;
+use crate::metrics::sum_by;
 use crate::tls::CertInfo;
 
 pub fn state_json(s: &AdminState) -> Value {
@@ -84,8 +85,9 @@ fn certificates(s: &AdminState) -> Vec<Value> {
 /// and by published port.
 fn traffic(s: &AdminState, in_force: &[Value]) -> Value {
     let names: std::collections::HashSet<&str> = in_force.iter().filter_map(|r| r["name"].as_str()).collect();
+    let gathered = s.metrics.registry.gather();
     let mut routes = serde_json::Map::new();
-    for (labels, n) in s.metrics.sum_by("meshgate_http_requests_total", &["route", "code"]) {
+    for (labels, n) in sum_by(&gathered, "meshgate_http_requests_total", &["route", "code"]) {
         let [route, code] = &labels[..] else { continue };
         if !names.contains(route.as_str()) {
             continue;
@@ -97,7 +99,7 @@ fn traffic(s: &AdminState, in_force: &[Value]) -> Value {
         }
     }
     let by = |family: &str, labels: &[&str]| -> serde_json::Map<String, Value> {
-        s.metrics.sum_by(family, labels).into_iter().map(|(k, n)| (k.join("/"), json!(n))).collect()
+        sum_by(&gathered, family, labels).into_iter().map(|(k, n)| (k.join("/"), json!(n))).collect()
     };
     json!({
         "routes": routes,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::uri::PathAndQuery;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
+use http::{header, HeaderName, HeaderValue, Method, Request, Version};
 use prometheus::IntCounter;
 
 use crate::config::{AccessFormat, LogConfig};
@@ -159,7 +159,7 @@ impl AccessLog {
                 target: req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
                 host,
                 version: req.version(),
-                request_bytes: content_length(h),
+                request_bytes: super::body::declared_length(h).unwrap_or(0),
                 referer: h.get(header::REFERER).cloned(),
                 user_agent: h.get(header::USER_AGENT).cloned(),
                 headers: self.headers.iter().filter_map(|n| Some((n.clone(), h.get(n)?.clone()))).collect(),
@@ -182,10 +182,6 @@ impl AccessLog {
             self.dropped.inc();
         }
     }
-}
-
-fn content_length(h: &HeaderMap) -> u64 {
-    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
 }
 
 fn redacted<'a>(name: &HeaderName, value: &'a HeaderValue) -> std::borrow::Cow<'a, str> {

@@ -98,6 +98,13 @@ pub enum BodyError {
     TooLarge(u64),
 }
 
+/// The body length a request or response declares (`Content-Length`), if it declares one
+/// that parses.
+#[must_use]
+pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
 pub struct ProxyBody {
     kind: Kind,
     /// Dropping it ends the request's accounting; counts the bytes sent for the access log.

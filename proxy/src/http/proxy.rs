@@ -441,7 +441,7 @@ impl Proxy {
 /// A 413 for a request whose declared length is past `limit`: refused before anything of
 /// it goes to the task (a body that turns out longer is cut with 413 as it streams).
 fn too_large(headers: &HeaderMap, limit: u64) -> Option<Response<ProxyBody>> {
-    let declared: u64 = headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()?;
+    let declared = super::body::declared_length(headers)?;
     (declared > limit).then(|| {
         local(
             StatusCode::PAYLOAD_TOO_LARGE,
