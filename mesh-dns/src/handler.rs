@@ -1,5 +1,6 @@
-//! The request handler: local names from the [`Zone`] in force, every other name forwarded
-//! (to allowed clients only), with metrics for each answer.
+//! The request handler: ACME challenge records to anyone; local names from the [`Zone`] in
+//! force and every other name forwarded, to clients of the recursion networks only (the
+//! cluster's names stay inside); metrics for each answer.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,12 +9,13 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Edns, Metadata, OpCode, ResponseCode};
-use hickory_server::proto::rr::{DNSClass, Record};
+use hickory_server::proto::rr::{DNSClass, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use ipnet::IpNet;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
+use crate::challenges::ChallengeRecords;
 use crate::forward::Forwarder;
 use crate::rate::{RateLimit, Verdict};
 use crate::zone::{Answer, Zone};
@@ -54,10 +56,11 @@ impl DnsMetrics {
     }
 }
 
-/// mesh-dns: the zone in force (swapped whole), the forwarder, who may recurse, and how many
-/// UDP answers a client gets a second.
+/// mesh-dns: the zone in force and the challenge records (each swapped whole), the
+/// forwarder, who may recurse, and how many UDP answers a client gets a second.
 pub struct MeshDns {
     zone: ArcSwap<Zone>,
+    challenges: ArcSwap<ChallengeRecords>,
     forwarder: Forwarder,
     recursion_allowed: Vec<IpNet>,
     udp_rate: RateLimit,
@@ -74,7 +77,19 @@ impl MeshDns {
         metrics: Option<DnsMetrics>,
     ) -> Self {
         let udp_rate = RateLimit::new(udp_answers_per_second);
-        Self { zone: ArcSwap::from_pointee(zone), forwarder, recursion_allowed, udp_rate, metrics }
+        Self {
+            zone: ArcSwap::from_pointee(zone),
+            challenges: ArcSwap::default(),
+            forwarder,
+            recursion_allowed,
+            udp_rate,
+            metrics,
+        }
+    }
+
+    /// Swaps in the ACME challenge records in progress.
+    pub fn set_challenges(&self, records: ChallengeRecords) {
+        self.challenges.store(Arc::new(records));
     }
 
     /// Swaps in a new zone; queries in flight finish on the old one.
@@ -139,8 +154,9 @@ impl RequestHandler for MeshDns {
         }
         let queries = request.queries.queries();
         let recursion = self.may_recurse(request.src().ip());
-        // Held for the whole request: local answers borrow its records.
+        // Held for the whole request: local answers borrow their records.
         let zone = self.zone.load();
+        let challenges = self.challenges.load();
         let reply = if verdict == Verdict::Slip {
             // Over the client's rate: no work for it, an empty truncated answer below.
             Reply::error(ResponseCode::NoError)
@@ -151,28 +167,7 @@ impl RequestHandler for MeshDns {
         } else if queries[0].query_class() != DNSClass::IN {
             Reply::error(ResponseCode::NotImp)
         } else {
-            let query = &queries[0];
-            match zone.answer(query.name(), query.query_type()) {
-                Answer::Records(answers) => {
-                    let authorities = if answers.is_empty() { vec![zone.soa()] } else { Vec::new() };
-                    Reply {
-                        code: ResponseCode::NoError,
-                        authoritative: true,
-                        answers,
-                        authorities,
-                        owned: None,
-                    }
-                }
-                Answer::NxDomain => Reply {
-                    code: ResponseCode::NXDomain,
-                    authoritative: true,
-                    answers: Vec::new(),
-                    authorities: vec![zone.soa()],
-                    owned: None,
-                },
-                Answer::NotOurs if !recursion => Reply::error(ResponseCode::Refused),
-                Answer::NotOurs => self.forward(query.name(), query.query_type()).await,
-            }
+            self.answer(&queries[0], recursion, &zone, &challenges).await
         };
 
         let mut metadata = Metadata::response_from_request(&request.metadata);
@@ -233,6 +228,45 @@ impl RequestHandler for MeshDns {
 }
 
 impl MeshDns {
+    /// The reply to one well-formed query: a challenge record to anyone; to clients of the
+    /// recursion networks a local name or a forwarded one; REFUSED to the rest.
+    async fn answer<'a>(
+        &self,
+        query: &hickory_server::proto::op::LowerQuery,
+        recursion: bool,
+        zone: &'a Zone,
+        challenges: &'a ChallengeRecords,
+    ) -> Reply<'a> {
+        if let Some(records) = challenges.get(query.name()) {
+            let wanted = matches!(query.query_type(), RecordType::TXT | RecordType::ANY);
+            return Reply {
+                code: ResponseCode::NoError,
+                authoritative: true,
+                answers: if wanted { records.iter().collect() } else { Vec::new() },
+                authorities: Vec::new(),
+                owned: None,
+            };
+        }
+        if !recursion {
+            // Outside the recursion networks: challenge names and nothing else.
+            return Reply::error(ResponseCode::Refused);
+        }
+        match zone.answer(query.name(), query.query_type()) {
+            Answer::Records(answers) => {
+                let authorities = if answers.is_empty() { vec![zone.soa()] } else { Vec::new() };
+                Reply { code: ResponseCode::NoError, authoritative: true, answers, authorities, owned: None }
+            }
+            Answer::NxDomain => Reply {
+                code: ResponseCode::NXDomain,
+                authoritative: true,
+                answers: Vec::new(),
+                authorities: vec![zone.soa()],
+                owned: None,
+            },
+            Answer::NotOurs => self.forward(query.name(), query.query_type()).await,
+        }
+    }
+
     async fn forward(
         &self,
         name: &hickory_server::proto::rr::LowerName,

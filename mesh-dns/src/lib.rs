@@ -1,10 +1,11 @@
-//! mesh-dns: answers service, task and routed host names for a whole node, and forwards
-//! every other name.
+//! mesh-dns: answers service, task and routed host names for a whole node, forwards every
+//! other name, and answers the DNS-01 challenges of the agent's ACME orders.
 //!
 //! A library over a plain [`Zone`]: the agent builds the zone from its state and swaps it
 //! in with [`MeshDns::set_zone`]; the server is hickory-server with [`MeshDns`] as its
 //! request handler.
 
+mod challenges;
 mod forward;
 mod handler;
 mod rate;
@@ -14,6 +15,7 @@ mod zone;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use challenges::ChallengeRecords;
 pub use forward::{resolv_conf_upstreams, ForwardError, Forwarder};
 pub use handler::{DnsMetrics, MeshDns};
 pub use tcp::serve_connection;

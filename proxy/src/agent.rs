@@ -197,7 +197,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
     start_files(&sources, &file_cfg, &core, &mut background)?;
-    let (https, acme) = start_https(&tls_cfg, acme_cfg, &core, &mut background)?;
+    let dns = dns_cfg.listen.and_then(|listen| start_dns_or_report(listen, &dns_cfg, &core, &mut background));
+    let (https, acme) = start_https(&tls_cfg, acme_cfg, dns.as_ref(), &dns_cfg, &core, &mut background)?;
     let (node_name, (shutdown, shutdown_rx)) = (this_node(&mesh_cfg), watch::channel(false));
     let stopping = (shutdown_rx.clone(), proxy_cfg.shutdown_grace);
     let mut cluster = start_cluster(cluster_cfg, node_name.clone(), acme, stopping, &core, &mut background);
@@ -210,8 +211,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let reach = Reach { node: node_name.clone(), hop: cluster.hop.clone() };
     let access = AccessLog::start(&log_cfg, metrics.access_log_dropped.clone())?;
     let proxy = start_proxy(&proxy_cfg, https.as_ref(), reach, access, &core, &mut background);
-    let dns_addr =
-        dns_cfg.listen.and_then(|listen| start_dns_or_report(listen, dns_cfg, &core, &mut background));
+    let dns_addr = dns.map(|(addr, _)| addr);
     let mesh_view = start_mesh(mesh_cfg, &core, &mut background);
 
     let admin_state = AdminState {
@@ -267,12 +267,12 @@ fn start_proxy(
 /// left off: it must not take HTTP down with it, nor make a health check restart the agent.
 fn start_dns_or_report(
     listen: SocketAddr,
-    cfg: crate::dns::DnsConfig,
+    cfg: &DnsConfig,
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
-) -> Option<SocketAddr> {
-    match start_dns(listen, cfg, core, background) {
-        Ok(addr) => Some(addr),
+) -> Option<DnsParts> {
+    match start_dns(listen, cfg.clone(), core, background) {
+        Ok(parts) => Some(parts),
         Err(e) => {
             tracing::error!("mesh-dns is off: {e}");
             core.readiness.set("dns", true, format!("off: {e}"));
@@ -472,12 +472,17 @@ struct Core {
 type AcmeParts = (Result<acme::Manager, acme::RootsError>, cluster::CertShare);
 /// The HTTPS listener and the resolver its handshakes ask.
 type HttpsParts = (net::Bound, Arc<CertResolver>);
+/// mesh-dns: where it listens, and its handler (for the ACME challenge records).
+type DnsParts = (SocketAddr, Arc<mesh_dns::MeshDns>);
 
 /// HTTPS: a listener, a resolver swapped whole on certificate changes, the fallback, and
-/// the ACME store feeding the resolver. `None` without `tls.https_listen`.
+/// the ACME store feeding the resolver; mesh-dns answers the DNS-01 challenges in progress.
+/// `None` without `tls.https_listen`.
 fn start_https(
     tls_cfg: &tls::TlsConfig,
     acme_cfg: AcmeConfig,
+    dns: Option<&DnsParts>,
+    dns_cfg: &DnsConfig,
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<(Option<HttpsParts>, Option<AcmeParts>), StartError> {
@@ -489,6 +494,10 @@ fn start_https(
     let fallback = (tls_cfg.unknown_names == UnknownNames::SelfSigned).then(CertResolver::self_signed);
     let resolver = Arc::new(CertResolver::new(fallback));
     crate::metrics::register_collector(&core.metrics.registry, tls::ExpiryCollector::new(resolver.clone()));
+    if let Some((_, handler)) = dns {
+        let follow = dns::follow_challenges(resolver.challenges.clone(), handler.clone(), dns_cfg.clone());
+        background.push(tokio::spawn(follow));
+    }
     if let Some(dir) = &tls_cfg.certs_dir {
         // Loaded before serving, so the first handshake already sees them.
         let loaded = tls::load_into(dir, &resolver, CertSource::Files, None);
@@ -503,7 +512,7 @@ fn start_https(
         )));
     }
     let acme = if acme_cfg.enabled {
-        start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, core, background)
+        start_acme(acme_cfg, tls_cfg.poll_interval, &resolver, dns.map(|(addr, _)| *addr), core, background)
     } else {
         background.push(tokio::spawn(warn_unserved_acme_wishes(core.hub.clone(), false)));
         None
@@ -519,9 +528,19 @@ fn start_acme(
     cfg: AcmeConfig,
     poll: std::time::Duration,
     resolver: &Arc<CertResolver>,
+    dns_addr: Option<SocketAddr>,
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Option<AcmeParts> {
+    // Checked with the configuration; a TSIG secret file that went away since is reported.
+    let dns01 = match acme::Dns01::new(&cfg, dns_addr) {
+        Ok(dns01) => dns01,
+        Err(e) => {
+            tracing::error!("acme: DNS-01 is off: {e}");
+            core.readiness.set("acme", true, format!("DNS-01 off: {e}"));
+            None
+        }
+    };
     let dir = cfg.storage_dir.clone();
     let store = match acme::store::Store::open(&dir) {
         Ok(store) => Arc::new(store),
@@ -555,7 +574,9 @@ fn start_acme(
         challenges: resolver.challenges.clone(),
         reload: reload.clone(),
     };
-    Some((acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload), share))
+    let manager =
+        acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload, dns01);
+    Some((manager, share))
 }
 
 /// Routes that ask for a certificate while ACME cannot run: say so once per host.
@@ -563,7 +584,8 @@ async fn warn_unserved_acme_wishes(hub: Arc<StateHub>, enabled: bool) {
     let mut told = std::collections::HashSet::new();
     let mut changes = hub.subscribe();
     loop {
-        for name in acme::manager::wanted_certificates(&hub.load().state, usize::MAX).into_values().flatten()
+        for name in
+            acme::manager::wanted_certificates(&hub.load().state, usize::MAX, true).into_values().flatten()
         {
             if told.insert(name.clone()) {
                 let why = if enabled {
@@ -610,7 +632,7 @@ fn start_dns(
     cfg: DnsConfig,
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
-) -> Result<SocketAddr, StartError> {
+) -> Result<DnsParts, StartError> {
     let Core { hub, metrics, readiness, reuse_port, .. } = core;
     let (udp, tcp) = bind_dns(listen, *reuse_port)?;
     let addr = udp.local_addr().expect("bound socket has an address");
@@ -636,7 +658,7 @@ fn start_dns(
         dns_metrics,
     ));
     background.push(tokio::spawn(dns::follow(hub.clone(), handler.clone(), cfg)));
-    let tcp_handler = handler.clone();
+    let (tcp_handler, parts_handler) = (handler.clone(), handler.clone());
     background.push(tokio::spawn(async move {
         if let Err(e) = mesh_dns::serve_udp(handler, udp).await {
             tracing::error!("dns server stopped: {e}");
@@ -652,5 +674,5 @@ fn start_dns(
     }));
     readiness.set("dns", true, format!("listening on {addr} (UDP and TCP)"));
     tracing::info!(%addr, "mesh-dns listening");
-    Ok(addr)
+    Ok((addr, parts_handler))
 }

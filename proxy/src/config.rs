@@ -337,9 +337,25 @@ impl Config {
             return Err(Invalid::new("proxy.max_headers", 0, "at least 1").into());
         }
         self.acme.validate()?;
+        // DNS-01 as configured must be able to work: checked where both sections are known.
+        if self.acme.enabled {
+            let dns01 = crate::acme::Dns01::new(&self.acme, self.dns.listen)?;
+            if dns01.is_none() && self.acme.challenge == crate::acme::ChallengeKind::Dns01 {
+                return Err(Invalid::new(
+                    "acme.challenge",
+                    "dns-01",
+                    "dns.listen set (mesh-dns answers the challenges), or acme.dns_provider = \"rfc2136\"",
+                )
+                .into());
+            }
+        }
         self.mesh.validate()?;
         self.cluster.validate()?;
         self.listeners_apart()?;
+        if let Some(zone) = &self.dns.challenge_zone {
+            crate::dns::challenge_zone(zone)
+                .map_err(|e| Invalid::new("dns.challenge_zone", zone, format!("a DNS name ({e})")))?;
+        }
         if mesh_dns::ZoneBuilder::new(&self.dns.domain, 5).is_err() {
             return Err(Invalid::new(
                 "dns.domain",

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use mesh_dns::{MeshDns, Zone, ZoneBuilder};
+use mesh_dns::{ChallengeRecords, MeshDns, Zone, ZoneBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::acme::Challenges;
 use crate::state::{HostPattern, L4Protocol, MeshState, StateHub};
 
 /// The `[dns]` section.
@@ -28,12 +29,16 @@ pub struct DnsConfig {
     pub upstream_timeout: Duration,
     /// Forwarded answers kept in the cache at most.
     pub cache_size: usize,
-    /// Clients allowed to have names forwarded (recursion); others get REFUSED for them.
+    /// Clients that get the cluster's names and others forwarded; everyone else gets the
+    /// ACME challenge names only (REFUSED for the rest).
     pub recursion_networks: Vec<IpNet>,
     /// Also answer the routed HTTP host names with the nodes' addresses.
     pub answer_routed_hosts: bool,
     /// Addresses given for routed host names. Empty: the Swarm nodes' addresses.
     pub node_addresses: Vec<IpAddr>,
+    /// ACME DNS-01 records are also answered under this zone (`_acme-challenge.example.com`
+    /// as `_acme-challenge.example.com.<zone>`): the target of a CNAME delegation.
+    pub challenge_zone: Option<String>,
     /// UDP answers a client (an address, an IPv6 /64) gets a second; beyond, they go out
     /// empty with TC set (the client asks again over TCP), so the node amplifies nothing for
     /// a forged source. 0: no limit.
@@ -55,6 +60,7 @@ impl Default for DnsConfig {
                 .collect(),
             answer_routed_hosts: false,
             node_addresses: Vec::new(),
+            challenge_zone: None,
             udp_rate_limit: 200,
         }
     }
@@ -131,6 +137,27 @@ pub async fn follow(hub: Arc<StateHub>, dns: Arc<MeshDns>, cfg: DnsConfig) {
             return;
         }
     }
+}
+
+/// Keeps mesh-dns's ACME challenge records in step with the challenges in progress (this
+/// agent's orders and, on a follower of the cluster feed, the issuer's). A one-second TTL: a
+/// CA's resolver must not keep an old value.
+pub async fn follow_challenges(challenges: Arc<Challenges>, dns: Arc<MeshDns>, cfg: DnsConfig) {
+    let zone = cfg.challenge_zone.as_deref().and_then(|z| challenge_zone(z).ok());
+    let mut changes = challenges.subscribe();
+    loop {
+        let set = challenges.snapshot().dns;
+        dns.set_challenges(ChallengeRecords::new(&set, zone.as_ref(), 1));
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `dns.challenge_zone` as a DNS name.
+pub fn challenge_zone(zone: &str) -> Result<hickory_proto::rr::Name, String> {
+    use std::str::FromStr as _;
+    hickory_proto::rr::Name::from_str(&format!("{}.", zone.trim_end_matches('.'))).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ pub(crate) struct Pebble {
 }
 
 impl Pebble {
-    async fn start(setup: PebbleSetup) -> Self {
+    pub(crate) async fn start(setup: PebbleSetup) -> Self {
         Self::start_on(setup, [127, 0, 0, 1].into()).await
     }
 
@@ -166,34 +166,34 @@ impl Drop for Pebble {
 
 /// An agent with HTTPS, ACME against `pebble` and mesh-dns answering routed hosts with
 /// 127.0.0.1, on the ports pebble validates.
-struct AcmeAgent {
-    mesh: Mesh,
+pub(crate) struct AcmeAgent {
+    pub(crate) mesh: Mesh,
     storage: PathBuf,
 }
 
-struct Ports {
-    http: u16,
-    https: u16,
-    dns: u16,
+pub(crate) struct Ports {
+    pub(crate) http: u16,
+    pub(crate) https: u16,
+    pub(crate) dns: u16,
 }
 
 impl Ports {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { http: free_port(), https: free_port(), dns: free_port() }
     }
 
-    fn dns(&self) -> SocketAddr {
+    pub(crate) fn dns(&self) -> SocketAddr {
         format!("127.0.0.1:{}", self.dns).parse().unwrap()
     }
 }
 
-fn routes(backend: &Backend, hosts: &[&str]) -> String {
+pub(crate) fn routes(backend: &Backend, hosts: &[&str]) -> String {
     let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
     format!("[[services]]\nname = \"web\"\ntasks = [{{ address = \"{}\" }}]\n[[services.http]]\nhosts = [{}]\nport = 1\ntls = {{ acme = true }}\n", backend.addr, hosts.join(", "))
 }
 
 impl AcmeAgent {
-    async fn start(
+    pub(crate) async fn start(
         routes: &str,
         ports: &Ports,
         pebble: &Pebble,
@@ -220,12 +220,12 @@ impl AcmeAgent {
         Self { mesh, storage: storage.to_owned() }
     }
 
-    fn https_addr(&self) -> SocketAddr {
+    pub(crate) fn https_addr(&self) -> SocketAddr {
         self.mesh.agent.https_addr.unwrap()
     }
 
     /// curl over HTTPS, trusting only `root`.
-    async fn curl(&self, root: &Path, host: &str, extra: &[&str]) -> (bool, String) {
+    pub(crate) async fn curl(&self, root: &Path, host: &str, extra: &[&str]) -> (bool, String) {
         let port = self.https_addr().port();
         let resolve = format!("{host}:{port}:127.0.0.1");
         let url = format!("https://{host}:{port}/");
@@ -236,7 +236,7 @@ impl AcmeAgent {
     }
 
     /// A counter: the sum of the samples whose line starts with `prefix`.
-    async fn counter(&self, prefix: &str) -> u64 {
+    pub(crate) async fn counter(&self, prefix: &str) -> u64 {
         self.metric(prefix).await as u64
     }
 
@@ -251,7 +251,7 @@ impl AcmeAgent {
 }
 
 /// A TLS handshake verified against `root` only; returns the leaf's DER.
-async fn handshake(addr: SocketAddr, host: &str, root: &Path) -> Result<Vec<u8>, String> {
+pub(crate) async fn handshake(addr: SocketAddr, host: &str, root: &Path) -> Result<Vec<u8>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(root).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -271,7 +271,7 @@ async fn handshake(addr: SocketAddr, host: &str, root: &Path) -> Result<Vec<u8>,
 }
 
 /// Waits until `host` presents a certificate that verifies against `root`; returns its DER.
-async fn wait_for_certificate(
+pub(crate) async fn wait_for_certificate(
     agent: &AcmeAgent,
     host: &str,
     root_of: &Pebble,

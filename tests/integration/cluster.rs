@@ -2,7 +2,8 @@
 //! bridge (the "LAN"), the test in the root namespace on the bridge too: a leader and a
 //! manager that both see the cluster (here through the same routes file, as two Swarm
 //! managers see the same Swarm) and a worker that sees nothing by itself and follows the
-//! feed. ACME against a real pebble, validating through the worker.
+//! feed. ACME against a real pebble, validating through the worker (HTTP-01, TLS-ALPN-01, and
+//! DNS-01 through the worker's mesh-dns).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -432,6 +433,40 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
         worker
             .metric(lan.ns(2), "meshgate_acme_certificates_issued_total{certificate=\"alpn.cluster.test\"}"),
         0
+    );
+
+    // DNS-01 for a wildcard (certificates issue, item 1): pebble asks the worker's mesh-dns,
+    // which answers the TXT values the leader published, relayed by the manager.
+    leader.stop();
+    let leader_dns = format!("{leader_ip}:53");
+    let leader = Agent::start(
+        lan.ns(0),
+        &refs(&args(
+            acme(&leader_store, "dns-01"),
+            &["--routes-file", routes, "--cluster-role", "leader", "--dns-listen", &leader_dns],
+        )),
+    );
+    std::fs::write(
+        routes,
+        format!(
+            "{}{}[[services]]\nname = \"wild\"\ntasks = [{{ address = \"{worker_ip}\" }}]\n[[services.http]]\nhosts = [\"*.wild.cluster.test\"]\nport = 8001\ntls = {{ acme = true }}\n",
+            route("http.cluster.test", &worker_ip, true),
+            route("alpn.cluster.test", &worker_ip, true)
+        ),
+    )
+    .unwrap();
+    eventually(
+        "the worker serves x.wild.cluster.test with pebble's wildcard certificate",
+        Duration::from_secs(60),
+        async || verified(&worker_ip, "x.wild.cluster.test").await.0,
+    )
+    .await;
+    assert_eq!(
+        leader.metric(
+            lan.ns(0),
+            "meshgate_acme_certificates_issued_total{certificate=\"_wildcard.wild.cluster.test\"}"
+        ),
+        1
     );
     drop(manager);
 }

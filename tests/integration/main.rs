@@ -15,6 +15,7 @@ mod chaos;
 mod cluster;
 mod dashboard;
 mod dns;
+mod dns01;
 mod docker;
 mod lab;
 mod lifecycle;

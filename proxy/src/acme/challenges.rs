@@ -2,6 +2,8 @@
 //! the plain-HTTP listener before any routing), TLS-ALPN-01 certificates by host name
 //! (chosen by the SNI resolver when a client offers `acme-tls/1`).
 //!
+//! DNS-01 TXT values by record name (`_acme-challenge.example.com`), answered by mesh-dns.
+//!
 //! HTTP-01 answers are also written to `<storage>/challenges/`, so an agent that shares the
 //! storage directory but did not place the order still answers a validation that reaches it.
 //! In a cluster, the issuer's challenges reach the other agents through the feed
@@ -21,6 +23,9 @@ pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 #[derive(Debug)]
 pub struct Challenges {
     http: RwLock<HashMap<String, String>>,
+    /// This agent's DNS-01 TXT values by record name (an order for `a.test` and `*.a.test`
+    /// publishes two values under one name).
+    dns: RwLock<BTreeMap<String, Vec<String>>>,
     /// This agent's TLS-ALPN-01 certificates, with the digest they carry (for the feed).
     alpn: RwLock<HashMap<String, (Arc<CertifiedKey>, String)>>,
     /// The issuer's challenges, received through the cluster feed.
@@ -45,6 +50,7 @@ impl Default for Challenges {
     fn default() -> Self {
         Self {
             http: RwLock::default(),
+            dns: RwLock::default(),
             alpn: RwLock::default(),
             remote: RwLock::default(),
             shared_dir: RwLock::default(),
@@ -108,6 +114,9 @@ impl Challenges {
         set.alpn.extend(
             self.alpn.read().expect("challenges lock").iter().map(|(k, (_, d))| (k.clone(), d.clone())),
         );
+        for (name, values) in self.dns.read().expect("challenges lock").iter() {
+            set.dns.entry(name.clone()).or_default().extend(values.iter().cloned());
+        }
         set
     }
 
@@ -188,6 +197,15 @@ impl Challenges {
         Answer { challenges: self.clone(), kind: AnswerKind::Http { token: token.to_owned(), shared } }
     }
 
+    /// Publishes a DNS-01 TXT value under `record` (`_acme-challenge.<name>`) until the
+    /// returned guard is dropped.
+    pub fn add_dns(self: &Arc<Self>, record: &str, value: &str) -> Answer {
+        let record = record.trim_end_matches('.').to_ascii_lowercase();
+        self.dns.write().expect("challenges lock").entry(record.clone()).or_default().push(value.to_owned());
+        self.bump();
+        Answer { challenges: self.clone(), kind: AnswerKind::Dns { record, value: value.to_owned() } }
+    }
+
     /// Publishes a TLS-ALPN-01 certificate for `name` (RFC 8737: a self-signed certificate for
     /// the name with the `acmeIdentifier` extension holding the key authorization's digest)
     /// until the returned guard is dropped.
@@ -252,6 +270,7 @@ pub struct Answer {
 
 enum AnswerKind {
     Http { token: String, shared: Option<PathBuf> },
+    Dns { record: String, value: String },
     Alpn { name: String },
 }
 
@@ -265,6 +284,19 @@ impl Drop for Answer {
                     let _ = std::fs::remove_file(path);
                 }
             }
+            AnswerKind::Dns { record, value } => {
+                let mut dns = self.challenges.dns.write().expect("challenges lock");
+                if let Some(values) = dns.get_mut(record) {
+                    if let Some(at) = values.iter().position(|v| v == value) {
+                        values.remove(at);
+                    }
+                    if values.is_empty() {
+                        dns.remove(record);
+                    }
+                }
+                drop(dns);
+                self.challenges.bump();
+            }
             AnswerKind::Alpn { name } => {
                 self.challenges.alpn.write().expect("challenges lock").remove(name);
                 self.challenges.bump();
@@ -274,11 +306,15 @@ impl Drop for Answer {
 }
 
 /// HTTP-01 answers by token; TLS-ALPN-01 by host name, as the hex SHA-256 of the key
-/// authorization (each node makes its own validation certificate from it: no key travels).
+/// authorization (each node makes its own validation certificate from it: no key travels);
+/// DNS-01 TXT values by record name (every node's mesh-dns answers them).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChallengeSet {
     pub http: BTreeMap<String, String>,
     pub alpn: BTreeMap<String, String>,
+    /// Absent in the feed of an agent older than DNS-01.
+    #[serde(default)]
+    pub dns: BTreeMap<String, Vec<String>>,
 }
 
 #[cfg(test)]
@@ -303,6 +339,14 @@ mod tests {
         std::fs::write(dir.path().join("theirs"), "theirs.thumb").unwrap();
         assert_eq!(c.http_answer("/.well-known/acme-challenge/theirs").as_deref(), Some("theirs.thumb"));
 
+        let wild = c.add_dns("_acme-challenge.A.test.", "v-wild");
+        let apex = c.add_dns("_acme-challenge.a.test", "v-apex");
+        assert_eq!(c.snapshot().dns["_acme-challenge.a.test"], ["v-wild", "v-apex"]);
+        drop(wild);
+        assert_eq!(c.snapshot().dns["_acme-challenge.a.test"], ["v-apex"]);
+        drop(apex);
+        assert!(c.snapshot().dns.is_empty(), "a name without values is gone");
+
         let alpn = c.add_alpn("A.test", &[7; 32]).unwrap();
         assert!(c.alpn_certificate("a.test.").is_some());
         assert_eq!(c.snapshot().alpn["a.test"], "07".repeat(32));
@@ -318,6 +362,7 @@ mod tests {
         c.set_remote(ChallengeSet {
             http: [("theirs".into(), "theirs.t".into())].into(),
             alpn: [("b.test".into(), "ab".repeat(32)), ("bad.test".into(), "zz".into())].into(),
+            dns: [("_acme-challenge.b.test".into(), vec!["theirs".into()])].into(),
         });
         assert!(changes.has_changed().unwrap());
         assert_eq!(c.http_answer("/.well-known/acme-challenge/theirs").as_deref(), Some("theirs.t"));
@@ -325,6 +370,11 @@ mod tests {
         assert!(c.alpn_certificate("bad.test").is_none(), "a digest that is not hex makes no certificate");
         let relayed = c.snapshot();
         assert_eq!(relayed.http.len(), 2, "own and remote answers are both relayed: {relayed:?}");
+        assert_eq!(
+            relayed.dns["_acme-challenge.b.test"],
+            ["theirs"],
+            "the issuer's DNS-01 values are relayed"
+        );
         // The same set again changes nothing, and the certificate is kept.
         changes.mark_unchanged();
         let mut same = relayed.clone();

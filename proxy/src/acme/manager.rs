@@ -15,7 +15,7 @@ use super::client::AcmeHttp;
 use super::order::{self, Failure, Issued, Reason};
 use super::schedule::{self, Backoff};
 use super::store::{Store, Stored};
-use super::{AcmeConfig, Challenges};
+use super::{AcmeConfig, ChallengeKind, Challenges, Dns01};
 use crate::metrics::Metrics;
 use crate::state::{HostPattern, MeshState, StateHub, TlsWish};
 use crate::tls::LoadedPair;
@@ -40,6 +40,8 @@ pub struct Manager {
     account: tokio::sync::Mutex<Option<String>>,
     /// Set once the CA answered that it has no renewal information (RFC 9773).
     no_ari: AtomicBool,
+    /// DNS-01, where it can work: wildcards are ordered only then.
+    dns01: Option<Dns01>,
 }
 
 impl Manager {
@@ -49,6 +51,7 @@ impl Manager {
         challenges: Arc<Challenges>,
         metrics: Arc<Metrics>,
         reload: Arc<Notify>,
+        dns01: Option<Dns01>,
     ) -> Result<Self, super::RootsError> {
         let http = AcmeHttp::new(cfg.trust_roots.as_deref(), cfg.request_timeout)?;
         challenges.share_through(store.challenges_dir());
@@ -61,6 +64,7 @@ impl Manager {
             reload,
             account: tokio::sync::Mutex::new(None),
             no_ari: AtomicBool::new(false),
+            dns01,
         })
     }
 
@@ -73,7 +77,7 @@ impl Manager {
         loop {
             let ordering = *issuer.borrow_and_update();
             let wanted = if ordering {
-                wanted_certificates(&hub.load().state, self.cfg.max_names)
+                wanted_certificates(&hub.load().state, self.cfg.max_names, self.dns01.is_some())
             } else {
                 BTreeMap::new()
             };
@@ -325,11 +329,14 @@ impl Manager {
         let http = self.http.for_order();
         let attempt = async {
             let account = self.account(http.clone()).await?;
-            let first = self.cfg.challenge;
-            match order::order(&account, names, first, &self.challenges).await {
-                Err(f) if f.reason == Reason::ChallengeFailed && self.cfg.fallback => {
+            let dns01 = self.dns01.as_ref();
+            // Only DNS-01 proves a wildcard: no fallback for those.
+            let wildcard = names.iter().any(|n| n.starts_with("*."));
+            let first = if wildcard { ChallengeKind::Dns01 } else { self.cfg.challenge };
+            match order::order(&account, names, first, &self.challenges, dns01).await {
+                Err(f) if f.reason == Reason::ChallengeFailed && self.cfg.fallback && !wildcard => {
                     tracing::info!(names = %names.join(","), "acme: {} failed ({}); trying {}", first.label(), f.detail, first.other().label());
-                    order::order(&account, names, first.other(), &self.challenges).await
+                    order::order(&account, names, first.other(), &self.challenges, dns01).await
                 }
                 other => other,
             }
@@ -400,38 +407,77 @@ impl Manager {
     }
 }
 
-/// The certificates the state asks for, by primary name (the first host): per service, the
-/// exact host names of its routes that want ACME, in order, at most `max_names` per
-/// certificate. A name claimed by an earlier service is not ordered twice. Wildcards and
-/// regexes need DNS-01, which meshgate does not do: they are left out.
+/// The certificates the state asks for, by primary name (the first exact host, the file's
+/// name): per service, the host names of its routes that want ACME, in order, at most
+/// `max_names` per certificate. A name claimed by an earlier service is not ordered twice.
+/// Wildcards (`*.example.com`) are ordered when `wildcards` (DNS-01 is available), and an
+/// exact name that a wanted wildcard covers is not ordered again; without DNS-01 they are
+/// left out (regexes and `name.*` patterns always are: no certificate names them).
 #[must_use]
-pub fn wanted_certificates(state: &MeshState, max_names: usize) -> BTreeMap<String, Vec<String>> {
-    let mut claimed = HashSet::new();
-    let mut out = BTreeMap::new();
-    for svc in &state.services {
+pub fn wanted_certificates(
+    state: &MeshState,
+    max_names: usize,
+    wildcards: bool,
+) -> BTreeMap<String, Vec<String>> {
+    let wanted = |svc: &crate::state::Service| -> Vec<String> {
         let mut names = Vec::new();
         for route in &svc.http {
             let TlsWish::Acme { names: named, .. } = &route.tls else { continue };
-            // The names asked for (LETSENCRYPT_HOST), else the route's exact hosts.
+            // The names asked for (LETSENCRYPT_HOST), else the route's hosts.
             if let Some(named) = named {
-                names.extend(named.iter().filter(|n| claimed.insert((*n).clone())).cloned());
+                names.extend(named.iter().cloned());
                 continue;
             }
             for host in &route.hosts {
                 match host {
-                    HostPattern::Exact(h) if claimed.insert(h.clone()) => names.push(h.clone()),
-                    HostPattern::Exact(_) => {}
+                    HostPattern::Exact(h) => names.push(h.clone()),
+                    HostPattern::Suffix(base) => names.push(format!("*{base}")),
                     other => {
-                        tracing::debug!(service = %svc.name, host = %other, "acme: only exact host names get certificates (wildcards need DNS-01)");
+                        tracing::debug!(service = %svc.name, host = %other, "acme: no certificate can name this pattern");
                     }
                 }
             }
         }
+        names
+    };
+    let wildcard_bases: HashSet<String> = if wildcards {
+        state
+            .services
+            .iter()
+            .flat_map(&wanted)
+            .filter_map(|n| n.strip_prefix("*.").map(str::to_owned))
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let covered =
+        |name: &str| name.split_once('.').is_some_and(|(_, parent)| wildcard_bases.contains(parent));
+    let mut claimed = HashSet::new();
+    let mut out = BTreeMap::new();
+    for svc in &state.services {
+        let mut names = Vec::new();
+        for name in wanted(svc) {
+            let wildcard = name.starts_with("*.");
+            if wildcard && !wildcards {
+                tracing::debug!(service = %svc.name, host = %name, "acme: a wildcard needs DNS-01 (dns.listen, or acme.dns_provider = rfc2136): not ordered");
+            } else if (wildcard || !covered(&name)) && claimed.insert(name.clone()) {
+                names.push(name);
+            }
+        }
         for chunk in names.chunks(max_names.max(1)) {
-            out.insert(chunk[0].clone(), chunk.to_vec());
+            out.insert(primary(chunk), chunk.to_vec());
         }
     }
     out
+}
+
+/// The name a certificate is stored and known by: its first exact name, else
+/// `_wildcard.<base>` (no file is named with a `*`).
+fn primary(names: &[String]) -> String {
+    names.iter().find(|n| !n.starts_with("*.")).cloned().unwrap_or_else(|| {
+        let first = &names[0];
+        format!("_wildcard.{}", first.strip_prefix("*.").unwrap_or(first))
+    })
 }
 
 #[cfg(test)]
@@ -463,7 +509,8 @@ mod tests {
     fn the_names_asked_for_are_the_certificates_names() {
         let mut web = svc("web", &["a.test", "b.test"], true);
         web.http[0].tls = TlsWish::Acme { email: None, names: Some(vec!["b.test".into()]) };
-        let wanted = wanted_certificates(&MeshState { services: vec![web], ..MeshState::default() }, 100);
+        let wanted =
+            wanted_certificates(&MeshState { services: vec![web], ..MeshState::default() }, 100, false);
         assert_eq!(
             wanted.into_iter().collect::<Vec<_>>(),
             [("b.test".to_owned(), vec!["b.test".to_owned()])]
@@ -480,13 +527,14 @@ mod tests {
             ],
             ..MeshState::default()
         };
-        let wanted = wanted_certificates(&state, 100);
+        let wanted = wanted_certificates(&state, 100, false);
         assert_eq!(wanted.len(), 2);
-        assert_eq!(wanted["a.test"], ["a.test", "www.a.test"]);
+        assert_eq!(wanted["a.test"], ["a.test", "www.a.test"], "without DNS-01, no wildcard");
         assert_eq!(wanted["api.test"], ["api.test"]);
         let split = wanted_certificates(
             &MeshState { services: vec![svc("w", &["a.t", "b.t", "c.t"], true)], ..MeshState::default() },
             2,
+            false,
         );
         assert_eq!(
             split.into_iter().collect::<Vec<_>>(),
@@ -495,5 +543,24 @@ mod tests {
                 ("c.t".to_owned(), vec!["c.t".to_owned()])
             ]
         );
+    }
+
+    /// Certificates issue: a wildcard certificate covers the routes it matches, and no
+    /// second certificate is ordered for them.
+    #[test]
+    fn with_dns01_a_wildcard_is_ordered_and_the_names_it_covers_are_not() {
+        let state = MeshState {
+            services: vec![
+                svc("web", &["a.test", "www.a.test", "*.a.test"], true),
+                svc("api", &["api.a.test", "deep.api.a.test"], true),
+                svc("wild", &["*.b.test"], true),
+            ],
+            ..MeshState::default()
+        };
+        let wanted = wanted_certificates(&state, 100, true);
+        assert_eq!(wanted["a.test"], ["a.test", "*.a.test"]);
+        assert_eq!(wanted["deep.api.a.test"], ["deep.api.a.test"], "a wildcard covers one label only");
+        assert_eq!(wanted["_wildcard.b.test"], ["*.b.test"], "no file named with a star");
+        assert_eq!(wanted.len(), 3, "{wanted:?}");
     }
 }

@@ -9,11 +9,14 @@
 
 mod challenges;
 mod client;
+pub mod dns01;
 pub mod manager;
 mod order;
+mod rfc2136;
 mod schedule;
 pub mod store;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,6 +26,7 @@ use crate::invalid::Invalid;
 
 pub use challenges::{ChallengeSet, Challenges, HTTP01_PREFIX};
 pub use client::RootsError;
+pub use dns01::{Dns01, DnsProvider};
 pub use manager::Manager;
 
 /// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
@@ -44,6 +48,10 @@ pub enum ChallengeKind {
     #[serde(rename = "tls-alpn-01")]
     #[value(name = "tls-alpn-01")]
     TlsAlpn01,
+    /// The CA looks up the TXT record `_acme-challenge.<name>` (the only way to a wildcard).
+    #[serde(rename = "dns-01")]
+    #[value(name = "dns-01")]
+    Dns01,
 }
 
 impl ChallengeKind {
@@ -52,14 +60,16 @@ impl ChallengeKind {
         match self {
             Self::Http01 => "http-01",
             Self::TlsAlpn01 => "tls-alpn-01",
+            Self::Dns01 => "dns-01",
         }
     }
 
+    /// The challenge tried when this one failed (`acme.fallback`).
     #[must_use]
     pub fn other(self) -> Self {
         match self {
             Self::Http01 => Self::TlsAlpn01,
-            Self::TlsAlpn01 => Self::Http01,
+            Self::TlsAlpn01 | Self::Dns01 => Self::Http01,
         }
     }
 }
@@ -101,6 +111,21 @@ pub struct AcmeConfig {
     /// One request to the CA may take this long.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// DNS-01 (wildcards, or `challenge = "dns-01"`): who publishes the TXT records.
+    pub dns_provider: DnsProvider,
+    /// Where a DNS-01 record must be seen before the CA is asked. Empty: mesh-dns's own
+    /// listener, or the RFC 2136 server.
+    pub dns_resolvers: Vec<SocketAddr>,
+    /// How long a DNS-01 record may take to be seen there.
+    #[serde(with = "humantime_serde")]
+    pub dns_propagation_timeout: Duration,
+    /// RFC 2136: the authoritative server that takes the updates, the zone they go in, and
+    /// the TSIG key (name, algorithm, and a file holding the base64 secret).
+    pub rfc2136_server: Option<SocketAddr>,
+    pub rfc2136_zone: Option<String>,
+    pub rfc2136_tsig_key: Option<String>,
+    pub rfc2136_tsig_algorithm: String,
+    pub rfc2136_tsig_secret_file: Option<PathBuf>,
 }
 
 impl Default for AcmeConfig {
@@ -120,6 +145,14 @@ impl Default for AcmeConfig {
             retry_base: Duration::from_secs(30),
             retry_max: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(30),
+            dns_provider: DnsProvider::MeshDns,
+            dns_resolvers: Vec::new(),
+            dns_propagation_timeout: Duration::from_secs(120),
+            rfc2136_server: None,
+            rfc2136_zone: None,
+            rfc2136_tsig_key: None,
+            rfc2136_tsig_algorithm: "hmac-sha256".into(),
+            rfc2136_tsig_secret_file: None,
         }
     }
 }
@@ -167,9 +200,11 @@ impl AcmeConfig {
         if !(1..=100).contains(&self.max_names) {
             return Err(Invalid::new("acme.max_names", self.max_names, "between 1 and 100"));
         }
-        for (key, value) in
-            [("acme.retry_base", self.retry_base), ("acme.request_timeout", self.request_timeout)]
-        {
+        for (key, value) in [
+            ("acme.retry_base", self.retry_base),
+            ("acme.request_timeout", self.request_timeout),
+            ("acme.dns_propagation_timeout", self.dns_propagation_timeout),
+        ] {
             if value.is_zero() {
                 return Err(Invalid::new(key, "0s", "above zero, e.g. \"30s\""));
             }

@@ -10,6 +10,7 @@ use instant_acme::{
 };
 
 use super::challenges::{Answer, Challenges};
+use super::dns01::{self, Dns01, Published};
 use super::ChallengeKind;
 
 /// Why an order failed; the label of `meshgate_acme_failures_total`.
@@ -99,19 +100,31 @@ const POLL: RetryPolicy = RetryPolicy::new()
     .backoff(1.5)
     .timeout(Duration::from_secs(90));
 
-/// Orders one certificate for `names`, answering with `kind` challenges.
+/// Orders one certificate for `names`, answering with `kind` challenges (DNS-01 through
+/// `dns01`).
 pub async fn order(
     account: &Account,
     names: &[String],
     kind: ChallengeKind,
     challenges: &Arc<Challenges>,
+    dns01: Option<&Dns01>,
 ) -> Result<Issued, Failure> {
+    let dns01 =
+        match (kind, dns01) {
+            (ChallengeKind::Dns01, None) => return Err(Failure::new(
+                Reason::CaError,
+                "dns-01 needs dns.listen (mesh-dns answers the challenges) or acme.dns_provider = rfc2136",
+            )),
+            (ChallengeKind::Dns01, Some(dns01)) => Some(dns01),
+            _ => None,
+        };
     let acme = |e: instant_acme::Error| Failure::from_acme(&e);
     let identifiers: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(acme)?;
 
     // Answers stay published until this function returns, whichever way.
     let mut answers: Vec<Answer> = Vec::new();
+    let mut records: Vec<Published> = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let mut authz = authz.map_err(acme)?;
@@ -130,17 +143,25 @@ pub async fn order(
             Failure::new(Reason::CaError, format!("the CA offers no {} challenge for {name}", kind.label()))
         })?;
         let key_auth = challenge.key_authorization();
-        answers.push(match kind {
-            ChallengeKind::Http01 => challenges.add_http(&challenge.token, key_auth.as_str()),
-            ChallengeKind::TlsAlpn01 => {
-                challenges.add_alpn(&name, key_auth.digest().as_ref()).map_err(|e| {
-                    Failure::new(Reason::CaError, format!("cannot make the TLS-ALPN-01 certificate: {e}"))
-                })?
+        // The identifier of a wildcard authorization is its base name (RFC 8555, 7.1.3).
+        let dns_record = dns01::record_name(&name);
+        match (kind, dns01) {
+            (_, Some(dns01)) => {
+                records.push(dns01.publish(challenges, &dns_record, &key_auth.dns_value()).await?);
             }
-        });
+            (ChallengeKind::TlsAlpn01, None) => {
+                answers.push(challenges.add_alpn(&name, key_auth.digest().as_ref()).map_err(|e| {
+                    Failure::new(Reason::CaError, format!("cannot make the TLS-ALPN-01 certificate: {e}"))
+                })?);
+            }
+            (_, None) => answers.push(challenges.add_http(&challenge.token, key_auth.as_str())),
+        }
         // In a cluster the validation may reach any node: wait until they all answer.
         if !challenges.propagated(PROPAGATION).await {
             tracing::warn!(host = %name, "acme: not every node of the cluster confirmed the challenge within {PROPAGATION:?}; asking the CA to validate anyway");
+        }
+        if let Some(dns01) = dns01 {
+            dns01.wait_until_seen(&dns_record, &key_auth.dns_value()).await?;
         }
         challenge.set_ready().await.map_err(acme)?;
     }
@@ -150,6 +171,7 @@ pub async fn order(
         status => return Err(challenge_failure(&mut order, status).await),
     }
     drop(answers);
+    drop(records);
     let key_pem = order.finalize().await.map_err(acme)?;
     let chain_pem = order.poll_certificate(&POLL).await.map_err(acme)?;
     Ok(Issued { chain_pem, key_pem })
@@ -183,6 +205,7 @@ impl ChallengeKind {
         match self {
             Self::Http01 => ChallengeType::Http01,
             Self::TlsAlpn01 => ChallengeType::TlsAlpn01,
+            Self::Dns01 => ChallengeType::Dns01,
         }
     }
 }

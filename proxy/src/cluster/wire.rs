@@ -69,7 +69,11 @@ mod tests {
             Frame::Hello { node: "n1".into(), leader: true },
             Frame::Challenges {
                 version: 3,
-                set: ChallengeSet { http: [("tok".into(), "tok.x".into())].into(), alpn: BTreeMap::new() },
+                set: ChallengeSet {
+                    http: [("tok".into(), "tok.x".into())].into(),
+                    alpn: BTreeMap::new(),
+                    dns: BTreeMap::new(),
+                },
             },
             Frame::Ack { challenges: 3 },
             Frame::Heartbeat,

@@ -67,12 +67,21 @@ impl CertResolver {
         self.certs.store(Arc::new(merged));
     }
 
-    /// The certificate for `name`: its own, else the nearest parent domain's (as
-    /// nginx-proxy does), else `default`.
+    /// The certificate for `name`: its own, else a wildcard certificate for its parent
+    /// (`*.example.com` covers one label), else the nearest parent domain's (as nginx-proxy
+    /// does), else `default`.
     #[must_use]
     pub fn find(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let certs = self.certs.load();
         let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(c) = certs.get(&name) {
+            return Some(c.clone());
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(c) = certs.get(&format!("*.{parent}")) {
+                return Some(c.clone());
+            }
+        }
         let mut candidate = name.as_str();
         loop {
             if let Some(c) = certs.get(candidate) {
@@ -150,16 +159,14 @@ pub struct LoadedCerts {
 impl LoadedCerts {
     /// Certificates by name: each file under its own name (nginx-proxy's naming) and, where
     /// no file has that name, under every DNS name it covers (an ACME certificate for
-    /// several host names is one file).
+    /// several host names is one file), wildcards as `*.example.com`.
     #[must_use]
     pub fn index(&self) -> HashMap<String, Arc<CertifiedKey>> {
         let mut out: HashMap<String, Arc<CertifiedKey>> =
             self.files.iter().map(|(n, p)| (n.clone(), p.key.clone())).collect();
         for pair in self.files.values() {
             for name in &pair.info.dns_names {
-                if !name.starts_with("*.") {
-                    out.entry(name.clone()).or_insert_with(|| pair.key.clone());
-                }
+                out.entry(name.clone()).or_insert_with(|| pair.key.clone());
             }
         }
         out
@@ -321,7 +328,10 @@ mod tests {
         let resolver = CertResolver::new(None);
         resolver.replace(CertSource::Acme, load_dir(dir.path(), None).index());
         assert!(resolver.has_certificate("www.a.test"));
-        assert!(!resolver.has_certificate("x.wild.test"), "wildcard SANs are not indexed");
+        let wild = resolver.find("x.wild.test").expect("a wildcard SAN covers one label");
+        assert!(Arc::ptr_eq(&wild, &resolver.find("a.test").unwrap()));
+        assert!(!resolver.has_certificate("y.x.wild.test"), "and only one");
+        assert!(!resolver.has_certificate("wild.test"), "nor the base name");
         let acme = resolver.find("a.test").unwrap();
         let files = tempfile::tempdir().unwrap();
         pair(files.path(), "a.test", &["a.test"]);

@@ -236,6 +236,8 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "VIRTUAL_DEST",
         "LETSENCRYPT_HOST",
         "LETSENCRYPT_EMAIL",
+        "ACME_HOST",
+        "ACME_EMAIL",
         "HTTPS_METHOD",
         "HSTS",
         "NETWORK_ACCESS",
@@ -251,6 +253,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.path",
         "meshgate.tls",
         "meshgate.tls.email",
+        "meshgate.tls.domains",
         "meshgate.access_log",
         "meshgate.http.max_body",
         "meshgate.http.response_timeout",
@@ -287,6 +290,7 @@ fn known_traefik_label(name: &str) -> bool {
             rest,
             ["rule" | "service" | "entrypoints" | "middlewares" | "tls"]
                 | ["tls", "certresolver" | "options"]
+                | ["tls", _, "main" | "sans"]
                 | ["observability", "accesslogs"]
         ),
         ["traefik", "http", "middlewares", _, "basicauth", "users" | "realm" | "removeheader"]
@@ -335,17 +339,11 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         Some(v) => Some(v.to_owned()),
         None => Some("max-age=31536000".into()),
     };
-    // As acme-companion: LETSENCRYPT_HOST names the certificate's names exactly.
-    let tls = match var("LETSENCRYPT_HOST") {
+    // As acme-companion: LETSENCRYPT_HOST (or ACME_HOST) names the certificate's names exactly.
+    let tls = match var("LETSENCRYPT_HOST").or_else(|| var("ACME_HOST")) {
         Some(names) => TlsWish::Acme {
-            email: var("LETSENCRYPT_EMAIL").map(str::to_owned),
-            names: Some(
-                names
-                    .split(|c: char| c == ',' || c.is_whitespace())
-                    .filter(|n| !n.is_empty())
-                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-                    .collect(),
-            ),
+            email: var("LETSENCRYPT_EMAIL").or_else(|| var("ACME_EMAIL")).map(str::to_owned),
+            names: Some(certificate_names(names)),
         },
         None => TlsWish::None,
     };
@@ -366,6 +364,15 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
     })
 }
 
+/// The names of a certificate as a workload lists them (commas or spaces; `*.example.com`
+/// for a wildcard), lower-case.
+fn certificate_names(list: &str) -> Vec<String> {
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|n| !n.is_empty())
+        .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+        .collect()
+}
+
 /// Our own `meshgate.*` labels.
 fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
     let get = |k: &str| w.labels.get(k).map(String::as_str);
@@ -381,9 +388,10 @@ fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         get("meshgate.http.path").map_or(Ok("/".into()), parse_path).map_err(label("meshgate.http.path"))?;
     let tls = match get("meshgate.tls").map(|v| v.trim().to_ascii_lowercase()) {
         None => TlsWish::None,
-        Some(v) if v == "acme" || v == "true" => {
-            TlsWish::Acme { email: get("meshgate.tls.email").map(str::to_owned), names: None }
-        }
+        Some(v) if v == "acme" || v == "true" => TlsWish::Acme {
+            email: get("meshgate.tls.email").map(str::to_owned),
+            names: get("meshgate.tls.domains").map(certificate_names),
+        },
         Some(v) if v == "off" || v == "false" || v == "none" => TlsWish::None,
         Some(v) => return Err(label("meshgate.tls")(ValueError::NotOneOf(v, "acme or off"))),
     };
@@ -435,7 +443,7 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             }
         };
         let tls = if label(&key("tls.certresolver")).is_some() {
-            TlsWish::Acme { email: None, names: None }
+            TlsWish::Acme { email: None, names: traefik_tls_domains(&key, label) }
         } else {
             TlsWish::None
         };
@@ -480,6 +488,24 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
             });
         }
     }
+}
+
+/// A router's `tls.domains[n].main` and `.sans` (Traefik's way to name a certificate's names,
+/// wildcards among them), in index order; `None` without any.
+fn traefik_tls_domains<'a>(
+    key: &dyn Fn(&str) -> String,
+    label: impl Fn(&str) -> Option<&'a str>,
+) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    for n in 0.. {
+        let (main, sans) =
+            (label(&key(&format!("tls.domains[{n}].main"))), label(&key(&format!("tls.domains[{n}].sans"))));
+        if main.is_none() && sans.is_none() {
+            break;
+        }
+        names.extend(main.into_iter().chain(sans).flat_map(certificate_names));
+    }
+    (!names.is_empty()).then_some(names)
 }
 
 /// What a router's middlewares ask that meshgate honours.
@@ -708,6 +734,47 @@ mod tests {
             r.tls,
             TlsWish::Acme { email: Some("me@a.test".into()), names: Some(vec!["a.test".into()]) }
         );
+    }
+
+    /// Certificates issue, item 2: a certificate's names, wildcards among them, from each
+    /// source's own way of naming them.
+    #[test]
+    fn certificate_names_from_acme_host_traefik_domains_and_our_label() {
+        let names = |o: &OptIn| match &o.routes[0].tls {
+            TlsWish::Acme { names, .. } => names.clone(),
+            TlsWish::None => panic!("no ACME wish: {:?}", o.problems),
+        };
+        let o = read_with(&[("VIRTUAL_HOST", "a.test"), ("ACME_HOST", "a.test,*.A.test")], &[], &[80]);
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert_eq!(names(&o), Some(vec!["a.test".into(), "*.a.test".into()]));
+        let o = read_with(
+            &[],
+            &[
+                ("traefik.enable", "true"),
+                ("traefik.http.routers.r.rule", "Host(`a.test`)"),
+                ("traefik.http.routers.r.tls.certresolver", "le"),
+                ("traefik.http.routers.r.tls.domains[0].main", "a.test"),
+                ("traefik.http.routers.r.tls.domains[0].sans", "*.a.test,b.test"),
+                ("traefik.http.routers.r.tls.domains[1].main", "*.c.test"),
+            ],
+            &[80],
+        );
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert_eq!(
+            names(&o),
+            Some(vec!["a.test".into(), "*.a.test".into(), "b.test".into(), "*.c.test".into()])
+        );
+        let o = read_with(
+            &[],
+            &[
+                ("meshgate.http.hosts", "a.test"),
+                ("meshgate.tls", "acme"),
+                ("meshgate.tls.domains", "a.test, *.a.test"),
+            ],
+            &[80],
+        );
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert_eq!(names(&o), Some(vec!["a.test".into(), "*.a.test".into()]));
     }
 
     #[test]
