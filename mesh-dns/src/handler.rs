@@ -228,8 +228,9 @@ impl RequestHandler for MeshDns {
 }
 
 impl MeshDns {
-    /// The reply to one well-formed query: a challenge record to anyone; to clients of the
-    /// recursion networks a local name or a forwarded one; REFUSED to the rest.
+    /// The reply to one well-formed query: a challenge record or a routed host to anyone;
+    /// to clients of the recursion networks also the cluster's names and forwarded ones;
+    /// REFUSED to the rest.
     async fn answer<'a>(
         &self,
         query: &hickory_server::proto::op::LowerQuery,
@@ -247,8 +248,8 @@ impl MeshDns {
                 owned: None,
             };
         }
-        if !recursion {
-            // Outside the recursion networks: challenge names and nothing else.
+        if !recursion && !zone.is_public(query.name()) {
+            // Outside the recursion networks: challenge names and routed hosts, nothing else.
             return Reply::error(ResponseCode::Refused);
         }
         match zone.answer(query.name(), query.query_type()) {

@@ -14,6 +14,9 @@ pub struct Entry {
     pub v6: Vec<Ipv6Addr>,
     /// `(port, target)` for SRV names such as `_8080._tcp.web`.
     pub srv: Vec<(u16, Name)>,
+    /// Answered to clients outside the recursion networks too (routed host names, public
+    /// anyway); service and task names are not.
+    pub public: bool,
 }
 
 /// Every local name, lower-case, each both bare (`web`) and under the cluster domain
@@ -31,6 +34,7 @@ struct Records {
     a: Vec<Record>,
     aaaa: Vec<Record>,
     srv: Vec<Record>,
+    public: bool,
 }
 
 /// A problem with a name given to the zone builder.
@@ -90,6 +94,15 @@ impl ZoneBuilder {
         Ok(self)
     }
 
+    /// Adds addresses to `name` (and `name.<domain>`) that anyone may ask for.
+    pub fn add_public(&mut self, name: &str, addrs: &[IpAddr]) -> Result<&mut Self, NameError> {
+        self.add(name, addrs)?;
+        for entry in self.entry(name)? {
+            entry.public = true;
+        }
+        Ok(self)
+    }
+
     /// Adds an SRV record `name` -> `target:port`.
     pub fn add_srv(&mut self, name: &str, port: u16, target: &str) -> Result<&mut Self, NameError> {
         let target = parse_name(target)?;
@@ -128,6 +141,7 @@ impl ZoneBuilder {
                         .iter()
                         .map(|(port, target)| rec(RData::SRV(SRV::new(0, 10, *port, target.clone()))))
                         .collect(),
+                    public: entry.public,
                 };
                 (name, records)
             })
@@ -177,6 +191,12 @@ impl Zone {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+
+    /// Whether `name` may be answered to clients outside the recursion networks.
+    #[must_use]
+    pub fn is_public(&self, name: &LowerName) -> bool {
+        self.records.get(name).is_some_and(|r| r.public)
     }
 
     /// Answers `name`/`qtype`. Addresses come in a new random order on every call, as
@@ -233,6 +253,16 @@ mod tests {
         assert_eq!(zone.answer(&lower("web."), RecordType::MX), Answer::Records(vec![]), "NODATA");
         assert_eq!(zone.answer(&lower("db.mesh.internal."), RecordType::A), Answer::NxDomain);
         assert_eq!(zone.answer(&lower("example.com."), RecordType::A), Answer::NotOurs);
+        assert!(!zone.is_public(&lower("web.")), "service names stay inside");
+    }
+
+    #[test]
+    fn routed_hosts_are_public() {
+        let mut b = ZoneBuilder::new("mesh.internal", 5).unwrap();
+        b.add_public("shop.example.com", &["192.0.2.1".parse().unwrap()]).unwrap();
+        let zone = b.build();
+        assert!(zone.is_public(&lower("shop.example.com.")));
+        assert!(!zone.is_public(&lower("other.example.com.")));
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub fn zone_of(state: &MeshState, cfg: &DnsConfig) -> Zone {
         for route in state.services.iter().flat_map(|s| &s.http) {
             for host in &route.hosts {
                 if let HostPattern::Exact(h) = host {
-                    if let Err(e) = zone.add(h, &nodes) {
+                    if let Err(e) = zone.add_public(h, &nodes) {
                         skip("routed host", &e);
                     }
                 }

@@ -86,10 +86,12 @@ async fn dockers_answer(name: &str) -> Vec<String> {
     addrs
 }
 
-/// What node `i`'s mesh-dns answers for `name` (A records), asked from the machine.
+/// What node `i`'s mesh-dns answers for `name` (A records), asked by the node itself (its
+/// loopback, inside the recursion networks).
 async fn mesh_dns_answer(i: usize, name: &str) -> Vec<String> {
-    let out = Command::new("dig")
-        .args([&format!("@{}", Lab::addr(i)), "+short", "+time=2", name])
+    let ns = format!("mglab-n{i}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "dig", "@127.0.0.1", "+short", "+time=2", name])
         .output()
         .await
         .unwrap();
@@ -278,6 +280,12 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
             .await;
         }
     }
+    // The machine is outside the recursion networks (198.18.50.1, not a private range): a
+    // client from the internet gets none of the cluster's names.
+    let out =
+        Command::new("dig").args([&format!("@{}", Lab::addr(1)), "+time=2", "names"]).output().await.unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("status: REFUSED"), "{out}");
 
     // The L4 mesh's capability file added.
     deploy_with_mesh().await;
