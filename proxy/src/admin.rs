@@ -37,6 +37,8 @@ pub struct AdminState {
     pub mesh: Arc<crate::mesh::MeshView>,
     /// The HTTPS listener's certificates (`None` without HTTPS).
     pub certificates: Option<Arc<crate::tls::CertResolver>>,
+    /// What the ACME manager keeps (`None` without ACME).
+    pub acme: Option<crate::acme::manager::Inventory>,
     /// Who may see the dashboard from beyond the node (`admin.users_file`).
     pub viewers: Viewers,
     /// A client has this long to send a request head (`proxy.request_head_timeout`, as on the

@@ -199,6 +199,8 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     start_files(&sources, &file_cfg, &core, &mut background)?;
     let dns = dns_cfg.listen.and_then(|listen| start_dns_or_report(listen, &dns_cfg, &core, &mut background));
     let (https, acme) = start_https(&tls_cfg, acme_cfg, dns.as_ref(), &dns_cfg, &core, &mut background)?;
+    let acme_inventory =
+        acme.as_ref().and_then(|(manager, _)| manager.as_ref().ok()).map(acme::Manager::inventory);
     let (node_name, (shutdown, shutdown_rx)) = (this_node(&mesh_cfg), watch::channel(false));
     let stopping = (shutdown_rx.clone(), proxy_cfg.shutdown_grace);
     let mut cluster = start_cluster(cluster_cfg, node_name.clone(), acme, stopping, &core, &mut background);
@@ -216,6 +218,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
 
     let admin_state = AdminState {
         certificates: https.as_ref().map(|(_, resolver)| resolver.clone()),
+        acme: acme_inventory,
         viewers,
         head_timeout: proxy_cfg.request_head_timeout,
         hub: hub.clone(),

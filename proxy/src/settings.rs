@@ -77,6 +77,7 @@ pub const SETTINGS: &[Setting] = &[
     s("acme.dns_provider", "PROVIDER", "Who publishes DNS-01 records: mesh-dns (delegate _acme-challenge names to the cluster; needs dns.listen) or rfc2136"),
     s("acme.dns_resolvers", "ADDR,...", "Where a DNS-01 record must be seen before the CA is asked; unset: mesh-dns's listener or the RFC 2136 server"),
     s("acme.dns_propagation_timeout", "DURATION", "How long a DNS-01 record may take to be seen there"),
+    s("acme.import", "PATH,...", "Certificates to take over instead of ordering: Traefik's acme.json, or acme-companion's certs directory"),
     s("acme.rfc2136_server", "ADDR", "RFC 2136: your authoritative DNS server that takes the updates"),
     s("acme.rfc2136_zone", "NAME", "RFC 2136: the zone the challenge records go in"),
     s("acme.rfc2136_tsig_key", "NAME", "RFC 2136: the name of the TSIG key (unset: unsigned updates)"),

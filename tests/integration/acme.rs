@@ -321,6 +321,18 @@ async fn http01_issues_a_certificate_for_every_name_served_over_https_and_h2() {
     );
 
     let root = pebble.root().await;
+    // Certificates issue, item 7: the inventory says who issued it and when it is renewed.
+    let state: serde_json::Value =
+        serde_json::from_str(&curl(&[&agent.mesh.admin_url("/api/state")]).await.1).unwrap();
+    let entry = state["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "shop.acme.test")
+        .unwrap_or_else(|| panic!("listed: {}", state["certificates"]))
+        .clone();
+    assert!(entry["issuer"].as_str().unwrap_or("").contains("Pebble"), "{entry}");
+    assert!(entry["next_renewal"].is_string() && entry["last_error"].is_null(), "{entry}");
     let (ok, out) = agent.curl(&root, "www.shop.acme.test", &["--http2", "-w", "\n%{http_version}"]).await;
     assert!(ok && out.contains("Name: web") && out.ends_with("\n2"), "both names, HTTP/2 over TLS: {out}");
     let (ok, out) = agent.curl(&root, "shop.acme.test", &["--http1.1", "-w", "\n%{http_version}"]).await;
@@ -541,6 +553,85 @@ async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
     assert_eq!(std::fs::read(&account).unwrap(), account_before, "the stored account is reused");
 }
 
+/// Certificates issue, item 6: moving from Traefik (its `acme.json`) or from nginx-proxy with
+/// acme-companion (its certificate directory, symbolic links into `<name>/`) orders nothing
+/// the CA already issued. The CA stays up: an agent that ordered anyway would succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_traefik_and_acme_companion_are_taken_over_without_an_order() {
+    use base64::Engine as _;
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
+    let two = |web: &Backend| {
+        format!(
+            "[[services]]\nname = \"t\"\ntasks = [{{ address = \"{0}\" }}]\n[[services.http]]\nhosts = [\"traefik.acme.test\"]\nport = 1\ntls = {{ acme = true }}\n\
+             [[services]]\nname = \"c\"\ntasks = [{{ address = \"{0}\" }}]\n[[services.http]]\nhosts = [\"companion.acme.test\"]\nport = 1\ntls = {{ acme = true }}\n",
+            web.addr
+        )
+    };
+    // What the proxies we move from hold: certificates this CA issued.
+    let before = tempfile::tempdir().unwrap();
+    let first = AcmeAgent::start(&two(&web), &ports, &pebble, before.path(), |_| {}).await;
+    let traefik_der =
+        wait_for_certificate(&first, "traefik.acme.test", &pebble, Duration::from_secs(30)).await;
+    let companion_der =
+        wait_for_certificate(&first, "companion.acme.test", &pebble, Duration::from_secs(30)).await;
+    let root = pebble.root().await;
+    let AcmeAgent { mesh: Mesh { agent: running, .. }, .. } = first;
+    running.shutdown().await;
+    let read = |name: &str| std::fs::read_to_string(before.path().join("certs").join(name)).unwrap();
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    let moving = tempfile::tempdir().unwrap();
+    let acme_json = moving.path().join("acme.json");
+    std::fs::write(
+        &acme_json,
+        format!(
+            r#"{{"letsencrypt": {{"Account": {{"Email": "ops@acme.test", "KeyType": "4096"}}, "Certificates": [{{"domain": {{"main": "traefik.acme.test"}}, "certificate": "{}", "key": "{}", "Store": "default"}}]}}}}"#,
+            b64(read("traefik.acme.test.crt")),
+            b64(read("traefik.acme.test.key"))
+        ),
+    )
+    .unwrap();
+    let companion = moving.path().join("certs");
+    std::fs::create_dir_all(companion.join("companion.acme.test")).unwrap();
+    std::fs::write(companion.join("companion.acme.test/fullchain.pem"), read("companion.acme.test.crt"))
+        .unwrap();
+    std::fs::write(companion.join("companion.acme.test/key.pem"), read("companion.acme.test.key")).unwrap();
+    std::os::unix::fs::symlink(
+        "./companion.acme.test/fullchain.pem",
+        companion.join("companion.acme.test.crt"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("./companion.acme.test/key.pem", companion.join("companion.acme.test.key"))
+        .unwrap();
+
+    let storage = tempfile::tempdir().unwrap();
+    let moved = AcmeAgent::start(&two(&web), &ports, &pebble, storage.path(), |c| {
+        c.acme.import = vec![acme_json.clone(), companion.clone()];
+    })
+    .await;
+    for (host, der) in [("traefik.acme.test", &traefik_der), ("companion.acme.test", &companion_der)] {
+        eventually(&format!("{host} is served its old certificate"), Duration::from_secs(10), async || {
+            handshake(moved.https_addr(), host, &root).await.as_ref() == Ok(der)
+        })
+        .await;
+        assert!(
+            storage.path().join(format!("certs/{host}.crt")).exists(),
+            "{host} is in meshgate's store now"
+        );
+    }
+    assert_eq!(moved.counter("meshgate_acme_certificates_issued_total").await, 0, "nothing was ordered");
+    assert_eq!(moved.counter("meshgate_acme_failures_total").await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_stored_certificate_is_set_aside_and_ordered_again() {
     let web = Backend::start("web").await;
@@ -733,6 +824,18 @@ async fn a_challenge_that_cannot_succeed_is_reported_and_the_host_stays_served()
     assert!(out.contains("Name: web"), "plain HTTP is not redirected without a certificate: {out}");
     let (ok, out) = curl(&["-f", &agent.mesh.admin_url("/readyz")]).await;
     assert!(ok, "ACME failures never make the node unready: {out}");
+    // Certificates issue, item 7: the inventory lists the certificate it could not get, and why.
+    let state: serde_json::Value =
+        serde_json::from_str(&curl(&[&agent.mesh.admin_url("/api/state")]).await.1).unwrap();
+    let entry = state["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "nowhere.acme.test")
+        .unwrap_or_else(|| panic!("listed: {}", state["certificates"]))
+        .clone();
+    assert_eq!(entry["pending"], true, "{entry}");
+    assert!(entry["last_error"].as_str().unwrap_or("").contains("challenge_failed"), "{entry}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

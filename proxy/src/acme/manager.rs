@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::client::AcmeHttp;
+use super::import::{self, Candidate};
 use super::order::{self, Failure, Issued, Reason};
 use super::schedule::{self, Backoff};
 use super::store::{Store, Stored};
@@ -28,6 +29,19 @@ const LOCK_POLL: Duration = Duration::from_millis(500);
 /// One order attempt (both challenge kinds included) is given up after this long.
 const ORDER_DEADLINE: Duration = Duration::from_secs(300);
 
+/// What the manager knows of one certificate it keeps, for the inventory (`/api/state`).
+#[derive(Clone, Debug, Default)]
+pub struct Kept {
+    pub names: Vec<String>,
+    /// When it is due (unset until the first look at the store).
+    pub next_renewal: Option<SystemTime>,
+    /// The last failure, until an order succeeds.
+    pub last_error: Option<String>,
+}
+
+/// Every certificate the manager keeps, by primary name.
+pub type Inventory = Arc<std::sync::RwLock<BTreeMap<String, Kept>>>;
+
 pub struct Manager {
     cfg: AcmeConfig,
     store: Arc<Store>,
@@ -42,6 +56,9 @@ pub struct Manager {
     no_ari: AtomicBool,
     /// DNS-01, where it can work: wildcards are ordered only then.
     dns01: Option<Dns01>,
+    /// Certificates from `acme.import`, taken instead of an order where they cover the names.
+    imports: Vec<Candidate>,
+    inventory: Inventory,
 }
 
 impl Manager {
@@ -55,6 +72,16 @@ impl Manager {
     ) -> Result<Self, super::RootsError> {
         let http = AcmeHttp::new(cfg.trust_roots.as_deref(), cfg.request_timeout)?;
         challenges.share_through(store.challenges_dir());
+        let (imports, problems) = import::load(&cfg.import);
+        for problem in problems {
+            tracing::warn!("acme: not imported: {problem}");
+        }
+        if !cfg.import.is_empty() {
+            tracing::info!(
+                certificates = imports.len(),
+                "acme: certificates to take over instead of ordering"
+            );
+        }
         Ok(Self {
             cfg,
             store,
@@ -65,7 +92,22 @@ impl Manager {
             account: tokio::sync::Mutex::new(None),
             no_ari: AtomicBool::new(false),
             dns01,
+            imports,
+            inventory: Inventory::default(),
         })
+    }
+
+    /// The certificates kept, as they change.
+    #[must_use]
+    pub fn inventory(&self) -> Inventory {
+        self.inventory.clone()
+    }
+
+    fn note(&self, primary: &str, names: &[String], change: impl FnOnce(&mut Kept)) {
+        let mut inventory = self.inventory.write().expect("inventory lock");
+        let kept = inventory.entry(primary.to_owned()).or_default();
+        names.clone_into(&mut kept.names);
+        change(kept);
     }
 
     /// Follows the state: starts a task for each newly wanted certificate, stops the task of
@@ -85,6 +127,7 @@ impl Manager {
                 let keep = wanted.get(primary) == Some(names);
                 if !keep {
                     task.abort();
+                    self.inventory.write().expect("inventory lock").remove(primary.as_str());
                     self.metrics.acme_days_left.remove_label_values(&[primary.as_str()]).ok();
                     if ordering {
                         tracing::info!(certificate = %primary, "acme: no longer wanted as it was; its task stopped");
@@ -124,7 +167,7 @@ impl Manager {
         let jitter = fastrand::f64();
         let mut ari: Option<(SystemTime, SystemTime)> = None;
         loop {
-            let current = self.current(&primary, &names);
+            let current = self.current(&primary, &names).or_else(|| self.take_over(&primary, &names, jitter));
             let now = SystemTime::now();
             if let Some(pair) = &current {
                 self.metrics
@@ -136,6 +179,7 @@ impl Manager {
                 Some(pair) => self.due(pair, jitter, &mut ari).await,
                 None => now,
             };
+            self.note(&primary, &names, |k| k.next_renewal = Some(due));
             if let Ok(wait) = due.duration_since(SystemTime::now()) {
                 tokio::time::sleep(wait.min(RECHECK)).await;
                 continue;
@@ -175,6 +219,7 @@ impl Manager {
             drop(lock);
             match result {
                 Ok(()) => {
+                    self.note(&primary, &names, |k| k.last_error = None);
                     self.reload.notify_one();
                     self.metrics.acme_issued.with_label_values(&[&primary]).inc();
                     backoff.succeeded();
@@ -212,6 +257,21 @@ impl Manager {
         }
     }
 
+    /// An imported certificate for `names` put in the store in place of a new order.
+    fn take_over(&self, primary: &str, names: &[String], jitter: f64) -> Option<LoadedPair> {
+        let due = |pair: &LoadedPair| {
+            schedule::renewal_time(pair.info.not_before, pair.info.not_after, self.cfg.renew_before, jitter)
+        };
+        let found = import::best(&self.imports, names, due)?;
+        if let Err(e) = self.store.write_cert(primary, &found.chain_pem, &found.key_pem) {
+            tracing::warn!(certificate = %primary, "acme: cannot store the certificate from {}: {e}", found.from);
+            return None;
+        }
+        self.reload.notify_one();
+        tracing::info!(certificate = %primary, names = %names.join(","), from = %found.from, "acme: certificate taken over, no order");
+        Some(found.pair.clone())
+    }
+
     /// Counts, logs (once per reason in a row) and waits out a failure.
     async fn failed(
         &self,
@@ -223,6 +283,7 @@ impl Manager {
         serving: bool,
     ) {
         self.metrics.acme_failures.with_label_values(&[primary, failure.reason.label()]).inc();
+        self.note(primary, names, |k| k.last_error = Some(failure.to_string()));
         let wait = backoff.failed(failure.retry_after, SystemTime::now());
         let serving = if serving {
             "the current certificate stays served"

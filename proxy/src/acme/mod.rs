@@ -10,6 +10,7 @@
 mod challenges;
 mod client;
 pub mod dns01;
+mod import;
 pub mod manager;
 mod order;
 mod rfc2136;
@@ -126,6 +127,10 @@ pub struct AcmeConfig {
     pub rfc2136_tsig_key: Option<String>,
     pub rfc2136_tsig_algorithm: String,
     pub rfc2136_tsig_secret_file: Option<PathBuf>,
+    /// Certificates of the proxy you move from, used instead of a new order where they cover
+    /// the names: Traefik's `acme.json`, or a directory of `<name>.crt`/`<name>.key`
+    /// (acme-companion's `/etc/nginx/certs`).
+    pub import: Vec<PathBuf>,
 }
 
 impl Default for AcmeConfig {
@@ -153,6 +158,7 @@ impl Default for AcmeConfig {
             rfc2136_tsig_key: None,
             rfc2136_tsig_algorithm: "hmac-sha256".into(),
             rfc2136_tsig_secret_file: None,
+            import: Vec::new(),
         }
     }
 }

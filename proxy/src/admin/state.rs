@@ -52,10 +52,15 @@ pub fn state_json(s: &AdminState) -> Value {
     })
 }
 
-/// Every certificate served, by the name it is served for.
+/// Every certificate served, by the name it is served for, with its issuer; an ACME one also
+/// with its next renewal and last failure. A certificate ACME keeps but has not obtained yet
+/// is listed too (`pending`), with why.
 fn certificates(s: &AdminState) -> Vec<Value> {
     let Some(resolver) = &s.certificates else { return Vec::new() };
+    let kept = s.acme.as_ref().map(|k| k.read().expect("inventory lock").clone()).unwrap_or_default();
+    let when = |t: Option<SystemTime>| t.map(httpdate::fmt_http_date);
     let now = SystemTime::now();
+    let mut obtained = std::collections::HashSet::new();
     let mut out: Vec<Value> = resolver
         .served()
         .into_iter()
@@ -65,17 +70,35 @@ fn certificates(s: &AdminState) -> Vec<Value> {
                 Ok(d) => d.as_secs_f64(),
                 Err(e) => -e.duration().as_secs_f64(),
             };
+            let acme = (source == "acme")
+                .then(|| kept.iter().find(|(_, k)| info.covers(&k.names)))
+                .flatten()
+                .inspect(|(primary, _)| {
+                    obtained.insert((*primary).clone());
+                });
             Some(json!({
                 "name": name,
                 "source": source,
                 "covers": info.dns_names,
+                "issuer": info.issuer,
                 "not_before": httpdate::fmt_http_date(info.not_before),
                 "not_after": httpdate::fmt_http_date(info.not_after),
                 "not_after_seconds": info.not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 "days_left": left / 86_400.0,
+                "next_renewal": acme.and_then(|(_, k)| when(k.next_renewal)),
+                "last_error": acme.and_then(|(_, k)| k.last_error.clone()),
             }))
         })
         .collect();
+    for (primary, k) in kept.iter().filter(|(p, _)| !obtained.contains(*p)) {
+        out.push(json!({
+            "name": primary,
+            "source": "acme",
+            "covers": k.names,
+            "pending": true,
+            "last_error": k.last_error,
+        }));
+    }
     out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     out
 }

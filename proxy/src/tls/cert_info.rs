@@ -12,6 +12,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 pub struct CertInfo {
     /// DNS names of the subject alternative name extension, lower-case.
     pub dns_names: Vec<String>,
+    /// Who signed it: the issuer's common name (else its whole name), for the inventory.
+    pub issuer: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
@@ -41,8 +43,15 @@ impl CertInfo {
                 SystemTime::UNIX_EPOCH
             }
         };
+        let issuer = cert
+            .issuer()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok().map(str::to_owned))
+            .unwrap_or_else(|| cert.issuer().to_string());
         Ok(Self {
             dns_names,
+            issuer,
             not_before: at(cert.validity().not_before),
             not_after: at(cert.validity().not_after),
         })

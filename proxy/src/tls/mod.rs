@@ -50,7 +50,8 @@ use tokio::sync::Notify;
 pub use cert_info::CertInfo;
 pub use expiry::ExpiryCollector;
 pub use resolver::{
-    certified, dir_stamp, load_dir, load_pair, CertResolver, CertSource, LoadedCerts, LoadedPair, PairError,
+    certified, dir_stamp, load_dir, load_pair, pair_from_pem, CertResolver, CertSource, LoadedCerts,
+    LoadedPair, PairError,
 };
 
 /// What a client gets for a name without a certificate.

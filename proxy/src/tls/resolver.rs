@@ -230,13 +230,31 @@ pub enum PairError {
 pub fn load_pair(crt: &Path, key: &Path) -> Result<LoadedPair, PairError> {
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(crt).and_then(Iterator::collect).map_err(PairError::ReadCertificate)?;
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|error| PairError::NoKey { path: key.to_owned(), error })?;
+    pair(chain, &der, key)
+}
+
+/// [`load_pair`] for PEM held in memory (`key_from` names it in errors).
+pub fn pair_from_pem(chain_pem: &[u8], key_pem: &[u8], key_from: &Path) -> Result<LoadedPair, PairError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(PairError::ReadCertificate)?;
+    let der = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|error| PairError::NoKey { path: key_from.to_owned(), error })?;
+    pair(chain, &der, key_from)
+}
+
+fn pair(
+    chain: Vec<CertificateDer<'static>>,
+    der: &PrivateKeyDer<'_>,
+    key_from: &Path,
+) -> Result<LoadedPair, PairError> {
     if chain.is_empty() {
         return Err(PairError::NoCertificate);
     }
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|error| PairError::NoKey { path: key.to_owned(), error })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|error| PairError::UnsupportedKey { path: key.to_owned(), error })?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(der)
+        .map_err(|error| PairError::UnsupportedKey { path: key_from.to_owned(), error })?;
     let info = CertInfo::parse(&chain[0])?;
     let certified = CertifiedKey::new(chain, signer);
     certified.keys_match().map_err(PairError::Mismatch)?;
