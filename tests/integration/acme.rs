@@ -632,6 +632,106 @@ async fn certificates_of_traefik_and_acme_companion_are_taken_over_without_an_or
     assert_eq!(moved.counter("meshgate_acme_failures_total").await, 0);
 }
 
+/// A small tmpfs mounted on a directory of the test's (the store on a disk that fills up).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+                dir.path().to_str().unwrap(),
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs (the tests run as root)");
+        Self { dir }
+    }
+
+    /// Writes zeros until the disk is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.dir.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).and_then(|()| file.flush()).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", self.dir.path().to_str().unwrap()]).status();
+    }
+}
+
+/// Certificates issue, item 8, and abuse issue (the store's disk full during a renewal):
+/// the renewal fails as `storage`, the old certificate stays served and whole on disk (a
+/// restart would load it), nothing is left half-written, and renewal succeeds once there
+/// is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_renewal_keeps_the_old_certificate_whole_and_served() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    // 20-second certificates: renewed at about 13 s.
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 20,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
+    let disk = SmallDisk::mount("256k");
+    let storage = disk.dir.path();
+    let agent = AcmeAgent::start(&routes(&web, &["full.acme.test"]), &ports, &pebble, storage, |_| {}).await;
+    let first = wait_for_certificate(&agent, "full.acme.test", &pebble, Duration::from_secs(30)).await;
+    let root = pebble.root().await;
+    let account = std::fs::read_dir(storage.join("accounts")).unwrap().next().unwrap().unwrap().path();
+    let account_before = std::fs::read(&account).unwrap();
+    let filler = disk.fill();
+
+    let storage_failures = "meshgate_acme_failures_total{certificate=\"full.acme.test\",reason=\"storage\"}";
+    eventually("the renewal fails to store", Duration::from_secs(30), async || {
+        agent.counter(storage_failures).await >= 1
+    })
+    .await;
+    assert_eq!(
+        handshake(agent.https_addr(), "full.acme.test", &root).await.unwrap(),
+        first,
+        "the old one is served"
+    );
+    let on_disk = meshgate::tls::load_pair(
+        &storage.join("certs/full.acme.test.crt"),
+        &storage.join("certs/full.acme.test.key"),
+    )
+    .expect("the stored pair is whole: a restart serves it");
+    assert_eq!(on_disk.key.cert[0].as_ref(), first.as_slice());
+    let leftovers: Vec<_> = std::fs::read_dir(storage.join("certs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "no half-written file is left: {leftovers:?}");
+    assert_eq!(std::fs::read(&account).unwrap(), account_before, "the account is untouched");
+
+    std::fs::remove_file(filler).unwrap();
+    eventually("renewed once there is room", Duration::from_secs(30), async || {
+        handshake(agent.https_addr(), "full.acme.test", &root).await.is_ok_and(|d| d != first)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_stored_certificate_is_set_aside_and_ordered_again() {
     let web = Backend::start("web").await;

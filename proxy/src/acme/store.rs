@@ -149,11 +149,24 @@ impl Store {
         to
     }
 
-    /// Writes a certificate chain and its key. The key goes first: a reader that catches the
-    /// pair in between sees a mismatch and keeps serving the previous pair.
+    /// Writes a certificate chain and its key. Both are written in full (and synced) before
+    /// either replaces its predecessor, so a full disk leaves the old pair whole; then the key
+    /// goes first: a reader that catches the pair in between sees a mismatch and keeps
+    /// serving the previous pair.
     pub fn write_cert(&self, name: &str, chain_pem: &str, key_pem: &str) -> io::Result<()> {
-        write_atomic(&self.certs_dir().join(format!("{name}.key")), key_pem.as_bytes())?;
-        write_atomic(&self.certs_dir().join(format!("{name}.crt")), chain_pem.as_bytes())
+        let key = self.certs_dir().join(format!("{name}.key"));
+        let crt = self.certs_dir().join(format!("{name}.crt"));
+        let key_tmp = write_temporary(&key, key_pem.as_bytes())?;
+        let crt_tmp = match write_temporary(&crt, chain_pem.as_bytes()) {
+            Ok(tmp) => tmp,
+            Err(e) => {
+                let _ = std::fs::remove_file(&key_tmp);
+                return Err(e);
+            }
+        };
+        std::fs::rename(&key_tmp, &key)?;
+        std::fs::rename(&crt_tmp, &crt)?;
+        sync_dir(&crt)
     }
 
     /// Takes the lock that says "this agent is ordering `name`". `None`: another agent
@@ -176,20 +189,41 @@ impl Store {
 /// Writes `bytes` to `path` so that readers see the old file or the new one, never a part:
 /// a `0600` temporary file beside it, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = write_temporary(path, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+/// Writes `bytes` in full to a temporary file beside `path` and syncs it; on failure (a full
+/// disk) nothing is left behind.
+fn write_temporary(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let tmp = path.with_file_name(format!(
         "{}.tmp.{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
-    let mut file = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        File::open(parent)?.sync_all()?;
+    let written = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()));
+    match written {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    Ok(())
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(parent) => File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
