@@ -62,6 +62,7 @@ pub const SETTINGS: &[Setting] = &[
     s("tls.poll_interval", "DURATION", "How often the certificates directory is checked"),
     s("acme.enabled", "BOOL", "Order certificates for routes that ask (LETSENCRYPT_HOST, meshgate.tls=acme, a Traefik certresolver)"),
     s("acme.directory", "URL", "letsencrypt, letsencrypt-staging, or any RFC 8555 directory URL"),
+    s("acme.fallback_directories", "URL,...", "Other CAs, tried in order for a certificate when the one before keeps failing"),
     s("acme.email", "ADDRESS", "Contact address for the ACME account (expiry warnings)"),
     s("acme.storage_dir", "DIR", "Account, certificates and locks; keep it on a volume"),
     s("acme.challenge", "KIND", "http-01 (port 80), tls-alpn-01 (port 443) or dns-01 (a TXT record), tried first; wildcards always use dns-01"),

@@ -732,6 +732,37 @@ async fn a_full_disk_during_renewal_keeps_the_old_certificate_whole_and_served()
     .await;
 }
 
+/// Certificates issue, item 5: an ordered list of CAs; when the first keeps failing for a
+/// certificate, the next one issues it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_first_ca_keeps_failing_the_next_one_issues() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let pebble = Pebble::start(PebbleSetup {
+        http_port: ports.http,
+        tls_port: ports.https,
+        dns: ports.dns(),
+        validity_secs: 3600,
+        eab: None,
+        blocklist: vec![],
+    })
+    .await;
+    // The first CA: nothing listens there.
+    let gone = format!("https://127.0.0.1:{}/dir", free_port());
+    let storage = tempfile::tempdir().unwrap();
+    let agent =
+        AcmeAgent::start(&routes(&web, &["second.acme.test"]), &ports, &pebble, storage.path(), |c| {
+            c.acme.fallback_directories = vec![c.acme.directory.clone()];
+            c.acme.directory.clone_from(&gone);
+        })
+        .await;
+    wait_for_certificate(&agent, "second.acme.test", &pebble, Duration::from_secs(30)).await;
+    let unreachable =
+        "meshgate_acme_failures_total{certificate=\"second.acme.test\",reason=\"ca_unreachable\"}";
+    assert_eq!(agent.counter(unreachable).await, 2, "the first CA failed twice before the next was asked");
+    assert_eq!(agent.counter("meshgate_acme_certificates_issued_total").await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_stored_certificate_is_set_aside_and_ordered_again() {
     let web = Backend::start("web").await;

@@ -26,6 +26,8 @@ use crate::tls::LoadedPair;
 const RECHECK: Duration = Duration::from_secs(60);
 /// How often an agent that finds the lock held looks again.
 const LOCK_POLL: Duration = Duration::from_millis(500);
+/// Failures of one CA in a row (for one certificate) before the next CA is tried.
+const SWITCH_CA_AFTER: u32 = 2;
 /// One order attempt (both challenge kinds included) is given up after this long.
 const ORDER_DEADLINE: Duration = Duration::from_secs(300);
 
@@ -50,8 +52,8 @@ pub struct Manager {
     http: AcmeHttp,
     /// Tells the certificate directory watcher to reload now.
     reload: Arc<Notify>,
-    /// The account's credentials (JSON), once loaded or created.
-    account: tokio::sync::Mutex<Option<String>>,
+    /// Each CA's account credentials (JSON) by directory URL, once loaded or created.
+    accounts: tokio::sync::Mutex<HashMap<String, String>>,
     /// Set once the CA answered that it has no renewal information (RFC 9773).
     no_ari: AtomicBool,
     /// DNS-01, where it can work: wildcards are ordered only then.
@@ -89,7 +91,7 @@ impl Manager {
             metrics,
             http,
             reload,
-            account: tokio::sync::Mutex::new(None),
+            accounts: tokio::sync::Mutex::default(),
             no_ari: AtomicBool::new(false),
             dns01,
             imports,
@@ -166,6 +168,9 @@ impl Manager {
         let mut last_failure: Option<Reason> = None;
         let jitter = fastrand::f64();
         let mut ari: Option<(SystemTime, SystemTime)> = None;
+        let cas = self.cfg.directory_urls();
+        // The CA this certificate is ordered from, and its failures in a row.
+        let (mut ca, mut ca_failures) = (0, 0);
         loop {
             let current = self.current(&primary, &names).or_else(|| self.take_over(&primary, &names, jitter));
             let now = SystemTime::now();
@@ -211,7 +216,7 @@ impl Manager {
                 }
             }
             let started = Instant::now();
-            let result = self.issue(&names).await.and_then(|issued| {
+            let result = self.issue(&names, &cas[ca]).await.and_then(|issued| {
                 self.store
                     .write_cert(&primary, &issued.chain_pem, &issued.key_pem)
                     .map_err(|e| Failure::new(Reason::Storage, format!("cannot write the certificate: {e}")))
@@ -219,6 +224,8 @@ impl Manager {
             drop(lock);
             match result {
                 Ok(()) => {
+                    // The next renewal starts with the preferred CA again.
+                    (ca, ca_failures) = (0, 0);
                     self.note(&primary, &names, |k| k.last_error = None);
                     self.reload.notify_one();
                     self.metrics.acme_issued.with_label_values(&[&primary]).inc();
@@ -229,6 +236,14 @@ impl Manager {
                     tracing::info!(certificate = %primary, names = %names.join(","), took_ms = started.elapsed().as_millis() as u64, "acme: certificate {what}");
                 }
                 Err(failure) => {
+                    if failure.reason.is_the_cas() {
+                        ca_failures += 1;
+                        if ca_failures >= SWITCH_CA_AFTER && cas.len() > 1 {
+                            let next = (ca + 1) % cas.len();
+                            tracing::warn!(certificate = %primary, failing = %cas[ca], next = %cas[next], "acme: the CA keeps failing for this certificate ({}); trying the next one", failure.reason.label());
+                            (ca, ca_failures) = (next, 0);
+                        }
+                    }
                     self.failed(
                         &primary,
                         &names,
@@ -345,7 +360,10 @@ impl Manager {
         jitter: f64,
     ) -> Result<(SystemTime, SystemTime), Option<String>> {
         let id = CertificateIdentifier::try_from(&pair.key.cert[0]).map_err(Some)?;
-        let account = self.account(self.http.for_order()).await.map_err(|f| Some(f.to_string()))?;
+        let account = self
+            .account(self.http.for_order(), self.cfg.directory_url())
+            .await
+            .map_err(|f| Some(f.to_string()))?;
         match account.renewal_info(&id).await {
             Ok((info, ask_again)) => {
                 let at = |unix: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
@@ -362,34 +380,35 @@ impl Manager {
         }
     }
 
-    /// One order for `names`: the configured challenge, then (if allowed) the other one.
-    /// An account the CA no longer knows is replaced by a new one, once.
-    async fn issue(&self, names: &[String]) -> Result<Issued, Failure> {
-        match self.issue_with_account(names).await {
+    /// One order for `names` from the CA at `directory`: the configured challenge, then (if
+    /// allowed) the other one. An account the CA no longer knows is replaced, once.
+    async fn issue(&self, names: &[String], directory: &str) -> Result<Issued, Failure> {
+        match self.issue_with_account(names, directory).await {
             Err(f) if f.reason == Reason::AccountUnknown => {
                 tracing::warn!(
+                    %directory,
                     "acme: the CA does not know the stored account ({}); creating a new one",
                     f.detail
                 );
-                self.forget_account().await;
-                self.issue_with_account(names).await
+                self.forget_account(directory).await;
+                self.issue_with_account(names, directory).await
             }
             other => other,
         }
     }
 
-    async fn forget_account(&self) {
-        let mut slot = self.account.lock().await;
-        if let Some(moved) = self.store.set_aside_account(self.cfg.directory_url()) {
+    async fn forget_account(&self, directory: &str) {
+        let mut accounts = self.accounts.lock().await;
+        if let Some(moved) = self.store.set_aside_account(directory) {
             tracing::info!(moved_to = %moved.display(), "acme: stored account set aside");
         }
-        *slot = None;
+        accounts.remove(directory);
     }
 
-    async fn issue_with_account(&self, names: &[String]) -> Result<Issued, Failure> {
+    async fn issue_with_account(&self, names: &[String], directory: &str) -> Result<Issued, Failure> {
         let http = self.http.for_order();
         let attempt = async {
-            let account = self.account(http.clone()).await?;
+            let account = self.account(http.clone(), directory).await?;
             let dns01 = self.dns01.as_ref();
             // Only DNS-01 proves a wildcard: no fallback for those.
             let wildcard = names.iter().any(|n| n.starts_with("*."));
@@ -411,21 +430,25 @@ impl Manager {
         })
     }
 
-    /// The ACME account: loaded from the store, else created once (under a lock, so agents
-    /// sharing the store create one account between them) and stored.
-    async fn account(&self, http: AcmeHttp) -> Result<Account, Failure> {
-        let url = self.cfg.directory_url().to_owned();
-        let mut slot = self.account.lock().await;
+    /// The account at the CA of `directory`: loaded from the store, else created once (under a
+    /// lock, so agents sharing the store create one account between them) and stored.
+    async fn account(&self, http: AcmeHttp, directory: &str) -> Result<Account, Failure> {
+        let url = directory.to_owned();
+        let mut accounts = self.accounts.lock().await;
         loop {
-            if slot.is_none() {
+            if !accounts.contains_key(&url) {
                 match self.store.load_account(&url) {
-                    Ok(creds) => {
-                        *slot = creds.map(|c| serde_json::to_string(&c).expect("credentials serialize"));
+                    Ok(Some(creds)) => {
+                        accounts.insert(
+                            url.clone(),
+                            serde_json::to_string(&creds).expect("credentials serialize"),
+                        );
                     }
+                    Ok(None) => {}
                     Err(e) => tracing::warn!("acme: {e}"),
                 }
             }
-            if let Some(json) = slot.as_deref() {
+            if let Some(json) = accounts.get(&url) {
                 let creds = serde_json::from_str(json).expect("credentials round-trip");
                 return Account::builder_with_http(Box::new(http))
                     .from_credentials(creds)
@@ -439,10 +462,14 @@ impl Manager {
                     }
                     let contact = self.cfg.email.as_ref().map(|e| format!("mailto:{e}"));
                     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-                    let eab = self
-                        .cfg
-                        .external_account()
-                        .map_err(|e| Failure::new(Reason::CaError, e.to_string()))?;
+                    // External account binding is the first CA's (the one that asked for it).
+                    let eab = if url == self.cfg.directory_url() {
+                        self.cfg
+                            .external_account()
+                            .map_err(|e| Failure::new(Reason::CaError, e.to_string()))?
+                    } else {
+                        None
+                    };
                     let new = NewAccount {
                         contact: &contacts,
                         terms_of_service_agreed: true,
@@ -456,7 +483,8 @@ impl Manager {
                         Failure::new(Reason::Storage, format!("cannot store the new account: {e}"))
                     })?;
                     tracing::info!(directory = %url, account = %account.id(), "acme: account created and stored");
-                    *slot = Some(serde_json::to_string(&creds).expect("credentials serialize"));
+                    accounts
+                        .insert(url.clone(), serde_json::to_string(&creds).expect("credentials serialize"));
                     return Ok(account);
                 }
                 Ok(None) => tokio::time::sleep(LOCK_POLL).await,

@@ -75,6 +75,15 @@ impl ChallengeKind {
     }
 }
 
+/// The directory URL a name (`letsencrypt`, `letsencrypt-staging`) or URL stands for.
+fn url_of(directory: &str) -> &str {
+    match directory {
+        "letsencrypt" => LETSENCRYPT,
+        "letsencrypt-staging" => LETSENCRYPT_STAGING,
+        url => url,
+    }
+}
+
 /// The `[acme]` section.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -83,6 +92,10 @@ pub struct AcmeConfig {
     pub enabled: bool,
     /// The CA: `letsencrypt`, `letsencrypt-staging`, or the URL of any RFC 8555 directory.
     pub directory: String,
+    /// Other CAs (names or URLs as `directory`), tried in order for a certificate when the
+    /// one before keeps failing (unreachable, rate limits, errors); the first again after a
+    /// success.
+    pub fallback_directories: Vec<String>,
     /// Contact address given to the CA when the account is created (expiry warnings).
     pub email: Option<String>,
     /// External account binding, for CAs that require one (key id and base64url HMAC key).
@@ -138,6 +151,7 @@ impl Default for AcmeConfig {
         Self {
             enabled: true,
             directory: "letsencrypt".into(),
+            fallback_directories: Vec::new(),
             email: None,
             eab_kid: None,
             eab_hmac_key: None,
@@ -167,11 +181,16 @@ impl AcmeConfig {
     /// The directory URL `directory` stands for.
     #[must_use]
     pub fn directory_url(&self) -> &str {
-        match self.directory.as_str() {
-            "letsencrypt" => LETSENCRYPT,
-            "letsencrypt-staging" => LETSENCRYPT_STAGING,
-            url => url,
-        }
+        url_of(&self.directory)
+    }
+
+    /// Every CA in order: `directory`, then `fallback_directories`.
+    #[must_use]
+    pub fn directory_urls(&self) -> Vec<String> {
+        std::iter::once(&self.directory)
+            .chain(&self.fallback_directories)
+            .map(|d| url_of(d).to_owned())
+            .collect()
     }
 
     /// The external account key, when one is configured.
@@ -195,12 +214,16 @@ impl AcmeConfig {
 
     /// Checks what types cannot; each error names the key.
     pub fn validate(&self) -> Result<(), Invalid> {
-        if !self.directory_url().starts_with("https://") {
-            return Err(Invalid::new(
-                "acme.directory",
-                &self.directory,
-                "letsencrypt, letsencrypt-staging or an https:// directory URL",
-            ));
+        let keys = std::iter::once(("acme.directory", &self.directory))
+            .chain(self.fallback_directories.iter().map(|d| ("acme.fallback_directories", d)));
+        for (key, directory) in keys {
+            if !url_of(directory).starts_with("https://") {
+                return Err(Invalid::new(
+                    key,
+                    directory,
+                    "letsencrypt, letsencrypt-staging or an https:// directory URL",
+                ));
+            }
         }
         self.external_account()?;
         if !(1..=100).contains(&self.max_names) {
@@ -249,5 +272,9 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("base64url"));
         c.eab_hmac_key = Some("c2VjcmV0".into());
         c.validate().unwrap();
+        c.fallback_directories = vec!["letsencrypt".into(), "http://ca.test/dir".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("acme.fallback_directories"));
+        c.fallback_directories.pop();
+        assert_eq!(c.directory_urls(), ["https://ca.test/dir", LETSENCRYPT]);
     }
 }

@@ -80,6 +80,15 @@ impl Failure {
     }
 }
 
+impl Reason {
+    /// A failure of the CA itself, where another CA may do better (not a challenge that
+    /// failed: the name's own problem, nor the local store).
+    #[must_use]
+    pub fn is_the_cas(self) -> bool {
+        matches!(self, Self::CaUnreachable | Self::RateLimited | Self::CaError | Self::AccountUnknown)
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.reason.label(), self.detail)
