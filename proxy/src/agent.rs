@@ -567,18 +567,16 @@ fn start_acme(
         reload.clone(),
         core.reloads.clone(),
     )));
-    core.readiness.set(
-        "acme",
-        true,
-        format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display()),
-    );
+    let detail = format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display());
+    core.readiness.set("acme", true, &detail);
     let share = cluster::CertShare {
         store: store.clone(),
         challenges: resolver.challenges.clone(),
         reload: reload.clone(),
     };
     let manager =
-        acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload, dns01);
+        acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload, dns01)
+            .map(|m| m.reporting_to(core.readiness.clone(), detail));
     Some((manager, share))
 }
 

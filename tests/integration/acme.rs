@@ -724,12 +724,17 @@ async fn a_full_disk_during_renewal_keeps_the_old_certificate_whole_and_served()
         .collect();
     assert!(leftovers.is_empty(), "no half-written file is left: {leftovers:?}");
     assert_eq!(std::fs::read(&account).unwrap(), account_before, "the account is untouched");
+    // Certificates issue, item 5: an alert before it expires, in /readyz (still ready).
+    let (ready, out) = curl(&["-f", &agent.mesh.admin_url("/readyz")]).await;
+    assert!(ready && out.contains("overdue, orders failing: full.acme.test (storage"), "{out}");
 
     std::fs::remove_file(filler).unwrap();
     eventually("renewed once there is room", Duration::from_secs(30), async || {
         handshake(agent.https_addr(), "full.acme.test", &root).await.is_ok_and(|d| d != first)
     })
     .await;
+    let (_, out) = curl(&[&agent.mesh.admin_url("/readyz")]).await;
+    assert!(!out.contains("overdue"), "the alert is gone after the renewal: {out}");
 }
 
 /// Certificates issue, item 5: an ordered list of CAs; when the first keeps failing for a

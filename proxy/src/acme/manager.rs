@@ -18,6 +18,7 @@ use super::schedule::{self, Backoff};
 use super::store::{Store, Stored};
 use super::{AcmeConfig, ChallengeKind, Challenges, Dns01};
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::state::{HostPattern, MeshState, StateHub, TlsWish};
 use crate::tls::LoadedPair;
 
@@ -61,6 +62,9 @@ pub struct Manager {
     /// Certificates from `acme.import`, taken instead of an order where they cover the names.
     imports: Vec<Candidate>,
     inventory: Inventory,
+    /// Where certificates whose orders keep failing are reported (`/readyz`'s `acme`
+    /// component, still ready), with the component's own detail.
+    readiness: Option<(Arc<Readiness>, String)>,
 }
 
 impl Manager {
@@ -96,7 +100,16 @@ impl Manager {
             dns01,
             imports,
             inventory: Inventory::default(),
+            readiness: None,
         })
+    }
+
+    /// Reports certificates overdue with failing orders in `readiness`'s `acme` component,
+    /// after `detail`.
+    #[must_use]
+    pub fn reporting_to(mut self, readiness: Arc<Readiness>, detail: String) -> Self {
+        self.readiness = Some((readiness, detail));
+        self
     }
 
     /// The certificates kept, as they change.
@@ -110,6 +123,28 @@ impl Manager {
         let kept = inventory.entry(primary.to_owned()).or_default();
         names.clone_into(&mut kept.names);
         change(kept);
+        self.report(&inventory);
+    }
+
+    /// An alert before expiry, never a surprise: certificates past their renewal time whose
+    /// last order failed are named in `/readyz` (the node stays ready: it serves the old
+    /// certificate, or the fallback).
+    fn report(&self, inventory: &BTreeMap<String, Kept>) {
+        let Some((readiness, detail)) = &self.readiness else { return };
+        let now = SystemTime::now();
+        let failing: Vec<String> = inventory
+            .iter()
+            .filter(|(_, k)| k.next_renewal.is_some_and(|due| due <= now))
+            .filter_map(|(primary, k)| {
+                let error = k.last_error.as_deref()?;
+                Some(format!("{primary} ({})", error.chars().take(160).collect::<String>()))
+            })
+            .collect();
+        if failing.is_empty() {
+            readiness.set("acme", true, detail);
+        } else {
+            readiness.set("acme", true, format!("{detail}; overdue, orders failing: {}", failing.join("; ")));
+        }
     }
 
     /// Follows the state: starts a task for each newly wanted certificate, stops the task of
@@ -129,7 +164,9 @@ impl Manager {
                 let keep = wanted.get(primary) == Some(names);
                 if !keep {
                     task.abort();
-                    self.inventory.write().expect("inventory lock").remove(primary.as_str());
+                    let mut inventory = self.inventory.write().expect("inventory lock");
+                    inventory.remove(primary.as_str());
+                    self.report(&inventory);
                     self.metrics.acme_days_left.remove_label_values(&[primary.as_str()]).ok();
                     if ordering {
                         tracing::info!(certificate = %primary, "acme: no longer wanted as it was; its task stopped");
