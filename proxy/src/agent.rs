@@ -198,9 +198,10 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
 
     start_files(&sources, &file_cfg, &core, &mut background)?;
     let dns = dns_cfg.listen.and_then(|listen| start_dns_or_report(listen, &dns_cfg, &core, &mut background));
+    let on_demand_cfg = acme_cfg.clone();
     let (https, acme) = start_https(&tls_cfg, acme_cfg, dns.as_ref(), &dns_cfg, &core, &mut background)?;
-    let acme_inventory =
-        acme.as_ref().and_then(|(manager, _)| manager.as_ref().ok()).map(acme::Manager::inventory);
+    let acme_manager = acme.as_ref().and_then(|(manager, _)| manager.as_ref().ok()).cloned();
+    let acme_inventory = acme_manager.as_ref().map(|m| m.inventory());
     let (node_name, (shutdown, shutdown_rx)) = (this_node(&mesh_cfg), watch::channel(false));
     let stopping = (shutdown_rx.clone(), proxy_cfg.shutdown_grace);
     let mut cluster = start_cluster(cluster_cfg, node_name.clone(), acme, stopping, &core, &mut background);
@@ -229,7 +230,9 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     };
     start_admin(admin_listener, admin_cfg.socket.as_deref(), admin_state, &mut background)?;
 
-    let mut servers = start_servers(http_listener, https, &proxy, &proxy_cfg, &tls_cfg, &core, &shutdown_rx);
+    let on_demand = on_demand(&on_demand_cfg, acme_manager, https.as_ref(), &cluster.issuer);
+    let mut servers =
+        start_servers(http_listener, https, on_demand, &proxy, &proxy_cfg, &tls_cfg, &core, &shutdown_rx);
     servers.extend(cluster.hop_server.take());
     let off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(http = %http_addr, https = %off(https_addr), admin = %admin_addr, dns = %off(dns_addr), "meshgate is serving");
@@ -326,7 +329,7 @@ fn start_cluster(
     let handles = cluster::start(cfg, parts, background);
     match acme.map(|(manager, _)| manager) {
         Some(Ok(manager)) => {
-            background.push(tokio::spawn(Arc::new(manager).run(core.hub.clone(), handles.issuer.clone())));
+            background.push(tokio::spawn(manager.run(core.hub.clone(), handles.issuer.clone())));
         }
         Some(Err(why)) => {
             tracing::error!("acme: {why}");
@@ -335,6 +338,26 @@ fn start_cluster(
         None => {}
     }
     handles
+}
+
+/// On-demand TLS, where `acme.on_demand_ask` is set and ACME runs.
+fn on_demand(
+    cfg: &AcmeConfig,
+    manager: Option<Arc<acme::Manager>>,
+    https: Option<&HttpsParts>,
+    issuer: &watch::Receiver<bool>,
+) -> Option<Arc<acme::on_demand::OnDemand>> {
+    let ask = cfg.on_demand_ask.as_ref()?.parse().ok()?;
+    let (manager, (_, resolver)) = (manager?, https?);
+    tracing::info!(ask = %cfg.on_demand_ask.as_deref().unwrap_or_default(), "acme: on-demand TLS on");
+    Some(Arc::new(acme::on_demand::OnDemand::new(
+        ask,
+        manager,
+        resolver.clone(),
+        issuer.clone(),
+        cfg.on_demand_concurrent,
+        cfg.on_demand_per_minute,
+    )))
 }
 
 /// The built-in whoami backend, where asked for (and always with the bundled example).
@@ -386,9 +409,11 @@ fn start_files(
 /// source has given its first state (at once when it is already so, as with a routes file),
 /// or after [`crate::state::COMPLETE_PATIENCE`]: before, a new agent sharing the port with the previous
 /// one would answer 404 for routes it does not know yet.
+#[allow(clippy::too_many_arguments, reason = "the parts of the agent that its servers share")]
 fn start_servers(
     http: net::Bound,
     https: Option<HttpsParts>,
+    on_demand: Option<Arc<acme::on_demand::OnDemand>>,
     proxy: &Arc<Proxy>,
     proxy_cfg: &crate::config::ProxyConfig,
     tls_cfg: &tls::TlsConfig,
@@ -396,11 +421,11 @@ fn start_servers(
     shutdown_rx: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let port = |b: &net::Bound| b.local_addr().expect("bound socket has an address").port();
-    let mut listeners = vec![("http", Listener { port: port(&http), tls: None }, http)];
+    let mut listeners = vec![("http", Listener { port: port(&http), tls: None, on_demand: None }, http)];
     if let Some((bound, resolver)) = https {
         let config = tls::server_config(resolver, tls_cfg.session_resumption);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        listeners.push(("https", Listener { port: port(&bound), tls: Some(acceptor) }, bound));
+        listeners.push(("https", Listener { port: port(&bound), tls: Some(acceptor), on_demand }, bound));
     }
     let complete_now = core.hub.pending().is_empty();
     let servers = listeners
@@ -472,7 +497,7 @@ struct Core {
 
 /// What ACME left for later: the manager (started once the cluster says whether this agent
 /// orders) and the store and challenges the cluster feed shares.
-type AcmeParts = (Result<acme::Manager, acme::RootsError>, cluster::CertShare);
+type AcmeParts = (Result<Arc<acme::Manager>, acme::RootsError>, cluster::CertShare);
 /// The HTTPS listener and the resolver its handshakes ask.
 type HttpsParts = (net::Bound, Arc<CertResolver>);
 /// mesh-dns: where it listens, and its handler (for the ACME challenge records).
@@ -576,7 +601,7 @@ fn start_acme(
     };
     let manager =
         acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload, dns01)
-            .map(|m| m.reporting_to(core.readiness.clone(), detail));
+            .map(|m| Arc::new(m.reporting_to(core.readiness.clone(), detail)));
     Some((manager, share))
 }
 

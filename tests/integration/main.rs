@@ -22,6 +22,7 @@ mod lifecycle;
 mod limits;
 mod mesh;
 mod monitoring;
+mod on_demand;
 mod readme;
 mod resilience;
 mod routing;

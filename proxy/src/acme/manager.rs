@@ -65,6 +65,9 @@ pub struct Manager {
     /// Where certificates whose orders keep failing are reported (`/readyz`'s `acme`
     /// component, still ready), with the component's own detail.
     readiness: Option<(Arc<Readiness>, String)>,
+    /// Names obtained on demand (kept renewed), and a wake-up for the task list.
+    on_demand: std::sync::RwLock<std::collections::BTreeSet<String>>,
+    on_demand_added: Notify,
 }
 
 impl Manager {
@@ -78,6 +81,7 @@ impl Manager {
     ) -> Result<Self, super::RootsError> {
         let http = AcmeHttp::new(cfg.trust_roots.as_deref(), cfg.request_timeout)?;
         challenges.share_through(store.challenges_dir());
+        let on_demand = std::sync::RwLock::new(store.on_demand_names());
         let (imports, problems) = import::load(&cfg.import);
         for problem in problems {
             tracing::warn!("acme: not imported: {problem}");
@@ -101,6 +105,8 @@ impl Manager {
             imports,
             inventory: Inventory::default(),
             readiness: None,
+            on_demand,
+            on_demand_added: Notify::new(),
         })
     }
 
@@ -156,7 +162,16 @@ impl Manager {
         loop {
             let ordering = *issuer.borrow_and_update();
             let wanted = if ordering {
-                wanted_certificates(&hub.load().state, self.cfg.max_names, self.dns01.is_some())
+                let mut wanted =
+                    wanted_certificates(&hub.load().state, self.cfg.max_names, self.dns01.is_some());
+                // Names obtained on demand, renewed as long as no route claims them.
+                let claimed: HashSet<String> = wanted.values().flatten().cloned().collect();
+                for name in self.on_demand.read().expect("on-demand lock").iter() {
+                    if !claimed.contains(name) {
+                        wanted.insert(name.clone(), vec![name.clone()]);
+                    }
+                }
+                wanted
             } else {
                 BTreeMap::new()
             };
@@ -191,6 +206,7 @@ impl Manager {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { break },
                 () = role_change => {}
+                () = self.on_demand_added.notified() => {}
             }
         }
         for (_, (_, task)) in running {
@@ -307,6 +323,34 @@ impl Manager {
                 None
             }
         }
+    }
+
+    /// A certificate for `name` ordered now (at its first handshake), stored, and kept renewed
+    /// from then on.
+    pub async fn obtain_on_demand(&self, name: &str) -> Result<(), String> {
+        let names = vec![name.to_owned()];
+        // Stored already (an earlier order, another agent sharing the store): served as it is.
+        if self.current(name, &names).is_none() {
+            let lock = self.store.try_lock(name).map_err(|e| e.to_string())?;
+            let issued = self.issue(&names, self.cfg.directory_url()).await;
+            drop(lock);
+            let issued = issued.map_err(|f| {
+                self.metrics.acme_failures.with_label_values(&[name, f.reason.label()]).inc();
+                f.to_string()
+            })?;
+            self.store
+                .write_cert(name, &issued.chain_pem, &issued.key_pem)
+                .map_err(|e| format!("cannot write the certificate: {e}"))?;
+            self.metrics.acme_issued.with_label_values(&[name]).inc();
+            tracing::info!(certificate = %name, "acme: certificate issued on demand");
+        }
+        if let Err(e) = self.store.add_on_demand(name) {
+            tracing::warn!(certificate = %name, "acme: the on-demand name is not stored (it will not be renewed after a restart): {e}");
+        }
+        self.on_demand.write().expect("on-demand lock").insert(name.to_owned());
+        self.on_demand_added.notify_one();
+        self.reload.notify_one();
+        Ok(())
     }
 
     /// An imported certificate for `names` put in the store in place of a new order.

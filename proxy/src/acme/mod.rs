@@ -12,6 +12,7 @@ mod client;
 pub mod dns01;
 mod import;
 pub mod manager;
+pub mod on_demand;
 mod order;
 mod rfc2136;
 mod schedule;
@@ -144,6 +145,13 @@ pub struct AcmeConfig {
     /// the names: Traefik's `acme.json`, or a directory of `<name>.crt`/`<name>.key`
     /// (acme-companion's `/etc/nginx/certs`).
     pub import: Vec<PathBuf>,
+    /// On-demand TLS: a name without a certificate gets one at its first handshake if this
+    /// URL answers 2xx to `GET <url>?domain=<name>` (http://, on your side). Unset: off.
+    pub on_demand_ask: Option<String>,
+    /// On-demand orders at once, at most.
+    pub on_demand_concurrent: usize,
+    /// On-demand orders a minute, at most.
+    pub on_demand_per_minute: usize,
 }
 
 impl Default for AcmeConfig {
@@ -173,6 +181,9 @@ impl Default for AcmeConfig {
             rfc2136_tsig_algorithm: "hmac-sha256".into(),
             rfc2136_tsig_secret_file: None,
             import: Vec::new(),
+            on_demand_ask: None,
+            on_demand_concurrent: 2,
+            on_demand_per_minute: 10,
         }
     }
 }
@@ -226,6 +237,16 @@ impl AcmeConfig {
             }
         }
         self.external_account()?;
+        if let Some(ask) = &self.on_demand_ask {
+            if !ask.parse::<hyper::Uri>().is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some())
+            {
+                return Err(Invalid::new(
+                    "acme.on_demand_ask",
+                    ask,
+                    "an http:// URL, e.g. http://127.0.0.1:5555/check",
+                ));
+            }
+        }
         if !(1..=100).contains(&self.max_names) {
             return Err(Invalid::new("acme.max_names", self.max_names, "between 1 and 100"));
         }

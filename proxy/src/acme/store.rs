@@ -62,6 +62,26 @@ impl Store {
         self.dir.join("challenges")
     }
 
+    /// The names obtained on demand (kept renewed though no route names them), one a line.
+    #[must_use]
+    pub fn on_demand_names(&self) -> std::collections::BTreeSet<String> {
+        std::fs::read_to_string(self.dir.join("on-demand"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Adds `name` to [`Store::on_demand_names`].
+    pub fn add_on_demand(&self, name: &str) -> io::Result<()> {
+        let mut names = self.on_demand_names();
+        names.insert(name.to_owned());
+        let text = names.iter().fold(String::new(), |text, n| text + n + "\n");
+        write_atomic(&self.dir.join("on-demand"), text.as_bytes())
+    }
+
     fn account_path(&self, directory_url: &str) -> PathBuf {
         let file: String = directory_url
             .trim_start_matches("https://")

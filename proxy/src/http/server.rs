@@ -166,6 +166,9 @@ fn builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
 pub struct Listener {
     pub port: u16,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// On-demand TLS (`acme.on_demand_ask`): a handshake for a name without a certificate
+    /// waits while one is obtained.
+    pub on_demand: Option<Arc<crate::acme::on_demand::OnDemand>>,
 }
 
 /// Serves `listener` until `shutdown` turns true, then stops accepting and gives in-flight
@@ -283,8 +286,17 @@ async fn take(
     let Some(acceptor) = &s.kind.tls else {
         return serve_connection(stream, activity, proxy, builder, cfg, stop).await;
     };
-    // The handshake counts as part of the request head: same deadline.
-    match tokio::time::timeout(s.cfg.request_head_timeout, acceptor.accept(stream)).await {
+    // The handshake counts as part of the request head: same deadline (an on-demand order
+    // has its own).
+    let handshake = async {
+        match &s.kind.on_demand {
+            None => tokio::time::timeout(s.cfg.request_head_timeout, acceptor.accept(stream)).await,
+            Some(on_demand) => {
+                on_demand_handshake(stream, acceptor, on_demand, s.cfg.request_head_timeout).await
+            }
+        }
+    };
+    match handshake.await {
         // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
         Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) => {
             s.handshakes[0].inc();
@@ -305,6 +317,33 @@ async fn take(
             tracing::debug!(%client, "TLS handshake timed out");
         }
     }
+}
+
+/// A handshake that reads the ClientHello first: a name without a certificate waits for an
+/// on-demand one (or fails at once when it is refused), then the handshake goes on.
+async fn on_demand_handshake(
+    stream: tokio::net::TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    on_demand: &crate::acme::on_demand::OnDemand,
+    head_timeout: std::time::Duration,
+) -> Result<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    tokio::time::error::Elapsed,
+> {
+    let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let start = match tokio::time::timeout(head_timeout, lazy).await? {
+        Ok(start) => start,
+        Err(e) => return Ok(Err(e)),
+    };
+    let hello = start.client_hello();
+    let validation = hello.alpn().is_some_and(|mut p| p.any(|p| p == crate::acme::ACME_TLS_ALPN));
+    if let Some(name) = hello.server_name().filter(|n| !validation && on_demand.wanted(n)).map(str::to_owned)
+    {
+        if let Err(why) = on_demand.ensure(&name).await {
+            return Ok(Err(std::io::Error::other(format!("no certificate for {name}: {why}"))));
+        }
+    }
+    tokio::time::timeout(head_timeout, start.into_stream(acceptor.config().clone())).await
 }
 
 async fn refuse(mut stream: tokio::net::TcpStream) {

@@ -1,0 +1,174 @@
+//! On-demand TLS, as Caddy has it: a certificate for a name nobody configured is ordered
+//! during the first handshake that asks for it, and only if the operator's `ask` endpoint
+//! answers 2xx for that name (`GET <ask>?domain=<name>`). Orders are capped (at most
+//! `acme.on_demand_concurrent` at once, `acme.on_demand_per_minute` a minute), one per name
+//! however many handshakes wait for it, and a refused name is remembered for a minute, so a
+//! flood of made-up names costs the ask endpoint one request each and the CA nothing.
+//!
+//! Only the agent that orders (the cluster's issuer) obtains certificates on demand; on a
+//! follower the handshake gets the fallback until the feed brings the certificate (the
+//! obtained names are ordinary store entries, shared like any other).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Semaphore};
+
+use super::Manager;
+use crate::tls::CertResolver;
+
+/// How long the `ask` endpoint has to answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused name is refused without asking again.
+const REFUSED_FOR: Duration = Duration::from_secs(60);
+/// A handshake waits this long for its certificate at most.
+const ORDER_WAIT: Duration = Duration::from_secs(60);
+
+/// The outcome of one name's order, shared by the handshakes that wait for it.
+type Outcome = tokio::sync::OnceCell<Result<(), String>>;
+
+pub struct OnDemand {
+    ask: hyper::Uri,
+    manager: Arc<Manager>,
+    resolver: Arc<CertResolver>,
+    issuer: watch::Receiver<bool>,
+    orders: Semaphore,
+    per_minute: usize,
+    recent: Mutex<VecDeque<Instant>>,
+    refused: Mutex<HashMap<String, Instant>>,
+    /// One order per name: later handshakes wait for the first one's outcome.
+    in_flight: Mutex<HashMap<String, Arc<Outcome>>>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+}
+
+impl OnDemand {
+    #[must_use]
+    pub fn new(
+        ask: hyper::Uri,
+        manager: Arc<Manager>,
+        resolver: Arc<CertResolver>,
+        issuer: watch::Receiver<bool>,
+        concurrent: usize,
+        per_minute: usize,
+    ) -> Self {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        Self {
+            ask,
+            manager,
+            resolver,
+            issuer,
+            orders: Semaphore::new(concurrent.max(1)),
+            per_minute: per_minute.max(1),
+            recent: Mutex::default(),
+            refused: Mutex::default(),
+            in_flight: Mutex::default(),
+            client,
+        }
+    }
+
+    /// Whether a handshake for `name` should wait for [`OnDemand::ensure`]: a name this
+    /// agent has no certificate of its own for.
+    #[must_use]
+    pub fn wanted(&self, name: &str) -> bool {
+        !self.resolver.has_certificate(name)
+    }
+
+    /// Makes sure `name` has a certificate: asks, orders (once, under the caps), and waits
+    /// until the resolver serves it. `Err` says why not (the handshake then fails).
+    pub async fn ensure(&self, name: &str) -> Result<(), String> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if !valid_name(&name) {
+            return Err("not a host name".into());
+        }
+        if !*self.issuer.borrow() {
+            return Err("this agent does not order certificates (a follower of the cluster)".into());
+        }
+        if self
+            .refused
+            .lock()
+            .expect("on-demand lock")
+            .get(&name)
+            .is_some_and(|at| at.elapsed() < REFUSED_FOR)
+        {
+            return Err("refused by the ask endpoint a moment ago".into());
+        }
+        let cell = self.in_flight.lock().expect("on-demand lock").entry(name.clone()).or_default().clone();
+        let outcome = cell.get_or_init(|| self.obtain(&name)).await.clone();
+        self.in_flight.lock().expect("on-demand lock").remove(&name);
+        if let Err(why) = &outcome {
+            self.refused.lock().expect("on-demand lock").insert(name.clone(), Instant::now());
+            tracing::info!(host = %name, "acme: no on-demand certificate: {why}");
+        }
+        outcome
+    }
+
+    async fn obtain(&self, name: &str) -> Result<(), String> {
+        self.ask(name).await?;
+        {
+            let mut recent = self.recent.lock().expect("on-demand lock");
+            while recent.front().is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+                recent.pop_front();
+            }
+            if recent.len() >= self.per_minute {
+                return Err(format!("over acme.on_demand_per_minute ({})", self.per_minute));
+            }
+            recent.push_back(Instant::now());
+        }
+        let _permit = self.orders.acquire().await.map_err(|e| e.to_string())?;
+        tokio::time::timeout(ORDER_WAIT, async {
+            self.manager.obtain_on_demand(name).await?;
+            // The store's watcher loads it: wait until handshakes get it.
+            while !self.resolver.has_certificate(name) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| format!("no certificate within {ORDER_WAIT:?}"))?
+    }
+
+    /// `GET <ask>?domain=<name>`: 2xx allows it.
+    async fn ask(&self, name: &str) -> Result<(), String> {
+        let sep = if self.ask.query().is_some() { '&' } else { '?' };
+        let uri: hyper::Uri =
+            format!("{}{sep}domain={name}", self.ask).parse().map_err(|e| format!("{e}"))?;
+        let response = tokio::time::timeout(ASK_TIMEOUT, self.client.get(uri))
+            .await
+            .map_err(|_| format!("the ask endpoint did not answer within {ASK_TIMEOUT:?}"))?
+            .map_err(|e| format!("the ask endpoint is unreachable: {e}"))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("the ask endpoint answered {}", response.status()))
+        }
+    }
+}
+
+/// Letters, digits, `-` and `.`, at most 253 characters, at least two labels: no IP address
+/// (no certificate for it is ordered), no wildcard.
+fn valid_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.contains('.')
+        && name.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        && name.parse::<std::net::Ipv4Addr>().is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_host_names_are_ordered() {
+        assert!(valid_name("shop.example.com"));
+        for bad in ["localhost", "10.0.0.1", "*.example.com", "a..b", "a_b.test", &"a".repeat(300)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}
