@@ -171,10 +171,11 @@ fn endpoints_of(
 #[derive(Default)]
 pub struct RouteTable {
     exact: HashMap<String, HostRoutes>,
-    /// `.example.com` for `*.example.com`, longest first.
-    suffix: Vec<(String, HostRoutes)>,
-    /// `example.` for `example.*`, longest first.
-    prefix: Vec<(String, HostRoutes)>,
+    /// `.example.com` for `*.example.com`: a lookup tries each of the host's own suffixes,
+    /// longest first, so its cost follows the host's labels, not the number of wildcards.
+    suffix: HashMap<String, HostRoutes>,
+    /// `example.` for `example.*`, likewise by the host's own prefixes.
+    prefix: HashMap<String, HostRoutes>,
     /// Host regexes, in name order.
     regex: Vec<(regex::Regex, HostRoutes)>,
     default_host: Option<String>,
@@ -290,7 +291,7 @@ impl RouteTable {
     }
 
     /// Files each host pattern's routes (longest path first) where lookups find them:
-    /// exact names in a map, wildcards longest first, regexes in a stable order.
+    /// exact names and wildcards in maps, regexes in a stable order.
     fn index(&mut self, by_pattern: HashMap<HostPattern, Vec<Arc<Route>>>) {
         let table = self;
         for (pattern, mut routes) in by_pattern {
@@ -300,8 +301,12 @@ impl RouteTable {
                 HostPattern::Exact(h) => {
                     table.exact.insert(h, routes);
                 }
-                HostPattern::Suffix(s) => table.suffix.push((s, routes)),
-                HostPattern::Prefix(p) => table.prefix.push((p, routes)),
+                HostPattern::Suffix(s) => {
+                    table.suffix.insert(s, routes);
+                }
+                HostPattern::Prefix(p) => {
+                    table.prefix.insert(p, routes);
+                }
                 HostPattern::Regex(r) => match regex::Regex::new(&r) {
                     Ok(re) => table.regex.push((re, routes)),
                     Err(e) => {
@@ -310,8 +315,6 @@ impl RouteTable {
                 },
             }
         }
-        table.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        table.prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         table.regex.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
     }
 
@@ -342,11 +345,16 @@ impl RouteTable {
         if let Some(route) = self.exact.get(host).and_then(|r| r.find(path)) {
             return Some(route);
         }
-        let suffix = self.suffix.iter().filter(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()));
-        let prefix = self.prefix.iter().filter(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()));
+        // `*.example.com` for `a.b.example.com`: `.b.example.com`, then `.example.com`, then
+        // `.com` (the longest wildcard first, as nginx); never the whole host.
+        let dots = || host.match_indices('.').map(|(i, _)| i);
+        let suffix = dots().filter(|&i| i > 0).filter_map(|i| self.suffix.get(&host[i..]));
+        // `example.*` for `example.co.uk`: `example.co.`, then `example.`.
+        let prefix =
+            dots().rev().filter(|&i| i + 1 < host.len()).filter_map(|i| self.prefix.get(&host[..=i]));
         suffix
             .chain(prefix)
-            .find_map(|(_, r)| r.find(path))
+            .find_map(|r| r.find(path))
             .or_else(|| self.regex.iter().filter(|(re, _)| re.is_match(host)).find_map(|(_, r)| r.find(path)))
     }
 }

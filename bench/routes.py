@@ -1,0 +1,147 @@
+"""Does a request cost more as the routing table grows? See routes.sh. Writes the "Route
+table size" section of bench/RESULTS.md.
+
+For each size N (ROUTE_COUNTS, default 1,1000,10000): a routes file of N services, each with
+an exact host `sI.example` and a wildcard `*.wI.example`, all to one backend (nginx answering
+`ok`, on CPU 1 with the load generator). Each proxy (meshgate; BASELINE=an older meshgate
+binary, measured beside it; nginx with the same N server blocks, its names hashed) runs one
+worker pinned to CPU 0. Measured: the time from start to the first request served, RSS then,
+requests/s (`wrk -t1 -c64`) to the last service's exact host and to a name under its
+wildcard, the time a reload takes (SIGHUP after the file gained one service, until that
+service answers), and RSS after 3 reloads.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import benchlib
+from benchlib import ROOT, replace_section, require_free, rss_kib, start, stop_all, write_file
+
+SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
+COUNTS = [int(n) for n in os.environ.get("ROUTE_COUNTS", "1,1000,10000").split(",")]
+BASELINE = os.environ.get("BASELINE")
+BACKEND_PORT, PORT = 18000, 18090
+PROXY_CPU, LOAD_CPU = "0", "1"
+tmp = tempfile.mkdtemp(prefix="meshgate-routes-")
+
+
+def routes(n, extra=0):
+    out = []
+    for i in range(n + extra):
+        out.append(f'[[services]]\nname = "s{i}"\ntasks = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]\n'
+                   f'[[services.http]]\nhosts = ["s{i}.example", "*.w{i}.example"]\nport = {BACKEND_PORT}\n')
+    return "".join(out)
+
+
+def nginx_routes(n, extra=0):
+    servers = "".join(f"server {{ listen 127.0.0.1:{PORT}; server_name s{i}.example *.w{i}.example; "
+                      f"location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; "
+                      f"proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}\n"
+                      for i in range(n + extra))
+    return benchlib.nginx_conf(tmp, f"server_names_hash_max_size 1048576; server_names_hash_bucket_size 128; "
+                                    f"upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 64; }} {servers}")
+
+
+def answers(host):
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{PORT}/", headers={"Host": host})
+        return urllib.request.urlopen(req, timeout=1).read() == b"ok"
+    except Exception:
+        return False
+
+
+def wait_for(host, limit=120):
+    started = time.time()
+    while time.time() - started < limit:
+        if answers(host):
+            return time.time() - started
+        time.sleep(0.01)
+    sys.exit(f"{host} was not served within {limit} s")
+
+
+def wrk(host):
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c64", f"-d{SECONDS}s", "-H", f"Host: {host}",
+                          f"http://127.0.0.1:{PORT}/"], capture_output=True, text=True).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        sys.exit(f"{host}: {errors.group(1)} errors\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def measure(name, n):
+    routes_file = write_file(tmp, f"routes-{name}.toml", routes(n))
+    conf = write_file(tmp, f"nginx-{n}.conf", nginx_routes(n))
+    if name == "nginx":
+        cmd = ["nginx", "-c", conf]
+    else:
+        exe = BASELINE if name == "meshgate-before" else os.path.join(ROOT, "target", "release", "meshgate")
+        cmd = [exe, "--routes-file", routes_file, "--http-listen", f"127.0.0.1:{PORT}", "--admin-listen",
+               "127.0.0.1:19093", "--log-level", "warn", "--docker-mode", "off"]
+    proc = start(cmd, PROXY_CPU, {"TOKIO_WORKER_THREADS": "1"})
+    try:
+        startup = wait_for(f"s{n - 1}.example")
+        rss_start = rss_kib(proc, "VmRSS") / 1024
+        exact = wrk(f"s{n - 1}.example")
+        wildcard = wrk(f"x.w{n - 1}.example")
+        reloads = []
+        for extra in (1, 2, 3):
+            if name == "nginx":
+                write_file(tmp, f"nginx-{n}.conf", nginx_routes(n, extra))
+            else:
+                write_file(tmp, f"routes-{name}.toml", routes(n, extra))
+            began = time.time()
+            os.kill(proc.pid, signal.SIGHUP)  # taskset execs the proxy: its pid is the group's
+            wait_for(f"s{n + extra - 1}.example")
+            reloads.append(time.time() - began)
+        time.sleep(1)
+        rss_after = rss_kib(proc, "VmRSS") / 1024
+    finally:
+        stop_all([proc])
+    return {"startup": startup, "rss_start": rss_start, "exact": exact, "wildcard": wildcard,
+            "reload": sorted(reloads)[1], "rss_after": rss_after}
+
+
+def main():
+    require_free([BACKEND_PORT, PORT, 19093])
+    backend = start(["nginx", "-c", write_file(tmp, "backend.conf", benchlib.nginx_conf(
+        tmp, f"server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 'ok'; }} }}"))], LOAD_CPU)
+    names = ["meshgate"] + (["meshgate-before"] if BASELINE else []) + ["nginx"]
+    rows = []
+    try:
+        time.sleep(0.5)
+        for n in COUNTS:
+            for name in names:
+                r = measure(name, n)
+                print(f"{name:15} n={n:<7} start {r['startup']:.2f}s rss {r['rss_start']:.1f}MiB exact {r['exact']:.0f}/s "
+                      f"wildcard {r['wildcard']:.0f}/s reload {r['reload']:.2f}s rss after 3 reloads {r['rss_after']:.1f}MiB",
+                      flush=True)
+                rows.append((name, n, r))
+    finally:
+        stop_all([backend])
+    nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    lines = [
+        "## Route table size: cost per request, startup, reload and memory",
+        "",
+        f"Made by `bench/routes.sh` (ROUTE_COUNTS={','.join(map(str, COUNTS))}, SECONDS_PER_RUN={SECONDS}"
+        f"{', BASELINE=the previous build' if BASELINE else ''}) on {time.strftime('%Y-%m-%d')}, 2 cores; {nginx_version}. One run.",
+        "N services, each with an exact host and a `*.wI.example` wildcard, to one backend (nginx `return 200`, CPU 1 "
+        "with `wrk -t1 -c64`); each proxy one worker on CPU 0. Requests go to the last service's names. Reload: the "
+        "file gains a service, SIGHUP (nginx: its reload), until the new service answers (median of 3).",
+        "",
+        "| proxy | services | start s | RSS MiB | exact req/s | wildcard req/s | reload s | RSS after 3 reloads MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, n, r in rows:
+        lines.append(f"| {name} | {n} | {r['startup']:.2f} | {r['rss_start']:.1f} | {r['exact']:.0f} | {r['wildcard']:.0f} | "
+                     f"{r['reload']:.2f} | {r['rss_after']:.1f} |")
+    replace_section("## Route table size", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
