@@ -17,6 +17,9 @@ def require_free(ports):
     import socket
     for port in ports:
         with socket.socket() as s:
+            # As servers bind: connections in TIME_WAIT from an earlier run do not count,
+            # a listener does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:

@@ -44,8 +44,10 @@ def nginx_routes(n, extra=0):
                       f"location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; "
                       f"proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}\n"
                       for i in range(n + extra))
+    # Unknown names get 404, as from meshgate (else nginx's first server would answer them).
+    default = f"server {{ listen 127.0.0.1:{PORT} default_server; return 404; }}\n"
     return benchlib.nginx_conf(tmp, f"server_names_hash_max_size 1048576; server_names_hash_bucket_size 128; "
-                                    f"upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 64; }} {servers}")
+                                    f"upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 64; }} {default}{servers}")
 
 
 def answers(host):

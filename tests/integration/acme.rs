@@ -48,6 +48,13 @@ pub(crate) struct PebbleSetup {
     pub(crate) blocklist: Vec<&'static str>,
 }
 
+impl PebbleSetup {
+    /// Validation on the agent's own ports, names resolved by its mesh-dns.
+    pub(crate) fn on(ports: &Ports, validity_secs: u64) -> Self {
+        Self { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs, eab: None, blocklist: vec![] }
+    }
+}
+
 /// A pebble process; `kill` and `start_again` simulate a CA that goes away and comes back
 /// (as a new CA: pebble keeps no state, so accounts and roots are new).
 pub(crate) struct Pebble {
@@ -431,14 +438,7 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // 20-second certificates: renewed at two thirds (about 13 s) by the default rule.
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 20,
-        eab: None,
-        blocklist: vec![],
-    })
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 20))
     .await;
     let storage = tempfile::tempdir().unwrap();
     let agent =
@@ -474,14 +474,7 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
 async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resumes() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let mut pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 30,
-        eab: None,
-        blocklist: vec![],
-    })
+    let mut pebble = Pebble::start(PebbleSetup::on(&ports, 30))
     .await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["down.acme.test"]), &ports, &pebble, storage.path(), |c| {
@@ -519,14 +512,7 @@ async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resume
 async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let mut pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 3600,
-        eab: None,
-        blocklist: vec![],
-    })
+    let mut pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
     .await;
     let storage = tempfile::tempdir().unwrap();
     let agent =
@@ -561,14 +547,7 @@ async fn certificates_of_traefik_and_acme_companion_are_taken_over_without_an_or
     use base64::Engine as _;
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 3600,
-        eab: None,
-        blocklist: vec![],
-    })
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
     .await;
     let two = |web: &Backend| {
         format!(
@@ -682,14 +661,7 @@ async fn a_full_disk_during_renewal_keeps_the_old_certificate_whole_and_served()
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // 20-second certificates: renewed at about 13 s.
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 20,
-        eab: None,
-        blocklist: vec![],
-    })
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 20))
     .await;
     let disk = SmallDisk::mount("256k");
     let storage = disk.dir.path();
@@ -743,14 +715,7 @@ async fn a_full_disk_during_renewal_keeps_the_old_certificate_whole_and_served()
 async fn when_the_first_ca_keeps_failing_the_next_one_issues() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 3600,
-        eab: None,
-        blocklist: vec![],
-    })
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
     .await;
     // The first CA: nothing listens there.
     let gone = format!("https://127.0.0.1:{}/dir", free_port());
@@ -772,14 +737,7 @@ async fn when_the_first_ca_keeps_failing_the_next_one_issues() {
 async fn a_corrupt_stored_certificate_is_set_aside_and_ordered_again() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 3600,
-        eab: None,
-        blocklist: vec![],
-    })
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
     .await;
     let storage = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(storage.path().join("certs")).unwrap();
@@ -978,14 +936,7 @@ async fn a_challenge_that_cannot_succeed_is_reported_and_the_host_stays_served()
 async fn a_hung_ca_times_out_and_renewal_succeeds_once_it_wakes() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: ports.https,
-        dns: ports.dns(),
-        validity_secs: 30,
-        eab: None,
-        blocklist: vec![],
-    })
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 30))
     .await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["hung.acme.test"]), &ports, &pebble, storage.path(), |c| {

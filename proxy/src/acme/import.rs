@@ -139,15 +139,7 @@ fn push(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pem_pair(names: &[&str]) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
+    use crate::acme::test_pem_pair as pem_pair;
 
     #[test]
     fn traefik_json_and_a_companion_directory_and_what_is_wrong_with_them() {

@@ -273,6 +273,17 @@ impl AcmeConfig {
     }
 }
 
+/// A self-signed certificate for `names` and its key, PEM, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_pem_pair(names: &[&str]) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -251,15 +251,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
-
-    fn pem_pair(names: &[&str]) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
+    use crate::acme::test_pem_pair as pem_pair;
 
     #[test]
     fn certificates_are_private_atomic_and_corrupt_ones_are_set_aside() {
