@@ -51,7 +51,14 @@ pub(crate) struct PebbleSetup {
 impl PebbleSetup {
     /// Validation on the agent's own ports, names resolved by its mesh-dns.
     pub(crate) fn on(ports: &Ports, validity_secs: u64) -> Self {
-        Self { http_port: ports.http, tls_port: ports.https, dns: ports.dns(), validity_secs, eab: None, blocklist: vec![] }
+        Self {
+            http_port: ports.http,
+            tls_port: ports.https,
+            dns: ports.dns(),
+            validity_secs,
+            eab: None,
+            blocklist: vec![],
+        }
     }
 }
 
@@ -438,8 +445,7 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // 20-second certificates: renewed at two thirds (about 13 s) by the default rule.
-    let pebble = Pebble::start(PebbleSetup::on(&ports, 20))
-    .await;
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 20)).await;
     let storage = tempfile::tempdir().unwrap();
     let agent =
         AcmeAgent::start(&routes(&web, &["renew.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
@@ -474,8 +480,7 @@ async fn renewal_is_unattended_and_no_handshake_fails_during_the_swap() {
 async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resumes() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let mut pebble = Pebble::start(PebbleSetup::on(&ports, 30))
-    .await;
+    let mut pebble = Pebble::start(PebbleSetup::on(&ports, 30)).await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["down.acme.test"]), &ports, &pebble, storage.path(), |c| {
         c.acme.renew_before = Some(Duration::from_secs(25));
@@ -512,8 +517,7 @@ async fn a_ca_that_goes_away_keeps_the_old_certificate_served_and_renewal_resume
 async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let mut pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
-    .await;
+    let mut pebble = Pebble::start(PebbleSetup::on(&ports, 3600)).await;
     let storage = tempfile::tempdir().unwrap();
     let agent =
         AcmeAgent::start(&routes(&web, &["again.acme.test"]), &ports, &pebble, storage.path(), |_| {}).await;
@@ -547,8 +551,7 @@ async fn certificates_of_traefik_and_acme_companion_are_taken_over_without_an_or
     use base64::Engine as _;
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
-    .await;
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600)).await;
     let two = |web: &Backend| {
         format!(
             "[[services]]\nname = \"t\"\ntasks = [{{ address = \"{0}\" }}]\n[[services.http]]\nhosts = [\"traefik.acme.test\"]\nport = 1\ntls = {{ acme = true }}\n\
@@ -661,8 +664,7 @@ async fn a_full_disk_during_renewal_keeps_the_old_certificate_whole_and_served()
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // 20-second certificates: renewed at about 13 s.
-    let pebble = Pebble::start(PebbleSetup::on(&ports, 20))
-    .await;
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 20)).await;
     let disk = SmallDisk::mount("256k");
     let storage = disk.dir.path();
     let agent = AcmeAgent::start(&routes(&web, &["full.acme.test"]), &ports, &pebble, storage, |_| {}).await;
@@ -715,8 +717,7 @@ async fn a_full_disk_during_renewal_keeps_the_old_certificate_whole_and_served()
 async fn when_the_first_ca_keeps_failing_the_next_one_issues() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
-    .await;
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600)).await;
     // The first CA: nothing listens there.
     let gone = format!("https://127.0.0.1:{}/dir", free_port());
     let storage = tempfile::tempdir().unwrap();
@@ -737,8 +738,7 @@ async fn when_the_first_ca_keeps_failing_the_next_one_issues() {
 async fn a_corrupt_stored_certificate_is_set_aside_and_ordered_again() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600))
-    .await;
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600)).await;
     let storage = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(storage.path().join("certs")).unwrap();
     std::fs::write(
@@ -936,8 +936,7 @@ async fn a_challenge_that_cannot_succeed_is_reported_and_the_host_stays_served()
 async fn a_hung_ca_times_out_and_renewal_succeeds_once_it_wakes() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup::on(&ports, 30))
-    .await;
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 30)).await;
     let storage = tempfile::tempdir().unwrap();
     let agent = AcmeAgent::start(&routes(&web, &["hung.acme.test"]), &ports, &pebble, storage.path(), |c| {
         // Due 5 to 6 s after issuance (jitter is at most 1/30 of the 30 s lifetime).
