@@ -174,6 +174,9 @@ pub struct HttpRoute {
     /// `proxy.upstream_response_timeout`); a long report or export needs more.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub response_timeout: Option<std::time::Duration>,
+    /// TLS to the tasks when `protocol` is https; `None`: not verified (nginx-proxy's way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<UpstreamTls>,
 }
 
 impl HttpRoute {
@@ -197,6 +200,7 @@ impl HttpRoute {
             allow_from: None,
             max_body: None,
             response_timeout: None,
+            upstream_tls: None,
         }
     }
 }
@@ -449,6 +453,29 @@ pub enum TlsWish {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         names: Option<Vec<String>>,
     },
+}
+
+/// How the proxy speaks TLS to a route's tasks (`protocol = "https"`): verified against a CA
+/// (with the name to verify, and a client certificate for tasks that require one), or not
+/// verified at all (nginx-proxy's `VIRTUAL_PROTO=https`). Files are read on each node that
+/// serves the route; one that cannot be read there makes the route's requests fail (502),
+/// never fall back to an unverified connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Check the task's certificate (against `ca`, else the public web roots).
+    pub verify: bool,
+    /// The name the certificate must carry, also sent as SNI. Unset: the task's address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM file of the internal CA that signs the tasks' certificates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate and key (PEM) for tasks that require mutual TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 /// An L4 port published on every node (consumed by the eBPF mesh).

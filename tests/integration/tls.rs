@@ -350,3 +350,99 @@ async fn a_reload_serves_a_new_certificate_before_the_next_poll() {
     })
     .await;
 }
+
+/// A task serving whoami over TLS with `dir/<file>.crt`/`.key`, asking clients for a
+/// certificate signed by `client_ca` when given; records the SNI of each handshake.
+async fn tls_task(
+    dir: &Path,
+    file: &str,
+    client_ca: Option<&Path>,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(dir.join(format!("{file}.crt"))).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{file}.key"))).unwrap();
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots)).build().unwrap(),
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(chain, key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sni: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+    let seen = sni.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                seen.lock().unwrap().push(tls.get_ref().1.server_name().unwrap_or("").to_owned());
+                let svc = hyper::service::service_fn(move |req| {
+                    meshgate::whoami::answer(req, peer, "verified".into())
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, sni)
+}
+
+/// Certificates issue, item 4: https tasks verified against an internal CA, with SNI and a
+/// client certificate (mutual TLS to the task); a task whose certificate another CA signed
+/// is refused (502, never served unverified); without `upstream_tls` nothing is verified,
+/// as nginx-proxy's `VIRTUAL_PROTO=https`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_tasks_are_verified_against_the_routes_internal_ca_with_sni_and_a_client_certificate() {
+    let internal = tempfile::tempdir().unwrap();
+    let ca = Ca::new(internal.path());
+    ca.issue(internal.path(), "api", &["api.internal"]);
+    ca.issue(internal.path(), "client", &["meshgate.internal"]);
+    let rogue_dir = tempfile::tempdir().unwrap();
+    Ca::new(rogue_dir.path()).issue(rogue_dir.path(), "api", &["api.internal"]);
+    let ca_pem = internal.path().join("ca.pem");
+    let (good, sni) = tls_task(internal.path(), "api", Some(&ca_pem)).await;
+    let (rogue, _) = tls_task(rogue_dir.path(), "api", None).await;
+    let (open, _) = tls_task(internal.path(), "api", None).await;
+    let d = internal.path().display();
+    let verified = format!(
+        "upstream_tls = {{ verify = true, ca = \"{d}/ca.pem\", server_name = \"api.internal\", client_cert = \"{d}/client.crt\", client_key = \"{d}/client.key\" }}"
+    );
+    let no_client =
+        format!("upstream_tls = {{ verify = true, ca = \"{d}/ca.pem\", server_name = \"api.internal\" }}");
+    let service = |name: &str, task: std::net::SocketAddr, tls: &str| {
+        format!("[[services]]\nname = \"{name}\"\ntasks = [{{ address = \"{task}\" }}]\n[[services.http]]\nhosts = [\"{name}.test\"]\nport = {}\nprotocol = \"https\"\n{tls}\n", task.port())
+    };
+    let routes = [
+        service("verified", good, &verified),
+        service("rogue", rogue, &verified),
+        service("unverified", rogue, ""),
+        service("noclient", good, &no_client),
+        service("plain", open, &no_client),
+    ]
+    .concat();
+    let mesh = Mesh::start(&routes).await;
+    let (status, body) = mesh.get("verified.test", "/").await;
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    assert!(sni.lock().unwrap().iter().all(|n| n == "api.internal"), "SNI sent: {:?}", sni.lock().unwrap());
+    let (status, body) = mesh.get("rogue.test", "/").await;
+    assert_eq!(status, http::StatusCode::BAD_GATEWAY, "another CA's certificate is refused: {body}");
+    let (status, body) = mesh.get("unverified.test", "/").await;
+    assert_eq!(status, http::StatusCode::OK, "not verified unless asked: {body}");
+    let (status, body) = mesh.get("noclient.test", "/").await;
+    assert_eq!(status, http::StatusCode::BAD_GATEWAY, "the task requires a client certificate: {body}");
+    let (status, body) = mesh.get("plain.test", "/").await;
+    assert_eq!(status, http::StatusCode::OK, "verified, no client certificate asked: {body}");
+}

@@ -46,6 +46,8 @@ pub enum ConnectError {
     Handshake(hyper::Error),
     #[error("TLS handshake with the task failed: {0}")]
     Tls(std::io::Error),
+    #[error("the route's TLS to its tasks cannot be set up on this node: {0}")]
+    TlsSetup(String),
     #[error("{0}")]
     Hop(#[from] HopError),
     #[error("not reachable from this node: {0}")]
@@ -122,6 +124,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub via: Via,
     pub protocol: UpstreamProtocol,
+    /// How TLS to the task is checked (https only; `None`: not verified).
+    tls: Option<crate::state::UpstreamTls>,
     pub service: Arc<str>,
     pub task: Arc<str>,
     pub node: Arc<str>,
@@ -209,17 +213,34 @@ impl Endpoint {
         }
         let tcp = self.connect(connect_timeout).await?;
         let sender = if self.protocol == UpstreamProtocol::Https {
-            let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
-            let tls =
-                tokio::time::timeout(connect_timeout, crate::tls::upstream::connector().connect(name, tcp))
-                    .await
-                    .map_err(|_| ConnectError::Timeout(connect_timeout))?
-                    .map_err(ConnectError::Tls)?;
+            let (connector, name) = self.tls_connector()?;
+            let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
+                .await
+                .map_err(|_| ConnectError::Timeout(connect_timeout))?
+                .map_err(ConnectError::Tls)?;
             h1_handshake(tls).await?
         } else {
             h1_handshake(tcp).await?
         };
         Ok(Sender::H1 { sender, reused: false })
+    }
+
+    /// The TLS connector for this task and the name it must present (SNI, and what is
+    /// verified when the route asks): the route's `server_name`, else the task's address.
+    fn tls_connector(
+        &self,
+    ) -> Result<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>), ConnectError> {
+        let Some(tls) = &self.tls else {
+            let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
+            return Ok((crate::tls::upstream::connector(), name));
+        };
+        let connector = crate::tls::upstream::connector_for(tls).map_err(ConnectError::TlsSetup)?;
+        let name = match &tls.server_name {
+            Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
+                .map_err(|e| ConnectError::TlsSetup(format!("server name `{n}`: {e}")))?,
+            None => rustls::pki_types::ServerName::IpAddress(self.addr.ip().into()),
+        };
+        Ok((connector, name))
     }
 
     async fn connect(&self, timeout: Duration) -> Result<Upstream, ConnectError> {
@@ -360,6 +381,7 @@ struct Key {
     hop: Option<IpAddr>,
     nowhere: bool,
     protocol: UpstreamProtocol,
+    tls: Option<crate::state::UpstreamTls>,
     service: Arc<str>,
     task: Arc<str>,
 }
@@ -374,14 +396,22 @@ impl EndpointRegistry {
     pub fn get(
         &self,
         (addr, via): (SocketAddr, Via),
-        protocol: UpstreamProtocol,
+        (protocol, tls): (UpstreamProtocol, Option<&crate::state::UpstreamTls>),
         service: &str,
         task: &str,
         node: &str,
     ) -> Arc<Endpoint> {
         let nowhere = matches!(via, Via::Nowhere(_));
-        let key =
-            Key { addr, hop: via.hop_node(), nowhere, protocol, service: service.into(), task: task.into() };
+        let tls = tls.filter(|_| protocol == UpstreamProtocol::Https).cloned();
+        let key = Key {
+            addr,
+            hop: via.hop_node(),
+            nowhere,
+            protocol,
+            tls: tls.clone(),
+            service: service.into(),
+            task: task.into(),
+        };
         let mut live = self.live.lock().expect("registry lock");
         if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
             return existing;
@@ -392,6 +422,7 @@ impl EndpointRegistry {
             addr,
             via,
             protocol,
+            tls,
             service: key.service.clone(),
             task: key.task.clone(),
             node: node.into(),

@@ -164,7 +164,10 @@ fn endpoints_of(
     svc.tasks
         .iter()
         .filter(|t| t.health.routable())
-        .map(|t| registry.get(reach.resolve(state, t, http.port), http.protocol, &svc.name, &t.id, &t.node))
+        .map(|t| {
+            let how = (http.protocol, http.upstream_tls.as_ref());
+            registry.get(reach.resolve(state, t, http.port), how, &svc.name, &t.id, &t.node)
+        })
         .collect()
 }
 

@@ -107,6 +107,10 @@ struct HttpEntry {
     /// Time its tasks have for a response head (`5m`).
     #[serde(default, with = "humantime_serde")]
     response_timeout: Option<std::time::Duration>,
+    /// With `protocol = "https"`: `{ verify = true, ca = "...", server_name = "...",
+    /// client_cert = "...", client_key = "..." }`; unset: the tasks' certificates are not
+    /// verified.
+    upstream_tls: Option<crate::state::UpstreamTls>,
 }
 
 #[derive(Deserialize)]
@@ -280,6 +284,14 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    if let Some(tls) = &h.upstream_tls {
+        if h.protocol != UpstreamProtocol::Https {
+            return Err((h.port.span(), "upstream_tls needs protocol = \"https\"".into()));
+        }
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            return Err((h.port.span(), "upstream_tls: client_cert and client_key go together".into()));
+        }
+    }
     if h.response_timeout.is_some_and(|t| t.is_zero()) {
         return Err((h.port.span(), "response_timeout must be above zero, e.g. \"5m\"".into()));
     }
@@ -308,6 +320,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         basic_auth,
         allow_from,
         max_body,
+        upstream_tls: h.upstream_tls,
         response_timeout: h.response_timeout,
     })
 }

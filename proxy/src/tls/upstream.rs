@@ -1,9 +1,13 @@
-//! TLS towards tasks (`VIRTUAL_PROTO=https`): like nginx-proxy (nginx's default
-//! `proxy_ssl_verify off`), the task's certificate is not verified. Tasks sit on a private
+//! TLS towards tasks (`VIRTUAL_PROTO=https`). By default, like nginx-proxy (nginx's default
+//! `proxy_ssl_verify off`), the task's certificate is not verified: tasks sit on a private
 //! network, usually with self-signed certificates; the TLS protects the bytes, not the
-//! identity.
+//! identity. A route that asks ([`UpstreamTls`]) gets its tasks verified against its
+//! internal CA (or the web roots), with SNI and, where the task asks, a client certificate.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::state::UpstreamTls;
 
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -48,4 +52,52 @@ pub fn connector() -> tokio_rustls::TlsConnector {
         Arc::new(config)
     });
     tokio_rustls::TlsConnector::from(config.clone())
+}
+
+/// The connector for a route's TLS settings, and the name to present and verify (`None`: the
+/// task's address). Built once per distinct setting; an error (a file that cannot be read on
+/// this node) is the route's failure, never an unverified connection.
+pub fn connector_for(tls: &UpstreamTls) -> Result<tokio_rustls::TlsConnector, String> {
+    static BUILT: OnceLock<Mutex<HashMap<UpstreamTls, tokio_rustls::TlsConnector>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Mutex::default);
+    if let Some(c) = built.lock().expect("connector lock").get(tls) {
+        return Ok(c.clone());
+    }
+    let connector = if tls.verify { verified(tls)? } else { connector() };
+    built.lock().expect("connector lock").insert(tls.clone(), connector.clone());
+    Ok(connector)
+}
+
+fn verified(tls: &UpstreamTls) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca {
+        Some(ca) => {
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+                roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| e.to_string())?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{} holds no CA certificate", ca.display()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(Iterator::collect)
+                .map_err(|e| format!("{}: {e}", cert.display()))?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("{}: {e}", key.display()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

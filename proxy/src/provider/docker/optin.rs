@@ -206,6 +206,7 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
             )),
         }
     }
+    upstream_tls(&label, &mut out);
     // `meshgate.access_log=false`: none of the workload's requests are logged (a health
     // check, a metrics endpoint).
     match label("meshgate.access_log").map(|v| (v, parse_bool(v))) {
@@ -222,6 +223,37 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
         .map(str::to_owned);
     out.problems.extend(unknown_settings(w));
     out
+}
+
+/// `meshgate.http.upstream_verify=true` (with `meshgate.http.upstream_ca=/path/ca.pem` and
+/// `meshgate.http.upstream_server_name=api.internal`; either of those alone means verify too:
+/// a CA given is never ignored): the workload's https tasks are verified.
+fn upstream_tls<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
+    let (ca, server_name) = (label("meshgate.http.upstream_ca"), label("meshgate.http.upstream_server_name"));
+    let verify = match label("meshgate.http.upstream_verify").map(|v| (v, parse_bool(v))) {
+        Some((_, Some(verify))) => Some(verify),
+        Some((v, None)) => {
+            out.problems.push(
+                self::label("meshgate.http.upstream_verify")(ValueError::NotOneOf(
+                    v.to_owned(),
+                    "true or false",
+                ))
+                .to_string(),
+            );
+            Some(true)
+        }
+        None => (ca.is_some() || server_name.is_some()).then_some(true),
+    };
+    if let Some(verify) = verify {
+        for r in out.routes.iter_mut().filter(|r| r.protocol == UpstreamProtocol::Https) {
+            r.upstream_tls = Some(crate::state::UpstreamTls {
+                verify,
+                server_name: server_name.map(str::to_owned),
+                ca: ca.map(std::path::PathBuf::from),
+                ..Default::default()
+            });
+        }
+    }
 }
 
 /// Variables and labels under the prefixes meshgate reads that it does not know: listed,
@@ -257,6 +289,9 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.access_log",
         "meshgate.http.max_body",
         "meshgate.http.response_timeout",
+        "meshgate.http.upstream_verify",
+        "meshgate.http.upstream_ca",
+        "meshgate.http.upstream_server_name",
     ];
     let mut out = Vec::new();
     for name in w.env.keys() {
@@ -775,6 +810,28 @@ mod tests {
         );
         assert!(o.problems.is_empty(), "{:?}", o.problems);
         assert_eq!(names(&o), Some(vec!["a.test".into(), "*.a.test".into()]));
+    }
+
+    /// Certificates issue, item 4: our labels ask for verified TLS to the tasks; a CA given
+    /// alone is never ignored (it means verify).
+    #[test]
+    fn upstream_tls_labels_and_a_ca_alone_means_verify() {
+        let o = read_with(
+            &[],
+            &[
+                ("meshgate.http.hosts", "a.test"),
+                ("meshgate.http.proto", "https"),
+                ("meshgate.http.upstream_ca", "/run/secrets/ca.pem"),
+                ("meshgate.http.upstream_server_name", "api.internal"),
+            ],
+            &[443],
+        );
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        let tls = o.routes[0].upstream_tls.clone().expect("verified");
+        assert!(tls.verify);
+        assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+        let o = read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PROTO", "https")], &[], &[443]);
+        assert_eq!(o.routes[0].upstream_tls, None, "VIRTUAL_PROTO=https alone: not verified, as nginx-proxy");
     }
 
     #[test]
