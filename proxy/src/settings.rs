@@ -109,6 +109,7 @@ pub const SETTINGS: &[Setting] = &[
     s("docker.endpoint", "URL", "Engine address; unset: DOCKER_HOST, else unix:///var/run/docker.sock"),
     s("docker.expose_by_default", "BOOL", "Route containers that did not opt in"),
     s("docker.default_domain", "DOMAIN", "With expose_by_default: <name>.<domain> for workloads without a host"),
+    s("docker.traefik_insecure_skip_verify", "BOOL", "Traefik's serversTransport.insecureSkipVerify: Traefik-labelled https services are not verified"),
     s("docker.htpasswd_dir", "DIR", "nginx-proxy's htpasswd directory: a file named after a host holds its users"),
     s("docker.network", "NAME", "Network to reach tasks on when a workload names none"),
     s("docker.debounce", "DURATION", "Events closer than this make one update"),

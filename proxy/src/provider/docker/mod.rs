@@ -59,6 +59,9 @@ pub struct DockerConfig {
     pub expose_by_default: bool,
     /// With `expose_by_default`: workloads without a host get `<name>.<default_domain>`.
     pub default_domain: Option<String>,
+    /// Traefik's `serversTransport.insecureSkipVerify`: Traefik-labelled https services are
+    /// not verified (by default they are, against the public web roots, as Traefik does).
+    pub traefik_insecure_skip_verify: bool,
     /// The network to reach tasks on when a workload does not name one.
     pub network: Option<String>,
     /// nginx-proxy's htpasswd directory: a file named after a host holds its users.
@@ -78,6 +81,7 @@ impl Default for DockerConfig {
             endpoint: None,
             expose_by_default: false,
             default_domain: None,
+            traefik_insecure_skip_verify: false,
             network: None,
             htpasswd_dir: None,
             debounce: Duration::from_millis(100),

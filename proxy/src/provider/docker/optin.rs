@@ -37,6 +37,9 @@ pub struct Defaults {
     pub expose_by_default: bool,
     /// With `expose_by_default`: route `<name>.<default_domain>` when no host is given.
     pub default_domain: Option<String>,
+    /// Traefik-labelled https services are not verified (Traefik's
+    /// `serversTransport.insecureSkipVerify`).
+    pub traefik_insecure_skip_verify: bool,
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -171,7 +174,7 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
         None => defaults.expose_by_default,
     };
     if traefik_enabled {
-        from_traefik_labels(w, &mut out);
+        from_traefik_labels(w, defaults.traefik_insecure_skip_verify, &mut out);
     }
     if out.routes.is_empty()
         && out.problems.is_empty()
@@ -434,7 +437,7 @@ fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
 }
 
 /// The Traefik subset: routers with rules, their services' ports and schemes, cert resolvers.
-fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
+fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
     let label = |k: &str| w.labels.get(k).map(String::as_str);
     let names = |prefix: &str| -> BTreeSet<String> {
         w.labels.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next().map(str::to_owned)).collect()
@@ -519,6 +522,10 @@ fn from_traefik_labels(w: &Workload<'_>, out: &mut OptIn) {
                 access_log,
                 basic_auth: honoured.basic_auth.clone(),
                 allow_from: honoured.allow_from.clone(),
+                // As Traefik: an https service's certificate is verified (the web roots)
+                // unless its insecureSkipVerify is set.
+                upstream_tls: (protocol == UpstreamProtocol::Https)
+                    .then(|| crate::state::UpstreamTls { verify: !insecure, ..Default::default() }),
                 ..route(alt.hosts, alt.path.unwrap_or_else(|| "/".into()), port, protocol, tls.clone())
             });
         }
@@ -834,6 +841,23 @@ mod tests {
         assert_eq!(o.routes[0].upstream_tls, None, "VIRTUAL_PROTO=https alone: not verified, as nginx-proxy");
     }
 
+    /// Certificates issue, item 4: Traefik labels verify https services as Traefik does.
+    #[test]
+    fn traefik_https_services_are_verified_unless_insecure_skip_verify() {
+        let labels = [
+            ("traefik.enable", "true"),
+            ("traefik.http.routers.r.rule", "Host(`a.test`)"),
+            ("traefik.http.services.s.loadbalancer.server.scheme", "https"),
+        ];
+        let o = read_with(&[], &labels, &[443]);
+        assert_eq!(o.routes[0].upstream_tls.as_ref().map(|t| t.verify), Some(true));
+        let (env, labels): (BTreeMap<String, String>, HashMap<String, String>) =
+            (BTreeMap::new(), labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect());
+        let insecure = Defaults { traefik_insecure_skip_verify: true, ..Defaults::default() };
+        let o = read(&Workload { env: &env, labels: &labels, exposed_ports: &[443], name: "app" }, &insecure);
+        assert_eq!(o.routes[0].upstream_tls.as_ref().map(|t| t.verify), Some(false));
+    }
+
     #[test]
     fn default_port_is_the_single_exposed_port_else_80() {
         assert_eq!(read_with(&[("VIRTUAL_HOST", "a.test")], &[], &[3000]).routes[0].port, 3000);
@@ -1037,8 +1061,14 @@ mod tests {
             },
             |(env, labels)| {
                 let w = Workload { env, labels, exposed_ports: &[80], name: "w" };
-                let out =
-                    read(&w, &Defaults { expose_by_default: true, default_domain: Some("d.test".into()) });
+                let out = read(
+                    &w,
+                    &Defaults {
+                        expose_by_default: true,
+                        default_domain: Some("d.test".into()),
+                        traefik_insecure_skip_verify: false,
+                    },
+                );
                 for r in &out.routes {
                     assert!(!r.hosts.is_empty() && r.path.starts_with('/') && r.port != 0, "{r:?}");
                 }

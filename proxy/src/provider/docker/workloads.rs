@@ -304,6 +304,7 @@ impl Discovery {
             defaults: Defaults {
                 expose_by_default: cfg.expose_by_default,
                 default_domain: cfg.default_domain.clone(),
+                traefik_insecure_skip_verify: cfg.traefik_insecure_skip_verify,
             },
             network: cfg.network.clone(),
             htpasswd_dir: cfg.htpasswd_dir.clone(),
