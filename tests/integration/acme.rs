@@ -249,6 +249,19 @@ impl AcmeAgent {
         curl(&args).await
     }
 
+    /// The `/api/state` certificate entry served for `name`.
+    async fn inventory_entry(&self, name: &str) -> serde_json::Value {
+        let state: serde_json::Value =
+            serde_json::from_str(&curl(&[&self.mesh.admin_url("/api/state")]).await.1).unwrap();
+        state["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is listed: {}", state["certificates"]))
+            .clone()
+    }
+
     /// A counter: the sum of the samples whose line starts with `prefix`.
     pub(crate) async fn counter(&self, prefix: &str) -> u64 {
         self.metric(prefix).await as u64
@@ -336,15 +349,7 @@ async fn http01_issues_a_certificate_for_every_name_served_over_https_and_h2() {
 
     let root = pebble.root().await;
     // Certificates issue, item 7: the inventory says who issued it and when it is renewed.
-    let state: serde_json::Value =
-        serde_json::from_str(&curl(&[&agent.mesh.admin_url("/api/state")]).await.1).unwrap();
-    let entry = state["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "shop.acme.test")
-        .unwrap_or_else(|| panic!("listed: {}", state["certificates"]))
-        .clone();
+    let entry = agent.inventory_entry("shop.acme.test").await;
     assert!(entry["issuer"].as_str().unwrap_or("").contains("Pebble"), "{entry}");
     assert!(entry["next_renewal"].is_string() && entry["last_error"].is_null(), "{entry}");
     let (ok, out) = agent.curl(&root, "www.shop.acme.test", &["--http2", "-w", "\n%{http_version}"]).await;
@@ -919,15 +924,7 @@ async fn a_challenge_that_cannot_succeed_is_reported_and_the_host_stays_served()
     let (ok, out) = curl(&["-f", &agent.mesh.admin_url("/readyz")]).await;
     assert!(ok, "ACME failures never make the node unready: {out}");
     // Certificates issue, item 7: the inventory lists the certificate it could not get, and why.
-    let state: serde_json::Value =
-        serde_json::from_str(&curl(&[&agent.mesh.admin_url("/api/state")]).await.1).unwrap();
-    let entry = state["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "nowhere.acme.test")
-        .unwrap_or_else(|| panic!("listed: {}", state["certificates"]))
-        .clone();
+    let entry = agent.inventory_entry("nowhere.acme.test").await;
     assert_eq!(entry["pending"], true, "{entry}");
     assert!(entry["last_error"].as_str().unwrap_or("").contains("challenge_failed"), "{entry}");
 }

@@ -71,8 +71,12 @@ impl Clients {
 
 /// Two agents share the HTTP port (SO_REUSEPORT, as during an update); one is SIGKILLed (no
 /// drain, no goodbye), then started again, then the other is killed. Each kill fails at most
-/// the requests the dead agent held (one per client: the kept-alive connections it had), the
-/// survivor takes every new connection, and the restarted agent serves.
+/// what the dead agent held: per client, the request in flight on its kept-alive connection
+/// and, at most, the one new connection the kernel queued on the dead agent's listener in the
+/// moment before the process was gone (SO_REUSEPORT spreads connections over both
+/// listeners; nothing can save one queued on a listener that dies: seen once, 6 failures for
+/// 4 clients at one kill). The survivor then takes every new connection, and the restarted
+/// agent serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_beside_another_fails_only_what_it_held_and_its_restart_serves() {
     const CLIENTS: usize = 4;
@@ -95,8 +99,8 @@ async fn an_agent_killed_beside_another_fails_only_what_it_held_and_its_restart_
     clients.until_answered(300, "the restarted agent answers every client").await;
     let (ok, failed) = clients.stop().await;
     eprintln!("{ok} answered; failed at the first kill: {after_first}, in all: {}: {failed:?}", failed.len());
-    assert!(after_first <= CLIENTS, "the first kill failed more than its agent held: {failed:?}");
-    assert!(failed.len() <= 2 * CLIENTS, "the kills failed more than their agents held: {failed:?}");
+    assert!(after_first <= 2 * CLIENTS, "the first kill failed more than its agent held: {failed:?}");
+    assert!(failed.len() <= 4 * CLIENTS, "the kills failed more than their agents held: {failed:?}");
     restarted.signal(15);
 }
 
