@@ -60,6 +60,11 @@ impl PebbleSetup {
             blocklist: vec![],
         }
     }
+
+    /// As [`PebbleSetup::on`], with TLS-ALPN-01 sent where nothing listens: HTTP-01 only.
+    pub(crate) fn http01_only(ports: &Ports) -> Self {
+        Self { tls_port: free_port(), ..Self::on(ports, 3600) }
+    }
 }
 
 /// A pebble process; `kill` and `start_again` simulate a CA that goes away and comes back
@@ -319,15 +324,7 @@ pub(crate) async fn wait_for_certificate(
 async fn http01_issues_a_certificate_for_every_name_served_over_https_and_h2() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: free_port(),
-        dns: ports.dns(),
-        validity_secs: 3600,
-        eab: None,
-        blocklist: vec![],
-    })
-    .await;
+    let pebble = Pebble::start(PebbleSetup::http01_only(&ports)).await;
     let storage = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let agent = AcmeAgent::start(
@@ -422,15 +419,7 @@ async fn a_failing_challenge_falls_back_to_the_other_kind() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
     // TLS-ALPN-01 (tried first) is validated on a closed port and fails; HTTP-01 works.
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: free_port(),
-        dns: ports.dns(),
-        validity_secs: 3600,
-        eab: None,
-        blocklist: vec![],
-    })
-    .await;
+    let pebble = Pebble::start(PebbleSetup::http01_only(&ports)).await;
     let storage = tempfile::tempdir().unwrap();
     let agent =
         AcmeAgent::start(&routes(&web, &["fallback.acme.test"]), &ports, &pebble, storage.path(), |c| {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::acme::{free_port, handshake, AcmeAgent, Pebble, PebbleSetup, Ports};
+use crate::acme::{handshake, AcmeAgent, Pebble, PebbleSetup, Ports};
 use crate::harness::Backend;
 
 /// The operator's `ask` endpoint: 200 for the allowed names, 403 for others; counts asks.
@@ -63,15 +63,7 @@ impl Ask {
 async fn a_name_gets_its_certificate_at_its_first_handshake_only_if_the_ask_endpoint_allows_it() {
     let web = Backend::start("web").await;
     let ports = Ports::new();
-    let pebble = Pebble::start(PebbleSetup {
-        http_port: ports.http,
-        tls_port: free_port(),
-        dns: ports.dns(),
-        validity_secs: 3600,
-        eab: None,
-        blocklist: vec![],
-    })
-    .await;
+    let pebble = Pebble::start(PebbleSetup::http01_only(&ports)).await;
     let ask = Ask::start(&["shop.ondemand.test", "late.ondemand.test"]).await;
     // Routes without a certificate wish: only on-demand TLS can give them one.
     let hosts =

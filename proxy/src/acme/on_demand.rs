@@ -6,8 +6,8 @@
 //! flood of made-up names costs the ask endpoint one request each and the CA nothing.
 //!
 //! Only the agent that orders (the cluster's issuer) obtains certificates on demand; on a
-//! follower the handshake gets the fallback until the feed brings the certificate (the
-//! obtained names are ordinary store entries, shared like any other).
+//! follower the handshake fails until the feed brings the certificate (the obtained names
+//! are ordinary store entries, shared like any other).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,9 @@ use crate::tls::CertResolver;
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a refused name is refused without asking again.
 const REFUSED_FOR: Duration = Duration::from_secs(60);
+/// Refused names remembered at most: past it, the expired ones are forgotten first, and
+/// if a flood of made-up names still fills it, all of them (each costs one more ask).
+const REFUSED_KEPT: usize = 4096;
 /// A handshake waits this long for its certificate at most.
 const ORDER_WAIT: Duration = Duration::from_secs(60);
 
@@ -101,7 +104,15 @@ impl OnDemand {
         let outcome = cell.get_or_init(|| self.obtain(&name)).await.clone();
         self.in_flight.lock().expect("on-demand lock").remove(&name);
         if let Err(why) = &outcome {
-            self.refused.lock().expect("on-demand lock").insert(name.clone(), Instant::now());
+            let mut refused = self.refused.lock().expect("on-demand lock");
+            if refused.len() >= REFUSED_KEPT {
+                refused.retain(|_, at| at.elapsed() < REFUSED_FOR);
+                if refused.len() >= REFUSED_KEPT {
+                    refused.clear();
+                }
+            }
+            refused.insert(name.clone(), Instant::now());
+            drop(refused);
             tracing::info!(host = %name, "acme: no on-demand certificate: {why}");
         }
         outcome
