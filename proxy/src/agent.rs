@@ -348,7 +348,10 @@ fn on_demand(
     issuer: &watch::Receiver<bool>,
 ) -> Option<Arc<acme::on_demand::OnDemand>> {
     let ask = cfg.on_demand_ask.as_ref()?.parse().ok()?;
-    let (manager, (_, resolver)) = (manager?, https?);
+    let (Some(manager), Some((_, resolver))) = (manager, https) else {
+        tracing::warn!("acme.on_demand_ask is set but ACME does not run here (it needs tls.https_listen, acme.enabled and a usable acme.storage_dir): no on-demand certificates");
+        return None;
+    };
     tracing::info!(ask = %cfg.on_demand_ask.as_deref().unwrap_or_default(), "acme: on-demand TLS on");
     Some(Arc::new(acme::on_demand::OnDemand::new(
         ask,
@@ -561,12 +564,11 @@ fn start_acme(
     background: &mut Vec<JoinHandle<()>>,
 ) -> Option<AcmeParts> {
     // Checked with the configuration; a TSIG secret file that went away since is reported.
-    let dns01 = match acme::Dns01::new(&cfg, dns_addr) {
-        Ok(dns01) => dns01,
+    let (dns01, dns01_off) = match acme::Dns01::new(&cfg, dns_addr) {
+        Ok(dns01) => (dns01, String::new()),
         Err(e) => {
             tracing::error!("acme: DNS-01 is off: {e}");
-            core.readiness.set("acme", true, format!("DNS-01 off: {e}"));
-            None
+            (None, format!("; DNS-01 off: {e}"))
         }
     };
     let dir = cfg.storage_dir.clone();
@@ -592,7 +594,7 @@ fn start_acme(
         reload.clone(),
         core.reloads.clone(),
     )));
-    let detail = format!("ordering from {}, stored in {}", cfg.directory_url(), dir.display());
+    let detail = format!("ordering from {}, stored in {}{dns01_off}", cfg.directory_url(), dir.display());
     core.readiness.set("acme", true, &detail);
     let share = cluster::CertShare {
         store: store.clone(),
