@@ -15,6 +15,9 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+mod middleware;
+pub use middleware::{Cors, ForwardAuth, Headers, Middleware, Source};
+
 /// The node name that always means the node the agent runs on (the routes file's default
 /// for a task without `node`).
 pub const THIS_NODE: &str = "local";
@@ -177,6 +180,10 @@ pub struct HttpRoute {
     /// TLS to the tasks when `protocol` is https; `None`: not verified (nginx-proxy's way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<UpstreamTls>,
+    /// What is done to its requests, in order (Traefik's middlewares), after `allow_from`
+    /// and `basic_auth`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub middlewares: Vec<Middleware>,
 }
 
 impl HttpRoute {
@@ -201,6 +208,7 @@ impl HttpRoute {
             max_body: None,
             response_timeout: None,
             upstream_tls: None,
+            middlewares: Vec::new(),
         }
     }
 }

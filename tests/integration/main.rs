@@ -21,6 +21,7 @@ mod lab;
 mod lifecycle;
 mod limits;
 mod mesh;
+mod middlewares;
 mod monitoring;
 mod on_demand;
 mod readme;

@@ -134,12 +134,24 @@ fn traffic(s: &AdminState, in_force: &[Value]) -> Value {
 /// The services as `/api/state` shows them: basic auth users by name only (their hashes
 /// stay in the agent and the cluster feed).
 fn without_secrets(mut services: Value) -> Value {
+    let redact = |users: &mut Value| {
+        for user in users.as_array_mut().into_iter().flatten() {
+            let name = user.as_str().and_then(|u| u.split_once(':')).map(|(n, _)| n.to_owned());
+            *user = json!(format!("{}:REDACTED", name.unwrap_or_default()));
+        }
+    };
     for service in services.as_array_mut().into_iter().flatten() {
         for route in service["http"].as_array_mut().into_iter().flatten() {
-            if let Some(users) = route.pointer_mut("/basic_auth/users").and_then(|u| u.as_array_mut()) {
-                for user in users.iter_mut() {
-                    let name = user.as_str().and_then(|u| u.split_once(':')).map(|(n, _)| n.to_owned());
-                    *user = json!(format!("{}:REDACTED", name.unwrap_or_default()));
+            for (key, value) in route.as_object_mut().into_iter().flatten() {
+                match key.as_str() {
+                    "basic_auth" => redact(&mut value["users"]),
+                    "middlewares" => value
+                        .as_array_mut()
+                        .into_iter()
+                        .flatten()
+                        .filter(|m| m["kind"] == "basic_auth")
+                        .for_each(|m| redact(&mut m["users"])),
+                    _ => {}
                 }
             }
         }

@@ -183,6 +183,8 @@ pub struct RequestGuard {
     /// Body bytes received from the client, counted as they go to the task (requests with
     /// a body).
     pub received: Option<Arc<AtomicU64>>,
+    /// The request's places under in-flight limits, given back with the response.
+    pub permits: Vec<super::middleware::Permit>,
 }
 
 impl RequestGuard {
@@ -198,7 +200,14 @@ impl RequestGuard {
             metrics: None,
             sent: 0,
             received: None,
+            permits: Vec::new(),
         }
+    }
+
+    /// The client is a trusted front proxy.
+    #[must_use]
+    pub fn trusted(&self) -> bool {
+        self.conn.trusted
     }
 
     /// Moves the request's endpoint accounting to `endpoint` (on the first try or a retry).

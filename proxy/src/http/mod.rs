@@ -5,6 +5,7 @@ pub mod basic_auth;
 pub mod body;
 pub mod endpoint;
 pub mod limits;
+pub mod middleware;
 pub mod proxy;
 mod proxy_protocol;
 pub mod router;

@@ -166,6 +166,7 @@ impl Proxy {
         reach: Reach,
     ) -> tokio::task::JoinHandle<()> {
         let registry = EndpointRegistry::new(self.metrics.backend_up.clone());
+        let shared = super::middleware::Shared::default();
         let mut changes = hub.subscribe();
         changes.mark_unchanged();
         let mut told = std::collections::HashSet::new();
@@ -178,6 +179,7 @@ impl Proxy {
                 &registry,
                 &reach,
                 &self.metrics,
+                &shared,
             );
             // Each problem and conflict logged once, while it lasts.
             let conflicts: Vec<String> = table
@@ -291,21 +293,19 @@ impl Proxy {
             return self.answered(resp, guard, None, (started, kind));
         };
 
-        if let Some(resp) = barred(&route, conn_ip) {
-            return self.answered(resp, guard, Some(&route), (started, kind));
-        }
-        if let Some(resp) = self.https_policy(&route, &req, secure) {
-            return self.answered(resp, guard, Some(&route), (started, kind));
-        }
-        if let Some(resp) = authenticate(&route, &mut req).await {
-            return self.answered(resp, guard, Some(&route), (started, kind));
-        }
+        let cx = super::middleware::Context { client: conn_ip, secure, trusted: guard.trusted() };
+        let mut passed = match self.admit(&route, &mut req, &cx).await {
+            Ok(passed) => passed,
+            Err(resp) => return self.answered(resp, guard, Some(&route), (started, kind)),
+        };
+        guard.permits = std::mem::take(&mut passed.permits);
         let asked = upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
         let limit = route.max_body.unwrap_or(self.default_body_limit());
-        if let Some(resp) = too_large(req.headers(), limit) {
+        if let Some(mut resp) = too_large(req.headers(), limit) {
+            passed.finish(resp.headers_mut());
             return self.answered(resp, guard, Some(&route), (started, kind));
         }
         let req =
@@ -339,6 +339,7 @@ impl Proxy {
                 if let (true, Some(hsts)) = (secure, &route.hsts) {
                     resp.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
                 }
+                passed.finish(resp.headers_mut());
                 route.metrics.observe(resp.status(), kind, started.elapsed().as_secs_f64());
                 resp.map(|body| ProxyBody::upstream(body, self.cfg.upstream_body_timeout, timer, guard))
             }
@@ -347,9 +348,37 @@ impl Proxy {
                 let task = endpoint.as_ref().map_or("-", |e| &*e.task);
                 let addr = endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default();
                 tracing::warn!(route = %route.name, service = %route.service, task, addr, %status, "{error}");
-                let resp =
+                let mut resp =
                     local(status, format!("meshgate: {}\n", status.canonical_reason().unwrap_or("error")));
+                passed.finish(resp.headers_mut());
                 self.answered(resp, guard, Some(&route), (started, kind))
+            }
+        }
+    }
+
+    /// What the route asks before the request goes on: served at all, from this address,
+    /// over this scheme, by this user, then its middlewares in order. `Err`: the client's
+    /// answer instead.
+    async fn admit<'r>(
+        &self,
+        route: &'r Route,
+        req: &mut Request<Incoming>,
+        cx: &super::middleware::Context,
+    ) -> Result<super::middleware::Passed<'r>, Response<ProxyBody>> {
+        if let Some(resp) = barred(route, cx.client) {
+            return Err(resp);
+        }
+        if let Some(resp) = self.https_policy(route, req, cx.secure) {
+            return Err(resp);
+        }
+        if let Some(resp) = authenticate(route, req).await {
+            return Err(resp);
+        }
+        match route.middlewares.1.run(req, cx).await {
+            (passed, None) => Ok(passed),
+            (passed, Some(mut resp)) => {
+                passed.finish(resp.headers_mut());
+                Err(resp)
             }
         }
     }

@@ -41,6 +41,9 @@ pub struct Route {
     pub max_body: Option<u64>,
     /// Time its tasks have for a response head (`None`: the agent's).
     pub response_timeout: Option<std::time::Duration>,
+    /// Its middlewares, as configured (claims of one host and path merge only when alike)
+    /// and compiled.
+    pub middlewares: (Vec<crate::state::Middleware>, super::middleware::Chain),
 }
 
 impl Route {
@@ -119,6 +122,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             &a.allow_from,
             a.max_body,
             a.response_timeout,
+            &a.middlewares.0,
         ) == (
             b.protocol,
             &b.rewrite,
@@ -128,6 +132,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             &b.allow_from,
             b.max_body,
             b.response_timeout,
+            &b.middlewares.0,
         );
     alike.then(|| Route {
         name: a.name.clone(),
@@ -145,6 +150,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         allow_from: a.allow_from.clone(),
         max_body: a.max_body,
         response_timeout: a.response_timeout,
+        middlewares: a.middlewares.clone(),
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -169,6 +175,26 @@ fn endpoints_of(
             registry.get(reach.resolve(state, t, http.port), how, &svc.name, &t.id, &t.node)
         })
         .collect()
+}
+
+/// A route's compiled middlewares, or why it is refused (its own reason, or a middleware
+/// that does not compile, or one that changes the path beside `VIRTUAL_DEST`).
+fn chain_of(
+    http: &crate::state::HttpRoute,
+    key: &str,
+    shared: &super::middleware::Shared,
+) -> (super::middleware::Chain, Option<String>) {
+    if http.middlewares.is_empty() || http.refused.is_some() {
+        return (super::middleware::Chain::default(), http.refused.clone());
+    }
+    match super::middleware::Chain::compile(&http.middlewares, key, shared) {
+        Ok(chain) if chain.changes_path() && http.rewrite.is_some() => (
+            super::middleware::Chain::default(),
+            Some("a path rewrite and a middleware that changes the path on one route: not served".into()),
+        ),
+        Ok(chain) => (chain, None),
+        Err(e) => (super::middleware::Chain::default(), Some(format!("middleware: {e}; not served"))),
+    }
 }
 
 #[derive(Default)]
@@ -199,6 +225,7 @@ impl RouteTable {
         registry: &EndpointRegistry,
         reach: &Reach,
         metrics: &Metrics,
+        shared: &super::middleware::Shared,
     ) -> Self {
         let mut by_pattern: HashMap<HostPattern, Vec<Arc<Route>>> = HashMap::new();
         let mut conflicts = Vec::new();
@@ -208,8 +235,10 @@ impl RouteTable {
         metrics.route_refused.reset();
         for svc in services {
             for http in &svc.http {
+                let name = format!("{}{}", http.hosts[0], http.path);
+                let (chain, refused) = chain_of(http, &format!("{}|{name}", svc.name), shared);
                 // A refused route dials nothing.
-                let endpoints = if http.refused.is_some() {
+                let endpoints = if refused.is_some() {
                     Vec::new()
                 } else {
                     endpoints_of(svc, http, state, registry, reach)
@@ -225,8 +254,7 @@ impl RouteTable {
                         }
                     }
                 }
-                let name = format!("{}{}", http.hosts[0], http.path);
-                if http.refused.is_some() {
+                if refused.is_some() {
                     metrics.route_refused.with_label_values(&[&name, &svc.name]).set(1);
                 }
                 let route = Arc::new(Route {
@@ -241,8 +269,9 @@ impl RouteTable {
                     rewrite: http.rewrite.clone(),
                     https_method: http.https_method,
                     hsts: http.hsts.as_deref().and_then(|h| http::HeaderValue::from_str(h).ok()),
-                    refused: http.refused.clone(),
+                    refused,
                     access_log: http.access_log,
+                    middlewares: (http.middlewares.clone(), chain),
                     allow_from: http.allow_from.clone(),
                     max_body: http.max_body,
                     response_timeout: http.response_timeout,
@@ -424,6 +453,7 @@ mod tests {
             &reg,
             &Reach::default(),
             &m,
+            &crate::http::middleware::Shared::default(),
         )
     }
 

@@ -111,6 +111,10 @@ struct HttpEntry {
     /// client_cert = "...", client_key = "..." }`; unset: the tasks' certificates are not
     /// verified.
     upstream_tls: Option<crate::state::UpstreamTls>,
+    /// Traefik's middlewares, in order: `[{ kind = "strip_prefix", prefixes = ["/api"] }, ...]`
+    /// (see docs/routes.md).
+    #[serde(default)]
+    middlewares: Vec<crate::state::Middleware>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +305,12 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         .map(crate::state::parse_size)
         .transpose()
         .map_err(|e| (h.port.span(), format!("max_body: {e}")))?;
+    crate::http::middleware::Chain::compile(
+        &h.middlewares,
+        "check",
+        &crate::http::middleware::Shared::default(),
+    )
+    .map_err(|e| (h.port.span(), format!("middlewares: {e}")))?;
     Ok(HttpRoute {
         hosts,
         path: path.clone(),
@@ -322,6 +332,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         max_body,
         upstream_tls: h.upstream_tls,
         response_timeout: h.response_timeout,
+        middlewares: h.middlewares,
     })
 }
 

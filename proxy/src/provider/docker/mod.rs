@@ -10,6 +10,7 @@
 mod htpasswd;
 mod optin;
 mod raw;
+mod traefik_middleware;
 pub mod traefik_rule;
 mod workloads;
 

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::traefik_rule;
-use crate::state::{BasicAuth, HostError, HostPattern, HttpRoute, HttpsMethod, TlsWish, UpstreamProtocol};
+use crate::state::{HostError, HostPattern, HttpRoute, HttpsMethod, TlsWish, UpstreamProtocol};
 
 /// What discovery knows about one container or service.
 pub struct Workload<'a> {
@@ -42,7 +42,7 @@ pub struct Defaults {
     pub traefik_insecure_skip_verify: bool,
 }
 
-fn parse_bool(v: &str) -> Option<bool> {
+pub(super) fn parse_bool(v: &str) -> Option<bool> {
     match v.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Some(true),
         "false" | "0" | "no" | "off" => Some(false),
@@ -331,8 +331,10 @@ fn known_traefik_label(name: &str) -> bool {
                 | ["tls", _, "main" | "sans"]
                 | ["observability", "accesslogs"]
         ),
-        ["traefik", "http", "middlewares", _, "basicauth", "users" | "realm" | "removeheader"]
-        | ["traefik", "http", "middlewares", _, "ipallowlist" | "ipwhitelist", "sourcerange"] => true,
+        ["traefik", "http", "middlewares", _, kind, option @ ..] => super::traefik_middleware::known(
+            &kind.to_ascii_lowercase(),
+            &option.join(".").to_ascii_lowercase(),
+        ),
         other => matches!(
             other,
             ["traefik", "enable"]
@@ -486,9 +488,9 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
             TlsWish::None
         };
         let (https_method, mut refused) = router_access(&key, label);
-        let mut honoured = Chain::default();
+        let mut honoured = Vec::new();
         if let (None, Some(chain)) = (&refused, label(&key("middlewares"))) {
-            match middlewares(w, chain) {
+            match super::traefik_middleware::chain(w.labels, chain) {
                 Ok(c) => honoured = c,
                 Err(why) => {
                     refused = Some(format!(
@@ -520,8 +522,7 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
                 https_method,
                 refused: refused.clone(),
                 access_log,
-                basic_auth: honoured.basic_auth.clone(),
-                allow_from: honoured.allow_from.clone(),
+                middlewares: honoured.clone(),
                 // As Traefik: an https service's certificate is verified (the web roots)
                 // unless its insecureSkipVerify is set.
                 upstream_tls: (protocol == UpstreamProtocol::Https)
@@ -548,84 +549,6 @@ fn traefik_tls_domains<'a>(
         names.extend(main.into_iter().chain(sans).flat_map(certificate_names));
     }
     (!names.is_empty()).then_some(names)
-}
-
-/// What a router's middlewares ask that meshgate honours.
-#[derive(Default)]
-struct Chain {
-    basic_auth: Option<BasicAuth>,
-    allow_from: Option<Vec<ipnet::IpNet>>,
-}
-
-/// A router's middleware chain, as far as meshgate honours it: `basicauth` (users inline) and
-/// `ipallowlist` (v2: `ipwhitelist`; `sourcerange` only, the connection's address, as
-/// Traefik's default strategy) defined on the same container or service (`name`,
-/// `name@docker`, `name@swarm`). Anything else is an `Err` saying why (the route is then
-/// refused, never served open).
-fn middlewares(w: &Workload<'_>, chain: &str) -> Result<Chain, String> {
-    let mut out = Chain::default();
-    for name in chain.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let local = name.strip_suffix("@docker").or_else(|| name.strip_suffix("@swarm")).unwrap_or(name);
-        if local.contains('@') {
-            return Err(format!(
-                "middleware `{name}` comes from another provider, which meshgate does not read"
-            ));
-        }
-        let prefix = format!("traefik.http.middlewares.{local}.");
-        let kinds: BTreeSet<&str> =
-            w.labels.keys().filter_map(|k| k.strip_prefix(&prefix)?.split('.').next()).collect();
-        let kind = match kinds.iter().next() {
-            None => return Err(format!("middleware `{local}` is not defined on this container or service")),
-            Some(kind)
-                if kinds.len() == 1 && matches!(*kind, "basicauth" | "ipallowlist" | "ipwhitelist") =>
-            {
-                *kind
-            }
-            Some(kind) => return Err(format!("middleware `{local}` ({kind}) is not honoured yet")),
-        };
-        if kind != "basicauth" {
-            let settings: Vec<&str> =
-                w.labels.keys().filter_map(|k| k.strip_prefix(&format!("{prefix}{kind}."))).collect();
-            if let Some(other) = settings.iter().find(|s| **s != "sourcerange") {
-                return Err(format!("`{prefix}{kind}.{other}` is not honoured yet (only `sourcerange`, the connection's address)"));
-            }
-            let range = w.labels.get(&format!("{prefix}{kind}.sourcerange")).map_or("", String::as_str);
-            let nets = range
-                .split(',')
-                .filter(|n| !n.trim().is_empty())
-                .map(crate::state::parse_network)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("middleware `{local}`: {e}"))?;
-            if nets.is_empty() {
-                return Err(format!("middleware `{local}` allows no network"));
-            }
-            // Two lists: a client must be in both, which a single list cannot say: refused.
-            if out.allow_from.replace(nets).is_some() {
-                return Err("two IP allow lists on one router".into());
-            }
-            continue;
-        }
-        let get = |k: &str| w.labels.get(&format!("{prefix}basicauth.{k}")).map(String::as_str);
-        if get("usersfile").is_some() {
-            return Err(format!("`{prefix}basicauth.usersfile` names a file on the proxy's disk, which is not carried to every node: give the users in `basicauth.users`"));
-        }
-        let Some(users) = get("users") else {
-            return Err(format!("middleware `{local}` has no `basicauth.users`"));
-        };
-        if out.basic_auth.is_some() {
-            return Err("two basicauth middlewares on one router".into());
-        }
-        let parsed = BasicAuth {
-            users: users.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect(),
-            realm: get("realm").unwrap_or("traefik").to_owned(),
-            remove_header: get("removeheader").and_then(parse_bool).unwrap_or(false),
-        };
-        if let Some(bad) = parsed.bad_entry() {
-            return Err(format!("middleware `{local}`: {bad}"));
-        }
-        out.basic_auth = Some(parsed);
-    }
-    Ok(out)
 }
 
 /// What a Traefik router's entrypoints, middlewares and TLS options ask of access: the
@@ -680,13 +603,13 @@ mod tests {
             read_with(&[], &labels, &[80])
         };
         let o = traefik(&[
-            ("traefik.http.routers.adm.middlewares", "adm-limit"),
-            ("traefik.http.middlewares.adm-limit.ratelimit.average", "10"),
+            ("traefik.http.routers.adm.middlewares", "adm-zip"),
+            ("traefik.http.middlewares.adm-zip.compress.minresponsebodybytes", "10"),
         ]);
         assert!(o.routes[0].refused.as_deref().is_some_and(|w| w.contains("middlewares")), "{:?}", o.routes);
-        assert!(o.problems.iter().any(|p| p.contains("adm-limit")), "{:?}", o.problems);
+        assert!(o.problems.iter().any(|p| p.contains("adm-zip")), "{:?}", o.problems);
         assert!(
-            o.problems.iter().any(|p| p.contains("ratelimit.average")),
+            o.problems.iter().any(|p| p.contains("compress.minresponsebodybytes")),
             "the definition is listed: {:?}",
             o.problems
         );
@@ -886,7 +809,9 @@ mod tests {
             &[80],
         );
         assert!(o.problems.is_empty(), "{:?}", o.problems);
-        let auth = o.routes[0].basic_auth.as_ref().expect("the route carries its users");
+        let [crate::state::Middleware::BasicAuth(auth)] = o.routes[0].middlewares.as_slice() else {
+            panic!("the route carries its users: {:?}", o.routes[0].middlewares)
+        };
         assert_eq!(auth.users.len(), 2);
         assert_eq!((auth.realm.as_str(), auth.remove_header), ("admins", true));
         assert!(o.routes[0].refused.is_none());
@@ -905,7 +830,11 @@ mod tests {
             read_with(&[], &labels, &[80])
         };
         let o = allow("10.0.0.0/8, 192.0.2.7", &[]);
-        assert_eq!(o.routes[0].allow_from.as_ref().map(Vec::len), Some(2), "{:?}", o.problems);
+        assert!(
+            matches!(o.routes[0].middlewares.as_slice(), [crate::state::Middleware::AllowFrom { networks }] if networks.len() == 2),
+            "{:?}",
+            o.problems
+        );
         assert!(o.routes[0].refused.is_none() && o.problems.is_empty(), "{:?}", o.problems);
         assert!(allow("not-a-net", &[]).routes[0].refused.is_some());
         let o = allow("10.0.0.0/8", &[("traefik.http.middlewares.list.ipallowlist.ipstrategy.depth", "1")]);

@@ -1,0 +1,173 @@
+//! Drop-in issue, item 4: Traefik's middlewares, as labels on a real container on the real
+//! engine, checked with curl as a user would (what the task got, from busybox httpd's CGI
+//! environment; what the client got, from the answer's head).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::docker::Container;
+use crate::harness::{curl, eventually, Mesh};
+
+/// `curl -si` with a Host header (and more arguments): the answer's head and body, lower-case
+/// header names as curl prints them over HTTP/1.1.
+async fn head_and_body(mesh: &Mesh, host: &str, path: &str, more: &[&str]) -> String {
+    let url = mesh.url(path);
+    let host = format!("Host: {host}");
+    let mut args = vec!["-si", "-H", host.as_str()];
+    args.extend_from_slice(more);
+    args.push(&url);
+    curl(&args).await.1.replace('\r', "").to_ascii_lowercase()
+}
+
+/// An authentication server as Authelia answers a forward-auth: 200 with `Remote-User` for
+/// the session cookie `session=good`, else a redirect to its login page. Keeps the headers of
+/// every question.
+async fn auth_server() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    log.lock().unwrap().push(req.headers().clone());
+                    let good = req.headers().get("cookie").is_some_and(|c| c == "session=good");
+                    let resp = if good {
+                        Response::builder().header("remote-user", "ann").body(Full::new(Bytes::new()))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::FOUND)
+                            .header("location", "https://login.test/")
+                            .body(Full::new(Bytes::from_static(b"log in first")))
+                    };
+                    async move { Ok::<_, Infallible>(resp.unwrap()) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_middlewares_change_requests_and_answers_as_traefik_does() {
+    let (auth, asked) = auth_server().await;
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let forward = format!("traefik.http.middlewares.fa.forwardauth.address=http://{auth}/verify");
+    let labels = [
+        "traefik.enable=true",
+        // Path and headers (Traefik's docs, "StripPrefix" and "Headers": customRequestHeaders,
+        // frameDeny, CORS).
+        "traefik.http.routers.api.rule=Host(`mw.docker.test`) && PathPrefix(`/api`)",
+        "traefik.http.routers.api.middlewares=strip,sec",
+        "traefik.http.middlewares.strip.stripprefix.prefixes=/api",
+        "traefik.http.middlewares.sec.headers.customRequestHeaders.X-Script-Name=test",
+        "traefik.http.middlewares.sec.headers.customResponseHeaders.X-Served-By=meshgate",
+        "traefik.http.middlewares.sec.headers.frameDeny=true",
+        "traefik.http.middlewares.sec.headers.accessControlAllowOriginList=https://app.test",
+        "traefik.http.middlewares.sec.headers.accessControlAllowMethods=GET,PUT",
+        "traefik.http.middlewares.sec.headers.addVaryHeader=true",
+        // Redirects ("RedirectRegex", "RedirectScheme").
+        "traefik.http.routers.old.rule=Host(`old.docker.test`)",
+        "traefik.http.routers.old.middlewares=moved",
+        "traefik.http.middlewares.moved.redirectregex.regex=^http://old\\.docker\\.test/(.*)",
+        "traefik.http.middlewares.moved.redirectregex.replacement=http://new.docker.test/$1",
+        "traefik.http.middlewares.moved.redirectregex.permanent=true",
+        "traefik.http.routers.sec.rule=Host(`tls.docker.test`)",
+        "traefik.http.routers.sec.middlewares=tohttps",
+        "traefik.http.middlewares.tohttps.redirectscheme.scheme=https",
+        "traefik.http.middlewares.tohttps.redirectscheme.permanent=true",
+        // "RateLimit": 2 at once, then 1 a minute.
+        "traefik.http.routers.lim.rule=Host(`lim.docker.test`)",
+        "traefik.http.routers.lim.middlewares=rl",
+        "traefik.http.middlewares.rl.ratelimit.average=1",
+        "traefik.http.middlewares.rl.ratelimit.period=1m",
+        "traefik.http.middlewares.rl.ratelimit.burst=2",
+        // "ForwardAuth", as Authelia's docs set it.
+        "traefik.http.routers.fa.rule=Host(`fa.docker.test`)",
+        "traefik.http.routers.fa.middlewares=fa",
+        &forward,
+        "traefik.http.middlewares.fa.forwardauth.authResponseHeaders=Remote-User",
+    ];
+    let args: Vec<&str> = labels.iter().flat_map(|l| ["-l", l]).collect();
+    let task = Container::run("mw", &args, 80).await;
+    eventually("the routers are served", Duration::from_secs(30), async || {
+        mesh.get("old.docker.test", "/x").await.0 == StatusCode::MOVED_PERMANENTLY
+    })
+    .await;
+
+    // stripprefix + headers: the task gets `/cgi-bin/env` with the prefix and the custom
+    // header; the client gets the response headers.
+    let got = head_and_body(&mesh, "mw.docker.test", "/api/cgi-bin/env", &[]).await;
+    assert!(got.starts_with("http/1.1 200"), "{got}");
+    for want in ["request_uri=/cgi-bin/env", "http_x_forwarded_prefix=/api", "http_x_script_name=test"] {
+        assert!(got.contains(want), "the task got {want}: {got}");
+    }
+    assert!(got.contains("x-frame-options: deny") && got.contains("x-served-by: meshgate"), "{got}");
+    assert!(!got.contains("access-control-allow-origin"), "no Origin, no CORS headers: {got}");
+    let got = head_and_body(&mesh, "mw.docker.test", "/api/", &["-H", "Origin: https://app.test"]).await;
+    assert!(
+        got.contains("access-control-allow-origin: https://app.test") && got.contains("vary: origin"),
+        "{got}"
+    );
+    assert!(got.contains(&task.id), "{got}");
+    let got = head_and_body(&mesh, "mw.docker.test", "/api/", &["-H", "Origin: https://evil.test"]).await;
+    assert!(!got.contains("access-control-allow-origin"), "another origin is not allowed: {got}");
+    // A preflight is answered by the proxy.
+    let preflight =
+        ["-X", "OPTIONS", "-H", "Origin: https://app.test", "-H", "Access-Control-Request-Method: PUT"];
+    let got = head_and_body(&mesh, "mw.docker.test", "/api/cgi-bin/env", &preflight).await;
+    assert!(
+        got.starts_with("http/1.1 200") && got.contains("access-control-allow-methods: get, put"),
+        "{got}"
+    );
+    assert!(!got.contains("request_uri"), "a preflight does not reach the task: {got}");
+
+    // Redirects: the URL rewritten by the regex (301 for GET); the scheme (308 keeps a POST).
+    let got = head_and_body(&mesh, "old.docker.test", "/a/b?c=1", &[]).await;
+    assert!(
+        got.starts_with("http/1.1 301") && got.contains("location: http://new.docker.test/a/b?c=1"),
+        "{got}"
+    );
+    let got = head_and_body(&mesh, "tls.docker.test", "/form", &["-X", "POST", "-d", "x=1"]).await;
+    assert!(
+        got.starts_with("http/1.1 308") && got.contains("location: https://tls.docker.test/form"),
+        "{got}"
+    );
+
+    // The rate limit: the burst, then 429 with when to come back.
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let got = head_and_body(&mesh, "lim.docker.test", "/", &[]).await;
+        codes.push(got[9..12].to_owned());
+        if codes.len() == 3 {
+            assert!(got.contains("retry-after:"), "{got}");
+        }
+    }
+    assert_eq!(codes, ["200", "200", "429"]);
+
+    // forwardauth: the server's redirect to its login page without a session; with one, the
+    // task gets the user the server vouches for, never the one the client claims.
+    let got = head_and_body(&mesh, "fa.docker.test", "/cgi-bin/env", &[]).await;
+    assert!(got.starts_with("http/1.1 302") && got.contains("location: https://login.test/"), "{got}");
+    assert!(got.contains("log in first") && !got.contains("request_uri"), "{got}");
+    let claims = ["-H", "Cookie: session=good", "-H", "Remote-User: admin"];
+    let got = head_and_body(&mesh, "fa.docker.test", "/cgi-bin/env?q=1", &claims).await;
+    assert!(got.starts_with("http/1.1 200") && got.contains("http_remote_user=ann"), "{got}");
+    assert!(!got.contains("admin"), "{got}");
+    let last = asked.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last["x-forwarded-uri"], "/cgi-bin/env?q=1");
+    assert_eq!(last["x-forwarded-host"], "fa.docker.test");
+    assert_eq!(last["x-forwarded-method"], "GET");
+}
