@@ -94,16 +94,22 @@ async fn traefik_middlewares_change_requests_and_answers_as_traefik_does() {
         "traefik.http.middlewares.rl.ratelimit.average=1",
         "traefik.http.middlewares.rl.ratelimit.period=1m",
         "traefik.http.middlewares.rl.ratelimit.burst=2",
-        // "ForwardAuth", as Authelia's docs set it.
+        // "ForwardAuth", as Authelia's docs set it: defined on the authentication server's
+        // container, named by the application's router.
         "traefik.http.routers.fa.rule=Host(`fa.docker.test`)",
-        "traefik.http.routers.fa.middlewares=fa",
-        &forward,
-        "traefik.http.middlewares.fa.forwardauth.authResponseHeaders=Remote-User",
+        "traefik.http.routers.fa.middlewares=fa@docker",
     ];
     let args: Vec<&str> = labels.iter().flat_map(|l| ["-l", l]).collect();
     let task = Container::run("mw", &args, 80).await;
+    let _definer = Container::run(
+        "authdef",
+        &["-l", &forward, "-l", "traefik.http.middlewares.fa.forwardauth.authResponseHeaders=Remote-User"],
+        80,
+    )
+    .await;
     eventually("the routers are served", Duration::from_secs(30), async || {
         mesh.get("old.docker.test", "/x").await.0 == StatusCode::MOVED_PERMANENTLY
+            && mesh.get("fa.docker.test", "/").await.0 == StatusCode::FOUND
     })
     .await;
 

@@ -19,6 +19,8 @@ pub struct Workload<'a> {
     pub exposed_ports: &'a [u16],
     /// Used for the default host with `expose_by_default` and a `default_domain`.
     pub name: &'a str,
+    /// The Traefik middlewares every workload of the engine defines.
+    pub middlewares: &'a super::traefik_middleware::Catalogue,
 }
 
 /// The routes a workload asks for, the network it wants to be reached on, and what was
@@ -490,7 +492,7 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
         let (https_method, mut refused) = router_access(&key, label);
         let mut honoured = Vec::new();
         if let (None, Some(chain)) = (&refused, label(&key("middlewares"))) {
-            match super::traefik_middleware::chain(w.labels, chain) {
+            match super::traefik_middleware::chain(w.labels, w.middlewares, chain) {
                 Ok(c) => honoured = c,
                 Err(why) => {
                     refused = Some(format!(
@@ -580,6 +582,7 @@ fn router_access<'a>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::traefik_middleware::Catalogue;
     use super::*;
 
     fn read_with(env: &[(&str, &str)], labels: &[(&str, &str)], exposed: &[u16]) -> OptIn {
@@ -587,7 +590,13 @@ mod tests {
         let labels: HashMap<String, String> =
             labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
         read(
-            &Workload { env: &env, labels: &labels, exposed_ports: exposed, name: "app" },
+            &Workload {
+                env: &env,
+                labels: &labels,
+                exposed_ports: exposed,
+                name: "app",
+                middlewares: &Catalogue::default(),
+            },
             &Defaults::default(),
         )
     }
@@ -777,7 +786,16 @@ mod tests {
         let (env, labels): (BTreeMap<String, String>, HashMap<String, String>) =
             (BTreeMap::new(), labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect());
         let insecure = Defaults { traefik_insecure_skip_verify: true, ..Defaults::default() };
-        let o = read(&Workload { env: &env, labels: &labels, exposed_ports: &[443], name: "app" }, &insecure);
+        let o = read(
+            &Workload {
+                env: &env,
+                labels: &labels,
+                exposed_ports: &[443],
+                name: "app",
+                middlewares: &Catalogue::default(),
+            },
+            &insecure,
+        );
         assert_eq!(o.routes[0].upstream_tls.as_ref().map(|t| t.verify), Some(false));
     }
 
@@ -989,7 +1007,13 @@ mod tests {
                 (env, labels)
             },
             |(env, labels)| {
-                let w = Workload { env, labels, exposed_ports: &[80], name: "w" };
+                let w = Workload {
+                    env,
+                    labels,
+                    exposed_ports: &[80],
+                    name: "w",
+                    middlewares: &Catalogue::default(),
+                };
                 let out = read(
                     &w,
                     &Defaults {

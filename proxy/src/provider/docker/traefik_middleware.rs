@@ -5,6 +5,10 @@
 //! `Err` saying which and why, and the route is then refused (never served without it).
 //! Option names are read case-insensitively, as Traefik does (`stripPrefix.prefixes` and
 //! `stripprefix.prefixes` are one option).
+//!
+//! A router may name a middleware defined on another container or service (Authelia's
+//! container defines `authelia`, the applications say `authelia@docker`): every workload's
+//! definitions are in one [`Catalogue`] per resync. `@docker` and `@swarm` both name it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -70,6 +74,42 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The middlewares every container and service of the engine defines, by name. A name
+/// defined differently by two of them is kept as a conflict (a router using it is refused,
+/// as Traefik drops it).
+#[derive(Debug, Default)]
+pub struct Catalogue(HashMap<String, Result<Definition, String>>);
+
+/// Who defines a middleware, and its labels.
+type Definition = (String, HashMap<String, String>);
+
+impl Catalogue {
+    /// Adds the definitions in `owner`'s labels.
+    pub fn add(&mut self, owner: &str, labels: &HashMap<String, String>) {
+        let mut mine = BTreeMap::<&str, HashMap<String, String>>::new();
+        for (key, value) in labels {
+            if let Some(name) =
+                key.strip_prefix("traefik.http.middlewares.").and_then(|r| r.split('.').next())
+            {
+                mine.entry(name).or_default().insert(key.clone(), value.clone());
+            }
+        }
+        for (name, def) in mine {
+            match self.0.get(name) {
+                Some(Ok((first, known))) if *known != def => {
+                    let why =
+                        format!("middleware `{name}` is defined differently on `{first}` and `{owner}`");
+                    self.0.insert(name.to_owned(), Err(why));
+                }
+                Some(_) => {}
+                None => {
+                    self.0.insert(name.to_owned(), Ok((owner.to_owned(), def)));
+                }
+            }
+        }
+    }
+}
+
 /// Whether meshgate reads `option` (lower case) of a middleware of `kind` (lower case).
 #[must_use]
 pub fn known(kind: &str, option: &str) -> bool {
@@ -86,9 +126,13 @@ pub fn known(kind: &str, option: &str) -> bool {
 ///
 /// # Errors
 /// Why the chain cannot be honoured as written (the route is then refused).
-pub fn chain(labels: &HashMap<String, String>, names: &str) -> Result<Vec<Middleware>, String> {
+pub fn chain(
+    labels: &HashMap<String, String>,
+    catalogue: &Catalogue,
+    names: &str,
+) -> Result<Vec<Middleware>, String> {
     let mut out = Vec::new();
-    expand(labels, names, &mut Vec::new(), &mut out)?;
+    expand((labels, catalogue), names, &mut Vec::new(), &mut out)?;
     if out.iter().filter(|m| matches!(m, Middleware::BasicAuth(_))).count() > 1 {
         return Err("two basicauth middlewares on one router".into());
     }
@@ -96,7 +140,7 @@ pub fn chain(labels: &HashMap<String, String>, names: &str) -> Result<Vec<Middle
 }
 
 fn expand(
-    labels: &HashMap<String, String>,
+    labels: (&HashMap<String, String>, &Catalogue),
     names: &str,
     seen: &mut Vec<String>,
     out: &mut Vec<Middleware>,
@@ -123,12 +167,22 @@ fn expand(
     Ok(())
 }
 
-/// A middleware's kind and options (lower-case option names), from its labels.
+/// A middleware's kind and options (lower-case option names), from the workload's own
+/// labels, else from the one that defines it.
 fn definition<'a>(
-    labels: &'a HashMap<String, String>,
+    (own, catalogue): (&'a HashMap<String, String>, &'a Catalogue),
     name: &str,
 ) -> Result<(String, BTreeMap<String, &'a str>), String> {
     let prefix = format!("traefik.http.middlewares.{name}.");
+    let labels = if own.keys().any(|k| k.starts_with(&prefix)) {
+        own
+    } else {
+        match catalogue.0.get(name) {
+            Some(Ok((_, labels))) => labels,
+            Some(Err(conflict)) => return Err(conflict.clone()),
+            None => own,
+        }
+    };
     let mut kinds = BTreeMap::<String, BTreeMap<String, &str>>::new();
     for (key, value) in labels {
         let Some(rest) = key.strip_prefix(&prefix) else { continue };
@@ -138,7 +192,7 @@ fn definition<'a>(
     }
     let mut kinds = kinds.into_iter();
     match (kinds.next(), kinds.next()) {
-        (None, _) => Err(format!("middleware `{name}` is not defined on this container or service")),
+        (None, _) => Err(format!("middleware `{name}` is not defined on any container or service")),
         (Some((a, _)), Some((b, _))) => {
             Err(format!("middleware `{name}` is defined as two kinds ({a}, {b})"))
         }
@@ -413,7 +467,7 @@ mod tests {
             ("traefik.http.middlewares.sec.headers.stsSeconds", "31536000"),
             ("traefik.http.middlewares.both.chain.middlewares", "strip,sec"),
         ]);
-        let c = chain(&l, "https@docker, both").unwrap();
+        let c = chain(&l, &Catalogue::default(), "https@docker, both").unwrap();
         assert!(
             matches!(&c[0], Middleware::RedirectScheme { scheme, permanent: true, port: None } if scheme == "https")
         );
@@ -438,12 +492,31 @@ mod tests {
             (vec![("traefik.http.middlewares.s.stripprefixregex.regex", "(")], "s", "regular expression"),
             (vec![("traefik.http.middlewares.f.forwardauth.address", "https://auth")], "f", "http://"),
             (vec![("traefik.http.middlewares.c.headers.accessControlAllowMethods", "GET")], "c", "origin"),
-            (vec![], "missing", "not defined"),
+            (vec![], "missing", "not defined on any"),
             (vec![], "x@file", "another provider"),
         ] {
-            let e = chain(&labels(&pairs), chain_value).unwrap_err();
+            let e = chain(&labels(&pairs), &Catalogue::default(), chain_value).unwrap_err();
             assert!(e.to_lowercase().contains(why), "{chain_value}: {e}");
         }
+    }
+
+    #[test]
+    fn a_middleware_defined_on_another_workload_is_found_unless_two_define_it_differently() {
+        let authelia = labels(&[(
+            "traefik.http.middlewares.authelia.forwardauth.address",
+            "http://127.0.0.1:9091/api/verify",
+        )]);
+        let mut catalogue = Catalogue::default();
+        catalogue.add("authelia", &authelia);
+        catalogue.add("copy", &authelia);
+        let c = chain(&HashMap::new(), &catalogue, "authelia@docker").unwrap();
+        assert!(matches!(&c[..], [Middleware::ForwardAuth(f)] if f.address.ends_with("/api/verify")));
+        catalogue.add(
+            "other",
+            &labels(&[("traefik.http.middlewares.authelia.forwardauth.address", "http://127.0.0.1:1/")]),
+        );
+        let e = chain(&HashMap::new(), &catalogue, "authelia@docker").unwrap_err();
+        assert!(e.contains("defined differently on `authelia` and `other`"), "{e}");
     }
 
     #[test]
@@ -455,7 +528,7 @@ mod tests {
             ("traefik.http.middlewares.in.inflightreq.sourcecriterion.requestheadername", "X-User"),
         ]);
         assert_eq!(
-            chain(&l, "rl,in").unwrap(),
+            chain(&l, &Catalogue::default(), "rl,in").unwrap(),
             vec![
                 Middleware::RateLimit { average: 100, period_ms: 60_000, burst: 1, source: Source::ClientIp },
                 Middleware::InFlight { amount: 10, source: Source::Header("x-user".into()) },

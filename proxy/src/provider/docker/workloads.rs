@@ -26,6 +26,7 @@ use bollard::Docker;
 use serde::Deserialize;
 
 use super::optin::{self, Defaults, Workload};
+use super::traefik_middleware::Catalogue;
 use super::Position;
 use super::{raw, DockerConfig, NAME};
 use crate::state::{Health, HttpRoute, L4Protocol, MeshState, Node, PublishedPort, Service, Task};
@@ -332,12 +333,16 @@ impl Discovery {
         self.refresh_inspected(docker, &containers).await;
         let networks = Networks::read(docker).await?;
         let mut out = Building::default();
+        let services = if engine.manager { docker.list_services(None).await? } else { Vec::new() };
+        let catalogue = catalogue(&containers, &services);
         let leave = engine.manager || leave_swarm_tasks;
-        self.container_services(&containers, &engine.node, leave, &networks, &mut out);
+        self.container_services(&containers, &engine.node, leave, &networks, &catalogue, &mut out);
         let mut nodes = Vec::new();
         if engine.manager {
             nodes = swarm_nodes(docker).await?;
-            self.swarm_services(docker, &containers, &engine.node, &nodes, &networks, &mut out).await?;
+            let found = (services, &catalogue);
+            self.swarm_services(docker, &containers, found, &engine.node, &nodes, &networks, &mut out)
+                .await?;
         } else if leave_swarm_tasks {
             self.own_swarm_tasks(&containers, &networks, &mut out);
         }
@@ -423,6 +428,7 @@ impl Discovery {
         node: &str,
         leave_swarm_tasks: bool,
         networks: &Networks,
+        catalogue: &Catalogue,
         out: &mut Building,
     ) {
         let mut groups: BTreeMap<(String, Option<String>), Vec<Member<'_>>> = BTreeMap::new();
@@ -451,7 +457,13 @@ impl Discovery {
             let empty = HashMap::new();
             let labels = first.summary.labels.as_ref().unwrap_or(&empty);
             let opt = optin::read(
-                &Workload { env: &inspected.env, labels, exposed_ports: &inspected.exposed, name: &name },
+                &Workload {
+                    env: &inspected.env,
+                    labels,
+                    exposed_ports: &inspected.exposed,
+                    name: &name,
+                    middlewares: catalogue,
+                },
                 &self.defaults,
             );
             out.problems.extend(opt.problems.iter().map(|p| format!("container `{}`: {p}", first.name)));
@@ -538,10 +550,12 @@ impl Discovery {
 
     /// Every Swarm service with its running tasks: addresses from the task API, health and
     /// the local address from the task's container when it runs here.
+    #[allow(clippy::too_many_arguments)] // one resync's pieces, each read once
     async fn swarm_services(
         &self,
         docker: &Docker,
         containers: &[ContainerSummary],
+        (mut list, catalogue): (Vec<bollard::models::Service>, &Catalogue),
         node: &str,
         nodes: &[Node],
         networks: &Networks,
@@ -552,7 +566,6 @@ impl Discovery {
         let node_names: HashMap<&str, &str> =
             nodes.iter().map(|n| (n.id.as_str(), n.name.as_str())).collect();
         let tasks = self.running_tasks(docker).await?;
-        let mut list = docker.list_services(None).await?;
         list.sort_by(|a, b| {
             a.spec.as_ref().and_then(|s| s.name.clone()).cmp(&b.spec.as_ref().and_then(|s| s.name.clone()))
         });
@@ -566,7 +579,13 @@ impl Discovery {
             let ports: Vec<_> = svc.endpoint.as_ref().and_then(|e| e.ports.clone()).unwrap_or_default();
             let targets: Vec<u16> = ports.iter().filter_map(|p| u16::try_from(p.target_port?).ok()).collect();
             let opt = optin::read(
-                &Workload { env: &env, labels: &labels, exposed_ports: &targets, name: &name },
+                &Workload {
+                    env: &env,
+                    labels: &labels,
+                    exposed_ports: &targets,
+                    name: &name,
+                    middlewares: catalogue,
+                },
                 &self.defaults,
             );
             out.problems.extend(opt.problems.iter().map(|p| format!("service `{name}`: {p}")));
@@ -687,6 +706,25 @@ impl Discovery {
             node_local: true,
         })
     }
+}
+
+/// The Traefik middlewares every container and service defines (a router may name one
+/// defined elsewhere).
+fn catalogue(containers: &[ContainerSummary], services: &[bollard::models::Service]) -> Catalogue {
+    let mut catalogue = Catalogue::default();
+    for c in containers {
+        if let Some(labels) = &c.labels {
+            catalogue.add(&container_name(c), labels);
+        }
+    }
+    for svc in services {
+        if let Some(spec) = &svc.spec {
+            if let Some(labels) = &spec.labels {
+                catalogue.add(spec.name.as_deref().unwrap_or(""), labels);
+            }
+        }
+    }
+    catalogue
 }
 
 fn unreachable_here(who: &str, network: &str) -> String {
