@@ -163,7 +163,10 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
     }
     if label("meshgate.http.hosts").is_some() {
         match from_our_labels(w) {
-            Ok(route) => out.routes.push(route),
+            Ok(route) => {
+                out.problems.extend(route.refused.clone());
+                out.routes.push(route);
+            }
             Err(p) => out.problems.push(p.to_string()),
         }
     }
@@ -297,6 +300,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.upstream_verify",
         "meshgate.http.upstream_ca",
         "meshgate.http.upstream_server_name",
+        "meshgate.http.middlewares",
     ];
     let mut out = Vec::new();
     for name in w.env.keys() {
@@ -308,7 +312,9 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
     let mut labels: Vec<&String> = w.labels.keys().collect();
     labels.sort();
     for name in labels {
-        let known = if name.starts_with("meshgate.") {
+        let known = if let Some(rest) = name.strip_prefix("meshgate.middlewares.") {
+            known_traefik_label(&format!("traefik.http.middlewares.{rest}"))
+        } else if name.starts_with("meshgate.") {
             OURS.contains(&name.as_str())
         } else if name.starts_with("traefik.") {
             known_traefik_label(name)
@@ -437,7 +443,30 @@ fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         Some(v) if v == "off" || v == "false" || v == "none" => TlsWish::None,
         Some(v) => return Err(label("meshgate.tls")(ValueError::NotOneOf(v, "acme or off"))),
     };
-    Ok(route(hosts, path, port, protocol, tls))
+    let mut route = route(hosts, path, port, protocol, tls);
+    if let Some(names) = get("meshgate.http.middlewares") {
+        // The same middlewares as Traefik's, defined under `meshgate.middlewares.<name>.`.
+        let ours: HashMap<String, String> = w
+            .labels
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    format!("traefik.http.middlewares.{}", k.strip_prefix("meshgate.middlewares.")?),
+                    v.clone(),
+                ))
+            })
+            .collect();
+        match super::traefik_middleware::chain(&ours, &super::traefik_middleware::Catalogue::default(), names)
+        {
+            Ok(chain) => route.middlewares = chain,
+            Err(why) => {
+                route.refused = Some(format!(
+                    "label `meshgate.http.middlewares={names}`: {why}; the route is not served rather than served without it"
+                ));
+            }
+        }
+    }
+    Ok(route)
 }
 
 /// The Traefik subset: routers with rules, their services' ports and schemes, cert resolvers.
@@ -807,6 +836,34 @@ mod tests {
             read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "81")], &[], &[3000]).routes[0].port,
             81
         );
+    }
+
+    #[test]
+    fn our_labels_take_the_same_middlewares_under_names_of_their_own() {
+        let ours = |more: &[(&'static str, &'static str)]| {
+            let mut labels = vec![
+                ("meshgate.http.hosts", "a.test"),
+                ("meshgate.http.middlewares", "strip,limit"),
+                ("meshgate.middlewares.strip.stripprefix.prefixes", "/api"),
+            ];
+            labels.extend_from_slice(more);
+            read_with(&[], &labels, &[80])
+        };
+        let o = ours(&[("meshgate.middlewares.limit.ratelimit.average", "5")]);
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert!(matches!(
+            o.routes[0].middlewares.as_slice(),
+            [
+                crate::state::Middleware::StripPrefix { .. },
+                crate::state::Middleware::RateLimit { average: 5, .. }
+            ]
+        ));
+        let o = ours(&[
+            ("meshgate.middlewares.limit.ratelimit.average", "5"),
+            ("meshgate.middlewares.limit.ratelimit.sourcecriterion.ipstrategy.depth", "1"),
+        ]);
+        assert!(o.routes[0].refused.is_some(), "what is not honoured refuses the route: {:?}", o.routes);
+        assert!(o.problems.iter().any(|p| p.contains("ipstrategy")), "{:?}", o.problems);
     }
 
     #[test]
