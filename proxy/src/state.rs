@@ -15,7 +15,9 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+mod condition;
 mod middleware;
+pub use condition::{Condition, Test};
 pub use middleware::{Cors, ForwardAuth, Headers, Middleware, Source};
 
 /// The node name that always means the node the agent runs on (the routes file's default
@@ -184,6 +186,15 @@ pub struct HttpRoute {
     /// and `basic_auth`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub middlewares: Vec<Middleware>,
+    /// What a request must also be for this route to take it (Traefik's `Method`, `Header`,
+    /// ...): all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Among a host's routes that all have one (Traefik's routers: its `priority`, else the
+    /// rule's length), the highest that matches takes the request; otherwise the longest
+    /// path prefix does, and this breaks ties.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
 }
 
 impl HttpRoute {
@@ -209,6 +220,8 @@ impl HttpRoute {
             response_timeout: None,
             upstream_tls: None,
             middlewares: Vec::new(),
+            conditions: Vec::new(),
+            priority: None,
         }
     }
 }

@@ -177,3 +177,57 @@ async fn traefik_middlewares_change_requests_and_answers_as_traefik_does() {
     assert_eq!(last["x-forwarded-host"], "fa.docker.test");
     assert_eq!(last["x-forwarded-method"], "GET");
 }
+
+/// Drop-in issue, item 4: Traefik rule matchers beyond `Host` and `PathPrefix` (its docs,
+/// "Routers: Rule"), on three real containers sharing one host: a request goes to the router
+/// whose whole rule it meets, the highest priority first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_rule_matchers_choose_among_routers_of_one_host() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let run = async |tag: &str, rule: &str, more: &[&str]| {
+        let rule = format!("traefik.http.routers.{tag}.rule={rule}");
+        let mut args = vec!["-l", "traefik.enable=true", "-l", rule.as_str()];
+        args.extend(more.iter().flat_map(|m| ["-l", *m]));
+        Container::run(tag, &args, 80).await
+    };
+    let site = run("site", "Host(`rules.docker.test`)", &[]).await;
+    let writes = run("writes", "Host(`rules.docker.test`) && (Method(`POST`) || Method(`PUT`))", &[]).await;
+    let canary = run(
+        "canary",
+        "Host(`rules.docker.test`) && (Header(`X-Canary`, `on`) || Query(`canary`, `1`)) && !ClientIP(`192.0.2.0/24`)",
+        &[],
+    )
+    .await;
+    let ping = run(
+        "ping",
+        "Host(`rules.docker.test`) && Path(`/app/`)",
+        &["traefik.http.routers.ping.priority=1000"],
+    )
+    .await;
+    let url = |path: &str| mesh.url(path);
+    // Which container answered: its page, or (busybox httpd takes a POST only for a CGI
+    // script) the HOSTNAME its CGI environment shows.
+    let who = async |args: &[&str]| {
+        let mut all = vec!["-s", "-H", "Host: rules.docker.test"];
+        all.extend_from_slice(args);
+        let body = curl(&all).await.1;
+        body.lines().find_map(|l| l.strip_prefix("HOSTNAME=")).unwrap_or(body.trim()).to_owned()
+    };
+    let root = url("/");
+    let cgi = url("/cgi-bin/env");
+    eventually("all four routers are served", Duration::from_secs(30), async || {
+        who(&[&root]).await == site.id
+            && who(&["-X", "POST", &cgi]).await == writes.id
+            && who(&["-H", "X-Canary: on", &root]).await == canary.id
+    })
+    .await;
+    assert_eq!(who(&[&cgi]).await, site.id, "a GET is not a write");
+    assert_eq!(who(&[&url("/?canary=1")]).await, canary.id);
+    assert_eq!(who(&[&url("/?canary=2")]).await, site.id);
+    assert_eq!(who(&["-H", "X-Canary: off", &root]).await, site.id);
+    // `Path` is exact: `/app/` only, and above every other router by its priority (a canary
+    // too).
+    let ping_url = url("/app/");
+    assert_eq!(who(&["-H", "X-Canary: on", &ping_url]).await, ping.id);
+    assert_eq!(who(&[&url("/app/index.html")]).await, site.id);
+}

@@ -3,6 +3,7 @@
 pub mod access_log;
 pub mod basic_auth;
 pub mod body;
+pub mod condition;
 pub mod endpoint;
 pub mod limits;
 pub mod middleware;

@@ -283,10 +283,7 @@ impl Proxy {
                 }
             }
         }
-        let route = {
-            let table = self.table.load();
-            table.lookup(request_host(&req).unwrap_or(""), req.uri().path()).cloned()
-        };
+        let route = self.route_for(&req, conn_ip);
         let Some(route) = route else {
             let host = request_host(&req).unwrap_or("").to_owned();
             let resp = local(StatusCode::NOT_FOUND, format!("meshgate: no route for host `{host}`\n"));
@@ -354,6 +351,19 @@ impl Proxy {
                 self.answered(resp, guard, Some(&route), (started, kind))
             }
         }
+    }
+
+    /// The route a request goes to, in the current table.
+    fn route_for(&self, req: &Request<Incoming>, client: std::net::IpAddr) -> Option<Arc<Route>> {
+        let ask = super::condition::Ask {
+            host: request_host(req).unwrap_or(""),
+            path: req.uri().path(),
+            method: req.method(),
+            headers: req.headers(),
+            query: req.uri().query(),
+            client,
+        };
+        self.table.load().find(&ask).cloned()
     }
 
     /// What the route asks before the request goes on: served at all, from this address,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::condition::Ask;
 use super::endpoint::{Endpoint, EndpointRegistry, Reach};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::state::{HostPattern, HttpsMethod, MeshState, UpstreamProtocol};
@@ -44,6 +45,10 @@ pub struct Route {
     /// Its middlewares, as configured (claims of one host and path merge only when alike)
     /// and compiled.
     pub middlewares: (Vec<crate::state::Middleware>, super::middleware::Chain),
+    /// What a request must also be for this route (as configured, and compiled).
+    pub conditions: (Vec<crate::state::Condition>, super::condition::Conditions),
+    /// Its rank among a host's routes (see [`crate::state::HttpRoute::priority`]).
+    pub priority: Option<i64>,
 }
 
 impl Route {
@@ -101,8 +106,23 @@ pub struct Conflict {
 struct HostRoutes(Vec<Arc<Route>>);
 
 impl HostRoutes {
-    fn find(&self, path: &str) -> Option<&Arc<Route>> {
-        self.0.iter().find(|r| path.starts_with(r.path.as_str()))
+    fn find(&self, ask: &Ask<'_>) -> Option<&Arc<Route>> {
+        self.0.iter().find(|r| ask.path.starts_with(r.path.as_str()) && r.conditions.1.hold(ask))
+    }
+
+    /// Puts the routes in the order a request tries them: by priority when every route has
+    /// one (Traefik's routers), else the longest path prefix first (nginx); then the one
+    /// with more conditions (the more specific).
+    fn sort(&mut self) {
+        let all_ranked = self.0.iter().all(|r| r.priority.is_some());
+        let len = |r: &Arc<Route>| r.path.len();
+        let specific = |r: &Arc<Route>| r.conditions.0.len();
+        self.0.sort_by(|a, b| {
+            let by_rank = b.priority.cmp(&a.priority);
+            let by_path = len(b).cmp(&len(a));
+            let first = if all_ranked { by_rank.then(by_path) } else { by_path.then(by_rank) };
+            first.then(specific(b).cmp(&specific(a)))
+        });
     }
 }
 
@@ -123,6 +143,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             a.max_body,
             a.response_timeout,
             &a.middlewares.0,
+            &a.conditions.0,
         ) == (
             b.protocol,
             &b.rewrite,
@@ -133,6 +154,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             b.max_body,
             b.response_timeout,
             &b.middlewares.0,
+            &b.conditions.0,
         );
     alike.then(|| Route {
         name: a.name.clone(),
@@ -151,6 +173,8 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         max_body: a.max_body,
         response_timeout: a.response_timeout,
         middlewares: a.middlewares.clone(),
+        conditions: a.conditions.clone(),
+        priority: a.priority,
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -236,7 +260,12 @@ impl RouteTable {
         for svc in services {
             for http in &svc.http {
                 let name = format!("{}{}", http.hosts[0], http.path);
-                let (chain, refused) = chain_of(http, &format!("{}|{name}", svc.name), shared);
+                let (chain, mut refused) = chain_of(http, &format!("{}|{name}", svc.name), shared);
+                let conditions =
+                    super::condition::Conditions::compile(&http.conditions).unwrap_or_else(|e| {
+                        refused.get_or_insert_with(|| format!("condition: {e}; not served"));
+                        super::condition::Conditions::default()
+                    });
                 // A refused route dials nothing.
                 let endpoints = if refused.is_some() {
                     Vec::new()
@@ -272,6 +301,8 @@ impl RouteTable {
                     refused,
                     access_log: http.access_log,
                     middlewares: (http.middlewares.clone(), chain),
+                    conditions: (http.conditions.clone(), conditions),
+                    priority: http.priority,
                     allow_from: http.allow_from.clone(),
                     max_body: http.max_body,
                     response_timeout: http.response_timeout,
@@ -284,7 +315,9 @@ impl RouteTable {
                 });
                 for host in &http.hosts {
                     let routes = by_pattern.entry(host.clone()).or_default();
-                    if let Some(kept) = routes.iter_mut().find(|r| r.path == http.path) {
+                    if let Some(kept) =
+                        routes.iter_mut().find(|r| r.path == http.path && r.conditions.0 == http.conditions)
+                    {
                         // As nginx-proxy: workloads sharing a host and path, alike in how they
                         // are served, are one upstream.
                         if let Some(merged) = merged(kept, &route) {
@@ -326,9 +359,9 @@ impl RouteTable {
     /// exact names and wildcards in maps, regexes in a stable order.
     fn index(&mut self, by_pattern: HashMap<HostPattern, Vec<Arc<Route>>>) {
         let table = self;
-        for (pattern, mut routes) in by_pattern {
-            routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
-            let routes = HostRoutes(routes);
+        for (pattern, routes) in by_pattern {
+            let mut routes = HostRoutes(routes);
+            routes.sort();
             match pattern {
                 HostPattern::Exact(h) => {
                     table.exact.insert(h, routes);
@@ -363,18 +396,34 @@ impl RouteTable {
             .flat_map(|(host, routes)| routes.0.iter().map(move |r| (host.clone(), r)))
     }
 
-    /// The route for a request. `host` is the raw `Host` value (any case, maybe a port).
+    /// The route for a request to `host` (the raw `Host` value: any case, maybe a port) and
+    /// `path`, with no other condition met (the request is a GET from nowhere).
     #[must_use]
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        let host = normalise_host(host);
-        self.lookup_host(&host, path).or_else(|| {
+        let headers = http::HeaderMap::new();
+        let ask = Ask {
+            host,
+            path,
+            method: &http::Method::GET,
+            headers: &headers,
+            query: None,
+            client: std::net::Ipv4Addr::UNSPECIFIED.into(),
+        };
+        self.find(&ask)
+    }
+
+    /// The route a request goes to.
+    #[must_use]
+    pub fn find(&self, ask: &Ask<'_>) -> Option<&Arc<Route>> {
+        let host = normalise_host(ask.host);
+        self.find_on(&host, ask).or_else(|| {
             let default = self.default_host.as_deref()?;
-            self.lookup_host(default, path)
+            self.find_on(default, ask)
         })
     }
 
-    fn lookup_host(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        if let Some(route) = self.exact.get(host).and_then(|r| r.find(path)) {
+    fn find_on(&self, host: &str, ask: &Ask<'_>) -> Option<&Arc<Route>> {
+        if let Some(route) = self.exact.get(host).and_then(|r| r.find(ask)) {
             return Some(route);
         }
         // `*.example.com` for `a.b.example.com`: `.b.example.com`, then `.example.com`, then
@@ -386,8 +435,8 @@ impl RouteTable {
             dots().rev().filter(|&i| i + 1 < host.len()).filter_map(|i| self.prefix.get(&host[..=i]));
         suffix
             .chain(prefix)
-            .find_map(|r| r.find(path))
-            .or_else(|| self.regex.iter().filter(|(re, _)| re.is_match(host)).find_map(|(_, r)| r.find(path)))
+            .find_map(|r| r.find(ask))
+            .or_else(|| self.regex.iter().filter(|(re, _)| re.is_match(host)).find_map(|(_, r)| r.find(ask)))
     }
 }
 
@@ -564,6 +613,38 @@ mod tests {
         assert!(route.pick(None).is_some(), "all ejected: still try one");
         a.record_success();
         assert!(!a.is_ejected());
+    }
+
+    #[test]
+    fn conditions_pick_among_a_hosts_routes_and_priority_orders_ranked_routes() {
+        use crate::state::{Condition, Test};
+        let mut post = svc("post", &["c.test"], "/", 1);
+        post.http[0].conditions = vec![Condition::is(Test::Method { methods: vec!["POST".into()] })];
+        let any = svc("any", &["c.test"], "/", 1);
+        let t = table(vec![post, any], None);
+        let headers = http::HeaderMap::new();
+        let ask = |method| Ask {
+            host: "c.test",
+            path: "/x",
+            method,
+            headers: &headers,
+            query: None,
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        assert_eq!(t.find(&ask(&http::Method::POST)).unwrap().service, "post");
+        assert_eq!(t.find(&ask(&http::Method::GET)).unwrap().service, "any");
+        assert!(t.conflicts.is_empty(), "different conditions are not a conflict");
+        // Ranked routes (Traefik's): the highest priority first, whatever the path length.
+        let mut short = svc("short", &["p.test"], "/", 1);
+        short.http[0].priority = Some(100);
+        let mut long = svc("long", &["p.test"], "/api", 1);
+        long.http[0].priority = Some(10);
+        let t = table(vec![short.clone(), long.clone()], None);
+        assert_eq!(t.lookup("p.test", "/api/x").unwrap().service, "short");
+        // Unranked among them: the longest prefix, as nginx.
+        long.http[0].priority = None;
+        let t = table(vec![short, long], None);
+        assert_eq!(t.lookup("p.test", "/api/x").unwrap().service, "long");
     }
 
     #[test]

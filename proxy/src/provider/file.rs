@@ -115,6 +115,11 @@ struct HttpEntry {
     /// (see docs/routes.md).
     #[serde(default)]
     middlewares: Vec<crate::state::Middleware>,
+    /// What a request must also be: `[{ test = "method", methods = ["GET"] }, { test =
+    /// "header", name = "x-canary", value = "1", negated = true }]` (see docs/routes.md).
+    #[serde(default)]
+    conditions: Vec<crate::state::Condition>,
+    priority: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -333,6 +338,8 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         upstream_tls: h.upstream_tls,
         response_timeout: h.response_timeout,
         middlewares: h.middlewares,
+        conditions: h.conditions,
+        priority: h.priority,
     })
 }
 

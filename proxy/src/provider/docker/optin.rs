@@ -334,7 +334,14 @@ fn known_traefik_label(name: &str) -> bool {
     match parts.as_slice() {
         ["traefik", "http", "routers", _, rest @ ..] => matches!(
             rest,
-            ["rule" | "service" | "entrypoints" | "middlewares" | "tls"]
+            ["rule"
+                | "service"
+                | "entrypoints"
+                | "middlewares"
+                | "tls"
+                | "priority"
+                | "ruleSyntax"
+                | "rulesyntax"]
                 | ["tls", "certresolver" | "options"]
                 | ["tls", _, "main" | "sans"]
                 | ["observability", "accesslogs"]
@@ -544,12 +551,25 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
         if let Some(why) = &refused {
             out.problems.push(why.clone());
         }
+        // As Traefik: the router's `priority`, else its rule's length.
+        let priority = match label(&key("priority")).map(|v| (v, v.trim().parse::<i64>())) {
+            None => i64::try_from(rule.len()).unwrap_or(i64::MAX),
+            Some((_, Ok(p))) => p,
+            Some((v, Err(_))) => {
+                let k = key("priority");
+                out.problems
+                    .push(self::label(&k)(ValueError::NotOneOf(v.to_owned(), "a whole number")).to_string());
+                continue;
+            }
+        };
         for alt in alternatives {
             if alt.hosts.is_empty() {
                 out.problems.push(self::label(&rule_key)(ValueError::NoHostInRule).to_string());
                 continue;
             }
             out.routes.push(HttpRoute {
+                conditions: alt.conditions,
+                priority: Some(priority),
                 https_method,
                 refused: refused.clone(),
                 access_log,

@@ -1,21 +1,25 @@
-//! The subset of Traefik's router rule language that picks hosts and paths:
-//! `Host(...)`, `HostRegexp(...)`, `PathPrefix(...)` (and `Path(...)`), joined by `&&`, `||`
-//! and parentheses, as in `Host(`a.com`) || Host(`b.com`) && PathPrefix(`/api`)`.
+//! Traefik's router rule language: `Host(...)`, `HostRegexp(...)`, `Path(...)`,
+//! `PathPrefix(...)`, `PathRegexp(...)`, `Method(...)`, `Header(...)`, `HeaderRegexp(...)`,
+//! `Query(...)`, `QueryRegexp(...)`, `ClientIP(...)`, joined by `&&`, `||`, `!` and
+//! parentheses (v3 syntax; v2's `Headers`, `HeadersRegexp`, `HostHeader`, `Query(`k=v`)`,
+//! several arguments and `{name:regex}` placeholders are read too).
 //!
-//! A rule becomes a list of alternatives (its disjunctive normal form), each a set of host
-//! patterns and a path prefix. Anything else (`!`, `Header(...)`, two `Host` in one
-//! alternative) is an error that names the problem, so the container is skipped with a
-//! warning instead of being routed wrongly.
+//! A rule becomes a list of alternatives (its disjunctive normal form, `!` pushed down to
+//! the matchers), each a set of host patterns, a path prefix and the conditions a request
+//! must also meet. What cannot be said that way (two `Host` in one alternative) is an error
+//! that names the problem, so the router is skipped with a warning instead of being routed
+//! wrongly.
 
-use crate::state::{HostError, HostPattern};
+use crate::state::{Condition, HostError, HostPattern, Test};
+
+/// The most alternatives a rule may expand to (`!` over long `&&` chains multiplies them).
+const MAX_ALTERNATIVES: usize = 64;
 
 /// Why a rule is refused; each names the problem (and where, when it can).
 #[derive(Debug, thiserror::Error)]
 pub enum RuleError {
     #[error("expected `{0}{0}` at position {1}")]
     Doubled(char, usize),
-    #[error("negation (`!`) is not supported")]
-    Negation,
     #[error("expected `(` after `{0}`")]
     NoParenthesis(String),
     #[error("unterminated string in `{0}(...)`")]
@@ -36,27 +40,33 @@ pub enum RuleError {
     UnexpectedClose,
     #[error("two host matchers joined by `&&` are not supported")]
     TwoHosts,
-    #[error("two path matchers joined by `&&` are not supported")]
-    TwoPaths,
     #[error("`{0}()` needs an argument")]
     NoArgument(String),
+    #[error("`{0}(...)` takes {1}")]
+    Arguments(String, &'static str),
     #[error(transparent)]
     Host(#[from] HostError),
-    #[error("`{0}` with several paths is not supported; use `||`")]
-    SeveralPaths(String),
     #[error("path `{0}` must start with `/`")]
     Path(String),
-    #[error("`{0}(...)` is not supported (only Host, HostRegexp, PathPrefix and Path)")]
+    #[error("`{0}` is not a regular expression: {1}")]
+    Regex(String, regex::Error),
+    #[error("`{0}` is neither a network nor an address")]
+    Network(String),
+    #[error("`{0}(...)` is not a Traefik matcher")]
     Unsupported(String),
+    #[error("the rule expands to more than {MAX_ALTERNATIVES} alternatives; simplify it")]
+    TooComplex,
     #[error("unexpected text after the end of the rule")]
     Trailing,
 }
 
-/// One way the rule can match: any of `hosts` (none: any host) with `path` as the prefix.
+/// One way the rule can match: any of `hosts` (none: any host) with `path` as the prefix,
+/// and all of `conditions`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alternative {
     pub hosts: Vec<HostPattern>,
     pub path: Option<String>,
+    pub conditions: Vec<Condition>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +74,7 @@ enum Token {
     Func(String, Vec<String>),
     And,
     Or,
+    Not,
     Open,
     Close,
 }
@@ -91,7 +102,10 @@ fn tokenize(rule: &str) -> Result<Vec<Token>, RuleError> {
                 }
                 tokens.push(if c == '&' { Token::And } else { Token::Or });
             }
-            '!' => return Err(RuleError::Negation),
+            '!' => {
+                chars.next();
+                tokens.push(Token::Not);
+            }
             c if c.is_ascii_alphabetic() => {
                 let mut name = String::new();
                 while let Some(&(_, c)) = chars.peek() {
@@ -136,95 +150,250 @@ fn tokenize(rule: &str) -> Result<Vec<Token>, RuleError> {
     Ok(tokens)
 }
 
-/// Recursive descent: `or := and ('||' and)*`, `and := atom ('&&' atom)*`,
-/// `atom := Func | '(' or ')'`. Each level returns alternatives (DNF).
+/// A matcher, as the rule says it.
+#[derive(Clone, Debug)]
+enum Literal {
+    Hosts(Vec<HostPattern>),
+    PathPrefix(String),
+    Test(Test),
+}
+
+/// The rule as a tree.
+enum Expr {
+    Lit(Literal),
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+}
+
+/// A conjunction of matchers, each maybe negated.
+type Conjunction = Vec<(bool, Literal)>;
+
+/// Recursive descent: `or := and ('||' and)*`, `and := unary ('&&' unary)*`,
+/// `unary := '!' unary | atom`, `atom := Func | '(' or ')'`.
 struct Parser {
     tokens: Vec<Token>,
     pos: usize,
 }
 
 impl Parser {
-    fn or(&mut self) -> Result<Vec<Alternative>, RuleError> {
-        let mut alts = self.and()?;
+    fn or(&mut self) -> Result<Expr, RuleError> {
+        let mut left = self.and()?;
         while self.tokens.get(self.pos) == Some(&Token::Or) {
             self.pos += 1;
-            alts.extend(self.and()?);
+            left = Expr::Or(Box::new(left), Box::new(self.and()?));
         }
-        Ok(alts)
+        Ok(left)
     }
 
-    fn and(&mut self) -> Result<Vec<Alternative>, RuleError> {
-        let mut alts = self.atom()?;
+    fn and(&mut self) -> Result<Expr, RuleError> {
+        let mut left = self.unary()?;
         while self.tokens.get(self.pos) == Some(&Token::And) {
             self.pos += 1;
-            let right = self.atom()?;
-            let mut product = Vec::new();
-            for a in &alts {
-                for b in &right {
-                    product.push(conjoin(a, b)?);
-                }
-            }
-            alts = product;
+            left = Expr::And(Box::new(left), Box::new(self.unary()?));
         }
-        Ok(alts)
+        Ok(left)
     }
 
-    fn atom(&mut self) -> Result<Vec<Alternative>, RuleError> {
+    fn unary(&mut self) -> Result<Expr, RuleError> {
+        if self.tokens.get(self.pos) == Some(&Token::Not) {
+            self.pos += 1;
+            return Ok(Expr::Not(Box::new(self.unary()?)));
+        }
+        self.atom()
+    }
+
+    fn atom(&mut self) -> Result<Expr, RuleError> {
         let token = self.tokens.get(self.pos).cloned().ok_or(RuleError::EndsEarly)?;
         self.pos += 1;
         match token {
             Token::Open => {
-                let alts = self.or()?;
+                let expr = self.or()?;
                 if self.tokens.get(self.pos) != Some(&Token::Close) {
                     return Err(RuleError::NotClosed);
                 }
                 self.pos += 1;
-                Ok(alts)
+                Ok(expr)
             }
-            Token::Func(name, args) => matcher(&name, &args).map(|a| vec![a]),
+            Token::Func(name, args) => matcher(&name, &args),
             Token::And | Token::Or => Err(RuleError::DanglingOperator),
+            Token::Not => Err(RuleError::EndsEarly),
             Token::Close => Err(RuleError::UnexpectedClose),
         }
     }
 }
 
-fn conjoin(a: &Alternative, b: &Alternative) -> Result<Alternative, RuleError> {
-    if !a.hosts.is_empty() && !b.hosts.is_empty() {
-        return Err(RuleError::TwoHosts);
+/// The disjunctive normal form of `expr` (negated when `negate`), `!` pushed down to the
+/// matchers (De Morgan).
+fn dnf(expr: &Expr, negate: bool) -> Result<Vec<Conjunction>, RuleError> {
+    let product = |a: Vec<Conjunction>, b: Vec<Conjunction>| -> Result<Vec<Conjunction>, RuleError> {
+        if a.len() * b.len() > MAX_ALTERNATIVES {
+            return Err(RuleError::TooComplex);
+        }
+        Ok(a.iter().flat_map(|x| b.iter().map(move |y| x.iter().chain(y).cloned().collect())).collect())
+    };
+    let union = |mut a: Vec<Conjunction>, b: Vec<Conjunction>| {
+        a.extend(b);
+        if a.len() > MAX_ALTERNATIVES {
+            return Err(RuleError::TooComplex);
+        }
+        Ok(a)
+    };
+    match (expr, negate) {
+        (Expr::Lit(l), _) => Ok(vec![vec![(negate, l.clone())]]),
+        (Expr::Not(e), _) => dnf(e, !negate),
+        (Expr::And(a, b), false) => product(dnf(a, false)?, dnf(b, false)?),
+        (Expr::Or(a, b), false) => union(dnf(a, false)?, dnf(b, false)?),
+        (Expr::And(a, b), true) => union(dnf(a, true)?, dnf(b, true)?),
+        (Expr::Or(a, b), true) => product(dnf(a, true)?, dnf(b, true)?),
     }
-    if a.path.is_some() && b.path.is_some() {
-        return Err(RuleError::TwoPaths);
-    }
-    Ok(Alternative {
-        hosts: if a.hosts.is_empty() { b.hosts.clone() } else { a.hosts.clone() },
-        path: a.path.clone().or_else(|| b.path.clone()),
-    })
 }
 
-fn matcher(name: &str, args: &[String]) -> Result<Alternative, RuleError> {
+/// One conjunction as a route's hosts, path prefix and conditions.
+fn alternative(conjunction: Conjunction) -> Result<Alternative, RuleError> {
+    let mut alt = Alternative { hosts: Vec::new(), path: None, conditions: Vec::new() };
+    for (negated, literal) in conjunction {
+        let condition = |test| Condition { negated, test };
+        match literal {
+            Literal::Hosts(hosts) if !negated => {
+                if !alt.hosts.is_empty() {
+                    return Err(RuleError::TwoHosts);
+                }
+                alt.hosts = hosts;
+            }
+            Literal::Hosts(hosts) => alt.conditions.push(condition(Test::Host { hosts })),
+            Literal::PathPrefix(prefix) if !negated && alt.path.is_none() => alt.path = Some(prefix),
+            Literal::PathPrefix(prefix) => alt.conditions.push(condition(Test::PathPrefix { prefix })),
+            Literal::Test(test) => {
+                // An exact path is also the route's prefix (the router finds it by prefix).
+                if let (false, Test::Path { path }, None) = (negated, &test, &alt.path) {
+                    alt.path = Some(path.clone());
+                }
+                alt.conditions.push(condition(test));
+            }
+        }
+    }
+    Ok(alt)
+}
+
+fn one<'a>(name: &str, args: &'a [String]) -> Result<&'a str, RuleError> {
+    match args {
+        [one] => Ok(one),
+        _ => Err(RuleError::Arguments(name.to_owned(), "one argument")),
+    }
+}
+
+fn two<'a>(name: &str, args: &'a [String]) -> Result<(&'a str, &'a str), RuleError> {
+    match args {
+        [a, b] => Ok((a, b)),
+        _ => Err(RuleError::Arguments(name.to_owned(), "two arguments")),
+    }
+}
+
+fn checked_regex(pattern: &str) -> Result<String, RuleError> {
+    regex::Regex::new(pattern)
+        .map(|_| pattern.to_owned())
+        .map_err(|e| RuleError::Regex(pattern.to_owned(), e))
+}
+
+/// `args` joined by `||` (v2 matchers take several).
+fn any(args: &[String], each: impl Fn(&str) -> Result<Literal, RuleError>) -> Result<Expr, RuleError> {
+    let mut exprs = args.iter().map(|a| each(a).map(Expr::Lit));
+    let first = exprs.next().ok_or(RuleError::EndsEarly)??;
+    exprs.try_fold(first, |left, right| Ok(Expr::Or(Box::new(left), Box::new(right?))))
+}
+
+fn path_arg(p: &str) -> Result<&str, RuleError> {
+    if p.starts_with('/') {
+        Ok(p)
+    } else {
+        Err(RuleError::Path(p.to_owned()))
+    }
+}
+
+fn matcher(name: &str, args: &[String]) -> Result<Expr, RuleError> {
     if args.is_empty() {
         return Err(RuleError::NoArgument(name.to_owned()));
     }
+    let test = |t: Test| Ok(Expr::Lit(Literal::Test(t)));
     match name {
-        "Host" => Ok(Alternative {
-            hosts: args.iter().map(|h| HostPattern::parse(h)).collect::<Result<_, _>>()?,
-            path: None,
+        "Host" | "HostHeader" => Ok(Expr::Lit(Literal::Hosts(
+            args.iter().map(|h| HostPattern::parse(h)).collect::<Result<_, _>>()?,
+        ))),
+        "HostRegexp" => Ok(Expr::Lit(Literal::Hosts(
+            args.iter().map(|h| HostPattern::regex(&traefik_v2_regex(h))).collect::<Result<_, _>>()?,
+        ))),
+        "PathPrefix" => any(args, |p| {
+            let p = path_arg(p)?;
+            Ok(if p.contains('{') {
+                Literal::Test(Test::PathRegexp { regex: checked_regex(&v2_path_regex(p, false))? })
+            } else {
+                Literal::PathPrefix(p.to_owned())
+            })
         }),
-        "HostRegexp" => Ok(Alternative {
-            hosts: args.iter().map(|h| HostPattern::regex(&traefik_v2_regex(h))).collect::<Result<_, _>>()?,
-            path: None,
+        "Path" => any(args, |p| {
+            let p = path_arg(p)?;
+            Ok(Literal::Test(if p.contains('{') {
+                Test::PathRegexp { regex: checked_regex(&v2_path_regex(p, true))? }
+            } else {
+                Test::Path { path: p.to_owned() }
+            }))
         }),
-        "PathPrefix" | "Path" => {
-            if args.len() != 1 {
-                return Err(RuleError::SeveralPaths(name.to_owned()));
+        "PathRegexp" => test(Test::PathRegexp { regex: checked_regex(one(name, args)?)? }),
+        "Method" => {
+            test(Test::Method { methods: args.iter().map(|m| m.trim().to_ascii_uppercase()).collect() })
+        }
+        "Header" | "Headers" => {
+            let (k, v) = two(name, args)?;
+            test(Test::Header { name: k.trim().to_ascii_lowercase(), value: v.to_owned() })
+        }
+        "HeaderRegexp" | "HeadersRegexp" => {
+            let (k, v) = two(name, args)?;
+            test(Test::HeaderRegexp { name: k.trim().to_ascii_lowercase(), regex: checked_regex(v)? })
+        }
+        "Query" => match args {
+            [kv] => {
+                let (key, value) =
+                    kv.split_once('=').map_or((kv.as_str(), None), |(k, v)| (k, Some(v.to_owned())));
+                test(Test::Query { key: key.to_owned(), value })
             }
-            if !args[0].starts_with('/') {
-                return Err(RuleError::Path(args[0].clone()));
-            }
-            Ok(Alternative { hosts: Vec::new(), path: Some(args[0].clone()) })
+            [k, v] => test(Test::Query { key: k.clone(), value: Some(v.clone()) }),
+            _ => Err(RuleError::Arguments(name.to_owned(), "a key and maybe a value")),
+        },
+        "QueryRegexp" => {
+            let (k, v) = two(name, args)?;
+            test(Test::QueryRegexp { key: k.to_owned(), regex: checked_regex(v)? })
+        }
+        "ClientIP" => {
+            let networks = args
+                .iter()
+                .map(|n| crate::state::parse_network(n).map_err(|_| RuleError::Network(n.clone())))
+                .collect::<Result<_, _>>()?;
+            test(Test::ClientIp { networks })
         }
         other => Err(RuleError::Unsupported(other.to_owned())),
     }
+}
+
+/// A v2 path with `{name}` or `{name:regex}` placeholders as an anchored regex (`exact`:
+/// the whole path; else a prefix).
+fn v2_path_regex(path: &str, exact: bool) -> String {
+    let mut out = String::from("^");
+    let mut rest = path;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&regex::escape(&rest[..start]));
+        let Some(end) = rest[start..].find('}') else { break };
+        let inner = &rest[start + 1..start + end];
+        out.push_str("(?:");
+        out.push_str(inner.split_once(':').map_or("[^/]+", |(_, re)| re));
+        out.push(')');
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(&regex::escape(rest));
+    if exact {
+        out.push('$');
+    }
+    out
 }
 
 /// Traefik v2 writes `{name:regex}` placeholders (`{sub:[a-z]+}.example.com`), matched
@@ -253,11 +422,11 @@ fn traefik_v2_regex(pattern: &str) -> String {
 /// Parses a rule into its alternatives.
 pub fn parse(rule: &str) -> Result<Vec<Alternative>, RuleError> {
     let mut parser = Parser { tokens: tokenize(rule)?, pos: 0 };
-    let alts = parser.or()?;
+    let expr = parser.or()?;
     if parser.pos != parser.tokens.len() {
         return Err(RuleError::Trailing);
     }
-    Ok(alts)
+    dnf(&expr, false)?.into_iter().map(alternative).collect()
 }
 
 #[cfg(test)]
@@ -268,29 +437,58 @@ mod tests {
         HostPattern::parse(h).unwrap()
     }
 
+    fn alt(hosts: Vec<HostPattern>, path: Option<String>) -> Alternative {
+        Alternative { hosts, path, conditions: Vec::new() }
+    }
+
+    #[test]
+    fn matchers_beyond_host_and_path_become_conditions_and_negation_is_pushed_down() {
+        let a = parse("Host(`a.com`) && Method(`POST`) && Header(`X-Canary`, `1`)").unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(
+            a[0].conditions,
+            vec![
+                Condition::is(Test::Method { methods: vec!["POST".into()] }),
+                Condition::is(Test::Header { name: "x-canary".into(), value: "1".into() }),
+            ]
+        );
+        // Path is exact: the route's prefix, and a condition.
+        let a = parse("Host(`a.com`) && Path(`/ping`)").unwrap();
+        assert_eq!((a[0].path.as_deref(), a[0].conditions.len()), (Some("/ping"), 1));
+        // !(A || B) is !A && !B: one alternative with two negated conditions.
+        let a = parse("Host(`a.com`) && !(PathPrefix(`/admin`) || ClientIP(`10.0.0.0/8`))").unwrap();
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(a[0].path.is_none() && a[0].conditions.iter().all(|c| c.negated), "{a:?}");
+        // !(A && B) is !A || !B: two alternatives.
+        let a = parse("Host(`a.com`) && !(Method(`GET`) && Query(`debug`))").unwrap();
+        assert_eq!(a.len(), 2, "{a:?}");
+        // v2 forms.
+        let a =
+            parse("Host(`a.com`) && Headers(`X`, `y`) && Query(`k=v`) && PathPrefix(`/a`, `/b`)").unwrap();
+        assert_eq!(a.len(), 2);
+        assert!(a[0]
+            .conditions
+            .contains(&Condition::is(Test::Query { key: "k".into(), value: Some("v".into()) })));
+        let a = parse("Host(`a.com`) && Path(`/articles/{id:[0-9]+}`)").unwrap();
+        assert!(
+            matches!(&a[0].conditions[0].test, Test::PathRegexp { regex } if regex == "^/articles/(?:[0-9]+)$")
+        );
+    }
+
     #[test]
     fn common_rules() {
-        assert_eq!(
-            parse("Host(`a.com`)").unwrap(),
-            vec![Alternative { hosts: vec![host("a.com")], path: None }]
-        );
+        assert_eq!(parse("Host(`a.com`)").unwrap(), vec![alt(vec![host("a.com")], None)]);
         assert_eq!(
             parse("Host(`a.com`, `b.com`) && PathPrefix(`/api`)").unwrap(),
-            vec![Alternative { hosts: vec![host("a.com"), host("b.com")], path: Some("/api".into()) }]
+            vec![alt(vec![host("a.com"), host("b.com")], Some("/api".into()))]
         );
         assert_eq!(
             parse("Host(`a.com`) || Host(`b.com`) && PathPrefix(`/x`)").unwrap(),
-            vec![
-                Alternative { hosts: vec![host("a.com")], path: None },
-                Alternative { hosts: vec![host("b.com")], path: Some("/x".into()) },
-            ]
+            vec![alt(vec![host("a.com")], None), alt(vec![host("b.com")], Some("/x".into())),]
         );
         assert_eq!(
             parse("(Host(`a.com`) || Host(`b.com`)) && PathPrefix(`/x`)").unwrap(),
-            vec![
-                Alternative { hosts: vec![host("a.com")], path: Some("/x".into()) },
-                Alternative { hosts: vec![host("b.com")], path: Some("/x".into()) },
-            ]
+            vec![alt(vec![host("a.com")], Some("/x".into())), alt(vec![host("b.com")], Some("/x".into())),]
         );
     }
 
@@ -313,8 +511,11 @@ mod tests {
         for (rule, needle) in [
             ("Host(`a.com`", "not closed"),
             ("Host(a.com)", "backticks"),
-            ("!Host(`a.com`)", "negation"),
-            ("Header(`X`, `y`)", "not supported"),
+            ("Host(`a.com`) && Header(`X`)", "two arguments"),
+            ("Host(`a.com`) && Foo(`x`)", "not a Traefik matcher"),
+            ("Host(`a.com`) && PathRegexp(`(`)", "not a regular expression"),
+            ("Host(`a.com`) && ClientIP(`nope`)", "neither a network"),
+            ("!(Method(`A`) && Method(`B`) && Method(`C`) && Method(`D`) && Method(`E`) && Method(`F`) && Method(`G`)) && !(Method(`A`) && Method(`B`) && Method(`C`) && Method(`D`) && Method(`E`) && Method(`F`) && Method(`G`) && Method(`H`) && Method(`I`) && Method(`J`))", "more than 64"),
             ("Host(`a.com`) && Host(`b.com`)", "two host"),
             ("Host(`a.com`) &", "`&&`"),
             ("PathPrefix(`api`)", "must start with"),
@@ -334,6 +535,9 @@ mod tests {
             "PathPrefix(",
             "Path(",
             "Header(",
+            "Method(",
+            "ClientIP(",
+            "Query(",
             ")",
             "(",
             "`a.example.com`",
