@@ -11,6 +11,10 @@ use crate::lab::{Lab, Load, Shape};
 const TEST_IMAGE: &str = "meshgate-test/busybox:local";
 /// The test image that serves HTTP on port 80 by itself (in place of a public image).
 const WEB_IMAGE: &str = "meshgate-test/web:local";
+/// Stand-ins for the field files' images, on the ports the real ones listen on.
+const NODE_RED_IMAGE: &str = "meshgate-test/node-red:local";
+const PORTAINER_IMAGE: &str = "meshgate-test/portainer:local";
+const PORTAINER_AGENT_IMAGE: &str = "meshgate-test/portainer-agent:local";
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -27,8 +31,21 @@ async fn import_test_image() {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
     let web = format!("--change 'CMD [\"sh\", \"-c\", \"{HTTPD}\"]'");
+    // The field's images (Node-RED, Portainer and its agent) answer on their own ports, and
+    // take whatever command their stack file gives them.
+    let on_port = |port: u16| {
+        let httpd = HTTPD.replace("-p 80", &format!("-p {port}"));
+        format!("--change 'ENTRYPOINT [\"sh\", \"-c\", \"{httpd}\"]'")
+    };
+    let (red, portainer, agent) = (on_port(1880), on_port(9000), on_port(9001));
     for i in 1..=3 {
-        for (image, change) in [(TEST_IMAGE, ""), (WEB_IMAGE, web.as_str())] {
+        for (image, change) in [
+            (TEST_IMAGE, ""),
+            (WEB_IMAGE, web.as_str()),
+            (NODE_RED_IMAGE, red.as_str()),
+            (PORTAINER_IMAGE, portainer.as_str()),
+            (PORTAINER_AGENT_IMAGE, agent.as_str()),
+        ] {
             let import = format!(
                 "tar -C {} -c . | docker -H {} import {change} - {image}",
                 root.path().display(),
@@ -309,6 +326,8 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
         .await;
     }
 
+    field_files_deploy_unchanged().await;
+
     // The client's address reaches the task through any node (ingress mode), and a port
     // published in host mode answers only on the node that runs its task. (busybox httpd
     // writes the address as `[::ffff:198.18.50.1]`.)
@@ -394,6 +413,115 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
     let (_, body) = Lab::curl("sealed.test", &format!("http://{}/", Lab::addr(1))).await;
     assert!(body.contains("Service Unavailable"), "no task to send it to, at once: {body}");
     assert_eq!(Lab::sink_count().await, sink_before, "nothing left a node through its default route");
+}
+
+/// Reads a field file (`../shared/field/<path>`) with its `image:` lines swapped (the only
+/// change allowed: no registry can be reached).
+fn field_file(path: &str, images: &[(&str, &str)]) -> tempfile::NamedTempFile {
+    let mut text = std::fs::read_to_string(format!("{REPO}/../shared/field/{path}")).unwrap();
+    for (from, to) in images {
+        assert!(text.contains(&format!("image: {from}")), "{path} names {from}");
+        text = text.replace(&format!("image: {from}"), &format!("image: {to}"));
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+/// Drop-in issue, item 6: the users' own files, deployed as they wrote them (images
+/// swapped), answer on every node as they did under nginx-proxy and Traefik.
+async fn field_files_deploy_unchanged() {
+    let all_nodes = async |host: &str, want: &str, what: &str| {
+        for i in 1..=3 {
+            let url = format!("http://{}/", Lab::addr(i));
+            eventually(
+                &format!("{what}: {host} answers through node {i} from {want}"),
+                CONVERGE,
+                async || {
+                    let (ok, body) = Lab::curl(host, &url).await;
+                    ok && body.contains(want)
+                },
+            )
+            .await;
+        }
+    };
+    // nginx-proxy: Node-RED on its own network and the shared `proxy` one, VIRTUAL_PORT=1880.
+    // The file names `environment` twice: Docker's stack loader refuses it ("mapping key
+    // already defined"), whatever the proxy, so it cannot deploy as written on this engine.
+    // docker-compose v1, where it ran, kept the later one: deployed as that (the earlier
+    // `TZ` line dropped), the only change beyond its image.
+    let red = field_file("nginx-proxy/node-red.yml", &[("nodered/node-red:latest", NODE_RED_IMAGE)]);
+    let refused = Lab::docker_output(1, &["stack", "deploy", "-c", red.path().to_str().unwrap(), "nodered"]).await;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already defined"), "{refused:?}");
+    let text = std::fs::read_to_string(red.path()).unwrap();
+    let once = text.replacen("    environment:\n      - TZ=Europe/Amsterdam\n", "", 1);
+    assert_ne!(once, text, "the first `environment` is dropped");
+    std::fs::write(red.path(), once).unwrap();
+    Lab::docker(1, &["stack", "deploy", "-c", red.path().to_str().unwrap(), "nodered"]).await;
+    all_nodes("nodered.docker.localhost", &task_container("nodered_node-red").await, "node-red.yml").await;
+
+    // nginx-proxy: the override file gives a service `VIRTUAL_PROTO=https` on 443 (the base
+    // file is the user's own, not in the report: here meshgate's image serving HTTPS with its
+    // self-signed certificate, as such a web server does behind nginx-proxy).
+    let base = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        base.path(),
+        "version: '3.7'\nservices:\n  webserver:\n    image: meshgate:local\n    command: [\"--example\"]\n    environment:\n    - MESHGATE_TLS_HTTPS_LISTEN=0.0.0.0:443\n    - MESHGATE_HTTP_LISTEN=0.0.0.0:8080\n    - MESHGATE_DEFAULT_HOST=whoami.localhost\n    - MESHGATE_ACME_ENABLED=false\n",
+    )
+    .unwrap();
+    let overlay = field_file("nginx-proxy/docker-compose.proxy-override.yml", &[]);
+    let (base, overlay) = (base.path().to_str().unwrap(), overlay.path().to_str().unwrap());
+    Lab::docker(1, &["stack", "deploy", "-c", base, "-c", overlay, "site"]).await;
+    let hostname = format!("Hostname: {}", task_container("site_webserver").await);
+    all_nodes("wp.dckr.sisg.ucl.ac.be", &hostname, "the https override").await;
+
+    // Traefik: Portainer with `deploy.labels` on the external `proxy_net` overlay.
+    Lab::docker(1, &["network", "create", "-d", "overlay", "--attachable", "proxy_net"]).await;
+    let images = [
+        ("portainer/agent:latest", PORTAINER_AGENT_IMAGE),
+        ("portainer/portainer-ce:latest", PORTAINER_IMAGE),
+    ];
+    let stack = field_file("traefik/portainer-stack.yml", &images);
+    Lab::docker(1, &["stack", "deploy", "-c", stack.path().to_str().unwrap(), "portainer"]).await;
+    let portainer = task_container("portainer_portainer").await;
+    all_nodes("portainer.docker.localhost", &portainer, "portainer-stack.yml").await;
+    // Its `9000:9000` is published (ingress): every node answers it through the L4 mesh.
+    for i in 1..=3 {
+        let url = format!("http://{}:9000/", Lab::addr(i));
+        eventually(&format!("{url} answers from Portainer"), CONVERGE, async || {
+            Lab::curl("any", &url).await == (true, portainer.clone())
+        })
+        .await;
+    }
+    // The same stack with a basicauth middleware added (two label lines, `$` doubled as a
+    // stack file needs): every node asks for the user, and lets them in.
+    let made = Command::new("htpasswd").args(["-nbm", "admin", "s3cret"]).output().await.unwrap();
+    let user = String::from_utf8(made.stdout).unwrap().trim().replace('$', "$$");
+    let text = std::fs::read_to_string(stack.path()).unwrap().replace(
+        "        - \"traefik.http.services.portainer.loadbalancer.server.port=9000\"",
+        &format!(
+            "        - \"traefik.http.services.portainer.loadbalancer.server.port=9000\"\n        - \"traefik.http.routers.portainer.middlewares=portainer-auth\"\n        - \"traefik.http.middlewares.portainer-auth.basicauth.users={user}\""
+        ),
+    );
+    assert!(text.contains("portainer-auth.basicauth"), "{text}");
+    std::fs::write(stack.path(), text).unwrap();
+    Lab::docker(1, &["stack", "deploy", "-c", stack.path().to_str().unwrap(), "portainer"]).await;
+    for i in 1..=3 {
+        let url = format!("http://{}/", Lab::addr(i));
+        let status = async |auth: &[&str]| {
+            let mut args =
+                vec!["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: portainer.docker.localhost"];
+            args.extend_from_slice(auth);
+            args.push(&url);
+            crate::harness::curl(&args).await.1
+        };
+        eventually(&format!("node {i} asks for Portainer's user"), CONVERGE, async || {
+            status(&[]).await == "401"
+        })
+        .await;
+        assert_eq!(status(&["-u", "admin:s3cret"]).await, "200", "node {i}");
+        assert_eq!(status(&["-u", "admin:wrong"]).await, "401", "node {i}");
+    }
 }
 
 /// The test images and the agent's on every node, and the cluster secret, as the README says.
