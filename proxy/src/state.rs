@@ -195,6 +195,36 @@ pub struct HttpRoute {
     /// path prefix does, and this breaks ties.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i64>,
+    /// Which task a client keeps (`None`: each request is balanced on its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Whether the task gets the client's `Host` (else its own address, Traefik's
+    /// `passHostHeader=false`).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub pass_host: bool,
+}
+
+/// How a client keeps to one task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum Affinity {
+    /// By the client's address (nginx's `hash $remote_addr`, `ip_hash`): the same task
+    /// through every node while the tasks stay the same.
+    ClientIp,
+    /// By a cookie naming the task (Traefik's sticky cookie), set on the first answer.
+    Cookie {
+        name: String,
+        #[serde(default)]
+        secure: bool,
+        #[serde(default)]
+        http_only: bool,
+        /// `SameSite`: `none`, `lax` or `strict`.
+        #[serde(default)]
+        same_site: Option<String>,
+        /// `Max-Age` in seconds (`None`: a session cookie).
+        #[serde(default)]
+        max_age: Option<u64>,
+    },
 }
 
 impl HttpRoute {
@@ -222,6 +252,8 @@ impl HttpRoute {
             middlewares: Vec::new(),
             conditions: Vec::new(),
             priority: None,
+            affinity: None,
+            pass_host: true,
         }
     }
 }

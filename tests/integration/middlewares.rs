@@ -231,3 +231,73 @@ async fn traefik_rule_matchers_choose_among_routers_of_one_host() {
     assert_eq!(who(&["-H", "X-Canary: on", &ping_url]).await, ping.id);
     assert_eq!(who(&[&url("/app/index.html")]).await, site.id);
 }
+
+/// Drop-in issue, item 2 and 4: affinity as nginx-proxy (`loadbalance` label, `hash
+/// $remote_addr`) and Traefik (a sticky cookie) give it, over two real containers sharing a
+/// host; Traefik's `passHostHeader=false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_keeps_a_client_to_its_task_and_pass_host_header_false_names_the_task() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let hashed = [
+        "-e",
+        "VIRTUAL_HOST=hashed.docker.test",
+        "-l",
+        "com.github.nginx-proxy.nginx-proxy.loadbalance=hash $remote_addr;",
+    ];
+    let sticky = [
+        "-l",
+        "traefik.enable=true",
+        "-l",
+        "traefik.http.routers.web.rule=Host(`sticky.docker.test`)",
+        "-l",
+        "traefik.http.services.web.loadbalancer.sticky.cookie.name=srv",
+        "-l",
+        "traefik.http.services.web.loadbalancer.sticky.cookie.httponly=true",
+        "-l",
+        "traefik.http.services.web.loadbalancer.passhostheader=false",
+    ];
+    let mut tasks = Vec::new();
+    for tag in ["a", "b"] {
+        let mut args: Vec<&str> = hashed.to_vec();
+        args.extend_from_slice(&sticky);
+        tasks.push(Container::run(tag, &args, 80).await);
+    }
+    let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    let seen = async |host: &str, n: usize, more: &[&str]| {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let mut args = vec!["-s", "-H"];
+            let h = format!("Host: {host}");
+            args.push(&h);
+            args.extend_from_slice(more);
+            let url = mesh.url("/");
+            args.push(&url);
+            *seen.entry(curl(&args).await.1.trim().to_owned()).or_default() += 1;
+        }
+        seen
+    };
+    eventually("both tasks serve the sticky host", Duration::from_secs(30), async || {
+        seen("sticky.docker.test", 20, &[]).await.keys().filter(|k| ids.contains(k)).count() == 2
+    })
+    .await;
+    // The client's address: always the same task.
+    let hashed = seen("hashed.docker.test", 20, &[]).await;
+    assert_eq!(hashed.len(), 1, "{hashed:?}");
+    assert!(ids.contains(hashed.keys().next().unwrap()), "{hashed:?}");
+    // The cookie: set on the first answer, naming its task; sent back, the same task.
+    let url = mesh.url("/");
+    let (_, head) = curl(&["-si", "-H", "Host: sticky.docker.test", &url]).await;
+    let head = head.replace('\r', "");
+    let cookie =
+        head.lines().find_map(|l| l.strip_prefix("set-cookie: ")).unwrap_or_else(|| panic!("{head}"));
+    assert!(cookie.starts_with("srv=") && cookie.contains("HttpOnly"), "{cookie}");
+    let first = head.lines().last().unwrap().trim().to_owned();
+    let pair = format!("Cookie: {}", cookie.split(';').next().unwrap());
+    let kept = seen("sticky.docker.test", 20, &["-H", &pair]).await;
+    assert_eq!(kept.keys().collect::<Vec<_>>(), vec![&first], "{kept:?}");
+    // passHostHeader=false: the task gets its own address as Host.
+    let (_, env) =
+        curl(&["-s", "-H", "Host: sticky.docker.test", "-H", &pair, &mesh.url("/cgi-bin/env")]).await;
+    let host = env.lines().find_map(|l| l.strip_prefix("HTTP_HOST=")).unwrap_or_else(|| panic!("{env}"));
+    assert!(host.ends_with(":80") && host != "sticky.docker.test", "{env}");
+}

@@ -451,7 +451,8 @@ async fn field_files_deploy_unchanged() {
     // docker-compose v1, where it ran, kept the later one: deployed as that (the earlier
     // `TZ` line dropped), the only change beyond its image.
     let red = field_file("nginx-proxy/node-red.yml", &[("nodered/node-red:latest", NODE_RED_IMAGE)]);
-    let refused = Lab::docker_output(1, &["stack", "deploy", "-c", red.path().to_str().unwrap(), "nodered"]).await;
+    let refused =
+        Lab::docker_output(1, &["stack", "deploy", "-c", red.path().to_str().unwrap(), "nodered"]).await;
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already defined"), "{refused:?}");
     let text = std::fs::read_to_string(red.path()).unwrap();
     let once = text.replacen("    environment:\n      - TZ=Europe/Amsterdam\n", "", 1);

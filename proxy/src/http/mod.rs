@@ -1,6 +1,7 @@
 //! The HTTP reverse proxy: listener, route table, endpoints and the request path.
 
 pub mod access_log;
+pub mod affinity;
 pub mod basic_auth;
 pub mod body;
 pub mod condition;

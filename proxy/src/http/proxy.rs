@@ -305,17 +305,21 @@ impl Proxy {
             passed.finish(resp.headers_mut());
             return self.answered(resp, guard, Some(&route), (started, kind));
         }
+        let wish = super::affinity::wish_of(route.affinity.as_ref(), req.headers(), conn_ip);
         let req =
             req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout, &mut guard.received, limit));
         let exchanged =
-            self.exchange(&route, req, &mut guard).await.and_then(
-                |(resp, endpoint, timer)| match check_switch(&resp, asked.as_ref()) {
+            self.exchange(&route, req, &mut guard, &wish).await.and_then(|(resp, endpoint, timer)| {
+                match check_switch(&resp, asked.as_ref()) {
                     Ok(()) => Ok((resp, endpoint, timer)),
                     Err(e) => Err((e, Some(endpoint))),
-                },
-            );
+                }
+            });
         match exchanged {
             Ok((mut resp, endpoint, timer)) => {
+                if let Some(cookie) = super::affinity::set_cookie(route.affinity.as_ref(), &wish, &endpoint) {
+                    resp.headers_mut().append(header::SET_COOKIE, cookie);
+                }
                 note(&mut guard, resp.status(), true, Some(&route));
                 guard.metrics = Some(route.metrics.clone());
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -400,11 +404,12 @@ impl Proxy {
         route: &Route,
         mut req: Request<UpstreamBody>,
         guard: &mut RequestGuard,
+        wish: &super::affinity::Wish,
     ) -> Result<(Response<Incoming>, Arc<Endpoint>, Timer), (ProxyError, Option<Arc<Endpoint>>)> {
         let mut failed: Option<Arc<Endpoint>> = None;
         let mut last_error = ProxyError::NoTask;
         for _ in 0..2 {
-            let Some(endpoint) = route.pick(failed.as_ref()) else { break };
+            let Some(endpoint) = route.choose(failed.as_ref(), wish) else { break };
             guard.set_endpoint(&endpoint);
             match self.send(&endpoint, req, route).await {
                 Ok((resp, timer)) => {
@@ -437,6 +442,9 @@ impl Proxy {
         mut req: Request<UpstreamBody>,
         route: &Route,
     ) -> Result<(Response<Incoming>, Timer), Failure> {
+        if !route.pass_host {
+            task_host(&mut req, endpoint.addr);
+        }
         let (timeout, metrics) =
             (route.response_timeout.unwrap_or(self.cfg.upstream_response_timeout), &route.metrics);
         // One timer for the whole request: each attempt's response head, then the body.
@@ -712,6 +720,21 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: 
     keep_or(&X_FORWARDED_PORT, Some(client.port_header.clone()));
     if let Some(host) = host {
         headers.insert(header::HOST, host);
+    }
+}
+
+/// Names the task's own address as the host (Traefik's `passHostHeader=false`): in `Host`,
+/// or in the URI's authority over HTTP/2.
+fn task_host(req: &mut Request<UpstreamBody>, addr: std::net::SocketAddr) {
+    let Ok(value) = HeaderValue::from_str(&addr.to_string()) else { return };
+    if req.uri().authority().is_some() {
+        let mut parts = req.uri().clone().into_parts();
+        parts.authority = value.to_str().ok().and_then(|a| a.parse().ok());
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    } else {
+        req.headers_mut().insert(header::HOST, value);
     }
 }
 

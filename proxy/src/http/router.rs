@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::affinity::{rendezvous, task_token, Wish};
 use super::condition::Ask;
 use super::endpoint::{Endpoint, EndpointRegistry, Reach};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -49,6 +50,10 @@ pub struct Route {
     pub conditions: (Vec<crate::state::Condition>, super::condition::Conditions),
     /// Its rank among a host's routes (see [`crate::state::HttpRoute::priority`]).
     pub priority: Option<i64>,
+    /// Which task a client keeps to.
+    pub affinity: Option<crate::state::Affinity>,
+    /// The task gets the client's `Host` (else its own address).
+    pub pass_host: bool,
 }
 
 impl Route {
@@ -63,6 +68,22 @@ impl Route {
             _ => format!("{dest}{rest}"),
         };
         joined.into()
+    }
+
+    /// The endpoint for a request that wishes for one (affinity), else as [`Route::pick`].
+    #[must_use]
+    pub fn choose(&self, exclude: Option<&Arc<Endpoint>>, wish: &Wish) -> Option<Arc<Endpoint>> {
+        let usable = |e: &&Arc<Endpoint>| {
+            e.unreachable().is_none() && !e.is_ejected() && exclude.is_none_or(|x| !Arc::ptr_eq(x, e))
+        };
+        let wished = match wish {
+            Wish::Any => None,
+            Wish::Hash(client) => rendezvous(*client, self.endpoints.iter().filter(usable)),
+            Wish::Token(token) => {
+                self.endpoints.iter().filter(usable).find(|e| task_token(&e.task) == *token)
+            }
+        };
+        wished.cloned().or_else(|| self.pick(exclude))
     }
 
     /// Power of two choices on in-flight requests among endpoints that are not ejected
@@ -144,6 +165,8 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             a.response_timeout,
             &a.middlewares.0,
             &a.conditions.0,
+            &a.affinity,
+            a.pass_host,
         ) == (
             b.protocol,
             &b.rewrite,
@@ -155,6 +178,8 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             b.response_timeout,
             &b.middlewares.0,
             &b.conditions.0,
+            &b.affinity,
+            b.pass_host,
         );
     alike.then(|| Route {
         name: a.name.clone(),
@@ -175,6 +200,8 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         middlewares: a.middlewares.clone(),
         conditions: a.conditions.clone(),
         priority: a.priority,
+        affinity: a.affinity.clone(),
+        pass_host: a.pass_host,
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -303,6 +330,8 @@ impl RouteTable {
                     middlewares: (http.middlewares.clone(), chain),
                     conditions: (http.conditions.clone(), conditions),
                     priority: http.priority,
+                    affinity: http.affinity.clone(),
+                    pass_host: http.pass_host,
                     allow_from: http.allow_from.clone(),
                     max_body: http.max_body,
                     response_timeout: http.response_timeout,

@@ -120,6 +120,12 @@ struct HttpEntry {
     #[serde(default)]
     conditions: Vec<crate::state::Condition>,
     priority: Option<i64>,
+    /// `{ by = "client_ip" }` or `{ by = "cookie", name = "srv", secure = true, http_only =
+    /// true, same_site = "lax", max_age = 3600 }`.
+    affinity: Option<crate::state::Affinity>,
+    /// `false`: the tasks get their own address as `Host`.
+    #[serde(default = "yes")]
+    pass_host: bool,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +346,8 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         middlewares: h.middlewares,
         conditions: h.conditions,
         priority: h.priority,
+        affinity: h.affinity,
+        pass_host: h.pass_host,
     })
 }
 

@@ -215,6 +215,7 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
         }
     }
     upstream_tls(&label, &mut out);
+    balancing(&label, &mut out);
     // `meshgate.access_log=false`: none of the workload's requests are logged (a health
     // check, a metrics endpoint).
     match label("meshgate.access_log").map(|v| (v, parse_bool(v))) {
@@ -231,6 +232,64 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
         .map(str::to_owned);
     out.problems.extend(unknown_settings(w));
     out
+}
+
+/// nginx-proxy's `loadbalance` label and ours: which task a client keeps to; our
+/// `meshgate.http.pass_host=false`: the tasks get their own address as `Host`.
+fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
+    use crate::state::Affinity;
+    const NGINX: &str = "com.github.nginx-proxy.nginx-proxy.loadbalance";
+    let mut affinity = None;
+    if let Some(v) = label(NGINX) {
+        let words: String = v.split_whitespace().collect::<Vec<_>>().join(" ");
+        match words.trim_end_matches(';').trim() {
+            "hash $remote_addr" | "hash $remote_addr consistent" | "ip_hash" => affinity = Some(Affinity::ClientIp),
+            // Least connections: meshgate's own balancing (the less busy of two) is that.
+            "least_conn" | "random two least_conn" | "random two" | "" => {}
+            other => out.problems.push(format!(
+                "label `{NGINX}={other}`: not understood (hash $remote_addr, ip_hash, least_conn); balanced as usual"
+            )),
+        }
+    }
+    match label("meshgate.http.affinity").map(str::trim) {
+        None => {}
+        Some("client_ip") => affinity = Some(Affinity::ClientIp),
+        Some("cookie") => {
+            affinity = Some(Affinity::Cookie {
+                name: label("meshgate.http.affinity_cookie").unwrap_or("meshgate_task").trim().to_owned(),
+                secure: false,
+                http_only: true,
+                same_site: Some("lax".into()),
+                max_age: None,
+            });
+        }
+        Some(other) => out.problems.push(
+            self::label("meshgate.http.affinity")(ValueError::NotOneOf(
+                other.to_owned(),
+                "client_ip or cookie",
+            ))
+            .to_string(),
+        ),
+    }
+    let pass_host = match label("meshgate.http.pass_host").map(|v| (v, parse_bool(v))) {
+        Some((_, Some(pass))) => Some(pass),
+        Some((v, None)) => {
+            out.problems.push(
+                self::label("meshgate.http.pass_host")(ValueError::NotOneOf(v.to_owned(), "true or false"))
+                    .to_string(),
+            );
+            None
+        }
+        None => None,
+    };
+    for r in &mut out.routes {
+        if r.affinity.is_none() {
+            r.affinity.clone_from(&affinity);
+        }
+        if let Some(pass) = pass_host {
+            r.pass_host = pass;
+        }
+    }
 }
 
 /// `meshgate.http.upstream_verify=true` (with `meshgate.http.upstream_ca=/path/ca.pem` and
@@ -301,7 +360,12 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.upstream_ca",
         "meshgate.http.upstream_server_name",
         "meshgate.http.middlewares",
+        "meshgate.http.affinity",
+        "meshgate.http.affinity_cookie",
+        "meshgate.http.pass_host",
     ];
+    const NGINX_PROXY: &[&str] =
+        &["com.github.nginx-proxy.nginx-proxy.loadbalance", "com.github.nginx-proxy.nginx-proxy.keepalive"];
     let mut out = Vec::new();
     for name in w.env.keys() {
         let ours = ENV_PREFIXES.iter().any(|p| name.starts_with(p)) || ENV_OTHERS.contains(&name.as_str());
@@ -319,7 +383,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         } else if name.starts_with("traefik.") {
             known_traefik_label(name)
         } else {
-            !name.starts_with("com.github.nginx-proxy.")
+            !name.starts_with("com.github.nginx-proxy.") || NGINX_PROXY.contains(&name.as_str())
         };
         if !known {
             out.push(format!("label `{name}` is not supported yet: ignored"));
@@ -355,6 +419,18 @@ fn known_traefik_label(name: &str) -> bool {
             ["traefik", "enable"]
                 | ["traefik", "docker" | "swarm", "network"]
                 | ["traefik", "http", "services", _, "loadbalancer", "server", "port" | "scheme"]
+                | ["traefik", "http", "services", _, "loadbalancer", "passhostheader" | "sticky"]
+                | ["traefik", "http", "services", _, "loadbalancer", "sticky", "cookie"]
+                | [
+                    "traefik",
+                    "http",
+                    "services",
+                    _,
+                    "loadbalancer",
+                    "sticky",
+                    "cookie",
+                    "name" | "secure" | "httponly" | "samesite" | "maxage"
+                ]
         ),
     }
 }
@@ -501,22 +577,10 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
         let service = label(&key("service"))
             .map(str::to_owned)
             .or_else(|| (services.len() == 1).then(|| services.iter().next().cloned()).flatten());
-        // A setting of the router's service, parsed; `Err` names the label.
-        let setting = |suffix: &str| -> Option<(String, &str)> {
-            let k = format!("traefik.http.services.{}.loadbalancer.server.{suffix}", service.as_deref()?);
-            let v = label(&k)?;
-            Some((k, v))
-        };
-        let parsed = (
-            setting("port").map(|(k, v)| parse_port(v).map_err(self::label(&k))).transpose(),
-            setting("scheme").map(|(k, v)| parse_proto(v).map_err(self::label(&k))).transpose(),
-        );
-        let (port, protocol) = match parsed {
-            (Ok(port), Ok(protocol)) => {
-                (port.unwrap_or_else(|| w.default_port()), protocol.unwrap_or_default())
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                out.problems.push(e.to_string());
+        let (port, protocol) = match traefik_server(w, service.as_deref(), label) {
+            Ok(server) => server,
+            Err(e) => {
+                out.problems.push(e);
                 continue;
             }
         };
@@ -524,6 +588,13 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
             TlsWish::Acme { email: None, names: traefik_tls_domains(&key, label) }
         } else {
             TlsWish::None
+        };
+        let (affinity, pass_host) = match traefik_balancing(service.as_deref(), label) {
+            Ok(b) => b,
+            Err(e) => {
+                out.problems.push(e);
+                continue;
+            }
         };
         let (https_method, mut refused) = router_access(&key, label);
         let mut honoured = Vec::new();
@@ -551,14 +622,10 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
         if let Some(why) = &refused {
             out.problems.push(why.clone());
         }
-        // As Traefik: the router's `priority`, else its rule's length.
-        let priority = match label(&key("priority")).map(|v| (v, v.trim().parse::<i64>())) {
-            None => i64::try_from(rule.len()).unwrap_or(i64::MAX),
-            Some((_, Ok(p))) => p,
-            Some((v, Err(_))) => {
-                let k = key("priority");
-                out.problems
-                    .push(self::label(&k)(ValueError::NotOneOf(v.to_owned(), "a whole number")).to_string());
+        let priority = match router_priority(&key, label, rule) {
+            Ok(p) => p,
+            Err(e) => {
+                out.problems.push(e);
                 continue;
             }
         };
@@ -568,6 +635,8 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
                 continue;
             }
             out.routes.push(HttpRoute {
+                affinity: affinity.clone(),
+                pass_host,
                 conditions: alt.conditions,
                 priority: Some(priority),
                 https_method,
@@ -582,6 +651,87 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
             });
         }
     }
+}
+
+/// The port and scheme of a Traefik service's server (the workload's default port, http).
+fn traefik_server<'a>(
+    w: &Workload<'_>,
+    service: Option<&str>,
+    label: impl Fn(&str) -> Option<&'a str>,
+) -> Result<(u16, UpstreamProtocol), String> {
+    let setting = |suffix: &str| -> Option<(String, &str)> {
+        let k = format!("traefik.http.services.{}.loadbalancer.server.{suffix}", service?);
+        let v = label(&k)?;
+        Some((k, v))
+    };
+    let port = setting("port").map(|(k, v)| parse_port(v).map_err(|e| label_error(&k, e))).transpose()?;
+    let protocol =
+        setting("scheme").map(|(k, v)| parse_proto(v).map_err(|e| label_error(&k, e))).transpose()?;
+    Ok((port.unwrap_or_else(|| w.default_port()), protocol.unwrap_or_default()))
+}
+
+/// As Traefik: the router's `priority`, else its rule's length.
+fn router_priority<'a>(
+    key: &dyn Fn(&str) -> String,
+    label: impl Fn(&str) -> Option<&'a str>,
+    rule: &str,
+) -> Result<i64, String> {
+    match label(&key("priority")).map(|v| (v, v.trim().parse::<i64>())) {
+        None => Ok(i64::try_from(rule.len()).unwrap_or(i64::MAX)),
+        Some((_, Ok(p))) => Ok(p),
+        Some((v, Err(_))) => {
+            Err(label_error(&key("priority"), ValueError::NotOneOf(v.to_owned(), "a whole number")))
+        }
+    }
+}
+
+fn label_error(key: &str, e: ValueError) -> String {
+    label(key)(e).to_string()
+}
+
+/// A Traefik service's `loadbalancer.sticky.cookie.*` (a cookie keeps the client to its
+/// task; Traefik's default name is derived from the service's) and `passhostheader`.
+fn traefik_balancing<'a>(
+    service: Option<&str>,
+    label: impl Fn(&str) -> Option<&'a str>,
+) -> Result<(Option<crate::state::Affinity>, bool), String> {
+    let Some(service) = service else { return Ok((None, true)) };
+    let key = |suffix: &str| format!("traefik.http.services.{service}.loadbalancer.{suffix}");
+    let flag = |suffix: &str| -> Result<Option<bool>, String> {
+        label(&key(suffix))
+            .map(|v| {
+                parse_bool(v).ok_or_else(|| format!("label `{}`: `{v}` is not true or false", key(suffix)))
+            })
+            .transpose()
+    };
+    let pass_host = flag("passhostheader")?.unwrap_or(true);
+    let cookie_keys = [
+        "sticky.cookie.name",
+        "sticky.cookie.secure",
+        "sticky.cookie.httponly",
+        "sticky.cookie.samesite",
+        "sticky.cookie.maxage",
+    ];
+    let sticky = flag("sticky.cookie")?.or(flag("sticky")?).unwrap_or(false)
+        || cookie_keys.iter().any(|k| label(&key(k)).is_some());
+    if !sticky {
+        return Ok((None, pass_host));
+    }
+    let default_name = format!("_{}", &crate::http::affinity::task_token(service)[..6]);
+    let max_age = match label(&key("sticky.cookie.maxage")) {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            format!("label `{}`: `{v}` is not a number of seconds", key("sticky.cookie.maxage"))
+        })?),
+    };
+    let affinity = crate::state::Affinity::Cookie {
+        name: label(&key("sticky.cookie.name")).map_or(default_name, |n| n.trim().to_owned()),
+        secure: flag("sticky.cookie.secure")?.unwrap_or(false),
+        http_only: flag("sticky.cookie.httponly")?.unwrap_or(false),
+        same_site: label(&key("sticky.cookie.samesite")).map(|s| s.trim().to_ascii_lowercase()),
+        max_age,
+    };
+    Ok((Some(affinity), pass_host))
 }
 
 /// A router's `tls.domains[n].main` and `.sans` (Traefik's way to name a certificate's names,
