@@ -11,6 +11,7 @@ mod access_log;
 mod acme;
 mod admin;
 mod balancer;
+mod behaviour;
 mod chaos;
 mod cluster;
 mod dashboard;

@@ -132,15 +132,22 @@ impl HostRoutes {
     }
 
     /// Puts the routes in the order a request tries them: by priority when every route has
-    /// one (Traefik's routers), else the longest path prefix first (nginx); then the one
-    /// with more conditions (the more specific).
+    /// one (Traefik's routers), else routes with a path regex first (nginx's regex
+    /// locations win over prefixes), then the longest path prefix; then the one with more
+    /// conditions (the more specific).
     fn sort(&mut self) {
         let all_ranked = self.0.iter().all(|r| r.priority.is_some());
         let len = |r: &Arc<Route>| r.path.len();
         let specific = |r: &Arc<Route>| r.conditions.0.len();
+        let regex = |r: &Arc<Route>| {
+            r.conditions
+                .0
+                .iter()
+                .any(|c| !c.negated && matches!(c.test, crate::state::Test::PathRegexp { .. }))
+        };
         self.0.sort_by(|a, b| {
             let by_rank = b.priority.cmp(&a.priority);
-            let by_path = len(b).cmp(&len(a));
+            let by_path = regex(b).cmp(&regex(a)).then(len(b).cmp(&len(a)));
             let first = if all_ranked { by_rank.then(by_path) } else { by_path.then(by_rank) };
             first.then(specific(b).cmp(&specific(a)))
         });

@@ -59,8 +59,12 @@ pub enum ValueError {
     Port(String),
     #[error("protocol `{0}` is not supported (http, https or h2c)")]
     Protocol(String),
-    #[error("path `{0}` must start with `/` (regex paths are not supported)")]
+    #[error("path `{0}` must start with `/` (or `~` for a regex)")]
     Path(String),
+    #[error("`{0}` is not a regular expression: {1}")]
+    Regex(String, String),
+    #[error("a path rewrite with a regex VIRTUAL_PATH is not supported (nginx cannot say it either)")]
+    DestWithRegex,
     #[error("no host name given")]
     NoHost,
     #[error(transparent)]
@@ -452,8 +456,22 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
     let port = var("VIRTUAL_PORT").map_or(Ok(w.default_port()), parse_port).map_err(env("VIRTUAL_PORT"))?;
     let protocol =
         var("VIRTUAL_PROTO").map_or(Ok(UpstreamProtocol::Http), parse_proto).map_err(env("VIRTUAL_PROTO"))?;
-    let path = var("VIRTUAL_PATH").map_or(Ok("/".into()), parse_path).map_err(env("VIRTUAL_PATH"))?;
+    // `VIRTUAL_PATH=~regex` is an nginx regex location: any path it matches (searched).
+    let (path, path_regex) = match var("VIRTUAL_PATH").map(str::trim) {
+        Some(v) if v.starts_with('~') => {
+            let re = v.trim_start_matches('~').trim_start_matches('*').trim();
+            let case = if v.starts_with("~*") { "(?i)" } else { "" };
+            let re = format!("{case}{re}");
+            regex::Regex::new(&re)
+                .map_err(|e| env("VIRTUAL_PATH")(ValueError::Regex(re.clone(), e.to_string())))?;
+            ("/".to_owned(), Some(re))
+        }
+        other => (other.map_or(Ok("/".into()), parse_path).map_err(env("VIRTUAL_PATH"))?, None),
+    };
     let rewrite = var("VIRTUAL_DEST").map(parse_path).transpose().map_err(env("VIRTUAL_DEST"))?;
+    if path_regex.is_some() && rewrite.is_some() {
+        return Err(env("VIRTUAL_DEST")(ValueError::DestWithRegex));
+    }
     let https_method = match var("HTTPS_METHOD") {
         None => HttpsMethod::Redirect,
         Some(v) => serde_json::from_value(serde_json::Value::String(v.trim().to_ascii_lowercase())).map_err(
@@ -486,6 +504,9 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         Some(v) => (None, Some(format!("env `NETWORK_ACCESS={v}` is neither internal nor external: not served rather than served to anyone"))),
     };
     Ok(HttpRoute {
+        conditions: path_regex
+            .map(|regex| vec![crate::state::Condition::is(crate::state::Test::PathRegexp { regex })])
+            .unwrap_or_default(),
         rewrite,
         https_method,
         hsts,

@@ -255,11 +255,13 @@ fn period(v: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`period={v}` must be more than 0"))
 }
 
-fn source(options: &BTreeMap<String, &str>) -> Result<Source, String> {
+/// What a limit counts by; without a `sourceCriterion`, Traefik's default for the kind (the
+/// client's address for `ratelimit`, the requested host for `inflightreq`).
+fn source(options: &BTreeMap<String, &str>, default: Source) -> Result<Source, String> {
     if let Some(name) = options.get("sourcecriterion.requestheadername").filter(|v| !v.trim().is_empty()) {
         return Ok(Source::Header(name.trim().to_ascii_lowercase()));
     }
-    Ok(if flag(options, "sourcecriterion.requesthost")? { Source::Host } else { Source::ClientIp })
+    Ok(if flag(options, "sourcecriterion.requesthost")? { Source::Host } else { default })
 }
 
 fn header_name(name: &str) -> Result<String, String> {
@@ -344,12 +346,12 @@ fn one(name: &str, kind: &str, o: &BTreeMap<String, &str>) -> Result<Middleware,
                 average,
                 period_ms: o.get("period").map_or(Ok(1000), |p| period(p))?,
                 burst: number(o, "burst")?.unwrap_or(1).max(1),
-                source: source(o)?,
+                source: source(o, Source::ClientIp)?,
             }
         }
         "inflightreq" => {
             let amount = number(o, "amount")?.filter(|a| *a > 0).ok_or("`amount` is missing or 0")?;
-            Middleware::InFlight { amount, source: source(o)? }
+            Middleware::InFlight { amount, source: source(o, Source::Host)? }
         }
         "forwardauth" => {
             let address = required(o, "address")?.trim().to_owned();
@@ -526,12 +528,14 @@ mod tests {
             ("traefik.http.middlewares.rl.ratelimit.period", "1m"),
             ("traefik.http.middlewares.in.inflightreq.amount", "10"),
             ("traefik.http.middlewares.in.inflightreq.sourcecriterion.requestheadername", "X-User"),
+            ("traefik.http.middlewares.host.inflightreq.amount", "3"),
         ]);
         assert_eq!(
-            chain(&l, &Catalogue::default(), "rl,in").unwrap(),
+            chain(&l, &Catalogue::default(), "rl,in,host").unwrap(),
             vec![
                 Middleware::RateLimit { average: 100, period_ms: 60_000, burst: 1, source: Source::ClientIp },
                 Middleware::InFlight { amount: 10, source: Source::Header("x-user".into()) },
+                Middleware::InFlight { amount: 3, source: Source::Host },
             ]
         );
     }
