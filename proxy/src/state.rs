@@ -202,6 +202,78 @@ pub struct HttpRoute {
     /// `passHostHeader=false`).
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub pass_host: bool,
+    /// An active health check of each task (a failing task takes no traffic while others
+    /// pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// What a task is asked, and how often, to count as healthy (Traefik's
+/// `loadbalancer.healthcheck`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// Path (and query) asked with a GET.
+    pub path: String,
+    #[serde(with = "humantime_serde", default = "HealthCheck::default_interval")]
+    pub interval: std::time::Duration,
+    #[serde(with = "humantime_serde", default = "HealthCheck::default_timeout")]
+    pub timeout: std::time::Duration,
+    /// The status that means healthy (`None`: any 2xx or 3xx).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// `Host` of the check (`None`: the route's first host).
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+impl HealthCheck {
+    /// A check of `path` with Traefik's defaults: every 30 s, 5 s to answer.
+    #[must_use]
+    pub fn of(path: String) -> Self {
+        Self {
+            path,
+            interval: Self::default_interval(),
+            timeout: Self::default_timeout(),
+            status: None,
+            hostname: None,
+        }
+    }
+
+    fn default_interval() -> std::time::Duration {
+        std::time::Duration::from_secs(30)
+    }
+
+    fn default_timeout() -> std::time::Duration {
+        std::time::Duration::from_secs(5)
+    }
+
+    /// Reads `interval`, `timeout` and `status` as labels write them, onto this check.
+    ///
+    /// # Errors
+    /// A value that is not a duration above zero, or not a status code.
+    pub fn set(&mut self, option: &str, value: &str) -> Result<(), String> {
+        let duration = || match humantime::parse_duration(value.trim()) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(format!("`{value}` is not a duration above zero (write 10s)")),
+        };
+        match option {
+            "interval" => self.interval = duration()?,
+            "timeout" => self.timeout = duration()?,
+            "status" => {
+                self.status = Some(
+                    value
+                        .trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|s| (100..600).contains(s))
+                        .ok_or_else(|| format!("`{value}` is not a status code"))?,
+                );
+            }
+            "hostname" => self.hostname = Some(value.trim().to_owned()),
+            other => return Err(format!("`{other}` is not a health check setting")),
+        }
+        Ok(())
+    }
 }
 
 /// How a client keeps to one task.
@@ -254,6 +326,7 @@ impl HttpRoute {
             priority: None,
             affinity: None,
             pass_host: true,
+            health_check: None,
         }
     }
 }

@@ -73,6 +73,15 @@ impl Container {
     }
 }
 
+impl Container {
+    /// Runs a command in the container (`docker exec`).
+    pub(crate) async fn exec(&self, command: &[&str]) {
+        let mut args = vec!["exec", self.name.as_str()];
+        args.extend_from_slice(command);
+        docker(&args).await;
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = std::process::Command::new("docker").args(["rm", "-f", &self.name]).output();

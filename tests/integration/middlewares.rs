@@ -301,3 +301,50 @@ async fn affinity_keeps_a_client_to_its_task_and_pass_host_header_false_names_th
     let host = env.lines().find_map(|l| l.strip_prefix("HTTP_HOST=")).unwrap_or_else(|| panic!("{env}"));
     assert!(host.ends_with(":80") && host != "sticky.docker.test", "{env}");
 }
+
+/// Drop-in issue, item 4: Traefik's `loadbalancer.healthcheck` (its docs, "Services: Health
+/// Check"): a task whose check path fails takes no traffic until it passes again; it shows
+/// as `meshgate_backend_up 0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_health_check_takes_a_failing_task_out_of_rotation_and_back() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let labels = [
+        "-l",
+        "traefik.enable=true",
+        "-l",
+        "traefik.http.routers.hc.rule=Host(`hc.docker.test`)",
+        "-l",
+        "traefik.http.services.hc.loadbalancer.healthcheck.path=/t/",
+        "-l",
+        "traefik.http.services.hc.loadbalancer.healthcheck.interval=300ms",
+        "-l",
+        "traefik.http.services.hc.loadbalancer.healthcheck.timeout=1s",
+    ];
+    let (a, b) = (Container::run("hca", &labels, 80).await, Container::run("hcb", &labels, 80).await);
+    let answers = async || {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            seen.insert(
+                curl(&["-s", "-H", "Host: hc.docker.test", &mesh.url("/")]).await.1.trim().to_owned(),
+            );
+        }
+        seen
+    };
+    let both: std::collections::BTreeSet<String> = [a.id.clone(), b.id.clone()].into();
+    eventually("both tasks take traffic", Duration::from_secs(30), async || answers().await == both).await;
+    b.exec(&["rm", "-r", "/w/t"]).await;
+    let only_a: std::collections::BTreeSet<String> = [a.id.clone()].into();
+    eventually("the failing task takes none", Duration::from_secs(30), async || answers().await == only_a)
+        .await;
+    let metrics = crate::resilience::reqwest_text(&mesh.admin_url("/metrics")).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meshgate_backend_up{") && l.contains(&b.id[..12]) && l.ends_with(" 0"))
+            || metrics.lines().any(|l| l.starts_with("meshgate_backend_up{") && l.ends_with(" 0")),
+        "{metrics}"
+    );
+    b.exec(&["sh", "-c", "mkdir /w/t && hostname > /w/t/index.html"]).await;
+    eventually("it is back once its check passes", Duration::from_secs(30), async || answers().await == both)
+        .await;
+}

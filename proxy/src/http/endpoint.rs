@@ -132,6 +132,8 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     failures: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// Its active health check fails (see `health`).
+    check_failing: std::sync::atomic::AtomicBool,
     idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     up: IntGauge,
@@ -161,7 +163,24 @@ impl Endpoint {
     /// True while the task is ejected after connect failures.
     #[must_use]
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+        self.check_failing.load(Ordering::Relaxed) || self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Records the outcome of an active health check: a failing task is out of rotation
+    /// (as an ejected one) until a check passes.
+    pub fn set_check(&self, passing: Result<(), String>) {
+        let was_failing = self.check_failing.swap(passing.is_err(), Ordering::Relaxed);
+        match passing {
+            Err(why) if !was_failing => {
+                self.up.set(0);
+                tracing::warn!(service = %self.service, task = %self.task, addr = %self.addr, "health check fails: {why}; out of rotation");
+            }
+            Ok(()) if was_failing => {
+                self.up.set(1);
+                tracing::info!(service = %self.service, task = %self.task, addr = %self.addr, "health check passes; back in rotation");
+            }
+            _ => {}
+        }
     }
 
     /// Why this node cannot reach the task at all, if it cannot.
@@ -429,6 +448,7 @@ impl EndpointRegistry {
             in_flight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            check_failing: std::sync::atomic::AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             up,

@@ -37,11 +37,12 @@ static X_REPLACED_PATH: HeaderName = HeaderName::from_static("x-replaced-path");
 type AuthClient =
     hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
-/// What outlives one route table: the limits' counts, and the client to authentication
-/// servers.
+/// What outlives one route table: the limits' counts, the client to authentication
+/// servers, and the active health checks.
 pub struct Shared {
     limiters: Mutex<HashMap<String, Weak<Limiter>>>,
     auth: AuthClient,
+    pub health: super::health::Checks,
 }
 
 impl Default for Shared {
@@ -52,6 +53,7 @@ impl Default for Shared {
             limiters: Mutex::default(),
             auth: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(connector),
+            health: super::health::Checks::default(),
         }
     }
 }

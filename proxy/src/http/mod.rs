@@ -6,6 +6,7 @@ pub mod basic_auth;
 pub mod body;
 pub mod condition;
 pub mod endpoint;
+pub mod health;
 pub mod limits;
 pub mod middleware;
 pub mod proxy;

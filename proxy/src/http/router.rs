@@ -235,6 +235,32 @@ fn endpoints_of(
         .collect()
 }
 
+/// Tasks this node cannot reach, each told once with the reason (never dialled).
+fn note_unreachable(svc: &crate::state::Service, endpoints: &[Arc<Endpoint>], unreachable: &mut Vec<String>) {
+    for e in endpoints {
+        if let Some(why) = e.unreachable() {
+            let problem = format!("service `{}` task `{}` ({}): {why}; not routed", svc.name, e.task, e.addr);
+            if !unreachable.contains(&problem) {
+                unreachable.push(problem);
+            }
+        }
+    }
+}
+
+/// The active checks a route asks of its endpoints, with the `Host` they send (the check's
+/// own, else the route's first exact host).
+fn health_checks(
+    http: &crate::state::HttpRoute,
+    endpoints: &[Arc<Endpoint>],
+) -> Vec<(Arc<Endpoint>, crate::state::HealthCheck, String)> {
+    let Some(check) = &http.health_check else { return Vec::new() };
+    let host = check.hostname.clone().unwrap_or_else(|| match &http.hosts[0] {
+        HostPattern::Exact(h) => h.clone(),
+        _ => String::from("localhost"),
+    });
+    endpoints.iter().map(|e| (e.clone(), check.clone(), host.clone())).collect()
+}
+
 /// A route's compiled middlewares, or why it is refused (its own reason, or a middleware
 /// that does not compile, or one that changes the path beside `VIRTUAL_DEST`).
 fn chain_of(
@@ -288,6 +314,7 @@ impl RouteTable {
         let mut by_pattern: HashMap<HostPattern, Vec<Arc<Route>>> = HashMap::new();
         let mut conflicts = Vec::new();
         let mut unreachable = Vec::new();
+        let mut checked = Vec::new();
         let mut services: Vec<_> = state.services.iter().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         metrics.route_refused.reset();
@@ -306,20 +333,11 @@ impl RouteTable {
                 } else {
                     endpoints_of(svc, http, state, registry, reach)
                 };
-                for e in &endpoints {
-                    if let Some(why) = e.unreachable() {
-                        let problem = format!(
-                            "service `{}` task `{}` ({}): {why}; not routed",
-                            svc.name, e.task, e.addr
-                        );
-                        if !unreachable.contains(&problem) {
-                            unreachable.push(problem);
-                        }
-                    }
-                }
+                note_unreachable(svc, &endpoints, &mut unreachable);
                 if refused.is_some() {
                     metrics.route_refused.with_label_values(&[&name, &svc.name]).set(1);
                 }
+                checked.extend(health_checks(http, &endpoints));
                 let route = Arc::new(Route {
                     metrics: metrics.route(&name, &svc.name),
                     log_names: Arc::new(super::access_log::RouteNames {
@@ -380,6 +398,7 @@ impl RouteTable {
                 }
             }
         }
+        shared.health.keep(checked);
         let mut table = Self {
             default_host: default_host.map(str::to_ascii_lowercase),
             conflicts,

@@ -126,6 +126,8 @@ struct HttpEntry {
     /// `false`: the tasks get their own address as `Host`.
     #[serde(default = "yes")]
     pass_host: bool,
+    /// `{ path = "/health", interval = "10s", timeout = "2s", status = 200 }`.
+    health_check: Option<crate::state::HealthCheck>,
 }
 
 #[derive(Deserialize)]
@@ -348,6 +350,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         priority: h.priority,
         affinity: h.affinity,
         pass_host: h.pass_host,
+        health_check: h.health_check,
     })
 }
 

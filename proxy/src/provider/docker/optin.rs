@@ -239,7 +239,8 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
 }
 
 /// nginx-proxy's `loadbalance` label and ours: which task a client keeps to; our
-/// `meshgate.http.pass_host=false`: the tasks get their own address as `Host`.
+/// `meshgate.http.pass_host=false`: the tasks get their own address as `Host`; our
+/// `meshgate.http.health_path` (`_interval`, `_timeout`, `_status`): an active check.
 fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
     use crate::state::Affinity;
     const NGINX: &str = "com.github.nginx-proxy.nginx-proxy.loadbalance";
@@ -275,6 +276,22 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
             .to_string(),
         ),
     }
+    let mut health_check = None;
+    if let Some(path) = label("meshgate.http.health_path") {
+        match parse_path(path.trim()) {
+            Ok(path) => {
+                let mut check = crate::state::HealthCheck::of(path);
+                for option in ["interval", "timeout", "status"] {
+                    let key = format!("meshgate.http.health_{option}");
+                    if let Some(Err(e)) = label(&key).map(|v| check.set(option, v)) {
+                        out.problems.push(format!("label `{key}`: {e}"));
+                    }
+                }
+                health_check = Some(check);
+            }
+            Err(e) => out.problems.push(label_error("meshgate.http.health_path", e)),
+        }
+    }
     let pass_host = match label("meshgate.http.pass_host").map(|v| (v, parse_bool(v))) {
         Some((_, Some(pass))) => Some(pass),
         Some((v, None)) => {
@@ -289,6 +306,9 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
     for r in &mut out.routes {
         if r.affinity.is_none() {
             r.affinity.clone_from(&affinity);
+        }
+        if r.health_check.is_none() {
+            r.health_check.clone_from(&health_check);
         }
         if let Some(pass) = pass_host {
             r.pass_host = pass;
@@ -367,6 +387,10 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.affinity",
         "meshgate.http.affinity_cookie",
         "meshgate.http.pass_host",
+        "meshgate.http.health_path",
+        "meshgate.http.health_interval",
+        "meshgate.http.health_timeout",
+        "meshgate.http.health_status",
     ];
     const NGINX_PROXY: &[&str] =
         &["com.github.nginx-proxy.nginx-proxy.loadbalance", "com.github.nginx-proxy.nginx-proxy.keepalive"];
@@ -424,6 +448,15 @@ fn known_traefik_label(name: &str) -> bool {
                 | ["traefik", "docker" | "swarm", "network"]
                 | ["traefik", "http", "services", _, "loadbalancer", "server", "port" | "scheme"]
                 | ["traefik", "http", "services", _, "loadbalancer", "passhostheader" | "sticky"]
+                | [
+                    "traefik",
+                    "http",
+                    "services",
+                    _,
+                    "loadbalancer",
+                    "healthcheck",
+                    "path" | "interval" | "timeout" | "status" | "hostname"
+                ]
                 | ["traefik", "http", "services", _, "loadbalancer", "sticky", "cookie"]
                 | [
                     "traefik",
@@ -610,7 +643,9 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
         } else {
             TlsWish::None
         };
-        let (affinity, pass_host) = match traefik_balancing(service.as_deref(), label) {
+        let balanced = traefik_balancing(service.as_deref(), label)
+            .and_then(|(a, p)| Ok((a, p, traefik_health_check(service.as_deref(), label)?)));
+        let (affinity, pass_host, health_check) = match balanced {
             Ok(b) => b,
             Err(e) => {
                 out.problems.push(e);
@@ -658,6 +693,7 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
             out.routes.push(HttpRoute {
                 affinity: affinity.clone(),
                 pass_host,
+                health_check: health_check.clone(),
                 conditions: alt.conditions,
                 priority: Some(priority),
                 https_method,
@@ -708,6 +744,24 @@ fn router_priority<'a>(
 
 fn label_error(key: &str, e: ValueError) -> String {
     label(key)(e).to_string()
+}
+
+/// A Traefik service's `loadbalancer.healthcheck.*` (`path` turns it on).
+fn traefik_health_check<'a>(
+    service: Option<&str>,
+    label: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Option<crate::state::HealthCheck>, String> {
+    let Some(service) = service else { return Ok(None) };
+    let key = |o: &str| format!("traefik.http.services.{service}.loadbalancer.healthcheck.{o}");
+    let Some(path) = label(&key("path")) else { return Ok(None) };
+    let mut check =
+        crate::state::HealthCheck::of(parse_path(path.trim()).map_err(|e| label_error(&key("path"), e))?);
+    for option in ["interval", "timeout", "status", "hostname"] {
+        if let Some(v) = label(&key(option)) {
+            check.set(option, v).map_err(|e| format!("label `{}`: {e}", key(option)))?;
+        }
+    }
+    Ok(Some(check))
 }
 
 /// A Traefik service's `loadbalancer.sticky.cookie.*` (a cookie keeps the client to its
