@@ -206,6 +206,18 @@ pub struct HttpRoute {
     /// pass).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// The tasks want the PROXY protocol: each connection to them starts with a header
+    /// naming the client (and is then not shared with other clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A PROXY protocol version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 /// What a task is asked, and how often, to count as healthy (Traefik's
@@ -327,6 +339,7 @@ impl HttpRoute {
             affinity: None,
             pass_host: true,
             health_check: None,
+            proxy_protocol: None,
         }
     }
 }

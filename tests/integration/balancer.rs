@@ -42,18 +42,40 @@ impl Drop for Haproxy {
 /// HAProxy in TCP mode on two ports, sending PROXY v1 on the first and v2 on the second to
 /// `upstream`.
 async fn haproxy(ports: (u16, u16), upstream: SocketAddr) -> Haproxy {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &config,
-        format!(
+    run_haproxy(
+        &format!(
             "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
              listen v1\n  bind 127.0.0.1:{}\n  server m {upstream} send-proxy\n\
              listen v2\n  bind 127.0.0.1:{}\n  server m {upstream} send-proxy-v2\n",
             ports.0, ports.1
         ),
+        ports,
     )
-    .unwrap();
+    .await
+}
+
+/// HAProxy as two tasks that want the PROXY protocol (`accept-proxy`), answering each request
+/// with the client address the header named.
+async fn proxy_protocol_tasks(ports: (u16, u16)) -> Haproxy {
+    let frontend = |name: &str, port: u16| {
+        format!("frontend {name}\n  bind 127.0.0.1:{port} accept-proxy\n  http-request return status 200 content-type text/plain lf-string \"%[src]\"\n")
+    };
+    run_haproxy(
+        &format!(
+            "defaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n{}{}",
+            frontend("v1", ports.0),
+            frontend("v2", ports.1)
+        ),
+        ports,
+    )
+    .await
+}
+
+/// HAProxy with `config`, once it listens on `ports`.
+async fn run_haproxy(config_text: &str, ports: (u16, u16)) -> Haproxy {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("haproxy.cfg");
+    std::fs::write(&config, config_text).unwrap();
     let child = std::process::Command::new("haproxy")
         .args(["-db", "-f", config.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
@@ -149,4 +171,34 @@ async fn an_allow_list_judges_the_client_the_balancer_names() {
             .await;
     assert!(far.starts_with("HTTP/1.1 403"), "{far}");
     assert_eq!(web.served(), 1, "the far client never reached the task");
+}
+
+/// Drop-in issue, item 7: tasks that want the PROXY protocol (HAProxy's `accept-proxy`) get a
+/// header naming the client, v1 or v2, on a connection of that client's only: a second
+/// client right after the first is named itself, never the first (pooled connections
+/// would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_that_want_the_proxy_protocol_are_told_each_client() {
+    let ports = (crate::acme::free_port(), crate::acme::free_port());
+    let _tasks = proxy_protocol_tasks(ports).await;
+    let route = |name: &str, port: u16, version: &str| {
+        crate::harness::service_with(
+            name,
+            &[&format!("{name}.test")],
+            "/",
+            "http",
+            &[format!("127.0.0.1:{port}")],
+        )
+        .replace("protocol = \"http\"", &format!("protocol = \"http\"\nproxy_protocol = \"{version}\""))
+    };
+    let routes = format!("{}{}", route("one", ports.0, "v1"), route("two", ports.1, "v2"));
+    let mesh = Mesh::start(&routes).await;
+    let url = mesh.url("/");
+    for host in ["one.test", "two.test"] {
+        for client in ["127.0.0.2", "127.0.0.3", "127.0.0.2"] {
+            let (ok, body) =
+                curl(&["-sS", "--interface", client, "-H", &format!("Host: {host}"), &url]).await;
+            assert!(ok && body.trim() == client, "{host} from {client}: {body}");
+        }
+    }
 }

@@ -147,3 +147,30 @@ async fn nginx_proxys_own_cases_behave_the_same() {
         }
     }
 }
+
+/// nginx-proxy's `VIRTUAL_HOST_MULTIPORTS`, the two examples of its documentation
+/// (docs/README.md, "Multiple ports" @ 023a3d17), in YAML and in JSON, on a container serving
+/// ports 80, 8000 and 9000 (each answers with its port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_host_multiports_as_nginx_proxy_documents_it() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let serve = "for p in 80 8000 9000; do mkdir -p /p$p && echo port $p > /p$p/index.html; done \
+                 && httpd -p 8000 -h /p8000 && httpd -p 9000 -h /p9000 && exec httpd -f -p 80 -h /p80";
+    let yaml = "VIRTUAL_HOST_MULTIPORTS=www.example.org:\nservice1.example.org:\n  \"/\":\n    port: 8000\nservice2.example.org:\n  \"/\":\n    port: 9000\n";
+    let json = r#"VIRTUAL_HOST_MULTIPORTS={"paths.example.org": {"/": {}, "/service1/": {"port": 8000, "dest": "/"}, "/service2/": {"port": 9000, "dest": "/"}}}"#;
+    let _hosts = Container::run_script("multi-yaml", &["-e", yaml], serve).await;
+    let _paths = Container::run_script("multi-json", &["-e", json], serve).await;
+    for (host, path, want) in [
+        ("www.example.org", "/", "port 80"),
+        ("service1.example.org", "/", "port 8000"),
+        ("service2.example.org", "/", "port 9000"),
+        ("paths.example.org", "/", "port 80"),
+        ("paths.example.org", "/service1/", "port 8000"),
+        ("paths.example.org", "/service2/", "port 9000"),
+    ] {
+        eventually(&format!("{host}{path} answers {want}"), Duration::from_secs(30), async || {
+            get(&mesh, host, path).await == ("200".to_owned(), want.to_owned())
+        })
+        .await;
+    }
+}

@@ -57,17 +57,22 @@ impl Container {
     /// `/cgi-bin/env` (and `/app/cgi-bin/env`) it shows the request as the task got it (CGI
     /// variables: `REQUEST_URI`, `HTTP_*` headers).
     pub(crate) async fn run(tag: &str, args: &[&str], port: u16) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        image().await;
-        let name = format!("mgtest-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let script = format!(
             "mkdir -p /w/app /w/t /w/cgi-bin && for d in /w /w/app /w/t; do hostname > $d/index.html; done \
              && echo '#!/bin/sh' > /w/cgi-bin/env && echo 'echo Content-Type: text/plain; echo; env' >> /w/cgi-bin/env \
              && chmod +x /w/cgi-bin/env && exec httpd -f -p {port} -h /w"
         );
+        Self::run_script(tag, args, &script).await
+    }
+
+    /// Starts the test image running `script` (sh).
+    pub(crate) async fn run_script(tag: &str, args: &[&str], script: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        image().await;
+        let name = format!("mgtest-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let mut all = vec!["run", "-d", "--name", &name];
         all.extend_from_slice(args);
-        all.extend_from_slice(&[IMAGE, "sh", "-c", &script]);
+        all.extend_from_slice(&[IMAGE, "sh", "-c", script]);
         let id = docker(&all).await;
         Self { id: id[..12].to_owned(), name }
     }

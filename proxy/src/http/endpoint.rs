@@ -126,6 +126,8 @@ pub struct Endpoint {
     pub protocol: UpstreamProtocol,
     /// How TLS to the task is checked (https only; `None`: not verified).
     tls: Option<crate::state::UpstreamTls>,
+    /// The task wants a PROXY header first: its connections are one client's, never pooled.
+    send_proxy: Option<crate::state::ProxyProtocol>,
     pub service: Arc<str>,
     pub task: Arc<str>,
     pub node: Arc<str>,
@@ -212,25 +214,36 @@ impl Endpoint {
         }
     }
 
-    /// An idle pooled connection, or a new one.
-    pub async fn checkout(&self, connect_timeout: Duration) -> Result<Sender, ConnectError> {
+    /// An idle pooled connection, or a new one. `client` (its address, and the one it
+    /// connected to) is what a task that wants the PROXY protocol is told (`None`: a
+    /// connection of the proxy's own); such a connection is new each time.
+    pub async fn checkout(
+        &self,
+        connect_timeout: Duration,
+        client: Option<(SocketAddr, SocketAddr)>,
+    ) -> Result<Sender, ConnectError> {
+        let shared = self.send_proxy.is_none();
         if self.protocol == UpstreamProtocol::H2c {
-            if let Some(sender) = self.h2.lock().expect("h2 lock").as_ref().filter(|s| !s.is_closed()) {
+            if let Some(sender) =
+                self.h2.lock().expect("h2 lock").as_ref().filter(|s| shared && !s.is_closed())
+            {
                 return Ok(Sender::H2(sender.clone()));
             }
-            let io = TokioIo::new(self.connect(connect_timeout).await?);
+            let io = TokioIo::new(self.connect(connect_timeout, client).await?);
             let (sender, conn) =
                 http2::handshake(TokioExecutor::new(), io).await.map_err(ConnectError::Handshake)?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            *self.h2.lock().expect("h2 lock") = Some(sender.clone());
+            if shared {
+                *self.h2.lock().expect("h2 lock") = Some(sender.clone());
+            }
             return Ok(Sender::H2(sender));
         }
-        if let Some(sender) = self.take_idle() {
+        if let Some(sender) = self.take_idle().filter(|_| shared) {
             return Ok(Sender::H1 { sender, reused: true });
         }
-        let tcp = self.connect(connect_timeout).await?;
+        let tcp = self.connect(connect_timeout, client).await?;
         let sender = if self.protocol == UpstreamProtocol::Https {
             let (connector, name) = self.tls_connector()?;
             let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
@@ -262,7 +275,11 @@ impl Endpoint {
         Ok((connector, name))
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Upstream, ConnectError> {
+    async fn connect(
+        &self,
+        timeout: Duration,
+        client: Option<(SocketAddr, SocketAddr)>,
+    ) -> Result<Upstream, ConnectError> {
         let connecting = async {
             match &self.via {
                 Via::Direct => {
@@ -276,7 +293,13 @@ impl Endpoint {
                 Via::Nowhere(why) => Err(ConnectError::Nowhere(why.clone())),
             }
         };
-        tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout(timeout))?
+        let mut stream =
+            tokio::time::timeout(timeout, connecting).await.map_err(|_| ConnectError::Timeout(timeout))??;
+        if let Some(version) = self.send_proxy {
+            let header = super::proxy_protocol::header(version, client);
+            tokio::io::AsyncWriteExt::write_all(&mut stream, &header).await.map_err(ConnectError::Io)?;
+        }
+        Ok(stream)
     }
 
     fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
@@ -291,6 +314,10 @@ impl Endpoint {
 
     /// Puts an HTTP/1.1 connection back in the pool once its response has been read.
     pub fn recycle(self: &Arc<Self>, mut sender: http1::SendRequest<UpstreamBody>) {
+        // A connection that began with one client's PROXY header is that client's only.
+        if self.send_proxy.is_some() {
+            return;
+        }
         // A response whose body came with its head leaves the connection ready at once.
         if sender.is_ready() {
             self.park(sender);
@@ -401,6 +428,7 @@ struct Key {
     nowhere: bool,
     protocol: UpstreamProtocol,
     tls: Option<crate::state::UpstreamTls>,
+    send_proxy: Option<crate::state::ProxyProtocol>,
     service: Arc<str>,
     task: Arc<str>,
 }
@@ -415,7 +443,11 @@ impl EndpointRegistry {
     pub fn get(
         &self,
         (addr, via): (SocketAddr, Via),
-        (protocol, tls): (UpstreamProtocol, Option<&crate::state::UpstreamTls>),
+        (protocol, tls, send_proxy): (
+            UpstreamProtocol,
+            Option<&crate::state::UpstreamTls>,
+            Option<crate::state::ProxyProtocol>,
+        ),
         service: &str,
         task: &str,
         node: &str,
@@ -428,6 +460,7 @@ impl EndpointRegistry {
             nowhere,
             protocol,
             tls: tls.clone(),
+            send_proxy,
             service: service.into(),
             task: task.into(),
         };
@@ -442,6 +475,7 @@ impl EndpointRegistry {
             via,
             protocol,
             tls,
+            send_proxy,
             service: key.service.clone(),
             task: key.task.clone(),
             node: node.into(),

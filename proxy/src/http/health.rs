@@ -60,7 +60,7 @@ async fn probe(endpoint: Weak<Endpoint>, check: HealthCheck, host: String) {
 /// One check: a GET of its path, answered within its timeout with the status it wants.
 async fn once(e: &Endpoint, check: &HealthCheck, host: &str) -> Result<(), String> {
     let asking = async {
-        let sender = e.checkout(check.timeout).await.map_err(|err| err.to_string())?;
+        let sender = e.checkout(check.timeout, None).await.map_err(|err| err.to_string())?;
         let answer = match sender {
             Sender::H1 { mut sender, .. } => {
                 let req = Request::get(check.path.as_str())

@@ -36,6 +36,11 @@ static CLIENT_CLAIMS: [HeaderName; 4] = [
     HeaderName::from_static("cf-connecting-ip"),
 ];
 
+/// The client's address and the one it connected to, carried with its request to the
+/// endpoint's connect.
+#[derive(Clone, Copy)]
+struct ClientAddrs(std::net::SocketAddr, std::net::SocketAddr);
+
 /// What went wrong, and so what the client is told.
 #[derive(Debug, thiserror::Error)]
 enum ProxyError {
@@ -452,7 +457,8 @@ impl Proxy {
         let mut replays = 1;
         loop {
             timer.as_mut().reset(tokio::time::Instant::now() + timeout);
-            let sender = match endpoint.checkout(self.cfg.connect_timeout).await {
+            let client = req.extensions().get::<ClientAddrs>().map(|c| (c.0, c.1));
+            let sender = match endpoint.checkout(self.cfg.connect_timeout, client).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::NotSent(e, Box::new(req))),
             };
@@ -691,6 +697,8 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: 
         .get(header::HOST)
         .cloned()
         .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    // Who the client is, for a task that wants a PROXY header.
+    req.extensions_mut().insert(ClientAddrs(client.peer, client.local));
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
 

@@ -17,6 +17,57 @@ const V1_MAX: usize = 107;
 /// How long to wait for the rest of a header that came in parts (rare: one segment holds it).
 const PARTIAL: Duration = Duration::from_millis(5);
 
+/// The header a task that asks for the PROXY protocol gets before the request: the client
+/// (`src`) and the address it connected to (`dst`); `None`: a connection of the proxy's
+/// own (a health check), `LOCAL` in v2, `UNKNOWN` in v1.
+#[must_use]
+pub fn header(version: crate::state::ProxyProtocol, addrs: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
+    // Both addresses of one family: an IPv4 one beside an IPv6 one is written mapped.
+    let addrs = addrs.map(|(src, dst)| match (src, dst) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => (src, dst),
+        _ => (mapped(src), mapped(dst)),
+    });
+    match version {
+        crate::state::ProxyProtocol::V1 => match addrs {
+            None => b"PROXY UNKNOWN\r\n".to_vec(),
+            Some((src, dst)) => {
+                let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+                format!("PROXY {family} {} {} {} {}\r\n", src.ip(), dst.ip(), src.port(), dst.port())
+                    .into_bytes()
+            }
+        },
+        crate::state::ProxyProtocol::V2 => {
+            let mut out = V2_SIGNATURE.to_vec();
+            match addrs {
+                None => out.extend_from_slice(&[0x20, 0x00, 0, 0]),
+                Some((src, dst)) => {
+                    let (family, mut body) = match (src.ip(), dst.ip()) {
+                        (IpAddr::V4(s), IpAddr::V4(d)) => (0x11, [s.octets(), d.octets()].concat()),
+                        (s, d) => (0x21, [v6(s).octets(), v6(d).octets()].concat()),
+                    };
+                    body.extend_from_slice(&src.port().to_be_bytes());
+                    body.extend_from_slice(&dst.port().to_be_bytes());
+                    out.extend_from_slice(&[0x21, family]);
+                    out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(0).to_be_bytes());
+                    out.extend_from_slice(&body);
+                }
+            }
+            out
+        }
+    }
+}
+
+fn v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+fn mapped(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(v6(addr.ip())), addr.port())
+}
+
 /// A header that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {

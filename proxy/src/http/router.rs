@@ -229,7 +229,7 @@ fn endpoints_of(
         .iter()
         .filter(|t| t.health.routable())
         .map(|t| {
-            let how = (http.protocol, http.upstream_tls.as_ref());
+            let how = (http.protocol, http.upstream_tls.as_ref(), http.proxy_protocol);
             registry.get(reach.resolve(state, t, http.port), how, &svc.name, &t.id, &t.node)
         })
         .collect()

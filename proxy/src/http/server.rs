@@ -35,6 +35,8 @@ pub struct ConnActivity {
     pub port_header: HeaderValue,
     /// The client's address and port (for the access log).
     pub peer: std::net::SocketAddr,
+    /// The address the client connected to (for a PROXY header to tasks that want one).
+    pub local: std::net::SocketAddr,
     /// The client's address, and the same as a header value (made once per connection).
     pub client_ip: IpAddr,
     pub client_ip_header: HeaderValue,
@@ -63,12 +65,18 @@ impl Drop for ConnActivity {
 }
 
 impl ConnActivity {
-    fn new(peer: std::net::SocketAddr, trusted: &[IpNet], listener: &Listener, open: [IntGauge; 2]) -> Self {
+    fn new(
+        (peer, local): (std::net::SocketAddr, std::net::SocketAddr),
+        trusted: &[IpNet],
+        listener: &Listener,
+        open: [IntGauge; 2],
+    ) -> Self {
         let client_ip = peer.ip();
         open[0].inc();
         Self {
             open,
             peer,
+            local,
             secure: listener.tls.is_some(),
             port_header: HeaderValue::from(listener.port),
             client_ip,
@@ -281,7 +289,10 @@ async fn take(
     let _admitted = admitted;
     let _ = stream.set_nodelay(true);
     let s = &*shared;
-    let activity = Arc::new(ConnActivity::new(client, &s.cfg.trusted_networks, &s.kind, s.open.clone()));
+    let local =
+        stream.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], s.kind.port)));
+    let activity =
+        Arc::new(ConnActivity::new((client, local), &s.cfg.trusted_networks, &s.kind, s.open.clone()));
     let (proxy, builder, cfg) = (s.proxy.clone(), s.builder.clone(), s.cfg.clone());
     let Some(acceptor) = &s.kind.tls else {
         return serve_connection(stream, activity, proxy, builder, cfg, stop).await;

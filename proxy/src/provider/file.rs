@@ -128,6 +128,8 @@ struct HttpEntry {
     pass_host: bool,
     /// `{ path = "/health", interval = "10s", timeout = "2s", status = 200 }`.
     health_check: Option<crate::state::HealthCheck>,
+    /// `"v1"` or `"v2"`: the tasks get a PROXY header naming the client.
+    proxy_protocol: Option<crate::state::ProxyProtocol>,
 }
 
 #[derive(Deserialize)]
@@ -351,6 +353,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         affinity: h.affinity,
         pass_host: h.pass_host,
         health_check: h.health_check,
+        proxy_protocol: h.proxy_protocol,
     })
 }
 

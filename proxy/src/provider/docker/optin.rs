@@ -65,6 +65,8 @@ pub enum ValueError {
     Regex(String, String),
     #[error("a path rewrite with a regex VIRTUAL_PATH is not supported (nginx cannot say it either)")]
     DestWithRegex,
+    #[error("not host -> path -> port/dest in YAML or JSON: {0}")]
+    Multiports(String),
     #[error("no host name given")]
     NoHost,
     #[error(transparent)]
@@ -159,7 +161,12 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
         return out;
     }
 
-    if w.env.contains_key("VIRTUAL_HOST") {
+    if let Some(spec) = w.env.get("VIRTUAL_HOST_MULTIPORTS") {
+        match from_multiports(w, spec) {
+            Ok(routes) => out.routes.extend(routes),
+            Err(p) => out.problems.push(p.to_string()),
+        }
+    } else if w.env.contains_key("VIRTUAL_HOST") {
         match from_env(w) {
             Ok(route) => out.routes.push(route),
             Err(p) => out.problems.push(p.to_string()),
@@ -292,6 +299,16 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
             Err(e) => out.problems.push(label_error("meshgate.http.health_path", e)),
         }
     }
+    let proxy_protocol = match label("meshgate.http.proxy_protocol").map(|v| v.trim().to_ascii_lowercase()) {
+        None => None,
+        Some(v) if v == "v1" => Some(crate::state::ProxyProtocol::V1),
+        Some(v) if v == "v2" => Some(crate::state::ProxyProtocol::V2),
+        Some(v) => {
+            out.problems
+                .push(label_error("meshgate.http.proxy_protocol", ValueError::NotOneOf(v, "v1 or v2")));
+            None
+        }
+    };
     let pass_host = match label("meshgate.http.pass_host").map(|v| (v, parse_bool(v))) {
         Some((_, Some(pass))) => Some(pass),
         Some((v, None)) => {
@@ -309,6 +326,9 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
         }
         if r.health_check.is_none() {
             r.health_check.clone_from(&health_check);
+        }
+        if proxy_protocol.is_some() {
+            r.proxy_protocol = proxy_protocol;
         }
         if let Some(pass) = pass_host {
             r.pass_host = pass;
@@ -357,6 +377,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "VIRTUAL_PROTO",
         "VIRTUAL_PATH",
         "VIRTUAL_DEST",
+        "VIRTUAL_HOST_MULTIPORTS",
         "LETSENCRYPT_HOST",
         "LETSENCRYPT_EMAIL",
         "ACME_HOST",
@@ -391,6 +412,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.health_interval",
         "meshgate.http.health_timeout",
         "meshgate.http.health_status",
+        "meshgate.http.proxy_protocol",
     ];
     const NGINX_PROXY: &[&str] =
         &["com.github.nginx-proxy.nginx-proxy.loadbalance", "com.github.nginx-proxy.nginx-proxy.keepalive"];
@@ -547,6 +569,47 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         allow_from,
         ..route(hosts, path, port, protocol, tls)
     })
+}
+
+/// nginx-proxy's `VIRTUAL_HOST_MULTIPORTS` (YAML or JSON: host, then path, then `port` and
+/// `dest`, each optional): one route per host and path, in place of `VIRTUAL_HOST`,
+/// `VIRTUAL_PORT`, `VIRTUAL_PATH` and `VIRTUAL_DEST`; the other variables apply to each.
+fn from_multiports(w: &Workload<'_>, spec: &str) -> Result<Vec<HttpRoute>, OptInError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        port: Option<u16>,
+        dest: Option<String>,
+    }
+    type Spec = BTreeMap<String, Option<BTreeMap<String, Option<Entry>>>>;
+    let bad = |e: String| env("VIRTUAL_HOST_MULTIPORTS")(ValueError::Multiports(e));
+    let spec: Spec = serde_yaml_ng::from_str(spec).map_err(|e| bad(e.to_string()))?;
+    if spec.is_empty() {
+        return Err(bad("it names no host".into()));
+    }
+    let mut routes = Vec::new();
+    for (host, paths) in spec {
+        let paths =
+            paths.filter(|p| !p.is_empty()).unwrap_or_else(|| BTreeMap::from([("/".to_owned(), None)]));
+        for (path, entry) in paths {
+            let mut one = w.env.clone();
+            for k in ["VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PATH", "VIRTUAL_DEST"] {
+                one.remove(k);
+            }
+            one.insert("VIRTUAL_HOST".into(), host.clone());
+            one.insert("VIRTUAL_PATH".into(), path);
+            if let Some(entry) = entry {
+                if let Some(port) = entry.port {
+                    one.insert("VIRTUAL_PORT".into(), port.to_string());
+                }
+                if let Some(dest) = entry.dest.filter(|d| !d.is_empty()) {
+                    one.insert("VIRTUAL_DEST".into(), dest);
+                }
+            }
+            routes.push(from_env(&Workload { env: &one, ..*w })?);
+        }
+    }
+    Ok(routes)
 }
 
 /// The names of a certificate as a workload lists them (commas or spaces; `*.example.com`
@@ -936,7 +999,7 @@ mod tests {
         let o = read_with(
             &[
                 ("VIRTUAL_HOST", "x.test"),
-                ("VIRTUAL_HOST_MULTIPORTS", "{}"),
+                ("VIRTUAL_ROOT", "/srv"),
                 ("CERT_NAME", "shared"),
                 ("PATH", "/bin"),
             ],
@@ -1081,6 +1144,39 @@ mod tests {
             read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PORT", "81")], &[], &[3000]).routes[0].port,
             81
         );
+    }
+
+    #[test]
+    fn virtual_host_multiports_in_yaml_and_json_and_what_is_wrong_with_it() {
+        let yaml = "www.example.org:\nservice1.example.org:\n  \"/\":\n    port: 8000\n  \"/api\":\n    port: 9000\n    dest: \"/\"\n";
+        let o = read_with(&[("VIRTUAL_HOST_MULTIPORTS", yaml), ("HTTPS_METHOD", "noredirect")], &[], &[80]);
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        let got: Vec<_> = o
+            .routes
+            .iter()
+            .map(|r| (r.hosts[0].to_string(), r.path.as_str(), r.port, r.rewrite.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("service1.example.org".to_owned(), "/", 8000, None),
+                ("service1.example.org".to_owned(), "/api", 9000, Some("/")),
+                ("www.example.org".to_owned(), "/", 80, None),
+            ]
+        );
+        assert!(
+            o.routes.iter().all(|r| r.https_method == HttpsMethod::Noredirect),
+            "the other variables apply to each"
+        );
+        let json = r#"{"a.test": {}, "b.test": {"/x": {"port": 81}}}"#;
+        assert_eq!(read_with(&[("VIRTUAL_HOST_MULTIPORTS", json)], &[], &[80]).routes.len(), 2);
+        for bad in ["a.test:\n  /:\n    prot: 80\n", "[1, 2]", "a.test:\n  \"/\":\n    port: 70000\n"] {
+            let o = read_with(&[("VIRTUAL_HOST_MULTIPORTS", bad)], &[], &[80]);
+            assert!(
+                o.routes.is_empty() && o.problems.iter().any(|p| p.contains("VIRTUAL_HOST_MULTIPORTS")),
+                "{bad}: {o:?}"
+            );
+        }
     }
 
     #[test]
