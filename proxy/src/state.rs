@@ -179,6 +179,10 @@ pub struct HttpRoute {
     /// `proxy.upstream_response_timeout`); a long report or export needs more.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub response_timeout: Option<std::time::Duration>,
+    /// How long a connect to a task may take before it counts as down (`None`: the agent's
+    /// `proxy.connect_timeout`; nginx-proxy users set `proxy_connect_timeout` for this).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
+    pub connect_timeout: Option<std::time::Duration>,
     /// TLS to the tasks when `protocol` is https; `None`: not verified (nginx-proxy's way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<UpstreamTls>,
@@ -332,6 +336,7 @@ impl HttpRoute {
             allow_from: None,
             max_body: None,
             response_timeout: None,
+            connect_timeout: None,
             upstream_tls: None,
             middlewares: Vec::new(),
             conditions: Vec::new(),

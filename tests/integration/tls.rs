@@ -446,3 +446,92 @@ async fn https_tasks_are_verified_against_the_routes_internal_ca_with_sni_and_a_
     let (status, body) = mesh.get("plain.test", "/").await;
     assert_eq!(status, http::StatusCode::OK, "verified, no client certificate asked: {body}");
 }
+
+/// Drop-in issue, item 2: nginx-proxy's `HTTPS_METHOD` and `HSTS`, every form, on real
+/// containers with certificates in the certificates directory (nginx-proxy's docs, "SSL
+/// Support" and "HSTS", and its test/test_ssl/test_https_method cases): `redirect` (301 to
+/// HTTPS, HSTS there), `noredirect` (both served, no HSTS whatever `HSTS` says), `nohttp`
+/// (never served over plain HTTP: redirected while it has a certificate), `nohttps` (plain
+/// only, even with a certificate), `HSTS=off` and a custom `HSTS`; a host without a
+/// certificate is served over plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_method_and_hsts_in_every_form() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    let hosts = ["redirect", "noredirect", "nohttp", "nohttps", "hstsoff", "hstscustom"];
+    for h in hosts {
+        let name = format!("{h}.docker.test");
+        ca.issue(certs.path(), &name, &[&name]);
+    }
+    let dir = certs.path().to_owned();
+    let mesh = Mesh::start_docker(|c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(dir);
+        c.tls.poll_interval = Duration::from_millis(50);
+    })
+    .await;
+    let env = |host: &str, more: &[&'static str]| {
+        let mut args = vec!["-e".to_owned(), format!("VIRTUAL_HOST={host}.docker.test")];
+        for m in more {
+            args.extend(["-e".to_owned(), (*m).to_owned()]);
+        }
+        args
+    };
+    let specs = [
+        env("redirect", &[]),
+        env("noredirect", &["HTTPS_METHOD=noredirect", "HSTS=max-age=600"]),
+        env("nohttp", &["HTTPS_METHOD=nohttp"]),
+        env("nohttps", &["HTTPS_METHOD=nohttps"]),
+        env("hstsoff", &["HSTS=off"]),
+        env("hstscustom", &["HSTS=max-age=600; includeSubDomains; preload"]),
+        env("nocert", &[]),
+    ];
+    let mut running = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let args: Vec<&str> = spec.iter().map(String::as_str).collect();
+        running.push(crate::docker::Container::run(&format!("https{i}"), &args, 80).await);
+    }
+    let http = mesh.agent.http_addr;
+    let https_port = mesh.agent.https_addr.unwrap().port();
+    // Over plain HTTP: the status, and where a redirect goes.
+    let plain = async |host: &str| {
+        let url = format!("http://{http}/?q=1");
+        let h = format!("Host: {host}.docker.test");
+        curl(&["-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", &h, &url]).await.1
+    };
+    // Over HTTPS: the status and the HSTS header, if any.
+    let secure = async |host: &str| {
+        let (_, out) =
+            https(&mesh, certs.path(), &format!("{host}.docker.test"), &["-s", "-D", "-", "-o", "/dev/null"])
+                .await;
+        let out = out.replace('\r', "").to_ascii_lowercase();
+        let status = out.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let hsts = out.lines().find_map(|l| l.strip_prefix("strict-transport-security: ")).map(str::to_owned);
+        (status, hsts)
+    };
+    eventually("every container is routed", Duration::from_secs(30), async || {
+        plain("nocert").await.starts_with("200")
+    })
+    .await;
+    for h in hosts {
+        eventually(&format!("{h} is routed"), Duration::from_secs(30), async || {
+            !plain(h).await.starts_with("404")
+        })
+        .await;
+    }
+    let moved = |h: &str| format!("301 https://{h}.docker.test:{https_port}/?q=1");
+    assert_eq!(plain("redirect").await, moved("redirect"));
+    assert_eq!(secure("redirect").await, ("200".into(), Some("max-age=31536000".into())));
+    assert_eq!(plain("noredirect").await, "200 ");
+    assert_eq!(secure("noredirect").await, ("200".into(), None), "noredirect: no HSTS, whatever HSTS says");
+    assert_eq!(plain("nohttp").await, moved("nohttp"));
+    assert_eq!(secure("nohttp").await.0, "200");
+    assert_eq!(plain("nohttps").await, "200 ", "nohttps: plain, even with a certificate");
+    assert_eq!(secure("nohttps").await.0, "404");
+    assert_eq!(secure("hstsoff").await, ("200".into(), None));
+    assert_eq!(
+        secure("hstscustom").await,
+        ("200".into(), Some("max-age=600; includesubdomains; preload".into()))
+    );
+    assert_eq!(plain("nocert").await, "200 ", "no certificate: served over plain HTTP");
+}

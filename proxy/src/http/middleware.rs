@@ -83,7 +83,16 @@ pub struct Context {
 
 /// A route's compiled middlewares.
 #[derive(Clone, Default)]
-pub struct Chain(Arc<[Step]>);
+pub struct Chain(Arc<[Step]>, Limits);
+
+/// What the chain sets of the route's own limits (Traefik's `retry` and `buffering`).
+#[derive(Clone, Copy, Default)]
+pub struct Limits {
+    /// Tries in all while a task cannot be reached, and the first wait between them.
+    pub attempts: Option<(u32, Duration)>,
+    /// The largest request body.
+    pub max_body: Option<u64>,
+}
 
 enum Step {
     RedirectScheme { scheme: String, port: Option<u16>, permanent: bool },
@@ -159,8 +168,20 @@ impl Chain {
     /// A step that cannot work as written (the route is then refused).
     pub fn compile(specs: &[Middleware], key: &str, shared: &Shared) -> Result<Self, String> {
         let mut steps = Vec::with_capacity(specs.len());
+        let mut limits = Limits::default();
         for (i, spec) in specs.iter().enumerate() {
             steps.push(match spec {
+                Middleware::Retry { attempts, initial_interval_ms } => {
+                    limits.attempts = Some((*attempts, Duration::from_millis(*initial_interval_ms)));
+                    continue;
+                }
+                Middleware::Buffering { max_request_body } => {
+                    limits.max_body = match (limits.max_body, max_request_body) {
+                        (Some(a), Some(b)) => Some(a.min(*b)),
+                        (a, b) => a.or(*b),
+                    };
+                    continue;
+                }
                 Middleware::RedirectScheme { scheme, port, permanent } => {
                     Step::RedirectScheme { scheme: scheme.clone(), port: *port, permanent: *permanent }
                 }
@@ -225,7 +246,13 @@ impl Chain {
                 }
             });
         }
-        Ok(Self(steps.into()))
+        Ok(Self(steps.into(), limits))
+    }
+
+    /// The route limits the chain sets.
+    #[must_use]
+    pub fn limits(&self) -> Limits {
+        self.1
     }
 
     /// Whether a step changes the path (which `VIRTUAL_DEST` also does: not both on a route).

@@ -130,6 +130,13 @@ impl Proxy {
         }
     }
 
+    /// The largest request body `route` takes: its own, else the agent's, and no more than
+    /// a `buffering` middleware allows.
+    fn body_limit(&self, route: &Route) -> u64 {
+        let chain = route.middlewares.1.limits().max_body.unwrap_or(u64::MAX);
+        route.max_body.unwrap_or(self.default_body_limit()).min(chain)
+    }
+
     /// The body limit of routes that set none: `proxy.max_body_bytes` (0: none).
     fn default_body_limit(&self) -> u64 {
         if self.cfg.max_body_bytes == 0 {
@@ -305,7 +312,7 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         set_upstream_form(&mut req, &route);
 
-        let limit = route.max_body.unwrap_or(self.default_body_limit());
+        let limit = self.body_limit(&route);
         if let Some(mut resp) = too_large(req.headers(), limit) {
             passed.finish(resp.headers_mut());
             return self.answered(resp, guard, Some(&route), (started, kind));
@@ -413,7 +420,14 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, Arc<Endpoint>, Timer), (ProxyError, Option<Arc<Endpoint>>)> {
         let mut failed: Option<Arc<Endpoint>> = None;
         let mut last_error = ProxyError::NoTask;
-        for _ in 0..2 {
+        // One more try on another task by default; a `retry` middleware says how many, and
+        // how long to wait between them.
+        let (tries, mut wait) = route.middlewares.1.limits().attempts.unwrap_or((2, Duration::ZERO));
+        for attempt in 0..tries {
+            if attempt > 0 && !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(2);
+            }
             let Some(endpoint) = route.choose(failed.as_ref(), wish) else { break };
             guard.set_endpoint(&endpoint);
             match self.send(&endpoint, req, route).await {
@@ -458,7 +472,8 @@ impl Proxy {
         loop {
             timer.as_mut().reset(tokio::time::Instant::now() + timeout);
             let client = req.extensions().get::<ClientAddrs>().map(|c| (c.0, c.1));
-            let sender = match endpoint.checkout(self.cfg.connect_timeout, client).await {
+            let connect = route.connect_timeout.unwrap_or(self.cfg.connect_timeout);
+            let sender = match endpoint.checkout(connect, client).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::NotSent(e, Box::new(req))),
             };

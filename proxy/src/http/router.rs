@@ -43,6 +43,8 @@ pub struct Route {
     pub max_body: Option<u64>,
     /// Time its tasks have for a response head (`None`: the agent's).
     pub response_timeout: Option<std::time::Duration>,
+    /// Time to connect to its tasks (`None`: the agent's).
+    pub connect_timeout: Option<std::time::Duration>,
     /// Its middlewares, as configured (claims of one host and path merge only when alike)
     /// and compiled.
     pub middlewares: (Vec<crate::state::Middleware>, super::middleware::Chain),
@@ -159,35 +161,18 @@ impl HostRoutes {
 /// conflict.
 fn merged(a: &Route, b: &Route) -> Option<Route> {
     let auth = |r: &Route| r.basic_auth.as_ref().map(|(data, _)| data.clone());
+    // What decides who may use the route and how it is served, then how it reaches tasks.
+    let access = |r: &Route| {
+        (r.protocol, r.rewrite.clone(), r.https_method, r.hsts.clone(), auth(r), r.allow_from.clone())
+    };
+    let reach =
+        |r: &Route| (r.max_body, r.response_timeout, r.connect_timeout, r.affinity.clone(), r.pass_host);
     let alike = a.refused.is_none()
         && b.refused.is_none()
-        && (
-            a.protocol,
-            &a.rewrite,
-            a.https_method,
-            &a.hsts,
-            auth(a),
-            &a.allow_from,
-            a.max_body,
-            a.response_timeout,
-            &a.middlewares.0,
-            &a.conditions.0,
-            &a.affinity,
-            a.pass_host,
-        ) == (
-            b.protocol,
-            &b.rewrite,
-            b.https_method,
-            &b.hsts,
-            auth(b),
-            &b.allow_from,
-            b.max_body,
-            b.response_timeout,
-            &b.middlewares.0,
-            &b.conditions.0,
-            &b.affinity,
-            b.pass_host,
-        );
+        && access(a) == access(b)
+        && reach(a) == reach(b)
+        && a.middlewares.0 == b.middlewares.0
+        && a.conditions.0 == b.conditions.0;
     alike.then(|| Route {
         name: a.name.clone(),
         service: format!("{}+{}", a.service, b.service),
@@ -204,6 +189,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         allow_from: a.allow_from.clone(),
         max_body: a.max_body,
         response_timeout: a.response_timeout,
+        connect_timeout: a.connect_timeout,
         middlewares: a.middlewares.clone(),
         conditions: a.conditions.clone(),
         priority: a.priority,
@@ -360,6 +346,7 @@ impl RouteTable {
                     allow_from: http.allow_from.clone(),
                     max_body: http.max_body,
                     response_timeout: http.response_timeout,
+                    connect_timeout: http.connect_timeout,
                     basic_auth: http
                         .basic_auth
                         .as_ref()

@@ -107,6 +107,9 @@ struct HttpEntry {
     /// Time its tasks have for a response head (`5m`).
     #[serde(default, with = "humantime_serde")]
     response_timeout: Option<std::time::Duration>,
+    /// Time to connect to its tasks (`3s`).
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<std::time::Duration>,
     /// With `protocol = "https"`: `{ verify = true, ca = "...", server_name = "...",
     /// client_cert = "...", client_key = "..." }`; unset: the tasks' certificates are not
     /// verified.
@@ -311,6 +314,9 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
             return Err((h.port.span(), "upstream_tls: client_cert and client_key go together".into()));
         }
     }
+    if h.connect_timeout.is_some_and(|t| t.is_zero()) {
+        return Err((h.port.span(), "connect_timeout must be above zero, e.g. \"3s\"".into()));
+    }
     if h.response_timeout.is_some_and(|t| t.is_zero()) {
         return Err((h.port.span(), "response_timeout must be above zero, e.g. \"5m\"".into()));
     }
@@ -347,6 +353,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         max_body,
         upstream_tls: h.upstream_tls,
         response_timeout: h.response_timeout,
+        connect_timeout: h.connect_timeout,
         middlewares: h.middlewares,
         conditions: h.conditions,
         priority: h.priority,

@@ -44,6 +44,11 @@ pub enum Middleware {
     /// Asks `address` (a GET with the request's headers) whether the request may go on: 2xx
     /// lets it on, anything else is the client's answer.
     ForwardAuth(ForwardAuth),
+    /// Tries a request `attempts` times in all while its task cannot be reached (nothing was
+    /// sent), waiting `initial_interval_ms`, doubled each time, between tries.
+    Retry { attempts: u32, initial_interval_ms: u64 },
+    /// Request bodies larger than `max_request_body` bytes are refused (413).
+    Buffering { max_request_body: Option<u64> },
 }
 
 /// What a rate or in-flight limit counts by.

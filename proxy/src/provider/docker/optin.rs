@@ -216,13 +216,19 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
             Err(e) => out.problems.push(format!("label `meshgate.http.max_body`: {e}")),
         }
     }
-    // `meshgate.http.response_timeout=5m`: the time its tasks have for a response head.
-    if let Some(v) = label("meshgate.http.response_timeout") {
-        match humantime::parse_duration(v.trim()) {
-            Ok(d) if !d.is_zero() => out.routes.iter_mut().for_each(|r| r.response_timeout = Some(d)),
-            _ => out.problems.push(format!(
-                "label `meshgate.http.response_timeout`: `{v}` is not a duration above zero (write 90s or 5m)"
-            )),
+    // `meshgate.http.response_timeout=5m`: the time its tasks have for a response head;
+    // `meshgate.http.connect_timeout=5s`: to connect to them.
+    for (key, set) in [
+        ("meshgate.http.response_timeout", (|r, d| r.response_timeout = Some(d)) as fn(&mut HttpRoute, _)),
+        ("meshgate.http.connect_timeout", |r, d| r.connect_timeout = Some(d)),
+    ] {
+        if let Some(v) = label(key) {
+            match humantime::parse_duration(v.trim()) {
+                Ok(d) if !d.is_zero() => out.routes.iter_mut().for_each(|r| set(r, d)),
+                _ => out
+                    .problems
+                    .push(format!("label `{key}`: `{v}` is not a duration above zero (write 5s or 5m)")),
+            }
         }
     }
     upstream_tls(&label, &mut out);
@@ -401,6 +407,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.access_log",
         "meshgate.http.max_body",
         "meshgate.http.response_timeout",
+        "meshgate.http.connect_timeout",
         "meshgate.http.upstream_verify",
         "meshgate.http.upstream_ca",
         "meshgate.http.upstream_server_name",
@@ -538,7 +545,10 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
             },
         )?,
     };
+    // As nginx-proxy: with `noredirect` no HSTS at all (a browser that kept it would never
+    // reach the plain site again).
     let hsts = match var("HSTS") {
+        _ if https_method == HttpsMethod::Noredirect => None,
         Some("off") => None,
         Some(v) => Some(v.to_owned()),
         None => Some("max-age=31536000".into()),

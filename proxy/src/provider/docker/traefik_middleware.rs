@@ -62,6 +62,9 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
     ("inflightreq", &["amount", "sourcecriterion.requesthost", "sourcecriterion.requestheadername"]),
     ("chain", &["middlewares"]),
+    ("retry", &["attempts", "initialinterval"]),
+    // Memory sizes are tuning (meshgate streams bodies): read, nothing to honour.
+    ("buffering", &["maxrequestbodybytes", "memrequestbodybytes", "memresponsebodybytes"]),
     (
         "forwardauth",
         &[
@@ -333,6 +336,27 @@ fn one(name: &str, kind: &str, o: &BTreeMap<String, &str>) -> Result<Middleware,
             replacement: o.get("replacement").copied().unwrap_or("").to_owned(),
         },
         "headers" => Middleware::Headers(headers(o)?),
+        "ratelimit" | "inflightreq" | "retry" | "buffering" => limit(kind, o)?,
+        "forwardauth" => {
+            let address = required(o, "address")?.trim().to_owned();
+            if !address.starts_with("http://") || address.parse::<hyper::Uri>().is_err() {
+                return Err(format!("address `{address}` is not an http:// URL (https to the authentication server is not honoured yet)"));
+            }
+            Middleware::ForwardAuth(ForwardAuth {
+                address,
+                trust_forward_header: flag(o, "trustforwardheader")?,
+                response_headers: list(o, "authresponseheaders"),
+                request_headers: list(o, "authrequestheaders"),
+                add_cookies_to_response: list(o, "addauthcookiestoresponse"),
+            })
+        }
+        other => return Err(format!("middleware `{name}` ({other}) is not honoured yet")),
+    })
+}
+
+/// The middlewares that limit: how fast, how many at once, how many tries, how large.
+fn limit(kind: &str, o: &BTreeMap<String, &str>) -> Result<Middleware, String> {
+    Ok(match kind {
         "ratelimit" => {
             let average = number(o, "average")?.unwrap_or(0);
             if average == 0 {
@@ -353,20 +377,21 @@ fn one(name: &str, kind: &str, o: &BTreeMap<String, &str>) -> Result<Middleware,
             let amount = number(o, "amount")?.filter(|a| *a > 0).ok_or("`amount` is missing or 0")?;
             Middleware::InFlight { amount, source: source(o, Source::Host)? }
         }
-        "forwardauth" => {
-            let address = required(o, "address")?.trim().to_owned();
-            if !address.starts_with("http://") || address.parse::<hyper::Uri>().is_err() {
-                return Err(format!("address `{address}` is not an http:// URL (https to the authentication server is not honoured yet)"));
+        "retry" => {
+            let attempts = number(o, "attempts")?.filter(|a| *a > 0).ok_or("`attempts` is missing or 0")?;
+            let interval = match o.get("initialinterval") {
+                None => 0,
+                Some(v) => period(v).map_err(|e| e.replace("period", "initialInterval"))?,
+            };
+            Middleware::Retry {
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                initial_interval_ms: interval,
             }
-            Middleware::ForwardAuth(ForwardAuth {
-                address,
-                trust_forward_header: flag(o, "trustforwardheader")?,
-                response_headers: list(o, "authresponseheaders"),
-                request_headers: list(o, "authrequestheaders"),
-                add_cookies_to_response: list(o, "addauthcookiestoresponse"),
-            })
         }
-        other => return Err(format!("middleware `{name}` ({other}) is not honoured yet")),
+        "buffering" => {
+            Middleware::Buffering { max_request_body: number(o, "maxrequestbodybytes")?.filter(|n| *n > 0) }
+        }
+        _ => Middleware::Buffering { max_request_body: number(o, "maxrequestbodybytes")?.filter(|n| *n > 0) },
     })
 }
 
@@ -519,6 +544,25 @@ mod tests {
         );
         let e = chain(&HashMap::new(), &catalogue, "authelia@docker").unwrap_err();
         assert!(e.contains("defined differently on `authelia` and `other`"), "{e}");
+    }
+
+    #[test]
+    fn retry_and_buffering_set_the_routes_limits() {
+        let l = labels(&[
+            ("traefik.http.middlewares.r.retry.attempts", "4"),
+            ("traefik.http.middlewares.r.retry.initialInterval", "100ms"),
+            ("traefik.http.middlewares.b.buffering.maxRequestBodyBytes", "2000000"),
+            ("traefik.http.middlewares.b.buffering.memRequestBodyBytes", "1000"),
+            ("traefik.http.middlewares.x.buffering.retryExpression", "IsNetworkError() && Attempts() < 2"),
+        ]);
+        assert_eq!(
+            chain(&l, &Catalogue::default(), "r,b").unwrap(),
+            vec![
+                Middleware::Retry { attempts: 4, initial_interval_ms: 100 },
+                Middleware::Buffering { max_request_body: Some(2_000_000) },
+            ]
+        );
+        assert!(chain(&l, &Catalogue::default(), "x").unwrap_err().contains("retryexpression"));
     }
 
     #[test]
