@@ -204,6 +204,12 @@ impl RequestGuard {
         }
     }
 
+    /// The client's address and the one it connected to.
+    #[must_use]
+    pub fn addresses(&self) -> (std::net::SocketAddr, std::net::SocketAddr) {
+        (self.conn.peer, self.conn.local)
+    }
+
     /// The client is a trusted front proxy.
     #[must_use]
     pub fn trusted(&self) -> bool {

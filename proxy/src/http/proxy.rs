@@ -36,11 +36,6 @@ static CLIENT_CLAIMS: [HeaderName; 4] = [
     HeaderName::from_static("cf-connecting-ip"),
 ];
 
-/// The client's address and the one it connected to, carried with its request to the
-/// endpoint's connect.
-#[derive(Clone, Copy)]
-struct ClientAddrs(std::net::SocketAddr, std::net::SocketAddr);
-
 /// What went wrong, and so what the client is told.
 #[derive(Debug, thiserror::Error)]
 enum ProxyError {
@@ -430,7 +425,7 @@ impl Proxy {
             }
             let Some(endpoint) = route.choose(failed.as_ref(), wish) else { break };
             guard.set_endpoint(&endpoint);
-            match self.send(&endpoint, req, route).await {
+            match self.send(&endpoint, req, route, guard.addresses()).await {
                 Ok((resp, timer)) => {
                     endpoint.record_success();
                     return Ok((resp, endpoint, timer));
@@ -450,7 +445,8 @@ impl Proxy {
         Err((last_error, failed))
     }
 
-    /// One request on one endpoint. A pooled connection that turns out closed before the
+    /// One request on one endpoint (`client`: its address and the one it connected to, for
+    /// a task that wants a PROXY header). A pooled connection that turns out closed before the
     /// request was written is replaced by a fresh one transparently; so is one that closes
     /// under an idempotent request without a body (once): nothing of it can have been acted
     /// on twice. (A task, or the agent a hop goes through, closing an idle kept-alive
@@ -460,6 +456,7 @@ impl Proxy {
         endpoint: &Arc<Endpoint>,
         mut req: Request<UpstreamBody>,
         route: &Route,
+        client: (std::net::SocketAddr, std::net::SocketAddr),
     ) -> Result<(Response<Incoming>, Timer), Failure> {
         if !route.pass_host {
             task_host(&mut req, endpoint.addr);
@@ -471,9 +468,8 @@ impl Proxy {
         let mut replays = 1;
         loop {
             timer.as_mut().reset(tokio::time::Instant::now() + timeout);
-            let client = req.extensions().get::<ClientAddrs>().map(|c| (c.0, c.1));
             let connect = route.connect_timeout.unwrap_or(self.cfg.connect_timeout);
-            let sender = match endpoint.checkout(connect, client).await {
+            let sender = match endpoint.checkout(connect, Some(client)).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::NotSent(e, Box::new(req))),
             };
@@ -712,8 +708,6 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: 
         .get(header::HOST)
         .cloned()
         .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    // Who the client is, for a task that wants a PROXY header.
-    req.extensions_mut().insert(ClientAddrs(client.peer, client.local));
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
 
