@@ -920,7 +920,7 @@ async fn the_stack_file_deploys_the_agent_which_follows_scale_update_and_removal
 }
 
 /// Drop-in issue, "fail closed": a Traefik middleware that meshgate does not honour yet
-/// (`compress`) leaves the route not served (503, a problem naming the label, `meshgate_route_refused`),
+/// (`circuitbreaker`) leaves the route not served (503, a problem naming the label, `meshgate_route_refused`),
 /// never open; a second container claiming the same host without it does not open it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open() {
@@ -933,9 +933,9 @@ async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open
             "-l",
             "traefik.http.routers.adm.rule=Host(`adm.docker.test`)",
             "-l",
-            "traefik.http.routers.adm.middlewares=adm-zip",
+            "traefik.http.routers.adm.middlewares=adm-cb",
             "-l",
-            "traefik.http.middlewares.adm-zip.compress=true",
+            "traefik.http.middlewares.adm-cb.circuitbreaker.expression=NetworkErrorRatio() > 0.5",
         ],
         80,
     )
@@ -950,7 +950,7 @@ async fn a_restriction_not_honoured_refuses_the_route_instead_of_serving_it_open
     let state: serde_json::Value =
         serde_json::from_str(&reqwest_text(&mesh.admin_url("/api/state")).await).unwrap();
     let problems = state["problems"].to_string();
-    assert!(problems.contains("traefik.http.routers.adm.middlewares=adm-zip"), "{problems}");
+    assert!(problems.contains("traefik.http.routers.adm.middlewares=adm-cb"), "{problems}");
     let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
     assert!(metrics.contains("meshgate_route_refused{route=\"adm.docker.test/\""), "{metrics}");
 }

@@ -348,3 +348,64 @@ async fn an_active_health_check_takes_a_failing_task_out_of_rotation_and_back() 
     eventually("it is back once its check passes", Duration::from_secs(30), async || answers().await == both)
         .await;
 }
+
+/// Drop-in issue, item 4: Traefik's `compress` (its docs, "Compress": gzip for clients that
+/// accept it, not below `minResponseBodyBytes`, not for excluded types), on a real container
+/// and checked with curl, which decompresses what it gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compress_middleware_gzips_what_clients_accept() {
+    let mesh = Mesh::start_docker(|_| {}).await;
+    let labels = [
+        "-l",
+        "traefik.enable=true",
+        "-l",
+        "traefik.http.routers.z.rule=Host(`zip.docker.test`)",
+        "-l",
+        "traefik.http.routers.z.middlewares=zip",
+        "-l",
+        "traefik.http.middlewares.zip.compress=true",
+        "-l",
+        "traefik.http.middlewares.zip.compress.excludedcontenttypes=image/png",
+    ];
+    // A 20,000-byte page, a small one, and a "picture".
+    let serve = "mkdir -p /w && i=0; while [ $i -lt 1000 ]; do echo 'meshgate compress test' >> /w/big.html; i=$((i+1)); done \
+                 && echo small > /w/small.html && cp /w/big.html /w/pic.png && exec httpd -f -p 80 -h /w";
+    let _task = Container::run_script("zip", &labels, serve).await;
+    let head = async |path: &str, more: &[&str]| {
+        let url = mesh.url(path);
+        let mut args = vec!["-s", "-D", "-", "-o", "/dev/null", "-H", "Host: zip.docker.test"];
+        args.extend_from_slice(more);
+        args.push(&url);
+        curl(&args).await.1.replace('\r', "").to_ascii_lowercase()
+    };
+    eventually("the route is served", Duration::from_secs(30), async || {
+        head("/small.html", &[]).await.starts_with("http/1.1 200")
+    })
+    .await;
+    let gz = ["-H", "Accept-Encoding: gzip"];
+    let got = head("/big.html", &gz).await;
+    assert!(got.contains("content-encoding: gzip") && got.contains("vary: accept-encoding"), "{got}");
+    assert!(!got.contains("content-length"), "its length is not the task's any more: {got}");
+    // What curl decompresses is the page, byte for byte, and far fewer bytes came.
+    let url = mesh.url("/big.html");
+    let (_, body) = curl(&["-s", "--compressed", "-H", "Host: zip.docker.test", &url]).await;
+    assert_eq!(body, "meshgate compress test\n".repeat(1000));
+    let (_, size) = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        "-H",
+        "Accept-Encoding: gzip",
+        "-H",
+        "Host: zip.docker.test",
+        &url,
+    ])
+    .await;
+    assert!(size.parse::<u64>().unwrap() < 2_000, "{size} bytes for a 23,000-byte page");
+    // Not without Accept-Encoding, not a small body, not an excluded type.
+    assert!(!head("/big.html", &[]).await.contains("content-encoding"));
+    assert!(!head("/small.html", &gz).await.contains("content-encoding"));
+    assert!(!head("/pic.png", &gz).await.contains("content-encoding"));
+}

@@ -109,19 +109,28 @@ pub struct ProxyBody {
     kind: Kind,
     /// Dropping it ends the request's accounting; counts the bytes sent for the access log.
     guard: Option<RequestGuard>,
+    /// Gzips the body as it streams (each frame flushed, so nothing waits for the next).
+    gzip: Option<Box<flate2::write::GzEncoder<Vec<u8>>>>,
 }
 
 impl ProxyBody {
     #[must_use]
     pub fn local(text: impl Into<Bytes>) -> Self {
-        Self { kind: Kind::Local(Some(text.into())), guard: None }
+        Self { kind: Kind::Local(Some(text.into())), guard: None, gzip: None }
     }
 
     /// The task's response body, which must send a frame at least every `idle` (`timer`:
     /// the request's, reused).
     #[must_use]
     pub fn upstream(body: Incoming, idle: Duration, timer: Timer, guard: RequestGuard) -> Self {
-        Self { kind: Kind::Upstream(Idle::with_timer(body, idle, timer)), guard: Some(guard) }
+        Self { kind: Kind::Upstream(Idle::with_timer(body, idle, timer)), guard: Some(guard), gzip: None }
+    }
+
+    /// The same body, gzipped (the caller sets `Content-Encoding` and drops the length).
+    #[must_use]
+    pub fn gzipped(mut self) -> Self {
+        self.gzip = Some(Box::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())));
+        self
     }
 
     /// Ties the request's accounting to this body.
@@ -141,10 +150,29 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let frame = match &mut this.kind {
+        let mut frame = match &mut this.kind {
             Kind::Upstream(body) => body.poll_frame(cx, "the task's response body"),
             Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
+        if let Some(gzip) = &mut this.gzip {
+            use std::io::Write as _;
+            // Writing into a Vec does not fail.
+            match &mut frame {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(data) = f.data_mut() {
+                        let _ = gzip.write_all(data).and_then(|()| gzip.flush());
+                        *data = Bytes::from(std::mem::take(gzip.get_mut()));
+                    }
+                }
+                Poll::Ready(None) => {
+                    let _ = gzip.try_finish();
+                    let tail = std::mem::take(gzip.get_mut());
+                    this.gzip = None;
+                    frame = Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(Bytes::from(tail)))));
+                }
+                _ => {}
+            }
+        }
         if let (Poll::Ready(Some(Ok(f))), Some(guard)) = (&frame, &mut this.guard) {
             if let Some(data) = f.data_ref() {
                 guard.sent += data.len() as u64;
@@ -154,6 +182,9 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.gzip.is_some() {
+            return false;
+        }
         match &self.kind {
             Kind::Upstream(idle) => idle.body.is_end_stream(),
             Kind::Local(bytes) => bytes.is_none(),
@@ -161,6 +192,9 @@ impl Body for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.gzip.is_some() {
+            return SizeHint::default();
+        }
         match &self.kind {
             Kind::Upstream(idle) => idle.body.size_hint(),
             Kind::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),

@@ -83,7 +83,52 @@ pub struct Context {
 
 /// A route's compiled middlewares.
 #[derive(Clone, Default)]
-pub struct Chain(Arc<[Step]>, Limits);
+pub struct Chain(Arc<[Step]>, Limits, Option<Arc<Compress>>);
+
+/// When responses are gzipped (Traefik's `compress`).
+pub struct Compress {
+    min_bytes: u64,
+    excluded: Vec<String>,
+    included: Vec<String>,
+}
+
+impl Compress {
+    /// Whether a response with these headers, to a request that accepts gzip, is gzipped:
+    /// not already encoded, not partial, of a content type it takes, not known to be small.
+    #[must_use]
+    pub fn wants(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let kind = kind.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let listed = |list: &[String]| list.iter().any(|t| t.eq_ignore_ascii_case(&kind));
+        status.is_success()
+            && status != StatusCode::NO_CONTENT
+            && status != StatusCode::PARTIAL_CONTENT
+            && !headers.contains_key(header::CONTENT_ENCODING)
+            && !headers.contains_key(header::CONTENT_RANGE)
+            && kind != "application/grpc"
+            && !listed(&self.excluded)
+            && (self.included.is_empty() || listed(&self.included))
+            && super::body::declared_length(headers).is_none_or(|n| n >= self.min_bytes)
+    }
+}
+
+/// Whether a request's `Accept-Encoding` takes gzip (`gzip` or `*`, not with `q=0`).
+#[must_use]
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=").is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
 
 /// What the chain sets of the route's own limits (Traefik's `retry` and `buffering`).
 #[derive(Clone, Copy, Default)]
@@ -169,8 +214,17 @@ impl Chain {
     pub fn compile(specs: &[Middleware], key: &str, shared: &Shared) -> Result<Self, String> {
         let mut steps = Vec::with_capacity(specs.len());
         let mut limits = Limits::default();
+        let mut compress = None;
         for (i, spec) in specs.iter().enumerate() {
             steps.push(match spec {
+                Middleware::Compress { min_bytes, excluded, included } => {
+                    compress = Some(Arc::new(Compress {
+                        min_bytes: *min_bytes,
+                        excluded: excluded.clone(),
+                        included: included.clone(),
+                    }));
+                    continue;
+                }
                 Middleware::Retry { attempts, initial_interval_ms } => {
                     limits.attempts = Some((*attempts, Duration::from_millis(*initial_interval_ms)));
                     continue;
@@ -246,7 +300,13 @@ impl Chain {
                 }
             });
         }
-        Ok(Self(steps.into(), limits))
+        Ok(Self(steps.into(), limits, compress))
+    }
+
+    /// When responses are gzipped, if they are.
+    #[must_use]
+    pub fn compress(&self) -> Option<&Compress> {
+        self.2.as_deref()
     }
 
     /// The route limits the chain sets.
@@ -723,4 +783,21 @@ fn refill(c: &mut Count, now: Instant, per_ms: f64, burst: f64) -> f64 {
     c.tokens = (c.tokens + gone * per_ms).min(burst);
     c.at = now;
     c.tokens
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_is_accepted_as_clients_say_it() {
+        let accepts = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            accepts_gzip(&h)
+        };
+        assert!(accepts("gzip, deflate, br") && accepts("br;q=1.0, gzip;q=0.5") && accepts("*"));
+        assert!(!accepts("br") && !accepts("gzip;q=0") && !accepts("identity"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
 }

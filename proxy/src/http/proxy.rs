@@ -313,6 +313,7 @@ impl Proxy {
             return self.answered(resp, guard, Some(&route), (started, kind));
         }
         let wish = super::affinity::wish_of(route.affinity.as_ref(), req.headers(), conn_ip);
+        let gzip = route.middlewares.1.compress().filter(|_| gzip_allowed(&req));
         let req =
             req.map(|body| UpstreamBody::of(body, self.cfg.client_body_timeout, &mut guard.received, limit));
         let exchanged =
@@ -324,9 +325,7 @@ impl Proxy {
             });
         match exchanged {
             Ok((mut resp, endpoint, timer)) => {
-                if let Some(cookie) = super::affinity::set_cookie(route.affinity.as_ref(), &wish, &endpoint) {
-                    resp.headers_mut().append(header::SET_COOKIE, cookie);
-                }
+                let cookie = super::affinity::set_cookie(route.affinity.as_ref(), &wish, &endpoint);
                 note(&mut guard, resp.status(), true, Some(&route));
                 guard.metrics = Some(route.metrics.clone());
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -344,12 +343,13 @@ impl Proxy {
                 } else {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
-                if let (true, Some(hsts)) = (secure, &route.hsts) {
-                    resp.headers_mut().entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
-                }
-                passed.finish(resp.headers_mut());
+                dress(&route, resp.headers_mut(), secure, &passed, cookie);
                 route.metrics.observe(resp.status(), kind, started.elapsed().as_secs_f64());
-                resp.map(|body| ProxyBody::upstream(body, self.cfg.upstream_body_timeout, timer, guard))
+                let gzip = gzip.is_some_and(|c| c.wants(resp.status(), resp.headers()));
+                gzipped_if(
+                    gzip,
+                    resp.map(|b| ProxyBody::upstream(b, self.cfg.upstream_body_timeout, timer, guard)),
+                )
             }
             Err((error, endpoint)) => {
                 let status = error.status();
@@ -738,6 +738,48 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: 
     if let Some(host) = host {
         headers.insert(header::HOST, host);
     }
+}
+
+/// What the route adds to its task's response headers: the affinity cookie, HSTS over
+/// HTTPS, its middlewares' headers.
+fn dress(
+    route: &Route,
+    headers: &mut HeaderMap,
+    secure: bool,
+    passed: &super::middleware::Passed<'_>,
+    cookie: Option<HeaderValue>,
+) {
+    if let Some(cookie) = cookie {
+        headers.append(header::SET_COOKIE, cookie);
+    }
+    if let (true, Some(hsts)) = (secure, &route.hsts) {
+        headers.entry(header::STRICT_TRANSPORT_SECURITY).or_insert(hsts.clone());
+    }
+    passed.finish(headers);
+}
+
+/// Whether the request's answer may be gzipped: it accepts gzip and wants a body.
+fn gzip_allowed<B>(req: &Request<B>) -> bool {
+    req.method() != http::Method::HEAD && super::middleware::accepts_gzip(req.headers())
+}
+
+/// `resp` with its body gzipped, if `gzip`: `Content-Encoding: gzip`, no length,
+/// `Vary: Accept-Encoding`.
+fn gzipped_if(gzip: bool, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    if !gzip {
+        return resp;
+    }
+    let (mut head, body) = resp.into_parts();
+    head.headers.remove(header::CONTENT_LENGTH);
+    head.headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    head.headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    // Other bytes than the task's: a strong validator becomes a weak one (as nginx does).
+    if let Some(etag) = head.headers.get(header::ETAG).filter(|e| !e.as_bytes().starts_with(b"W/")) {
+        if let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat()) {
+            head.headers.insert(header::ETAG, weak);
+        }
+    }
+    Response::from_parts(head, body.gzipped())
 }
 
 /// Names the task's own address as the host (Traefik's `passHostHeader=false`): in `Host`,

@@ -49,6 +49,16 @@ pub enum Middleware {
     Retry { attempts: u32, initial_interval_ms: u64 },
     /// Request bodies larger than `max_request_body` bytes are refused (413).
     Buffering { max_request_body: Option<u64> },
+    /// Responses are gzipped for clients that accept it: those of at least `min_bytes`
+    /// (when their length is known), of a content type in `included` (if any) and not in
+    /// `excluded`.
+    Compress {
+        min_bytes: u64,
+        #[serde(default)]
+        excluded: Vec<String>,
+        #[serde(default)]
+        included: Vec<String>,
+    },
 }
 
 /// What a rate or in-flight limit counts by.

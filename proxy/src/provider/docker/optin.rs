@@ -959,13 +959,13 @@ mod tests {
             read_with(&[], &labels, &[80])
         };
         let o = traefik(&[
-            ("traefik.http.routers.adm.middlewares", "adm-zip"),
-            ("traefik.http.middlewares.adm-zip.compress.minresponsebodybytes", "10"),
+            ("traefik.http.routers.adm.middlewares", "adm-cb"),
+            ("traefik.http.middlewares.adm-cb.circuitbreaker.expression", "NetworkErrorRatio() > 0.5"),
         ]);
         assert!(o.routes[0].refused.as_deref().is_some_and(|w| w.contains("middlewares")), "{:?}", o.routes);
-        assert!(o.problems.iter().any(|p| p.contains("adm-zip")), "{:?}", o.problems);
+        assert!(o.problems.iter().any(|p| p.contains("adm-cb")), "{:?}", o.problems);
         assert!(
-            o.problems.iter().any(|p| p.contains("compress.minresponsebodybytes")),
+            o.problems.iter().any(|p| p.contains("circuitbreaker.expression")),
             "the definition is listed: {:?}",
             o.problems
         );

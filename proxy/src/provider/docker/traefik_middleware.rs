@@ -63,6 +63,16 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("inflightreq", &["amount", "sourcecriterion.requesthost", "sourcecriterion.requestheadername"]),
     ("chain", &["middlewares"]),
     ("retry", &["attempts", "initialinterval"]),
+    (
+        "compress",
+        &[
+            "excludedcontenttypes",
+            "includedcontenttypes",
+            "minresponsebodybytes",
+            "encodings",
+            "defaultencoding",
+        ],
+    ),
     // Memory sizes are tuning (meshgate streams bodies): read, nothing to honour.
     ("buffering", &["maxrequestbodybytes", "memrequestbodybytes", "memresponsebodybytes"]),
     (
@@ -116,6 +126,10 @@ impl Catalogue {
 /// Whether meshgate reads `option` (lower case) of a middleware of `kind` (lower case).
 #[must_use]
 pub fn known(kind: &str, option: &str) -> bool {
+    // `traefik.http.middlewares.<m>.compress=true`: the kind alone, with its defaults.
+    if option.is_empty() {
+        return KNOWN.iter().any(|(k, _)| *k == kind);
+    }
     KNOWN.iter().filter(|(k, _)| *k == kind).flat_map(|(_, opts)| opts.iter()).any(|o| {
         match o.strip_suffix('*') {
             Some(prefix) => option.starts_with(prefix) && option.len() > prefix.len(),
@@ -337,6 +351,24 @@ fn one(name: &str, kind: &str, o: &BTreeMap<String, &str>) -> Result<Middleware,
         },
         "headers" => Middleware::Headers(headers(o)?),
         "ratelimit" | "inflightreq" | "retry" | "buffering" => limit(kind, o)?,
+        "compress" => {
+            // gzip is what meshgate writes: a list without it cannot be honoured.
+            let encodings = list(o, "encodings");
+            if !encodings.is_empty() && !encodings.iter().any(|e| e.eq_ignore_ascii_case("gzip")) {
+                return Err(format!(
+                    "`encodings` ({}) has no gzip, the one meshgate writes",
+                    encodings.join(",")
+                ));
+            }
+            if let Some(d) = o.get("defaultencoding").filter(|d| !d.trim().eq_ignore_ascii_case("gzip")) {
+                return Err(format!("`defaultEncoding={d}`: meshgate writes gzip only"));
+            }
+            Middleware::Compress {
+                min_bytes: number(o, "minresponsebodybytes")?.unwrap_or(1024),
+                excluded: list(o, "excludedcontenttypes"),
+                included: list(o, "includedcontenttypes"),
+            }
+        }
         "forwardauth" => {
             let address = required(o, "address")?.trim().to_owned();
             if !address.starts_with("http://") || address.parse::<hyper::Uri>().is_err() {
@@ -508,7 +540,8 @@ mod tests {
     #[test]
     fn what_is_not_honoured_is_an_error_never_dropped() {
         for (pairs, chain_value, why) in [
-            (vec![("traefik.http.middlewares.z.compress", "true")], "z", "not honoured"),
+            (vec![("traefik.http.middlewares.z.errors.status", "500-599")], "z", "not honoured"),
+            (vec![("traefik.http.middlewares.z.compress.encodings", "zstd,br")], "z", "no gzip"),
             (vec![("traefik.http.middlewares.h.headers.allowedHosts", "a.test")], "h", "allowedhosts"),
             (
                 vec![("traefik.http.middlewares.r.ratelimit.sourcecriterion.ipstrategy.depth", "1")],
