@@ -174,3 +174,63 @@ async fn virtual_host_multiports_as_nginx_proxy_documents_it() {
         .await;
     }
 }
+
+/// nginx-proxy's htpasswd cases (test/test_htpasswd/test_htpasswd-virtual-host,
+/// -virtual-path and -regex-virtual-host .{yml,py} @ 4af15de9; the files named as its
+/// test/test_htpasswd/htpasswd/ directory names them @ 24592e39): a file per host, per host
+/// and path (`<host>_<sha1 of the path>`), and per regex (the sha1 of `~regex`), each with
+/// nginx-proxy's realm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_proxys_htpasswd_cases_behave_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = |name: &str| {
+        let made = std::process::Command::new("htpasswd").args(["-nbB", name, "password"]).output().unwrap();
+        String::from_utf8(made.stdout).unwrap()
+    };
+    let regex = r"~^regex.*\.nginx-proxy\.example$";
+    let regex_file = {
+        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, regex.as_bytes());
+        digest.as_ref().iter().fold(String::new(), |mut hex, b| {
+            use std::fmt::Write as _;
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
+    };
+    std::fs::write(dir.path().join("htpasswd.nginx-proxy.tld"), user("vhost")).unwrap();
+    std::fs::write(
+        dir.path().join("htpasswd.nginx-proxy.tld_8d960560c82f4e6c8b1b0f03eb30a1afd00e5696"),
+        user("vpath"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join(regex_file), user("vhost")).unwrap();
+    let htpasswd = dir.path().to_owned();
+    let mesh = Mesh::start_docker(|c| c.docker.htpasswd_dir = Some(htpasswd)).await;
+    let _host = Container::run("vhost", &["-e", "VIRTUAL_HOST=htpasswd.nginx-proxy.tld"], 80).await;
+    let _path = Container::run(
+        "vpath",
+        &["-e", "VIRTUAL_HOST=htpasswd.nginx-proxy.tld", "-e", "VIRTUAL_PATH=/foo/", "-e", "VIRTUAL_DEST=/"],
+        80,
+    )
+    .await;
+    let env = format!("VIRTUAL_HOST={regex}");
+    let _regex = Container::run("regex", &["-e", &env], 80).await;
+    for (host, path, realm, who) in [
+        ("htpasswd.nginx-proxy.tld", "/", "Restricted htpasswd.nginx-proxy.tld", "vhost"),
+        ("htpasswd.nginx-proxy.tld", "/foo/", "Restricted htpasswd.nginx-proxy.tld/foo/", "vpath"),
+        ("regex.htpasswd.nginx-proxy.example", "/", "Restricted access", "vhost"),
+    ] {
+        let url = mesh.url(path);
+        let h = format!("Host: {host}");
+        let challenge = format!("www-authenticate: basic realm=\"{}\"", realm.to_ascii_lowercase());
+        eventually(&format!("{host}{path} asks for {who}"), Duration::from_secs(30), async || {
+            let (_, head) = curl(&["-si", "-H", &h, &url]).await;
+            let head = head.to_ascii_lowercase();
+            head.starts_with("http/1.1 401") && head.contains(&challenge)
+        })
+        .await;
+        let credentials = format!("{who}:password");
+        let (_, code) =
+            curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", &credentials, "-H", &h, &url]).await;
+        assert_eq!(code, "200", "{host}{path} lets {who} in");
+    }
+}

@@ -1,8 +1,11 @@
 //! nginx-proxy's htpasswd directory (`/etc/nginx/htpasswd/<VIRTUAL_HOST>`): a file named
-//! after a host holds the users who may reach it, lines as `htpasswd` writes them. Read at
-//! every resync, so a file added, changed or removed takes effect within one. A file that
-//! exists but cannot be used refuses its host (never served open).
+//! after a host holds the users who may reach it, lines as `htpasswd` writes them; for a
+//! `VIRTUAL_PATH`, `<host>_<sha1 of the path>` first; for a regex host, the sha1 of the
+//! `VIRTUAL_HOST` value (`~` included). Realms as nginx-proxy's. Read at every resync, so a
+//! file added, changed or removed takes effect within one. A file that exists but cannot be
+//! used refuses its host (never served open).
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::state::{BasicAuth, HostPattern, HttpRoute};
@@ -15,11 +18,37 @@ enum Says {
     Broken(String),
 }
 
-fn read(dir: &Path, host: &str) -> Says {
-    match BasicAuth::from_htpasswd_file(&dir.join(host)) {
+fn read(dir: &Path, file: &str, realm: String) -> Says {
+    match BasicAuth::from_htpasswd_file(&dir.join(file)) {
         Ok(None) => Says::Nothing,
-        Ok(Some(auth)) => Says::Users(auth),
+        Ok(Some(auth)) => Says::Users(BasicAuth { realm, ..auth }),
         Err(why) => Says::Broken(why),
+    }
+}
+
+fn sha1_hex(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, text.as_bytes());
+    digest.as_ref().iter().fold(String::with_capacity(40), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
+
+/// What the directory says of `host` on a route with `path`.
+fn says(dir: &Path, host: &HostPattern, path: &str) -> Says {
+    match host {
+        HostPattern::Exact(name) => {
+            if path != "/" {
+                let file = format!("{name}_{}", sha1_hex(path));
+                let by_path = read(dir, &file, format!("Restricted {name}{path}"));
+                if by_path != Says::Nothing {
+                    return by_path;
+                }
+            }
+            read(dir, name, format!("Restricted {name}"))
+        }
+        HostPattern::Regex(re) => read(dir, &sha1_hex(&format!("~{re}")), "Restricted access".into()),
+        _ => Says::Nothing,
     }
 }
 
@@ -34,10 +63,7 @@ pub fn apply(routes: Vec<HttpRoute>, dir: &Path) -> Vec<HttpRoute> {
         }
         let mut groups: Vec<(Says, Vec<HostPattern>)> = Vec::new();
         for host in &route.hosts {
-            let says = match host {
-                HostPattern::Exact(name) => read(dir, name),
-                _ => Says::Nothing,
-            };
+            let says = says(dir, host, &route.path);
             match groups.iter_mut().find(|(s, _)| *s == says) {
                 Some((_, hosts)) => hosts.push(host.clone()),
                 None => groups.push((says, vec![host.clone()])),
