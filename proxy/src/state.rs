@@ -214,6 +214,10 @@ pub struct HttpRoute {
     /// naming the client (and is then not shared with other clients).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The certificate its hosts are served with: `<cert_name>.crt` of `tls.certs_dir`
+    /// (nginx-proxy's `CERT_NAME`), whatever their own names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_name: Option<String>,
 }
 
 /// A PROXY protocol version.
@@ -345,6 +349,7 @@ impl HttpRoute {
             pass_host: true,
             health_check: None,
             proxy_protocol: None,
+            cert_name: None,
         }
     }
 }

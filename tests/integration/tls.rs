@@ -535,3 +535,48 @@ async fn https_method_and_hsts_in_every_form() {
     );
     assert_eq!(plain("nocert").await, "200 ", "no certificate: served over plain HTTP");
 }
+
+/// Drop-in issue, item 2: nginx-proxy's `CERT_NAME` (its docs, "SSL Support": a container
+/// may name the certificate files to use): the named pair is served even where a pair named
+/// after the host exists; a name this node does not have is not served (503), never with
+/// another certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_name_picks_the_named_certificate_and_a_missing_one_is_not_served() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    let shared = ca.issue(certs.path(), "shared", &["a.cert.test", "b.cert.test"]);
+    let own = ca.issue(certs.path(), "a.cert.test", &["a.cert.test"]);
+    let dir = certs.path().to_owned();
+    let mesh = Mesh::start_docker(|c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(dir);
+        c.tls.poll_interval = Duration::from_millis(50);
+    })
+    .await;
+    let _named = crate::docker::Container::run(
+        "certname",
+        &["-e", "VIRTUAL_HOST=a.cert.test", "-e", "CERT_NAME=shared", "-e", "HTTPS_METHOD=noredirect"],
+        80,
+    )
+    .await;
+    let _missing = crate::docker::Container::run(
+        "nocertname",
+        &["-e", "VIRTUAL_HOST=c.cert.test", "-e", "CERT_NAME=gone"],
+        80,
+    )
+    .await;
+    eventually("the named certificate is served", Duration::from_secs(30), async || {
+        presented(&mesh, "a.cert.test").await == shared
+    })
+    .await;
+    assert_ne!(shared, own);
+    let (ok, out) = https(&mesh, certs.path(), "a.cert.test", &[]).await;
+    assert!(ok, "verified against the CA, for the host's name: {out}");
+    let http = mesh.agent.http_addr;
+    eventually("a missing named certificate is not served", Duration::from_secs(30), async || {
+        let (_, out) =
+            curl(&["-s", "-w", " %{http_code}", "-H", "Host: c.cert.test", &format!("http://{http}/")]).await;
+        out.ends_with(" 503") && out.contains("certificate `gone`")
+    })
+    .await;
+}

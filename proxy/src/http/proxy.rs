@@ -179,6 +179,15 @@ impl Proxy {
         let mut told = std::collections::HashSet::new();
         let mut compile = move || {
             let snapshot = hub.load();
+            let named = named_certificates(&snapshot.state);
+            let missing: Vec<String> = named
+                .iter()
+                .filter(|(_, name)| !self.https.as_ref().is_some_and(|h| h.certs.has_named(name)))
+                .map(|(host, name)| format!("host `{host}`: CERT_NAME `{name}` is not in tls.certs_dir on this node (or HTTPS is off); not served"))
+                .collect();
+            if let Some(https) = &self.https {
+                https.certs.set_named(named);
+            }
             let table = RouteTable::compile(
                 &snapshot.state,
                 snapshot.generation,
@@ -199,8 +208,8 @@ impl Proxy {
                     )
                 })
                 .collect();
-            told.retain(|p| table.unreachable.contains(p) || conflicts.contains(p));
-            for problem in table.unreachable.iter().chain(&conflicts) {
+            told.retain(|p| table.unreachable.contains(p) || conflicts.contains(p) || missing.contains(p));
+            for problem in table.unreachable.iter().chain(&conflicts).chain(&missing) {
                 if told.insert(problem.clone()) {
                     tracing::warn!("{problem}");
                 }
@@ -254,6 +263,19 @@ impl Proxy {
             }
             _ => None,
         }
+    }
+
+    /// A route told to use a certificate (`CERT_NAME`) that this node does not have is not
+    /// served here at all (503), over either scheme, rather than with another certificate.
+    fn missing_certificate(&self, route: &Route) -> Option<Response<ProxyBody>> {
+        let name = route.cert_name.as_deref()?;
+        let present = self.https.as_ref().is_some_and(|h| h.certs.has_named(name));
+        (!present).then(|| {
+            local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("meshgate: this host's certificate `{name}` is not on this node\n"),
+            )
+        })
     }
 
     /// Serves one request. Never fails: errors become 4xx/5xx responses.
@@ -390,6 +412,9 @@ impl Proxy {
             return Err(resp);
         }
         if let Some(resp) = self.https_policy(route, req, cx.secure) {
+            return Err(resp);
+        }
+        if let Some(resp) = self.missing_certificate(route) {
             return Err(resp);
         }
         if let Some(resp) = authenticate(route, req).await {
@@ -738,6 +763,20 @@ fn prepare_request(req: &mut Request<Incoming>, client: &ConnActivity, upgrade: 
     if let Some(host) = host {
         headers.insert(header::HOST, host);
     }
+}
+
+/// The hosts told to use a named certificate (`CERT_NAME`): host to name.
+fn named_certificates(state: &crate::state::MeshState) -> std::collections::HashMap<String, String> {
+    let mut named = std::collections::HashMap::new();
+    for http in state.services.iter().flat_map(|s| &s.http) {
+        let Some(name) = &http.cert_name else { continue };
+        for host in &http.hosts {
+            if let crate::state::HostPattern::Exact(h) = host {
+                named.insert(h.clone(), name.to_ascii_lowercase());
+            }
+        }
+    }
+    named
 }
 
 /// What the route adds to its task's response headers: the affinity cookie, HSTS over

@@ -56,6 +56,8 @@ pub struct Route {
     pub affinity: Option<crate::state::Affinity>,
     /// The task gets the client's `Host` (else its own address).
     pub pass_host: bool,
+    /// The certificate its hosts are served with (`CERT_NAME`).
+    pub cert_name: Option<String>,
 }
 
 impl Route {
@@ -163,7 +165,15 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
     let auth = |r: &Route| r.basic_auth.as_ref().map(|(data, _)| data.clone());
     // What decides who may use the route and how it is served, then how it reaches tasks.
     let access = |r: &Route| {
-        (r.protocol, r.rewrite.clone(), r.https_method, r.hsts.clone(), auth(r), r.allow_from.clone())
+        (
+            r.protocol,
+            r.rewrite.clone(),
+            r.https_method,
+            r.hsts.clone(),
+            auth(r),
+            r.allow_from.clone(),
+            r.cert_name.clone(),
+        )
     };
     let reach =
         |r: &Route| (r.max_body, r.response_timeout, r.connect_timeout, r.affinity.clone(), r.pass_host);
@@ -195,6 +205,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         priority: a.priority,
         affinity: a.affinity.clone(),
         pass_host: a.pass_host,
+        cert_name: a.cert_name.clone(),
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -343,6 +354,7 @@ impl RouteTable {
                     priority: http.priority,
                     affinity: http.affinity.clone(),
                     pass_host: http.pass_host,
+                    cert_name: http.cert_name.clone(),
                     allow_from: http.allow_from.clone(),
                     max_body: http.max_body,
                     response_timeout: http.response_timeout,

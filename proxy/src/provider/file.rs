@@ -361,6 +361,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         pass_host: h.pass_host,
         health_check: h.health_check,
         proxy_protocol: h.proxy_protocol,
+        cert_name: None,
     })
 }
 

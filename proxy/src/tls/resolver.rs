@@ -26,6 +26,8 @@ pub enum CertSource {
 #[derive(Debug)]
 pub struct CertResolver {
     certs: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    /// Hosts served with a named certificate (nginx-proxy's `CERT_NAME`): host to name.
+    named: ArcSwap<HashMap<String, String>>,
     /// Each source's newest set; `certs` is their merge. Only `replace` writes, under the lock.
     sources: Mutex<BTreeMap<CertSource, HashMap<String, Arc<CertifiedKey>>>>,
     fallback: Option<Arc<CertifiedKey>>,
@@ -39,6 +41,7 @@ impl CertResolver {
     pub fn new(fallback: Option<Arc<CertifiedKey>>) -> Self {
         Self {
             certs: ArcSwap::from_pointee(HashMap::new()),
+            named: ArcSwap::from_pointee(HashMap::new()),
             sources: Mutex::default(),
             fallback,
             challenges: Arc::default(),
@@ -67,13 +70,31 @@ impl CertResolver {
         self.certs.store(Arc::new(merged));
     }
 
-    /// The certificate for `name`: its own, else a wildcard certificate for its parent
-    /// (`*.example.com` covers one label), else the nearest parent domain's (as nginx-proxy
-    /// does), else `default`.
+    /// Serves each host of `named` with the certificate it names (nginx-proxy's
+    /// `CERT_NAME`), from the next handshake on.
+    pub fn set_named(&self, named: HashMap<String, String>) {
+        if **self.named.load() != named {
+            self.named.store(Arc::new(named));
+        }
+    }
+
+    /// Whether the certificate called `name` (`<name>.crt`) is here.
+    #[must_use]
+    pub fn has_named(&self, name: &str) -> bool {
+        self.certs.load().contains_key(&name.to_ascii_lowercase())
+    }
+
+    /// The certificate for `name`: the one it is told to use (`CERT_NAME`; none if that one
+    /// is missing here, never another), else its own, else a wildcard certificate for its
+    /// parent (`*.example.com` covers one label), else the nearest parent domain's (as
+    /// nginx-proxy does), else `default`.
     #[must_use]
     pub fn find(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let certs = self.certs.load();
         let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(cert_name) = self.named.load().get(&name) {
+            return certs.get(cert_name).cloned();
+        }
         if let Some(c) = certs.get(&name) {
             return Some(c.clone());
         }

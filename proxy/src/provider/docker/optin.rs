@@ -384,6 +384,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "VIRTUAL_PATH",
         "VIRTUAL_DEST",
         "VIRTUAL_HOST_MULTIPORTS",
+        "CERT_NAME",
         "LETSENCRYPT_HOST",
         "LETSENCRYPT_EMAIL",
         "ACME_HOST",
@@ -568,7 +569,15 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         Some("internal") => (Some(crate::state::internal_networks()), None),
         Some(v) => (None, Some(format!("env `NETWORK_ACCESS={v}` is neither internal nor external: not served rather than served to anyone"))),
     };
+    let cert_name = var("CERT_NAME").map(|n| n.trim().trim_end_matches(".crt").to_owned());
+    if let Some(bad) = cert_name.as_deref().filter(|n| n.contains('/') || n.starts_with('.')) {
+        return Err(env("CERT_NAME")(ValueError::NotOneOf(
+            bad.to_owned(),
+            "a certificate's file name in tls.certs_dir",
+        )));
+    }
     Ok(HttpRoute {
+        cert_name,
         conditions: path_regex
             .map(|regex| vec![crate::state::Condition::is(crate::state::Test::PathRegexp { regex })])
             .unwrap_or_default(),
@@ -1010,7 +1019,7 @@ mod tests {
             &[
                 ("VIRTUAL_HOST", "x.test"),
                 ("VIRTUAL_ROOT", "/srv"),
-                ("CERT_NAME", "shared"),
+                ("SSL_POLICY", "Mozilla-Modern"),
                 ("PATH", "/bin"),
             ],
             &[
