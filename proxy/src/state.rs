@@ -218,6 +218,10 @@ pub struct HttpRoute {
     /// (nginx-proxy's `CERT_NAME`), whatever their own names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_name: Option<String>,
+    /// Its hosts take TLS 1.3 only (nginx-proxy's `SSL_POLICY=Mozilla-Modern`); else TLS 1.2
+    /// and 1.3, with rustls's ciphers (all of them forward-secret AEAD).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls13_only: bool,
 }
 
 /// A PROXY protocol version.
@@ -350,6 +354,7 @@ impl HttpRoute {
             health_check: None,
             proxy_protocol: None,
             cert_name: None,
+            tls13_only: false,
         }
     }
 }

@@ -580,3 +580,43 @@ async fn cert_name_picks_the_named_certificate_and_a_missing_one_is_not_served()
     })
     .await;
 }
+
+/// Drop-in issue, item 2: nginx-proxy's `SSL_POLICY` (its docs, "SSL Support"):
+/// `Mozilla-Modern` takes TLS 1.3 only, `Mozilla-Intermediate` 1.2 and 1.3 (rustls's own);
+/// `Mozilla-Old` (TLS 1.0) is served with the stricter rustls settings and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_policy_tls13_only_is_honoured_and_an_older_one_is_served_stricter_and_reported() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    for h in ["modern", "inter", "old"] {
+        let name = format!("{h}.policy.test");
+        ca.issue(certs.path(), &name, &[&name]);
+    }
+    let dir = certs.path().to_owned();
+    let mesh = Mesh::start_docker(|c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(dir);
+    })
+    .await;
+    let mut running = Vec::new();
+    for (h, policy) in
+        [("modern", "Mozilla-Modern"), ("inter", "Mozilla-Intermediate"), ("old", "Mozilla-Old")]
+    {
+        let (host, policy) = (format!("VIRTUAL_HOST={h}.policy.test"), format!("SSL_POLICY={policy}"));
+        running.push(crate::docker::Container::run(h, &["-e", &host, "-e", &policy], 80).await);
+    }
+    let tls12 = ["--tlsv1.2", "--tls-max", "1.2"];
+    eventually("TLS 1.2 is refused for the modern host", Duration::from_secs(30), async || {
+        https(&mesh, certs.path(), "inter.policy.test", &tls12).await.0
+            && !https(&mesh, certs.path(), "modern.policy.test", &tls12).await.0
+    })
+    .await;
+    let (ok, out) = https(&mesh, certs.path(), "modern.policy.test", &["--tlsv1.3"]).await;
+    assert!(ok, "TLS 1.3 is taken: {out}");
+    let (ok, out) = https(&mesh, certs.path(), "old.policy.test", &tls12).await;
+    assert!(ok, "the old policy's host is served with TLS 1.2: {out}");
+    let (ok, _) = https(&mesh, certs.path(), "old.policy.test", &["--tlsv1.1", "--tls-max", "1.1"]).await;
+    assert!(!ok, "but not TLS 1.1, which rustls does not have");
+    let state = crate::resilience::reqwest_text(&mesh.admin_url("/api/state")).await;
+    assert!(state.contains("SSL_POLICY=Mozilla-Old") && state.contains("stricter"), "{state}");
+}

@@ -187,6 +187,7 @@ impl Proxy {
                 .collect();
             if let Some(https) = &self.https {
                 https.certs.set_named(named);
+                https.certs.set_tls13_only(tls13_only_hosts(&snapshot.state));
             }
             let table = RouteTable::compile(
                 &snapshot.state,
@@ -777,6 +778,18 @@ fn named_certificates(state: &crate::state::MeshState) -> std::collections::Hash
         }
     }
     named
+}
+
+/// The hosts whose policy takes TLS 1.3 only.
+fn tls13_only_hosts(state: &crate::state::MeshState) -> std::collections::HashSet<String> {
+    let routes = state.services.iter().flat_map(|s| &s.http).filter(|h| h.tls13_only);
+    routes
+        .flat_map(|h| &h.hosts)
+        .filter_map(|host| match host {
+            crate::state::HostPattern::Exact(h) => Some(h.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What the route adds to its task's response headers: the affinity cookie, HSTS over

@@ -177,6 +177,8 @@ pub struct Listener {
     /// On-demand TLS (`acme.on_demand_ask`): a handshake for a name without a certificate
     /// waits while one is obtained.
     pub on_demand: Option<Arc<crate::acme::on_demand::OnDemand>>,
+    /// TLS 1.3 only, for the hosts whose policy asks for it, and what says which those are.
+    pub strict: Option<(tokio_rustls::TlsAcceptor, Arc<crate::tls::CertResolver>)>,
 }
 
 /// Serves `listener` until `shutdown` turns true, then stops accepting and gives in-flight
@@ -300,11 +302,11 @@ async fn take(
     // The handshake counts as part of the request head: same deadline (an on-demand order
     // has its own).
     let handshake = async {
-        match &s.kind.on_demand {
-            None => tokio::time::timeout(s.cfg.request_head_timeout, acceptor.accept(stream)).await,
-            Some(on_demand) => {
-                on_demand_handshake(stream, acceptor, on_demand, s.cfg.request_head_timeout).await
-            }
+        let strict = s.kind.strict.as_ref().filter(|(_, resolver)| resolver.any_tls13_only());
+        if s.kind.on_demand.is_none() && strict.is_none() {
+            tokio::time::timeout(s.cfg.request_head_timeout, acceptor.accept(stream)).await
+        } else {
+            named_handshake(stream, acceptor, &s.kind, s.cfg.request_head_timeout).await
         }
     };
     match handshake.await {
@@ -332,10 +334,13 @@ async fn take(
 
 /// A handshake that reads the ClientHello first: a name without a certificate waits for an
 /// on-demand one (or fails at once when it is refused), then the handshake goes on.
-async fn on_demand_handshake(
+/// A handshake that looks at the name the client asks for first: an on-demand certificate
+/// is obtained for it, and a host whose policy wants TLS 1.3 only gets the settings that
+/// allow nothing else.
+async fn named_handshake(
     stream: tokio::net::TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
-    on_demand: &crate::acme::on_demand::OnDemand,
+    listener: &Listener,
     head_timeout: std::time::Duration,
 ) -> Result<
     std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
@@ -348,13 +353,19 @@ async fn on_demand_handshake(
     };
     let hello = start.client_hello();
     let validation = hello.alpn().is_some_and(|mut p| p.any(|p| p == crate::acme::ACME_TLS_ALPN));
-    if let Some(name) = hello.server_name().filter(|n| !validation && on_demand.wanted(n)).map(str::to_owned)
-    {
-        if let Err(why) = on_demand.ensure(&name).await {
-            return Ok(Err(std::io::Error::other(format!("no certificate for {name}: {why}"))));
+    let name = hello.server_name().map(str::to_owned);
+    let config = match (&listener.strict, &name) {
+        (Some((strict, resolver)), Some(n)) if resolver.tls13_only(n) => strict.config().clone(),
+        _ => acceptor.config().clone(),
+    };
+    if let (Some(on_demand), Some(name)) = (&listener.on_demand, name.filter(|_| !validation)) {
+        if on_demand.wanted(&name) {
+            if let Err(why) = on_demand.ensure(&name).await {
+                return Ok(Err(std::io::Error::other(format!("no certificate for {name}: {why}"))));
+            }
         }
     }
-    tokio::time::timeout(head_timeout, start.into_stream(acceptor.config().clone())).await
+    tokio::time::timeout(head_timeout, start.into_stream(config)).await
 }
 
 async fn refuse(mut stream: tokio::net::TcpStream) {

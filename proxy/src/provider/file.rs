@@ -133,6 +133,9 @@ struct HttpEntry {
     health_check: Option<crate::state::HealthCheck>,
     /// `"v1"` or `"v2"`: the tasks get a PROXY header naming the client.
     proxy_protocol: Option<crate::state::ProxyProtocol>,
+    /// `true`: its hosts take TLS 1.3 only.
+    #[serde(default)]
+    tls13_only: bool,
 }
 
 #[derive(Deserialize)]
@@ -261,7 +264,28 @@ fn parse_task(service: &str, index: usize, t: TaskEntry) -> Result<Task, (Range<
     })
 }
 
+/// What a route says of how its tasks are reached, checked: TLS settings only with https,
+/// timeouts above zero.
+fn check_upstream(h: &HttpEntry) -> Result<(), (Range<usize>, String)> {
+    if let Some(tls) = &h.upstream_tls {
+        if h.protocol != UpstreamProtocol::Https {
+            return Err((h.port.span(), "upstream_tls needs protocol = \"https\"".into()));
+        }
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            return Err((h.port.span(), "upstream_tls: client_cert and client_key go together".into()));
+        }
+    }
+    if h.connect_timeout.is_some_and(|t| t.is_zero()) {
+        return Err((h.port.span(), "connect_timeout must be above zero, e.g. \"3s\"".into()));
+    }
+    if h.response_timeout.is_some_and(|t| t.is_zero()) {
+        return Err((h.port.span(), "response_timeout must be above zero, e.g. \"5m\"".into()));
+    }
+    Ok(())
+}
+
 fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
+    check_upstream(&h)?;
     if h.hosts.is_empty() {
         return Err((h.port.span(), "an http route needs at least one entry in `hosts`".into()));
     }
@@ -306,20 +330,6 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    if let Some(tls) = &h.upstream_tls {
-        if h.protocol != UpstreamProtocol::Https {
-            return Err((h.port.span(), "upstream_tls needs protocol = \"https\"".into()));
-        }
-        if tls.client_cert.is_some() != tls.client_key.is_some() {
-            return Err((h.port.span(), "upstream_tls: client_cert and client_key go together".into()));
-        }
-    }
-    if h.connect_timeout.is_some_and(|t| t.is_zero()) {
-        return Err((h.port.span(), "connect_timeout must be above zero, e.g. \"3s\"".into()));
-    }
-    if h.response_timeout.is_some_and(|t| t.is_zero()) {
-        return Err((h.port.span(), "response_timeout must be above zero, e.g. \"5m\"".into()));
-    }
     let max_body = h
         .max_body
         .as_deref()
@@ -362,6 +372,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         health_check: h.health_check,
         proxy_protocol: h.proxy_protocol,
         cert_name: None,
+        tls13_only: h.tls13_only,
     })
 }
 

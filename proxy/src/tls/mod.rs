@@ -98,12 +98,23 @@ impl Default for TlsConfig {
 /// The rustls server settings: TLS 1.2 and 1.3 only, ALPN h2 then http/1.1.
 #[must_use]
 pub fn server_config(resolver: Arc<CertResolver>, session_resumption: bool) -> rustls::ServerConfig {
-    let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[
-        &rustls::version::TLS13,
-        &rustls::version::TLS12,
-    ])
-    .with_no_client_auth()
-    .with_cert_resolver(resolver);
+    server_config_for(resolver, session_resumption, &[&rustls::version::TLS13, &rustls::version::TLS12])
+}
+
+/// The same settings with TLS 1.3 only, for hosts whose policy asks for it.
+#[must_use]
+pub fn tls13_server_config(resolver: Arc<CertResolver>, session_resumption: bool) -> rustls::ServerConfig {
+    server_config_for(resolver, session_resumption, &[&rustls::version::TLS13])
+}
+
+fn server_config_for(
+    resolver: Arc<CertResolver>,
+    session_resumption: bool,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ServerConfig {
+    let mut config = rustls::ServerConfig::builder_with_protocol_versions(versions)
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     // acme-tls/1 last: only a CA validating TLS-ALPN-01 offers it, and then nothing else.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()];
     if !session_resumption {

@@ -28,6 +28,8 @@ pub struct CertResolver {
     certs: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
     /// Hosts served with a named certificate (nginx-proxy's `CERT_NAME`): host to name.
     named: ArcSwap<HashMap<String, String>>,
+    /// Hosts that take TLS 1.3 only (`SSL_POLICY=Mozilla-Modern`).
+    tls13_only: ArcSwap<std::collections::HashSet<String>>,
     /// Each source's newest set; `certs` is their merge. Only `replace` writes, under the lock.
     sources: Mutex<BTreeMap<CertSource, HashMap<String, Arc<CertifiedKey>>>>,
     fallback: Option<Arc<CertifiedKey>>,
@@ -42,6 +44,7 @@ impl CertResolver {
         Self {
             certs: ArcSwap::from_pointee(HashMap::new()),
             named: ArcSwap::from_pointee(HashMap::new()),
+            tls13_only: ArcSwap::default(),
             sources: Mutex::default(),
             fallback,
             challenges: Arc::default(),
@@ -76,6 +79,25 @@ impl CertResolver {
         if **self.named.load() != named {
             self.named.store(Arc::new(named));
         }
+    }
+
+    /// The hosts that take TLS 1.3 only, from the next handshake on.
+    pub fn set_tls13_only(&self, hosts: std::collections::HashSet<String>) {
+        if **self.tls13_only.load() != hosts {
+            self.tls13_only.store(Arc::new(hosts));
+        }
+    }
+
+    /// Whether some host takes TLS 1.3 only (handshakes must then look at the name first).
+    #[must_use]
+    pub fn any_tls13_only(&self) -> bool {
+        !self.tls13_only.load().is_empty()
+    }
+
+    /// Whether `name` takes TLS 1.3 only.
+    #[must_use]
+    pub fn tls13_only(&self, name: &str) -> bool {
+        self.tls13_only.load().contains(&name.trim_end_matches('.').to_ascii_lowercase())
     }
 
     /// Whether the certificate called `name` (`<name>.crt`) is here.

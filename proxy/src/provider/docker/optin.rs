@@ -248,6 +248,9 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
         .or_else(|| label("traefik.swarm.network"))
         .map(str::to_owned);
     out.problems.extend(unknown_settings(w));
+    if w.env.contains_key("VIRTUAL_HOST") || w.env.contains_key("VIRTUAL_HOST_MULTIPORTS") {
+        out.problems.extend(ssl_policy_problem(w));
+    }
     out
 }
 
@@ -385,6 +388,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "VIRTUAL_DEST",
         "VIRTUAL_HOST_MULTIPORTS",
         "CERT_NAME",
+        "SSL_POLICY",
         "LETSENCRYPT_HOST",
         "LETSENCRYPT_EMAIL",
         "ACME_HOST",
@@ -569,6 +573,7 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         Some("internal") => (Some(crate::state::internal_networks()), None),
         Some(v) => (None, Some(format!("env `NETWORK_ACCESS={v}` is neither internal nor external: not served rather than served to anyone"))),
     };
+    let tls13_only = var("SSL_POLICY").is_some_and(|p| ssl_policy(p.trim()) == Policy::Tls13);
     let cert_name = var("CERT_NAME").map(|n| n.trim().trim_end_matches(".crt").to_owned());
     if let Some(bad) = cert_name.as_deref().filter(|n| n.contains('/') || n.starts_with('.')) {
         return Err(env("CERT_NAME")(ValueError::NotOneOf(
@@ -577,6 +582,7 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         )));
     }
     Ok(HttpRoute {
+        tls13_only,
         cert_name,
         conditions: path_regex
             .map(|regex| vec![crate::state::Condition::is(crate::state::Test::PathRegexp { regex })])
@@ -588,6 +594,58 @@ fn from_env(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
         allow_from,
         ..route(hosts, path, port, protocol, tls)
     })
+}
+
+/// What rustls can do of an nginx-proxy `SSL_POLICY`.
+#[derive(Debug, PartialEq, Eq)]
+enum Policy {
+    /// TLS 1.3 only: honoured as such.
+    Tls13,
+    /// TLS 1.2 and 1.3 with forward-secret AEAD ciphers: rustls's own settings.
+    Tls12,
+    /// Older versions or ciphers (TLS 1.0/1.1, CBC, RSA key exchange): rustls cannot, so
+    /// served with its stricter settings, and reported.
+    Older,
+    Unknown,
+}
+
+/// nginx-proxy's `SSL_POLICY` names (its docs, "SSL Support": Mozilla's and AWS's).
+fn ssl_policy(name: &str) -> Policy {
+    match name {
+        "Mozilla-Modern" | "AWS-TLS13-1-3-2021-06" => Policy::Tls13,
+        "Mozilla-Intermediate"
+        | "AWS-TLS13-1-2-2021-06"
+        | "AWS-TLS13-1-2-Res-2021-06"
+        | "AWS-FS-1-2-Res-2020-10"
+        | "AWS-FS-1-2-Res-2019-08" => Policy::Tls12,
+        "Mozilla-Old"
+        | "AWS-TLS13-1-2-Ext1-2021-06"
+        | "AWS-TLS13-1-2-Ext2-2021-06"
+        | "AWS-TLS13-1-1-2021-06"
+        | "AWS-TLS13-1-0-2021-06"
+        | "AWS-FS-1-2-2019-08"
+        | "AWS-FS-1-1-2019-08"
+        | "AWS-FS-2018-06"
+        | "AWS-TLS-1-2-Ext-2018-06"
+        | "AWS-TLS-1-2-2017-01"
+        | "AWS-TLS-1-1-2017-01"
+        | "AWS-2016-08"
+        | "AWS-2015-05"
+        | "AWS-2015-03"
+        | "AWS-2015-02" => Policy::Older,
+        _ => Policy::Unknown,
+    }
+}
+
+/// What a workload's `SSL_POLICY` leaves to say: a policy rustls serves more strictly, or
+/// one it does not know.
+fn ssl_policy_problem(w: &Workload<'_>) -> Option<String> {
+    let name = w.env.get("SSL_POLICY")?.trim();
+    match ssl_policy(name) {
+        Policy::Tls13 | Policy::Tls12 => None,
+        Policy::Older => Some(format!("env `SSL_POLICY={name}` allows TLS versions or ciphers rustls does not have (TLS 1.0/1.1, CBC, RSA key exchange): served with TLS 1.2 and 1.3 and forward-secret AEAD ciphers only, which is stricter")),
+        Policy::Unknown => Some(format!("env `SSL_POLICY={name}` is not a policy nginx-proxy names (Mozilla-Modern, Mozilla-Intermediate, AWS-...): served with TLS 1.2 and 1.3")),
+    }
 }
 
 /// nginx-proxy's `VIRTUAL_HOST_MULTIPORTS` (YAML or JSON: host, then path, then `port` and
@@ -1019,7 +1077,7 @@ mod tests {
             &[
                 ("VIRTUAL_HOST", "x.test"),
                 ("VIRTUAL_ROOT", "/srv"),
-                ("SSL_POLICY", "Mozilla-Modern"),
+                ("SSL_POLICY", "Mozilla-Old"),
                 ("PATH", "/bin"),
             ],
             &[
