@@ -447,6 +447,24 @@ async fn https_tasks_are_verified_against_the_routes_internal_ca_with_sni_and_a_
     assert_eq!(status, http::StatusCode::OK, "verified, no client certificate asked: {body}");
 }
 
+/// An agent following the Docker engine with an HTTPS listener, and a certificates
+/// directory (a test CA's `ca.pem`, and a pair per name in `names`).
+async fn docker_https(names: &[String]) -> (tempfile::TempDir, Mesh) {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    for name in names {
+        ca.issue(certs.path(), name, &[name]);
+    }
+    let dir = certs.path().to_owned();
+    let mesh = Mesh::start_docker(|c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(dir);
+        c.tls.poll_interval = Duration::from_millis(50);
+    })
+    .await;
+    (certs, mesh)
+}
+
 /// Drop-in issue, item 2: nginx-proxy's `HTTPS_METHOD` and `HSTS`, every form, on real
 /// containers with certificates in the certificates directory (nginx-proxy's docs, "SSL
 /// Support" and "HSTS", and its test/test_ssl/test_https_method cases): `redirect` (301 to
@@ -456,20 +474,8 @@ async fn https_tasks_are_verified_against_the_routes_internal_ca_with_sni_and_a_
 /// certificate is served over plain HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_method_and_hsts_in_every_form() {
-    let certs = tempfile::tempdir().unwrap();
-    let ca = Ca::new(certs.path());
     let hosts = ["redirect", "noredirect", "nohttp", "nohttps", "hstsoff", "hstscustom"];
-    for h in hosts {
-        let name = format!("{h}.docker.test");
-        ca.issue(certs.path(), &name, &[&name]);
-    }
-    let dir = certs.path().to_owned();
-    let mesh = Mesh::start_docker(|c| {
-        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.tls.certs_dir = Some(dir);
-        c.tls.poll_interval = Duration::from_millis(50);
-    })
-    .await;
+    let (certs, mesh) = docker_https(&hosts.map(|h| format!("{h}.docker.test"))).await;
     let env = |host: &str, more: &[&'static str]| {
         let mut args = vec!["-e".to_owned(), format!("VIRTUAL_HOST={host}.docker.test")];
         for m in more {
@@ -586,18 +592,7 @@ async fn cert_name_picks_the_named_certificate_and_a_missing_one_is_not_served()
 /// `Mozilla-Old` (TLS 1.0) is served with the stricter rustls settings and reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_policy_tls13_only_is_honoured_and_an_older_one_is_served_stricter_and_reported() {
-    let certs = tempfile::tempdir().unwrap();
-    let ca = Ca::new(certs.path());
-    for h in ["modern", "inter", "old"] {
-        let name = format!("{h}.policy.test");
-        ca.issue(certs.path(), &name, &[&name]);
-    }
-    let dir = certs.path().to_owned();
-    let mesh = Mesh::start_docker(|c| {
-        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.tls.certs_dir = Some(dir);
-    })
-    .await;
+    let (certs, mesh) = docker_https(&["modern", "inter", "old"].map(|h| format!("{h}.policy.test"))).await;
     let mut running = Vec::new();
     for (h, policy) in
         [("modern", "Mozilla-Modern"), ("inter", "Mozilla-Intermediate"), ("old", "Mozilla-Old")]

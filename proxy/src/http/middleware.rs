@@ -569,21 +569,7 @@ impl Step {
                 passed.headers.push(h);
                 h.on_request(req)
             }
-            Self::BasicAuth(auth, checker) => {
-                let given = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-                if !checker.allows(given).await {
-                    let mut resp = local(StatusCode::UNAUTHORIZED, "authentication required");
-                    let challenge = format!("Basic realm=\"{}\"", auth.realm.replace('"', "'"));
-                    if let Ok(v) = HeaderValue::from_str(&challenge) {
-                        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-                    }
-                    return Some(resp);
-                }
-                if auth.remove_header {
-                    req.headers_mut().remove(header::AUTHORIZATION);
-                }
-                None
-            }
+            Self::BasicAuth(auth, checker) => basic_auth(auth, checker, req).await,
             Self::AllowFrom(networks) => (!networks.iter().any(|n| n.contains(&cx.client)))
                 .then(|| local(StatusCode::FORBIDDEN, "not allowed from your address")),
             Self::Limit(limiter) => match limiter.admit(req, cx) {
@@ -603,6 +589,28 @@ impl Step {
             Self::ForwardAuth(spec, uri, client) => forward_auth(spec, uri, client, req, cx, passed).await,
         }
     }
+}
+
+/// Basic authentication: `Some` 401 (with the realm) until the request names a user with the
+/// right password; its `Authorization` removed after when `auth` says so.
+pub async fn basic_auth(
+    auth: &BasicAuth,
+    checker: &Arc<Checker>,
+    req: &mut Request<Incoming>,
+) -> Option<Response<ProxyBody>> {
+    let given = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    if !checker.allows(given).await {
+        let mut resp = local(StatusCode::UNAUTHORIZED, "authentication required");
+        let challenge = format!("Basic realm=\"{}\"", auth.realm.replace('"', "'"));
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        return Some(resp);
+    }
+    if auth.remove_header {
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
+    None
 }
 
 /// Asks the authentication server about `req`: `None` lets it on (with the server's

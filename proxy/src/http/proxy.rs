@@ -562,22 +562,10 @@ fn barred(route: &Route, client: std::net::IpAddr) -> Option<Response<ProxyBody>
     None
 }
 
-/// The route's basic authentication: `Some` 401 until the request names a user with the
-/// right password; its `Authorization` removed after when the route says so.
+/// The route's own basic authentication (nginx-proxy's htpasswd, the routes file's).
 async fn authenticate(route: &Route, req: &mut Request<Incoming>) -> Option<Response<ProxyBody>> {
     let (auth, checker) = route.basic_auth.as_ref()?;
-    if !checker.allows(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).await {
-        let mut resp = local(StatusCode::UNAUTHORIZED, "meshgate: authentication required\n".to_owned());
-        let challenge = format!("Basic realm=\"{}\"", auth.realm.replace('"', "'"));
-        if let Ok(v) = HeaderValue::from_str(&challenge) {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-        }
-        return Some(resp);
-    }
-    if auth.remove_header {
-        req.headers_mut().remove(header::AUTHORIZATION);
-    }
-    None
+    super::middleware::basic_auth(auth, checker, req).await
 }
 
 /// Tells the request's log line its status (`origin`: the task's) and route; a route with
