@@ -1,6 +1,11 @@
-//! Drop-in issue, item 4: Traefik's middlewares, as labels on a real container on the real
-//! engine, checked with curl as a user would (what the task got, from busybox httpd's CGI
-//! environment; what the client got, from the answer's head).
+//! Drop-in issue, items 4 and 5: Traefik's middlewares, rule matchers and service options,
+//! as labels on real containers on the real engine, checked with curl as a user would (what
+//! the task got, from busybox httpd's CGI environment; what the client got, from the
+//! answer's head). The cases follow Traefik's documentation, traefik/traefik
+//! `docs/content/middlewares/http/`: `stripprefix.md` @ 4644ab2a, `headers.md` @ f22e13b8,
+//! `redirectregex.md` @ baceafbd, `redirectscheme.md` @ 3a304371, `ratelimit.md` @ cdc80926,
+//! `forwardauth.md` @ f938bcab, `compress.md` @ 627827c0; and its routing pages for rules,
+//! priority, sticky cookies and health checks (`docs/content/routing/`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
