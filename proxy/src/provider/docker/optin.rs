@@ -792,7 +792,14 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
                 continue;
             }
         };
-        let (https_method, mut refused) = router_access(&key, label);
+        let (mut https_method, mut refused) = router_access(&key, label);
+        // As Traefik: a router with TLS (`tls=true`, a cert resolver) takes TLS connections
+        // only; plain HTTP is redirected once there is a certificate, never served.
+        let tls_on =
+            label(&key("tls")).and_then(parse_bool) == Some(true) || matches!(tls, TlsWish::Acme { .. });
+        if tls_on {
+            https_method = HttpsMethod::Nohttp;
+        }
         let mut honoured = Vec::new();
         if let (None, Some(chain)) = (&refused, label(&key("middlewares"))) {
             match super::traefik_middleware::chain(w.labels, w.middlewares, chain) {
@@ -1254,6 +1261,20 @@ mod tests {
                 "{bad}: {o:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_traefik_router_with_tls_is_never_served_over_plain_http() {
+        let router = |more: &[(&'static str, &'static str)]| {
+            let mut labels =
+                vec![("traefik.enable", "true"), ("traefik.http.routers.r.rule", "Host(`r.test`)")];
+            labels.extend_from_slice(more);
+            read_with(&[], &labels, &[80]).routes[0].https_method
+        };
+        assert_eq!(router(&[]), HttpsMethod::Redirect);
+        assert_eq!(router(&[("traefik.http.routers.r.tls", "true")]), HttpsMethod::Nohttp);
+        assert_eq!(router(&[("traefik.http.routers.r.tls.certresolver", "le")]), HttpsMethod::Nohttp);
+        assert_eq!(router(&[("traefik.http.routers.r.tls", "false")]), HttpsMethod::Redirect);
     }
 
     #[test]
