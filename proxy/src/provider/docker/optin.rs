@@ -792,14 +792,7 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
                 continue;
             }
         };
-        let (mut https_method, mut refused) = router_access(&key, label);
-        // As Traefik: a router with TLS (`tls=true`, a cert resolver) takes TLS connections
-        // only; plain HTTP is redirected once there is a certificate, never served.
-        let tls_on =
-            label(&key("tls")).and_then(parse_bool) == Some(true) || matches!(tls, TlsWish::Acme { .. });
-        if tls_on {
-            https_method = HttpsMethod::Nohttp;
-        }
+        let (https_method, mut refused) = router_access(&key, label, matches!(tls, TlsWish::Acme { .. }));
         let mut honoured = Vec::new();
         if let (None, Some(chain)) = (&refused, label(&key("middlewares"))) {
             match super::traefik_middleware::chain(w.labels, w.middlewares, chain) {
@@ -981,6 +974,22 @@ fn traefik_tls_domains<'a>(
 fn router_access<'a>(
     key: &dyn Fn(&str) -> String,
     label: impl Fn(&str) -> Option<&'a str>,
+    certificate: bool,
+) -> (HttpsMethod, Option<String>) {
+    let (method, refused) = router_entrypoints(key, &label);
+    // As Traefik: a router with TLS (`tls=true`, a cert resolver) takes TLS connections
+    // only; plain HTTP is redirected once there is a certificate, never served.
+    if certificate || label(&key("tls")).and_then(parse_bool) == Some(true) {
+        return (HttpsMethod::Nohttp, refused);
+    }
+    (method, refused)
+}
+
+/// A router's TLS options and entrypoints: the listeners it is served on (`web`: HTTP,
+/// `websecure`: HTTPS, both by default), or why it cannot be served as asked.
+fn router_entrypoints<'a>(
+    key: &dyn Fn(&str) -> String,
+    label: &impl Fn(&str) -> Option<&'a str>,
 ) -> (HttpsMethod, Option<String>) {
     let refuse = |k: String, v: &str, what: &str| {
         Some(format!("label `{k}={v}`: {what}; the route is not served rather than served without it"))
