@@ -142,6 +142,7 @@ impl Follower {
                 .set(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64);
             match frame {
                 Frame::State { generation, state } if self.take_state => {
+                    let state = wire::from_the_wire(state);
                     self.save(&state);
                     self.parts.hub.publish(PROVIDER, state);
                     progress.generation = Some(generation);

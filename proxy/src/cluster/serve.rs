@@ -96,7 +96,7 @@ async fn feed(
             let snapshot = src.hub.load();
             wire::write(
                 &mut tls,
-                &Frame::State { generation: snapshot.generation, state: snapshot.state.clone() },
+                &Frame::State { generation: snapshot.generation, state: wire::for_the_wire(&snapshot.state) },
             )
             .await?;
         }

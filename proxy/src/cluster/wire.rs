@@ -38,6 +38,42 @@ pub struct CertPair {
     pub key_pem: String,
 }
 
+/// The realm and the one user of the lock an earlier agent enforces (below).
+const LOCK_REALM: &str = "meshgate: served by agents of the same version only (an upgrade is in progress)";
+/// A user no password opens: the SHA-1 of a password would have to be all zeros.
+const LOCK_USER: &str = "upgrade:{SHA}AAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+/// The state as it goes on the wire. A route that restricts access with what an agent of an
+/// earlier version does not read (middlewares, conditions: it would drop them and serve the
+/// route open during a rolling upgrade of meshgate) also carries a basic auth that no
+/// password opens, which that agent enforces; agents of this version take it off again
+/// ([`from_the_wire`]). Fails closed while versions are mixed.
+#[must_use]
+pub fn for_the_wire(state: &MeshState) -> MeshState {
+    let mut state = state.clone();
+    for route in state.services.iter_mut().flat_map(|s| &mut s.http) {
+        if route.basic_auth.is_none() && (!route.middlewares.is_empty() || !route.conditions.is_empty()) {
+            route.basic_auth = Some(crate::state::BasicAuth {
+                users: vec![LOCK_USER.to_owned()],
+                realm: LOCK_REALM.to_owned(),
+                remove_header: false,
+            });
+        }
+    }
+    state
+}
+
+/// The state a follower of this version uses: the lock for earlier agents taken off.
+#[must_use]
+pub fn from_the_wire(mut state: MeshState) -> MeshState {
+    for route in state.services.iter_mut().flat_map(|s| &mut s.http) {
+        if route.basic_auth.as_ref().is_some_and(|a| a.realm == LOCK_REALM && a.users == [LOCK_USER]) {
+            route.basic_auth = None;
+        }
+    }
+    state
+}
+
 pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
     let body = serde_json::to_vec(frame).map_err(std::io::Error::other)?;
     let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
@@ -62,6 +98,43 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// A route with a middleware, as an agent of the previous version reads it off the wire
+    /// (its serde drops the fields it does not know): locked, never open; as this version
+    /// reads it: as it was.
+    #[tokio::test]
+    async fn an_earlier_agent_gets_restricted_routes_locked_and_this_one_gets_them_whole() {
+        use crate::state::{HostPattern, HttpRoute, Middleware, Service};
+        let mut route = HttpRoute::new(vec![HostPattern::parse("a.test").unwrap()], "/".into(), 80);
+        route.middlewares = vec![Middleware::AllowFrom { networks: vec!["10.0.0.0/8".parse().unwrap()] }];
+        let state = MeshState {
+            services: vec![Service {
+                name: "a".into(),
+                stack: None,
+                provider: "docker".into(),
+                tasks: Vec::new(),
+                http: vec![route],
+                l4: Vec::new(),
+            }],
+            ..MeshState::default()
+        };
+        let mut json = serde_json::to_value(for_the_wire(&state)).unwrap();
+        let old = json.pointer_mut("/services/0/http/0").unwrap().as_object_mut().unwrap();
+        old.remove("middlewares");
+        let as_old: MeshState = serde_json::from_value(json).unwrap();
+        let lock = as_old.services[0].http[0].basic_auth.clone().expect("locked for an earlier agent");
+        assert!(lock.bad_entry().is_none(), "an entry earlier agents take");
+        let checker = std::sync::Arc::new(crate::http::basic_auth::Checker::new(&lock));
+        for password in ["", "upgrade", "AAAAAAAAAAAAAAAAAAAAAAAAAAA="] {
+            use base64::Engine as _;
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("upgrade:{password}"))
+            );
+            assert!(!checker.allows(Some(value.as_bytes())).await, "no password opens the lock");
+        }
+        assert_eq!(from_the_wire(for_the_wire(&state)), state, "this version gets the route as it was");
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_oversized_ones_are_refused() {
