@@ -450,11 +450,21 @@ async fn https_tasks_are_verified_against_the_routes_internal_ca_with_sni_and_a_
 /// An agent following the Docker engine with an HTTPS listener, and a certificates
 /// directory (a test CA's `ca.pem`, and a pair per name in `names`).
 async fn docker_https(names: &[String]) -> (tempfile::TempDir, Mesh) {
+    let (certs, mesh, ()) = docker_https_with(|ca, dir| {
+        for name in names {
+            ca.issue(dir, name, &[name]);
+        }
+    })
+    .await;
+    (certs, mesh)
+}
+
+/// The same with the pairs `issue` makes in the directory (it returns what the test needs of
+/// them).
+async fn docker_https_with<T>(issue: impl FnOnce(&Ca, &Path) -> T) -> (tempfile::TempDir, Mesh, T) {
     let certs = tempfile::tempdir().unwrap();
     let ca = Ca::new(certs.path());
-    for name in names {
-        ca.issue(certs.path(), name, &[name]);
-    }
+    let made = issue(&ca, certs.path());
     let dir = certs.path().to_owned();
     let mesh = Mesh::start_docker(|c| {
         c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -462,7 +472,7 @@ async fn docker_https(names: &[String]) -> (tempfile::TempDir, Mesh) {
         c.tls.poll_interval = Duration::from_millis(50);
     })
     .await;
-    (certs, mesh)
+    (certs, mesh, made)
 }
 
 /// Drop-in issue, item 2: nginx-proxy's `HTTPS_METHOD` and `HSTS`, every form, on real
@@ -548,15 +558,11 @@ async fn https_method_and_hsts_in_every_form() {
 /// another certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_name_picks_the_named_certificate_and_a_missing_one_is_not_served() {
-    let certs = tempfile::tempdir().unwrap();
-    let ca = Ca::new(certs.path());
-    let shared = ca.issue(certs.path(), "shared", &["a.cert.test", "b.cert.test"]);
-    let own = ca.issue(certs.path(), "a.cert.test", &["a.cert.test"]);
-    let dir = certs.path().to_owned();
-    let mesh = Mesh::start_docker(|c| {
-        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.tls.certs_dir = Some(dir);
-        c.tls.poll_interval = Duration::from_millis(50);
+    let (certs, mesh, (shared, own)) = docker_https_with(|ca, dir| {
+        (
+            ca.issue(dir, "shared", &["a.cert.test", "b.cert.test"]),
+            ca.issue(dir, "a.cert.test", &["a.cert.test"]),
+        )
     })
     .await;
     let _named = crate::docker::Container::run(
