@@ -29,11 +29,12 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// Headers that name the client and that backends believe: kept only from a trusted front
 /// proxy (`proxy.trusted_networks`), like `X-Forwarded-*`.
-static CLIENT_CLAIMS: [HeaderName; 4] = [
+static CLIENT_CLAIMS: [HeaderName; 5] = [
     header::FORWARDED,
     HeaderName::from_static("true-client-ip"),
     HeaderName::from_static("x-client-ip"),
     HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("x-original-uri"),
 ];
 
 /// What went wrong, and so what the client is told.
@@ -411,6 +412,14 @@ impl Proxy {
     ) -> Result<super::middleware::Passed<'r>, Response<ProxyBody>> {
         if let Some(resp) = barred(route, cx.client) {
             return Err(resp);
+        }
+        // A task behind a path (nginx-proxy's `VIRTUAL_PATH`) learns the URI the client
+        // asked for, before anything rewrites it, as nginx-proxy tells it.
+        if route.path != "/" || route.rewrite.is_some() {
+            let asked = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+            if let Ok(v) = HeaderValue::from_str(asked) {
+                req.headers_mut().insert(HeaderName::from_static("x-original-uri"), v);
+            }
         }
         if let Some(resp) = self.https_policy(route, req, cx.secure) {
             return Err(resp);
