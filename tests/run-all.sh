@@ -13,7 +13,7 @@ fi
 echo "==> installing test dependencies (apt)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends curl ca-certificates procps busybox-static dnsutils dnsmasq-base pebble clang-19 libbpf-dev bpftool iproute2 ethtool iptables binutils prometheus haproxy apache2-utils chromium knot >/dev/null
+apt-get install -y -qq --no-install-recommends curl ca-certificates openssl procps busybox-static dnsutils dnsmasq-base pebble clang-19 libbpf-dev bpftool iproute2 ethtool iptables binutils prometheus haproxy apache2-utils chromium knot >/dev/null
 
 if ! docker info >/dev/null 2>&1; then
   echo "the Docker discovery tests need a running Docker engine (docker info failed)" >&2

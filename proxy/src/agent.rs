@@ -424,14 +424,18 @@ fn start_servers(
     shutdown_rx: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let port = |b: &net::Bound| b.local_addr().expect("bound socket has an address").port();
-    let mut listeners =
-        vec![("http", Listener { port: port(&http), tls: None, on_demand: None, strict: None }, http)];
+    let mut listeners = vec![(
+        "http",
+        Listener { port: port(&http), tls: None, on_demand: None, strict: None, client_auth: None },
+        http,
+    )];
     if let Some((bound, resolver)) = https {
         let config = tls::server_config(resolver.clone(), tls_cfg.session_resumption);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let strict = tls::tls13_server_config(resolver.clone(), tls_cfg.session_resumption);
+        let client_auth = Some(Arc::new(tls::client_auth::ClientAuthConfigs::new(resolver.clone())));
         let strict = Some((tokio_rustls::TlsAcceptor::from(Arc::new(strict)), resolver));
-        let listener = Listener { port: port(&bound), tls: Some(acceptor), on_demand, strict };
+        let listener = Listener { port: port(&bound), tls: Some(acceptor), on_demand, strict, client_auth };
         listeners.push(("https", listener, bound));
     }
     let complete_now = core.hub.pending().is_empty();

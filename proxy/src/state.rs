@@ -222,6 +222,11 @@ pub struct HttpRoute {
     /// and 1.3, with rustls's ciphers (all of them forward-secret AEAD).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls13_only: bool,
+    /// Clients must show a certificate from this CA (a PEM file on each node that serves
+    /// the route; a node that cannot read it serves no one): mutual TLS, Traefik's
+    /// `clientAuth` with `RequireAndVerifyClientCert`. Over plain HTTP the route answers 403.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 /// A PROXY protocol version.
@@ -355,6 +360,7 @@ impl HttpRoute {
             proxy_protocol: None,
             cert_name: None,
             tls13_only: false,
+            client_ca: None,
         }
     }
 }

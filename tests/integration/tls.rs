@@ -621,3 +621,187 @@ async fn ssl_policy_tls13_only_is_honoured_and_an_older_one_is_served_stricter_a
     let state = crate::resilience::reqwest_text(&mesh.admin_url("/api/state")).await;
     assert!(state.contains("SSL_POLICY=Mozilla-Old") && state.contains("stricter"), "{state}");
 }
+
+/// Runs `openssl` with `args` in `dir` (the test's CAs are made as an operator makes them).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is installed (the README's test command installs it)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// An `openssl`-made CA (`<ca>.pem`, `<ca>.key`) and one client certificate it signs for each
+/// of `clients` (`<client>.crt`, `<client>.key`, with `extendedKeyUsage=clientAuth`).
+fn openssl_client_ca(dir: &Path, ca: &str, clients: &[&str]) {
+    let key = |name: &str| format!("{name}.key");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-keyout",
+            &key(ca),
+            "-out",
+            &format!("{ca}.pem"),
+        ],
+    );
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for client in clients {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={client}"),
+                "-keyout",
+                &key(client),
+                "-out",
+                &format!("{client}.csr"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{client}.csr"),
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &key(ca),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "client.ext",
+                "-out",
+                &format!("{client}.crt"),
+            ],
+        );
+    }
+}
+
+/// Certificates issue, item 4: client certificates required per host (mutual TLS from
+/// clients, a CA per route), with `openssl`-made CAs and `curl --cert`. A host whose routes
+/// all ask fails the handshake without a certificate from its CA; a host with one asking
+/// path serves the others to anyone and answers 403 there; a request whose Host is not the
+/// name the handshake verified gets 421 (over HTTP/1.1 and HTTP/2), both ways, so neither a
+/// Host header nor connection reuse skips a route's CA; plain HTTP gets 403; a CA file this
+/// node cannot read fails the handshake (never served unchecked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_show_a_certificate_from_the_hosts_ca_or_are_refused() {
+    let web = Backend::start("web").await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path());
+    for host in ["secure.test", "mixed.test", "open.test", "rogue.test", "missing.test"] {
+        ca.issue(certs.path(), host, &[host]);
+    }
+    let clients = tempfile::tempdir().unwrap();
+    let dir = clients.path();
+    openssl_client_ca(dir, "clients-ca", &["alice"]);
+    openssl_client_ca(dir, "rogue-ca", &["mallory"]);
+    let d = dir.display();
+    let route = |host: &str, path: &str, extra: &str| {
+        format!(
+            "[[services]]\nname = \"{}\"\ntasks = [{{ address = \"{}\" }}]\n[[services.http]]\nhosts = [\"{host}\"]\npath = \"{path}\"\nport = 1\n{extra}\n",
+            format!("{host}{path}").replace(['.', '/'], "-"),
+            web.addr
+        )
+    };
+    let routes = [
+        route("secure.test", "/", &format!("client_ca = \"{d}/clients-ca.pem\"")),
+        route("mixed.test", "/", ""),
+        route(
+            "mixed.test",
+            "/admin",
+            &format!("client_ca = \"{d}/clients-ca.pem\"\nhttps_method = \"noredirect\""),
+        ),
+        route("open.test", "/", ""),
+        route("rogue.test", "/", &format!("client_ca = \"{d}/rogue-ca.pem\"")),
+        route("missing.test", "/", &format!("client_ca = \"{d}/no-such-ca.pem\"")),
+    ]
+    .concat();
+    let mesh = Mesh::start_with(&routes, |c| {
+        c.tls.https_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.certs_dir = Some(certs.path().to_owned());
+    })
+    .await;
+    // curl's arguments: a client certificate (`None`: none), then `more`.
+    let args = |client: Option<&str>, more: &[&str]| {
+        let cert =
+            client.map(|c| ["--cert".into(), format!("{d}/{c}.crt"), "--key".into(), format!("{d}/{c}.key")]);
+        cert.into_iter().flatten().chain(more.iter().map(|m| (*m).to_owned())).collect::<Vec<String>>()
+    };
+    let code = ["-o", "/dev/null", "-w", "%{http_code}"];
+    let ask = async |host: &str, path: &str, extra: Vec<String>| {
+        let port = mesh.agent.https_addr.unwrap().port();
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}{path}");
+        let cacert = certs.path().join("ca.pem");
+        let mut all = vec!["--resolve", &resolve, "--cacert", cacert.to_str().unwrap()];
+        all.extend(extra.iter().map(String::as_str));
+        all.push(&url);
+        curl(&all).await
+    };
+    let refused = |(ok, out): (bool, String)| !ok || !out.starts_with('2');
+
+    // Every route of the host asks: alice (its CA) is served, no certificate and mallory
+    // (another CA) fail the handshake.
+    let (ok, out) = ask("secure.test", "/", args(Some("alice"), &[])).await;
+    assert!(ok && out.contains("Name: web"), "alice's certificate is from the host's CA: {out}");
+    assert!(refused(ask("secure.test", "/", args(None, &code)).await), "no certificate");
+    assert!(refused(ask("secure.test", "/", args(Some("mallory"), &code)).await), "another CA's certificate");
+
+    // One path of the host asks: the others are served to anyone, that one takes alice.
+    assert_eq!(ask("mixed.test", "/", args(None, &code)).await, (true, "200".into()));
+    assert_eq!(ask("mixed.test", "/admin", args(None, &code)).await, (true, "403".into()));
+    // A certificate from another CA is refused at the handshake even where none is needed.
+    assert!(refused(ask("mixed.test", "/admin", args(Some("mallory"), &code)).await), "mallory");
+    assert_eq!(ask("mixed.test", "/admin", args(Some("alice"), &code)).await, (true, "200".into()));
+    let plain = format!("http://{}/admin", mesh.agent.http_addr);
+    let (_, out) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: mixed.test", &plain]).await;
+    assert_eq!(out, "403", "plain HTTP to a path that takes a client certificate");
+
+    // A Host that is not the name the handshake was for: 421, over HTTP/1.1 and HTTP/2.
+    for version in ["--http1.1", "--http2"] {
+        let more = [&code[..], &[version, "-H", "Host: secure.test"]].concat();
+        let (ok, out) = ask("open.test", "/", args(None, &more)).await;
+        assert_eq!((ok, out.as_str()), (true, "421"), "{version}: SNI open.test, Host secure.test");
+        let more = [&code[..], &[version, "-H", "Host: open.test"]].concat();
+        let (ok, out) = ask("secure.test", "/", args(Some("alice"), &more)).await;
+        assert_eq!(
+            (ok, out.as_str()),
+            (true, "421"),
+            "{version}: SNI secure.test (verified), Host open.test"
+        );
+    }
+    assert_eq!(
+        ask("open.test", "/", args(None, &code)).await,
+        (true, "200".into()),
+        "a host that asks nothing"
+    );
+
+    // A CA of its own per route; a CA this node cannot read fails the handshake.
+    let (ok, out) = ask("rogue.test", "/", args(Some("mallory"), &[])).await;
+    assert!(ok && out.contains("Name: web"), "mallory's CA is rogue.test's: {out}");
+    assert!(refused(ask("rogue.test", "/", args(Some("alice"), &code)).await), "alice's is not");
+    let (ok, out) = ask("missing.test", "/", args(Some("alice"), &code)).await;
+    assert!(!ok, "an unreadable CA: the handshake fails, {out}");
+}

@@ -44,7 +44,7 @@ const LOCK_REALM: &str = "meshgate: served by agents of the same version only (a
 const LOCK_USER: &str = "upgrade:{SHA}AAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
 /// The state as it goes on the wire. A route that restricts access with what an agent of an
-/// earlier version does not read (middlewares, conditions: it would drop them and serve the
+/// earlier version does not read (middlewares, conditions, client certificates: it would drop them and serve the
 /// route open during a rolling upgrade of meshgate) also carries a basic auth that no
 /// password opens, which that agent enforces; agents of this version take it off again
 /// ([`from_the_wire`]). Fails closed while versions are mixed.
@@ -52,7 +52,9 @@ const LOCK_USER: &str = "upgrade:{SHA}AAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 pub fn for_the_wire(state: &MeshState) -> MeshState {
     let mut state = state.clone();
     for route in state.services.iter_mut().flat_map(|s| &mut s.http) {
-        if route.basic_auth.is_none() && (!route.middlewares.is_empty() || !route.conditions.is_empty()) {
+        let unread =
+            !route.middlewares.is_empty() || !route.conditions.is_empty() || route.client_ca.is_some();
+        if route.basic_auth.is_none() && unread {
             route.basic_auth = Some(crate::state::BasicAuth {
                 users: vec![LOCK_USER.to_owned()],
                 realm: LOCK_REALM.to_owned(),
@@ -104,11 +106,21 @@ mod tests {
     /// reads it: as it was.
     #[tokio::test]
     async fn an_earlier_agent_gets_restricted_routes_locked_and_this_one_gets_them_whole() {
-        use crate::state::{HostPattern, HttpRoute, Middleware, Service};
-        let mut route = HttpRoute::new(vec![HostPattern::parse("a.test").unwrap()], "/".into(), 80);
-        route.middlewares = vec![Middleware::AllowFrom { networks: vec!["10.0.0.0/8".parse().unwrap()] }];
+        use crate::state::{HostPattern, HttpRoute, Middleware};
+        let route = || HttpRoute::new(vec![HostPattern::parse("a.test").unwrap()], "/".into(), 80);
+        let mut allow = route();
+        allow.middlewares = vec![Middleware::AllowFrom { networks: vec!["10.0.0.0/8".parse().unwrap()] }];
+        let mut mtls = route();
+        mtls.client_ca = Some("/etc/meshgate/clients-ca.pem".into());
+        for (route, unread) in [(allow, "middlewares"), (mtls, "client_ca")] {
+            an_earlier_agent_gets_it_locked(route, unread).await;
+        }
+    }
+
+    /// `route` on the wire, read by an agent that does not know the field `unread`.
+    async fn an_earlier_agent_gets_it_locked(route: crate::state::HttpRoute, unread: &str) {
         let state = MeshState {
-            services: vec![Service {
+            services: vec![crate::state::Service {
                 name: "a".into(),
                 stack: None,
                 provider: "docker".into(),
@@ -120,7 +132,7 @@ mod tests {
         };
         let mut json = serde_json::to_value(for_the_wire(&state)).unwrap();
         let old = json.pointer_mut("/services/0/http/0").unwrap().as_object_mut().unwrap();
-        old.remove("middlewares");
+        assert!(old.remove(unread).is_some(), "{unread} is on the wire");
         let as_old: MeshState = serde_json::from_value(json).unwrap();
         let lock = as_old.services[0].http[0].basic_auth.clone().expect("locked for an earlier agent");
         assert!(lock.bad_entry().is_none(), "an entry earlier agents take");

@@ -250,6 +250,12 @@ impl RequestGuard {
         self.conn.trusted
     }
 
+    /// What the connection's TLS handshake proved of a client certificate, if it asked.
+    #[must_use]
+    pub fn client_certificate(&self) -> Option<&crate::tls::client_auth::Verified> {
+        self.conn.client_certificate.get()
+    }
+
     /// Moves the request's endpoint accounting to `endpoint` (on the first try or a retry).
     pub fn set_endpoint(&mut self, endpoint: &Arc<Endpoint>) {
         endpoint.begin();

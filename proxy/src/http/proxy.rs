@@ -181,11 +181,12 @@ impl Proxy {
         let mut compile = move || {
             let snapshot = hub.load();
             let named = named_certificates(&snapshot.state);
-            let missing: Vec<String> = named
+            let mut missing: Vec<String> = named
                 .iter()
                 .filter(|(_, name)| !self.https.as_ref().is_some_and(|h| h.certs.has_named(name)))
                 .map(|(host, name)| format!("host `{host}`: CERT_NAME `{name}` is not in tls.certs_dir on this node (or HTTPS is off); not served"))
                 .collect();
+            missing.extend(unreadable_client_cas(&snapshot.state));
             if let Some(https) = &self.https {
                 https.certs.set_named(named);
                 https.certs.set_tls13_only(tls13_only_hosts(&snapshot.state));
@@ -322,7 +323,7 @@ impl Proxy {
         };
 
         let cx = super::middleware::Context { client: conn_ip, secure, trusted: guard.trusted() };
-        let mut passed = match self.admit(&route, &mut req, &cx).await {
+        let mut passed = match self.admit(&route, &mut req, &cx, guard.client_certificate()).await {
             Ok(passed) => passed,
             Err(resp) => return self.answered(resp, guard, Some(&route), (started, kind)),
         };
@@ -402,13 +403,15 @@ impl Proxy {
     }
 
     /// What the route asks before the request goes on: served at all, from this address,
-    /// over this scheme, by this user, then its middlewares in order. `Err`: the client's
+    /// over this scheme, with this client certificate, by this user, then its middlewares in
+    /// order. `Err`: the client's
     /// answer instead.
     async fn admit<'r>(
         &self,
         route: &'r Route,
         req: &mut Request<Incoming>,
         cx: &super::middleware::Context,
+        verified: Option<&crate::tls::client_auth::Verified>,
     ) -> Result<super::middleware::Passed<'r>, Response<ProxyBody>> {
         if let Some(resp) = barred(route, cx.client) {
             return Err(resp);
@@ -425,6 +428,9 @@ impl Proxy {
             return Err(resp);
         }
         if let Some(resp) = self.missing_certificate(route) {
+            return Err(resp);
+        }
+        if let Some(resp) = client_certificate(route, req, cx.secure, verified) {
             return Err(resp);
         }
         if let Some(resp) = authenticate(route, req).await {
@@ -569,6 +575,40 @@ fn barred(route: &Route, client: std::net::IpAddr) -> Option<Response<ProxyBody>
         return Some(local(StatusCode::FORBIDDEN, "meshgate: not allowed from your address\n".to_owned()));
     }
     None
+}
+
+/// A client certificate the route asks for, and the connection's: a request on a connection
+/// set up for another name or another CA (HTTP/2 reuse, a Host that is not the SNI) gets
+/// 421 (the client opens a new connection for this host); without the certificate, or over
+/// plain HTTP, 403.
+fn client_certificate(
+    route: &Route,
+    req: &Request<Incoming>,
+    secure: bool,
+    verified: Option<&crate::tls::client_auth::Verified>,
+) -> Option<Response<ProxyBody>> {
+    let forbidden = |why: &str| local(StatusCode::FORBIDDEN, format!("meshgate: {why}\n"));
+    match (&route.client_ca, verified) {
+        (None, None) => None,
+        (Some(_), _) if !secure => Some(forbidden("this host takes a client certificate, over HTTPS only")),
+        (need, Some(v)) if need.as_ref() == Some(&v.ca) || need.is_none() => {
+            let host = super::router::normalise_host(request_host(req).unwrap_or(""));
+            if v.name.as_deref() != Some(&*host) {
+                Some(local(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "meshgate: this connection was set up for another host; connect again for this one\n".into(),
+                ))
+            } else if need.is_some() && !v.certificate {
+                Some(forbidden("this host needs a client certificate"))
+            } else {
+                None
+            }
+        }
+        (_, _) => Some(local(
+            StatusCode::MISDIRECTED_REQUEST,
+            "meshgate: this connection was not set up for this host's client certificates; connect again for this one\n".into(),
+        )),
+    }
 }
 
 /// The route's own basic authentication (nginx-proxy's htpasswd, the routes file's).
@@ -775,6 +815,22 @@ fn named_certificates(state: &crate::state::MeshState) -> std::collections::Hash
         }
     }
     named
+}
+
+/// Client certificate CAs this node cannot read: their hosts' handshakes fail (never
+/// served without the check).
+fn unreadable_client_cas(state: &crate::state::MeshState) -> Vec<String> {
+    let routes = state.services.iter().flat_map(|s| &s.http);
+    let cas: std::collections::BTreeSet<&std::path::Path> =
+        routes.filter_map(|h| h.client_ca.as_deref()).collect();
+    cas.into_iter()
+        .filter_map(|ca| crate::tls::ca_roots(ca).err())
+        .map(|why| {
+            format!(
+                "client certificate CA {why}: the handshakes of the hosts that ask for it fail on this node"
+            )
+        })
+        .collect()
 }
 
 /// The hosts whose policy takes TLS 1.3 only.

@@ -58,6 +58,8 @@ pub struct Route {
     pub pass_host: bool,
     /// The certificate its hosts are served with (`CERT_NAME`).
     pub cert_name: Option<String>,
+    /// The CA whose certificate clients must show (mutual TLS).
+    pub client_ca: Option<Arc<std::path::Path>>,
 }
 
 impl Route {
@@ -173,6 +175,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             auth(r),
             r.allow_from.clone(),
             r.cert_name.clone(),
+            r.client_ca.clone(),
         )
     };
     let reach =
@@ -206,6 +209,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         affinity: a.affinity.clone(),
         pass_host: a.pass_host,
         cert_name: a.cert_name.clone(),
+        client_ca: a.client_ca.clone(),
         log_names: Arc::new(super::access_log::RouteNames {
             router: a.name.clone(),
             service: format!("{}+{}", a.service, b.service),
@@ -289,6 +293,8 @@ pub struct RouteTable {
     /// Host regexes, in name order.
     regex: Vec<(regex::Regex, HostRoutes)>,
     default_host: Option<String>,
+    /// Some route asks clients for a certificate.
+    client_cas: bool,
     pub conflicts: Vec<Conflict>,
     /// Tasks this node cannot reach, each with the reason (never dialled).
     pub unreachable: Vec<String>,
@@ -355,6 +361,7 @@ impl RouteTable {
                     affinity: http.affinity.clone(),
                     pass_host: http.pass_host,
                     cert_name: http.cert_name.clone(),
+                    client_ca: http.client_ca.as_deref().map(Arc::from),
                     allow_from: http.allow_from.clone(),
                     max_body: http.max_body,
                     response_timeout: http.response_timeout,
@@ -406,7 +413,38 @@ impl RouteTable {
             ..Self::default()
         };
         table.index(by_pattern);
+        let client_cas = table.routes().any(|(_, r)| r.client_ca.is_some());
+        table.client_cas = client_cas;
         table
+    }
+
+    /// Whether any route asks clients for a certificate (else handshakes need not look at
+    /// the name first).
+    #[must_use]
+    pub fn asks_client_certificates(&self) -> bool {
+        self.client_cas
+    }
+
+    /// What a handshake for `name` asks of the client: the CA of the first route a request
+    /// to that name could reach that has one, required when all of them have one. (Routes
+    /// of one host with another CA answer 403 to the certificate this one asked for.)
+    #[must_use]
+    pub fn client_demand(&self, name: &str) -> Option<crate::tls::client_auth::Demand> {
+        let host = normalise_host(name);
+        let mut routes = self.reachable_from(&host);
+        let ca = routes.clone().find_map(|r| r.client_ca.clone())?;
+        let required = routes.all(|r| r.client_ca.is_some());
+        Some(crate::tls::client_auth::Demand { ca, required })
+    }
+
+    /// Every route a request to `host` could reach, whatever its path and conditions, in the
+    /// order a lookup tries them (the default host's last).
+    fn reachable_from<'a, 'h>(
+        &'a self,
+        host: &'h str,
+    ) -> impl Iterator<Item = &'a Arc<Route>> + Clone + use<'a, 'h> {
+        let default = self.default_host.as_deref().into_iter().flat_map(|d| self.groups(d));
+        self.groups(host).chain(default).flat_map(|r| r.0.iter())
     }
 
     /// Files each host pattern's routes (longest path first) where lookups find them:
@@ -477,20 +515,22 @@ impl RouteTable {
     }
 
     fn find_on(&self, host: &str, ask: &Ask<'_>) -> Option<&Arc<Route>> {
-        if let Some(route) = self.exact.get(host).and_then(|r| r.find(ask)) {
-            return Some(route);
-        }
-        // `*.example.com` for `a.b.example.com`: `.b.example.com`, then `.example.com`, then
-        // `.com` (the longest wildcard first, as nginx); never the whole host.
-        let dots = || host.match_indices('.').map(|(i, _)| i);
-        let suffix = dots().filter(|&i| i > 0).filter_map(|i| self.suffix.get(&host[i..]));
-        // `example.*` for `example.co.uk`: `example.co.`, then `example.`.
-        let prefix =
-            dots().rev().filter(|&i| i + 1 < host.len()).filter_map(|i| self.prefix.get(&host[..=i]));
-        suffix
-            .chain(prefix)
-            .find_map(|r| r.find(ask))
-            .or_else(|| self.regex.iter().filter(|(re, _)| re.is_match(host)).find_map(|(_, r)| r.find(ask)))
+        self.groups(host).find_map(|r| r.find(ask))
+    }
+
+    /// The route groups a request to `host` tries, in order: the exact name; `*.example.com`
+    /// for `a.b.example.com` as `.b.example.com`, then `.example.com`, then `.com` (the
+    /// longest wildcard first, as nginx; never the whole host); `example.*` for
+    /// `example.co.uk` as `example.co.`, then `example.`; then the regexes that match.
+    fn groups<'a, 'h>(&'a self, host: &'h str) -> impl Iterator<Item = &'a HostRoutes> + Clone + use<'a, 'h> {
+        let dots = move || host.match_indices('.').map(|(i, _)| i);
+        let suffix = dots().filter(|&i| i > 0).filter_map(move |i| self.suffix.get(&host[i..]));
+        let prefix = dots()
+            .rev()
+            .filter(move |&i| i + 1 < host.len())
+            .filter_map(move |i| self.prefix.get(&host[..=i]));
+        let regex = self.regex.iter().filter(move |(re, _)| re.is_match(host)).map(|(_, r)| r);
+        self.exact.get(host).into_iter().chain(suffix).chain(prefix).chain(regex)
     }
 }
 

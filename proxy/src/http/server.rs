@@ -53,6 +53,9 @@ pub struct ConnActivity {
     http2: AtomicBool,
     /// The agent is stopping: HTTP/1 responses say `Connection: close`.
     draining: AtomicBool,
+    /// What the TLS handshake asked a client certificate for, and whether it got one (set
+    /// only when it asked).
+    pub client_certificate: std::sync::OnceLock<crate::tls::client_auth::Verified>,
     /// `meshgate_connections_open` of this listener for HTTP/1.1 and HTTP/2: the connection
     /// counts in one of them while it lasts.
     open: [IntGauge; 2],
@@ -89,6 +92,7 @@ impl ConnActivity {
             head_since: AtomicU64::new(0),
             http2: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            client_certificate: std::sync::OnceLock::new(),
         }
     }
 
@@ -179,6 +183,8 @@ pub struct Listener {
     pub on_demand: Option<Arc<crate::acme::on_demand::OnDemand>>,
     /// TLS 1.3 only, for the hosts whose policy asks for it, and what says which those are.
     pub strict: Option<(tokio_rustls::TlsAcceptor, Arc<crate::tls::CertResolver>)>,
+    /// The settings for hosts that ask clients for a certificate.
+    pub client_auth: Option<Arc<crate::tls::client_auth::ClientAuthConfigs>>,
 }
 
 /// Serves `listener` until `shutdown` turns true, then stops accepting and gives in-flight
@@ -303,10 +309,11 @@ async fn take(
     // has its own).
     let handshake = async {
         let strict = s.kind.strict.as_ref().filter(|(_, resolver)| resolver.any_tls13_only());
-        if s.kind.on_demand.is_none() && strict.is_none() {
+        let clients = s.kind.client_auth.is_some() && s.proxy.table.load().asks_client_certificates();
+        if s.kind.on_demand.is_none() && strict.is_none() && !clients {
             tokio::time::timeout(s.cfg.request_head_timeout, acceptor.accept(stream)).await
         } else {
-            named_handshake(stream, acceptor, &s.kind, s.cfg.request_head_timeout).await
+            named_handshake(stream, acceptor, s, &activity).await
         }
     };
     match handshake.await {
@@ -332,20 +339,21 @@ async fn take(
     }
 }
 
-/// A handshake that reads the ClientHello first: a name without a certificate waits for an
-/// on-demand one (or fails at once when it is refused), then the handshake goes on.
 /// A handshake that looks at the name the client asks for first: an on-demand certificate
-/// is obtained for it, and a host whose policy wants TLS 1.3 only gets the settings that
-/// allow nothing else.
+/// is obtained for it (a refused name fails at once), a host whose policy wants TLS 1.3 only
+/// gets the settings that allow nothing else, and a host that asks clients for a
+/// certificate gets the settings that verify it against its CA (what was proved is kept in
+/// `activity`).
 async fn named_handshake(
     stream: tokio::net::TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
-    listener: &Listener,
-    head_timeout: std::time::Duration,
+    s: &Shared,
+    activity: &ConnActivity,
 ) -> Result<
     std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
     tokio::time::error::Elapsed,
 > {
+    let (listener, head_timeout) = (&s.kind, s.cfg.request_head_timeout);
     let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let start = match tokio::time::timeout(head_timeout, lazy).await? {
         Ok(start) => start,
@@ -353,19 +361,44 @@ async fn named_handshake(
     };
     let hello = start.client_hello();
     let validation = hello.alpn().is_some_and(|mut p| p.any(|p| p == crate::acme::ACME_TLS_ALPN));
-    let name = hello.server_name().map(str::to_owned);
-    let config = match (&listener.strict, &name) {
-        (Some((strict, resolver)), Some(n)) if resolver.tls13_only(n) => strict.config().clone(),
+    let name = hello.server_name().map(str::to_ascii_lowercase);
+    let tls13_only =
+        matches!((&listener.strict, &name), (Some((_, resolver)), Some(n)) if resolver.tls13_only(n));
+    let demand = match (&listener.client_auth, &name) {
+        (Some(_), Some(n)) if !validation => s.proxy.table.load().client_demand(n),
+        _ => None,
+    };
+    let config = match (&listener.client_auth, &demand, &listener.strict) {
+        (Some(configs), Some(demand), _) => match configs.config(demand, tls13_only) {
+            Ok(config) => config,
+            Err(why) => {
+                tracing::warn!(
+                    name = name.as_deref().unwrap_or(""),
+                    "client certificates cannot be checked: {why}; handshake refused"
+                );
+                return Ok(Err(std::io::Error::other(why)));
+            }
+        },
+        (_, None, Some((strict, _))) if tls13_only => strict.config().clone(),
         _ => acceptor.config().clone(),
     };
-    if let (Some(on_demand), Some(name)) = (&listener.on_demand, name.filter(|_| !validation)) {
+    if let (Some(on_demand), Some(name)) = (&listener.on_demand, name.clone().filter(|_| !validation)) {
         if on_demand.wanted(&name) {
             if let Err(why) = on_demand.ensure(&name).await {
                 return Ok(Err(std::io::Error::other(format!("no certificate for {name}: {why}"))));
             }
         }
     }
-    tokio::time::timeout(head_timeout, start.into_stream(config)).await
+    let tls = tokio::time::timeout(head_timeout, start.into_stream(config)).await?;
+    if let (Ok(tls), Some(demand)) = (&tls, demand) {
+        let certificate = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+        let _ = activity.client_certificate.set(crate::tls::client_auth::Verified {
+            name,
+            ca: demand.ca,
+            certificate,
+        });
+    }
+    Ok(tls)
 }
 
 async fn refuse(mut stream: tokio::net::TcpStream) {

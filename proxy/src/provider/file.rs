@@ -136,6 +136,8 @@ struct HttpEntry {
     /// `true`: its hosts take TLS 1.3 only.
     #[serde(default)]
     tls13_only: bool,
+    /// A CA (PEM file): clients must show a certificate it signed.
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -373,6 +375,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         proxy_protocol: h.proxy_protocol,
         cert_name: None,
         tls13_only: h.tls13_only,
+        client_ca: h.client_ca,
     })
 }
 

@@ -35,6 +35,7 @@ macro_rules! signature_checks {
 pub(crate) use signature_checks;
 
 pub mod cert_info;
+pub mod client_auth;
 mod expiry;
 mod resolver;
 pub mod upstream;
@@ -98,22 +99,28 @@ impl Default for TlsConfig {
 /// The rustls server settings: TLS 1.2 and 1.3 only, ALPN h2 then http/1.1.
 #[must_use]
 pub fn server_config(resolver: Arc<CertResolver>, session_resumption: bool) -> rustls::ServerConfig {
-    server_config_for(resolver, session_resumption, &[&rustls::version::TLS13, &rustls::version::TLS12])
+    server_config_with(resolver, session_resumption, false, Arc::new(rustls::server::NoClientAuth))
 }
 
 /// The same settings with TLS 1.3 only, for hosts whose policy asks for it.
 #[must_use]
 pub fn tls13_server_config(resolver: Arc<CertResolver>, session_resumption: bool) -> rustls::ServerConfig {
-    server_config_for(resolver, session_resumption, &[&rustls::version::TLS13])
+    server_config_with(resolver, session_resumption, true, Arc::new(rustls::server::NoClientAuth))
 }
 
-fn server_config_for(
+fn server_config_with(
     resolver: Arc<CertResolver>,
     session_resumption: bool,
-    versions: &[&'static rustls::SupportedProtocolVersion],
+    tls13_only: bool,
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 ) -> rustls::ServerConfig {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
     let mut config = rustls::ServerConfig::builder_with_protocol_versions(versions)
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_cert_resolver(resolver);
     // acme-tls/1 last: only a CA validating TLS-ALPN-01 offers it, and then nothing else.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()];
@@ -122,6 +129,23 @@ fn server_config_for(
         config.send_tls13_tickets = 0;
     }
     config
+}
+
+/// The CA certificates of a PEM file (an internal CA for tasks or for client certificates).
+pub fn ca_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    for cert in certs {
+        roots
+            .add(cert.map_err(|e| format!("{}: {e}", path.display()))?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no CA certificate", path.display()));
+    }
+    Ok(roots)
 }
 
 /// Loads `dir` into `resolver` as `source`; a pair that fails keeps its version from

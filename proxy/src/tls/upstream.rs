@@ -70,18 +70,10 @@ pub fn connector_for(tls: &UpstreamTls) -> Result<tokio_rustls::TlsConnector, St
 
 fn verified(tls: &UpstreamTls) -> Result<tokio_rustls::TlsConnector, String> {
     use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca {
-        Some(ca) => {
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
-                roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| e.to_string())?;
-            }
-            if roots.is_empty() {
-                return Err(format!("{} holds no CA certificate", ca.display()));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
+    let roots = match &tls.ca {
+        Some(ca) => super::ca_roots(ca)?,
+        None => rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -209,29 +209,13 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
             }
         }
     }
-    // `meshgate.http.max_body=10m`: the largest request body its routes take.
-    if let Some(v) = label("meshgate.http.max_body") {
-        match crate::state::parse_size(v) {
-            Ok(n) => out.routes.iter_mut().for_each(|r| r.max_body = Some(n)),
-            Err(e) => out.problems.push(format!("label `meshgate.http.max_body`: {e}")),
-        }
-    }
-    // `meshgate.http.response_timeout=5m`: the time its tasks have for a response head;
-    // `meshgate.http.connect_timeout=5s`: to connect to them.
-    for (key, set) in [
-        ("meshgate.http.response_timeout", (|r, d| r.response_timeout = Some(d)) as fn(&mut HttpRoute, _)),
-        ("meshgate.http.connect_timeout", |r, d| r.connect_timeout = Some(d)),
-    ] {
-        if let Some(v) = label(key) {
-            match humantime::parse_duration(v.trim()) {
-                Ok(d) if !d.is_zero() => out.routes.iter_mut().for_each(|r| set(r, d)),
-                _ => out
-                    .problems
-                    .push(format!("label `{key}`: `{v}` is not a duration above zero (write 5s or 5m)")),
-            }
-        }
-    }
+    limits(&label, &mut out);
     upstream_tls(&label, &mut out);
+    // `meshgate.http.client_ca=/etc/meshgate/clients-ca.pem`: clients show a certificate
+    // that CA signed (the file on every node that serves the workload).
+    if let Some(ca) = label("meshgate.http.client_ca").map(str::trim) {
+        out.routes.iter_mut().for_each(|r| r.client_ca = Some(ca.into()));
+    }
     balancing(&label, &mut out);
     // `meshgate.access_log=false`: none of the workload's requests are logged (a health
     // check, a metrics endpoint).
@@ -345,6 +329,33 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
     }
 }
 
+/// Per-route limits: `meshgate.http.max_body`, `meshgate.http.response_timeout`,
+/// `meshgate.http.connect_timeout`.
+fn limits<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
+    // `meshgate.http.max_body=10m`: the largest request body its routes take.
+    if let Some(v) = label("meshgate.http.max_body") {
+        match crate::state::parse_size(v) {
+            Ok(n) => out.routes.iter_mut().for_each(|r| r.max_body = Some(n)),
+            Err(e) => out.problems.push(format!("label `meshgate.http.max_body`: {e}")),
+        }
+    }
+    // `meshgate.http.response_timeout=5m`: the time its tasks have for a response head;
+    // `meshgate.http.connect_timeout=5s`: to connect to them.
+    for (key, set) in [
+        ("meshgate.http.response_timeout", (|r, d| r.response_timeout = Some(d)) as fn(&mut HttpRoute, _)),
+        ("meshgate.http.connect_timeout", |r, d| r.connect_timeout = Some(d)),
+    ] {
+        if let Some(v) = label(key) {
+            match humantime::parse_duration(v.trim()) {
+                Ok(d) if !d.is_zero() => out.routes.iter_mut().for_each(|r| set(r, d)),
+                _ => out
+                    .problems
+                    .push(format!("label `{key}`: `{v}` is not a duration above zero (write 5s or 5m)")),
+            }
+        }
+    }
+}
+
 /// `meshgate.http.upstream_verify=true` (with `meshgate.http.upstream_ca=/path/ca.pem` and
 /// `meshgate.http.upstream_server_name=api.internal`; either of those alone means verify too:
 /// a CA given is never ignored): the workload's https tasks are verified.
@@ -416,6 +427,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.upstream_verify",
         "meshgate.http.upstream_ca",
         "meshgate.http.upstream_server_name",
+        "meshgate.http.client_ca",
         "meshgate.http.middlewares",
         "meshgate.http.affinity",
         "meshgate.http.affinity_cookie",
@@ -995,7 +1007,7 @@ fn router_entrypoints<'a>(
         Some(format!("label `{k}={v}`: {what}; the route is not served rather than served without it"))
     };
     if let Some(v) = label(&key("tls.options")) {
-        return (HttpsMethod::Redirect, refuse(key("tls.options"), v, "TLS options are not honoured yet"));
+        return (HttpsMethod::Redirect, refuse(key("tls.options"), v, "TLS options are not read from Traefik's files (for client certificates, label `meshgate.http.client_ca`)"));
     }
     let Some(v) = label(&key("entrypoints")) else { return (HttpsMethod::Redirect, None) };
     let names: BTreeSet<&str> = v.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
@@ -1201,6 +1213,16 @@ mod tests {
         assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
         let o = read_with(&[("VIRTUAL_HOST", "a.test"), ("VIRTUAL_PROTO", "https")], &[], &[443]);
         assert_eq!(o.routes[0].upstream_tls, None, "VIRTUAL_PROTO=https alone: not verified, as nginx-proxy");
+    }
+
+    /// Certificates issue, item 4: our label asks clients for a certificate from a CA.
+    #[test]
+    fn the_client_ca_label_asks_clients_for_a_certificate() {
+        let labels =
+            [("meshgate.http.hosts", "a.test"), ("meshgate.http.client_ca", " /run/secrets/clients.pem")];
+        let o = read_with(&[], &labels, &[80]);
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        assert_eq!(o.routes[0].client_ca.as_deref(), Some(std::path::Path::new("/run/secrets/clients.pem")));
     }
 
     /// Certificates issue, item 4: Traefik labels verify https services as Traefik does.
