@@ -161,6 +161,16 @@ impl Pebble {
         format!("https://{}/dir", self.listen)
     }
 
+    /// Where pebble's directory listens.
+    pub(crate) fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The certificate and key of pebble's own listener (signed by the CA in `trust`).
+    pub(crate) fn listener_pair(&self) -> (PathBuf, PathBuf) {
+        (self.dir.path().join("cert.pem"), self.dir.path().join("key.pem"))
+    }
+
     /// The root pebble signs certificates with (new on every start).
     pub(crate) async fn root(&self) -> PathBuf {
         let (ok, pem) = curl(&[

@@ -12,6 +12,7 @@ mod acme;
 mod admin;
 mod balancer;
 mod behaviour;
+mod ca_faults;
 mod chaos;
 mod cluster;
 mod dashboard;
