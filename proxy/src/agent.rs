@@ -202,6 +202,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     let (https, acme) = start_https(&tls_cfg, acme_cfg, dns.as_ref(), &dns_cfg, &core, &mut background)?;
     let acme_manager = acme.as_ref().and_then(|(manager, _)| manager.as_ref().ok()).cloned();
     let acme_inventory = acme_manager.as_ref().map(|m| m.inventory());
+    let relay = acme.as_ref().map(|(_, share)| share.relay.clone());
     let (node_name, (shutdown, shutdown_rx)) = (this_node(&mesh_cfg), watch::channel(false));
     let stopping = (shutdown_rx.clone(), proxy_cfg.shutdown_grace);
     let mut cluster = start_cluster(cluster_cfg, node_name.clone(), acme, stopping, &core, &mut background);
@@ -230,7 +231,7 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
     };
     start_admin(admin_listener, admin_cfg.socket.as_deref(), admin_state, &mut background)?;
 
-    let on_demand = on_demand(&on_demand_cfg, acme_manager, https.as_ref(), &cluster.issuer);
+    let on_demand = on_demand(&on_demand_cfg, acme_manager.zip(relay), https.as_ref(), &cluster.issuer);
     let mut servers =
         start_servers(http_listener, https, on_demand, &proxy, &proxy_cfg, &tls_cfg, &core, &shutdown_rx);
     servers.extend(cluster.hop_server.take());
@@ -343,24 +344,27 @@ fn start_cluster(
 /// On-demand TLS, where `acme.on_demand_ask` is set and ACME runs.
 fn on_demand(
     cfg: &AcmeConfig,
-    manager: Option<Arc<acme::Manager>>,
+    acme: Option<(Arc<acme::Manager>, Arc<acme::on_demand::Relay>)>,
     https: Option<&HttpsParts>,
     issuer: &watch::Receiver<bool>,
 ) -> Option<Arc<acme::on_demand::OnDemand>> {
     let ask = cfg.on_demand_ask.as_ref()?.parse().ok()?;
-    let (Some(manager), Some((_, resolver))) = (manager, https) else {
+    let (Some((manager, relay)), Some((_, resolver))) = (acme, https) else {
         tracing::warn!("acme.on_demand_ask is set but ACME does not run here (it needs tls.https_listen, acme.enabled and a usable acme.storage_dir): no on-demand certificates");
         return None;
     };
     tracing::info!(ask = %cfg.on_demand_ask.as_deref().unwrap_or_default(), "acme: on-demand TLS on");
-    Some(Arc::new(acme::on_demand::OnDemand::new(
+    let on_demand = Arc::new(acme::on_demand::OnDemand::new(
         ask,
         manager,
         resolver.clone(),
         issuer.clone(),
         cfg.on_demand_concurrent,
         cfg.on_demand_per_minute,
-    )))
+        relay.clone(),
+    ));
+    relay.serve_with(&on_demand);
+    Some(on_demand)
 }
 
 /// The built-in whoami backend, where asked for (and always with the bundled example).
@@ -608,6 +612,7 @@ fn start_acme(
         store: store.clone(),
         challenges: resolver.challenges.clone(),
         reload: reload.clone(),
+        relay: acme::on_demand::Relay::new(),
     };
     let manager =
         acme::Manager::new(cfg, store, resolver.challenges.clone(), core.metrics.clone(), reload, dns01)

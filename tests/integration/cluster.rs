@@ -108,6 +108,34 @@ fn route(host: &str, task: &str, acme: bool) -> String {
     format!("[[services]]\nname = \"{host}\"\ntasks = [{{ address = \"{task}\" }}]\n[[services.http]]\nhosts = [\"{host}\"]\nport = 8001\n{}", if acme { "tls = { acme = true }\n" } else { "" })
 }
 
+/// An agent's arguments for HTTP on 80, HTTPS on 443, the cluster `secret`, and ACME from
+/// `pebble` with `challenge` only, stored in `storage`.
+fn acme_args(secret: &str, pebble: &Pebble, storage: &str, challenge: &str) -> Vec<String> {
+    [
+        "--http-listen",
+        "0.0.0.0:80",
+        "--tls-https-listen",
+        "0.0.0.0:443",
+        "--cluster-secret-file",
+        secret,
+        "--tls-poll-interval",
+        "100ms",
+        "--acme-directory",
+        &pebble.directory(),
+        "--acme-trust-roots",
+        pebble.trust.to_str().unwrap(),
+        "--acme-storage-dir",
+        storage,
+        "--acme-challenge",
+        challenge,
+        "--acme-fallback",
+        "false",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect()
+}
+
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -278,31 +306,7 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
     let routes = routes.to_str().unwrap();
     let store = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
     let (leader_store, manager_store, worker_store) = (store("leader"), store("manager"), store("worker"));
-    let acme = |storage: &str, challenge: &str| -> Vec<String> {
-        [
-            "--http-listen",
-            "0.0.0.0:80",
-            "--tls-https-listen",
-            "0.0.0.0:443",
-            "--cluster-secret-file",
-            &secret,
-            "--tls-poll-interval",
-            "100ms",
-            "--acme-directory",
-            &pebble.directory(),
-            "--acme-trust-roots",
-            pebble.trust.to_str().unwrap(),
-            "--acme-storage-dir",
-            storage,
-            "--acme-challenge",
-            challenge,
-            "--acme-fallback",
-            "false",
-        ]
-        .iter()
-        .map(ToString::to_string)
-        .collect()
-    };
+    let acme = |storage: &str, challenge: &str| acme_args(&secret, &pebble, storage, challenge);
     let args = |mut base: Vec<String>, extra: &[&str]| {
         base.extend(extra.iter().map(ToString::to_string));
         base
@@ -469,4 +473,113 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
         1
     );
     drop(manager);
+}
+
+/// Certificates issue, item 3, in a cluster: a handshake on a worker for a name nobody
+/// configured a certificate for gets one from the leader (the only agent that orders),
+/// asked for over the feed through the manager the worker follows; the leader asks the
+/// operator's endpoint once, orders once, and the certificate comes back through the feed
+/// while the worker's handshake waits. A refused name fails the worker's handshake when the
+/// refusal comes back (not at the end of the order wait), and is not asked about again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_handshake_gets_an_on_demand_certificate_that_the_leader_orders() {
+    let lan = Lan::new(3, 3);
+    let (leader_ip, manager_ip, worker_ip) = (lan.ip(0), lan.ip(1), lan.ip(2));
+    let dir = tempfile::tempdir().unwrap();
+    let secret = new_secret(dir.path(), "cluster.pem");
+    let pebble = Pebble::start_on(
+        PebbleSetup {
+            http_port: 80,
+            tls_port: 443,
+            dns: format!("{worker_ip}:53").parse().unwrap(),
+            validity_secs: 3600,
+            eab: None,
+            blocklist: vec![],
+        },
+        [10, 98, 3, 254].into(),
+    )
+    .await;
+    let ask = crate::on_demand::Ask::start_on([10, 98, 3, 254].into(), &["shop.ondemand.test"]).await;
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[services]]\nname = \"shop\"\ntasks = [{{ address = \"{worker_ip}\" }}]\n[[services.http]]\nhosts = [\"shop.ondemand.test\", \"refused.ondemand.test\"]\nport = 8001\n"),
+    )
+    .unwrap();
+    let routes = routes.to_str().unwrap();
+    let store = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let args = |storage: &str, extra: &[&str]| {
+        let mut all = acme_args(&secret, &pebble, &store(storage), "http-01");
+        all.extend(["--acme-on-demand-ask", &ask.url, "--tls-unknown-names", "reject"].map(String::from));
+        all.extend(extra.iter().map(ToString::to_string));
+        all
+    };
+    let leader = Agent::start(
+        lan.ns(0),
+        &refs(&args("leader", &["--routes-file", routes, "--cluster-role", "leader"])),
+    );
+    let to_leader = format!("{leader_ip}:7380");
+    let manager_args = args(
+        "manager",
+        &["--routes-file", routes, "--cluster-role", "manager", "--cluster-peers", &to_leader],
+    );
+    let manager = Agent::start(lan.ns(1), &refs(&manager_args));
+    let (to_manager, whoami, dns) =
+        (format!("{manager_ip}:7380"), format!("{worker_ip}:8001"), format!("{worker_ip}:53"));
+    let worker_args = args(
+        "worker",
+        &[
+            "--cluster-role",
+            "worker",
+            "--cluster-peers",
+            &to_manager,
+            "--whoami-listen",
+            &whoami,
+            "--dns-listen",
+            &dns,
+            "--dns-answer-routed-hosts",
+            "true",
+            "--dns-node-addresses",
+            &worker_ip,
+        ],
+    );
+    let worker = Agent::start(lan.ns(2), &refs(&worker_args));
+    eventually("the worker serves the routes", WAIT, async || get(&worker_ip, "shop.ondemand.test").await.0)
+        .await;
+    let root = pebble.root().await;
+    let on_worker: std::net::SocketAddr = format!("{worker_ip}:443").parse().unwrap();
+
+    let first = crate::acme::handshake(on_worker, "shop.ondemand.test", &root)
+        .await
+        .expect("the worker's first handshake waits for the leader's order");
+    let (ok, body) = curl(&[
+        "-fsS",
+        "--resolve",
+        &format!("shop.ondemand.test:443:{worker_ip}"),
+        "--cacert",
+        root.to_str().unwrap(),
+        "https://shop.ondemand.test/",
+    ])
+    .await;
+    assert!(ok && body.contains("Name: whoami"), "{body}");
+    assert_eq!(ask.asked("shop.ondemand.test"), 1, "asked once, by the leader");
+    let issued = "meshgate_acme_certificates_issued_total{certificate=\"shop.ondemand.test\"}";
+    assert_eq!(leader.metric(lan.ns(0), issued), 1, "the leader ordered it");
+    for (agent, ns) in [(&manager, lan.ns(1)), (&worker, lan.ns(2))] {
+        assert_eq!(agent.metric(ns, issued), 0, "followers order nothing");
+    }
+    let on_manager: std::net::SocketAddr = format!("{manager_ip}:443").parse().unwrap();
+    assert_eq!(
+        crate::acme::handshake(on_manager, "shop.ondemand.test", &root).await.unwrap(),
+        first,
+        "the manager has the same certificate, with no wait"
+    );
+
+    // Refused by the ask endpoint: the refusal travels back and fails the handshake well
+    // before the 60 s a handshake waits for an order (a lost refusal would wait all of it).
+    let started = std::time::Instant::now();
+    assert!(crate::acme::handshake(on_worker, "refused.ondemand.test", &root).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(30), "refused after {:?}", started.elapsed());
+    assert!(crate::acme::handshake(on_worker, "refused.ondemand.test", &root).await.is_err());
+    assert_eq!(ask.asked("refused.ondemand.test"), 1, "remembered as refused along the way");
 }

@@ -13,14 +13,19 @@ use crate::acme::{handshake, AcmeAgent, Pebble, PebbleSetup, Ports};
 use crate::harness::Backend;
 
 /// The operator's `ask` endpoint: 200 for the allowed names, 403 for others; counts asks.
-struct Ask {
-    url: String,
+pub(crate) struct Ask {
+    pub(crate) url: String,
     asked: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Ask {
     async fn start(allowed: &[&str]) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on([127, 0, 0, 1].into(), allowed).await
+    }
+
+    /// The endpoint on `ip` (an address the agents' namespaces reach).
+    pub(crate) async fn start_on(ip: std::net::IpAddr, allowed: &[&str]) -> Self {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let url = format!("http://{}/check", listener.local_addr().unwrap());
         let asked: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let allowed: Vec<String> = allowed.iter().map(|a| (*a).to_owned()).collect();
@@ -53,7 +58,7 @@ impl Ask {
         Self { url, asked }
     }
 
-    fn asked(&self, name: &str) -> usize {
+    pub(crate) fn asked(&self, name: &str) -> usize {
         self.asked.lock().unwrap().get(name).copied().unwrap_or(0)
     }
 }

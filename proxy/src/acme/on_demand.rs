@@ -5,15 +5,18 @@
 //! however many handshakes wait for it, and a refused name is remembered for a minute, so a
 //! flood of made-up names costs the ask endpoint one request each and the CA nothing.
 //!
-//! Only the agent that orders (the cluster's issuer) obtains certificates on demand; on a
-//! follower the handshake fails until the feed brings the certificate (the obtained names
-//! are ordinary store entries, shared like any other).
+//! Only the agent that orders (the cluster's issuer) obtains certificates on demand. A
+//! handshake on a follower hands the name to the issuer over the feed's connection (TLS with
+//! the cluster secret: only members ask), through each manager in between ([`Relay`]); the
+//! issuer asks, orders under its caps, and the certificate comes back with the feed's
+//! certificates (ordinary store entries, shared like any other), or a refusal does, which
+//! fails the waiting handshakes at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 
 use super::Manager;
 use crate::tls::CertResolver;
@@ -31,6 +34,55 @@ const ORDER_WAIT: Duration = Duration::from_secs(60);
 /// The outcome of one name's order, shared by the handshakes that wait for it.
 type Outcome = tokio::sync::OnceCell<Result<(), String>>;
 
+/// Names wanted here on their way to the issuer, and the issuer's refusals on their way back
+/// (shared by this agent's on-demand orders, its feed connection to a manager, and the feed
+/// it serves to its own followers).
+pub struct Relay {
+    wanted: mpsc::Sender<String>,
+    /// Taken by the feed connection while it lasts.
+    outgoing: tokio::sync::Mutex<mpsc::Receiver<String>>,
+    refusals: broadcast::Sender<(String, String)>,
+    /// This agent's on-demand orders, which followers' wishes go to.
+    local: std::sync::OnceLock<std::sync::Weak<OnDemand>>,
+}
+
+/// Names waiting for the issuer at most (more fail at once: a flood of made-up names).
+const RELAYED_WAITING: usize = 64;
+
+impl Relay {
+    #[must_use]
+    pub fn new() -> Arc<Self> {
+        let (wanted, outgoing) = mpsc::channel(RELAYED_WAITING);
+        Arc::new(Self {
+            wanted,
+            outgoing: tokio::sync::Mutex::new(outgoing),
+            refusals: broadcast::channel(RELAYED_WAITING).0,
+            local: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The agent's on-demand orders, which a follower's wish is handed to.
+    pub fn serve_with(&self, on_demand: &Arc<OnDemand>) {
+        let _ = self.local.set(Arc::downgrade(on_demand));
+    }
+
+    /// What a follower's wish goes to (`None`: on-demand TLS is off here).
+    #[must_use]
+    pub fn local(&self) -> Option<Arc<OnDemand>> {
+        self.local.get().and_then(std::sync::Weak::upgrade)
+    }
+
+    /// The names to send to the issuer, for the feed connection while it lasts.
+    pub async fn outgoing(&self) -> tokio::sync::MutexGuard<'_, mpsc::Receiver<String>> {
+        self.outgoing.lock().await
+    }
+
+    /// The issuer refused `name`: its waiting handshakes fail.
+    pub fn refused(&self, name: String, why: String) {
+        let _ = self.refusals.send((name, why));
+    }
+}
+
 pub struct OnDemand {
     ask: hyper::Uri,
     manager: Arc<Manager>,
@@ -42,6 +94,7 @@ pub struct OnDemand {
     refused: Mutex<HashMap<String, Instant>>,
     /// One order per name: later handshakes wait for the first one's outcome.
     in_flight: Mutex<HashMap<String, Arc<Outcome>>>,
+    relay: Arc<Relay>,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Empty<bytes::Bytes>,
@@ -57,6 +110,7 @@ impl OnDemand {
         issuer: watch::Receiver<bool>,
         concurrent: usize,
         per_minute: usize,
+        relay: Arc<Relay>,
     ) -> Self {
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(hyper_util::client::legacy::connect::HttpConnector::new());
@@ -70,6 +124,7 @@ impl OnDemand {
             recent: Mutex::default(),
             refused: Mutex::default(),
             in_flight: Mutex::default(),
+            relay,
             client,
         }
     }
@@ -87,9 +142,6 @@ impl OnDemand {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if !valid_name(&name) {
             return Err("not a host name".into());
-        }
-        if !*self.issuer.borrow() {
-            return Err("this agent does not order certificates (a follower of the cluster)".into());
         }
         if self
             .refused
@@ -119,6 +171,9 @@ impl OnDemand {
     }
 
     async fn obtain(&self, name: &str) -> Result<(), String> {
+        if !*self.issuer.borrow() {
+            return self.ask_the_issuer(name).await;
+        }
         self.ask(name).await?;
         {
             let mut recent = self.recent.lock().expect("on-demand lock");
@@ -141,6 +196,33 @@ impl OnDemand {
         })
         .await
         .map_err(|_| format!("no certificate within {ORDER_WAIT:?}"))?
+    }
+
+    /// On a follower: the issuer is asked for `name` over the feed; the certificate comes
+    /// with the feed's, or a refusal does.
+    async fn ask_the_issuer(&self, name: &str) -> Result<(), String> {
+        let mut refusals = self.relay.refusals.subscribe();
+        self.relay
+            .wanted
+            .try_send(name.to_owned())
+            .map_err(|_| format!("{RELAYED_WAITING} names already wait for the cluster's issuer"))?;
+        tokio::time::timeout(ORDER_WAIT, async {
+            loop {
+                if self.resolver.has_certificate(name) {
+                    return Ok(());
+                }
+                tokio::select! {
+                    refusal = refusals.recv() => match refusal {
+                        Ok((refused, why)) if refused == name => return Err(format!("the cluster's issuer: {why}")),
+                        Err(broadcast::error::RecvError::Closed) => return Err("the relay to the issuer is gone".into()),
+                        _ => {}
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| format!("no certificate from the cluster's issuer within {ORDER_WAIT:?}"))?
     }
 
     /// `GET <ask>?domain=<name>`: 2xx allows it.

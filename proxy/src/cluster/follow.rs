@@ -118,7 +118,9 @@ impl Follower {
             .await
             .map_err(|_| Lost::BeforeHello("TLS handshake timed out".into()))?
             .map_err(|e| Lost::BeforeHello(format!("TLS refused (not the same cluster secret?): {e}")))?;
-        let (mut rd, mut wr) = tokio::io::split(tls);
+        let (mut rd, wr) = tokio::io::split(tls);
+        // Acknowledgements and on-demand wishes go back on the same connection.
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
         let read = async |rd: &mut tokio::io::ReadHalf<_>| {
             tokio::time::timeout(timeout, wire::read(rd))
                 .await
@@ -132,6 +134,9 @@ impl Follower {
         self.metrics.feed_connected.set(1);
         self.metrics.stale.set(0);
         let following = format!("{peer} ({node}{})", if leader { ", the leader" } else { "" });
+        let relay = self.parts.certs.as_ref().map(|share| share.relay.clone());
+        let _wishes =
+            super::serve::AbortOnDrop(relay.clone().map(|r| tokio::spawn(send_wishes(r, wr.clone()))));
         self.report_following(&following, progress);
         loop {
             let frame = read(&mut rd).await.map_err(Lost::After)?;
@@ -148,7 +153,16 @@ impl Follower {
                     progress.generation = Some(generation);
                     self.report_following(&following, progress);
                 }
-                Frame::State { .. } | Frame::Heartbeat | Frame::Hello { .. } | Frame::Ack { .. } => {}
+                Frame::NotObtained { name, why } => {
+                    if let Some(relay) = &relay {
+                        relay.refused(name, why);
+                    }
+                }
+                Frame::State { .. }
+                | Frame::Heartbeat
+                | Frame::Hello { .. }
+                | Frame::Ack { .. }
+                | Frame::Wanted { .. } => {}
                 Frame::Certs { certs } => self.store_certs(&certs),
                 Frame::Challenges { version, set } => {
                     if let Some(share) = &self.parts.certs {
@@ -156,7 +170,7 @@ impl Follower {
                         // A manager relays them: acknowledge once its own followers have them.
                         share.challenges.propagated(timeout / 2).await;
                     }
-                    wire::write(&mut wr, &Frame::Ack { challenges: version })
+                    wire::write(&mut *wr.lock().await, &Frame::Ack { challenges: version })
                         .await
                         .map_err(|e| Lost::After(e.to_string()))?;
                 }
@@ -226,6 +240,20 @@ impl Follower {
         let path = self.cfg.state_file.as_ref()?;
         let json = std::fs::read(path).ok()?;
         serde_json::from_slice(&json).map_err(|e| tracing::warn!(path = %path.display(), "cluster: the saved state is unusable, ignored: {e}")).ok()
+    }
+}
+
+/// Sends the names this agent's handshakes want certificates for to the feed's server
+/// (towards the issuer), while the connection lasts.
+async fn send_wishes<W: tokio::io::AsyncWrite + Unpin>(
+    relay: Arc<crate::acme::on_demand::Relay>,
+    wr: Arc<tokio::sync::Mutex<W>>,
+) {
+    let mut outgoing = relay.outgoing().await;
+    while let Some(name) = outgoing.recv().await {
+        if wire::write(&mut *wr.lock().await, &Frame::Wanted { name }).await.is_err() {
+            return;
+        }
     }
 }
 

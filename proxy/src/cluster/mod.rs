@@ -182,6 +182,8 @@ pub struct CertShare {
     pub challenges: Arc<Challenges>,
     /// Tells the certificate watcher to reload at once.
     pub reload: Arc<Notify>,
+    /// On-demand certificates wanted on followers, on their way to the issuer.
+    pub relay: Arc<crate::acme::on_demand::Relay>,
 }
 
 /// Feed metrics.

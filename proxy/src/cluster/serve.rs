@@ -80,10 +80,15 @@ async fn feed(
     // The follower's acknowledgements come back on the same connection, read apart so a
     // read is never cut in the middle by the writes below.
     let follower = src.certs.as_ref().map(|c| c.challenges.follower());
+    let relay = src.certs.as_ref().map(|c| c.relay.clone());
+    let (refuse, mut refusals) = tokio::sync::mpsc::unbounded_channel();
+    let node = src.node.clone();
     let _reader = AbortOnDrop(Some(tokio::spawn(async move {
         while let Ok(frame) = wire::read(&mut acks).await {
-            if let (Frame::Ack { challenges }, Some(f)) = (frame, &follower) {
-                f.acknowledged(challenges);
+            match (frame, &follower) {
+                (Frame::Ack { challenges }, Some(f)) => f.acknowledged(challenges),
+                (Frame::Wanted { name }, _) => wanted(name, relay.as_deref(), &node, refuse.clone()),
+                _ => {}
             }
         }
     })));
@@ -122,12 +127,36 @@ async fn feed(
             r = states.changed() => (r.is_ok(), false, false),
             r = certs.changed() => (false, r.is_ok(), false),
             ok = challenge_change => (false, false, ok),
+            Some((name, why)) = refusals.recv() => {
+                wire::write(&mut tls, &Frame::NotObtained { name, why }).await?;
+                (false, false, false)
+            }
             () = tokio::time::sleep(src.heartbeat) => {
                 wire::write(&mut tls, &Frame::Heartbeat).await?;
                 (false, false, false)
             }
         };
     }
+}
+
+/// A follower's handshake wants an on-demand certificate for `name`: this agent obtains it
+/// (the issuer orders; a manager asks its own feed in turn), and the certificate reaches the
+/// follower with the feed's; a refusal goes back to it on `refuse`.
+fn wanted(
+    name: String,
+    relay: Option<&crate::acme::on_demand::Relay>,
+    node: &str,
+    refuse: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+) {
+    let Some(on_demand) = relay.and_then(crate::acme::on_demand::Relay::local) else {
+        let _ = refuse.send((name, format!("on-demand TLS is off on {node}")));
+        return;
+    };
+    tokio::spawn(async move {
+        if let Err(why) = on_demand.ensure(&name).await {
+            let _ = refuse.send((name, why));
+        }
+    });
 }
 
 /// The stored certificates, read again whenever the directory changes (checked every
@@ -168,7 +197,8 @@ impl Drop for Counted {
     }
 }
 
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+/// Aborts its task when dropped (the connection it serves is gone).
+pub(super) struct AbortOnDrop(pub(super) Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -28,6 +28,11 @@ pub enum Frame {
     Ack { challenges: u64 },
     /// Nothing changed; the connection is alive.
     Heartbeat,
+    /// From a follower: a handshake there waits for an on-demand certificate for `name`
+    /// (the issuer orders it if its ask endpoint allows; it comes back in `Certs`).
+    Wanted { name: String },
+    /// To that follower: `name` gets no certificate, and why (its handshakes fail at once).
+    NotObtained { name: String, why: String },
 }
 
 /// One stored certificate, as the store keeps it (`<name>.crt`, `<name>.key`).
@@ -162,6 +167,8 @@ mod tests {
             },
             Frame::Ack { challenges: 3 },
             Frame::Heartbeat,
+            Frame::Wanted { name: "shop.example.com".into() },
+            Frame::NotObtained { name: "x.example.com".into(), why: "the ask endpoint answered 403".into() },
         ];
         let mut buf = Vec::new();
         for f in &frames {
