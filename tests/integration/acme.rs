@@ -547,6 +547,33 @@ async fn a_restarted_agent_serves_its_stored_certificate_without_a_new_order() {
     assert_eq!(std::fs::read(&account).unwrap(), account_before, "the stored account is reused");
 }
 
+/// Certificates issue, item 5: a stored certificate that has already expired (an agent that
+/// was off for months) is replaced by an order at start, and the new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_stored_certificate_is_replaced_at_start() {
+    let web = Backend::start("web").await;
+    let ports = Ports::new();
+    let pebble = Pebble::start(PebbleSetup::on(&ports, 3600)).await;
+    let storage = tempfile::tempdir().unwrap();
+    let certs = storage.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["expired.acme.test".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 4, 1);
+    let stale = params.self_signed(&key).unwrap();
+    std::fs::write(certs.join("expired.acme.test.crt"), stale.pem()).unwrap();
+    std::fs::write(certs.join("expired.acme.test.key"), key.serialize_pem()).unwrap();
+    let agent =
+        AcmeAgent::start(&routes(&web, &["expired.acme.test"]), &ports, &pebble, storage.path(), |_| {})
+            .await;
+    let served = wait_for_certificate(&agent, "expired.acme.test", &pebble, Duration::from_secs(30)).await;
+    assert_ne!(served, stale.der().to_vec());
+    assert_eq!(agent.counter("meshgate_acme_certificates_issued_total").await, 1);
+    let (ok, out) = agent.curl(&pebble.root().await, "expired.acme.test", &[]).await;
+    assert!(ok && out.contains("Name: web"), "{out}");
+}
+
 /// Certificates issue, item 6: moving from Traefik (its `acme.json`) or from nginx-proxy with
 /// acme-companion (its certificate directory, symbolic links into `<name>/`) orders nothing
 /// the CA already issued. The CA stays up: an agent that ordered anyway would succeed.
