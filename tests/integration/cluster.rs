@@ -73,6 +73,43 @@ impl Lan {
         &self.nodes[node]
     }
 
+    /// pebble on the test's address on the LAN, resolving every name through mesh-dns on
+    /// `node`, which answers with that node's address: each validation reaches it, never the
+    /// agent that ordered.
+    async fn pebble_through(&self, node: usize) -> Pebble {
+        let setup = PebbleSetup {
+            http_port: 80,
+            tls_port: 443,
+            dns: format!("{}:53", self.ip(node)).parse().unwrap(),
+            validity_secs: 3600,
+            eab: None,
+            blocklist: vec![],
+        };
+        Pebble::start_on(setup, [10, 98, self.subnet, 254].into()).await
+    }
+
+    /// The arguments of a worker on `node` that follows `manager`, with a whoami task on
+    /// port 8001 and mesh-dns answering routed hosts with its own address.
+    fn worker_args(&self, node: usize, manager: usize) -> Vec<String> {
+        let ip = self.ip(node);
+        [
+            "--cluster-role",
+            "worker",
+            "--cluster-peers",
+            &format!("{}:7380", self.ip(manager)),
+            "--whoami-listen",
+            &format!("{ip}:8001"),
+            "--dns-listen",
+            &format!("{ip}:53"),
+            "--dns-answer-routed-hosts",
+            "true",
+            "--dns-node-addresses",
+            &ip,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// Cuts (or restores) a node's cable: its feed goes silent without closing.
     fn cable(&self, node: usize, up: bool) {
         run(&[
@@ -287,20 +324,7 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
     let (leader_ip, manager_ip, worker_ip) = (lan.ip(0), lan.ip(1), lan.ip(2));
     let dir = tempfile::tempdir().unwrap();
     let secret = new_secret(dir.path(), "cluster.pem");
-    // pebble resolves every name through the worker's mesh-dns, which answers with the
-    // worker's address: each validation reaches the worker, never the agent that ordered.
-    let pebble = Pebble::start_on(
-        PebbleSetup {
-            http_port: 80,
-            tls_port: 443,
-            dns: format!("{worker_ip}:53").parse().unwrap(),
-            validity_secs: 3600,
-            eab: None,
-            blocklist: vec![],
-        },
-        [10, 98, 2, 254].into(),
-    )
-    .await;
+    let pebble = lan.pebble_through(2).await;
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, route("http.cluster.test", &worker_ip, true)).unwrap();
     let routes = routes.to_str().unwrap();
@@ -326,24 +350,7 @@ async fn only_the_leader_orders_every_node_serves_the_certificate_and_challenges
         ],
     );
     let manager = Agent::start(lan.ns(1), &refs(&manager_args));
-    let dns = format!("{worker_ip}:53");
-    let worker_args = args(
-        acme(&worker_store, "http-01"),
-        &[
-            "--cluster-role",
-            "worker",
-            "--cluster-peers",
-            &format!("{manager_ip}:7380"),
-            "--whoami-listen",
-            &format!("{worker_ip}:8001"),
-            "--dns-listen",
-            &dns,
-            "--dns-answer-routed-hosts",
-            "true",
-            "--dns-node-addresses",
-            &worker_ip,
-        ],
-    );
+    let worker_args = args(acme(&worker_store, "http-01"), &refs(&lan.worker_args(2, 1)));
     let worker = Agent::start(lan.ns(2), &refs(&worker_args));
 
     // HTTP-01 through the worker, which relays the answers the leader published via the
@@ -487,18 +494,7 @@ async fn a_workers_handshake_gets_an_on_demand_certificate_that_the_leader_order
     let (leader_ip, manager_ip, worker_ip) = (lan.ip(0), lan.ip(1), lan.ip(2));
     let dir = tempfile::tempdir().unwrap();
     let secret = new_secret(dir.path(), "cluster.pem");
-    let pebble = Pebble::start_on(
-        PebbleSetup {
-            http_port: 80,
-            tls_port: 443,
-            dns: format!("{worker_ip}:53").parse().unwrap(),
-            validity_secs: 3600,
-            eab: None,
-            blocklist: vec![],
-        },
-        [10, 98, 3, 254].into(),
-    )
-    .await;
+    let pebble = lan.pebble_through(2).await;
     let ask = crate::on_demand::Ask::start_on([10, 98, 3, 254].into(), &["shop.ondemand.test"]).await;
     let routes = dir.path().join("routes.toml");
     std::fs::write(
@@ -524,25 +520,7 @@ async fn a_workers_handshake_gets_an_on_demand_certificate_that_the_leader_order
         &["--routes-file", routes, "--cluster-role", "manager", "--cluster-peers", &to_leader],
     );
     let manager = Agent::start(lan.ns(1), &refs(&manager_args));
-    let (to_manager, whoami, dns) =
-        (format!("{manager_ip}:7380"), format!("{worker_ip}:8001"), format!("{worker_ip}:53"));
-    let worker_args = args(
-        "worker",
-        &[
-            "--cluster-role",
-            "worker",
-            "--cluster-peers",
-            &to_manager,
-            "--whoami-listen",
-            &whoami,
-            "--dns-listen",
-            &dns,
-            "--dns-answer-routed-hosts",
-            "true",
-            "--dns-node-addresses",
-            &worker_ip,
-        ],
-    );
+    let worker_args = args("worker", &refs(&lan.worker_args(2, 1)));
     let worker = Agent::start(lan.ns(2), &refs(&worker_args));
     eventually("the worker serves the routes", WAIT, async || get(&worker_ip, "shop.ondemand.test").await.0)
         .await;
