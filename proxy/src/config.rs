@@ -55,9 +55,14 @@ pub struct ProxyConfig {
     /// A client connection with no request in flight for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Time a task has to send the response head once the request is sent.
+    /// Time a task has to send the response head once the request is sent (counted from
+    /// the end of its body, as nginx's `proxy_read_timeout`).
     #[serde(with = "humantime_serde")]
     pub upstream_response_timeout: Duration,
+    /// A task that takes nothing of a request body this long (it stopped reading) gets the
+    /// request abandoned, 504 (nginx's `proxy_send_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_send_timeout: Duration,
     /// A task's response body that sends nothing this long is cut (the client sees it end).
     #[serde(with = "humantime_serde")]
     pub upstream_body_timeout: Duration,
@@ -110,6 +115,7 @@ impl Default for ProxyConfig {
             request_head_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_response_timeout: Duration::from_secs(60),
+            upstream_send_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
             client_body_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(3600),
@@ -309,6 +315,7 @@ impl Config {
             ("proxy.request_head_timeout", p.request_head_timeout),
             ("proxy.idle_timeout", p.idle_timeout),
             ("proxy.upstream_response_timeout", p.upstream_response_timeout),
+            ("proxy.upstream_send_timeout", p.upstream_send_timeout),
             ("proxy.upstream_body_timeout", p.upstream_body_timeout),
             ("proxy.client_body_timeout", p.client_body_timeout),
             ("proxy.tunnel_idle_timeout", p.tunnel_idle_timeout),

@@ -183,6 +183,10 @@ pub struct HttpRoute {
     /// `proxy.connect_timeout`; nginx-proxy users set `proxy_connect_timeout` for this).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub connect_timeout: Option<std::time::Duration>,
+    /// How long a task may take nothing of a request body before the request is abandoned
+    /// (`None`: the agent's `proxy.upstream_send_timeout`; nginx's `proxy_send_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
+    pub send_timeout: Option<std::time::Duration>,
     /// TLS to the tasks when `protocol` is https; `None`: not verified (nginx-proxy's way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<UpstreamTls>,
@@ -350,6 +354,7 @@ impl HttpRoute {
             max_body: None,
             response_timeout: None,
             connect_timeout: None,
+            send_timeout: None,
             upstream_tls: None,
             middlewares: Vec::new(),
             conditions: Vec::new(),

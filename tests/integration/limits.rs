@@ -150,3 +150,95 @@ async fn a_routes_response_timeout_overrides_the_agents() {
     assert_eq!(mesh.get("other.test", "/").await.0, http::StatusCode::GATEWAY_TIMEOUT, "the agent's 300 ms");
     assert_eq!(mesh.get("report.test", "/").await.0, http::StatusCode::OK, "the route's 5 s");
 }
+
+/// A task on loopback that reads each request's whole chunked body, then answers 200 with
+/// the number of `x` it read (`deaf`: it reads the head, then nothing more, holding
+/// the connection).
+async fn body_reader(deaf: bool) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if deaf && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        // Holds the connection and reads no more of it.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    if seen.ends_with(b"0\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let body = String::from_utf8_lossy(&seen[head..]).matches('x').count();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.to_string().len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Drop-in issue, item 3 (timeouts, as nginx's): a route's response timeout counts from the
+/// end of the request body (nginx's `proxy_read_timeout`), so an upload that takes longer
+/// than it is not cut; a task that stops taking a request body is cut by the send timeout
+/// (`send_timeout`, nginx's `proxy_send_timeout`): 504, where only the response timeout
+/// (a minute here) would have held the client that long.
+#[tokio::test]
+async fn a_long_upload_is_not_cut_by_the_response_timeout_and_a_task_that_stops_reading_is_by_the_send_timeout(
+) {
+    let (reader, deaf) = (body_reader(false).await, body_reader(true).await);
+    let routes = crate::harness::service_with("upload", &["upload.test"], "/", "http", &[reader.to_string()])
+        + &crate::harness::service_with("deaf", &["deaf.test"], "/", "http", &[deaf.to_string()])
+            .replace("protocol = ", "response_timeout = \"60s\"\nsend_timeout = \"1s\"\nprotocol = ");
+    let mesh =
+        Mesh::start_with(&routes, |c| c.proxy.upstream_response_timeout = Duration::from_secs(1)).await;
+
+    // 8 KiB in 8 chunks, one every 400 ms: 3.2 s of upload against a 1 s response timeout.
+    let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+    stream
+        .write_all(b"POST /up HTTP/1.1\r\nHost: upload.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        stream
+            .write_all(format!("400\r\n{}\r\n", "x".repeat(1024)).as_bytes())
+            .await
+            .expect("the agent keeps taking the upload");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "the slow upload went through: {answer}");
+    assert!(answer.contains("\r\n\r\n8192"), "the task read all of it: {answer}");
+
+    // 64 MiB to a task that reads none of it: cut after its route's 1 s send timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 64 << 20]).unwrap();
+    let (_, code) = crate::harness::curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: deaf.test",
+        "-H",
+        "Expect:",
+        "--data-binary",
+        &format!("@{}", big.display()),
+        &format!("http://{}/up", mesh.agent.http_addr),
+    ])
+    .await;
+    assert_eq!(code, "504", "the task stopped reading: its send timeout answers");
+}

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -292,9 +292,55 @@ impl Drop for RequestGuard {
 /// The body a task gets: the client's, streamed, or none. A request without a body can be
 /// sent again when the connection it went out on turns out closed (see `Proxy::send`).
 pub enum UpstreamBody {
-    /// The body, its bytes so far, and the most it may carry.
-    Client(Idle, Arc<AtomicU64>, u64),
+    /// The body, its bytes so far, the most it may carry, and how far it went.
+    Client(Idle, Arc<AtomicU64>, u64, Arc<Progress>),
     Empty,
+}
+
+/// How far a request body went to its task: all of it (the wait for the response head
+/// starts), or a piece handed to the connection and not taken yet (the task stopped
+/// reading once that lasts).
+#[derive(Debug)]
+pub struct Progress {
+    origin: Instant,
+    /// All of it was handed to the connection.
+    sent: std::sync::atomic::AtomicBool,
+    /// When the piece being written was handed over (ms on `origin`'s clock, +1); 0: the
+    /// connection came back for more since.
+    handed: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            sent: std::sync::atomic::AtomicBool::new(false),
+            handed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the whole body was handed to the connection.
+    #[must_use]
+    pub fn all_sent(&self) -> bool {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// How long the connection has been writing one piece (the task not reading it).
+    #[must_use]
+    pub fn stuck_for(&self) -> Duration {
+        match self.handed.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => self.origin.elapsed().saturating_sub(Duration::from_millis(at - 1)),
+        }
+    }
+
+    fn handed_over(&self, last: bool) {
+        if last {
+            self.sent.store(true, Ordering::Relaxed);
+        }
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        self.handed.store(now, Ordering::Relaxed);
+    }
 }
 
 impl UpstreamBody {
@@ -305,7 +351,17 @@ impl UpstreamBody {
         if body.is_end_stream() {
             Self::Empty
         } else {
-            Self::Client(Idle::new(body, idle), count.get_or_insert_with(Arc::default).clone(), limit)
+            let count = count.get_or_insert_with(Arc::default).clone();
+            Self::Client(Idle::new(body, idle), count, limit, Arc::new(Progress::new()))
+        }
+    }
+
+    /// How far the body went (`None`: there is none).
+    #[must_use]
+    pub fn progress(&self) -> Option<Arc<Progress>> {
+        match self {
+            Self::Client(.., progress) => Some(progress.clone()),
+            Self::Empty => None,
         }
     }
 }
@@ -326,16 +382,23 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Self::Client(body, count, limit) => {
+            Self::Client(body, count, limit, progress) => {
+                // The connection asks for more: the piece before was taken.
+                progress.handed.store(0, Ordering::Relaxed);
                 let frame = body.poll_frame(cx, "the client's request body").map_err(ClientBodyError);
-                if let Poll::Ready(Some(Ok(f))) = &frame {
-                    if let Some(data) = f.data_ref() {
-                        let so_far =
-                            count.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
-                        if so_far > *limit {
-                            return Poll::Ready(Some(Err(ClientBodyError(BodyError::TooLarge(*limit)))));
+                match &frame {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let Some(data) = f.data_ref() {
+                            let so_far =
+                                count.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                            if so_far > *limit {
+                                return Poll::Ready(Some(Err(ClientBodyError(BodyError::TooLarge(*limit)))));
+                            }
                         }
+                        progress.handed_over(body.body.is_end_stream());
                     }
+                    Poll::Ready(None) => progress.sent.store(true, Ordering::Relaxed),
+                    _ => {}
                 }
                 frame
             }

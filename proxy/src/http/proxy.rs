@@ -46,6 +46,8 @@ enum ProxyError {
     Connect(ConnectError),
     #[error("task sent no response head within {0:?}")]
     ResponseTimeout(Duration),
+    #[error("task took nothing of the request body for {0:?} (it stopped reading)")]
+    SendTimeout(Duration),
     #[error("upstream exchange failed: {0}")]
     Upstream(hyper::Error),
     /// What its answer says (408 stalled, 413 too large, 400 broken), and why.
@@ -59,7 +61,9 @@ impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
             Self::NoTask => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Connect(ConnectError::Timeout(_)) | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Connect(ConnectError::Timeout(_)) | Self::ResponseTimeout(_) | Self::SendTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Self::Connect(_) | Self::Upstream(_) | Self::UnaskedSwitch(_) => StatusCode::BAD_GATEWAY,
             Self::ClientBody(status, _) => *status,
         }
@@ -281,6 +285,18 @@ impl Proxy {
         })
     }
 
+    /// The answer to a CA's HTTP-01 validation, over plain HTTP.
+    fn http01_answer(&self, req: &Request<Incoming>, secure: bool) -> Option<Response<ProxyBody>> {
+        let https = self.https.as_ref().filter(|_| !secure)?;
+        let path = req.uri().path();
+        if !path.starts_with(crate::acme::HTTP01_PREFIX) {
+            return None;
+        }
+        let mut resp = local(StatusCode::OK, https.certs.challenges.http_answer(path)?);
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        Some(resp)
+    }
+
     /// Serves one request. Never fails: errors become 4xx/5xx responses.
     pub async fn handle(&self, mut req: Request<Incoming>, conn: Arc<ConnActivity>) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -305,15 +321,8 @@ impl Proxy {
         prepare_request(&mut req, &conn, upgrade);
         let mut guard = RequestGuard::new(conn, &self.metrics.http_in_flight, access);
         // ACME HTTP-01 validation comes before any routing or redirect.
-        if let (false, Some(https)) = (secure, &self.https) {
-            if req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
-                if let Some(answer) = https.certs.challenges.http_answer(req.uri().path()) {
-                    let mut resp = local(StatusCode::OK, answer);
-                    resp.headers_mut()
-                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-                    return self.answered(resp, guard, None, (started, kind));
-                }
-            }
+        if let Some(resp) = self.http01_answer(&req, secure) {
+            return self.answered(resp, guard, None, (started, kind));
         }
         let route = self.route_for(&req, conn_ip);
         let Some(route) = route else {
@@ -373,7 +382,14 @@ impl Proxy {
                 let gzip = gzip.is_some_and(|c| c.wants(resp.status(), resp.headers()));
                 gzipped_if(
                     gzip,
-                    resp.map(|b| ProxyBody::upstream(b, self.cfg.upstream_body_timeout, timer, guard)),
+                    resp.map(|b| {
+                        ProxyBody::upstream(
+                            b,
+                            route.response_timeout.unwrap_or(self.cfg.upstream_body_timeout),
+                            timer,
+                            guard,
+                        )
+                    }),
                 )
             }
             Err((error, endpoint)) => {
@@ -504,6 +520,7 @@ impl Proxy {
         }
         let (timeout, metrics) =
             (route.response_timeout.unwrap_or(self.cfg.upstream_response_timeout), &route.metrics);
+        let sending = route.send_timeout.unwrap_or(self.cfg.upstream_send_timeout);
         // One timer for the whole request: each attempt's response head, then the body.
         let mut timer: Timer = Box::pin(tokio::time::sleep(timeout));
         let mut replays = 1;
@@ -517,8 +534,10 @@ impl Proxy {
             let result = match sender {
                 Sender::H1 { mut sender, reused } => {
                     let replay = (reused && replays > 0).then(|| replayable(&req)).flatten();
-                    match within(&mut timer, sender.try_send_request(req)).await {
-                        Err(()) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
+                    let progress = req.body().progress();
+                    let head = HeadWait { timer: &mut timer, timeout, sending, progress };
+                    match head.of(sender.try_send_request(req)).await {
+                        Err(e) => return Err(Failure::Sent(e)),
                         Ok(Ok(resp)) => {
                             endpoint.recycle(sender);
                             Ok(resp)
@@ -539,10 +558,14 @@ impl Proxy {
                         },
                     }
                 }
-                Sender::H2(mut sender) => match within(&mut timer, sender.try_send_request(req)).await {
-                    Err(()) => return Err(Failure::Sent(ProxyError::ResponseTimeout(timeout))),
-                    Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
-                },
+                Sender::H2(mut sender) => {
+                    let progress = req.body().progress();
+                    let head = HeadWait { timer: &mut timer, timeout, sending, progress };
+                    match head.of(sender.try_send_request(req)).await {
+                        Err(e) => return Err(Failure::Sent(e)),
+                        Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
+                    }
+                }
             };
             return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }
@@ -632,6 +655,46 @@ fn note(guard: &mut RequestGuard, status: StatusCode, origin: bool, route: Optio
 }
 
 /// `work`, unless `timer` fires first.
+/// The wait for a task's response head. Its timeout counts from the end of the request body
+/// (nginx's `proxy_read_timeout`: a long upload is not cut for taking long); while the body
+/// is still going out, the task must take each piece within `sending` (nginx's
+/// `proxy_send_timeout`).
+struct HeadWait<'t> {
+    timer: &'t mut Timer,
+    timeout: Duration,
+    sending: Duration,
+    progress: Option<Arc<super::body::Progress>>,
+}
+
+impl HeadWait<'_> {
+    async fn of<T>(self, exchange: impl std::future::Future<Output = T>) -> Result<T, ProxyError> {
+        let Some(progress) = self.progress.filter(|p| !p.all_sent()) else {
+            return within(self.timer, exchange)
+                .await
+                .map_err(|()| ProxyError::ResponseTimeout(self.timeout));
+        };
+        tokio::pin!(exchange);
+        let every =
+            (self.sending.min(self.timeout) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut check = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut exchange => return Ok(done),
+                () = self.timer.as_mut() => return Err(ProxyError::ResponseTimeout(self.timeout)),
+                _ = check.tick() => {
+                    if !progress.all_sent() {
+                        self.timer.as_mut().reset(tokio::time::Instant::now() + self.timeout);
+                        if progress.stuck_for() >= self.sending {
+                            return Err(ProxyError::SendTimeout(self.sending));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn within<T>(timer: &mut Timer, work: impl std::future::Future<Output = T>) -> Result<T, ()> {
     tokio::select! {
         biased;

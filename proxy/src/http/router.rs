@@ -45,6 +45,8 @@ pub struct Route {
     pub response_timeout: Option<std::time::Duration>,
     /// Time to connect to its tasks (`None`: the agent's).
     pub connect_timeout: Option<std::time::Duration>,
+    /// Time its tasks have to take each piece of a request body (`None`: the agent's).
+    pub send_timeout: Option<std::time::Duration>,
     /// Its middlewares, as configured (claims of one host and path merge only when alike)
     /// and compiled.
     pub middlewares: (Vec<crate::state::Middleware>, super::middleware::Chain),
@@ -178,8 +180,9 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             r.client_ca.clone(),
         )
     };
-    let reach =
-        |r: &Route| (r.max_body, r.response_timeout, r.connect_timeout, r.affinity.clone(), r.pass_host);
+    let reach = |r: &Route| {
+        (r.max_body, (r.response_timeout, r.connect_timeout, r.send_timeout), r.affinity.clone(), r.pass_host)
+    };
     let alike = a.refused.is_none()
         && b.refused.is_none()
         && access(a) == access(b)
@@ -203,6 +206,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         max_body: a.max_body,
         response_timeout: a.response_timeout,
         connect_timeout: a.connect_timeout,
+        send_timeout: a.send_timeout,
         middlewares: a.middlewares.clone(),
         conditions: a.conditions.clone(),
         priority: a.priority,
@@ -366,6 +370,7 @@ impl RouteTable {
                     max_body: http.max_body,
                     response_timeout: http.response_timeout,
                     connect_timeout: http.connect_timeout,
+                    send_timeout: http.send_timeout,
                     basic_auth: http
                         .basic_auth
                         .as_ref()

@@ -110,6 +110,9 @@ struct HttpEntry {
     /// Time to connect to its tasks (`3s`).
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<std::time::Duration>,
+    /// Time its tasks have to take each piece of a request body (`1m`).
+    #[serde(default, with = "humantime_serde")]
+    send_timeout: Option<std::time::Duration>,
     /// With `protocol = "https"`: `{ verify = true, ca = "...", server_name = "...",
     /// client_cert = "...", client_key = "..." }`; unset: the tasks' certificates are not
     /// verified.
@@ -283,6 +286,9 @@ fn check_upstream(h: &HttpEntry) -> Result<(), (Range<usize>, String)> {
     if h.response_timeout.is_some_and(|t| t.is_zero()) {
         return Err((h.port.span(), "response_timeout must be above zero, e.g. \"5m\"".into()));
     }
+    if h.send_timeout.is_some_and(|t| t.is_zero()) {
+        return Err((h.port.span(), "send_timeout must be above zero, e.g. \"5m\"".into()));
+    }
     Ok(())
 }
 
@@ -366,6 +372,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         upstream_tls: h.upstream_tls,
         response_timeout: h.response_timeout,
         connect_timeout: h.connect_timeout,
+        send_timeout: h.send_timeout,
         middlewares: h.middlewares,
         conditions: h.conditions,
         priority: h.priority,

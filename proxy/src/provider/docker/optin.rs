@@ -330,7 +330,7 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
 }
 
 /// Per-route limits: `meshgate.http.max_body`, `meshgate.http.response_timeout`,
-/// `meshgate.http.connect_timeout`.
+/// `meshgate.http.connect_timeout`, `meshgate.http.send_timeout`.
 fn limits<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
     // `meshgate.http.max_body=10m`: the largest request body its routes take.
     if let Some(v) = label("meshgate.http.max_body") {
@@ -340,10 +340,12 @@ fn limits<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
         }
     }
     // `meshgate.http.response_timeout=5m`: the time its tasks have for a response head;
-    // `meshgate.http.connect_timeout=5s`: to connect to them.
+    // `meshgate.http.connect_timeout=5s`: to connect to them; `meshgate.http.send_timeout=5m`:
+    // to take each piece of a request body.
     for (key, set) in [
         ("meshgate.http.response_timeout", (|r, d| r.response_timeout = Some(d)) as fn(&mut HttpRoute, _)),
         ("meshgate.http.connect_timeout", |r, d| r.connect_timeout = Some(d)),
+        ("meshgate.http.send_timeout", |r, d| r.send_timeout = Some(d)),
     ] {
         if let Some(v) = label(key) {
             match humantime::parse_duration(v.trim()) {
@@ -424,6 +426,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.max_body",
         "meshgate.http.response_timeout",
         "meshgate.http.connect_timeout",
+        "meshgate.http.send_timeout",
         "meshgate.http.upstream_verify",
         "meshgate.http.upstream_ca",
         "meshgate.http.upstream_server_name",
