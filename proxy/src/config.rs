@@ -85,6 +85,9 @@ pub struct ProxyConfig {
     /// Largest request body a route takes when it sets none of its own (413 past it); 0:
     /// no limit (as Traefik; nginx's default is 1 MiB).
     pub max_body_bytes: u64,
+    /// Of a route with request buffering on, this much of a request body is read before
+    /// anything goes to the task; a longer body streams on after it.
+    pub request_buffer_bytes: u64,
     /// Most header fields accepted in one request; more get 431.
     pub max_headers: usize,
     /// Client connections one listener holds at most; more are refused (503, then closed).
@@ -123,6 +126,7 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
             max_body_bytes: 0,
+            request_buffer_bytes: 8 << 20,
             max_headers: 100,
             max_connections: 10_000,
             max_connections_per_client: 1_000,

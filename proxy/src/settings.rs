@@ -50,6 +50,7 @@ pub const SETTINGS: &[Setting] = &[
     s("proxy.shutdown_grace", "DURATION", "Time in-flight requests get on SIGTERM"),
     s("proxy.max_header_bytes", "BYTES", "Largest request head; larger gets 431"),
     s("proxy.max_body_bytes", "BYTES", "Largest request body a route takes unless it sets its own (413); 0: no limit"),
+    s("proxy.request_buffer_bytes", "BYTES", "With request buffering on (per route), the part of a request body read before the task gets any (in memory); the rest streams"),
     s("proxy.max_headers", "N", "Most header fields per request; more gets 431"),
     s("proxy.max_connections", "N", "Client connections one listener holds at most; more are refused (503, then closed)"),
     s("proxy.max_connections_per_client", "N", "Client connections one address holds at most on a listener (trusted_networks are not counted)"),

@@ -139,6 +139,8 @@ impl Health {
 }
 
 /// How the proxy exposes a service over HTTP.
+// Allowed because: each flag is a setting of its own in the routes file and on the wire.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HttpRoute {
     pub hosts: Vec<HostPattern>,
@@ -175,6 +177,10 @@ pub struct HttpRoute {
     /// `proxy.max_body_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body: Option<u64>,
+    /// The request body is read (up to `proxy.request_buffer_bytes`) before the task gets
+    /// any of it, as nginx's `proxy_request_buffering on`; off: streamed as it comes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub request_buffering: bool,
     /// How long its tasks have to send a response head (`None`: the agent's
     /// `proxy.upstream_response_timeout`); a long report or export needs more.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
@@ -355,6 +361,7 @@ impl HttpRoute {
             response_timeout: None,
             connect_timeout: None,
             send_timeout: None,
+            request_buffering: false,
             upstream_tls: None,
             middlewares: Vec::new(),
             conditions: Vec::new(),

@@ -242,3 +242,113 @@ async fn a_long_upload_is_not_cut_by_the_response_timeout_and_a_task_that_stops_
     .await;
     assert_eq!(code, "504", "the task stopped reading: its send timeout answers");
 }
+
+/// A task that notes when each request head arrives (in `events`), reads the body (its
+/// `Content-Length`, or chunks to the last), and answers 200 with the request head it got.
+async fn length_reader(events: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let events = events.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                events.lock().unwrap().push("the task got the request head".into());
+                let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                let chunked = head.contains("transfer-encoding: chunked");
+                while (chunked && !seen.ends_with(b"0\r\n\r\n")) || (!chunked && seen.len() < end + length) {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
+                    head.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Drop-in issue, item 3: request buffering per route (`request_buffering`, nginx's
+/// `proxy_request_buffering on`; a Traefik `buffering` middleware too): a body the client
+/// sends slowly reaches the task only once it is complete, with its length declared; with
+/// buffering off (meshgate's default, as Traefik) it streams as it comes.
+#[tokio::test]
+async fn request_buffering_holds_a_slow_body_until_it_is_complete() {
+    let events: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+    let task = length_reader(events.clone()).await.to_string();
+    let routes = crate::harness::service_with(
+        "buffered",
+        &["buffered.test"],
+        "/",
+        "http",
+        std::slice::from_ref(&task),
+    )
+    .replace("protocol = ", "request_buffering = true\nprotocol = ")
+        + &crate::harness::service_with(
+            "traefik",
+            &["traefik.test"],
+            "/",
+            "http",
+            std::slice::from_ref(&task),
+        )
+        .replace(
+            "protocol = ",
+            "middlewares = [{ kind = \"buffering\", max_request_body = 100000 }]\nprotocol = ",
+        )
+        + &crate::harness::service_with("streamed", &["streamed.test"], "/", "http", &[task]);
+    let mesh = Mesh::start(&routes).await;
+    // The same routes, with a buffer smaller than the body: its first part is read ahead,
+    // the rest streams.
+    let small = Mesh::start_with(&routes, |c| c.proxy.request_buffer_bytes = 2048).await;
+    let upload = async |mesh: &Mesh, host: &str| {
+        events.lock().unwrap().clear();
+        let mut stream = TcpStream::connect(mesh.agent.http_addr).await.unwrap();
+        let head = format!(
+            "POST /up HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        for _ in 0..5 {
+            stream.write_all(format!("400\r\n{}\r\n", "x".repeat(1024)).as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        events.lock().unwrap().push("the client sends its last chunk".into());
+        stream.write_all(b"0\r\n\r\n").await.unwrap();
+        let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+        (answer, events.lock().unwrap().clone())
+    };
+    for host in ["buffered.test", "traefik.test"] {
+        let (answer, order) = upload(&mesh, host).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+        assert!(
+            answer.contains("content-length: 5120"),
+            "{host}: the task got the length declared: {answer}"
+        );
+        assert_eq!(
+            order[0], "the client sends its last chunk",
+            "{host}: nothing before the body was complete"
+        );
+    }
+    let (answer, order) = upload(&mesh, "streamed.test").await;
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("transfer-encoding: chunked"), "{answer}");
+    assert_eq!(order[0], "the task got the request head", "streamed: the task had it while the client sent");
+    let (answer, order) = upload(&small, "buffered.test").await;
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("transfer-encoding: chunked"), "{answer}");
+    assert_eq!(order[0], "the task got the request head", "past the buffer, the rest streams");
+}

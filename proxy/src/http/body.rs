@@ -294,6 +294,9 @@ impl Drop for RequestGuard {
 pub enum UpstreamBody {
     /// The body, its bytes so far, the most it may carry, and how far it went.
     Client(Idle, Arc<AtomicU64>, u64, Arc<Progress>),
+    /// Read ahead (request buffering): its first frames, then the rest of it when it was
+    /// longer than the buffer.
+    Buffered(std::collections::VecDeque<Frame<Bytes>>, Option<Box<UpstreamBody>>),
     Empty,
 }
 
@@ -356,13 +359,36 @@ impl UpstreamBody {
         }
     }
 
-    /// How far the body went (`None`: there is none).
+    /// How far the body went (`None`: there is none, or it was all read ahead).
     #[must_use]
     pub fn progress(&self) -> Option<Arc<Progress>> {
         match self {
             Self::Client(.., progress) => Some(progress.clone()),
+            Self::Buffered(_, rest) => rest.as_ref().and_then(|r| r.progress()),
             Self::Empty => None,
         }
+    }
+
+    /// Reads up to `cap` bytes of the body ahead (request buffering, nginx's default): the
+    /// task gets it at once however slowly the client sent it; a longer body streams on
+    /// after that part. The client's body errors (stall, too large, broken) come out here.
+    pub async fn read_ahead(mut self, cap: u64) -> Result<Self, ClientBodyError> {
+        use http_body_util::BodyExt as _;
+        if matches!(self, Self::Empty) {
+            return Ok(self);
+        }
+        let (mut frames, mut held) = (std::collections::VecDeque::new(), 0u64);
+        while held < cap {
+            match self.frame().await {
+                None => return Ok(Self::Buffered(frames, None)),
+                Some(Ok(frame)) => {
+                    held += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    frames.push_back(frame);
+                }
+                Some(Err(e)) => return Err(e),
+            }
+        }
+        Ok(Self::Buffered(frames, Some(Box::new(self))))
     }
 }
 
@@ -402,6 +428,11 @@ impl Body for UpstreamBody {
                 }
                 frame
             }
+            Self::Buffered(frames, rest) => match (frames.pop_front(), rest) {
+                (Some(frame), _) => Poll::Ready(Some(Ok(frame))),
+                (None, Some(rest)) => Pin::new(rest.as_mut()).poll_frame(cx),
+                (None, None) => Poll::Ready(None),
+            },
             Self::Empty => Poll::Ready(None),
         }
     }
@@ -409,6 +440,9 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Client(idle, ..) => idle.body.is_end_stream(),
+            Self::Buffered(frames, rest) => {
+                frames.is_empty() && rest.as_ref().is_none_or(http_body::Body::is_end_stream)
+            }
             Self::Empty => true,
         }
     }
@@ -416,6 +450,21 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Client(idle, ..) => idle.body.size_hint(),
+            Self::Buffered(frames, rest) => {
+                let held: u64 = frames.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
+                match rest {
+                    None => SizeHint::with_exact(held),
+                    Some(rest) => {
+                        let more = rest.size_hint();
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(held + more.lower());
+                        if let Some(upper) = more.upper() {
+                            hint.set_upper(held + upper);
+                        }
+                        hint
+                    }
+                }
+            }
             Self::Empty => SizeHint::with_exact(0),
         }
     }

@@ -69,17 +69,22 @@ impl ProxyError {
         }
     }
 
+    /// The client's body failed: 408 stalled, 413 too large, 400 broken.
+    fn of_client_body(body: &super::body::ClientBodyError) -> Self {
+        let status = match body.0 {
+            super::body::BodyError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+            super::body::BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            super::body::BodyError::Peer(_) => StatusCode::BAD_REQUEST,
+        };
+        Self::ClientBody(status, body.to_string())
+    }
+
     /// A failed exchange: the client's fault when its own body failed, else the task's.
     fn of_exchange(e: hyper::Error) -> Self {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
         while let Some(c) = cause {
             if let Some(body) = c.downcast_ref::<super::body::ClientBodyError>() {
-                let status = match body.0 {
-                    super::body::BodyError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
-                    super::body::BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                    super::body::BodyError::Peer(_) => StatusCode::BAD_REQUEST,
-                };
-                return Self::ClientBody(status, body.to_string());
+                return Self::of_client_body(body);
             }
             cause = c.source();
         }
@@ -475,6 +480,12 @@ impl Proxy {
         // One more try on another task by default; a `retry` middleware says how many, and
         // how long to wait between them.
         let (tries, mut wait) = route.middlewares.1.limits().attempts.unwrap_or((2, Duration::ZERO));
+        if route.request_buffering {
+            let (parts, body) = req.into_parts();
+            let body = body.read_ahead(self.cfg.request_buffer_bytes).await;
+            let body = body.map_err(|e| (ProxyError::of_client_body(&e), None))?;
+            req = Request::from_parts(parts, body);
+        }
         for attempt in 0..tries {
             if attempt > 0 && !wait.is_zero() {
                 tokio::time::sleep(wait).await;

@@ -47,6 +47,9 @@ pub struct Route {
     pub connect_timeout: Option<std::time::Duration>,
     /// Time its tasks have to take each piece of a request body (`None`: the agent's).
     pub send_timeout: Option<std::time::Duration>,
+    /// Its request bodies are read before its tasks get them (its own setting, or a
+    /// `buffering` middleware).
+    pub request_buffering: bool,
     /// Its middlewares, as configured (claims of one host and path merge only when alike)
     /// and compiled.
     pub middlewares: (Vec<crate::state::Middleware>, super::middleware::Chain),
@@ -181,7 +184,8 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         )
     };
     let reach = |r: &Route| {
-        (r.max_body, (r.response_timeout, r.connect_timeout, r.send_timeout), r.affinity.clone(), r.pass_host)
+        let timeouts = (r.response_timeout, r.connect_timeout, r.send_timeout);
+        (r.max_body, timeouts, r.affinity.clone(), (r.pass_host, r.request_buffering))
     };
     let alike = a.refused.is_none()
         && b.refused.is_none()
@@ -207,6 +211,7 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
         response_timeout: a.response_timeout,
         connect_timeout: a.connect_timeout,
         send_timeout: a.send_timeout,
+        request_buffering: a.request_buffering,
         middlewares: a.middlewares.clone(),
         conditions: a.conditions.clone(),
         priority: a.priority,
@@ -219,6 +224,20 @@ fn merged(a: &Route, b: &Route) -> Option<Route> {
             service: format!("{}+{}", a.service, b.service),
         }),
     })
+}
+
+/// A route's basic authentication, as configured and as checked.
+fn checked_auth(
+    http: &crate::state::HttpRoute,
+) -> Option<(crate::state::BasicAuth, Arc<super::basic_auth::Checker>)> {
+    http.basic_auth.as_ref().map(|a| (a.clone(), Arc::new(super::basic_auth::Checker::new(a))))
+}
+
+/// Whether a route reads request bodies before its tasks get them: its own setting, or a
+/// Traefik `buffering` middleware (which buffers).
+fn buffers(http: &crate::state::HttpRoute) -> bool {
+    http.request_buffering
+        || http.middlewares.iter().any(|m| matches!(m, crate::state::Middleware::Buffering { .. }))
 }
 
 /// The endpoints of the routable tasks of `svc` for one HTTP route, each reached the way
@@ -371,10 +390,8 @@ impl RouteTable {
                     response_timeout: http.response_timeout,
                     connect_timeout: http.connect_timeout,
                     send_timeout: http.send_timeout,
-                    basic_auth: http
-                        .basic_auth
-                        .as_ref()
-                        .map(|a| (a.clone(), Arc::new(super::basic_auth::Checker::new(a)))),
+                    request_buffering: buffers(http),
+                    basic_auth: checked_auth(http),
                     protocol: http.protocol,
                     endpoints,
                 });

@@ -80,6 +80,8 @@ fn local_node() -> String {
     crate::state::THIS_NODE.into()
 }
 
+// Allowed because: each flag is a setting of its own in the routes file.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HttpEntry {
@@ -110,6 +112,9 @@ struct HttpEntry {
     /// Time to connect to its tasks (`3s`).
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<std::time::Duration>,
+    /// `true`: the request body is read before the task gets any (nginx's default).
+    #[serde(default)]
+    request_buffering: bool,
     /// Time its tasks have to take each piece of a request body (`1m`).
     #[serde(default, with = "humantime_serde")]
     send_timeout: Option<std::time::Duration>,
@@ -373,6 +378,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         response_timeout: h.response_timeout,
         connect_timeout: h.connect_timeout,
         send_timeout: h.send_timeout,
+        request_buffering: h.request_buffering,
         middlewares: h.middlewares,
         conditions: h.conditions,
         priority: h.priority,

@@ -330,7 +330,8 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
 }
 
 /// Per-route limits: `meshgate.http.max_body`, `meshgate.http.response_timeout`,
-/// `meshgate.http.connect_timeout`, `meshgate.http.send_timeout`.
+/// `meshgate.http.connect_timeout`, `meshgate.http.send_timeout`,
+/// `meshgate.http.request_buffering`.
 fn limits<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
     // `meshgate.http.max_body=10m`: the largest request body its routes take.
     if let Some(v) = label("meshgate.http.max_body") {
@@ -355,6 +356,14 @@ fn limits<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
                     .push(format!("label `{key}`: `{v}` is not a duration above zero (write 5s or 5m)")),
             }
         }
+    }
+    // `meshgate.http.request_buffering=true`: bodies are read before the task gets them.
+    match label("meshgate.http.request_buffering").map(|v| (v, parse_bool(v))) {
+        Some((_, Some(on))) => out.routes.iter_mut().for_each(|r| r.request_buffering = on),
+        Some((v, None)) => {
+            out.problems.push(format!("label `meshgate.http.request_buffering`: `{v}` is not true or false"));
+        }
+        None => {}
     }
 }
 
@@ -427,6 +436,7 @@ fn unknown_settings(w: &Workload<'_>) -> Vec<String> {
         "meshgate.http.response_timeout",
         "meshgate.http.connect_timeout",
         "meshgate.http.send_timeout",
+        "meshgate.http.request_buffering",
         "meshgate.http.upstream_verify",
         "meshgate.http.upstream_ca",
         "meshgate.http.upstream_server_name",
