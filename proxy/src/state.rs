@@ -442,6 +442,10 @@ pub struct BasicAuth {
     pub realm: String,
     /// Whether `Authorization` is removed before the request goes to the task.
     pub remove_header: bool,
+    /// The header that tells the task who the user is (Traefik's `headerField`); a client's
+    /// own header of that name never reaches the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_field: Option<String>,
 }
 
 impl BasicAuth {
@@ -459,7 +463,7 @@ impl BasicAuth {
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(str::to_owned)
             .collect();
-        let auth = Self { users, realm: "Restricted".into(), remove_header: false };
+        let auth = Self { users, realm: "Restricted".into(), remove_header: false, header_field: None };
         match auth.bad_entry() {
             Some(bad) => Err(format!("htpasswd file {}: {bad}", path.display())),
             None if auth.users.is_empty() => Err(format!("htpasswd file {} names no user", path.display())),

@@ -1012,6 +1012,52 @@ async fn a_traefik_basicauth_middleware_asks_for_the_users_credentials() {
     let state = reqwest_text(&mesh.admin_url("/api/state")).await;
     let hash = user.split_once(':').unwrap().1;
     assert!(state.contains("admin:REDACTED") && !state.contains(hash), "{state}");
+
+    // `usersfile` (read on the agent's node, the users travel with the route) and
+    // `headerField` (the task learns the user; a client's own header of that name never
+    // reaches it); a users file that does not exist refuses the route.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users");
+    let made = std::process::Command::new("htpasswd")
+        .arg("-cbB")
+        .arg(&file)
+        .args(["ann", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let labels = |host: &str, users_file: &str| {
+        [
+            "traefik.enable=true".to_owned(),
+            format!("traefik.http.routers.r.rule=Host(`{host}`)"),
+            "traefik.http.routers.r.middlewares=by-file".to_owned(),
+            format!("traefik.http.middlewares.by-file.basicauth.usersfile={users_file}"),
+            "traefik.http.middlewares.by-file.basicauth.headerField=X-WebAuth-User".to_owned(),
+        ]
+        .iter()
+        .flat_map(|l| ["-l".to_owned(), l.clone()])
+        .collect::<Vec<_>>()
+    };
+    let by_file = labels("file.docker.test", file.to_str().unwrap());
+    let _by_file =
+        Container::run("byfile", &by_file.iter().map(String::as_str).collect::<Vec<_>>(), 80).await;
+    let missing = labels("nofile.docker.test", "/nonexistent/users");
+    let _missing =
+        Container::run("nofile", &missing.iter().map(String::as_str).collect::<Vec<_>>(), 80).await;
+    until_status(&mesh, "file.docker.test", StatusCode::UNAUTHORIZED).await;
+    let env = mesh.url("/cgi-bin/env");
+    let (ok, body) = crate::harness::curl(&[
+        "-sf",
+        "-u",
+        "ann:s3cret",
+        "-H",
+        "X-WebAuth-User: root",
+        "-H",
+        "Host: file.docker.test",
+        &env,
+    ])
+    .await;
+    assert!(ok && body.contains("HTTP_X_WEBAUTH_USER=ann") && !body.contains("=root"), "{body}");
+    until_status(&mesh, "nofile.docker.test", StatusCode::SERVICE_UNAVAILABLE).await;
 }
 
 /// Drop-in issue: nginx-proxy's htpasswd directory, a file named after a `VIRTUAL_HOST`

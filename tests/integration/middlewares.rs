@@ -226,10 +226,12 @@ async fn traefik_rule_matchers_choose_among_routers_of_one_host() {
     };
     let root = url("/");
     let cgi = url("/cgi-bin/env");
+    let ping_url = url("/app/");
     eventually("all four routers are served", Duration::from_secs(30), async || {
         who(&[&root]).await == site.id
             && who(&["-X", "POST", &cgi]).await == writes.id
             && who(&["-H", "X-Canary: on", &root]).await == canary.id
+            && who(&[&ping_url]).await == ping.id
     })
     .await;
     assert_eq!(who(&[&cgi]).await, site.id, "a GET is not a write");
@@ -238,7 +240,6 @@ async fn traefik_rule_matchers_choose_among_routers_of_one_host() {
     assert_eq!(who(&["-H", "X-Canary: off", &root]).await, site.id);
     // `Path` is exact: `/app/` only, and above every other router by its priority (a canary
     // too).
-    let ping_url = url("/app/");
     assert_eq!(who(&["-H", "X-Canary: on", &ping_url]).await, ping.id);
     assert_eq!(who(&[&url("/app/index.html")]).await, site.id);
 }

@@ -64,6 +64,7 @@ pub fn for_the_wire(state: &MeshState) -> MeshState {
                 users: vec![LOCK_USER.to_owned()],
                 realm: LOCK_REALM.to_owned(),
                 remove_header: false,
+                header_field: None,
             });
         }
     }

@@ -212,6 +212,7 @@ mod tests {
             users: vec![format!("a:{APR1}"), format!("b:{BCRYPT}"), format!("c:{SHA}")],
             realm: "r".into(),
             remove_header: false,
+            header_field: None,
         };
         assert_eq!(auth.bad_entry(), None);
         let checker = std::sync::Arc::new(Checker::new(&auth));
@@ -231,7 +232,12 @@ mod tests {
     #[test]
     fn bad_entries_are_refused() {
         for bad in ["nouser", ":{SHA}x", "u:plain", "u:$1$md5crypt"] {
-            let auth = BasicAuth { users: vec![bad.into()], realm: String::new(), remove_header: false };
+            let auth = BasicAuth {
+                users: vec![bad.into()],
+                realm: String::new(),
+                remove_header: false,
+                header_field: None,
+            };
             assert!(auth.bad_entry().is_some(), "{bad}");
         }
     }

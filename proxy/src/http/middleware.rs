@@ -607,10 +607,30 @@ pub async fn basic_auth(
         }
         return Some(resp);
     }
+    if let Some(field) = &auth.header_field {
+        // The client's own header of that name never reaches the task: it names the user
+        // that was checked, or nothing.
+        let user = req.headers().get(header::AUTHORIZATION).and_then(|v| basic_user(v.as_bytes()));
+        req.headers_mut().remove(field.as_str());
+        if let (Some(user), Ok(name)) = (user, http::HeaderName::from_bytes(field.as_bytes())) {
+            if let Ok(value) = HeaderValue::from_str(&user) {
+                req.headers_mut().insert(name, value);
+            }
+        }
+    }
     if auth.remove_header {
         req.headers_mut().remove(header::AUTHORIZATION);
     }
     None
+}
+
+/// The user name of a `Basic` authorization value.
+fn basic_user(value: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = value.strip_prefix(b"Basic ").or_else(|| value.strip_prefix(b"basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim_ascii()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':').map(|(user, _)| user.to_owned())
 }
 
 /// Asks the authentication server about `req`: `None` lets it on (with the server's

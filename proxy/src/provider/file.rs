@@ -156,6 +156,7 @@ struct BasicAuthEntry {
     realm: String,
     #[serde(default)]
     remove_header: bool,
+    header_field: Option<String>,
 }
 
 fn default_realm() -> String {
@@ -325,8 +326,12 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         Some(spanned) => {
             let span = spanned.span();
             let e = spanned.into_inner();
-            let auth =
-                crate::state::BasicAuth { users: e.users, realm: e.realm, remove_header: e.remove_header };
+            let auth = crate::state::BasicAuth {
+                users: e.users,
+                realm: e.realm,
+                remove_header: e.remove_header,
+                header_field: e.header_field,
+            };
             if let Some(bad) = auth.bad_entry() {
                 return Err((span, format!("basic_auth: {bad}")));
             }

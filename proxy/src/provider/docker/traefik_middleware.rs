@@ -17,7 +17,7 @@ use crate::state::{BasicAuth, Cors, ForwardAuth, Headers, Middleware, Source};
 /// Options meshgate reads, by middleware kind (lower case; `*` ends a prefix whose rest is
 /// a name, such as a header's).
 const KNOWN: &[(&str, &[&str])] = &[
-    ("basicauth", &["users", "realm", "removeheader"]),
+    ("basicauth", &["users", "usersfile", "realm", "removeheader", "headerfield"]),
     ("ipallowlist", &["sourcerange"]),
     ("ipwhitelist", &["sourcerange"]),
     ("redirectscheme", &["scheme", "port", "permanent"]),
@@ -287,22 +287,36 @@ fn header_name(name: &str) -> Result<String, String> {
         .map_err(|_| format!("`{name}` is not a header name"))
 }
 
+/// A `basicauth` middleware: inline users, and those of its `usersfile`.
+fn basic_auth(o: &BTreeMap<String, &str>) -> Result<BasicAuth, String> {
+    let mut users = list(o, "users");
+    // Read here, on the node that watches Docker; the users travel with the route
+    // to every node (which need not have the file).
+    if let Some(file) = o.get("usersfile") {
+        match BasicAuth::from_htpasswd_file(std::path::Path::new(file.trim()))? {
+            Some(from_file) => users.extend(from_file.users),
+            None => return Err(format!("`basicauth.usersfile` {file} does not exist on this node")),
+        }
+    }
+    let header_field = o.get("headerfield").map(|h| header_name(h.trim())).transpose()?;
+    let auth = BasicAuth {
+        users,
+        realm: o.get("realm").map_or("traefik", |r| r).to_owned(),
+        remove_header: flag(o, "removeheader")?,
+        header_field,
+    };
+    if auth.users.is_empty() {
+        return Err("no user in `basicauth.users` or `basicauth.usersfile`".into());
+    }
+    if let Some(bad) = auth.bad_entry() {
+        return Err(bad);
+    }
+    Ok(auth)
+}
+
 fn one(name: &str, kind: &str, o: &BTreeMap<String, &str>) -> Result<Middleware, String> {
     Ok(match kind {
-        "basicauth" => {
-            let auth = BasicAuth {
-                users: list(o, "users"),
-                realm: o.get("realm").map_or("traefik", |r| r).to_owned(),
-                remove_header: flag(o, "removeheader")?,
-            };
-            if auth.users.is_empty() {
-                return Err("no `basicauth.users` (a `usersfile` on the proxy's disk is not carried to every node: give the users inline)".into());
-            }
-            if let Some(bad) = auth.bad_entry() {
-                return Err(bad);
-            }
-            Middleware::BasicAuth(auth)
-        }
+        "basicauth" => Middleware::BasicAuth(basic_auth(o)?),
         "ipallowlist" | "ipwhitelist" => {
             let networks = list(o, "sourcerange")
                 .iter()
