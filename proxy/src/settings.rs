@@ -111,6 +111,8 @@ pub const SETTINGS: &[Setting] = &[
     s("docker.endpoint", "URL", "Engine address; unset: DOCKER_HOST, else unix:///var/run/docker.sock"),
     s("docker.expose_by_default", "BOOL", "Route containers that did not opt in"),
     s("docker.default_domain", "DOMAIN", "With expose_by_default: <name>.<domain> for workloads without a host"),
+    s("docker.traefik_entrypoints_http", "NAME,...", "Traefik entrypoints served on the HTTP listener (a router on an entrypoint named nowhere is refused)"),
+    s("docker.traefik_entrypoints_https", "NAME,...", "Traefik entrypoints served on the HTTPS listener"),
     s("docker.traefik_insecure_skip_verify", "BOOL", "Traefik's serversTransport.insecureSkipVerify: Traefik-labelled https services are not verified"),
     s("docker.htpasswd_dir", "DIR", "nginx-proxy's htpasswd directory: a file named after a host holds its users"),
     s("docker.network", "NAME", "Network to reach tasks on when a workload names none"),

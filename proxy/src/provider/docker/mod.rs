@@ -63,6 +63,11 @@ pub struct DockerConfig {
     /// Traefik's `serversTransport.insecureSkipVerify`: Traefik-labelled https services are
     /// not verified (by default they are, against the public web roots, as Traefik does).
     pub traefik_insecure_skip_verify: bool,
+    /// Traefik entrypoint names served on the HTTP listener (a router on another one is
+    /// refused).
+    pub traefik_entrypoints_http: Vec<String>,
+    /// Traefik entrypoint names served on the HTTPS listener.
+    pub traefik_entrypoints_https: Vec<String>,
     /// The network to reach tasks on when a workload does not name one.
     pub network: Option<String>,
     /// nginx-proxy's htpasswd directory: a file named after a host holds its users.
@@ -83,6 +88,8 @@ impl Default for DockerConfig {
             expose_by_default: false,
             default_domain: None,
             traefik_insecure_skip_verify: false,
+            traefik_entrypoints_http: vec!["web".into()],
+            traefik_entrypoints_https: vec!["websecure".into()],
             network: None,
             htpasswd_dir: None,
             debounce: Duration::from_millis(100),

@@ -33,7 +33,7 @@ pub struct OptIn {
 }
 
 /// Settings that decide what happens without an explicit opt-in.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Defaults {
     /// Route workloads that did not opt in (Traefik's `exposedByDefault`).
     pub expose_by_default: bool,
@@ -42,6 +42,19 @@ pub struct Defaults {
     /// Traefik-labelled https services are not verified (Traefik's
     /// `serversTransport.insecureSkipVerify`).
     pub traefik_insecure_skip_verify: bool,
+    /// The Traefik entrypoint names served on the HTTP listener, and on the HTTPS one.
+    pub traefik_entrypoints: (Vec<String>, Vec<String>),
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            expose_by_default: false,
+            default_domain: None,
+            traefik_insecure_skip_verify: false,
+            traefik_entrypoints: (vec!["web".into()], vec!["websecure".into()]),
+        }
+    }
 }
 
 pub(super) fn parse_bool(v: &str) -> Option<bool> {
@@ -190,7 +203,7 @@ pub fn read(w: &Workload<'_>, defaults: &Defaults) -> OptIn {
         None => defaults.expose_by_default,
     };
     if traefik_enabled {
-        from_traefik_labels(w, defaults.traefik_insecure_skip_verify, &mut out);
+        from_traefik_labels(w, defaults, &mut out);
     }
     if out.routes.is_empty()
         && out.problems.is_empty()
@@ -772,7 +785,8 @@ fn from_our_labels(w: &Workload<'_>) -> Result<HttpRoute, OptInError> {
 }
 
 /// The Traefik subset: routers with rules, their services' ports and schemes, cert resolvers.
-fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
+fn from_traefik_labels(w: &Workload<'_>, defaults: &Defaults, out: &mut OptIn) {
+    let insecure = defaults.traefik_insecure_skip_verify;
     let label = |k: &str| w.labels.get(k).map(String::as_str);
     let names = |prefix: &str| -> BTreeSet<String> {
         w.labels.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next().map(str::to_owned)).collect()
@@ -817,7 +831,8 @@ fn from_traefik_labels(w: &Workload<'_>, insecure: bool, out: &mut OptIn) {
                 continue;
             }
         };
-        let (https_method, mut refused) = router_access(&key, label, matches!(tls, TlsWish::Acme { .. }));
+        let (https_method, mut refused) =
+            router_access(&key, label, matches!(tls, TlsWish::Acme { .. }), &defaults.traefik_entrypoints);
         let mut honoured = Vec::new();
         if let (None, Some(chain)) = (&refused, label(&key("middlewares"))) {
             match super::traefik_middleware::chain(w.labels, w.middlewares, chain) {
@@ -1000,8 +1015,9 @@ fn router_access<'a>(
     key: &dyn Fn(&str) -> String,
     label: impl Fn(&str) -> Option<&'a str>,
     certificate: bool,
+    entrypoints: &(Vec<String>, Vec<String>),
 ) -> (HttpsMethod, Option<String>) {
-    let (method, refused) = router_entrypoints(key, &label);
+    let (method, refused) = router_entrypoints(key, &label, entrypoints);
     // As Traefik: a router with TLS (`tls=true`, a cert resolver) takes TLS connections
     // only; plain HTTP is redirected once there is a certificate, never served.
     if certificate || label(&key("tls")).and_then(parse_bool) == Some(true) {
@@ -1011,10 +1027,12 @@ fn router_access<'a>(
 }
 
 /// A router's TLS options and entrypoints: the listeners it is served on (`web`: HTTP,
-/// `websecure`: HTTPS, both by default), or why it cannot be served as asked.
+/// `websecure`: HTTPS, both by default; `docker.traefik_entrypoints_http`/`_https` name
+/// them), or why it cannot be served as asked.
 fn router_entrypoints<'a>(
     key: &dyn Fn(&str) -> String,
     label: &impl Fn(&str) -> Option<&'a str>,
+    (http, https): &(Vec<String>, Vec<String>),
 ) -> (HttpsMethod, Option<String>) {
     let refuse = |k: String, v: &str, what: &str| {
         Some(format!("label `{k}={v}`: {what}; the route is not served rather than served without it"))
@@ -1024,11 +1042,16 @@ fn router_entrypoints<'a>(
     }
     let Some(v) = label(&key("entrypoints")) else { return (HttpsMethod::Redirect, None) };
     let names: BTreeSet<&str> = v.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
-    if let Some(other) = names.iter().find(|n| !matches!(**n, "web" | "websecure")) {
-        let what = format!("entrypoint `{other}` is not one of meshgate's (web: HTTP, websecure: HTTPS)");
+    let on = |listener: &[String], n: &str| listener.iter().any(|l| l == n);
+    if let Some(other) = names.iter().find(|n| !on(http, n) && !on(https, n)) {
+        let what = format!(
+            "entrypoint `{other}` is not one of meshgate's (HTTP: {}; HTTPS: {}; name more with docker.traefik_entrypoints_http and _https)",
+            http.join(", "),
+            https.join(", ")
+        );
         return (HttpsMethod::Redirect, refuse(key("entrypoints"), v, &what));
     }
-    match (names.contains("web"), names.contains("websecure")) {
+    match (names.iter().any(|n| on(http, n)), names.iter().any(|n| on(https, n))) {
         (true, false) => (HttpsMethod::Nohttps, None),
         (false, true) => (HttpsMethod::Nohttp, None),
         _ => (HttpsMethod::Redirect, None),
@@ -1041,6 +1064,10 @@ mod tests {
     use super::*;
 
     fn read_with(env: &[(&str, &str)], labels: &[(&str, &str)], exposed: &[u16]) -> OptIn {
+        read_by(env, labels, exposed, &Defaults::default())
+    }
+
+    fn read_by(env: &[(&str, &str)], labels: &[(&str, &str)], exposed: &[u16], defaults: &Defaults) -> OptIn {
         let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
         let labels: HashMap<String, String> =
             labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
@@ -1052,7 +1079,7 @@ mod tests {
                 name: "app",
                 middlewares: &Catalogue::default(),
             },
-            &Defaults::default(),
+            defaults,
         )
     }
 
@@ -1104,6 +1131,22 @@ mod tests {
         assert_eq!(o.routes[0].https_method, HttpsMethod::Nohttps);
         let o = traefik(&[("traefik.http.routers.adm.entrypoints", "internal")]);
         assert!(o.routes[0].refused.is_some(), "an entrypoint meshgate does not have");
+        // Entrypoints named as the operator's Traefik named them.
+        let named = Defaults {
+            traefik_entrypoints: (vec!["web".into(), "http".into()], vec!["https".into()]),
+            ..Defaults::default()
+        };
+        let with = |v: &str| {
+            let labels = [
+                ("traefik.enable", "true"),
+                ("traefik.http.routers.adm.rule", "Host(`adm.test`)"),
+                ("traefik.http.routers.adm.entrypoints", v),
+            ];
+            read_by(&[], &labels, &[80], &named).routes.remove(0)
+        };
+        assert_eq!((with("https").https_method, with("https").refused), (HttpsMethod::Nohttp, None));
+        assert_eq!((with("http").https_method, with("http").refused), (HttpsMethod::Nohttps, None));
+        assert!(with("websecure").refused.is_some(), "not named here any more");
         let o = traefik(&[("traefik.http.routers.adm.tls.options", "mtls@file")]);
         assert!(o.routes[0].refused.is_some(), "TLS options");
 
@@ -1559,7 +1602,7 @@ mod tests {
                     &Defaults {
                         expose_by_default: true,
                         default_domain: Some("d.test".into()),
-                        traefik_insecure_skip_verify: false,
+                        ..Defaults::default()
                     },
                 );
                 for r in &out.routes {

@@ -306,6 +306,10 @@ impl Discovery {
                 expose_by_default: cfg.expose_by_default,
                 default_domain: cfg.default_domain.clone(),
                 traefik_insecure_skip_verify: cfg.traefik_insecure_skip_verify,
+                traefik_entrypoints: (
+                    cfg.traefik_entrypoints_http.clone(),
+                    cfg.traefik_entrypoints_https.clone(),
+                ),
             },
             network: cfg.network.clone(),
             htpasswd_dir: cfg.htpasswd_dir.clone(),
