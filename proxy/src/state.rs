@@ -237,6 +237,16 @@ pub struct HttpRoute {
     /// `clientAuth` with `RequireAndVerifyClientCert`. Over plain HTTP the route answers 403.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<std::path::PathBuf>,
+    /// On the cluster feed only: the route's own `allow_from`, while `allow_from` itself
+    /// admits no one for agents of an earlier version (see `cluster::wire`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_lock: Option<WireLock>,
+}
+
+/// What the feed's lock for earlier agents set aside (see [`HttpRoute::wire_lock`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLock {
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
 }
 
 /// A PROXY protocol version.
@@ -362,6 +372,7 @@ impl HttpRoute {
             connect_timeout: None,
             send_timeout: None,
             request_buffering: false,
+            wire_lock: None,
             upstream_tls: None,
             middlewares: Vec::new(),
             conditions: Vec::new(),

@@ -49,16 +49,32 @@ const LOCK_REALM: &str = "meshgate: served by agents of the same version only (a
 const LOCK_USER: &str = "upgrade:{SHA}AAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
 /// The state as it goes on the wire. A route that restricts access with what an agent of an
-/// earlier version does not read (middlewares, conditions, client certificates: it would drop them and serve the
-/// route open during a rolling upgrade of meshgate) also carries a basic auth that no
-/// password opens, which that agent enforces; agents of this version take it off again
-/// ([`from_the_wire`]). Fails closed while versions are mixed.
+/// earlier version does not read would be served open by it during a rolling upgrade of
+/// meshgate (its serde drops the fields it does not know), so it is locked for that agent,
+/// in a way that agent enforces and agents of this version undo ([`from_the_wire`]):
+/// - middlewares and conditions (unknown to the first versions): a basic auth that no
+///   password opens (its realm says why);
+/// - client certificates and a basic auth's `header_field` (unknown to the versions that
+///   undo the first lock): `allow_from` admits no one (403), the route's own kept in
+///   `wire_lock`.
+///
+/// Fails closed while versions are mixed.
 #[must_use]
 pub fn for_the_wire(state: &MeshState) -> MeshState {
     let mut state = state.clone();
     for route in state.services.iter_mut().flat_map(|s| &mut s.http) {
-        let unread =
-            !route.middlewares.is_empty() || !route.conditions.is_empty() || route.client_ca.is_some();
+        let names_user = |a: &crate::state::BasicAuth| a.header_field.is_some();
+        let newer = route.client_ca.is_some()
+            || route.basic_auth.as_ref().is_some_and(names_user)
+            || route
+                .middlewares
+                .iter()
+                .any(|m| matches!(m, crate::state::Middleware::BasicAuth(a) if names_user(a)));
+        if newer {
+            route.wire_lock = Some(crate::state::WireLock { allow_from: route.allow_from.take() });
+            route.allow_from = Some(Vec::new());
+        }
+        let unread = !route.middlewares.is_empty() || !route.conditions.is_empty() || newer;
         if route.basic_auth.is_none() && unread {
             route.basic_auth = Some(crate::state::BasicAuth {
                 users: vec![LOCK_USER.to_owned()],
@@ -77,6 +93,9 @@ pub fn from_the_wire(mut state: MeshState) -> MeshState {
     for route in state.services.iter_mut().flat_map(|s| &mut s.http) {
         if route.basic_auth.as_ref().is_some_and(|a| a.realm == LOCK_REALM && a.users == [LOCK_USER]) {
             route.basic_auth = None;
+        }
+        if let Some(lock) = route.wire_lock.take() {
+            route.allow_from = lock.allow_from;
         }
     }
     state
@@ -152,6 +171,67 @@ mod tests {
             assert!(!checker.allows(Some(value.as_bytes())).await, "no password opens the lock");
         }
         assert_eq!(from_the_wire(for_the_wire(&state)), state, "this version gets the route as it was");
+    }
+
+    /// The agents of the version before this one undo the first lock (they read middlewares
+    /// and conditions) but know neither client certificates nor `header_field`: for them the
+    /// route admits no one (403), never served without what it asks.
+    #[test]
+    fn the_previous_version_gets_routes_with_newer_restrictions_closed() {
+        use crate::state::{BasicAuth, HostPattern, HttpRoute, Middleware};
+        let route = || HttpRoute::new(vec![HostPattern::parse("a.test").unwrap()], "/".into(), 80);
+        let auth = BasicAuth {
+            users: vec!["ann:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=".into()],
+            realm: "r".into(),
+            remove_header: false,
+            header_field: Some("x-webauth-user".into()),
+        };
+        let mut mtls = route();
+        mtls.client_ca = Some("/etc/meshgate/clients-ca.pem".into());
+        mtls.allow_from = Some(vec!["10.0.0.0/8".parse().unwrap()]);
+        let mut named = route();
+        named.basic_auth = Some(auth.clone());
+        let mut chained = route();
+        chained.middlewares = vec![Middleware::BasicAuth(auth)];
+        for route in [mtls, named, chained] {
+            let state = MeshState {
+                services: vec![crate::state::Service {
+                    name: "a".into(),
+                    stack: None,
+                    provider: "docker".into(),
+                    tasks: Vec::new(),
+                    http: vec![route],
+                    l4: Vec::new(),
+                }],
+                ..MeshState::default()
+            };
+            let mut json = serde_json::to_string(&for_the_wire(&state)).unwrap();
+            for unknown in ["client_ca", "wire_lock", "header_field"] {
+                let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+                strip(&mut v, unknown);
+                json = v.to_string();
+            }
+            let as_previous: MeshState = serde_json::from_str(&json).unwrap();
+            let mut seen = as_previous.services[0].http[0].clone();
+            // What the previous version's `from_the_wire` does.
+            if seen.basic_auth.as_ref().is_some_and(|a| a.realm == LOCK_REALM) {
+                seen.basic_auth = None;
+            }
+            assert_eq!(seen.allow_from, Some(Vec::new()), "admits no one: {seen:?}");
+            assert_eq!(from_the_wire(for_the_wire(&state)), state, "this version gets the route as it was");
+        }
+    }
+
+    /// Removes every field named `key`, at any depth.
+    fn strip(v: &mut serde_json::Value, key: &str) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.remove(key);
+                map.values_mut().for_each(|v| strip(v, key));
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| strip(v, key)),
+            _ => {}
+        }
     }
 
     #[tokio::test]

@@ -394,6 +394,7 @@ fn parse_http(h: HttpEntry) -> Result<HttpRoute, (Range<usize>, String)> {
         cert_name: None,
         tls13_only: h.tls13_only,
         client_ca: h.client_ca,
+        wire_lock: None,
     })
 }
 
