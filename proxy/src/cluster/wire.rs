@@ -144,17 +144,7 @@ mod tests {
 
     /// `route` on the wire, read by an agent that does not know the field `unread`.
     async fn an_earlier_agent_gets_it_locked(route: crate::state::HttpRoute, unread: &str) {
-        let state = MeshState {
-            services: vec![crate::state::Service {
-                name: "a".into(),
-                stack: None,
-                provider: "docker".into(),
-                tasks: Vec::new(),
-                http: vec![route],
-                l4: Vec::new(),
-            }],
-            ..MeshState::default()
-        };
+        let state = one_route(route);
         let mut json = serde_json::to_value(for_the_wire(&state)).unwrap();
         let old = json.pointer_mut("/services/0/http/0").unwrap().as_object_mut().unwrap();
         assert!(old.remove(unread).is_some(), "{unread} is on the wire");
@@ -194,17 +184,7 @@ mod tests {
         let mut chained = route();
         chained.middlewares = vec![Middleware::BasicAuth(auth)];
         for route in [mtls, named, chained] {
-            let state = MeshState {
-                services: vec![crate::state::Service {
-                    name: "a".into(),
-                    stack: None,
-                    provider: "docker".into(),
-                    tasks: Vec::new(),
-                    http: vec![route],
-                    l4: Vec::new(),
-                }],
-                ..MeshState::default()
-            };
+            let state = one_route(route);
             let mut json = serde_json::to_string(&for_the_wire(&state)).unwrap();
             for unknown in ["client_ca", "wire_lock", "header_field"] {
                 let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -220,6 +200,19 @@ mod tests {
             assert_eq!(seen.allow_from, Some(Vec::new()), "admits no one: {seen:?}");
             assert_eq!(from_the_wire(for_the_wire(&state)), state, "this version gets the route as it was");
         }
+    }
+
+    /// A state with one service and its one HTTP route.
+    fn one_route(route: crate::state::HttpRoute) -> MeshState {
+        let service = crate::state::Service {
+            name: "a".into(),
+            stack: None,
+            provider: "docker".into(),
+            tasks: Vec::new(),
+            http: vec![route],
+            l4: Vec::new(),
+        };
+        MeshState { services: vec![service], ..MeshState::default() }
     }
 
     /// Removes every field named `key`, at any depth.

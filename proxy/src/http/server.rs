@@ -372,7 +372,9 @@ async fn named_handshake(
         (Some(configs), Some(demand), _) => match configs.config(demand, tls13_only) {
             Ok(config) => config,
             Err(why) => {
-                tracing::warn!(
+                // Said once as a problem when the routes change (`Proxy::follow`); here per
+                // handshake, so at debug level.
+                tracing::debug!(
                     name = name.as_deref().unwrap_or(""),
                     "client certificates cannot be checked: {why}; handshake refused"
                 );
