@@ -542,11 +542,10 @@ impl Proxy {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::NotSent(e, Box::new(req))),
             };
+            let head = HeadWait { timer: &mut timer, timeout, sending, progress: req.body().progress() };
             let result = match sender {
                 Sender::H1 { mut sender, reused } => {
                     let replay = (reused && replays > 0).then(|| replayable(&req)).flatten();
-                    let progress = req.body().progress();
-                    let head = HeadWait { timer: &mut timer, timeout, sending, progress };
                     match head.of(sender.try_send_request(req)).await {
                         Err(e) => return Err(Failure::Sent(e)),
                         Ok(Ok(resp)) => {
@@ -569,14 +568,10 @@ impl Proxy {
                         },
                     }
                 }
-                Sender::H2(mut sender) => {
-                    let progress = req.body().progress();
-                    let head = HeadWait { timer: &mut timer, timeout, sending, progress };
-                    match head.of(sender.try_send_request(req)).await {
-                        Err(e) => return Err(Failure::Sent(e)),
-                        Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
-                    }
-                }
+                Sender::H2(mut sender) => match head.of(sender.try_send_request(req)).await {
+                    Err(e) => return Err(Failure::Sent(e)),
+                    Ok(r) => r.map_err(hyper::client::conn::TrySendError::into_error),
+                },
             };
             return result.map(|resp| (resp, timer)).map_err(|e| Failure::Sent(ProxyError::of_exchange(e)));
         }

@@ -1083,16 +1083,19 @@ mod tests {
         )
     }
 
+    /// One Traefik router `adm` for `adm.test`, with `more` labels, read with `defaults`.
+    fn router_by<'a>(more: &[(&'a str, &'a str)], defaults: &Defaults) -> OptIn {
+        let mut labels =
+            vec![("traefik.enable", "true"), ("traefik.http.routers.adm.rule", "Host(`adm.test`)")];
+        labels.extend_from_slice(more);
+        read_by(&[], &labels, &[80], defaults)
+    }
+
     /// Drop-in issue, "fail closed": a restriction meshgate does not honour refuses the route
     /// (it answers 503), and settings it does not know are listed, never dropped silently.
     #[test]
     fn restrictions_not_honoured_refuse_the_route_and_unknown_settings_are_listed() {
-        let traefik = |more: &[(&'static str, &'static str)]| {
-            let mut labels =
-                vec![("traefik.enable", "true"), ("traefik.http.routers.adm.rule", "Host(`adm.test`)")];
-            labels.extend_from_slice(more);
-            read_with(&[], &labels, &[80])
-        };
+        let traefik = |more: &[(&'static str, &'static str)]| router_by(more, &Defaults::default());
         let o = traefik(&[
             ("traefik.http.routers.adm.middlewares", "adm-cb"),
             ("traefik.http.middlewares.adm-cb.circuitbreaker.expression", "NetworkErrorRatio() > 0.5"),
@@ -1136,14 +1139,8 @@ mod tests {
             traefik_entrypoints: (vec!["web".into(), "http".into()], vec!["https".into()]),
             ..Defaults::default()
         };
-        let with = |v: &str| {
-            let labels = [
-                ("traefik.enable", "true"),
-                ("traefik.http.routers.adm.rule", "Host(`adm.test`)"),
-                ("traefik.http.routers.adm.entrypoints", v),
-            ];
-            read_by(&[], &labels, &[80], &named).routes.remove(0)
-        };
+        let with =
+            |v: &str| router_by(&[("traefik.http.routers.adm.entrypoints", v)], &named).routes.remove(0);
         assert_eq!((with("https").https_method, with("https").refused), (HttpsMethod::Nohttp, None));
         assert_eq!((with("http").https_method, with("http").refused), (HttpsMethod::Nohttps, None));
         assert!(with("websecure").refused.is_some(), "not named here any more");
@@ -1353,15 +1350,12 @@ mod tests {
     #[test]
     fn a_traefik_router_with_tls_is_never_served_over_plain_http() {
         let router = |more: &[(&'static str, &'static str)]| {
-            let mut labels =
-                vec![("traefik.enable", "true"), ("traefik.http.routers.r.rule", "Host(`r.test`)")];
-            labels.extend_from_slice(more);
-            read_with(&[], &labels, &[80]).routes[0].https_method
+            router_by(more, &Defaults::default()).routes[0].https_method
         };
         assert_eq!(router(&[]), HttpsMethod::Redirect);
-        assert_eq!(router(&[("traefik.http.routers.r.tls", "true")]), HttpsMethod::Nohttp);
-        assert_eq!(router(&[("traefik.http.routers.r.tls.certresolver", "le")]), HttpsMethod::Nohttp);
-        assert_eq!(router(&[("traefik.http.routers.r.tls", "false")]), HttpsMethod::Redirect);
+        assert_eq!(router(&[("traefik.http.routers.adm.tls", "true")]), HttpsMethod::Nohttp);
+        assert_eq!(router(&[("traefik.http.routers.adm.tls.certresolver", "le")]), HttpsMethod::Nohttp);
+        assert_eq!(router(&[("traefik.http.routers.adm.tls", "false")]), HttpsMethod::Redirect);
     }
 
     #[test]
