@@ -21,6 +21,16 @@
 #define BACKEND_LIVE 2  /* the slot holds a task (cleared when it is removed) */
 #define BACKEND_DRAINING 4 /* the task is gone from the table: its established flows go on, nothing new */
 
+/* reply_val.state: the closing of a TCP connection through the mesh. Once both sides have
+ * sent their FIN, the task only ever answers what reaches it; a bare ACK from it that answers
+ * nothing delivered through the mesh (REPLY_ANSWER_DUE clear) answers a SYN that came another
+ * way (Docker's -p DNAT from the same client port, meeting the task's TIME-WAIT) and is left
+ * to the kernel, which hands it to that connection. Bits are set without atomics: a lost
+ * update only falls back to translating the packet, as before the bits existed. */
+#define REPLY_CLIENT_FIN 1
+#define REPLY_TASK_FIN 2
+#define REPLY_ANSWER_DUE 4 /* a client packet was delivered since the task last answered */
+
 /* Indexes of verdict_stats: what happened to each packet the program saw. */
 #define STAT_PASS_NOT_IPV4 0     /* not IPv4 (ARP, IPv6, ...) */
 #define STAT_PASS_TRUNCATED 1    /* shorter than its headers say */

@@ -414,6 +414,44 @@ static __always_inline struct flow_key reply_key(const struct packet *pkt)
 	return back;
 }
 
+/* A client's TCP segment on its way to the task: a SYN starts a connection (noted to tell its
+ * SYN-ACK from another's), a FIN and whatever follows it are awaited answers (REPLY_*). */
+static __always_inline void note_client_segment(struct reply_val *reply, const struct tcphdr *tcp)
+{
+	if (tcp->syn && !tcp->ack) {
+		reply->syn_seq = tcp->seq;
+		if (reply->state)
+			reply->state = 0;
+		return;
+	}
+	if (tcp->fin || reply->state) {
+		__u16 state = reply->state | REPLY_ANSWER_DUE | (tcp->fin ? REPLY_CLIENT_FIN : 0);
+		if (state != reply->state)
+			reply->state = state;
+	}
+}
+
+/* A task's TCP segment to a client with a reply entry: 0 to translate it, or -1 when it is
+ * not ours. A SYN-ACK that does not answer the SYN tc delivered belongs to a connection
+ * opened past the mesh that reuses a finished flow's addresses; so does a bare ACK after both
+ * FINs that answers nothing delivered (REPLY_*: the task's TIME-WAIT answering another
+ * path's SYN). Either way the entry goes and the kernel handles the packet. */
+static __always_inline int note_task_segment(struct reply_val *found, const struct tcphdr *tcp)
+{
+	if (tcp->syn && tcp->ack)
+		return bpf_ntohl(tcp->ack_seq) == bpf_ntohl(found->syn_seq) + 1 ? 0 : -1;
+	__u16 state = found->state;
+	if (!state && !tcp->fin)
+		return 0; /* the common case: an open connection */
+	if ((state & (REPLY_CLIENT_FIN | REPLY_TASK_FIN)) == (REPLY_CLIENT_FIN | REPLY_TASK_FIN) &&
+	    !(state & REPLY_ANSWER_DUE) && !tcp->fin && !tcp->rst)
+		return -1;
+	state = (state & ~REPLY_ANSWER_DUE) | (tcp->fin ? REPLY_TASK_FIN : 0);
+	if (state != found->state)
+		found->state = state;
+	return 0;
+}
+
 SEC("classifier")
 int meshgate_tc_in(struct __sk_buff *skb)
 {
@@ -466,8 +504,8 @@ int meshgate_tc_in(struct __sk_buff *skb)
 	struct reply_val *reply = bpf_map_lookup_elem(&replies, &back);
 	if (!reply)
 		return TC_ACT_UNSPEC;
-	if (pkt.proto == IPPROTO_TCP && is_syn(&pkt))
-		reply->syn_seq = ((struct tcphdr *)pkt.sport)->seq;
+	if (pkt.proto == IPPROTO_TCP)
+		note_client_segment(reply, (struct tcphdr *)pkt.sport);
 	int sent = redirect_route(skb, pkt.ip->saddr, pkt.ip->daddr, 1);
 	if (sent < 0) {
 		count(STAT_DROP_NO_ROUTE, skb->len);
@@ -490,14 +528,9 @@ int meshgate_tc_reply(struct __sk_buff *skb)
 	struct reply_val *found = bpf_map_lookup_elem(&replies, &back);
 	if (!found)
 		return TC_ACT_UNSPEC;
-	if (pkt.proto == IPPROTO_TCP) {
-		struct tcphdr *tcp = (void *)pkt.sport; /* the ports start the TCP header */
-		if (tcp->syn && tcp->ack && bpf_ntohl(tcp->ack_seq) != bpf_ntohl(found->syn_seq) + 1) {
-			/* Not the answer to a SYN we delivered: a connection opened past the mesh
-			 * reuses the addresses of a finished flow of ours, whose entry goes. */
-			bpf_map_delete_elem(&replies, &back);
-			return TC_ACT_UNSPEC;
-		}
+	if (pkt.proto == IPPROTO_TCP && note_task_segment(found, (struct tcphdr *)pkt.sport) < 0) {
+		bpf_map_delete_elem(&replies, &back);
+		return TC_ACT_UNSPEC;
 	}
 	struct reply_val reply = *found;
 	__u32 client = pkt.ip->daddr;

@@ -44,7 +44,7 @@ struct flow_val {
 struct reply_val {
 	__u32 addr;
 	__u16 port;
-	__u16 pad;
+	__u16 state; /* REPLY_* bits: how far the connection through the mesh has closed (TCP) */
 	/* The sequence number of the last SYN delivered to the task (TCP), so that a SYN-ACK
 	 * of a connection opened some other way (another NAT to the same task, reusing a
 	 * finished flow's addresses) is told apart from ours. */

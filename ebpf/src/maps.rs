@@ -88,7 +88,8 @@ pub struct FlowVal {
 pub struct ReplyVal {
     pub addr: u32,
     pub port: u16,
-    pub pad: u16,
+    /// `REPLY_*` bits of `consts.h`: how far the TCP connection through the mesh has closed.
+    pub state: u16,
     pub syn_seq: u32,
 }
 

@@ -554,6 +554,205 @@ impl Cluster {
 }
 
 /// A client connection kept open: one HTTP request per line written to it.
+/// Short HTTP connections from fixed client ports (`first` .. `first + count`, `threads` at a
+/// time), as a busy client reuses its ports: prints `ok <n> failed <m>` and the first failures.
+const SHORT_CONNECTIONS: &str = r#"
+import socket, sys, threading
+host, port, first, count, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ok, failed, lock = [0], [], threading.Lock()
+def worker(i):
+    for p in range(first + i, first + count, threads):
+        try:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(10)
+            s.bind(("", p))
+            s.connect((host, port))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            if not data.startswith(b"HTTP/1.1 200"):
+                raise Exception("answer %r" % data[:40])
+            with lock:
+                ok[0] += 1
+        except Exception as e:
+            with lock:
+                failed.append("port %d: %s" % (p, e))
+ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("ok %d failed %d %s" % (ok[0], len(failed), failed[:5]))
+"#;
+
+/// How many short connections each leg of the TIME-WAIT test opens: enough ports for the
+/// task's TIME-WAIT to meet the other path many times over.
+const CONNECTIONS: &str = "2000";
+
+/// Counts the packets a capture in `ns` sees (`tcpdump` with `filter`) until it is stopped.
+struct Capture(Child);
+
+impl Capture {
+    fn start(ns: &str, dev: &str, filter: &str) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "tcpdump", "-l", "-nn", "-i", dev, filter])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // tcpdump says "listening on ..." once its filter is in place.
+        let mut said = String::new();
+        let mut stderr = BufReader::new(child.stderr.as_mut().unwrap());
+        while !said.contains("listening on") {
+            assert!(stderr.read_line(&mut said).unwrap() > 0, "tcpdump started: {said}");
+        }
+        Self(child)
+    }
+
+    /// Stops the capture; returns what it saw, one line per packet.
+    fn stop(mut self) -> Vec<String> {
+        run(&["kill", "-INT", &self.0.id().to_string()]);
+        let out =
+            std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+    }
+}
+
+/// A TCP counter of `ns` (`/proc/net/snmp`), e.g. "OutRsts".
+fn tcp_counter(ns: &str, name: &str) -> u64 {
+    let snmp = Namespaces::exec(ns, &["cat", "/proc/net/snmp"]);
+    let mut rows = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == name).unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+// Issue 17, item 1: whichever path followed a burst of short connections from the same
+// client to the same task collapsed. The task holds TIME-WAIT for each finished connection
+// (the server closes first); a SYN that comes another way from the same client port meets it
+// and gets the TIME-WAIT's ACK, which the mesh took for its own finished flow's and sent to
+// the client as from the mesh port: the DNAT connection waiting for it never saw it and
+// retried after a second. Every connection must succeed, and the DNAT path's answers must
+// come from the DNAT port.
+#[test]
+fn short_connections_through_the_mesh_then_docker_dnat_then_the_mesh_all_succeed() {
+    let mut nets = Namespaces::new();
+    let (client, node) = underlay(&mut nets, "mgr");
+    Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
+    Namespaces::exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
+    run(&["ip", "-n", &node, "addr", "add", "10.0.9.1/24", "dev", "br0"]);
+    run(&["ip", "-n", &node, "link", "set", "br0", "up"]);
+    let task = nets.add("mgrt");
+    run(&["ip", "link", "add", "e0", "netns", &task, "type", "veth", "peer", "name", "t1", "netns", &node]);
+    run(&["ip", "-n", &node, "link", "set", "t1", "master", "br0", "up"]);
+    run(&["ip", "-n", &task, "addr", "add", "10.0.9.2/24", "dev", "e0"]);
+    run(&["ip", "-n", &task, "link", "set", "e0", "up"]);
+    run(&["ip", "-n", &task, "route", "add", "default", "via", "10.0.9.1"]);
+    let whoami = [
+        env!("CARGO_BIN_EXE_meshgate"),
+        "--docker-mode",
+        "off",
+        "--whoami-listen",
+        "0.0.0.0:80",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--example",
+    ];
+    nets.spawn(&task, &whoami);
+    // Docker's `-p 8082:80` to the same task.
+    let ipt = |args: &[&str]| run(&[&["ip", "netns", "exec", &node, "iptables"], args].concat());
+    ipt(&["-P", "FORWARD", "DROP"]);
+    ipt(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "8082",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.0.9.2:80",
+    ]);
+    ipt(&["-A", "FORWARD", "-d", "10.0.9.2", "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
+    ipt(&["-A", "FORWARD", "-i", "br0", "-j", "ACCEPT"]);
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        "[[services]]\nname = \"web\"\ntasks = [{ address = \"10.0.9.2\", node = \"n1\" }]\n\
+         [[services.l4]]\nprotocol = \"tcp\"\npublished = 8080\ntarget = 80\n",
+    )
+    .unwrap();
+    let args = [
+        &[
+            "--routes-file",
+            routes.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ][..],
+        &NODE_MESH[..],
+    ]
+    .concat();
+    let agent = Agent::start(&node, &args);
+    agent.wait_for("port table synced");
+    Namespaces::exec(
+        &client,
+        &[
+            "curl",
+            "-sS",
+            "--retry",
+            "20",
+            "--retry-all-errors",
+            "--retry-delay",
+            "0",
+            "--max-time",
+            "5",
+            "http://192.0.2.10:8082/",
+        ],
+    );
+
+    let leg = |port: &str| {
+        let out = Namespaces::exec(
+            &client,
+            &["python3", "-c", SHORT_CONNECTIONS, "192.0.2.10", port, "40000", CONNECTIONS, "16"],
+        );
+        assert!(
+            out.starts_with(&format!("ok {CONNECTIONS} failed 0")),
+            "every connection to port {port} succeeds: {out}"
+        );
+    };
+    leg("8080");
+    let resets = tcp_counter(&client, "OutRsts");
+    let from_mesh = Capture::start(&client, "c0", "src host 192.0.2.10 and src port 8080");
+    leg("8082");
+    let stray = from_mesh.stop();
+    assert!(
+        tcp_counter(&client, "OutRsts") > resets,
+        "the task still held TIME-WAIT for some of these ports (its ACKs answered some SYNs, and the client reset them): \
+         otherwise this test proves nothing"
+    );
+    assert!(
+        stray.is_empty(),
+        "nothing reaches the client from the mesh port while it talks to the DNAT port: {} packets, such as {:?}",
+        stray.len(),
+        &stray[..stray.len().min(3)]
+    );
+    leg("8080");
+    agent.stop();
+}
+
 const KEEP_ALIVE: &str = "import http.client,sys\nc=http.client.HTTPConnection(sys.argv[1],8080,timeout=5)\nfor _ in sys.stdin:\n try:\n  c.request('GET','/')\n  print([l for l in c.getresponse().read().decode().splitlines() if l.startswith('Name: ')][0],flush=True)\n except Exception as e:\n  print(type(e).__name__,flush=True)\n  break\n";
 
 #[test]
