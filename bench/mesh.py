@@ -11,6 +11,7 @@ it isolates a user-space proxy: the load generator is pinned to CPU 1, the task'
 HAProxy to CPU 0, and the numbers compare whole-system throughput at the same load.
 """
 
+import json
 import os
 import re
 import shutil
@@ -97,9 +98,17 @@ def ms(value, unit):
 
 
 def wrk(port, close):
+    """One wrk run; None (after printing wrk's own output) when it fails or made no request."""
     extra = ["-H", "Connection: close"] if close else []
-    out = sh("taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{SECONDS}s", "--latency", *extra, f"http://{NODE_IP}:{port}/", ns=CLIENT)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    cmd = ["ip", "netns", "exec", CLIENT, "taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{SECONDS}s", "--latency", *extra,
+           f"http://{NODE_IP}:{port}/"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    out = run.stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if run.returncode or not found or float(found.group(1)) == 0:
+        print(f"wrk failed on port {port} (exit {run.returncode}):\n{out}{run.stderr}", flush=True)
+        return None
+    rps = float(found.group(1))
     p99 = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}["99"]
     errors = re.search(r"Socket errors: (.*)", out)
     return {"rps": rps, "p99": p99, "errors": errors.group(1) if errors else ""}
@@ -113,6 +122,26 @@ def dnsperf(port):
     return {"qps": qps, "lost": int(lost)}
 
 
+PROGRAMS = ("meshgate_xdp", "meshgate_tc_in", "meshgate_tc_reply")
+
+
+def bpf_run_stats():
+    """Run time and run count of meshgate's programs, from the kernel's own statistics
+    (kernel.bpf_stats_enabled): {name: (ns, runs)}."""
+    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True, text=True).stdout)
+    stats = {name: (0, 0) for name in PROGRAMS}
+    for prog in progs:
+        if prog.get("name") in stats:
+            ns, runs = stats[prog["name"]]
+            stats[prog["name"]] = (ns + prog.get("run_time_ns", 0), runs + prog.get("run_cnt", 0))
+    return stats
+
+
+def per_run(before, after):
+    """Nanoseconds per run of each program between two bpf_run_stats."""
+    return {name: (after[name][0] - before[name][0]) / max(1, after[name][1] - before[name][1]) for name in PROGRAMS}
+
+
 def ns_per_packet():
     exe = os.path.join(ROOT, "target", "release", "examples", "ns_per_packet")
     return subprocess.run(["taskset", "-c", "0", exe, "50000"], check=True, capture_output=True, text=True).stdout.strip()
@@ -123,21 +152,33 @@ def main():
         topology()
         servers()
         results = {name: {"keepalive": [], "close": [], "udp": []} for name in PATHS}
-        for rnd in range(ROUNDS):
-            for name, (tcp, udp) in PATHS.items():
-                k = wrk(tcp, False)
-                c = wrk(tcp, True)
-                results[name]["keepalive"].append(k)
-                results[name]["close"].append(c)
-                line = f"round {rnd + 1} {name:14} keep-alive {k['rps']:>8.0f} req/s  new connections {c['rps']:>8.0f}/s"
-                if udp:
-                    u = dnsperf(udp)
-                    results[name]["udp"].append(u)
-                    line += f"  UDP {u['qps']:>8.0f} q/s (lost {u['lost']})"
-                print(line, flush=True)
+        live = {name: [] for name in PROGRAMS}
+        stats_were = sh("sysctl", "-n", "kernel.bpf_stats_enabled").strip()
+        sh("sysctl", "-qw", "kernel.bpf_stats_enabled=1")
+        try:
+            for rnd in range(ROUNDS):
+                for name, (tcp, udp) in PATHS.items():
+                    before = bpf_run_stats()
+                    k = wrk(tcp, False)
+                    if name == "meshgate XDP":
+                        for prog, ns in per_run(before, bpf_run_stats()).items():
+                            live[prog].append(ns)
+                    c = wrk(tcp, True)
+                    results[name]["keepalive"].append(k)
+                    results[name]["close"].append(c)
+                    show = lambda r, unit: f"{r['rps']:>8.0f} {unit}" if r else "  FAILED"
+                    line = f"round {rnd + 1} {name:14} keep-alive {show(k, 'req/s')}  new connections {show(c, '/s')}"
+                    if udp:
+                        u = dnsperf(udp)
+                        results[name]["udp"].append(u)
+                        line += f"  UDP {u['qps']:>8.0f} q/s (lost {u['lost']})"
+                    print(line, flush=True)
+        finally:
+            sh("sysctl", "-qw", f"kernel.bpf_stats_enabled={stats_were}")
         per_packet = ns_per_packet()
         print(per_packet)
-        report(results, per_packet)
+        print("live ns per run (keep-alive legs):", {p: [round(v, 1) for v in vs] for p, vs in live.items()})
+        report(results, per_packet, live)
     finally:
         for p in procs:
             try:
@@ -151,10 +192,24 @@ def main():
 
 
 def med(runs, key):
-    return statistics.median(r[key] for r in runs)
+    """The median over the rounds that completed (0 when none did)."""
+    done = [r[key] for r in runs if r]
+    return statistics.median(done) if done else 0
 
 
-def report(results, per_packet):
+def spread(runs, key):
+    """min-max over the rounds, and how many failed."""
+    done = [r[key] for r in runs if r]
+    text = f"{min(done):.0f}-{max(done):.0f}" if done else "-"
+    failed = len(runs) - len(done)
+    return text + (f", {failed} failed" if failed else "")
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if b else "-"
+
+
+def report(results, per_packet, live):
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     kernel = os.uname().release
     base = results["iptables DNAT"]
@@ -162,19 +217,25 @@ def report(results, per_packet):
         "## L4: meshgate XDP vs iptables DNAT vs HAProxy TCP",
         "",
         f"Made by `bench/mesh.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}) on {time.strftime('%Y-%m-%d')}, 2 cores ({cpu}), kernel {kernel}. "
-        f"Medians of {ROUNDS} interleaved rounds. Client and node namespaces on a veth pair, one task behind the node's bridge "
-        "(nginx `return 200 'ok'`, dnsmasq), the same task published three ways side by side. Load: `wrk -t1 -c64` (keep-alive, "
-        "and `Connection: close` for new connections), `dnsperf -c8 -q256` for UDP, pinned to CPU 1; task servers and HAProxy on CPU 0.",
+        f"Medians of {ROUNDS} interleaved rounds, the spread (min-max) below each. Client and node namespaces on a veth pair, one task behind the node's bridge "
+        "(nginx `return 200 'ok'`, dnsmasq), the same task published three ways side by side, one client address, no pause between legs. "
+        "Load: `wrk -t1 -c64` (keep-alive, and `Connection: close` for new connections), `dnsperf -c8 -q256` for UDP, pinned to CPU 1; "
+        "task servers and HAProxy on CPU 0.",
         "",
         "| path | new connections/s | vs iptables | keep-alive req/s | vs iptables | p99 ms (keep-alive) | UDP queries/s | vs iptables |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        udp = f"{med(r['udp'], 'qps'):.0f} | {med(r['udp'], 'qps') / med(base['udp'], 'qps'):.2f}" if r["udp"] else "- | -"
-        lines.append(f"| {name} | {med(r['close'], 'rps'):.0f} | {med(r['close'], 'rps') / med(base['close'], 'rps'):.2f} | "
-                     f"{med(r['keepalive'], 'rps'):.0f} | {med(r['keepalive'], 'rps') / med(base['keepalive'], 'rps'):.2f} | "
+        udp = f"{med(r['udp'], 'qps'):.0f} | {ratio(med(r['udp'], 'qps'), med(base['udp'], 'qps'))}" if r["udp"] else "- | -"
+        lines.append(f"| {name} | {med(r['close'], 'rps'):.0f} | {ratio(med(r['close'], 'rps'), med(base['close'], 'rps'))} | "
+                     f"{med(r['keepalive'], 'rps'):.0f} | {ratio(med(r['keepalive'], 'rps'), med(base['keepalive'], 'rps'))} | "
                      f"{med(r['keepalive'], 'p99'):.2f} | {udp} |")
-    lines += ["", f"XDP program alone (`ns_per_packet`, BPF_PROG_TEST_RUN): `{per_packet}`."]
+        udp_spread = f"{spread(r['udp'], 'qps')} | " if r["udp"] else "- | "
+        lines.append(f"| *spread* | *{spread(r['close'], 'rps')}* | | *{spread(r['keepalive'], 'rps')}* | | | *{udp_spread.rstrip(' |')}* | |")
+    programs = ", ".join(f"`{p}` {statistics.median(v):.1f} ns ({min(v):.1f}-{max(v):.1f})" for p, v in live.items() if v)
+    lines += ["", f"Per packet under live traffic (the kernel's own run-time statistics, `kernel.bpf_stats_enabled`: run time over run "
+                  f"count during each meshgate keep-alive leg, median and spread over the rounds): {programs}.",
+              "", f"XDP program alone (`ns_per_packet`, BPF_PROG_TEST_RUN): `{per_packet}`."]
     replace_section("## L4:", "\n".join(lines) + "\n")
 
 
