@@ -46,6 +46,26 @@ async fn image() {
         .await;
 }
 
+/// The agent's image built from the binary under test by `helm-free-deploy/build-image.sh`
+/// (once per test run), for tasks that answer as `--whoami-listen` does: the request line
+/// and headers as the task got them. Returns its tag.
+pub(crate) async fn whoami_image() -> &'static str {
+    const TAG: &str = "meshgate-test/whoami:local";
+    static BUILT: OnceCell<()> = OnceCell::const_new();
+    BUILT
+        .get_or_init(|| async {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm-free-deploy/build-image.sh");
+            let build = Command::new("bash")
+                .args([script, env!("CARGO_BIN_EXE_meshgate"), TAG])
+                .output()
+                .await
+                .unwrap();
+            assert!(build.status.success(), "build-image.sh: {}", String::from_utf8_lossy(&build.stderr));
+        })
+        .await;
+    TAG
+}
+
 /// A container that is removed when dropped.
 pub(crate) struct Container {
     pub(crate) id: String,
@@ -67,12 +87,18 @@ impl Container {
 
     /// Starts the test image running `script` (sh).
     pub(crate) async fn run_script(tag: &str, args: &[&str], script: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
         image().await;
+        Self::run_image(tag, args, IMAGE, &["sh", "-c", script]).await
+    }
+
+    /// Starts `image` with `command` (its entrypoint's arguments).
+    pub(crate) async fn run_image(tag: &str, args: &[&str], image: &str, command: &[&str]) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("mgtest-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let mut all = vec!["run", "-d", "--name", &name];
         all.extend_from_slice(args);
-        all.extend_from_slice(&[IMAGE, "sh", "-c", script]);
+        all.push(image);
+        all.extend_from_slice(command);
         let id = docker(&all).await;
         Self { id: id[..12].to_owned(), name }
     }

@@ -32,3 +32,4 @@ mod routing;
 mod streaming;
 mod swarm;
 mod tls;
+mod traefik_docs;

@@ -327,6 +327,7 @@ async fn on_three_engines_the_readme_stack_deploys_and_every_node_answers_for_se
     }
 
     field_files_deploy_unchanged().await;
+    traefik_examples_on_deploy_labels().await;
 
     // The client's address reaches the task through any node (ingress mode), and a port
     // published in host mode answers only on the node that runs its task. (busybox httpd
@@ -523,6 +524,18 @@ async fn field_files_deploy_unchanged() {
         assert_eq!(status(&["-u", "admin:s3cret"]).await, "200", "node {i}");
         assert_eq!(status(&["-u", "admin:wrong"]).await, "401", "node {i}");
     }
+}
+
+/// Drop-in issue, item 4: Traefik's documented examples (`traefik_docs.rs`), each a Swarm
+/// service with its labels under `deploy.labels`, answered through every node in turn as on a
+/// single engine (the machine's address is not in the allow list's example: 403 there).
+async fn traefik_examples_on_deploy_labels() {
+    let stack = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(stack.path(), crate::traefik_docs::stack("meshgate:local")).unwrap();
+    Lab::docker(1, &["stack", "deploy", "-c", stack.path().to_str().unwrap(), "docs"]).await;
+    let bases: Vec<String> = (1..=3).map(|i| format!("http://{}", Lab::addr(i))).collect();
+    crate::traefik_docs::check_all(&bases, false, CONVERGE, async || Lab::api_state(1).await).await;
+    Lab::docker(1, &["stack", "rm", "docs"]).await;
 }
 
 /// The test images and the agent's on every node, and the cluster secret, as the README says.
