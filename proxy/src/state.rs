@@ -345,6 +345,9 @@ pub enum Affinity {
         /// `Max-Age` in seconds (`None`: a session cookie).
         #[serde(default)]
         max_age: Option<u64>,
+        /// `Path` (`None`: `/`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
     },
 }
 

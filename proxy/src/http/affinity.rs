@@ -70,14 +70,14 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// The `Set-Cookie` that keeps the client to `endpoint`, unless its cookie already does.
 #[must_use]
 pub fn set_cookie(affinity: Option<&Affinity>, wish: &Wish, endpoint: &Endpoint) -> Option<HeaderValue> {
-    let Some(Affinity::Cookie { name, secure, http_only, same_site, max_age }) = affinity else {
+    let Some(Affinity::Cookie { name, secure, http_only, same_site, max_age, path }) = affinity else {
         return None;
     };
     let token = task_token(&endpoint.task);
     if matches!(wish, Wish::Token(t) if *t == token) {
         return None;
     }
-    let mut v = format!("{name}={token}; Path=/");
+    let mut v = format!("{name}={token}; Path={}", path.as_deref().unwrap_or("/"));
     if let Some(age) = max_age {
         let _ = write!(v, "; Max-Age={age}");
     }

@@ -257,13 +257,18 @@ impl Proxy {
                 Some(local(StatusCode::NOT_FOUND, "meshgate: this host is not served over HTTPS\n".into()))
             }
             (false, HttpsMethod::Redirect | HttpsMethod::Nohttp) => {
-                let https = self.https.as_ref()?;
+                // HTTPS only: refused over plain HTTP until there is HTTPS to send it to
+                // (no certificate yet, or no HTTPS listener on this node), never served.
+                let refuse = || {
+                    (route.https_method == HttpsMethod::Nohttp).then(|| {
+                        local(StatusCode::FORBIDDEN, "meshgate: this host is served over HTTPS only\n".into())
+                    })
+                };
+                let Some(https) = self.https.as_ref() else { return refuse() };
                 let host = request_host(req).unwrap_or("");
                 let name = super::router::normalise_host(host);
                 if !https.certs.has_certificate(&name) {
-                    return (route.https_method == HttpsMethod::Nohttp).then(|| {
-                        local(StatusCode::FORBIDDEN, "meshgate: this host is served over HTTPS only\n".into())
-                    });
+                    return refuse();
                 }
                 let port = if https.port == 443 { String::new() } else { format!(":{}", https.port) };
                 let path = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);

@@ -279,6 +279,7 @@ fn balancing<'a>(label: &impl Fn(&str) -> Option<&'a str>, out: &mut OptIn) {
                 http_only: true,
                 same_site: Some("lax".into()),
                 max_age: None,
+                path: None,
             });
         }
         Some(other) => out.problems.push(
@@ -538,7 +539,7 @@ fn known_traefik_label(name: &str) -> bool {
                     "loadbalancer",
                     "sticky",
                     "cookie",
-                    "name" | "secure" | "httponly" | "samesite" | "maxage"
+                    "name" | "secure" | "httponly" | "samesite" | "maxage" | "path"
                 ]
         ),
     }
@@ -966,6 +967,7 @@ fn traefik_balancing<'a>(
         "sticky.cookie.httponly",
         "sticky.cookie.samesite",
         "sticky.cookie.maxage",
+        "sticky.cookie.path",
     ];
     let sticky = flag("sticky.cookie")?.or(flag("sticky")?).unwrap_or(false)
         || cookie_keys.iter().any(|k| label(&key(k)).is_some());
@@ -985,8 +987,18 @@ fn traefik_balancing<'a>(
         http_only: flag("sticky.cookie.httponly")?.unwrap_or(false),
         same_site: label(&key("sticky.cookie.samesite")).map(|s| s.trim().to_ascii_lowercase()),
         max_age,
+        path: cookie_path(label(&key("sticky.cookie.path")), &key("sticky.cookie.path"))?,
     };
     Ok((Some(affinity), pass_host))
+}
+
+/// A sticky cookie's `path`: an absolute path a `Set-Cookie` can carry as it is.
+fn cookie_path(value: Option<&str>, key: &str) -> Result<Option<String>, String> {
+    let Some(path) = value.map(str::trim) else { return Ok(None) };
+    if !path.starts_with('/') || path.chars().any(|c| c == ';' || c.is_control() || c.is_whitespace()) {
+        return Err(format!("label `{key}`: `{path}` is not an absolute path without `;` or spaces"));
+    }
+    Ok(Some(path.to_owned()))
 }
 
 /// A router's `tls.domains[n].main` and `.sans` (Traefik's way to name a certificate's names,
