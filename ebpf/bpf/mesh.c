@@ -94,13 +94,17 @@ static __always_inline struct backend *pick(const struct svc_info *svc, const st
 }
 
 /* Another live task of service `svc` than the one in `avoid`, for a SYN the task it went to
- * did not answer: the Maglev row read at a few other places along the flow's hash. None
- * found (a service of one task): 0, and the caller keeps the task it had. */
+ * did not answer: the Maglev row read at other places along the flow's hash. Each place
+ * holds the avoided task with the odds of its share (1/3 with three tasks), so a few places
+ * left one flow in 81 on a task whose node was cut off, retrying it there until it timed
+ * out; PICK_OTHER_TRIES places make that one in 43 million (three tasks), one in 65,536
+ * (two). None found (a service of one task): 0, and the caller keeps the task it had. */
+#define PICK_OTHER_TRIES 16
 static __always_inline struct backend *pick_other(const struct svc_info *svc, const struct flow_key *f, __u32 avoid, __u32 *slot)
 {
 	__u32 h = flow_hash(f);
 #pragma unroll
-	for (int i = 1; i <= 4; i++) {
+	for (int i = 1; i <= PICK_OTHER_TRIES; i++) {
 		__u32 idx = svc->id * MAGLEV_SIZE + (h + i * 0x9e3779b1u) % MAGLEV_SIZE;
 		__u32 *b = bpf_map_lookup_elem(&maglev, &idx);
 		if (!b || *b == avoid)

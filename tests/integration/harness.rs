@@ -391,6 +391,20 @@ impl Drop for Binary {
     }
 }
 
+/// The agent's arguments that make it a task answering as `--whoami-listen` does on port 80
+/// (its request line and headers), with nothing else reachable.
+pub(crate) const WHOAMI: &[&str] = &[
+    "--docker-mode",
+    "off",
+    "--whoami-listen",
+    "0.0.0.0:80",
+    "--http-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+    "--example",
+];
+
 /// Runs curl with `args`; returns (exit ok, stdout).
 /// (Async: the agent under test runs on the same runtime.)
 pub async fn curl(args: &[&str]) -> (bool, String) {

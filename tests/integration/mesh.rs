@@ -182,6 +182,19 @@ pub(crate) fn underlay(nets: &mut Namespaces, prefix: &str) -> (String, String) 
 pub(crate) const NODE_MESH: [&str; 6] =
     ["--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1"];
 
+/// Docker's firewall on the node of [`underlay`]: nothing forwarded but what it published
+/// itself (port 8082 to the task 10.0.9.2:80, as `docker run -p 8082:80` does), and the task
+/// subnet masqueraded on its way out. The mesh must get through it without opening it.
+fn docker_firewall(node: &str) {
+    let ipt = |args: &[&str]| run(&[&["ip", "netns", "exec", node, "iptables"], args].concat());
+    ipt(&["-P", "FORWARD", "DROP"]);
+    ipt(&["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.9.0/24", "!", "-o", "br0", "-j", "MASQUERADE"]);
+    let dnat = "-t nat -A PREROUTING -p tcp --dport 8082 -j DNAT --to-destination 10.0.9.2:80";
+    ipt(&dnat.split(' ').collect::<Vec<_>>());
+    ipt(&["-A", "FORWARD", "-d", "10.0.9.2", "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
+    ipt(&["-A", "FORWARD", "-i", "br0", "-j", "ACCEPT"]);
+}
+
 /// What the uplink has attached: XDP and tc programs, as `bpftool net` lists them.
 fn attached(ns: &str, dev: &str) -> String {
     Namespaces::exec(ns, &["bpftool", "net", "show", "dev", dev])
@@ -234,25 +247,7 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     // Docker's firewall: nothing forwarded but what it published itself (here port 8082 to
     // task 1, as `docker run -p` does), and the task subnet masqueraded on its way out. The
     // mesh must get through it without opening it.
-    let ipt = |args: &[&str]| run(&[&["ip", "netns", "exec", &node, "iptables"], args].concat());
-    ipt(&["-P", "FORWARD", "DROP"]);
-    ipt(&["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.9.0/24", "!", "-o", "br0", "-j", "MASQUERADE"]);
-    ipt(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        "8082",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        "10.0.9.2:80",
-    ]);
-    ipt(&["-A", "FORWARD", "-d", "10.0.9.2", "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
-    ipt(&["-A", "FORWARD", "-i", "br0", "-j", "ACCEPT"]);
+    docker_firewall(&node);
     let before = attached(&node, "u0");
 
     let dir = tempfile::tempdir().unwrap();
@@ -653,38 +648,9 @@ fn short_connections_through_the_mesh_then_docker_dnat_then_the_mesh_all_succeed
     run(&["ip", "-n", &task, "addr", "add", "10.0.9.2/24", "dev", "e0"]);
     run(&["ip", "-n", &task, "link", "set", "e0", "up"]);
     run(&["ip", "-n", &task, "route", "add", "default", "via", "10.0.9.1"]);
-    let whoami = [
-        env!("CARGO_BIN_EXE_meshgate"),
-        "--docker-mode",
-        "off",
-        "--whoami-listen",
-        "0.0.0.0:80",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--example",
-    ];
+    let whoami = [&[env!("CARGO_BIN_EXE_meshgate")][..], crate::harness::WHOAMI].concat();
     nets.spawn(&task, &whoami);
-    // Docker's `-p 8082:80` to the same task.
-    let ipt = |args: &[&str]| run(&[&["ip", "netns", "exec", &node, "iptables"], args].concat());
-    ipt(&["-P", "FORWARD", "DROP"]);
-    ipt(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        "8082",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        "10.0.9.2:80",
-    ]);
-    ipt(&["-A", "FORWARD", "-d", "10.0.9.2", "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
-    ipt(&["-A", "FORWARD", "-i", "br0", "-j", "ACCEPT"]);
+    docker_firewall(&node);
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(

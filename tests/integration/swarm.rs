@@ -761,10 +761,20 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
 
     // A worker's cable is pulled while requests flow through the two others, and plugged
     // back once the manager marked it down (chaos, "Hold under abuse"): both keep answering,
-    // and every node answers once it is back. The failures are printed, not yet bounded: in
-    // one run of several, node 1's agent refused connections for about a second during the
-    // cut (it restarted; cause not found yet); when any failed, the agents' task history and
-    // the logs of node 1's exited agents are printed with them.
+    // and every node answers once it is back. No HTTP request fails, and at most one
+    // connection per load loop on published ports (the one it had open on node 2's task when
+    // the cable went: nothing can save it); a new connection whose SYN went to node 2's task
+    // is sent again to another. One case is not bounded yet, only reported: in one run of
+    // several (earlier sessions), node 1's agent restarted during the cut and refused
+    // connections for about a second, cause not found; when an agent restarts during the
+    // cut, the agents' task history and the logs of node 1's exited agents are printed
+    // instead of the bound.
+    // (Node 2's own agent may be replaced when it comes back: only the others' count.)
+    let agents = async || {
+        let nodes = Lab::docker(1, &["service", "ps", "--format", "{{.Node}}", "meshgate_agent"]).await;
+        nodes.lines().filter(|n| !n.ends_with("-n2")).count()
+    };
+    let agents_before = agents().await;
     let results = through(&both_ways(&[1, 3]), async || {
         Lab::cable(2, false).await;
         eventually("the manager marks node 2 down", CONVERGE, async || Lab::node_state(2).await == "down")
@@ -773,13 +783,15 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
         eventually("node 2 is ready again", CONVERGE, async || Lab::node_state(2).await == "ready").await;
     })
     .await;
-    let mut failed_any = false;
     for (target, answered, failed) in &results {
         eprintln!("node 2 cut off: {target}: {answered} answered, {} failed: {failed:?}", failed.len());
         assert!(*answered > 0, "{target} answered nothing while node 2 was cut off");
-        failed_any |= !failed.is_empty();
     }
-    if failed_any {
+    if agents().await == agents_before {
+        let l4_loops = results.iter().filter(|r| !r.0.starts_with("load.test")).count();
+        assert_l4_failed_at_most(&results, "node 2's cable pulled", l4_loops).await;
+    } else {
+        eprintln!("an agent restarted while node 2 was cut off (not bounded yet, issue 13):");
         let history = ["service", "ps", "--no-trunc", "--format", "{{.Node}} {{.CurrentState}} {{.Error}}"];
         eprintln!("{}", Lab::docker(1, &[&history[..], &["meshgate_agent"]].concat()).await);
         let exited =

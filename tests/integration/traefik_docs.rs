@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::docker::{whoami_image, Container};
-use crate::harness::{curl, Mesh};
+use crate::harness::{curl, Mesh, WHOAMI};
 
 /// One documented example.
 pub(crate) struct Case {
@@ -475,19 +475,6 @@ pub(crate) const CASES: &[Case] = &[
         host: "shop.example.com",
         checks: &[get("/", "200", &["host: shop.example.com"])],
     },
-];
-
-/// The whoami task's arguments (the image's entrypoint is the agent).
-pub(crate) const WHOAMI: &[&str] = &[
-    "--docker-mode",
-    "off",
-    "--whoami-listen",
-    "0.0.0.0:80",
-    "--http-listen",
-    "127.0.0.1:0",
-    "--admin-listen",
-    "127.0.0.1:0",
-    "--example",
 ];
 
 impl Case {
