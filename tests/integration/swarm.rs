@@ -737,6 +737,15 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
     if failed_any {
         agents_warnings().await;
     }
+    // Swarm watches each updated task for a while (`update_config.monitor`, 5 s) and rolls
+    // the whole update back if one fails then: a chaos stage started before that ends makes
+    // the agents on every node restart during it (seen: node 1's agents handed over while
+    // node 2's cable was pulled).
+    eventually("meshgate's own update is complete, no longer monitored", CONVERGE, async || {
+        let state = ["service", "inspect", "--format", "{{.UpdateStatus.State}}", "meshgate_agent"];
+        Lab::docker(1, &state).await == "completed"
+    })
+    .await;
 
     // A worker's engine stops and starts again while requests flow through the two others
     // (chaos, "Hold under abuse"): no HTTP request fails (a hop to the stopped node is
@@ -792,6 +801,8 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
         assert_l4_failed_at_most(&results, "node 2's cable pulled", l4_loops).await;
     } else {
         eprintln!("an agent restarted while node 2 was cut off (not bounded yet, issue 13):");
+        let update = ["service", "inspect", "--format", "{{json .UpdateStatus}}", "meshgate_agent"];
+        eprintln!("the agents' update status: {}", Lab::docker(1, &update).await);
         let history = ["service", "ps", "--no-trunc", "--format", "{{.Node}} {{.CurrentState}} {{.Error}}"];
         eprintln!("{}", Lab::docker(1, &[&history[..], &["meshgate_agent"]].concat()).await);
         let exited =
