@@ -773,11 +773,9 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
     // and every node answers once it is back. No HTTP request fails, and at most one
     // connection per load loop on published ports (the one it had open on node 2's task when
     // the cable went: nothing can save it); a new connection whose SYN went to node 2's task
-    // is sent again to another. One case is not bounded yet, only reported: in one run of
-    // several (earlier sessions), node 1's agent restarted during the cut and refused
-    // connections for about a second, cause not found; when an agent restarts during the
-    // cut, the agents' task history and the logs of node 1's exited agents are printed
-    // instead of the bound.
+    // is sent again to another. No agent of the two other nodes restarts meanwhile (one did
+    // in some runs, and refused connections for about a second: meshgate's own update was
+    // still going on, see above); if one does, its history and logs are printed.
     // (Node 2's own agent may be replaced when it comes back: only the others' count.)
     let agents = async || {
         let nodes = Lab::docker(1, &["service", "ps", "--format", "{{.Node}}", "meshgate_agent"]).await;
@@ -796,11 +794,8 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
         eprintln!("node 2 cut off: {target}: {answered} answered, {} failed: {failed:?}", failed.len());
         assert!(*answered > 0, "{target} answered nothing while node 2 was cut off");
     }
-    if agents().await == agents_before {
-        let l4_loops = results.iter().filter(|r| !r.0.starts_with("load.test")).count();
-        assert_l4_failed_at_most(&results, "node 2's cable pulled", l4_loops).await;
-    } else {
-        eprintln!("an agent restarted while node 2 was cut off (not bounded yet, issue 13):");
+    let restarted = agents().await != agents_before;
+    if restarted {
         let update = ["service", "inspect", "--format", "{{json .UpdateStatus}}", "meshgate_agent"];
         eprintln!("the agents' update status: {}", Lab::docker(1, &update).await);
         let history = ["service", "ps", "--no-trunc", "--format", "{{.Node}} {{.CurrentState}} {{.Error}}"];
@@ -812,6 +807,9 @@ async fn under_load_no_request_fails_through_a_rolling_update_a_drain_and_meshga
             eprintln!("exited agent {id} on node 1:\n{}", String::from_utf8_lossy(&out.stderr));
         }
     }
+    assert!(!restarted, "no agent on nodes 1 and 3 restarted while node 2 was cut off (history above)");
+    let l4_loops = results.iter().filter(|r| !r.0.starts_with("load.test")).count();
+    assert_l4_failed_at_most(&results, "node 2's cable pulled", l4_loops).await;
     for (host, url) in both_ways(&[1, 2, 3]) {
         eventually(&format!("{url} answers with node 2 back"), CONVERGE, async || {
             Lab::curl(host, &url).await.0
