@@ -193,7 +193,11 @@ fn redacted<'a>(name: &HeaderName, value: &'a HeaderValue) -> std::borrow::Cow<'
 }
 
 fn text(value: &HeaderValue) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(value.as_bytes())
+    // Most values are ASCII: checked at once, without the lossy decoder's chunking.
+    match value.to_str() {
+        Ok(ascii) => ascii.into(),
+        Err(_) => String::from_utf8_lossy(value.as_bytes()),
+    }
 }
 
 /// One request's line in the making; written when it is dropped (the response is done),
@@ -417,61 +421,73 @@ fn protocol(v: Version) -> &'static str {
 }
 
 /// One JSON object, written field by field into `line` (fields in Traefik's order:
-/// alphabetical, `request_*` headers, then `level`, `msg`, `time`).
+/// alphabetical, `request_*` headers, then `level`, `msg`, `time`). Strings are copied as
+/// they are and numbers written by hand: this runs once per request on the writer's thread,
+/// which shares a core with the requests (`format_args!` per field was most of its time).
 fn json_line(r: &Record, rfc3339: &str, line: &mut String) {
     let path = r.target.path();
     let addr = r.host.as_ref().map(text).unwrap_or_default();
     let port = addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
     let host = port.map_or(&*addr, |_| addr.rsplit_once(':').map_or("", |(h, _)| h));
+    let client = r.client.to_string();
+    let client_host = match r.client {
+        SocketAddr::V4(_) => client.rsplit_once(':').map_or("", |(h, _)| h),
+        SocketAddr::V6(_) => client.rsplit_once("]:").map_or("", |(h, _)| h.trim_start_matches('[')),
+    };
+    let task = r.task.map(|t| t.to_string());
     let mut j = Json(line);
     j.0.push('{');
-    j.text("ClientAddr", format_args!("{}", r.client));
-    j.text("ClientHost", format_args!("{}", r.client.ip()));
-    j.text("ClientPort", format_args!("{}", r.client.port()));
-    j.text("ClientUsername", format_args!("-"));
+    j.str("ClientAddr", &client);
+    j.str("ClientHost", client_host);
+    j.number_text("ClientPort", u64::from(r.client.port()));
+    j.str("ClientUsername", "-");
     j.number("DownstreamContentSize", r.bytes);
     j.number("DownstreamStatus", u64::from(r.status));
     j.number("Duration", u64::try_from(r.took.as_nanos()).unwrap_or(u64::MAX));
     j.number("OriginContentSize", if r.origin_status == 0 { 0 } else { r.bytes });
     j.number("OriginStatus", u64::from(r.origin_status));
-    j.text("RequestAddr", format_args!("{addr}"));
+    j.str("RequestAddr", &addr);
     j.number("RequestContentSize", r.request_bytes);
-    j.text("RequestHost", format_args!("{host}"));
-    j.text("RequestMethod", format_args!("{}", r.method));
-    j.text("RequestPath", format_args!("{}", r.target));
+    j.str("RequestHost", host);
+    j.str("RequestMethod", r.method.as_str());
+    j.str("RequestPath", r.target.as_str());
     match port {
-        Some(p) => j.text("RequestPort", format_args!("{p}")),
-        None => j.text("RequestPort", format_args!("-")),
+        Some(p) => j.number_text("RequestPort", u64::from(p)),
+        None => j.str("RequestPort", "-"),
     }
-    j.text("RequestProtocol", format_args!("{}", protocol(r.version)));
-    j.text("RequestScheme", format_args!("{}", if r.secure { "https" } else { "http" }));
+    j.str("RequestProtocol", protocol(r.version));
+    j.str("RequestScheme", if r.secure { "https" } else { "http" });
     j.number("RetryAttempts", u64::from(r.attempts.saturating_sub(1)));
     if let Some(route) = &r.route {
-        j.text("RouterName", format_args!("{}", route.router));
+        j.str("RouterName", &route.router);
     }
-    if let Some(task) = r.task {
-        j.text("ServiceAddr", format_args!("{task}"));
+    if let Some(task) = &task {
+        j.str("ServiceAddr", task);
     }
     if let Some(route) = &r.route {
-        j.text("ServiceName", format_args!("{}", route.service));
+        j.str("ServiceName", &route.service);
     }
-    if let Some(task) = r.task {
-        j.text("ServiceURL", format_args!("http://{task}{path}"));
+    if let Some(task) = &task {
+        j.key("ServiceURL");
+        j.0.push_str("\"http://");
+        j.raw(task);
+        j.raw(path);
+        j.0.push_str("\",");
     }
-    j.text("StartUTC", format_args!("{rfc3339}"));
-    j.text("entryPointName", format_args!("{}", if r.secure { "websecure" } else { "web" }));
+    j.str("StartUTC", rfc3339);
+    j.str("entryPointName", if r.secure { "websecure" } else { "web" });
     if let Some(v) = &r.referer {
-        j.text("request_Referer", format_args!("{}", text(v)));
+        j.str("request_Referer", &text(v));
     }
     if let Some(v) = &r.user_agent {
-        j.text("request_User-Agent", format_args!("{}", text(v)));
+        j.str("request_User-Agent", &text(v));
     }
     for (name, value) in &r.headers {
-        j.text(&format!("request_{}", title_case(name.as_str())), format_args!("{}", redacted(name, value)));
+        j.str(&format!("request_{}", title_case(name.as_str())), &redacted(name, value));
     }
-    j.text("level", format_args!("info"));
-    j.text("msg", format_args!(""));
-    j.text("time", format_args!("{rfc3339}"));
+    j.str("level", "info");
+    j.str("msg", "");
+    j.str("time", rfc3339);
     j.0.pop(); // the last comma
     j.0.push_str("}\n");
 }
@@ -489,33 +505,62 @@ impl Json<'_> {
 
     fn number(&mut self, key: &str, value: u64) {
         self.key(key);
-        let _ = write!(self.0, "{value},");
+        push_u64(self.0, value);
+        self.0.push(',');
     }
 
-    /// A string member; the value is escaped as JSON needs (quotes, backslashes, controls).
-    fn text(&mut self, key: &str, value: std::fmt::Arguments<'_>) {
+    /// A number written as a string (Traefik writes ports so).
+    fn number_text(&mut self, key: &str, value: u64) {
         self.key(key);
         self.0.push('"');
-        let start = self.0.len();
-        let _ = self.0.write_fmt(value);
-        if self.0[start..].bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-            let raw = self.0.split_off(start);
-            for c in raw.chars() {
-                match c {
-                    '"' => self.0.push_str("\\\""),
-                    '\\' => self.0.push_str("\\\\"),
-                    '\n' => self.0.push_str("\\n"),
-                    '\r' => self.0.push_str("\\r"),
-                    '\t' => self.0.push_str("\\t"),
-                    c if (c as u32) < 0x20 => {
-                        let _ = write!(self.0, "\\u{:04x}", c as u32);
-                    }
-                    c => self.0.push(c),
-                }
-            }
-        }
+        push_u64(self.0, value);
         self.0.push_str("\",");
     }
+
+    /// A string member.
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.0.push('"');
+        self.raw(value);
+        self.0.push_str("\",");
+    }
+
+    /// A string's content, escaped as JSON needs (quotes, backslashes, controls).
+    fn raw(&mut self, value: &str) {
+        if !value.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            self.0.push_str(value);
+            return;
+        }
+        for c in value.chars() {
+            match c {
+                '"' => self.0.push_str("\\\""),
+                '\\' => self.0.push_str("\\\\"),
+                '\n' => self.0.push_str("\\n"),
+                '\r' => self.0.push_str("\\r"),
+                '\t' => self.0.push_str("\\t"),
+                c if (c as u32) < 0x20 => {
+                    let _ = write!(self.0, "\\u{:04x}", c as u32);
+                }
+                c => self.0.push(c),
+            }
+        }
+    }
+}
+
+/// `value` in decimal, without the formatting machinery.
+fn push_u64(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
 }
 
 /// `x-request-id` as `X-Request-Id`, the spelling Traefik's `request_*` fields use.
@@ -575,6 +620,15 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 1_234_567_890, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+    }
+
+    #[test]
     fn json_lines_carry_traefiks_names() {
         let mut line = String::new();
         format_line(AccessFormat::Json, &record(), &mut line);
@@ -593,6 +647,15 @@ mod tests {
         assert_eq!(v["RequestPath"], "/a%20b?q=1");
         assert_eq!(v["ServiceURL"], "http://10.0.1.5:80/a%20b");
         assert_eq!(v["StartUTC"], "2026-11-28T13:55:07.000000000Z");
+        assert_eq!((&v["ClientAddr"], &v["ClientPort"]), (&"203.0.113.7:51000".into(), &"51000".into()));
+        let v6 = Record { client: "[2001:db8::1]:443".parse().unwrap(), ..record() };
+        line.clear();
+        format_line(AccessFormat::Json, &v6, &mut line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            (&v["ClientAddr"], &v["ClientHost"]),
+            (&"[2001:db8::1]:443".into(), &"2001:db8::1".into())
+        );
     }
 
     #[test]
