@@ -182,6 +182,22 @@ pub(crate) fn underlay(nets: &mut Namespaces, prefix: &str) -> (String, String) 
 pub(crate) const NODE_MESH: [&str; 6] =
     ["--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1"];
 
+/// The agent's arguments for the L4 mesh on the node of [`underlay`], its routes file (the
+/// text `routes`) written into `dir`, its own listeners on the node's loopback.
+fn mesh_agent_args(dir: &tempfile::TempDir, routes: &str) -> Vec<String> {
+    let file = dir.path().join("routes.toml");
+    std::fs::write(&file, routes).unwrap();
+    let own = [
+        "--routes-file",
+        file.to_str().unwrap(),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    own.iter().chain(NODE_MESH.iter()).map(|a| (*a).to_owned()).collect()
+}
+
 /// Docker's firewall on the node of [`underlay`]: nothing forwarded but what it published
 /// itself (port 8082 to the task 10.0.9.2:80, as `docker run -p 8082:80` does), and the task
 /// subnet masqueraded on its way out. The mesh must get through it without opening it.
@@ -251,26 +267,13 @@ fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_noth
     let before = attached(&node, "u0");
 
     let dir = tempfile::tempdir().unwrap();
-    let routes = dir.path().join("routes.toml");
-    std::fs::write(
-        &routes,
+    let mesh_args = mesh_agent_args(
+        &dir,
         "[[services]]\nname = \"web\"\ntasks = [{ address = \"10.0.9.2\", node = \"n1\" }, { address = \"10.0.9.3\", node = \"n1\" }]\n\
          [[services.l4]]\nprotocol = \"tcp\"\npublished = 8080\ntarget = 80\n\
          [[services.l4]]\nprotocol = \"udp\"\npublished = 5353\ntarget = 53\n",
-    )
-    .unwrap();
-    let mesh_args = [
-        &[
-            "--routes-file",
-            routes.to_str().unwrap(),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ][..],
-        &NODE_MESH[..],
-    ]
-    .concat();
+    );
+    let mesh_args: Vec<&str> = mesh_args.iter().map(String::as_str).collect();
     let agent = Agent::start(&node, &mesh_args);
     agent.wait_for("L4 mesh attached");
     agent.wait_for("port table synced");
@@ -652,26 +655,12 @@ fn short_connections_through_the_mesh_then_docker_dnat_then_the_mesh_all_succeed
     nets.spawn(&task, &whoami);
     docker_firewall(&node);
     let dir = tempfile::tempdir().unwrap();
-    let routes = dir.path().join("routes.toml");
-    std::fs::write(
-        &routes,
+    let args = mesh_agent_args(
+        &dir,
         "[[services]]\nname = \"web\"\ntasks = [{ address = \"10.0.9.2\", node = \"n1\" }]\n\
          [[services.l4]]\nprotocol = \"tcp\"\npublished = 8080\ntarget = 80\n",
-    )
-    .unwrap();
-    let args = [
-        &[
-            "--routes-file",
-            routes.to_str().unwrap(),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ][..],
-        &NODE_MESH[..],
-    ]
-    .concat();
-    let agent = Agent::start(&node, &args);
+    );
+    let agent = Agent::start(&node, &args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_for("port table synced");
     Namespaces::exec(
         &client,
