@@ -182,6 +182,34 @@ pub(crate) fn underlay(nets: &mut Namespaces, prefix: &str) -> (String, String) 
 pub(crate) const NODE_MESH: [&str; 6] =
     ["--mesh-uplink", "u0", "--mesh-node-address", "192.0.2.10", "--mesh-node-name", "n1"];
 
+/// The [`underlay`] with the node's task bridge `br0` (10.0.9.1/24) and forwarding on; the
+/// client sends full checksums (a local sender's are partial on a veth; XDP rewrites full
+/// ones, as from a NIC). Returns (client, node).
+fn node_with_task_bridge(nets: &mut Namespaces, prefix: &str) -> (String, String) {
+    let (client, node) = underlay(nets, prefix);
+    Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
+    Namespaces::exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
+    run(&["ip", "-n", &node, "addr", "add", "10.0.9.1/24", "dev", "br0"]);
+    run(&["ip", "-n", &node, "link", "set", "br0", "up"]);
+    (client, node)
+}
+
+/// Task `i`'s namespace on the node's task bridge: 10.0.9.(i+1), its host side `t<i>`, its
+/// default route the bridge (no way out of the machine: the node has none).
+fn task_on_bridge(nets: &mut Namespaces, node: &str, i: usize) -> String {
+    let task = nets.add(&format!("mgt{i}"));
+    let host_side = format!("t{i}");
+    run(&[
+        "ip", "link", "add", "e0", "netns", &task, "type", "veth", "peer", "name", &host_side, "netns", node,
+    ]);
+    run(&["ip", "-n", node, "link", "set", &host_side, "master", "br0", "up"]);
+    run(&["ip", "-n", &task, "addr", "add", &format!("10.0.9.{}/24", i + 1), "dev", "e0"]);
+    run(&["ip", "-n", &task, "link", "set", "e0", "up"]);
+    run(&["ip", "-n", &task, "route", "add", "default", "via", "10.0.9.1"]);
+    task
+}
+
 /// The agent's arguments for the L4 mesh on the node of [`underlay`], its routes file (the
 /// text `routes`) written into `dir`, its own listeners on the node's loopback.
 fn mesh_agent_args(dir: &tempfile::TempDir, routes: &str) -> Vec<String> {
@@ -219,26 +247,11 @@ fn attached(ns: &str, dev: &str) -> String {
 #[test]
 fn published_ports_reach_local_tasks_with_the_client_address_kept_and_leave_nothing_behind() {
     let mut nets = Namespaces::new();
-    let (client, node) = underlay(&mut nets, "mg");
-    // A local sender's checksums are partial on a veth; XDP rewrites full ones (as from a NIC).
-    Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
-    Namespaces::exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    // The node's task bridge, 10.0.9.0/24, with two tasks.
-    run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
-    run(&["ip", "-n", &node, "addr", "add", "10.0.9.1/24", "dev", "br0"]);
-    run(&["ip", "-n", &node, "link", "set", "br0", "up"]);
+    let (client, node) = node_with_task_bridge(&mut nets, "mg");
+    // Two tasks on the node's task bridge.
     let mut tasks = Vec::new();
     for i in 1..=2 {
-        let task = nets.add(&format!("mgt{i}"));
-        let host_side = format!("t{i}");
-        run(&[
-            "ip", "link", "add", "e0", "netns", &task, "type", "veth", "peer", "name", &host_side, "netns",
-            &node,
-        ]);
-        run(&["ip", "-n", &node, "link", "set", &host_side, "master", "br0", "up"]);
-        run(&["ip", "-n", &task, "addr", "add", &format!("10.0.9.{}/24", i + 1), "dev", "e0"]);
-        run(&["ip", "-n", &task, "link", "set", "e0", "up"]);
-        run(&["ip", "-n", &task, "route", "add", "default", "via", "10.0.9.1"]);
+        let task = task_on_bridge(&mut nets, &node, i);
         let name = format!("task{i}");
         nets.spawn(
             &task,
@@ -612,10 +625,10 @@ impl Capture {
     }
 
     /// Stops the capture; returns what it saw, one line per packet.
-    fn stop(mut self) -> Vec<String> {
-        run(&["kill", "-INT", &self.0.id().to_string()]);
-        let out =
-            std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    fn stop(self) -> Vec<String> {
+        let Self(tcpdump) = self;
+        run(&["kill", "-INT", &tcpdump.id().to_string()]);
+        let out = tcpdump.wait_with_output().unwrap();
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
     }
 }
@@ -639,18 +652,8 @@ fn tcp_counter(ns: &str, name: &str) -> u64 {
 #[test]
 fn short_connections_through_the_mesh_then_docker_dnat_then_the_mesh_all_succeed() {
     let mut nets = Namespaces::new();
-    let (client, node) = underlay(&mut nets, "mgr");
-    Namespaces::exec(&client, &["ethtool", "-K", "c0", "tx", "off"]);
-    Namespaces::exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
-    run(&["ip", "-n", &node, "addr", "add", "10.0.9.1/24", "dev", "br0"]);
-    run(&["ip", "-n", &node, "link", "set", "br0", "up"]);
-    let task = nets.add("mgrt");
-    run(&["ip", "link", "add", "e0", "netns", &task, "type", "veth", "peer", "name", "t1", "netns", &node]);
-    run(&["ip", "-n", &node, "link", "set", "t1", "master", "br0", "up"]);
-    run(&["ip", "-n", &task, "addr", "add", "10.0.9.2/24", "dev", "e0"]);
-    run(&["ip", "-n", &task, "link", "set", "e0", "up"]);
-    run(&["ip", "-n", &task, "route", "add", "default", "via", "10.0.9.1"]);
+    let (client, node) = node_with_task_bridge(&mut nets, "mgr");
+    let task = task_on_bridge(&mut nets, &node, 1);
     let whoami = [&[env!("CARGO_BIN_EXE_meshgate")][..], crate::harness::WHOAMI].concat();
     nets.spawn(&task, &whoami);
     docker_firewall(&node);
