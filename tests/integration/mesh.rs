@@ -677,6 +677,10 @@ fn short_connections_through_the_mesh_then_docker_dnat_then_the_mesh_all_succeed
             "0",
             "--max-time",
             "5",
+            // Below the legs' ports: this connection's TIME-WAIT (curl closes first) would
+            // refuse a leg's bind of its port.
+            "--local-port",
+            "30000-30999",
             "http://192.0.2.10:8082/",
         ],
     );
