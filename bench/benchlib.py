@@ -97,6 +97,17 @@ def cpu_seconds(proc):
     return total / TICKS
 
 
+def core_busy_seconds(cpu):
+    """Seconds CPU `cpu` has spent busy (user, system, interrupts) since boot, from /proc/stat:
+    what a server pinned alone to that core costs, its packets' kernel work included."""
+    for line in open("/proc/stat"):
+        if line.startswith(f"cpu{cpu} "):
+            f = [int(x) for x in line.split()[1:]]
+            idle = f[3] + f[4]
+            return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    raise ValueError(f"no cpu{cpu} in /proc/stat")
+
+
 def rss_kib(proc, field):
     total = 0
     for pid in group_pids(proc):

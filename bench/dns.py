@@ -12,10 +12,13 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import ROOT, replace_section, start, stop_all, write_file
+from benchlib import ROOT, core_busy_seconds, replace_section, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
+# The fixed offered rate (queries/s) at which each server's CPU per query is measured: below
+# every server's peak, so that the figure is the work per query, not the load generator's.
+RATE = int(os.environ.get("RATE", "50000"))
 PORTS = {"meshgate": 15401, "dnsmasq": 15402, "unbound": 15403}
 UPSTREAM = 15404
 NAMES = 100
@@ -30,13 +33,17 @@ def addr(i):
     return f"10.50.{i // 250}.{i % 250 + 1}"
 
 
-def dnsperf(port, queries):
+def dnsperf(port, queries, rate=200000):
+    """One dnsperf run; with it, how busy the server's core (CPU 0) was and its CPU time per query."""
+    before = core_busy_seconds(0)
     out = subprocess.run(["taskset", "-c", "1", "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", queries,
-                          "-l", str(SECONDS), "-c", "4", "-Q", "200000", "-q", "200"], capture_output=True, text=True).stdout
+                          "-l", str(SECONDS), "-c", "4", "-Q", str(rate), "-q", "200"], capture_output=True, text=True).stdout
+    busy = core_busy_seconds(0) - before
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
+    done = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))
     lat = float(re.search(r"Average Latency \(s\):\s+([\d.]+)", out).group(1)) * 1000
     lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))
-    return {"qps": qps, "lat_ms": lat, "lost": lost}
+    return {"qps": qps, "lat_ms": lat, "lost": lost, "busy": busy / SECONDS, "us_per_q": busy / max(done, 1) * 1e6}
 
 
 def main():
@@ -82,13 +89,17 @@ forward-zone:
             assert check == addr(7), f"{name} does not answer svc7.mesh.internal ({check!r})"
             for i in range(NAMES):  # warm the caches
                 subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+short", f"name{i}.fwd.test"], capture_output=True)
-        results = {n: {"local": [], "forwarded": []} for n in PORTS}
+        results = {n: {"local": [], "forwarded": [], "local-rate": [], "forwarded-rate": []} for n in PORTS}
         for rnd in range(ROUNDS):
-            for name, port in PORTS.items():
+            names = list(PORTS)
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                port = PORTS[name]
                 for kind, qfile in (("local", local), ("forwarded", forwarded)):
-                    r = dnsperf(port, qfile)
-                    results[name][kind].append(r)
-                    print(f"round {rnd + 1} {name:8} {kind:9} {r['qps']:>9.0f} q/s avg {r['lat_ms']:.3f} ms lost {r['lost']}", flush=True)
+                    for leg, rate in ((kind, 200000), (f"{kind}-rate", RATE)):
+                        r = dnsperf(port, qfile, rate)
+                        results[name][leg].append(r)
+                        print(f"round {rnd + 1} {name:8} {leg:14} {r['qps']:>9.0f} q/s avg {r['lat_ms']:.3f} ms lost {r['lost']} "
+                              f"CPU 0 busy {r['busy'] * 100:.0f}% {r['us_per_q']:.2f} us/query", flush=True)
         report(results)
     finally:
         stop_all(list(procs.values()) + [upstream])
@@ -97,19 +108,31 @@ forward-zone:
 
 def report(results):
     med = lambda runs, k: statistics.median(r[k] for r in runs)
+    spread = lambda runs, k: f"{min(r[k] for r in runs):.0f}-{max(r[k] for r in runs):.0f}"
     lines = ["## DNS: mesh-dns vs dnsmasq vs unbound", "",
-             f"Made by `bench/dns.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}) on {time.strftime('%Y-%m-%d')}. "
-             f"Medians of {ROUNDS} interleaved rounds. Each server: one thread on CPU 0, logging off. "
+             f"Made by `bench/dns.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}, RATE={RATE}) on {time.strftime('%Y-%m-%d')}, "
+             f"{benchlib_cpu()}. Medians of {ROUNDS} interleaved rounds (each round starts with another server), "
+             "the spread beside. Each server: one thread on CPU 0, logging off. "
              f"`dnsperf -c 4 -q 200 -l {SECONDS}` on CPU 1 over {NAMES} names: local A records, and forwarded names "
-             "answered from each server's warm cache (upstream: a dnsmasq on CPU 1).", "",
-             "| server | names | queries/s | vs dnsmasq | vs unbound | avg latency ms | lost |", "|---|---|---|---|---|---|---|"]
+             "answered from each server's warm cache (upstream: a dnsmasq on CPU 1). CPU 0 busy: its share of the "
+             "run spent on anything but idle (the server alone runs there; its packets' kernel work counts). "
+             "Capacity: queries/s over that share, what the server would answer with its core to itself.", "",
+             "| server | names | queries/s (spread) | CPU 0 busy | µs of CPU 0 / query | capacity q/s | vs dnsmasq | vs unbound "
+             f"| µs / query at {RATE} q/s | avg latency ms | lost |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("local", "forwarded"):
-        base_d, base_u = med(results["dnsmasq"][kind], "qps"), med(results["unbound"][kind], "qps")
+        cap = {n: med(results[n][kind], "qps") / max(med(results[n][kind], "busy"), 1e-9) for n in results}
         for name in results:
-            runs = results[name][kind]
-            q = med(runs, "qps")
-            lines.append(f"| {name} | {kind} | {q:.0f} | {q / base_d:.2f} | {q / base_u:.2f} | {med(runs, 'lat_ms'):.3f} | {sum(r['lost'] for r in runs)} |")
+            runs, fixed = results[name][kind], results[name][f"{kind}-rate"]
+            lost = sum(r["lost"] for r in runs), sum(r["lost"] for r in fixed)
+            lines.append(f"| {name} | {kind} | {med(runs, 'qps'):.0f} ({spread(runs, 'qps')}) | {med(runs, 'busy') * 100:.0f}% "
+                         f"| {med(runs, 'us_per_q'):.2f} | {cap[name]:.0f} | {cap[name] / cap['dnsmasq']:.2f} | {cap[name] / cap['unbound']:.2f} "
+                         f"| {med(fixed, 'us_per_q'):.2f} | {med(runs, 'lat_ms'):.3f} | {lost[0]} (at {RATE}: {lost[1]}) |")
     replace_section("## DNS:", "\n".join(lines) + "\n")
+
+
+def benchlib_cpu():
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    return f"{os.cpu_count()} cores ({model})"
 
 
 if __name__ == "__main__":

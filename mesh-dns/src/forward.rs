@@ -42,6 +42,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// When it leaves the cache.
+    #[must_use]
+    pub fn expires(&self) -> Instant {
+        self.expires
+    }
+
     /// The answer with TTLs lowered by the time it spent in the cache.
     #[must_use]
     pub fn aged(&self) -> Message {

@@ -20,6 +20,9 @@ use crate::forward::Forwarder;
 use crate::rate::{RateLimit, Verdict};
 use crate::zone::{Answer, Zone};
 
+/// How long a forwarded answer is sent again as it is before it is aged anew.
+const REUSE_FORWARDED: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The DNS metrics, registered on the agent's registry.
 pub struct DnsMetrics {
     queries: IntCounterVec,
@@ -63,8 +66,10 @@ pub struct MeshDns {
     challenges: ArcSwap<ChallengeRecords>,
     forwarder: Forwarder,
     recursion_allowed: Vec<IpNet>,
-    udp_rate: RateLimit,
+    pub(crate) udp_rate: RateLimit,
     metrics: Option<DnsMetrics>,
+    /// Answers kept as wire bytes, for the zone and challenge records in force.
+    pub(crate) answers: crate::wire::Store,
 }
 
 impl MeshDns {
@@ -84,26 +89,53 @@ impl MeshDns {
             recursion_allowed,
             udp_rate,
             metrics,
+            answers: crate::wire::Store::default(),
         }
     }
 
     /// Swaps in the ACME challenge records in progress.
     pub fn set_challenges(&self, records: ChallengeRecords) {
         self.challenges.store(Arc::new(records));
+        self.answers.clear();
     }
 
     /// Swaps in a new zone; queries in flight finish on the old one.
     pub fn set_zone(&self, zone: Zone) {
         self.zone.store(Arc::new(zone));
+        self.answers.clear();
     }
 
-    fn may_recurse(&self, ip: IpAddr) -> bool {
+    /// Counts a query answered from a kept answer, received at `received`.
+    pub(crate) fn count_kept(&self, kept: &crate::wire::Kept, received: Instant) {
+        if let Some(m) = &self.metrics {
+            if let Some(c) = &kept.counter {
+                c.inc();
+            }
+            if kept.is_forwarded() {
+                m.cache_hits.inc();
+            }
+            m.duration.observe(received.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The query counter for `request`'s type and `code`.
+    pub(crate) fn query_counter(&self, request: &Request, code: ResponseCode) -> Option<IntCounter> {
+        let m = self.metrics.as_ref()?;
+        Some(m.queries.with_label_values(&[query_type(request).as_str(), code.to_str()]))
+    }
+
+    pub(crate) fn may_recurse(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 @ IpAddr::V4(_) => v4,
         };
         self.recursion_allowed.iter().any(|n| n.contains(&ip))
     }
+}
+
+/// The `type` label of a query's counter.
+fn query_type(request: &Request) -> String {
+    request.queries.queries().first().map_or_else(|| "none".to_owned(), |q| q.query_type().to_string())
 }
 
 /// What to send, decided before the (borrowing) response is built. Local answers borrow
@@ -115,11 +147,32 @@ struct Reply<'a> {
     authorities: Vec<&'a Record>,
     /// A forwarded answer, whose sections are sent as they are.
     owned: Option<Box<hickory_server::proto::op::Message>>,
+    reuse: Reuse,
+}
+
+/// Whether an answer may be sent again as it is (its ID and flags set for the new query) to
+/// the same question from a client of the same kind: what lets the UDP loop answer from
+/// wire bytes (`udp.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reuse {
+    Never,
+    /// Until the zone or the challenge records change; `shuffle`: its answers are addresses
+    /// of one type, sent in a new random order each time.
+    WhileZoneHolds {
+        shuffle: bool,
+    },
+    /// A forwarded answer from the cache, until this instant (its TTLs age by the second).
+    Until(Instant),
 }
 
 impl Reply<'_> {
     fn error(code: ResponseCode) -> Self {
-        Self { code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), owned: None }
+        let reuse = if code == ResponseCode::ServFail {
+            Reuse::Never
+        } else {
+            Reuse::WhileZoneHolds { shuffle: false }
+        };
+        Self { code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), owned: None, reuse }
     }
 
     /// The response's size on the wire without name compression (so never less than it
@@ -142,11 +195,26 @@ impl RequestHandler for MeshDns {
     async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
-        mut response_handle: R,
+        response_handle: R,
     ) -> ResponseInfo {
+        let udp = request.protocol() == hickory_server::net::xfer::Protocol::Udp;
+        let verdict =
+            if udp { self.udp_rate.check(request.src().ip(), Instant::now()) } else { Verdict::Answer };
+        self.respond(request, verdict, response_handle).await.0
+    }
+}
+
+impl MeshDns {
+    /// Answers `request` (its rate-limit `verdict` already taken) and says whether the answer
+    /// may be sent again as it is.
+    pub(crate) async fn respond<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        verdict: Verdict,
+        mut response_handle: R,
+    ) -> (ResponseInfo, Reuse) {
         let started = Instant::now();
         let udp = request.protocol() == hickory_server::net::xfer::Protocol::Udp;
-        let verdict = if udp { self.udp_rate.check(request.src().ip(), started) } else { Verdict::Answer };
         if verdict == Verdict::Slip {
             if let Some(m) = &self.metrics {
                 m.rate_limited.inc();
@@ -186,6 +254,9 @@ impl RequestHandler for MeshDns {
         let limit = edns.as_ref().map_or(512, |e| usize::from(e.max_payload()));
         if udp && (verdict == Verdict::Slip || reply.wire_size_at_most(request) > limit) {
             metadata.truncation = true;
+            if verdict == Verdict::Slip {
+                reply.reuse = Reuse::Never;
+            }
             reply.answers.clear();
             reply.authorities.clear();
             reply.owned = None;
@@ -209,6 +280,7 @@ impl RequestHandler for MeshDns {
         let info = match response_handle.send_response(response).await {
             Ok(info) => info,
             Err(e) => {
+                reply.reuse = Reuse::Never;
                 tracing::debug!(error = %e, "could not send a DNS response");
                 let mut metadata = Metadata::response_from_request(&request.metadata);
                 metadata.response_code = ResponseCode::ServFail;
@@ -219,15 +291,12 @@ impl RequestHandler for MeshDns {
             }
         };
         if let Some(m) = &self.metrics {
-            let qtype = queries.first().map_or_else(|| "none".to_owned(), |q| q.query_type().to_string());
-            m.queries.with_label_values(&[qtype.as_str(), reply.code.to_str()]).inc();
+            m.queries.with_label_values(&[query_type(request).as_str(), reply.code.to_str()]).inc();
             m.duration.observe(started.elapsed().as_secs_f64());
         }
-        info
+        (info, reply.reuse)
     }
-}
 
-impl MeshDns {
     /// The reply to one well-formed query: a challenge record or a routed host to anyone;
     /// to clients of the recursion networks also the cluster's names and forwarded ones;
     /// REFUSED to the rest.
@@ -246,6 +315,7 @@ impl MeshDns {
                 answers: if wanted { records.iter().collect() } else { Vec::new() },
                 authorities: Vec::new(),
                 owned: None,
+                reuse: Reuse::WhileZoneHolds { shuffle: false },
             };
         }
         if !recursion && !zone.is_public(query.name()) {
@@ -255,7 +325,20 @@ impl MeshDns {
         match zone.answer(query.name(), query.query_type()) {
             Answer::Records(answers) => {
                 let authorities = if answers.is_empty() { vec![zone.soa()] } else { Vec::new() };
-                Reply { code: ResponseCode::NoError, authoritative: true, answers, authorities, owned: None }
+                let shuffle = matches!(query.query_type(), RecordType::A | RecordType::AAAA);
+                let reuse = if query.query_type() == RecordType::ANY {
+                    Reuse::Never // addresses of two types, each shuffled
+                } else {
+                    Reuse::WhileZoneHolds { shuffle }
+                };
+                Reply {
+                    code: ResponseCode::NoError,
+                    authoritative: true,
+                    answers,
+                    authorities,
+                    owned: None,
+                    reuse,
+                }
             }
             Answer::NxDomain => Reply {
                 code: ResponseCode::NXDomain,
@@ -263,6 +346,7 @@ impl MeshDns {
                 answers: Vec::new(),
                 authorities: vec![zone.soa()],
                 owned: None,
+                reuse: Reuse::WhileZoneHolds { shuffle: false },
             },
             Answer::NotOurs => self.forward(query.name(), query.query_type()).await,
         }
@@ -291,6 +375,7 @@ impl MeshDns {
                 answers: Vec::new(),
                 authorities: Vec::new(),
                 owned: Some(Box::new(u.aged())),
+                reuse: Reuse::Until(u.expires().min(Instant::now() + REUSE_FORWARDED)),
             },
             Err(e) => {
                 tracing::debug!(%name, %qtype, error = %e, "forwarding failed");

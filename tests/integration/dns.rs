@@ -358,6 +358,77 @@ async fn zone_swaps_under_query_load_give_no_wrong_answer() {
     assert!(total > 300, "the load ran ({total} answers)");
 }
 
+/// mesh-dns answers a question asked again from the wire bytes of its first answer
+/// (`mesh-dns/src/wire.rs`): each answer still carries its own query's ID, RD and CD flags
+/// and letter case, the addresses come in a new order, every query is counted, and a new
+/// zone is what the very next query gets, to clients of the recursion networks and to others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_asked_again_gets_its_own_id_flags_and_case_and_the_zone_in_force() {
+    let three = ["10.1.0.1".to_owned(), "10.1.0.2".to_owned(), "10.1.0.3".to_owned()];
+    let one = service_with("svc", &["svc.test"], "/", "http", &three);
+    let two = service_with("svc", &["svc.test"], "/", "http", &["10.2.0.1".into()]);
+    let (mesh, dns) = mesh_with_dns(&one, |c| {
+        c.dns.udp_rate_limit = 0;
+        c.dns.answer_routed_hosts = true;
+        c.dns.node_addresses = vec!["192.0.2.10".parse().unwrap()];
+        c.dns.recursion_networks = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ask = async |id: u16, name: &str| {
+        let mut q = query(id, name, RecordType::A);
+        q.metadata.recursion_desired = id.is_multiple_of(3);
+        q.metadata.checking_disabled = id.is_multiple_of(5);
+        let m = exchange(&socket, dns, &q.to_vec().unwrap()).await.expect("answered");
+        assert_eq!(
+            (m.metadata.id, m.metadata.recursion_desired, m.metadata.checking_disabled),
+            (id, id.is_multiple_of(3), id.is_multiple_of(5)),
+            "the query's own ID and flags"
+        );
+        assert_eq!(m.queries[0].name().to_string(), name, "the question as asked");
+        let got: Vec<String> = m
+            .answers
+            .iter()
+            .filter_map(|r| if let RData::A(a) = &r.data { Some(a.0.to_string()) } else { None })
+            .collect();
+        got
+    };
+    let mut firsts = std::collections::HashSet::new();
+    for id in 0..100u16 {
+        let mut got = ask(id, if id.is_multiple_of(2) { "svc." } else { "SvC." }).await;
+        firsts.insert(got[0].clone());
+        got.sort();
+        assert_eq!(got, three, "query {id}");
+    }
+    assert_eq!(firsts.len(), 3, "each address comes first at times: {firsts:?}");
+    let metrics = reqwest_text(&mesh.admin_url("/metrics")).await;
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("meshgate_dns_queries_total{") && l.contains("type=\"A\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(counted, 100, "every query counted:\n{metrics}");
+    // A routed host, from a client outside the recursion networks and from one inside.
+    for _ in 0..3 {
+        assert_eq!(addresses(&dig(dns, &["-b", "127.0.0.2", "svc.test", "A"]).await), ["192.0.2.10"]);
+        assert_eq!(status(&dig(dns, &["-b", "127.0.0.2", "svc", "A"]).await), "REFUSED");
+        assert_eq!(addresses(&dig(dns, &["svc", "A"]).await).len(), 3);
+    }
+
+    let state = meshgate::provider::file::parse("two".as_ref(), &two, "swap").unwrap();
+    mesh.agent.hub.publish(meshgate::provider::file::NAME, state);
+    let mut id = 1000;
+    crate::harness::eventually("the new zone is served", Duration::from_secs(10), async || {
+        id += 1;
+        ask(id, "svc.").await == ["10.2.0.1"]
+    })
+    .await;
+    for id in 2000..2050u16 {
+        assert_eq!(ask(id, "SVC.").await, ["10.2.0.1"], "query {id} after the swap");
+    }
+    assert_eq!(status(&dig(dns, &["-b", "127.0.0.2", "svc", "A"]).await), "REFUSED");
+}
+
 /// Finding 6 of "Hold under abuse": a truncated UDP answer is a well-formed message (TC set,
 /// no stray bytes, its OPT record when the query had one), and the apex of the mesh domain
 /// exists (its SOA; NODATA for other types), as names exist below it.
