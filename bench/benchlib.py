@@ -72,9 +72,9 @@ def replace_section(heading, section):
     print(section)
 
 
-def nginx_conf(tmp, body):
-    """An nginx config with one worker, logging off and temp paths in `tmp`, around `body`."""
-    return f"""daemon off; worker_processes 1; pid {tmp}/nginx-{abs(hash(body))}.pid; error_log stderr crit;
+def nginx_conf(tmp, body, workers=1):
+    """An nginx config with `workers` workers, logging off and temp paths in `tmp`, around `body`."""
+    return f"""daemon off; worker_processes {workers}; pid {tmp}/nginx-{abs(hash(body))}.pid; error_log stderr crit;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {tmp}; proxy_temp_path {tmp};
 fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp}; {body} }}"""
@@ -125,11 +125,12 @@ def ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def haproxy_conf(bind, backend_port, global_extra=""):
-    """An HAProxy config with one thread, logging off and upstream keep-alive: `bind` (the
-    frontend's bind line after `bind `) to one backend server on loopback."""
+def haproxy_conf(bind, backend_port, global_extra="", threads=1):
+    """An HAProxy config with `threads` threads, logging off and upstream keep-alive: `bind`
+    (the frontend's bind line after `bind `; more lines may follow) to one backend server on
+    loopback."""
     return f"""global
-  nbthread 1
+  nbthread {threads}
   maxconn 8192
 {global_extra}defaults
   mode http

@@ -2,7 +2,8 @@
 
 Fairness rules: every proxy gets one worker (nginx worker_processes 1, HAProxy nbthread 1,
 meshgate TOKIO_WORKER_THREADS=1) pinned to CPU 0; the backend (nginx answering a fixed 2-byte
-body) and the load generator share CPU 1; logging is off everywhere (LOGGING=1: meshgate
+body) and the load generator share CPU 1 (WORKERS=2: two workers each, every process free to
+run on both cores, reported in a section of its own); logging is off everywhere (LOGGING=1: meshgate
 writes JSON access lines to a file, nginx a JSON line with as many fields to a file, HAProxy
 sits out: it logs through syslog only); every proxy keeps upstream connections alive and sets
 X-Forwarded-For/X-Real-IP; rounds are interleaved so machine noise hits all proxies alike.
@@ -24,8 +25,12 @@ from benchlib import ROOT, cpu_seconds, ms, replace_section, require_free, rss_k
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
 RATE = int(os.environ.get("RATE", "4000"))
-CONNS = [16, 256]
+CONNS = [16, 64, 256]
 BACKEND_PORT, PORTS = 18000, {"meshgate": 18081, "nginx": 18082, "haproxy": 18083}
+# HTTP/2 without TLS (prior knowledge): meshgate on its one port, nginx and HAProxy on
+# ports of their own (nginx's `http2` listener speaks nothing else).
+H2C_PORTS = {"meshgate": 18081, "nginx": 18092, "haproxy": 18093}
+WORKERS = int(os.environ.get("WORKERS", "1"))
 # BASELINE=path/to/an/older/meshgate: measured beside the others in the same run (did a
 # change cost anything?); it gets the routes file through `--routes`, which every version takes.
 BASELINE = os.environ.get("BASELINE")
@@ -37,7 +42,7 @@ if LOGGING:
     del PORTS["haproxy"]
     PORTS.update({"meshgate-silent": 18085, "nginx-silent": 18086})
 HOST = "bench.local"
-PROXY_CPU, LOAD_CPU = "0", "1"
+PROXY_CPU, LOAD_CPU = ("0", "1") if WORKERS == 1 else ("0,1", "0,1")
 
 tmp = tempfile.mkdtemp(prefix="meshgate-bench-")
 
@@ -46,11 +51,11 @@ def write(name, text):
     return write_file(tmp, name, text)
 
 
-def nginx_conf(body):
-    return benchlib.nginx_conf(tmp, body)
+def nginx_conf(body, workers=1):
+    return benchlib.nginx_conf(tmp, body, workers)
 
 
-BACKEND = nginx_conf(f"server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 'ok'; }} }}")
+BACKEND = nginx_conf(f"server {{ listen 127.0.0.1:{BACKEND_PORT}; location / {{ return 200 'ok'; }} }}", WORKERS)
 # The fields of meshgate's JSON lines that nginx has variables for, as JSON, buffered as
 # nginx users do (`buffer=64k flush=1s`; meshgate writes through a 64 KiB buffer too).
 NGINX_LOG = f"""log_format json escape=json '{{"ClientAddr":"$remote_addr:$remote_port","ClientHost":"$remote_addr",'
@@ -61,14 +66,17 @@ NGINX_LOG = f"""log_format json escape=json '{{"ClientAddr":"$remote_addr:$remot
 access_log {tmp}/nginx-access.log json buffer=64k flush=1s;"""
 
 
-def nginx_proxy(port, log):
-    return nginx_conf(f"""{NGINX_LOG if log else ""} upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
-server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://be; proxy_http_version 1.1;
+def nginx_proxy(port, log, h2c_port=None):
+    location = """location / { proxy_pass http://be; proxy_http_version 1.1;
 proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr;
-proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""")
+proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }"""
+    h2c = f"server {{ listen 127.0.0.1:{h2c_port} http2; {location} }}" if h2c_port else ""
+    return nginx_conf(f"""{NGINX_LOG if log else ""} upstream be {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
+server {{ listen 127.0.0.1:{port}; {location} }} {h2c}""", WORKERS)
 
 
-HAPROXY = benchlib.haproxy_conf(f"127.0.0.1:{PORTS.get('haproxy', 0)}", BACKEND_PORT)
+HAPROXY = benchlib.haproxy_conf(f"127.0.0.1:{PORTS.get('haproxy', 0)}\n  bind 127.0.0.1:{H2C_PORTS['haproxy']} proto h2",
+                                BACKEND_PORT, threads=WORKERS)
 ROUTES = f"""[[services]]
 name = "bench"
 tasks = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]
@@ -102,6 +110,16 @@ def run_wrk(port, conns):
             "errors": int(errors.group(1)) if errors else 0, "socket": sock.group(1) if sock else ""}
 
 
+def run_h2c(port):
+    """HTTP/2 with prior knowledge: 16 connections, 10 streams each."""
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", "-c16", "-m10", "-t1", "-D", str(SECONDS),
+                          "-H", f":authority: {HOST}", f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(1))
+    ok = int(re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out).group(1))
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    return {"rps": rps, "total": done, "errors": done - ok}
+
+
 def run_rate(port):
     clients = 16
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-c", str(clients), f"--rps={RATE // clients}",
@@ -123,7 +141,8 @@ def main():
     logs = {"MESHGATE_LOG_ACCESS": f"{tmp}/meshgate-access.log", "MESHGATE_LOG_ACCESS_FORMAT": "json"} if LOGGING else {}
     procs = {
         "meshgate": meshgate(PORTS["meshgate"], 19090, logs),
-        "nginx": start(["nginx", "-c", write("nginx.conf", nginx_proxy(PORTS["nginx"], LOGGING))], PROXY_CPU),
+        "nginx": start(["nginx", "-c", write("nginx.conf", nginx_proxy(PORTS["nginx"], LOGGING, None if LOGGING else H2C_PORTS["nginx"]))],
+                       PROXY_CPU),
     }
     if LOGGING:
         procs["meshgate-silent"] = meshgate(PORTS["meshgate-silent"], 19092, {})
@@ -139,7 +158,7 @@ def main():
         for name, port in PORTS.items():
             wait_ready(port)
         idle = {name: rss_kib(p, "VmRSS") for name, p in procs.items()}
-        results = {name: {c: [] for c in CONNS + ["rate"]} for name in procs}
+        results = {name: {c: [] for c in CONNS + ["rate", "h2c"]} for name in procs}
         for rnd in range(ROUNDS):
             # Each round starts with another proxy: the first of a round ran slower in
             # every run so far (whichever it was), which must not fall on one of them.
@@ -158,6 +177,12 @@ def main():
                 r["cpu_per_100k"] = (cpu_seconds(proc) - before) / r["total"] * 100_000
                 results[name]["rate"].append(r)
                 print(f"round {rnd + 1} {name:8} rate={RATE}/s mean {r['mean']:.2f} ms cpu/100k {r['cpu_per_100k']:.2f}s", flush=True)
+                if name in H2C_PORTS and not LOGGING:
+                    before = cpu_seconds(proc)
+                    r = run_h2c(H2C_PORTS[name])
+                    r["cpu_per_100k"] = (cpu_seconds(proc) - before) / max(r["total"], 1) * 100_000
+                    results[name]["h2c"].append(r)
+                    print(f"round {rnd + 1} {name:8} h2c {r['rps']:>9.0f} req/s cpu/100k {r['cpu_per_100k']:.2f}s errors {r['errors']}", flush=True)
         peak = {name: rss_kib(p, "VmHWM") for name, p in procs.items()}
         report(results, idle, peak)
     finally:
@@ -175,6 +200,10 @@ def report(results, idle, peak):
     if not LOGGING:
         versions.append(subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0])
     heading = "## HTTP proxy with access logs: meshgate vs nginx" if LOGGING else "## HTTP proxy: meshgate vs nginx vs HAProxy"
+    if WORKERS != 1:
+        heading = heading.replace(":", f", {WORKERS} workers each:", 1)
+    placement = ("one worker pinned to CPU 0" if WORKERS == 1 else
+                 f"{WORKERS} workers (nginx worker_processes, HAProxy nbthread, meshgate TOKIO_WORKER_THREADS), every process on both cores")
     logging = ("`meshgate` and `nginx` write a JSON access line per request to a file (meshgate: `log.access_format=json`, "
                "Traefik's fields; nginx: a `log_format escape=json` with the same fields it has, `buffer=64k`); "
                "`-silent`: the same without" if LOGGING else "logging off")
@@ -183,18 +212,21 @@ def report(results, idle, peak):
         "",
         f"Made by `{'LOGGING=1 ' if LOGGING else ''}bench/proxy.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}, RATE={RATE}) on {time.strftime('%Y-%m-%d')}, "
         f"2 cores ({cpu}); {'; '.join(versions)}. Medians of {ROUNDS} interleaved rounds.",
-        f"Each proxy: one worker pinned to CPU 0, {logging}, upstream keep-alive, X-Forwarded-For set. "
-        "Backend (nginx `return 200 'ok'`) and load generator on CPU 1. "
-        "Peak: `wrk -t1 -cN -d10s --latency`. Fixed rate: `h2load --h1 -c16 --rps=RATE/16`.",
+        f"Each proxy: {placement}, {logging}, upstream keep-alive, X-Forwarded-For set. "
+        f"Backend (nginx `return 200 'ok'`) and load generator on CPU {LOAD_CPU}. "
+        f"Peak: `wrk -t1 -cN -d{SECONDS}s --latency`. Fixed rate: `h2load --h1 -c16 --rps=RATE/16`. "
+        f"h2c: `h2load -c16 -m10` (HTTP/2 with prior knowledge, 16 connections x 10 streams).",
         "",
-        "| proxy | conns | req/s | vs nginx | p50 ms | p99 ms | CPU s / 100k req | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| proxy | conns | req/s | spread | vs nginx | vs HAProxy | p50 ms | p99 ms | CPU s / 100k req | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for conns in CONNS:
         base = med(results["nginx"][conns], "rps")
+        base_h = med(results["haproxy"][conns], "rps") if "haproxy" in results else float("nan")
         for name in results:
             runs = results[name][conns]
-            lines.append(f"| {name} | {conns} | {med(runs, 'rps'):.0f} | {med(runs, 'rps') / base:.2f} | {med(runs, 'p50'):.2f} | "
+            lines.append(f"| {name} | {conns} | {med(runs, 'rps'):.0f} | {min(r['rps'] for r in runs):.0f}-{max(r['rps'] for r in runs):.0f} | "
+                         f"{med(runs, 'rps') / base:.2f} | {med(runs, 'rps') / base_h:.2f} | {med(runs, 'p50'):.2f} | "
                          f"{med(runs, 'p99'):.2f} | {med(runs, 'cpu_per_100k'):.2f} | {sum(r['errors'] for r in runs)} |")
     lines += ["", f"Fixed offered rate, {RATE} req/s over 16 keep-alive connections:", "",
               "| proxy | mean latency ms | CPU s / 100k req | vs nginx | idle RSS MiB | peak RSS MiB |", "|---|---|---|---|---|---|"]
@@ -203,6 +235,16 @@ def report(results, idle, peak):
         runs = results[name]["rate"]
         lines.append(f"| {name} | {med(runs, 'mean'):.2f} | {med(runs, 'cpu_per_100k'):.2f} | {med(runs, 'cpu_per_100k') / base:.2f} | "
                      f"{idle[name] / 1024:.1f} | {peak[name] / 1024:.1f} |")
+    if any(results[name]["h2c"] for name in results):
+        lines += ["", "HTTP/2 without TLS (h2c), 16 connections x 10 streams:", "",
+                  "| proxy | req/s | spread | vs HAProxy | vs nginx | CPU s / 100k req | errors |", "|---|---|---|---|---|---|---|"]
+        base_h, base_n = med(results["haproxy"]["h2c"], "rps"), med(results["nginx"]["h2c"], "rps")
+        for name in results:
+            runs = results[name]["h2c"]
+            if runs:
+                lines.append(f"| {name} | {med(runs, 'rps'):.0f} | {min(r['rps'] for r in runs):.0f}-{max(r['rps'] for r in runs):.0f} | "
+                             f"{med(runs, 'rps') / base_h:.2f} | {med(runs, 'rps') / base_n:.2f} | {med(runs, 'cpu_per_100k'):.2f} | "
+                             f"{sum(r['errors'] for r in runs)} |")
     if BASELINE:
         lines += ["", f"`meshgate-before`: `{BASELINE}` (BASELINE=), the same measurements in the same run."]
     if LOGGING:
