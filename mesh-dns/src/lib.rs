@@ -6,6 +6,7 @@
 //! over UDP by [`serve_udp`] (batched, with answers kept as wire bytes) and over TCP by
 //! [`serve_connection`].
 
+mod capture;
 mod challenges;
 mod forward;
 mod handler;

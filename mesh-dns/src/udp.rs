@@ -14,14 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hickory_server::net::xfer::Protocol;
-use hickory_server::net::NetError;
-use hickory_server::proto::rr::Record;
-use hickory_server::proto::serialize::binary::BinEncoder;
-use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
+use hickory_server::server::Request;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use crate::capture::Capture;
 use crate::rate::Verdict;
 use crate::wire;
 use crate::MeshDns;
@@ -232,7 +229,7 @@ async fn full_path(
     }
     let capture = Capture::default();
     let (info, reuse) = handler.respond(&request, verdict, capture.clone()).await;
-    let bytes = std::mem::take(&mut *capture.0.lock().expect("dns capture lock"));
+    let bytes = capture.take();
     if bytes.is_empty() {
         return;
     }
@@ -243,34 +240,5 @@ async fn full_path(
     if let Some((key, end)) = learn {
         let counter = handler.query_counter(&request, info.response_code);
         handler.answers.keep(generation, key, end, bytes, reuse, counter);
-    }
-}
-
-/// Keeps the encoded answer for the caller to send.
-#[derive(Clone, Default)]
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-#[async_trait::async_trait]
-impl ResponseHandler for Capture {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let mut message = Vec::with_capacity(512);
-        let info = {
-            let mut encoder = BinEncoder::new(&mut message);
-            // The handler has made the answer fit the client's size already.
-            encoder.set_max_size(u16::MAX);
-            response.destructive_emit(&mut encoder)?
-        };
-        *self.0.lock().expect("dns capture lock") = message;
-        Ok(info)
     }
 }
