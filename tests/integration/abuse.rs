@@ -135,7 +135,8 @@ async fn a_task_switching_protocols_unasked_is_a_bad_gateway() {
 
 /// Finding 3: SIGHUP reloads the routes file at once (its poll is an hour here, so only the
 /// signal can apply the edit), logs it, and neither stops the process nor cuts a request in
-/// flight.
+/// flight. The agent runs with one worker (`TOKIO_WORKER_THREADS=1`: the current-thread
+/// scheduler, as in the benchmarks); the other tests of the binary run the multi-thread one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_routes_file_and_keeps_serving() {
     let slow = Backend::start_with_delay("slow", Duration::from_millis(800)).await;
@@ -143,7 +144,22 @@ async fn sighup_reloads_the_routes_file_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, service("slow", &["slow.test"], "/", &[&slow])).unwrap();
-    let mut agent = Binary::with_routes(&routes, "1h");
+    let routes_arg = routes.to_str().unwrap();
+    let mut agent = Binary::spawn_env(
+        &[
+            "--routes-file",
+            routes_arg,
+            "--routes-poll-interval",
+            "1h",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--docker-mode",
+            "off",
+        ],
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
     let (http, _) = agent.addresses();
 
     let in_flight =
