@@ -144,22 +144,7 @@ async fn sighup_reloads_the_routes_file_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, service("slow", &["slow.test"], "/", &[&slow])).unwrap();
-    let routes_arg = routes.to_str().unwrap();
-    let mut agent = Binary::spawn_env(
-        &[
-            "--routes-file",
-            routes_arg,
-            "--routes-poll-interval",
-            "1h",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--docker-mode",
-            "off",
-        ],
-        &[("TOKIO_WORKER_THREADS", "1")],
-    );
+    let mut agent = Binary::with_routes_env(&routes, "1h", &[], &[("TOKIO_WORKER_THREADS", "1")]);
     let (http, _) = agent.addresses();
 
     let in_flight =

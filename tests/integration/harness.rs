@@ -241,6 +241,16 @@ impl Binary {
 
     /// [`Binary::with_routes`], with `more` flags.
     pub fn with_routes_and(routes: &std::path::Path, poll: &str, more: &[&str]) -> Self {
+        Self::with_routes_env(routes, poll, more, &[])
+    }
+
+    /// [`Binary::with_routes_and`], with `env` variables set.
+    pub fn with_routes_env(
+        routes: &std::path::Path,
+        poll: &str,
+        more: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let routes = routes.to_str().unwrap();
         let mut args = vec![
             "--routes-file",
@@ -255,7 +265,7 @@ impl Binary {
             "off",
         ];
         args.extend(more);
-        Self::spawn(&args)
+        Self::spawn_env(&args, env)
     }
 
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Self {
