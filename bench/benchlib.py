@@ -97,6 +97,14 @@ def cpu_seconds(proc):
     return total / TICKS
 
 
+def cpu_model():
+    """The processor's model name, for a section's heading (machines of one kind differ)."""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def core_busy_seconds(cpu):
     """Seconds CPU `cpu` has spent busy (user, system, interrupts) since boot, from /proc/stat:
     what a server pinned alone to that core costs, its packets' kernel work included."""

@@ -136,7 +136,7 @@ def med(runs, key):
 
 
 def report(results):
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    cpu = benchlib.cpu_model()
     nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     lines = [
         "## Middleware chain: meshgate vs nginx",

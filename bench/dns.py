@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import ROOT, core_busy_seconds, replace_section, start, stop_all, write_file
+from benchlib import ROOT, core_busy_seconds, cpu_model, replace_section, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
@@ -111,7 +111,7 @@ def report(results):
     spread = lambda runs, k: f"{min(r[k] for r in runs):.0f}-{max(r[k] for r in runs):.0f}"
     lines = ["## DNS: mesh-dns vs dnsmasq vs unbound", "",
              f"Made by `bench/dns.sh` (ROUNDS={ROUNDS}, SECONDS_PER_RUN={SECONDS}, RATE={RATE}) on {time.strftime('%Y-%m-%d')}, "
-             f"{benchlib_cpu()}. Medians of {ROUNDS} interleaved rounds (each round starts with another server), "
+             f"{os.cpu_count()} cores ({cpu_model()}). Medians of {ROUNDS} interleaved rounds (each round starts with another server), "
              "the spread beside. Each server: one thread on CPU 0, logging off. "
              f"`dnsperf -c 4 -q 200 -l {SECONDS}` on CPU 1 over {NAMES} names: local A records, and forwarded names "
              "answered from each server's warm cache (upstream: a dnsmasq on CPU 1). CPU 0 busy: its share of the "
@@ -128,11 +128,6 @@ def report(results):
                          f"| {med(runs, 'us_per_q'):.2f} | {cap[name]:.0f} | {cap[name] / cap['dnsmasq']:.2f} | {cap[name] / cap['unbound']:.2f} "
                          f"| {med(fixed, 'us_per_q'):.2f} | {med(runs, 'lat_ms'):.3f} | {lost[0]} (at {RATE}: {lost[1]}) |")
     replace_section("## DNS:", "\n".join(lines) + "\n")
-
-
-def benchlib_cpu():
-    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
-    return f"{os.cpu_count()} cores ({model})"
 
 
 if __name__ == "__main__":

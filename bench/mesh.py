@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 
+import benchlib
 from benchlib import ROOT, haproxy_conf, nginx_conf, replace_section, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -210,7 +211,7 @@ def ratio(a, b):
 
 
 def report(results, per_packet, live):
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    cpu = benchlib.cpu_model()
     kernel = os.uname().release
     base = results["iptables DNAT"]
     lines = [

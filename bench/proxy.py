@@ -114,8 +114,7 @@ def run_h2c(port):
     """HTTP/2 with prior knowledge: 16 connections, 10 streams each."""
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", "-c16", "-m10", "-t1", "-D", str(SECONDS),
                           "-H", f":authority: {HOST}", f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
-    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(1))
-    ok = int(re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out).group(1))
+    done, ok = map(int, re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).groups())
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
     return {"rps": rps, "total": done, "errors": done - ok}
 
@@ -195,7 +194,7 @@ def med(runs, key):
 
 
 def report(results, idle, peak):
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    cpu = benchlib.cpu_model()
     versions = [subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()]
     if not LOGGING:
         versions.append(subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0])

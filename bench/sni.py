@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+import benchlib
 from benchlib import ROOT, cpu_seconds, haproxy_conf, nginx_conf, replace_section, require_free, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -144,7 +145,7 @@ def run_wrk_url(port):
 def report(results):
     med = lambda key, field: statistics.median(r[field] for r in results[key])
     spread = lambda key: f"{min(r['rps'] for r in results[key]):.0f}–{max(r['rps'] for r in results[key]):.0f}"
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    cpu = benchlib.cpu_model()
     lines = [
         "## SNI: TLS handshakes with 1 and with 1,000 certificates",
         "",

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+import benchlib
 from benchlib import ROOT, cpu_seconds, haproxy_conf, ms, nginx_conf, replace_section, start, stop_all, write_file
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -156,7 +157,7 @@ def main():
 
 
 def report(by_key):
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    cpu = benchlib.cpu_model()
     nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     haproxy_v = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
     lines = [

@@ -60,8 +60,7 @@ pub async fn serve_udp(handler: Arc<MeshDns>, udp: UdpSocket) -> io::Result<()> 
                 let question = (verdict == Verdict::Answer)
                     .then(|| wire::read_query(packet, recursion, &mut key))
                     .flatten();
-                if let Some(answer) = question.and_then(|end| kept.get(&key, now).map(|a| (a, end))) {
-                    let (answer, end) = answer;
+                if let Some((end, answer)) = question.and_then(|end| Some((end, kept.get(&key, now)?))) {
                     answer.answer(packet, end, &mut slot.reply);
                     handler.count_kept(answer, now);
                     answered += 1;
