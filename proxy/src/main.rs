@@ -142,6 +142,9 @@ fn run(cli: &Cli, given: &[Given], warnings: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config);
+    // Every TLS config of meshgate names its provider; this default is for the Docker client's
+    // (an engine over TLS): two providers are compiled in, so rustls has none of its own.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     for warning in warnings {
         tracing::warn!("{warning}");
     }

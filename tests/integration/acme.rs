@@ -299,7 +299,7 @@ pub(crate) async fn handshake(addr: SocketAddr, host: &str, root: &Path) -> Resu
         roots.add(cert.unwrap()).unwrap();
     }
     let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)

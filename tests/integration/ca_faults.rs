@@ -46,7 +46,7 @@ impl FaultyCa {
             rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
         let config =
-            rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key).unwrap();
+            crate::harness::tls_server_builder().with_no_client_auth().with_single_cert(chain, key).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -102,7 +102,7 @@ impl Upstream {
         for cert in rustls::pki_types::CertificateDer::pem_file_iter(&pebble.trust).unwrap() {
             roots.add(cert.unwrap()).unwrap();
         }
-        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let config = crate::harness::tls_client_builder().with_root_certificates(roots).with_no_client_auth();
         Self { addr: pebble.listen(), connector: tokio_rustls::TlsConnector::from(Arc::new(config)) }
     }
 

@@ -514,8 +514,13 @@ async fn a_tls_docker_host_with_client_certificates_is_followed() {
     // A TLS relay in front of the socket that insists on a client certificate from the CA.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
-    let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into()).build().unwrap();
-    let config = rustls::ServerConfig::builder()
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.into(),
+        crate::harness::tls_provider(),
+    )
+    .build()
+    .unwrap();
+    let config = crate::harness::tls_server_builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             vec![CertificateDer::from_pem_slice(server.pem().as_bytes()).unwrap()],

@@ -541,3 +541,19 @@ impl SharedPort {
         agent
     }
 }
+
+/// meshgate's rustls provider, aws-lc-rs (ring is compiled in too, through the Docker
+/// client, so rustls has no default of its own).
+pub fn tls_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A rustls server config builder on [`tls_provider`].
+pub fn tls_server_builder() -> rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier> {
+    rustls::ServerConfig::builder_with_provider(tls_provider()).with_safe_default_protocol_versions().unwrap()
+}
+
+/// A rustls client config builder on [`tls_provider`].
+pub fn tls_client_builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    rustls::ClientConfig::builder_with_provider(tls_provider()).with_safe_default_protocol_versions().unwrap()
+}

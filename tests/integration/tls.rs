@@ -86,14 +86,14 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAll {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
     }
 }
 
 /// The DER of the certificate the agent presents for `host`.
 async fn presented(mesh: &Mesh, host: &str) -> Vec<u8> {
     use rustls::pki_types::ServerName;
-    let config = rustls::ClientConfig::builder()
+    let config = crate::harness::tls_client_builder()
         .dangerous()
         .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll))
         .with_no_client_auth();
@@ -220,7 +220,7 @@ async fn tasks_that_speak_https_are_reached_over_tls() {
     // A task serving whoami over TLS with a self-signed certificate, as many images do.
     let key = KeyPair::generate().unwrap();
     let cert = CertificateParams::new(vec!["task.internal".to_owned()]).unwrap().self_signed(&key).unwrap();
-    let config = rustls::ServerConfig::builder()
+    let config = crate::harness::tls_server_builder()
         .with_no_client_auth()
         .with_single_cert(
             vec![CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()],
@@ -288,7 +288,7 @@ async fn a_client_without_sni_gets_the_default_certificate() {
 /// handshake went.
 async fn second_handshake(addr: std::net::SocketAddr) -> rustls::HandshakeKind {
     let config = std::sync::Arc::new({
-        let mut c = rustls::ClientConfig::builder()
+        let mut c = crate::harness::tls_client_builder()
             .dangerous()
             .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll))
             .with_no_client_auth();
@@ -363,7 +363,7 @@ async fn tls_task(
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(dir.join(format!("{file}.crt"))).unwrap().map(Result::unwrap).collect();
     let key = PrivateKeyDer::from_pem_file(dir.join(format!("{file}.key"))).unwrap();
-    let builder = rustls::ServerConfig::builder();
+    let builder = crate::harness::tls_server_builder();
     let builder = match client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -371,7 +371,12 @@ async fn tls_task(
                 roots.add(cert.unwrap()).unwrap();
             }
             builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots)).build().unwrap(),
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    crate::harness::tls_provider(),
+                )
+                .build()
+                .unwrap(),
             )
         }
         None => builder.with_no_client_auth(),

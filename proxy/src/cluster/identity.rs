@@ -77,14 +77,16 @@ impl Identity {
 
     /// For the agents that serve the feed: present the credential, demand it back.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, rustls::Error> {
-        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(Pinned::new(self.cert.clone())))
             .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
     }
 
     /// For the agents that follow it: accept only the credential, present it too.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, rustls::Error> {
-        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned::new(self.cert.clone())))
             .with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key())
@@ -101,7 +103,7 @@ struct Pinned {
 
 impl Pinned {
     fn new(cert: CertificateDer<'static>) -> Self {
-        Self { cert, provider: Arc::new(rustls::crypto::ring::default_provider()) }
+        Self { cert, provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()) }
     }
 
     fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {

@@ -67,7 +67,8 @@ impl ClientAuthConfigs {
 
     fn build(&self, demand: &Demand, tls13_only: bool) -> Result<rustls::ServerConfig, String> {
         let roots = Arc::new(super::ca_roots(&demand.ca)?);
-        let builder = rustls::server::WebPkiClientVerifier::builder(roots);
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider);
         let builder = if demand.required { builder } else { builder.allow_unauthenticated() };
         let verifier = builder.build().map_err(|e| format!("{}: {e}", demand.ca.display()))?;
         // No session resumption: a session resumed here would carry no fresh proof, and

@@ -181,7 +181,8 @@ impl ResolvesServerCert for CertResolver {
 #[must_use]
 pub fn certified(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> CertifiedKey {
     let der = PrivateKeyDer::try_from(key.serialize_der()).expect("a generated key is valid DER");
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der).expect("a generated key is supported");
+    let signer =
+        rustls::crypto::aws_lc_rs::sign::any_supported_type(&der).expect("a generated key is supported");
     CertifiedKey::new(vec![cert], signer)
 }
 
@@ -296,7 +297,7 @@ fn pair(
     if chain.is_empty() {
         return Err(PairError::NoCertificate);
     }
-    let signer = rustls::crypto::ring::sign::any_supported_type(der)
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(der)
         .map_err(|error| PairError::UnsupportedKey { path: key_from.to_owned(), error })?;
     let info = CertInfo::parse(&chain[0])?;
     let certified = CertifiedKey::new(chain, signer);
