@@ -106,15 +106,29 @@ async fn json_lines_with_traefiks_fields_a_route_turned_off_and_a_new_file_after
 #[tokio::test]
 async fn combined_lines_filtered_by_status_and_a_websockets_line_when_it_ends() {
     let ws_addr = crate::harness::websocket_echo().await;
+    let slow = Backend::start_with_delay("slow", Duration::from_secs(30)).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let path = log.clone();
-    let mesh =
-        Mesh::start_with(&service_with("ws", &["ws.test"], "/", "http", &[ws_addr.to_string()]), |c| {
-            c.log.access = path.to_str().unwrap().into();
-            c.log.access_status = vec!["101".into(), "400-499".into()];
-        })
-        .await;
+    let routes = service_with("ws", &["ws.test"], "/", "http", &[ws_addr.to_string()])
+        + &service("slow", &["slow.test"], "/", &[&slow]);
+    let mesh = Mesh::start_with(&routes, |c| {
+        c.log.access = path.to_str().unwrap().into();
+        c.log.access_status = vec!["101".into(), "400-499".into()];
+    })
+    .await;
+
+    // A client that gives up before the answer: 499, as nginx and Traefik write it.
+    let (gave_up, _) =
+        curl(&["-s", "-m", "0.5", "-H", "Host: slow.test", &format!("http://{}/gone", mesh.agent.http_addr)])
+            .await;
+    assert!(!gave_up, "curl timed out");
+    eventually("the abandoned request's line", Duration::from_secs(10), async || {
+        lines(&log).iter().any(|l| l.contains("/gone"))
+    })
+    .await;
+    let gone = lines(&log).into_iter().find(|l| l.contains("/gone")).unwrap();
+    assert!(gone.contains("\"GET /gone HTTP/1.1\" 499 0"), "{gone}");
 
     // Filtered out: a 5xx (the WebSocket task answers plain HTTP with an error).
     let (status, _) = mesh.get("ws.test", "/plain").await;
