@@ -46,6 +46,22 @@ pub struct MeshState {
 }
 
 impl MeshState {
+    /// Gives back the room its vectors have beyond what they hold. A provider's state is
+    /// kept for as long as it is in force, and vectors collected one item at a time have
+    /// room for four: with an HTTP route of some 800 bytes, that was 2.3 KiB of nothing per
+    /// service (23 MiB at 10,000 services, seen in a heap profile).
+    pub fn shrink_to_fit(&mut self) {
+        for svc in &mut self.services {
+            svc.tasks.shrink_to_fit();
+            svc.http.shrink_to_fit();
+            svc.l4.shrink_to_fit();
+            for http in &mut svc.http {
+                http.hosts.shrink_to_fit();
+            }
+        }
+        self.services.shrink_to_fit();
+    }
+
     /// Takes task `id` out of every service and out of `local_addresses`. Returns whether it
     /// was there.
     pub fn forget_task(&mut self, id: &str) -> bool {
@@ -724,7 +740,8 @@ impl StateHub {
 
     /// Replaces `provider`'s state and publishes the merge of all providers.
     /// Returns the new generation.
-    pub fn publish(&self, provider: &str, state: MeshState) -> u64 {
+    pub fn publish(&self, provider: &str, mut state: MeshState) -> u64 {
+        state.shrink_to_fit();
         let mut slots = self.per_provider.lock().expect("state hub lock poisoned");
         slots.insert(provider.to_owned(), state);
         let generation = self.merge(&slots);
