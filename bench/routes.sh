@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Route table size: meshgate (and BASELINE=an older meshgate binary) vs nginx with 1, 1,000
-# and 10,000 services (ROUTE_COUNTS), exact and wildcard hosts. Installs what it needs
+# 10,000 and 100,000 services (ROUTE_COUNTS), exact and wildcard hosts, then host regexes
+# (REGEX_COUNTS); ROUNDS interleaved rounds. Installs what it needs
 # (Debian packages, as root), builds meshgate in release mode, writes bench/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

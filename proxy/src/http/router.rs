@@ -315,6 +315,9 @@ pub struct RouteTable {
     prefix: HashMap<String, HostRoutes>,
     /// Host regexes, in name order.
     regex: Vec<(regex::Regex, HostRoutes)>,
+    /// The same regexes as one set, matched in one pass (a request tried each in turn
+    /// before); `None` when the set would be too large to build, and then they are.
+    regex_set: Option<regex::RegexSet>,
     default_host: Option<String>,
     /// Some route asks clients for a certificate.
     client_cas: bool,
@@ -495,6 +498,13 @@ impl RouteTable {
             }
         }
         table.regex.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        if !table.regex.is_empty() {
+            table.regex_set = regex::RegexSet::new(table.regex.iter().map(|(re, _)| re.as_str()))
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "host regexes as one set: {e}; each is tried in turn"),
+                )
+                .ok();
+        }
     }
 
     /// Every (host pattern, route) pair, for `/api/state` and the status page.
@@ -551,7 +561,17 @@ impl RouteTable {
             .rev()
             .filter(move |&i| i + 1 < host.len())
             .filter_map(move |i| self.prefix.get(&host[..=i]));
-        let regex = self.regex.iter().filter(move |(re, _)| re.is_match(host)).map(|(_, r)| r);
+        // Only reached when nothing before took the request: the set is matched lazily.
+        let regex = std::iter::once(()).flat_map(move |()| {
+            let (set, each) = match &self.regex_set {
+                Some(set) => (Some(set.matches(host).into_iter().collect::<Vec<_>>()), None),
+                None => {
+                    (None, Some(self.regex.iter().enumerate().filter(move |(_, (re, _))| re.is_match(host))))
+                }
+            };
+            let from_set = set.into_iter().flatten();
+            from_set.chain(each.into_iter().flatten().map(|(i, _)| i)).map(|i| &self.regex[i].1)
+        });
         self.exact.get(host).into_iter().chain(suffix).chain(prefix).chain(regex)
     }
 }
@@ -651,6 +671,28 @@ mod tests {
         assert_eq!(svc_of(&t, "API42.test", "/"), Some("re"));
         assert_eq!(svc_of(&t, "api.test", "/"), None);
         assert_eq!(svc_of(&t, "[::1]:80", "/"), None);
+    }
+
+    #[test]
+    fn host_regexes_match_in_name_order_as_one_set_and_each_in_turn() {
+        let mut t = table(
+            vec![
+                svc("b", &["~^b[0-9]+\\.test$"], "/", 1),
+                svc("any", &["~\\.test$"], "/api", 1),
+                svc("a", &["~^a[0-9]+\\.test$"], "/", 1),
+            ],
+            None,
+        );
+        for set in [true, false] {
+            assert_eq!(t.regex_set.is_some(), set);
+            assert_eq!(svc_of(&t, "a1.test", "/"), Some("a"), "set: {set}");
+            assert_eq!(svc_of(&t, "b7.test", "/"), Some("b"));
+            // `\.test$` sorts before `^b...` and has the longer path for /api.
+            assert_eq!(svc_of(&t, "b7.test", "/api"), Some("any"));
+            assert_eq!(svc_of(&t, "c.test", "/api"), Some("any"));
+            assert_eq!(svc_of(&t, "c.test", "/"), None);
+            t.regex_set = None;
+        }
     }
 
     #[test]
