@@ -213,7 +213,10 @@ mod tests {
                     target: 80,
                     local_only: false,
                 }],
-            }],
+            }]
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
             problems: vec![],
             nodes: vec![Node {
                 id: "n1".into(),

@@ -31,7 +31,7 @@ pub const COMPLETE_PATIENCE: std::time::Duration = std::time::Duration::from_sec
 /// Everything one provider (or the merge of all of them) knows about the node's services.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshState {
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// Opt-in settings that could not be used (each names the workload and the key);
     /// shown in `/api/state`.
     pub problems: Vec<String>,
@@ -52,6 +52,8 @@ impl MeshState {
     /// service (23 MiB at 10,000 services, seen in a heap profile).
     pub fn shrink_to_fit(&mut self) {
         for svc in &mut self.services {
+            // Only the provider holds its new state: nothing is copied here.
+            let svc = Arc::make_mut(svc);
             svc.tasks.shrink_to_fit();
             svc.http.shrink_to_fit();
             svc.l4.shrink_to_fit();
@@ -67,9 +69,11 @@ impl MeshState {
     pub fn forget_task(&mut self, id: &str) -> bool {
         let mut found = self.local_addresses.remove(id).is_some();
         for svc in &mut self.services {
-            let before = svc.tasks.len();
-            svc.tasks.retain(|t| t.id != id);
-            found |= svc.tasks.len() != before;
+            // Services are shared with published snapshots: only one that changes is copied.
+            if svc.tasks.iter().any(|t| t.id == id) {
+                Arc::make_mut(svc).tasks.retain(|t| t.id != id);
+                found = true;
+            }
         }
         found
     }
@@ -852,9 +856,36 @@ mod tests {
             http: vec![],
             l4: vec![],
         };
-        assert_eq!(hub.publish("a", MeshState { services: vec![svc("one")], ..MeshState::default() }), 1);
-        assert_eq!(hub.publish("b", MeshState { services: vec![svc("two")], ..MeshState::default() }), 2);
-        assert_eq!(hub.publish("a", MeshState { services: vec![svc("three")], ..MeshState::default() }), 3);
+        assert_eq!(
+            hub.publish(
+                "a",
+                MeshState {
+                    services: vec![svc("one")].into_iter().map(std::sync::Arc::new).collect(),
+                    ..MeshState::default()
+                }
+            ),
+            1
+        );
+        assert_eq!(
+            hub.publish(
+                "b",
+                MeshState {
+                    services: vec![svc("two")].into_iter().map(std::sync::Arc::new).collect(),
+                    ..MeshState::default()
+                }
+            ),
+            2
+        );
+        assert_eq!(
+            hub.publish(
+                "a",
+                MeshState {
+                    services: vec![svc("three")].into_iter().map(std::sync::Arc::new).collect(),
+                    ..MeshState::default()
+                }
+            ),
+            3
+        );
         let names: Vec<_> = hub.load().state.services.iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, ["three", "two"]);
         assert!(rx.has_changed().unwrap());

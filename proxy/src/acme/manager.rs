@@ -614,7 +614,7 @@ pub fn wanted_certificates(
         state
             .services
             .iter()
-            .flat_map(&wanted)
+            .flat_map(|s| wanted(s))
             .filter_map(|n| n.strip_prefix("*.").map(str::to_owned))
             .collect()
     } else {
@@ -679,8 +679,14 @@ mod tests {
     fn the_names_asked_for_are_the_certificates_names() {
         let mut web = svc("web", &["a.test", "b.test"], true);
         web.http[0].tls = TlsWish::Acme { email: None, names: Some(vec!["b.test".into()]) };
-        let wanted =
-            wanted_certificates(&MeshState { services: vec![web], ..MeshState::default() }, 100, false);
+        let wanted = wanted_certificates(
+            &MeshState {
+                services: vec![web].into_iter().map(std::sync::Arc::new).collect(),
+                ..MeshState::default()
+            },
+            100,
+            false,
+        );
         assert_eq!(
             wanted.into_iter().collect::<Vec<_>>(),
             [("b.test".to_owned(), vec!["b.test".to_owned()])]
@@ -694,7 +700,10 @@ mod tests {
                 svc("web", &["a.test", "www.a.test", "*.a.test"], true),
                 svc("api", &["api.test", "a.test"], true),
                 svc("plain", &["plain.test"], false),
-            ],
+            ]
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
             ..MeshState::default()
         };
         let wanted = wanted_certificates(&state, 100, false);
@@ -702,7 +711,13 @@ mod tests {
         assert_eq!(wanted["a.test"], ["a.test", "www.a.test"], "without DNS-01, no wildcard");
         assert_eq!(wanted["api.test"], ["api.test"]);
         let split = wanted_certificates(
-            &MeshState { services: vec![svc("w", &["a.t", "b.t", "c.t"], true)], ..MeshState::default() },
+            &MeshState {
+                services: vec![svc("w", &["a.t", "b.t", "c.t"], true)]
+                    .into_iter()
+                    .map(std::sync::Arc::new)
+                    .collect(),
+                ..MeshState::default()
+            },
             2,
             false,
         );
@@ -724,7 +739,10 @@ mod tests {
                 svc("web", &["a.test", "www.a.test", "*.a.test"], true),
                 svc("api", &["api.a.test", "deep.api.a.test"], true),
                 svc("wild", &["*.b.test"], true),
-            ],
+            ]
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
             ..MeshState::default()
         };
         let wanted = wanted_certificates(&state, 100, true);

@@ -62,7 +62,7 @@ const LOCK_USER: &str = "upgrade:{SHA}AAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 #[must_use]
 pub fn for_the_wire(state: &MeshState) -> MeshState {
     let mut state = state.clone();
-    for route in state.services.iter_mut().flat_map(|s| &mut s.http) {
+    for route in state.services.iter_mut().flat_map(|s| &mut std::sync::Arc::make_mut(s).http) {
         let names_user = |a: &crate::state::BasicAuth| a.header_field.is_some();
         let newer = route.client_ca.is_some()
             || route.basic_auth.as_ref().is_some_and(names_user)
@@ -90,7 +90,7 @@ pub fn for_the_wire(state: &MeshState) -> MeshState {
 /// The state a follower of this version uses: the lock for earlier agents taken off.
 #[must_use]
 pub fn from_the_wire(mut state: MeshState) -> MeshState {
-    for route in state.services.iter_mut().flat_map(|s| &mut s.http) {
+    for route in state.services.iter_mut().flat_map(|s| &mut std::sync::Arc::make_mut(s).http) {
         if route.basic_auth.as_ref().is_some_and(|a| a.realm == LOCK_REALM && a.users == [LOCK_USER]) {
             route.basic_auth = None;
         }
@@ -212,7 +212,10 @@ mod tests {
             http: vec![route],
             l4: Vec::new(),
         };
-        MeshState { services: vec![service], ..MeshState::default() }
+        MeshState {
+            services: vec![service].into_iter().map(std::sync::Arc::new).collect(),
+            ..MeshState::default()
+        }
     }
 
     /// Removes every field named `key`, at any depth.

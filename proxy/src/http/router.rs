@@ -632,7 +632,7 @@ mod tests {
         let m = Metrics::new();
         let reg = EndpointRegistry::new(m.backend_up.clone());
         RouteTable::compile(
-            &MeshState { services, ..MeshState::default() },
+            &MeshState { services: services.into_iter().map(Arc::new).collect(), ..MeshState::default() },
             1,
             default,
             &reg,

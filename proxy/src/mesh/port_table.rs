@@ -117,7 +117,10 @@ mod tests {
                     L4 { protocol: L4Protocol::Tcp, published: 8080, target: 80, local_only: false },
                     L4 { protocol: L4Protocol::Udp, published: 5353, target: 53, local_only: true },
                 ],
-            }],
+            }]
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
             nodes: vec![
                 node("n1", Some([192, 0, 2, 10])),
                 node("n2", Some([192, 0, 2, 11])),
@@ -140,7 +143,8 @@ mod tests {
 
         // A routes file's task without a node is on this node, named or not.
         let mut state = state;
-        state.services[0].tasks = vec![task("e", [127, 0, 0, 1], THIS_NODE, Health::Healthy)];
+        std::sync::Arc::make_mut(&mut state.services[0]).tasks =
+            vec![task("e", [127, 0, 0, 1], THIS_NODE, Health::Healthy)];
         let table = port_table(&state, "n1", Ipv4Addr::new(192, 0, 2, 10));
         assert!(table.ports[0].backends[0].local, "{:?}", table.ports[0].backends);
     }

@@ -251,7 +251,7 @@ pub fn parse(path: &Path, text: &str, provider: &str) -> Result<MeshState, Route
             ready: true,
         })
         .collect();
-    Ok(MeshState { services, nodes, ..MeshState::default() })
+    Ok(MeshState { services: services.into_iter().map(Arc::new).collect(), nodes, ..MeshState::default() })
 }
 
 fn parse_task(service: &str, index: usize, t: TaskEntry) -> Result<Task, (Range<usize>, String)> {

@@ -352,6 +352,7 @@ impl Discovery {
         }
         let position = position_of(engine.swarm.as_ref(), engine.in_swarm, engine.manager, &nodes);
         let Building { services, problems, local_addresses } = out;
+        let services = services.into_iter().map(std::sync::Arc::new).collect();
         let state = MeshState { services, problems: problems.clone(), nodes, local_addresses };
         Ok(Found { state, problems, position })
     }
