@@ -59,11 +59,17 @@ def write_file(folder, name, text):
 
 
 def replace_section(heading, section):
-    """Puts `section` (starting with `heading`) into RESULTS.md, replacing the old one."""
+    """Puts `section` (starting with `heading`) into RESULTS.md in place of the old one, which
+    is kept below it as an earlier run (with the earlier runs it kept): a rerun never loses
+    the figures it is compared with."""
     text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n\nEach section names the command that made it.\n"
     start_at = text.find(heading)
     if start_at >= 0:
         end = text.find("\n## ", start_at + 1)
+        old = text[start_at:end + 1] if end >= 0 else text[start_at:]
+        earlier = old.split("\n", 1)[1].strip("\n") if "\n" in old else ""
+        if earlier:
+            section = section.rstrip("\n") + "\n\n### Earlier run (kept for comparison)\n\n" + earlier + "\n"
         text = text[:start_at] + section.rstrip("\n") + "\n\n" + (text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
