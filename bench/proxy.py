@@ -221,11 +221,13 @@ def report(results, idle, peak):
     ]
     for conns in CONNS:
         base = med(results["nginx"][conns], "rps")
-        base_h = med(results["haproxy"][conns], "rps") if "haproxy" in results else float("nan")
+        base_h = med(results["haproxy"][conns], "rps") if "haproxy" in results else None
+        def vs_haproxy(runs):
+            return f"{med(runs, 'rps') / base_h:.2f}" if base_h else "-"
         for name in results:
             runs = results[name][conns]
             lines.append(f"| {name} | {conns} | {med(runs, 'rps'):.0f} | {min(r['rps'] for r in runs):.0f}-{max(r['rps'] for r in runs):.0f} | "
-                         f"{med(runs, 'rps') / base:.2f} | {med(runs, 'rps') / base_h:.2f} | {med(runs, 'p50'):.2f} | "
+                         f"{med(runs, 'rps') / base:.2f} | {vs_haproxy(runs)} | {med(runs, 'p50'):.2f} | "
                          f"{med(runs, 'p99'):.2f} | {med(runs, 'cpu_per_100k'):.2f} | {sum(r['errors'] for r in runs)} |")
     lines += ["", f"Fixed offered rate, {RATE} req/s over 16 keep-alive connections:", "",
               "| proxy | mean latency ms | CPU s / 100k req | vs nginx | idle RSS MiB | peak RSS MiB |", "|---|---|---|---|---|---|"]
