@@ -190,7 +190,7 @@ mod tests {
             node_local: false,
         };
         let state = MeshState {
-            services: vec![Service {
+            services: vec![std::sync::Arc::new(Service {
                 name: "shop_web".into(),
                 stack: Some("shop".into()),
                 provider: "t".into(),
@@ -213,10 +213,7 @@ mod tests {
                     target: 80,
                     local_only: false,
                 }],
-            }]
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect(),
+            })],
             problems: vec![],
             nodes: vec![Node {
                 id: "n1".into(),

@@ -46,6 +46,12 @@ pub struct MeshState {
 }
 
 impl MeshState {
+    /// A state of these services and nothing else.
+    #[must_use]
+    pub fn of_services(services: impl IntoIterator<Item = Service>) -> Self {
+        Self { services: services.into_iter().map(Arc::new).collect(), ..Self::default() }
+    }
+
     /// Gives back the room its vectors have beyond what they hold. A provider's state is
     /// kept for as long as it is in force, and vectors collected one item at a time have
     /// room for four: with an HTTP route of some 800 bytes, that was 2.3 KiB of nothing per
@@ -856,36 +862,9 @@ mod tests {
             http: vec![],
             l4: vec![],
         };
-        assert_eq!(
-            hub.publish(
-                "a",
-                MeshState {
-                    services: vec![svc("one")].into_iter().map(std::sync::Arc::new).collect(),
-                    ..MeshState::default()
-                }
-            ),
-            1
-        );
-        assert_eq!(
-            hub.publish(
-                "b",
-                MeshState {
-                    services: vec![svc("two")].into_iter().map(std::sync::Arc::new).collect(),
-                    ..MeshState::default()
-                }
-            ),
-            2
-        );
-        assert_eq!(
-            hub.publish(
-                "a",
-                MeshState {
-                    services: vec![svc("three")].into_iter().map(std::sync::Arc::new).collect(),
-                    ..MeshState::default()
-                }
-            ),
-            3
-        );
+        assert_eq!(hub.publish("a", MeshState::of_services([svc("one")])), 1);
+        assert_eq!(hub.publish("b", MeshState::of_services([svc("two")])), 2);
+        assert_eq!(hub.publish("a", MeshState::of_services([svc("three")])), 3);
         let names: Vec<_> = hub.load().state.services.iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, ["three", "two"]);
         assert!(rx.has_changed().unwrap());

@@ -679,14 +679,7 @@ mod tests {
     fn the_names_asked_for_are_the_certificates_names() {
         let mut web = svc("web", &["a.test", "b.test"], true);
         web.http[0].tls = TlsWish::Acme { email: None, names: Some(vec!["b.test".into()]) };
-        let wanted = wanted_certificates(
-            &MeshState {
-                services: vec![web].into_iter().map(std::sync::Arc::new).collect(),
-                ..MeshState::default()
-            },
-            100,
-            false,
-        );
+        let wanted = wanted_certificates(&MeshState::of_services([web]), 100, false);
         assert_eq!(
             wanted.into_iter().collect::<Vec<_>>(),
             [("b.test".to_owned(), vec!["b.test".to_owned()])]
@@ -695,32 +688,17 @@ mod tests {
 
     #[test]
     fn one_certificate_per_service_exact_names_only_no_name_twice() {
-        let state = MeshState {
-            services: vec![
-                svc("web", &["a.test", "www.a.test", "*.a.test"], true),
-                svc("api", &["api.test", "a.test"], true),
-                svc("plain", &["plain.test"], false),
-            ]
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect(),
-            ..MeshState::default()
-        };
+        let state = MeshState::of_services([
+            svc("web", &["a.test", "www.a.test", "*.a.test"], true),
+            svc("api", &["api.test", "a.test"], true),
+            svc("plain", &["plain.test"], false),
+        ]);
         let wanted = wanted_certificates(&state, 100, false);
         assert_eq!(wanted.len(), 2);
         assert_eq!(wanted["a.test"], ["a.test", "www.a.test"], "without DNS-01, no wildcard");
         assert_eq!(wanted["api.test"], ["api.test"]);
-        let split = wanted_certificates(
-            &MeshState {
-                services: vec![svc("w", &["a.t", "b.t", "c.t"], true)]
-                    .into_iter()
-                    .map(std::sync::Arc::new)
-                    .collect(),
-                ..MeshState::default()
-            },
-            2,
-            false,
-        );
+        let split =
+            wanted_certificates(&MeshState::of_services([svc("w", &["a.t", "b.t", "c.t"], true)]), 2, false);
         assert_eq!(
             split.into_iter().collect::<Vec<_>>(),
             [
@@ -734,17 +712,11 @@ mod tests {
     /// second certificate is ordered for them.
     #[test]
     fn with_dns01_a_wildcard_is_ordered_and_the_names_it_covers_are_not() {
-        let state = MeshState {
-            services: vec![
-                svc("web", &["a.test", "www.a.test", "*.a.test"], true),
-                svc("api", &["api.a.test", "deep.api.a.test"], true),
-                svc("wild", &["*.b.test"], true),
-            ]
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect(),
-            ..MeshState::default()
-        };
+        let state = MeshState::of_services([
+            svc("web", &["a.test", "www.a.test", "*.a.test"], true),
+            svc("api", &["api.a.test", "deep.api.a.test"], true),
+            svc("wild", &["*.b.test"], true),
+        ]);
         let wanted = wanted_certificates(&state, 100, true);
         assert_eq!(wanted["a.test"], ["a.test", "*.a.test"]);
         assert_eq!(wanted["deep.api.a.test"], ["deep.api.a.test"], "a wildcard covers one label only");

@@ -212,10 +212,7 @@ mod tests {
             http: vec![route],
             l4: Vec::new(),
         };
-        MeshState {
-            services: vec![service].into_iter().map(std::sync::Arc::new).collect(),
-            ..MeshState::default()
-        }
+        MeshState::of_services([service])
     }
 
     /// Removes every field named `key`, at any depth.

@@ -632,7 +632,7 @@ mod tests {
         let m = Metrics::new();
         let reg = EndpointRegistry::new(m.backend_up.clone());
         RouteTable::compile(
-            &MeshState { services: services.into_iter().map(Arc::new).collect(), ..MeshState::default() },
+            &MeshState::of_services(services),
             1,
             default,
             &reg,

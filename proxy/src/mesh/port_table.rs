@@ -102,7 +102,7 @@ mod tests {
             ready: true,
         };
         let state = MeshState {
-            services: vec![Service {
+            services: vec![std::sync::Arc::new(Service {
                 name: "web".into(),
                 stack: None,
                 provider: "t".into(),
@@ -117,10 +117,7 @@ mod tests {
                     L4 { protocol: L4Protocol::Tcp, published: 8080, target: 80, local_only: false },
                     L4 { protocol: L4Protocol::Udp, published: 5353, target: 53, local_only: true },
                 ],
-            }]
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect(),
+            })],
             nodes: vec![
                 node("n1", Some([192, 0, 2, 10])),
                 node("n2", Some([192, 0, 2, 11])),
