@@ -561,16 +561,14 @@ impl RouteTable {
             .rev()
             .filter(move |&i| i + 1 < host.len())
             .filter_map(move |i| self.prefix.get(&host[..=i]));
-        // Only reached when nothing before took the request: the set is matched lazily.
+        // Only reached when nothing before took the request: the regexes are matched lazily,
+        // as one set when there is one.
         let regex = std::iter::once(()).flat_map(move |()| {
-            let (set, each) = match &self.regex_set {
-                Some(set) => (Some(set.matches(host).into_iter().collect::<Vec<_>>()), None),
-                None => {
-                    (None, Some(self.regex.iter().enumerate().filter(move |(_, (re, _))| re.is_match(host))))
-                }
+            let hits: Vec<usize> = match &self.regex_set {
+                Some(set) => set.matches(host).into_iter().collect(),
+                None => (0..self.regex.len()).filter(|&i| self.regex[i].0.is_match(host)).collect(),
             };
-            let from_set = set.into_iter().flatten();
-            from_set.chain(each.into_iter().flatten().map(|(i, _)| i)).map(|i| &self.regex[i].1)
+            hits.into_iter().map(|i| &self.regex[i].1)
         });
         self.exact.get(host).into_iter().chain(suffix).chain(prefix).chain(regex)
     }
