@@ -572,18 +572,18 @@ async fn deploy_with_mesh() {
 /// Prints the agents' warnings (every node's, old agents' too): why a request failed. From
 /// each engine's containers (`docker service logs` can wait forever on a node).
 async fn agents_warnings() {
+    agents_log(|l| l.contains("WARN") || l.contains("ERROR")).await;
+}
+
+/// Prints the lines of every agent's log (every node, exited ones too) that `keep` keeps.
+async fn agents_log(keep: impl Fn(&str) -> bool) {
     for i in 1..=3 {
-        let ids = Lab::docker_output(
-            i,
-            &["ps", "-aq", "--filter", "label=com.docker.swarm.service.name=meshgate_agent"],
-        )
-        .await;
+        let filter = ["ps", "-aq", "--filter", "label=com.docker.swarm.service.name=meshgate_agent"];
+        let ids = Lab::docker_output(i, &filter).await;
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let out = Lab::docker_output(i, &["logs", id]).await;
+            let out = Lab::docker_output(i, &["logs", "--timestamps", id]).await;
             let logs = [out.stdout, out.stderr].concat();
-            for line in
-                String::from_utf8_lossy(&logs).lines().filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            {
+            for line in String::from_utf8_lossy(&logs).lines().filter(|l| keep(l)) {
                 eprintln!("agent (node {i}, {id}): {line}");
             }
         }
@@ -617,6 +617,9 @@ async fn through(
 ) -> Vec<(String, usize, Vec<String>)> {
     let load = Load::start(targets);
     eventually("the load is answered", CONVERGE, async || load.answers() >= 20 * targets.len()).await;
+    // Shown with a failure (a passing test's output is not): what the counters were before.
+    eprintln!("before the change (at {}):", clock());
+    mesh_counters().await;
     change().await;
     load.finish().await
 }
@@ -655,9 +658,17 @@ async fn assert_l4_failed_at_most(results: &[(String, usize, Vec<String>)], duri
         l4_failed.len()
     );
     if !l4_failed.is_empty() {
+        eprintln!("after the change (at {}):", clock());
         mesh_counters().await;
+        agents_log(|l| l.contains("L4 mesh")).await;
     }
     assert!(l4_failed.len() <= l4_allowed, "published ports during {during}: {l4_failed:?}");
+}
+
+/// The time of day as the load's lines give it (`date +%T.%N`), to read them side by side.
+fn clock() -> String {
+    let out = std::process::Command::new("date").arg("+%T.%N").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Prints every node's mesh counters (verdicts): where failed connections' packets went.

@@ -31,12 +31,42 @@ fn sync(
     devices.update(mesh, &table);
     match mesh.sync(&table) {
         Ok(()) => {
-            tracing::info!(ports = table.ports.len(), "L4 mesh: port table synced");
+            let changed = changed_ports(current, &table);
+            tracing::info!(ports = table.ports.len(), %changed, "L4 mesh: port table synced");
             view.set(&table);
             *current = table;
         }
         Err(e) => tracing::error!("L4 mesh: cannot sync the port table: {e}"),
     }
+}
+
+/// The published ports whose tasks changed from `old` to `new`, for the log: each with how
+/// many tasks serve it now (how many of them here), the first few only.
+fn changed_ports(old: &PortTable, new: &PortTable) -> String {
+    const SHOWN: usize = 8;
+    let before: std::collections::HashMap<_, _> =
+        old.ports.iter().map(|p| ((p.protocol, p.port), &p.backends)).collect();
+    let changed: Vec<String> = new
+        .ports
+        .iter()
+        .filter(|p| before.get(&(p.protocol, p.port)) != Some(&&p.backends))
+        .map(|p| {
+            let here = p.backends.iter().filter(|b| b.local).count();
+            format!("{}/{:?}: {} tasks ({here} here)", p.port, p.protocol, p.backends.len())
+        })
+        .collect();
+    let gone =
+        old.ports.iter().filter(|p| !new.ports.iter().any(|n| (n.protocol, n.port) == (p.protocol, p.port)));
+    let mut shown: Vec<String> = changed
+        .into_iter()
+        .chain(gone.map(|p| format!("{}/{:?}: unpublished", p.port, p.protocol)))
+        .collect();
+    if shown.len() > SHOWN {
+        let more = shown.len() - SHOWN;
+        shown.truncate(SHOWN);
+        shown.push(format!("and {more} more"));
+    }
+    shown.join(", ")
 }
 
 /// Waits until the cluster state names this node's IPv4 address (Swarm's node list, on a
