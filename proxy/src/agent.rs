@@ -1,6 +1,6 @@
 //! Wires the parts together: state hub, providers, route compiler, listeners, shutdown.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -189,14 +189,14 @@ pub async fn start(cfg: Config, sources: Sources) -> Result<RunningAgent, StartE
         crate::readiness::ReadyCollector::new(readiness.clone()),
     );
     let mut background = Vec::new();
-    start_whoami(&whoami_cfg, sources.example, &mut background)?;
+    let whoami = start_whoami(&whoami_cfg, sources.example, &mut background)?;
 
     let http_listener = claim(("HTTP", "proxy.http_listen"), proxy_cfg.http_listen, reuse_port)?;
     let http_addr = http_listener.local_addr().expect("bound socket has an address");
     let admin_listener = bind(("the admin endpoints", "admin.listen"), admin_cfg.listen, reuse_port)?;
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
-    start_files(&sources, &file_cfg, &core, &mut background)?;
+    start_files(&sources, &file_cfg, whoami, &core, &mut background)?;
     let dns = dns_cfg.listen.and_then(|listen| start_dns_or_report(listen, &dns_cfg, &core, &mut background));
     let on_demand_cfg = acme_cfg.clone();
     let (https, acme) = start_https(&tls_cfg, acme_cfg, dns.as_ref(), &dns_cfg, &core, &mut background)?;
@@ -367,21 +367,44 @@ fn on_demand(
     Some(on_demand)
 }
 
-/// The built-in whoami backend, where asked for (and always with the bundled example).
+/// The built-in whoami backend, where asked for (and always with the bundled example): the
+/// address it listens on.
 fn start_whoami(
     cfg: &crate::config::WhoamiConfig,
     example: bool,
     background: &mut Vec<JoinHandle<()>>,
-) -> Result<(), StartError> {
+) -> Result<Option<SocketAddr>, StartError> {
     let listen = match cfg.listen {
         Some(addr) => addr,
         None if example => EXAMPLE_WHOAMI.parse().expect("valid address"),
-        None => return Ok(()),
+        None => return Ok(None),
     };
     let listener = bind(("the whoami demo backend", "whoami.listen"), listen, false)?;
-    tracing::info!(addr = %listener.local_addr().unwrap_or(listen), "whoami demo backend listening");
+    let addr = listener.local_addr().unwrap_or(listen);
+    tracing::info!(%addr, "whoami demo backend listening");
     background.push(tokio::spawn(whoami::serve(listener, cfg.name.clone())));
-    Ok(())
+    Ok(Some(addr))
+}
+
+/// The bundled example's routes, to the whoami backend where it listens (`whoami.listen`
+/// moves it from [`EXAMPLE_WHOAMI`]; one on every address is reached on loopback).
+fn example_routes(whoami: Option<SocketAddr>) -> Result<crate::state::MeshState, RoutesError> {
+    let mut state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example")?;
+    if let Some(mut addr) = whoami {
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+        }
+        for service in &mut state.services {
+            let service = Arc::make_mut(service);
+            for task in &mut service.tasks {
+                (task.address, task.port) = (addr.ip(), None);
+            }
+            for route in &mut service.http {
+                route.port = addr.port();
+            }
+        }
+    }
+    Ok(state)
 }
 
 /// The routes file (read now, refused at start when broken, then watched) and the bundled
@@ -389,6 +412,7 @@ fn start_whoami(
 fn start_files(
     sources: &Sources,
     cfg: &crate::config::RoutesConfig,
+    whoami: Option<SocketAddr>,
     core: &Core,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<(), StartError> {
@@ -404,8 +428,7 @@ fn start_files(
         background.push(watcher);
     }
     if sources.example {
-        let state = file::parse(std::path::Path::new("routes.example.toml"), EXAMPLE_ROUTES, "example")
-            .map_err(StartError::Example)?;
+        let state = example_routes(whoami).map_err(StartError::Example)?;
         core.hub.publish("example", state);
         core.readiness.set("example", true, "bundled example routes (whoami.localhost)");
     }

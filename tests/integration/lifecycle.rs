@@ -318,6 +318,31 @@ fn an_empty_variable_means_the_setting_is_not_set() {
     assert!(config.contains("http_listen = \"0.0.0.0:80\""), "the default stays: {config}");
 }
 
+/// The bundled example routes whoami.localhost to the whoami backend wherever
+/// `--whoami-listen` puts it (it went to the default port 8001 whatever was set: 502).
+#[tokio::test]
+async fn the_bundled_example_follows_the_whoami_backend_where_it_listens() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let whoami = format!("127.0.0.1:{port}");
+    let mut agent = Binary::spawn(&[
+        "--example",
+        "--whoami-listen",
+        &whoami,
+        "--http-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--docker-mode",
+        "off",
+    ]);
+    let (http, _) = agent.addresses();
+    let url = format!("http://{http}/");
+    let answer = async || curl(&["-f", "-H", "Host: whoami.localhost", &url]).await;
+    eventually("whoami.localhost answers 200", Duration::from_secs(10), async || answer().await.0).await;
+    let (_, body) = answer().await;
+    assert!(body.contains("GET / HTTP/1.1"), "the whoami backend answered: {body}");
+}
+
 /// An error says each cause once; the human log has no colour codes when it goes to a file
 /// or a pipe (journald, `docker logs`).
 #[test]
