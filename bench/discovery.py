@@ -54,7 +54,10 @@ def run_container(name, host):
 
 
 def metric(name):
-    text = urllib.request.urlopen(f"http://{ADMIN}/metrics").read().decode()
+    try:
+        text = urllib.request.urlopen(f"http://{ADMIN}/metrics").read().decode()
+    except urllib.error.URLError:
+        return 0.0  # not listening yet
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
