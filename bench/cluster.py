@@ -4,6 +4,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,11 +75,22 @@ def first_200_per_node(host):
 
 
 def wrk(i, host):
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     out = subprocess.run(["wrk", "-t1", "-c16", f"-d{LOAD_SECONDS}s", "-H", f"Host: {host}", f"http://{addr(i)}/"],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rps, int(errors.group(1)) if errors else 0
+    errors = int(errors.group(1)) if errors else 0
+    if errors:
+        # Why, from every agent's warnings during the load (the lab goes down after the run).
+        for n in NODES:
+            for cid in dk(n, "ps", "-q", "--filter", "label=com.docker.swarm.service.name=meshgate_agent").split():
+                logs = subprocess.run(["docker", "-H", f"unix:///var/lib/mglab/n{n}/docker.sock", "logs", "--since", since, cid],
+                                      capture_output=True, text=True)
+                for line in (logs.stdout + logs.stderr).splitlines():
+                    if '"WARN"' in line or '"ERROR"' in line:
+                        print(f"node {n} agent: {line}", file=sys.stderr)
+    return rps, errors
 
 
 def costs(seconds, during=None):
