@@ -113,7 +113,10 @@ fn choose_sources(config: &Config, example: bool) -> (Sources, String) {
     match (file.is_some() || follows, docker) {
         (false, Err(why)) => (
             Sources::example(),
-            format!("no routes file given and {why}: serving the bundled example, whoami.localhost -> built-in whoami on {}", agent::EXAMPLE_WHOAMI),
+            format!(
+                "no routes file given and {why}: serving the bundled example, whoami.localhost -> built-in whoami on {}",
+                config.whoami.listen.map_or_else(|| agent::EXAMPLE_WHOAMI.to_owned(), |a| a.to_string())
+            ),
         ),
         (_, docker) => (Sources { file, docker: docker.is_ok(), example: false }, format!("serving {}", parts.join(" and "))),
     }
