@@ -228,6 +228,10 @@ pub struct Binary {
     pub log: Vec<String>,
 }
 
+/// The binary's arguments for a test of its own: ephemeral ports, no Docker.
+pub(crate) const ALONE: &[&str] =
+    &["--http-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--docker-mode", "off"];
+
 impl Binary {
     pub fn spawn(args: &[&str]) -> Self {
         Self::spawn_env(args, &[])
@@ -252,18 +256,8 @@ impl Binary {
         env: &[(&str, &str)],
     ) -> Self {
         let routes = routes.to_str().unwrap();
-        let mut args = vec![
-            "--routes-file",
-            routes,
-            "--routes-poll-interval",
-            poll,
-            "--http-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--docker-mode",
-            "off",
-        ];
+        let mut args = vec!["--routes-file", routes, "--routes-poll-interval", poll];
+        args.extend(ALONE);
         args.extend(more);
         Self::spawn_env(&args, env)
     }

@@ -324,17 +324,8 @@ fn an_empty_variable_means_the_setting_is_not_set() {
 async fn the_bundled_example_follows_the_whoami_backend_where_it_listens() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let whoami = format!("127.0.0.1:{port}");
-    let mut agent = Binary::spawn(&[
-        "--example",
-        "--whoami-listen",
-        &whoami,
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--docker-mode",
-        "off",
-    ]);
+    let mut agent =
+        Binary::spawn(&[&["--example", "--whoami-listen", &whoami], crate::harness::ALONE].concat());
     let (http, _) = agent.addresses();
     let url = format!("http://{http}/");
     let answer = async || curl(&["-f", "-H", "Host: whoami.localhost", &url]).await;
