@@ -55,8 +55,8 @@ fn changed_ports(old: &PortTable, new: &PortTable) -> String {
             format!("{}/{:?}: {} tasks ({here} here)", p.port, p.protocol, p.backends.len())
         })
         .collect();
-    let gone =
-        old.ports.iter().filter(|p| !new.ports.iter().any(|n| (n.protocol, n.port) == (p.protocol, p.port)));
+    let now: std::collections::HashSet<_> = new.ports.iter().map(|p| (p.protocol, p.port)).collect();
+    let gone = old.ports.iter().filter(|p| !now.contains(&(p.protocol, p.port)));
     let mut shown: Vec<String> = changed
         .into_iter()
         .chain(gone.map(|p| format!("{}/{:?}: unpublished", p.port, p.protocol)))
@@ -199,5 +199,43 @@ pub async fn run(
                 ticks += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use meshgate_ebpf::{Backend, Protocol, PublishedPort};
+
+    use super::*;
+
+    fn port(port: u16, tasks: &[(u8, bool)]) -> PublishedPort {
+        let backends = tasks
+            .iter()
+            .map(|&(last, local)| Backend {
+                task: format!("t{last}"),
+                node: "n".into(),
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80),
+                node_addr: Ipv4Addr::new(192, 0, 2, 1),
+                local,
+            })
+            .collect();
+        PublishedPort { protocol: Protocol::Tcp, port, backends, local_only: false }
+    }
+
+    #[test]
+    fn the_log_names_only_the_ports_whose_tasks_changed() {
+        let old = PortTable {
+            ports: vec![port(80, &[(2, true)]), port(81, &[(3, false)])],
+            ..PortTable::default()
+        };
+        let new = PortTable {
+            ports: vec![port(80, &[(2, true)]), port(82, &[(4, true), (5, false)])],
+            ..PortTable::default()
+        };
+        assert_eq!(changed_ports(&old, &new), "82/Tcp: 2 tasks (1 here), 81/Tcp: unpublished");
+        let many = PortTable { ports: (1..=10).map(|p| port(p, &[])).collect(), ..PortTable::default() };
+        assert!(changed_ports(&PortTable::default(), &many).ends_with("8/Tcp: 0 tasks (0 here), and 2 more"));
     }
 }
