@@ -117,9 +117,16 @@ impl Route {
                 if j >= i {
                     j += 1;
                 }
-                let a = candidates().nth(i)?;
-                let b = candidates().nth(j)?;
-                Some(if b.in_flight() < a.in_flight() { b } else { a }.clone())
+                match (candidates().nth(i), candidates().nth(j)) {
+                    (Some(a), Some(b)) => Some(if b.in_flight() < a.in_flight() { b } else { a }.clone()),
+                    // Another request ejected one since the count (a task that just died):
+                    // any endpoint still allowed, never a 503 while one is there.
+                    (a, b) => a
+                        .or(b)
+                        .or_else(|| candidates().next())
+                        .or_else(|| self.endpoints.iter().find(allowed))
+                        .cloned(),
+                }
             }
         }
     }
